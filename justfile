@@ -1,0 +1,39 @@
+# Stipple tasks. On a fresh machine run them through ./dev (it installs .venv first):
+#   ./dev up      ./dev test      ./dev        (lists the recipes)
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+default:
+    @just --list
+
+# Run the whole network on this machine: NATS, gateway on :8080, dispatcher, validator, 3 nodes
+[group('run')]
+up *args:
+    stipple up {{ args }}
+
+# Build the built-in tiny Stable Diffusion model into a folder
+[group('run')]
+make-tiny-model dir=".stipple/models/tiny-sd":
+    stipple-node make-tiny-model {{ dir }}
+
+# Lint, then every test (what CI runs)
+[group('test')]
+test *args: lint
+    python -m pytest {{ args }}
+
+# Only the fast unit tests (no servers)
+[group('test')]
+unit *args:
+    python -m pytest -m "not integration and not slow" {{ args }}
+
+# ruff lint and format check
+[group('test')]
+lint:
+    ruff check .
+    ruff format --check .
+
+# Format the code
+[group('dev')]
+fmt:
+    ruff format .
+    ruff check --fix .

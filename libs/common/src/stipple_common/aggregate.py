@@ -1,0 +1,186 @@
+"""The task aggregate: a task's state is the fold of its events (``tasks.<id>.>``).
+
+`apply` is pure and strict: an event that is not allowed in the current state raises
+InvalidTransition. `replay` folds a stream's worth of events and sets aside the ones
+that do not apply (a node that answers twice, an event for a finished task), so a
+projection can always be rebuilt. The state machine is drawn in docs/task-lifecycle.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import singledispatch
+from typing import Literal
+
+import msgspec
+
+from .errors import StippleError
+from .messages import (
+    ImageResult,
+    NodeErrored,
+    ResultRevealed,
+    TaskAborted,
+    TaskAssigned,
+    TaskEvent,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+    Verdict,
+)
+from .taskspec import TaskSpec
+
+TaskStatus = Literal["pending", "assigned", "running", "succeeded", "aborted"]
+NodeStatus = Literal["assigned", "started", "revealed", "errored"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "aborted"})
+
+
+class InvalidTransition(StippleError):
+    code = "invalid_transition"
+
+
+class NodeRun(msgspec.Struct, frozen=True, kw_only=True):
+    """One node's part in a task."""
+
+    node_id: str
+    status: NodeStatus = "assigned"
+    images: list[ImageResult] = []
+    elapsed_s: float = 0.0
+    error_code: str = ""
+    error_message: str = ""
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    status: TaskStatus
+    spec: TaskSpec
+    submitted_at: float
+    source: str = "native"
+    deadline: float | None = None
+    nodes: dict[str, NodeRun] = {}
+    reason: str = ""  # outcome reason code
+    detail: str = ""
+    images: list[ImageResult] = []  # accepted images, once succeeded
+    verdicts: dict[str, Verdict] = {}
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def results_in(self) -> bool:
+        """Every assigned node has revealed or errored."""
+        return bool(self.nodes) and all(run.status in ("revealed", "errored") for run in self.nodes.values())
+
+
+def _fail(task: Task | None, event: TaskEvent, why: str) -> InvalidTransition:
+    state = task.status if task else "none"
+    return InvalidTransition(f"{type(event).__name__} for task {event.task_id} not allowed in state {state}: {why}")
+
+
+@singledispatch
+def _mutate(event: TaskEvent, task: Task | None) -> Task:
+    raise TypeError(f"no mutator for {type(event).__name__}")
+
+
+@_mutate.register
+def _(event: TaskSubmitted, task: Task | None) -> Task:
+    if task is not None:
+        raise _fail(task, event, "already submitted")
+    return Task(
+        task_id=event.task_id,
+        status="pending",
+        spec=event.spec,
+        submitted_at=event.submitted_at,
+        source=event.source,
+    )
+
+
+def _require(task: Task | None, event: TaskEvent, *allowed: str) -> Task:
+    if task is None:
+        raise _fail(task, event, "task was never submitted")
+    if task.status not in allowed:
+        raise _fail(task, event, f"expected one of {', '.join(allowed)}")
+    return task
+
+
+@_mutate.register
+def _(event: TaskAssigned, task: Task | None) -> Task:
+    task = _require(task, event, "pending")
+    if len(set(event.nodes)) != len(event.nodes) or not event.nodes:
+        raise _fail(task, event, f"nodes must be distinct and non-empty, got {event.nodes}")
+    runs = {node: NodeRun(node_id=node) for node in event.nodes}
+    return msgspec.structs.replace(task, status="assigned", nodes=runs, deadline=event.deadline)
+
+
+def _node_run(task: Task, event: TaskStarted | ResultRevealed | NodeErrored, *allowed: NodeStatus) -> NodeRun:
+    run = task.nodes.get(event.node_id)
+    if run is None:
+        raise _fail(task, event, f"node {event.node_id} is not assigned to this task")
+    if run.status not in allowed:
+        raise _fail(task, event, f"node {event.node_id} is already {run.status}")
+    return run
+
+
+def _with_run(task: Task, run: NodeRun) -> Task:
+    return msgspec.structs.replace(task, status="running", nodes={**task.nodes, run.node_id: run})
+
+
+@_mutate.register
+def _(event: TaskStarted, task: Task | None) -> Task:
+    task = _require(task, event, "assigned", "running")
+    run = _node_run(task, event, "assigned")
+    return _with_run(task, msgspec.structs.replace(run, status="started"))
+
+
+@_mutate.register
+def _(event: ResultRevealed, task: Task | None) -> Task:
+    task = _require(task, event, "assigned", "running")
+    run = _node_run(task, event, "assigned", "started")
+    expected = task.spec.task_config.num_images
+    if len(event.images) != expected:
+        raise _fail(task, event, f"node {event.node_id} revealed {len(event.images)} images, expected {expected}")
+    revealed = msgspec.structs.replace(run, status="revealed", images=event.images, elapsed_s=event.elapsed_s)
+    return _with_run(task, revealed)
+
+
+@_mutate.register
+def _(event: NodeErrored, task: Task | None) -> Task:
+    task = _require(task, event, "assigned", "running")
+    run = _node_run(task, event, "assigned", "started")
+    errored = msgspec.structs.replace(run, status="errored", error_code=event.code, error_message=event.message)
+    return _with_run(task, errored)
+
+
+@_mutate.register
+def _(event: TaskSucceeded, task: Task | None) -> Task:
+    task = _require(task, event, "assigned", "running")
+    return msgspec.structs.replace(
+        task, status="succeeded", reason=event.reason, images=event.images, verdicts=event.verdicts
+    )
+
+
+@_mutate.register
+def _(event: TaskAborted, task: Task | None) -> Task:
+    task = _require(task, event, "pending", "assigned", "running")
+    return msgspec.structs.replace(
+        task, status="aborted", reason=event.reason, detail=event.detail, verdicts=event.verdicts
+    )
+
+
+def apply(task: Task | None, event: TaskEvent) -> Task:
+    """The state after `event`; raises InvalidTransition if the event is not allowed."""
+    if task is not None and event.task_id != task.task_id:
+        raise _fail(task, event, f"event belongs to task {event.task_id}, not {task.task_id}")
+    return _mutate(event, task)
+
+
+def replay(events: Iterable[TaskEvent]) -> tuple[Task | None, list[tuple[TaskEvent, InvalidTransition]]]:
+    """Fold events in stream order, setting aside the ones that do not apply."""
+    task: Task | None = None
+    rejected: list[tuple[TaskEvent, InvalidTransition]] = []
+    for event in events:
+        try:
+            task = apply(task, event)
+        except InvalidTransition as exc:
+            rejected.append((event, exc))
+    return task, rejected

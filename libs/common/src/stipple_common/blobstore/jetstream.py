@@ -1,0 +1,164 @@
+"""Blob store over the JetStream object store (bucket = stream ``OBJ_<bucket>``).
+
+Object names may contain ``/``: nats-py base64-encodes them into the meta subject, so
+keys like ``tasks/<task_id>/<node_id>/0.png`` are stored as-is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import nats.errors
+import nats.js.errors as js_errors
+from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
+
+from stipple_common.blobstore import BlobNotFound, check_key
+from stipple_common.errors import StippleError, Transient
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+    from nats.js.object_store import ObjectStore
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+"""Chunk (one JetStream message) size. nats-py's default is 128 KiB; 256 KiB halves the
+round trips for a ~1 MB image while staying far below the server's max_payload (1 MiB by
+default)."""
+
+DEFAULT_TIMEOUT_S = 30.0
+"""Upper bound on one put/get/delete. nats-py's object get waits on an ordered consumer with
+no timeout of its own: if the chunks vanish under it (a concurrent overwrite or delete
+purges them) it would wait forever."""
+
+_STREAM_CONFIG_MISMATCH = 10058
+"""JetStream API error: "stream name already in use with a different configuration"."""
+
+_TRANSIENT_NATS_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError,  # includes nats.errors.TimeoutError and asyncio's timeout
+    nats.errors.NoRespondersError,  # JetStream not (yet) available
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    js_errors.ServiceUnavailableError,
+    js_errors.ServerError,
+    js_errors.NoStreamResponseError,
+    js_errors.DigestMismatchError,  # read raced an overwrite
+)
+
+
+class JetStreamBlobStore:
+    """`BlobStore` on one JetStream object-store bucket.
+
+    Borrows the caller's JetStream context: `close` does not close the NATS connection.
+    The content type is kept in the object's headers as ``{"Content-Type": [value]}``
+    (list values, the shape the Go client's ``nats.Header`` expects).
+    """
+
+    def __init__(
+        self,
+        obs: ObjectStore,
+        bucket: str,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        self._obs = obs
+        self.bucket = bucket
+        self._chunk_size = chunk_size
+        self._timeout_s = timeout_s
+
+    @classmethod
+    async def open(
+        cls,
+        js: JetStreamContext,
+        bucket: str,
+        *,
+        replicas: int = 1,
+        ttl_s: float | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> JetStreamBlobStore:
+        """Bind to ``bucket``, creating it if missing.
+
+        Idempotent and race-safe: if another service creates the bucket between our
+        lookup and our create, the server either returns the existing stream (same
+        config) or refuses with "different configuration", and we then bind to theirs.
+        ``replicas`` and ``ttl_s`` apply only when this call creates the bucket.
+        """
+        with _nats_errors(f"open object store {bucket!r}"):
+            try:
+                obs = await js.object_store(bucket)
+            except js_errors.InvalidBucketNameError:
+                raise StippleError(
+                    f"invalid JetStream object-store bucket name {bucket!r}: use letters, digits, '-' and '_'",
+                    code="invalid_config",
+                ) from None
+            except js_errors.BucketNotFoundError:
+                config = ObjectStoreConfig(description="Stipple blobs", replicas=replicas, ttl=ttl_s)
+                try:
+                    obs = await js.create_object_store(bucket, config=config)
+                except js_errors.BadRequestError as err:
+                    if err.err_code != _STREAM_CONFIG_MISMATCH:
+                        raise
+                    obs = await js.object_store(bucket)
+        return cls(obs, bucket, chunk_size=chunk_size, timeout_s=timeout_s)
+
+    async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
+        """Store ``data`` under ``key``; nats-py purges the previous chunks of that key."""
+        check_key(key)
+        meta = ObjectMeta(
+            name=key,
+            headers={"Content-Type": [content_type]},
+            options=ObjectMetaOptions(max_chunk_size=self._chunk_size),
+        )
+        with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
+            async with asyncio.timeout(self._timeout_s):
+                await self._obs.put(key, data, meta=meta)
+
+    async def get(self, key: str) -> bytes:
+        """The whole object; `BlobNotFound` if it was never written or was deleted."""
+        check_key(key)
+        with _nats_errors(f"get {key!r} from object store {self.bucket!r}"):
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    result = await self._obs.get(key)
+            except js_errors.ObjectNotFoundError:
+                raise BlobNotFound(key, bucket=self.bucket) from None
+        return bytes(result.data or b"")
+
+    async def delete(self, key: str) -> None:
+        """Delete the object (leaves a small tombstone meta message); missing keys are ignored."""
+        check_key(key)
+        with _nats_errors(f"delete {key!r} from object store {self.bucket!r}"):
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._obs.delete(key)
+            except js_errors.ObjectNotFoundError:
+                pass
+
+    async def close(self) -> None:
+        """Nothing to release: the NATS connection belongs to the caller."""
+
+
+@contextmanager
+def _nats_errors(action: str) -> Iterator[None]:
+    """Turn nats-py errors into StippleErrors: connection trouble is `Transient`."""
+    try:
+        yield
+    except StippleError:
+        raise
+    except _TRANSIENT_NATS_ERRORS as err:
+        raise Transient(f"JetStream object store unavailable: {action}: {_describe(err)}") from err
+    except nats.errors.Error as err:
+        raise StippleError(
+            f"JetStream object store error: {action}: {_describe(err)}", code="blob_store_error"
+        ) from err
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

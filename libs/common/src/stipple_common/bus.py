@@ -1,0 +1,202 @@
+"""NATS and JetStream helpers: connect, declare streams, publish with a message id,
+read a subject's history, and the pull-consumer loop that maps every handler outcome to
+ack / nak / term in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+from opentelemetry import trace
+
+from . import tracing
+from .errors import StippleError
+from .metrics import Metrics
+
+log = structlog.get_logger("stipple.bus")
+
+T = TypeVar("T")
+
+
+async def connect(url: str, name: str, **options: Any) -> NATS:
+    """Connect with reconnects on, and connection errors logged instead of swallowed."""
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("nats_error", error=str(exc), client=name)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def reconnected_cb() -> None:
+        log.info("nats_reconnected", client=name)
+
+    return await nats.connect(
+        url,
+        name=name,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        max_reconnect_attempts=-1,
+        connect_timeout=5,
+        **options,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
+    """Declare streams idempotently: create, or update when the config changed."""
+    for config in configs:
+        try:
+            await js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # stream name already in use with a different configuration
+                raise
+            await js.update_stream(config)
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    message: msgspec.Struct,
+    *,
+    msg_id: str,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> int:
+    """Publish to a stream with ``Nats-Msg-Id`` so a retry is deduplicated; carries the
+    trace context. Returns the stream sequence."""
+    hdrs = tracing.inject(dict(headers or {}))
+    hdrs["Nats-Msg-Id"] = msg_id
+    ack = await js.publish(subject, msgspec.json.encode(message), headers=hdrs, timeout=timeout)
+    return ack.seq
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
+    """Every message stored on `subject` (wildcards allowed), in stream order.
+
+    Uses a short-lived ephemeral pull consumer: exact, and cheap enough for one task's
+    handful of events."""
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,
+        filter_subject=subject,
+        inactive_threshold=10.0,
+        mem_storage=True,
+    )
+    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    try:
+        info = await sub.consumer_info()
+        remaining = info.num_pending
+        out: list[T] = []
+        while remaining > 0:
+            msgs = await sub.fetch(min(remaining, 256), timeout=5.0)
+            out.extend(decoder.decode(m.data) for m in msgs)
+            remaining -= len(msgs)
+        return out
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:  # the consumer expires by itself (inactive_threshold)
+            log.debug("read_subject_unsubscribe_failed", error=str(exc))
+
+
+@dataclass(frozen=True)
+class Redeliver:
+    """A handler's answer: not done yet, deliver this message again after `delay` seconds."""
+
+    delay: float
+
+
+Handler = Callable[[Msg], Awaitable[Redeliver | None]]
+
+
+def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
+    return min(cap, base * 2 ** max(attempt - 1, 0))
+
+
+async def consume(
+    js: JetStreamContext,
+    *,
+    stream: str,
+    config: ConsumerConfig,
+    handler: Handler,
+    stop: asyncio.Event,
+    metrics: Metrics | None = None,
+    tracer: trace.Tracer | None = None,
+    batch: int = 16,
+    fetch_timeout: float = 1.0,
+) -> None:
+    """Run `handler` on every message of a durable pull consumer until `stop` is set.
+
+    The one place where an outcome becomes an acknowledgement:
+    - returns None -> ack; returns Redeliver(d) -> nak(delay=d)
+    - undecodable message -> term (a poison message is never retried)
+    - StippleError: retryable -> nak with back-off, else term
+    - any other exception -> logged with its traceback once, nak with back-off
+      (bounded by the consumer's max_deliver)
+    """
+    durable = config.durable_name
+    assert durable, "consume() needs a durable consumer"
+    await js.add_consumer(stream, config)
+    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+    tracer = tracer or trace.get_tracer("stipple.bus")
+    while not stop.is_set():
+        try:
+            msgs = await sub.fetch(batch, timeout=fetch_timeout)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue
+        except NotFoundError:
+            log.warning("consumer_missing_recreating", stream=stream, durable=durable)
+            await js.add_consumer(stream, config)
+            continue
+        for msg in msgs:
+            await _handle_one(msg, handler, stream, metrics, tracer)
+    await sub.unsubscribe()
+
+
+async def _handle_one(msg: Msg, handler: Handler, stream: str, metrics: Metrics | None, tracer: trace.Tracer) -> None:
+    started = time.perf_counter()
+    delivered = msg.metadata.num_delivered if msg.reply else 1
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(subject=msg.subject, delivered=delivered)
+    outcome = "ack"
+    with tracer.start_as_current_span(f"handle {stream}", context=tracing.extract(msg.headers)):
+        structlog.contextvars.bind_contextvars(trace_id=tracing.current_trace_id())
+        try:
+            result = await handler(msg)
+            if isinstance(result, Redeliver):
+                outcome = "nak"
+                await msg.nak(delay=result.delay)
+            else:
+                await msg.ack()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            outcome = "term"
+            log.error("poison_message", error=str(exc))
+            await msg.term()
+        except StippleError as exc:
+            if exc.retryable:
+                outcome = "nak"
+                log.warning("handler_retry", code=exc.code, error=exc.message)
+                await msg.nak(delay=backoff(delivered))
+            else:
+                outcome = "term"
+                log.error("handler_gave_up", code=exc.code, error=exc.message)
+                await msg.term()
+        except Exception:
+            outcome = "nak"
+            log.exception("handler_failed")
+            await msg.nak(delay=backoff(delivered))
+    if metrics is not None:
+        metrics.messages.labels(stream, outcome).inc()
+        metrics.handle_seconds.labels(stream).observe(time.perf_counter() - started)

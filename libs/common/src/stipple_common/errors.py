@@ -1,0 +1,65 @@
+"""One base exception for Stipple, with structured fields.
+
+`code` is a stable, machine-readable reason (it travels in events and HTTP bodies);
+`retryable` tells the consumer loop whether to redeliver the message (nak) or give up
+on it (term).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StippleError(Exception):
+    """Base of every error Stipple raises on purpose."""
+
+    code: str = "internal"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "<no value>"})()
+"""Stands for "the app sent nothing here" (a missing field), unlike an explicit null."""
+
+
+class InvalidInput(StippleError):
+    """A task field is wrong. Names the field, the value and what is allowed."""
+
+    code = "invalid_input"
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        if value is NO_VALUE:
+            text = f"{field}: {reason}"
+        else:
+            shown = repr(value)
+            if len(shown) > 120:
+                shown = shown[:117] + "..."
+            text = f"{field}: {reason} (got {shown})"
+        super().__init__(text)
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"code": self.code, "message": self.message, "field": self.field, "reason": self.reason}
+        if self.value is not NO_VALUE:
+            plain = isinstance(self.value, (int, float, str, bool, type(None)))
+            out["value"] = self.value if plain else repr(self.value)
+        return out
+
+
+class Transient(StippleError):
+    """Something that may work if tried again later (a store is down, a timeout)."""
+
+    code = "transient"
+    retryable = True

@@ -1,0 +1,153 @@
+"""Every message that crosses NATS, as msgspec Structs.
+
+Several types on one subject family form a tagged union (tag field ``type``), so one
+decoder reads any event of the family. Rules (see docs/protocol.md): new fields get
+defaults; an existing field never changes type; internal decoding is lenient about
+unknown fields so that an older service can read a newer event.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from .taskspec import TaskSpec
+
+# --------------------------------------------------------------------------- tasks
+
+
+class ImageResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One image a node computed: where it is stored and its perceptual hash."""
+
+    index: int
+    key: str  # blob-store key
+    phash: str  # 64-bit pHash as 16 hex digits
+    seed: int
+    width: int
+    height: int
+
+
+class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", tag_field="type"):
+    task_id: str
+    spec: TaskSpec  # seed already resolved
+    submitted_at: float
+    source: str = "native"  # which API the app used: native, sdcn, ...
+
+
+class TaskAssigned(msgspec.Struct, frozen=True, kw_only=True, tag="assigned", tag_field="type"):
+    task_id: str
+    nodes: list[str]
+    deadline: float  # epoch seconds by which every node must have revealed
+
+
+class TaskStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started", tag_field="type"):
+    task_id: str
+    node_id: str
+
+
+class ResultRevealed(msgspec.Struct, frozen=True, kw_only=True, tag="revealed", tag_field="type"):
+    task_id: str
+    node_id: str
+    images: list[ImageResult]
+    elapsed_s: float = 0.0
+
+
+class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_field="type"):
+    """A node could not run the task (bad input that slipped through, model missing, OOM...)."""
+
+    task_id: str
+    node_id: str
+    code: str
+    message: str
+
+
+Verdict = Literal["agree", "mismatch", "undecided", "error", "timeout"]
+
+
+class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", tag_field="type"):
+    """The outcome for the app, and the per-node verdicts for QoS, payment and slashing.
+    One event carries both, so a decision is never half-published."""
+
+    task_id: str
+    reason: str  # unanimous | majority
+    images: list[ImageResult]  # the accepted images (from an agreeing node)
+    verdicts: dict[str, Verdict]
+
+
+class TaskAborted(msgspec.Struct, frozen=True, kw_only=True, tag="aborted", tag_field="type"):
+    task_id: str
+    reason: str  # no_agreement | too_few_results | no_nodes | invalid_task
+    detail: str = ""
+    verdicts: dict[str, Verdict] = {}
+
+
+TaskEvent = TaskSubmitted | TaskAssigned | TaskStarted | ResultRevealed | NodeErrored | TaskSucceeded | TaskAborted
+OUTCOME_EVENTS = ("succeeded", "aborted")
+
+
+def event_name(event: TaskEvent) -> str:
+    """The last subject token of an event: its tag."""
+    return type(event).__struct_config__.tag  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- work
+
+
+class Assignment(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node receives on ``work.<node_id>``. It does not name the other nodes."""
+
+    task_id: str
+    spec: TaskSpec
+    deadline: float
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_field="type"):
+    node_id: str
+    operator: str
+    device: str  # e.g. "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC ..."
+    memory_bytes: int  # VRAM (or RAM for CPU nodes)
+    models: list[str]
+    version: str
+    started_at: float
+
+
+class NodeHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", tag_field="type"):
+    node_id: str
+    at: float
+    busy: bool = False
+
+
+class NodeQuit(msgspec.Struct, frozen=True, kw_only=True, tag="quit", tag_field="type"):
+    node_id: str
+    at: float
+
+
+NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True):
+    """Ephemeral step progress on ``progress.<task_id>`` (core NATS, may be lost)."""
+
+    task_id: str
+    node_id: str
+    step: int
+    total: int
+
+
+# Encoders and decoders are built once and reused.
+encoder = msgspec.json.Encoder()
+task_event_decoder = msgspec.json.Decoder(TaskEvent)
+node_event_decoder = msgspec.json.Decoder(NodeEvent)
+assignment_decoder = msgspec.json.Decoder(Assignment)
+progress_decoder = msgspec.json.Decoder(Progress)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return encoder.encode(message)

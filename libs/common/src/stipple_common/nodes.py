@@ -1,0 +1,92 @@
+"""Which nodes exist and which are alive: a projection of the NODES stream.
+
+Nodes publish ``nodes.<id>.joined`` once and ``nodes.<id>.heartbeat`` every few seconds;
+the stream keeps the last message per subject, so replaying it from the start rebuilds
+the directory. A node is live while its last heartbeat (stamped by the NATS server, so
+node clocks do not matter) is younger than the TTL and it has not quit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from .messages import NodeEvent, NodeHeartbeat, NodeJoined, NodeQuit, node_event_decoder
+from .subjects import NODES_STREAM
+
+log = structlog.get_logger("stipple.nodes")
+
+
+@dataclass
+class NodeEntry:
+    joined: NodeJoined
+    last_seen: float
+    quit: bool = False
+
+
+class NodeDirectory:
+    """Folds node events; answers "which nodes are live now"."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self.entries: dict[str, NodeEntry] = {}
+        self._changed = asyncio.Event()
+
+    def apply(self, event: NodeEvent, seen_at: float) -> None:
+        entry = self.entries.get(event.node_id)
+        if isinstance(event, NodeJoined):
+            if entry is None or seen_at >= entry.last_seen:
+                self.entries[event.node_id] = NodeEntry(joined=event, last_seen=seen_at)
+        elif entry is None:
+            return  # a heartbeat before (or without) an announcement tells us nothing usable
+        elif isinstance(event, NodeHeartbeat):
+            if seen_at >= entry.last_seen:
+                entry.last_seen = seen_at
+                entry.quit = False
+        elif isinstance(event, NodeQuit):
+            entry.quit = True
+        self._changed.set()
+
+    def live(self, now: float | None = None) -> list[NodeJoined]:
+        now = time.time() if now is None else now
+        return [e.joined for e in self.entries.values() if not e.quit and now - e.last_seen <= self.ttl_s]
+
+    async def wait_for(self, count: int, timeout: float) -> list[NodeJoined]:
+        """Wait until at least `count` nodes are live (used at start-up)."""
+        deadline = time.monotonic() + timeout
+        while len(self.live()) < count:
+            self._changed.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                break
+        return self.live()
+
+    async def follow(self, js: JetStreamContext) -> object:
+        """Subscribe to the NODES stream from its start (last message per subject);
+        returns the subscription. Messages are folded as they arrive."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = node_event_decoder.decode(msg.data)
+            except Exception as exc:
+                log.warning("bad_node_event", subject=msg.subject, error=str(exc))
+                return
+            self.apply(event, msg.metadata.timestamp.timestamp())
+
+        return await js.subscribe(
+            "nodes.>",
+            stream=NODES_STREAM,
+            cb=on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        )

@@ -1,0 +1,17 @@
+"""Perceptual-hash comparison. Hashes travel as hex strings (imagehash's str()); two
+images are "the same" when the Hamming distance between their hashes is at most a
+threshold that is configuration (VALIDATOR_PHASH_THRESHOLD), calibrated by measurement."""
+
+from __future__ import annotations
+
+
+def hamming(a: str, b: str) -> int:
+    """Bits that differ between two hex-encoded hashes of the same length."""
+    if len(a) != len(b):
+        raise ValueError(f"hashes differ in length: {a!r} vs {b!r}")
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+def same_images(a: list[str], b: list[str], threshold: int) -> bool:
+    """Two nodes' results agree when they have as many images and each pair is within threshold."""
+    return len(a) == len(b) and all(hamming(x, y) <= threshold for x, y in zip(a, b, strict=True))

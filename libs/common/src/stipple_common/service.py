@@ -1,0 +1,79 @@
+"""What every service opens at start, in one AsyncExitStack: tracing, the metrics
+server, NATS and JetStream (streams declared idempotently), optionally the blob store,
+and a stop Event set by SIGTERM/SIGINT. Closing drains NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from opentelemetry import trace
+
+from . import bus, subjects, tracing
+from .blobstore import BlobStore, open_blob_store
+from .metrics import Metrics
+from .settings import CommonSettings
+
+log = structlog.get_logger("stipple.service")
+
+
+@dataclass
+class ServiceContext:
+    name: str
+    nc: NATS
+    js: JetStreamContext
+    metrics: Metrics
+    tracer: trace.Tracer
+    stop: asyncio.Event
+    blobs: BlobStore | None = None
+    metrics_port: int = 0
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests run services as tasks)
+            pass
+
+
+@asynccontextmanager
+async def open_service(
+    name: str,
+    settings: CommonSettings,
+    *,
+    blobs: bool = False,
+    stop: asyncio.Event | None = None,
+) -> AsyncIterator[ServiceContext]:
+    async with AsyncExitStack() as stack:
+        stop = stop or asyncio.Event()
+        install_stop_signals(stop)
+        tracer = tracing.setup_tracing(name)
+        metrics = Metrics(name)
+        port = metrics.serve(settings.metrics_port, settings.metrics_host) if settings.metrics_port else 0
+        nc = await bus.connect(settings.nats_url, f"stipple-{name}")
+        stack.push_async_callback(nc.drain)
+        js = nc.jetstream()
+        await bus.ensure_streams(js, subjects.stream_configs(replicas=settings.stream_replicas))
+        store = None
+        if blobs:
+            store = await open_blob_store(
+                backend=settings.blob_backend,
+                js=js,
+                bucket=settings.blob_bucket,
+                s3_endpoint=settings.s3_endpoint,
+                s3_access_key=settings.s3_access_key,
+                s3_secret_key=settings.s3_secret_key,
+                s3_secure=settings.s3_secure,
+                s3_region=settings.s3_region,
+            )
+            stack.push_async_callback(store.close)
+        log.info("service_ready", service=name, nats=settings.nats_url, metrics_port=port)
+        yield ServiceContext(name, nc, js, metrics, tracer, stop, store, port)

@@ -1,0 +1,75 @@
+"""Settings from environment variables, decoded into msgspec Structs.
+
+Each field ``foo_bar`` of a settings Struct is read from ``STIPPLE_FOO_BAR``. Values are
+converted leniently ("8080" -> 8080, "true" -> True); a bad value fails at start with
+the variable's name and value, never later.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TypeVar
+
+import msgspec
+
+from .errors import StippleError
+from .subjects import IMAGES_BUCKET
+
+PREFIX = "STIPPLE_"
+
+
+class InvalidSettings(StippleError):
+    code = "invalid_settings"
+
+
+class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """What every service reads."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    log_level: str = "info"
+    log_format: str = "auto"  # auto (console on a terminal, JSON otherwise) | json | console
+    metrics_port: int = 0  # 0: no metrics server; -1: any free port
+    metrics_host: str = "127.0.0.1"
+    stream_replicas: int = 1  # 3 in production (R3 streams)
+    blob_backend: str = "jetstream"  # jetstream | s3
+    blob_bucket: str = IMAGES_BUCKET
+    s3_endpoint: str = ""  # host:port of MinIO / S3
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint; empty: traces stay in process
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
+    """Build `cls` from the environment (or `env`)."""
+    source = os.environ if env is None else env
+    values = {}
+    for field in msgspec.structs.fields(cls):
+        name = env_name(field.name)
+        if name in source:
+            values[field.name] = source[name]
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        field = text.rpartition("`$.")[2].rstrip("`")
+        shown = values.get(field, "")
+        raise InvalidSettings(f"{env_name(field)}={shown!r}: {text.rpartition(' - at ')[0]}") from None
+
+
+def to_env(settings: msgspec.Struct) -> dict[str, str]:
+    """The environment that reproduces `settings` (used to start services as processes)."""
+    out = {}
+    for field in msgspec.structs.fields(settings):
+        value = getattr(settings, field.name)
+        out[env_name(field.name)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out

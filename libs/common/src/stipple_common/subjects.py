@@ -1,0 +1,89 @@
+"""Subject names, stream names and consumer names: the whole NATS contract in one place.
+
+Streams
+- TASKS  ``tasks.<task_id>.<event>``: every task event; the task is the fold of ``tasks.<id>.>``.
+- WORK   ``work.<node_id>``: assignments for one node (work-queue retention).
+- NODES  ``nodes.<node_id>.<event>``: announcements, heartbeats, quits (last per subject kept).
+Core NATS (not stored)
+- ``progress.<task_id>``: per-step progress from nodes; lossy by design.
+"""
+
+from __future__ import annotations
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+TASKS_STREAM = "TASKS"
+WORK_STREAM = "WORK"
+NODES_STREAM = "NODES"
+
+DISPATCHER_DURABLE = "dispatcher"
+VALIDATOR_DURABLE = "validator"
+
+IMAGES_BUCKET = "stipple-images"
+
+
+def task_subject(task_id: str, event: str) -> str:
+    return f"tasks.{task_id}.{event}"
+
+
+def task_events(task_id: str) -> str:
+    """All events of one task."""
+    return f"tasks.{task_id}.>"
+
+
+def all_tasks(event: str) -> str:
+    """One event type across all tasks."""
+    return f"tasks.*.{event}"
+
+
+def work_subject(node_id: str) -> str:
+    return f"work.{node_id}"
+
+
+def node_subject(node_id: str, event: str) -> str:
+    return f"nodes.{node_id}.{event}"
+
+
+def node_durable(node_id: str) -> str:
+    return f"node-{node_id}"
+
+
+def progress_subject(task_id: str) -> str:
+    return f"progress.{task_id}"
+
+
+def subject_token(subject: str, index: int) -> str:
+    return subject.split(".")[index]
+
+
+def stream_configs(*, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600) -> list[StreamConfig]:
+    """The streams every service may declare at start (declaring is idempotent)."""
+    return [
+        StreamConfig(
+            name=TASKS_STREAM,
+            subjects=["tasks.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=task_max_age_s,
+            duplicate_window=120.0,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=WORK_STREAM,
+            subjects=["work.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=120.0,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=NODES_STREAM,
+            subjects=["nodes.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,
+            discard=DiscardPolicy.OLD,
+            duplicate_window=30.0,
+            num_replicas=replicas,
+        ),
+    ]

@@ -1,0 +1,174 @@
+"""JetStream helpers against a real nats-server (one per session, unique streams per test)."""
+
+import asyncio
+import uuid
+
+import msgspec
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+from stipple_common import bus
+from stipple_common.errors import StippleError
+from stipple_common.messages import NodeHeartbeat, NodeJoined, NodeQuit, TaskStarted, encode, task_event_decoder
+from stipple_common.metrics import Metrics
+from stipple_common.nodes import NodeDirectory
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def stream(nc):
+    js = nc.jetstream()
+    name = f"T{uuid.uuid4().hex[:12]}"
+    prefix = name.lower()
+    await bus.ensure_streams(js, [StreamConfig(name=name, subjects=[f"{prefix}.>"], duplicate_window=60)])
+    yield js, name, prefix
+    await js.delete_stream(name)
+
+
+async def test_ensure_streams_is_idempotent_and_updates(nc):
+    js = nc.jetstream()
+    name = f"T{uuid.uuid4().hex[:12]}"
+    config = StreamConfig(name=name, subjects=[f"{name}.>"], max_msgs=10)
+    await bus.ensure_streams(js, [config])
+    await bus.ensure_streams(js, [config])
+    await bus.ensure_streams(js, [StreamConfig(name=name, subjects=[f"{name}.>"], max_msgs=20)])
+    assert (await js.stream_info(name)).config.max_msgs == 20
+    await js.delete_stream(name)
+
+
+async def test_publish_deduplicates_by_message_id(stream):
+    js, name, prefix = stream
+    event = TaskStarted(task_id="t", node_id="a")
+    first = await bus.publish(js, f"{prefix}.t.started", event, msg_id="t:a:started")
+    again = await bus.publish(js, f"{prefix}.t.started", event, msg_id="t:a:started")
+    other = await bus.publish(js, f"{prefix}.t.started", event, msg_id="t:b:started")
+    assert first == again
+    assert other == first + 1
+    assert (await js.stream_info(name)).state.messages == 2
+
+
+async def test_read_subject_returns_history_in_order(stream):
+    js, name, prefix = stream
+    for node in "abc":
+        await bus.publish(js, f"{prefix}.t1.started", TaskStarted(task_id="t1", node_id=node), msg_id=node)
+    await bus.publish(js, f"{prefix}.t2.started", TaskStarted(task_id="t2", node_id="z"), msg_id="z")
+    events = await bus.read_subject(js, name, f"{prefix}.t1.>", task_event_decoder)
+    assert [e.node_id for e in events] == ["a", "b", "c"]
+    assert await bus.read_subject(js, name, f"{prefix}.none.>", task_event_decoder) == []
+
+
+async def test_read_subject_carries_trace_context(stream):
+    js, name, prefix = stream
+    from opentelemetry import trace
+
+    from stipple_common.tracing import setup_tracing
+
+    tracer = setup_tracing("test")
+    with tracer.start_as_current_span("outer"):
+        trace_id = format(trace.get_current_span().get_span_context().trace_id, "032x")
+        await bus.publish(js, f"{prefix}.t.started", TaskStarted(task_id="t", node_id="a"), msg_id="x")
+    msg = await js.get_last_msg(name, f"{prefix}.t.started")
+    assert trace_id in msg.headers["traceparent"]
+
+
+async def test_consume_maps_every_outcome(stream):
+    """ack on success, nak on Redeliver and on errors worth retrying, term on poison and on final errors."""
+    js, name, prefix = stream
+    seen: dict[str, int] = {}
+    done = asyncio.Event()
+
+    async def handler(msg):
+        kind = msg.subject.rsplit(".", 1)[1]
+        seen[kind] = seen.get(kind, 0) + 1
+        if seen == {"ok": 1, "poison": 1, "final": 1, "later": 2, "retry": 2, "crash": 2}:
+            done.set()
+        if kind == "poison":
+            task_event_decoder.decode(msg.data)
+        if kind == "final":
+            raise StippleError("no", code="bad")
+        if kind == "later" and seen[kind] == 1:
+            return bus.Redeliver(delay=0.05)
+        if kind == "retry" and seen[kind] == 1:
+            raise StippleError("again", retryable=True)
+        if kind == "crash" and seen[kind] == 1:
+            raise RuntimeError("unexpected")
+        return None
+
+    for kind in ("ok", "poison", "final", "later", "retry", "crash"):
+        await js.publish(f"{prefix}.m.{kind}", b"not json")
+    stop = asyncio.Event()
+    metrics = Metrics("test")
+    config = ConsumerConfig(durable_name="c", ack_policy=AckPolicy.EXPLICIT, ack_wait=5, max_deliver=5)
+    original_backoff = bus.backoff
+    bus.backoff = lambda attempt: 0.05  # keep the retries quick
+    try:
+        runner = asyncio.create_task(
+            bus.consume(js, stream=name, config=config, handler=handler, stop=stop, metrics=metrics, fetch_timeout=0.2)
+        )
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+    finally:
+        bus.backoff = original_backoff
+    assert seen == {"ok": 1, "poison": 1, "final": 1, "later": 2, "retry": 2, "crash": 2}
+    info = await js.consumer_info(name, "c")
+    assert info.num_ack_pending == 0
+    assert info.num_pending == 0
+
+    def count(outcome):
+        return metrics.registry.get_sample_value("stipple_test_messages_total", {"stream": name, "outcome": outcome})
+
+    assert count("ack") == 4  # ok, later (2nd), retry (2nd), crash (2nd)
+    assert count("nak") == 3
+    assert count("term") == 2
+
+
+def test_backoff_grows_and_caps():
+    assert bus.backoff(1) == 0.5
+    assert bus.backoff(3) == 2.0
+    assert bus.backoff(50) == 30.0
+
+
+def joined(node_id, operator="op"):
+    return NodeJoined(
+        node_id=node_id, operator=operator, device="cpu", memory_bytes=1, models=["m"], version="0", started_at=0.0
+    )
+
+
+def test_directory_liveness_by_ttl_and_quit():
+    directory = NodeDirectory(ttl_s=5)
+    directory.apply(joined("a"), seen_at=100.0)
+    directory.apply(joined("b"), seen_at=100.0)
+    directory.apply(NodeHeartbeat(node_id="a", at=0.0), seen_at=104.0)
+    directory.apply(NodeHeartbeat(node_id="ghost", at=0.0), seen_at=104.0)  # never joined: ignored
+    assert {n.node_id for n in directory.live(now=106.0)} == {"a"}  # b's last sign is 6 s old
+    directory.apply(NodeQuit(node_id="a", at=0.0), seen_at=107.0)
+    assert directory.live(now=107.5) == []
+    directory.apply(NodeHeartbeat(node_id="a", at=0.0), seen_at=108.0)  # came back
+    assert [n.node_id for n in directory.live(now=108.5)] == ["a"]
+
+
+async def test_directory_follows_the_nodes_stream(nc):
+    from stipple_common.subjects import NODES_STREAM, stream_configs
+
+    js = nc.jetstream()
+    await bus.ensure_streams(js, stream_configs())
+    node_id = f"n{uuid.uuid4().hex[:8]}"
+    await js.publish(f"nodes.{node_id}.joined", encode(joined(node_id)))
+    await js.publish(f"nodes.{node_id}.heartbeat", encode(NodeHeartbeat(node_id=node_id, at=0.0)))
+    directory = NodeDirectory(ttl_s=30)
+    sub = await directory.follow(js)
+    try:
+        live = await directory.wait_for(1, timeout=5)
+        assert node_id in {n.node_id for n in live}
+        await js.publish(f"nodes.{node_id}.quit", msgspec.json.encode(NodeQuit(node_id=node_id, at=0.0)))
+        for _ in range(50):
+            if node_id not in {n.node_id for n in directory.live()}:
+                break
+            await asyncio.sleep(0.05)
+        assert node_id not in {n.node_id for n in directory.live()}
+    finally:
+        await sub.unsubscribe()
+        await js.purge_stream(NODES_STREAM, subject=f"nodes.{node_id}.>")

@@ -1,0 +1,1 @@
+"""Stipple gateway: the REST API applications call (native /v1 and SDCN shapes)."""

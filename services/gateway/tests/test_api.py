@@ -1,0 +1,202 @@
+"""The gateway's HTTP contract against a real nats-server and the JetStream object store.
+
+No other service runs here, so these tests cover input validation, refusals and
+timeouts; tests/test_e2e.py covers tasks that complete.
+"""
+
+import time
+import uuid
+
+import httpx
+import pytest
+
+from stipple_common import bus, subjects
+from stipple_common.blobstore import open_blob_store
+from stipple_common.messages import NodeJoined, TaskSubmitted, task_event_decoder
+from stipple_common.metrics import Metrics
+from stipple_common.nodes import NodeDirectory
+from stipple_gateway.app import Gateway, GatewaySettings, create_app
+
+pytestmark = pytest.mark.integration
+
+
+def joined(node_id, operator, models=("tiny-sd",)):
+    return NodeJoined(
+        node_id=node_id,
+        operator=operator,
+        device="cpu",
+        memory_bytes=1,
+        models=list(models),
+        version="0.1.0",
+        started_at=0.0,
+    )
+
+
+@pytest.fixture
+async def gateway(nc):
+    js = nc.jetstream()
+    await bus.ensure_streams(js, subjects.stream_configs())
+    blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
+    settings = GatewaySettings(max_body_bytes=2000, sync_timeout_s=0.5)
+    gw = Gateway(nc, js, blobs, NodeDirectory(ttl_s=10), settings, Metrics("gateway"))
+    yield gw
+    await blobs.close()
+
+
+@pytest.fixture
+async def client(gateway):
+    transport = httpx.ASGITransport(app=create_app(gateway))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        yield http
+
+
+def make_live(gateway, *nodes):
+    for node in nodes:
+        gateway.directory.apply(node, seen_at=time.time())
+
+
+TASK = {"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"image_width": 64, "image_height": 64, "steps": 2}}
+
+
+async def test_healthz_and_metrics(client):
+    health = await client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "nats": True, "live_nodes": 0}
+    metrics = await client.get("/metrics")
+    assert metrics.status_code == 200
+    assert 'stipple_gateway_requests_total{route="/healthz",status="200"} 1.0' in metrics.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "value"),
+    [
+        ({**TASK, "task_config": {"steps": 500}}, "task_config.steps", 500),
+        ({**TASK, "task_config": {"image_width": 100}}, "task_config.image_width", 100),
+        ({**TASK, "sampler": "Nope"}, "sampler", "Nope"),
+        ({**TASK, "prompt": ["a", "b"]}, "prompt", ["a", "b"]),
+    ],
+)
+async def test_native_bad_input_is_422_naming_field_and_value(client, body, field, value):
+    response = await client.post("/v1/tasks", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_input"
+    assert error["field"] == field
+    assert error["value"] == (value if not isinstance(value, list) else repr(value))
+    assert field in error["message"]
+
+
+async def test_native_missing_and_unknown_fields(client):
+    response = await client.post("/v1/tasks", json={"prompt": "x"})
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == "base_model"
+    response = await client.post("/v1/tasks", json={**TASK, "steps": 4})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith("steps: unknown field")
+
+
+async def test_malformed_empty_and_oversized_bodies(client):
+    bad = await client.post("/v1/tasks", content=b"{not json")
+    assert bad.status_code == 400
+    assert "not valid JSON" in bad.json()["error"]["message"]
+    empty = await client.post("/v1/tasks", content=b"")
+    assert empty.status_code == 422
+    assert "empty" in empty.json()["error"]["message"]
+    big = await client.post("/v1/tasks", json={**TASK, "prompt": "x" * 5000})
+    assert big.status_code == 413
+    assert big.json()["error"]["message"].endswith("bytes; the limit is 2000")
+
+
+async def test_no_nodes_is_503_and_unknown_model_is_422(client, gateway):
+    response = await client.post("/v1/tasks", json=TASK)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_nodes"
+    make_live(gateway, joined("a", "op-a"), joined("b", "op-a"))
+    unknown = await client.post("/v1/tasks", json={**TASK, "base_model": "sdxl-base"})
+    assert unknown.status_code == 422
+    assert unknown.json()["error"] == {
+        "code": "unknown_model",
+        "message": "base_model: no node serves 'sdxl-base'; available models: tiny-sd",
+        "field": "base_model",
+        "value": "sdxl-base",
+    }
+    too_few = await client.post("/v1/tasks", json=TASK)  # two nodes, one operator: not three distinct
+    assert too_few.status_code == 503
+    assert "2 live nodes of 1 operators" in too_few.json()["error"]["message"]
+
+
+async def test_accepted_task_is_published_with_a_concrete_seed(client, gateway):
+    make_live(gateway, joined("a", "1"), joined("b", "2"), joined("c", "3"))
+    response = await client.post("/v1/tasks", json=TASK)
+    assert response.status_code == 202
+    body = response.json()
+    task_id = body["task_id"]
+    assert body["status"] == "pending"
+    assert 0 <= body["seed"] < 2**32
+    events = await bus.read_subject(gateway.js, subjects.TASKS_STREAM, f"tasks.{task_id}.>", task_event_decoder)
+    assert len(events) == 1
+    assert isinstance(events[0], TaskSubmitted)
+    assert events[0].spec.task_config.seed == body["seed"]
+    view = (await client.get(f"/v1/tasks/{task_id}")).json()
+    assert view["status"] == "pending"
+    assert view["nodes"] == []
+    not_ready = await client.get(f"/v1/tasks/{task_id}/images/0")
+    assert not_ready.status_code == 409
+    assert "pending" in not_ready.json()["error"]["message"]
+
+
+async def test_idempotency_key_makes_a_retry_the_same_task(client, gateway):
+    make_live(gateway, joined("a", "1"), joined("b", "2"), joined("c", "3"))
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = (await client.post("/v1/tasks", json=TASK, headers=key)).json()["task_id"]
+    second = (await client.post("/v1/tasks", json=TASK, headers=key)).json()["task_id"]
+    assert first == second
+    events = await bus.read_subject(gateway.js, subjects.TASKS_STREAM, f"tasks.{first}.>", task_event_decoder)
+    assert len(events) == 1
+
+
+async def test_unknown_task_ids_are_404(client):
+    assert (await client.get("/v1/tasks/" + "0" * 32)).status_code == 404
+    bad = await client.get("/v1/tasks/../../etc")
+    assert bad.status_code == 404
+    response = await client.get("/v1/tasks/not-an-id")
+    assert response.status_code == 404
+    assert "32 hex digits" in response.json()["error"]["message"]
+
+
+async def test_sdcn_errors_use_msg_and_sdcn_field_names(client, gateway):
+    response = await client.post("/txt2img", json={"prompt": "x", "width": 63})
+    assert response.status_code == 422
+    assert response.json() == {"msg": "width: Expected `int` >= 64 (got 63)"}
+    response = await client.post("/txt2img", json={"prompt": "x", "cfg_scale": 99})
+    assert response.status_code == 422
+    assert response.json()["msg"].startswith("cfg_scale: Expected `float` <= 30.0 (got 99.0)")
+    response = await client.post("/txt2img", json={"prompt": "x", "loras": [["style", 0.8]]})
+    assert response.status_code == 422
+    assert response.json()["msg"].startswith("loras: LoRA is not supported yet")
+    response = await client.post("/txt2img", json={"prompt": "x", "sampler_name": "Warp"})
+    assert response.json()["msg"].startswith("sampler_name: unknown sampler")
+    response = await client.post("/txt2img", json={"prompt": "x", "denoise": 1})
+    assert response.json()["msg"].startswith("denoise: unknown field")
+    response = await client.post("/txt2img", json={"prompt": "x"})
+    assert response.status_code == 503
+    assert response.json()["msg"] == "base_model: no node serves 'tiny-sd'; available models: none (no node has registered)"
+
+
+async def test_sdcn_times_out_with_a_clear_message_instead_of_hanging(client, gateway):
+    make_live(gateway, joined("a", "1"), joined("b", "2"), joined("c", "3"))  # announced, but nobody works
+    started = time.monotonic()
+    response = await client.post("/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2})
+    assert time.monotonic() - started < 5
+    assert response.status_code == 504
+    message = response.json()["msg"]
+    assert "did not finish within 0.5 s (state pending)" in message
+    assert "poll GET /v1/tasks/" in message
+
+
+async def test_nodes_listing(client, gateway):
+    make_live(gateway, joined("a", "1"))
+    body = (await client.get("/v1/nodes")).json()
+    assert body["live"] == 1
+    assert body["nodes"][0]["node_id"] == "a"
+    assert body["nodes"][0]["live"] is True

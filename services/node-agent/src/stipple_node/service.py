@@ -1,0 +1,299 @@
+"""Node-agent wiring: announce, heartbeat, pull assignments from ``work.<node_id>``.
+
+One task at a time (a GPU runs one diffusion at a time); the diffusion runs in a worker
+thread so heartbeats, progress and `in_progress()` keep flowing. A task that cannot run
+(bad input that slipped past the gateway, a missing model, out of memory) ends with a
+typed ``errored`` event; the node stays up and takes the next task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import time
+from pathlib import Path
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from prometheus_client import Counter, Histogram
+
+from stipple_common import __version__, bus, subjects
+from stipple_common.blobstore import BlobStore
+from stipple_common.errors import StippleError
+from stipple_common.logs import setup_logging
+from stipple_common.messages import (
+    Assignment,
+    ImageResult,
+    NodeErrored,
+    NodeHeartbeat,
+    NodeJoined,
+    NodeQuit,
+    Progress,
+    ResultRevealed,
+    TaskStarted,
+    assignment_decoder,
+    encode,
+)
+from stipple_common.metrics import Metrics
+from stipple_common.service import ServiceContext, open_service
+from stipple_common.settings import CommonSettings, InvalidSettings
+from stipple_common.taskspec import check_spec
+
+from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
+from .tinymodel import TINY_MODEL_NAME, make_tiny_model
+
+log = structlog.get_logger("stipple.node")
+
+
+class NodeSettings(CommonSettings, frozen=True, kw_only=True):
+    node_id: str = ""  # empty: a random id, new at each start
+    operator: str = ""  # who runs this node (distinct operators are picked per task); empty: the node id
+    models: str = f"{TINY_MODEL_NAME}=builtin"  # name=folder[,name=folder...]; "builtin" builds the tiny model
+    model_cache: str = ""  # where "builtin" models are built; empty: ~/.cache/stipple/models
+    device: str = "cpu"
+    torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
+    heartbeat_s: float = 2.0
+    in_progress_s: float = 10.0  # how often a running task tells JetStream it is still alive
+
+
+def parse_models(spec: str, cache: Path) -> dict[str, Path]:
+    models: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise InvalidSettings(f"STIPPLE_MODELS={spec!r}: expected name=folder[,name=folder...], got {item!r}")
+        if folder == "builtin":
+            if name != TINY_MODEL_NAME:
+                raise InvalidSettings(f"STIPPLE_MODELS: only {TINY_MODEL_NAME!r} is built in, got {name!r}")
+            models[name] = make_tiny_model(cache / name)
+        else:
+            path = Path(folder).expanduser()
+            if not (path / "model_index.json").exists():
+                raise InvalidSettings(f"STIPPLE_MODELS: model {name!r} folder {path} has no model_index.json")
+            models[name] = path
+    if not models:
+        raise InvalidSettings("STIPPLE_MODELS is empty: a node must serve at least one model")
+    return models
+
+
+def device_description(device: str) -> tuple[str, int]:
+    """A human name of the compute device and its memory in bytes."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return props.name, int(props.total_memory)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return f"cpu: {platform.processor() or platform.machine()}", int(memory)
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        nc: NATS,
+        js: JetStreamContext,
+        blobs: BlobStore,
+        runner: PipelineRunner,
+        settings: NodeSettings,
+        metrics: Metrics,
+    ) -> None:
+        self.node_id = node_id
+        self.nc = nc
+        self.js = js
+        self.blobs = blobs
+        self.runner = runner
+        self.settings = settings
+        self.busy = False
+        self.tasks = Counter("stipple_node_tasks_total", "Tasks run, by result", ["result"], registry=metrics.registry)
+        self.task_seconds = Histogram(
+            "stipple_node_task_seconds",
+            "Assignment received to result published",
+            registry=metrics.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
+        )
+
+    def announcement(self) -> NodeJoined:
+        device, memory = device_description(self.settings.device)
+        return NodeJoined(
+            node_id=self.node_id,
+            operator=self.settings.operator or self.node_id,
+            device=device,
+            memory_bytes=memory,
+            models=self.runner.model_names,
+            version=__version__,
+            started_at=time.time(),
+        )
+
+    async def heartbeat(self, stop: asyncio.Event) -> None:
+        """Heartbeat until stopped; a failed beat is logged and the next one tried."""
+        while not stop.is_set():
+            beat = NodeHeartbeat(node_id=self.node_id, at=time.time(), busy=self.busy)
+            try:
+                await bus.publish(
+                    self.js,
+                    subjects.node_subject(self.node_id, "heartbeat"),
+                    beat,
+                    msg_id=f"{self.node_id}:hb:{beat.at}",
+                )
+            except Exception as exc:
+                log.warning("heartbeat_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.heartbeat_s)
+
+    async def _publish_event(self, event: msgspec.Struct, name: str, task_id: str) -> None:
+        await bus.publish(
+            self.js, subjects.task_subject(task_id, name), event, msg_id=f"{task_id}:{self.node_id}:{name}"
+        )
+
+    def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str):
+        subject = subjects.progress_subject(task_id)
+
+        def report(step: int, total: int) -> None:  # called from the diffusion thread
+            data = encode(Progress(task_id=task_id, node_id=self.node_id, step=step, total=total))
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.nc.publish(subject, data)))
+
+        return report
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.settings.in_progress_s)
+            await msg.in_progress()
+
+    async def handle(self, msg: Msg) -> bus.Redeliver | None:
+        work = assignment_decoder.decode(msg.data)
+        structlog.contextvars.bind_contextvars(task_id=work.task_id, node_id=self.node_id)
+        if time.time() > work.deadline:
+            await self._fail(work, "deadline_passed", "the assignment arrived after its deadline")
+            return None
+        await self._publish_event(TaskStarted(task_id=work.task_id, node_id=self.node_id), "started", work.task_id)
+        started = time.perf_counter()
+        self.busy = True
+        keep_alive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            images = await self._generate(work)
+        except StippleError as exc:
+            if exc.retryable:
+                raise
+            await self._fail(work, exc.code, exc.message)
+            return None
+        except Exception as exc:  # the node must survive anything one task does (e.g. CUDA OOM)
+            code = "out_of_memory" if "out of memory" in str(exc).lower() else "internal"
+            log.exception("task_crashed", code=code)
+            await self._fail(work, code, f"{type(exc).__name__}: {exc}")
+            return None
+        finally:
+            keep_alive.cancel()
+            self.busy = False
+        results = await self._upload(work.task_id, images)
+        elapsed = time.perf_counter() - started
+        revealed = ResultRevealed(task_id=work.task_id, node_id=self.node_id, images=results, elapsed_s=elapsed)
+        await self._publish_event(revealed, "revealed", work.task_id)
+        self.tasks.labels("revealed").inc()
+        self.task_seconds.observe(elapsed)
+        log.info("task_done", images=len(results), elapsed_s=round(elapsed, 3))
+        return None
+
+    async def _generate(self, work: Assignment) -> list[GeneratedImage]:
+        spec = check_spec(work.spec)  # validate again: the node trusts nobody
+        config = spec.task_config
+        report = self._progress_callback(asyncio.get_running_loop(), work.task_id)
+        return await asyncio.to_thread(
+            self.runner.txt2img,
+            model=spec.base_model,
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            width=config.image_width,
+            height=config.image_height,
+            steps=config.steps,
+            cfg=config.cfg,
+            seed=config.seed,
+            num_images=config.num_images,
+            sampler=spec.sampler,
+            progress=report,
+        )
+
+    async def _upload(self, task_id: str, images: list[GeneratedImage]) -> list[ImageResult]:
+        results = []
+        for index, image in enumerate(images):
+            key = f"tasks/{task_id}/{self.node_id}/{index}.png"
+            await self.blobs.put(key, image.png, content_type="image/png")
+            results.append(
+                ImageResult(
+                    index=index, key=key, phash=image.phash, seed=image.seed, width=image.width, height=image.height
+                )
+            )
+        return results
+
+    async def _fail(self, work: Assignment, code: str, message: str) -> None:
+        event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
+        await self._publish_event(event, "errored", work.task_id)
+        self.tasks.labels(code).inc()
+        log.warning("task_failed", code=code, error=message)
+
+
+def consumer_config(node_id: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.node_durable(node_id),
+        filter_subject=subjects.work_subject(node_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=60.0,
+        max_deliver=3,
+        max_ack_pending=1,
+    )
+
+
+async def run(settings: NodeSettings) -> None:
+    setup_logging("node-agent", level=settings.log_level, fmt=settings.log_format)
+    configure_determinism(settings.torch_threads)
+    cache = Path(settings.model_cache).expanduser() if settings.model_cache else Path.home() / ".cache/stipple/models"
+    models = parse_models(settings.models, cache)
+    runner = PipelineRunner(models, device=settings.device)
+    for name in runner.model_names:
+        runner.load(name)  # load before announcing: a live node is a ready node
+    async with open_service("node-agent", settings, blobs=True) as ctx:
+        await serve(ctx, settings, runner)
+
+
+async def serve(ctx: ServiceContext, settings: NodeSettings, runner: PipelineRunner) -> None:
+    assert ctx.blobs is not None
+    node_id = settings.node_id or f"node-{secrets.token_hex(4)}"
+    agent = NodeAgent(
+        node_id=node_id, nc=ctx.nc, js=ctx.js, blobs=ctx.blobs, runner=runner, settings=settings, metrics=ctx.metrics
+    )
+    joined = agent.announcement()
+    await bus.publish(
+        ctx.js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:joined:{joined.started_at}"
+    )
+    log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
+    beats = asyncio.create_task(agent.heartbeat(ctx.stop))
+    try:
+        await bus.consume(
+            ctx.js,
+            stream=subjects.WORK_STREAM,
+            config=consumer_config(node_id),
+            handler=agent.handle,
+            stop=ctx.stop,
+            metrics=ctx.metrics,
+            tracer=ctx.tracer,
+            batch=1,
+        )
+    finally:
+        ctx.stop.set()
+        await beats
+        with contextlib.suppress(Exception):
+            await bus.publish(
+                ctx.js,
+                subjects.node_subject(node_id, "quit"),
+                NodeQuit(node_id=node_id, at=time.time()),
+                msg_id=f"{node_id}:quit:{time.time()}",
+            )
+        log.info("node_quit", node_id=node_id)

@@ -1,0 +1,144 @@
+"""End to end: the real services as processes (gateway, dispatcher, validator, three node
+agents on the built-in tiny model) on a real nats-server, driven over HTTP as an app would.
+"""
+
+import base64
+import io
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from stipple_cli.network import LocalNetwork
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    net = LocalNetwork(data_dir=tmp_path_factory.mktemp("stipple"), port=0, nodes=3)
+    net.start(timeout=240)
+    yield net
+    net.stop()
+
+
+@pytest.fixture(scope="module")
+def http(network):
+    with httpx.Client(base_url=network.gateway_url, timeout=120) as client:
+        yield client
+
+
+def decode_png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def wait_finished(http, task_id, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = http.get(f"/v1/tasks/{task_id}").json()
+        if view["status"] in ("succeeded", "aborted"):
+            return view
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not finish: {view}")
+
+
+def test_health_sees_three_live_nodes(http):
+    body = http.get("/healthz").json()
+    assert body == {"status": "ok", "nats": True, "live_nodes": 3}
+    nodes = http.get("/v1/nodes").json()["nodes"]
+    assert sorted(n["node_id"] for n in nodes) == ["node-1", "node-2", "node-3"]
+    assert all(n["models"] == ["tiny-sd"] for n in nodes)
+
+
+def test_sdcn_txt2img_returns_base64_pngs_from_three_agreeing_nodes(http):
+    request = {
+        "prompt": "a lighthouse",
+        "negative_prompt": "fog",
+        "loras": [],
+        "seed": 11,
+        "sampler_name": "Euler",
+        "steps": 3,
+        "cfg_scale": 6.5,
+        "width": 96,
+        "height": 64,
+        "model": "tiny-sd",
+        "batch_size": 2,
+    }
+    response = http.post("/txt2img", json=request)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body["images"]) == 2
+    for encoded in body["images"]:
+        image = decode_png(base64.b64decode(encoded))
+        assert image.size == (96, 64)
+    assert body["seeds"] == [11, 12]
+    view = http.get(f"/v1/tasks/{body['task_id']}").json()
+    assert view["status"] == "succeeded"
+    assert view["source"] == "sdcn"
+    assert len({n["node_id"] for n in view["nodes"]}) == 3
+    assert view["outcome"]["reason"] == "unanimous"
+    assert set(view["outcome"]["verdicts"].values()) == {"agree"}
+
+
+def test_native_task_lifecycle(http):
+    task = {
+        "base_model": "tiny-sd",
+        "prompt": "a red fox",
+        "negative_prompt": "",
+        "task_config": {"image_width": 64, "image_height": 80, "steps": 2, "cfg": 7, "seed": -1, "num_images": 1},
+    }
+    accepted = http.post("/v1/tasks", json=task)
+    assert accepted.status_code == 202, accepted.text
+    task_id = accepted.json()["task_id"]
+    seed = accepted.json()["seed"]
+    assert seed >= 0  # -1 was resolved by the gateway, so every node uses the same seed
+    view = wait_finished(http, task_id)
+    assert view["status"] == "succeeded"
+    assert len(view["nodes"]) == 3
+    assert len({n["node_id"] for n in view["nodes"]}) == 3
+    hashes = {n["node_id"]: [i["phash"] for i in n["images"]] for n in view["nodes"]}
+    assert all(len(h) == 1 and len(h[0]) == 16 for h in hashes.values())
+    assert len({tuple(h) for h in hashes.values()}) == 1  # one machine, fixed threads: identical hashes
+    assert view["images"][0]["seed"] == seed
+    png = http.get(f"/v1/tasks/{task_id}/images/0")
+    assert png.status_code == 200
+    assert png.headers["content-type"] == "image/png"
+    assert decode_png(png.content).size == (64, 80)
+    missing = http.get(f"/v1/tasks/{task_id}/images/1")
+    assert missing.status_code == 404
+    assert "out of range" in missing.json()["error"]["message"]
+
+
+def test_same_seed_gives_the_same_image_and_another_seed_does_not(http):
+    def image(seed):
+        body = {"prompt": "a castle", "seed": seed, "steps": 2, "width": 64, "height": 64}
+        response = http.post("/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        return base64.b64decode(response.json()["images"][0])
+
+    first, second, other = image(1234), image(1234), image(4321)
+    assert first == second
+    assert first != other
+
+
+def test_malformed_requests_get_4xx_naming_the_field(http):
+    sdcn = http.post("/txt2img", json={"prompt": "x", "steps": 0})
+    assert sdcn.status_code == 422
+    assert sdcn.json()["msg"] == "steps: Expected `int` >= 1 (got 0)"
+    native = http.post("/v1/tasks", json={"base_model": "tiny-sd", "prompt": "x", "task_config": {"num_images": 50}})
+    assert native.status_code == 422
+    assert native.json()["error"]["field"] == "task_config.num_images"
+    assert native.json()["error"]["value"] == 50
+    assert http.post("/v1/tasks", content=b"]]").status_code == 400
+    unknown = http.post("/v1/tasks", json={"base_model": "nope", "prompt": "x"})
+    assert unknown.status_code == 422
+    assert unknown.json()["error"]["field"] == "base_model"
+
+
+def test_services_expose_metrics(http):
+    text = http.get("/metrics").text
+    assert 'stipple_gateway_tasks_submitted_total{source="sdcn"}' in text
