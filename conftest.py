@@ -31,6 +31,17 @@ def nats_url(nats_server: object) -> str:
 
 
 @pytest.fixture
+def fresh_nats_url(tmp_path: object) -> Iterator[str]:
+    """A nats-server of this test's own (starting one takes ~50 ms), for tests that run
+    services with their fixed stream and consumer names."""
+    from stipple_common.natsserver import NatsServer
+
+    server = NatsServer.start(tmp_path / "nats")  # type: ignore[operator]
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[object]:
     import nats
 

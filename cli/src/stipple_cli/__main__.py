@@ -1,6 +1,6 @@
 """`stipple`: the Stipple command line.
 
-    stipple up     run the whole network on this machine (Ctrl-C stops it)
+stipple up     run the whole network on this machine (Ctrl-C stops it)
 """
 
 from __future__ import annotations
@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     p_up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0: any free port)")
     p_up.add_argument("--nodes", type=int, default=3, help="node agents to run (default 3)")
     p_up.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one (env NATS_URL)")
-    p_up.add_argument("--data-dir", type=Path, default=Path(".stipple"), help="state, models and logs (default .stipple)")
+    p_up.add_argument(
+        "--data-dir", type=Path, default=Path(".stipple"), help="state, models and logs (default .stipple)"
+    )
     p_up.add_argument("--no-demo", action="store_true", help="do not make a first image at start")
     p_up.add_argument("--verbose", action="store_true", help="service logs on this terminal instead of files")
     args = parser.parse_args(argv)

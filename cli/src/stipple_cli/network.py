@@ -91,7 +91,9 @@ class LocalNetwork:
                 **self.extra_env,
             }
             self.services = [
-                Service("gateway", "stipple_gateway", {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}),
+                Service(
+                    "gateway", "stipple_gateway", {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
+                ),
                 Service("dispatcher", "stipple_dispatcher", common),
                 Service("validator", "stipple_validator", common),
             ]

@@ -180,7 +180,10 @@ async def test_sdcn_errors_use_msg_and_sdcn_field_names(client, gateway):
     assert response.json()["msg"].startswith("denoise: unknown field")
     response = await client.post("/txt2img", json={"prompt": "x"})
     assert response.status_code == 503
-    assert response.json()["msg"] == "base_model: no node serves 'tiny-sd'; available models: none (no node has registered)"
+    assert (
+        response.json()["msg"]
+        == "base_model: no node serves 'tiny-sd'; available models: none (no node has registered)"
+    )
 
 
 async def test_sdcn_times_out_with_a_clear_message_instead_of_hanging(client, gateway):

@@ -52,9 +52,12 @@ async def open_service(
     blobs: bool = False,
     stop: asyncio.Event | None = None,
 ) -> AsyncIterator[ServiceContext]:
+    """Open what a service needs. With `stop` given, the caller owns shutdown (tests run
+    services as tasks in one process); otherwise SIGTERM/SIGINT set a new stop Event."""
     async with AsyncExitStack() as stack:
-        stop = stop or asyncio.Event()
-        install_stop_signals(stop)
+        if stop is None:
+            stop = asyncio.Event()
+            install_stop_signals(stop)
         tracer = tracing.setup_tracing(name)
         metrics = Metrics(name)
         port = metrics.serve(settings.metrics_port, settings.metrics_host) if settings.metrics_port else 0

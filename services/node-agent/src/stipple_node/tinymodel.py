@@ -4,8 +4,8 @@ Tests, demos and CI need a real diffusers model folder without downloading gigab
 (nothing can be fetched from the Hugging Face hub here). `make_tiny_model` builds one with
 the SD 1.5 component classes and block layout (UNet2DConditionModel with cross-attention
 down/up blocks, an AutoencoderKL that downsamples 8x, CLIPTextModel, CLIPTokenizer, PNDM
-scheduler) but a few thousand times fewer parameters, so a 64x64 image renders in tens of
-milliseconds on a CPU. Weights are random but deterministic for a given seed, so every
+scheduler) but about 500 times fewer parameters (1.8 M), so a 64x64 image with 4 steps
+renders in about 0.1 s on a 2-core CPU. Weights are random but deterministic for a given seed, so every
 machine that builds the model gets the same images for the same task.
 
 The CLIP tokenizer is generated too: a byte-level BPE vocabulary laid out like CLIP's
@@ -37,7 +37,7 @@ MODEL_INDEX = "model_index.json"
 
 # Sizes. SD 1.5 is (320, 640, 1280, 1280) UNet channels, 768-wide CLIP, (128, 256, 512, 512) VAE.
 UNET_CHANNELS = (32, 32, 64, 64)
-UNET_HEADS = 2
+UNET_HEADS = 2  # passed as `attention_head_dim`, which SD configs use to mean the number of heads
 VAE_CHANNELS = (8, 16, 16, 16)
 NORM_GROUPS = 8
 TEXT_HIDDEN = 32

@@ -1,0 +1,1 @@
+"""Stipple chain-indexer: not built yet (see services/chain-indexer/README.md)."""

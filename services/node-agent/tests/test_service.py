@@ -1,0 +1,157 @@
+"""The node agent service on its own nats-server with the real diffusers pipeline:
+announces itself, runs assignments, uploads images, and answers every task it cannot
+run with a typed error event while staying up for the next one."""
+
+import asyncio
+import io
+import time
+import uuid
+
+import imagehash
+import msgspec
+import pytest
+from PIL import Image
+
+from stipple_common import bus, subjects
+from stipple_common.messages import (
+    Assignment,
+    NodeErrored,
+    ResultRevealed,
+    TaskStarted,
+    node_event_decoder,
+    task_event_decoder,
+)
+from stipple_common.nodes import NodeDirectory
+from stipple_common.service import open_service
+from stipple_common.taskspec import TaskSpec, parse_task
+from stipple_node.pipeline import PipelineRunner
+from stipple_node.service import NodeSettings, parse_models, serve
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir):
+    return PipelineRunner({"tiny-sd": tiny_model_dir})
+
+
+@pytest.fixture
+async def node(fresh_nats_url, runner):
+    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op", heartbeat_s=0.2)
+    stop = asyncio.Event()
+    async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
+        task = asyncio.create_task(serve(ctx, settings, runner))
+        yield ctx
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        # leaving announces the quit
+        raw = await ctx.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "quit"))
+        assert node_event_decoder.decode(raw.data).node_id == "n1"
+
+
+async def assign(js, spec: TaskSpec, deadline_in: float = 60.0) -> str:
+    task_id = uuid.uuid4().hex
+    work = Assignment(task_id=task_id, spec=spec, deadline=time.time() + deadline_in)
+    await bus.publish(js, subjects.work_subject("n1"), work, msg_id=task_id)
+    return task_id
+
+
+async def final_event(js, task_id, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = await bus.read_subject(js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
+        final = [e for e in events if isinstance(e, (ResultRevealed, NodeErrored))]
+        if final:
+            return events, final[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"node never answered task {task_id}")
+
+
+def spec(**config):
+    return parse_task(
+        {
+            "base_model": "tiny-sd",
+            "prompt": "a fox",
+            "task_config": {"image_width": 64, "image_height": 64, "steps": 2, "seed": 5, **config},
+        }
+    )
+
+
+async def test_announces_itself_and_stays_live(node):
+    directory = NodeDirectory(ttl_s=1.0)
+    sub = await directory.follow(node.js)
+    try:
+        (joined,) = await directory.wait_for(1, timeout=5)
+        assert joined.node_id == "n1"
+        assert joined.operator == "op"
+        assert joined.models == ["tiny-sd"]
+        assert joined.memory_bytes > 0
+        await asyncio.sleep(1.5)  # longer than the TTL: only heartbeats keep it live
+        assert [n.node_id for n in directory.live()] == ["n1"]
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_runs_a_task_and_uploads_its_images(node):
+    progress = []
+
+    async def on_progress(msg):
+        progress.append(msgspec.json.decode(msg.data))
+
+    sub = await node.nc.subscribe("progress.>", cb=on_progress)
+    task_id = await assign(node.js, spec(num_images=2))
+    events, result = await final_event(node.js, task_id)
+    await sub.unsubscribe()
+    assert isinstance(events[0], TaskStarted)
+    assert isinstance(result, ResultRevealed)
+    assert [i.seed for i in result.images] == [5, 6]
+    for image in result.images:
+        assert image.key == f"tasks/{task_id}/n1/{image.index}.png"
+        png = await node.blobs.get(image.key)
+        decoded = Image.open(io.BytesIO(png))
+        assert decoded.size == (64, 64)
+        assert str(imagehash.phash(decoded, hash_size=8)) == image.phash
+    mine = [(p["step"], p["total"]) for p in progress if p["task_id"] == task_id]
+    assert mine, "no progress was published"
+    assert mine[-1][0] == mine[-1][1]  # the last report is the last step
+    assert mine[-1][1] >= 2 * 2  # counts the steps of both images
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "words"),
+    [
+        (msgspec.structs.replace(spec(), base_model="sd-9000"), "model_not_found", "sd-9000"),
+        (msgspec.structs.replace(spec(), sampler="Warp 9"), "invalid_input", "sampler"),
+    ],
+)
+async def test_a_task_that_cannot_run_gets_a_typed_error_and_the_node_stays_up(node, bad, code, words):
+    task_id = await assign(node.js, bad)
+    _, result = await final_event(node.js, task_id)
+    assert isinstance(result, NodeErrored)
+    assert result.code == code
+    assert words in result.message
+    good = await assign(node.js, spec())
+    _, after = await final_event(node.js, good)
+    assert isinstance(after, ResultRevealed)
+
+
+async def test_an_assignment_past_its_deadline_is_refused(node):
+    task_id = await assign(node.js, spec(), deadline_in=-1)
+    events, result = await final_event(node.js, task_id)
+    assert isinstance(result, NodeErrored)
+    assert result.code == "deadline_passed"
+    assert not any(isinstance(e, TaskStarted) for e in events)
+
+
+def test_model_settings_are_checked_at_start(tmp_path, tiny_model_dir):
+    from stipple_common.settings import InvalidSettings
+
+    assert parse_models(f"tiny-sd={tiny_model_dir}", tmp_path) == {"tiny-sd": tiny_model_dir}
+    with pytest.raises(InvalidSettings, match="expected name=folder"):
+        parse_models("tiny-sd", tmp_path)
+    with pytest.raises(InvalidSettings, match="has no model_index.json"):
+        parse_models(f"x={tmp_path}", tmp_path)
+    with pytest.raises(InvalidSettings, match="only 'tiny-sd' is built in"):
+        parse_models("sdxl=builtin", tmp_path)
+    with pytest.raises(InvalidSettings, match="empty"):
+        parse_models(" , ", tmp_path)
