@@ -203,3 +203,21 @@ async def test_nodes_listing(client, gateway):
     assert body["live"] == 1
     assert body["nodes"][0]["node_id"] == "a"
     assert body["nodes"][0]["live"] is True
+
+
+async def test_nats_outage_is_503_not_500(fresh_nats_url):
+    import nats
+
+    client = await nats.connect(fresh_nats_url)
+    js = client.jetstream()
+    await bus.ensure_streams(js, subjects.stream_configs())
+    blobs = await open_blob_store(backend="jetstream", js=js, bucket="outage")
+    gw = Gateway(client, js, blobs, NodeDirectory(ttl_s=10), GatewaySettings(), Metrics("gateway"))
+    await client.close()
+    transport = httpx.ASGITransport(app=create_app(gw))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        response = await http.get("/v1/tasks/" + "a" * 32)
+        health = await http.get("/healthz")
+    assert response.status_code == 503
+    assert "message bus is unavailable" in response.json()["error"]["message"]
+    assert health.status_code == 503

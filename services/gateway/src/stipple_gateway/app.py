@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -341,6 +342,10 @@ def create_app(gw: Gateway) -> Starlette:
             except StippleError as exc:
                 log.warning("request_failed", path=path, code=exc.code, error=exc.message)
                 error = ApiError(503 if exc.retryable else 500, exc.code, exc.message)
+                response = error.sdcn() if sdcn else error.native()
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("request_failed_nats", path=path, error=repr(exc))
+                error = ApiError(503, "unavailable", f"the message bus is unavailable ({type(exc).__name__}); retry")
                 response = error.sdcn() if sdcn else error.native()
             gw.requests.labels(path, str(response.status_code)).inc()
             gw.request_seconds.labels(path).observe(time.perf_counter() - started)
