@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 from opentelemetry import trace
 
 from . import bus, subjects, tracing
@@ -33,6 +34,19 @@ class ServiceContext:
     stop: asyncio.Event
     blobs: BlobStore | None = None
     metrics_port: int = 0
+
+    async def consume(self, stream: str, config: ConsumerConfig, handler: bus.Handler, *, batch: int = 16) -> None:
+        """Run `handler` on a durable consumer until the service is asked to stop."""
+        await bus.consume(
+            self.js,
+            stream=stream,
+            config=config,
+            handler=handler,
+            stop=self.stop,
+            metrics=self.metrics,
+            tracer=self.tracer,
+            batch=batch,
+        )
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -73,6 +73,7 @@ def stream_configs(*, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600) 
             subjects=["work.>"],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
+            max_age=24 * 3600.0,  # work for a node that never came back; deadlines are far shorter
             duplicate_window=120.0,
             num_replicas=replicas,
         ),

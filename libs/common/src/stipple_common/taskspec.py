@@ -8,7 +8,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -101,20 +101,28 @@ def check_spec(spec: TaskSpec) -> TaskSpec:
     return spec
 
 
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def convert_strict(raw: Any, struct_type: type[S]) -> S:
+    """External input (already parsed JSON) to `struct_type`, strictly: an object, no
+    unknown fields, every constraint met; else InvalidInput naming field and value."""
+    if not isinstance(raw, dict):
+        raise InvalidInput("$", raw, "expected a JSON object")
+    reject_unknown_fields(raw, struct_type)
+    try:
+        return msgspec.convert(raw, struct_type)
+    except msgspec.ValidationError as exc:
+        raise validation_error_to_invalid(exc, raw) from None
+
+
 def parse_task(body: bytes | str | dict[str, Any]) -> TaskSpec:
     """Decode and validate a task from JSON (or an already-parsed dict); raise InvalidInput."""
     try:
         raw = msgspec.json.decode(body) if isinstance(body, (bytes, str)) else body
     except msgspec.DecodeError as exc:
         raise InvalidInput("$", NO_VALUE, f"body is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise InvalidInput("$", raw, "expected a JSON object")
-    reject_unknown_fields(raw, TaskSpec)
-    try:
-        spec = msgspec.convert(raw, TaskSpec)
-    except msgspec.ValidationError as exc:
-        raise validation_error_to_invalid(exc, raw) from None
-    return check_spec(spec)
+    return check_spec(convert_strict(raw, TaskSpec))
 
 
 def resolve_seed(spec: TaskSpec, random_seed: int) -> TaskSpec:

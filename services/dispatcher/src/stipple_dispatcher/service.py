@@ -134,14 +134,6 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
     dispatcher = Dispatcher(ctx.js, directory, settings, ctx.metrics)
     log.info("dispatcher_started", replication=settings.replication)
     try:
-        await bus.consume(
-            ctx.js,
-            stream=subjects.TASKS_STREAM,
-            config=consumer_config(),
-            handler=dispatcher.handle,
-            stop=ctx.stop,
-            metrics=ctx.metrics,
-            tracer=ctx.tracer,
-        )
+        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), dispatcher.handle)
     finally:
         await sub.unsubscribe()  # type: ignore[attr-defined]

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from stipple_common.errors import InvalidInput
-from stipple_common.taskspec import TaskSpec, parse_task, reject_unknown_fields, validation_error_to_invalid
+from stipple_common.taskspec import TaskSpec, convert_strict, parse_task
 
 
 class SdcnTxt2Img(msgspec.Struct, kw_only=True):
@@ -43,13 +43,7 @@ _NATIVE_TO_SDCN = {
 
 
 def parse_sdcn_txt2img(raw: Any, default_model: str) -> TaskSpec:
-    if not isinstance(raw, dict):
-        raise InvalidInput("$", raw, "expected a JSON object")
-    reject_unknown_fields(raw, SdcnTxt2Img)
-    try:
-        req = msgspec.convert(raw, SdcnTxt2Img)
-    except msgspec.ValidationError as exc:
-        raise validation_error_to_invalid(exc, raw) from None
+    req = convert_strict(raw, SdcnTxt2Img)
     if req.loras:
         raise InvalidInput("loras", raw.get("loras"), "LoRA is not supported yet; send an empty list")
     native = {

@@ -14,6 +14,7 @@ import os
 import platform
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -154,7 +155,7 @@ class NodeAgent:
             self.js, subjects.task_subject(task_id, name), event, msg_id=f"{task_id}:{self.node_id}:{name}"
         )
 
-    def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str):
+    def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str) -> Callable[[int, int], None]:
         subject = subjects.progress_subject(task_id)
 
         def report(step: int, total: int) -> None:  # called from the diffusion thread
@@ -248,6 +249,7 @@ def consumer_config(node_id: str) -> ConsumerConfig:
         ack_wait=60.0,
         max_deliver=3,
         max_ack_pending=1,
+        inactive_threshold=24 * 3600.0,  # a node id that never comes back leaves no consumer behind
     )
 
 
@@ -276,24 +278,15 @@ async def serve(ctx: ServiceContext, settings: NodeSettings, runner: PipelineRun
     log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
     beats = asyncio.create_task(agent.heartbeat(ctx.stop))
     try:
-        await bus.consume(
-            ctx.js,
-            stream=subjects.WORK_STREAM,
-            config=consumer_config(node_id),
-            handler=agent.handle,
-            stop=ctx.stop,
-            metrics=ctx.metrics,
-            tracer=ctx.tracer,
-            batch=1,
-        )
+        await ctx.consume(subjects.WORK_STREAM, consumer_config(node_id), agent.handle, batch=1)
     finally:
         ctx.stop.set()
         await beats
-        with contextlib.suppress(Exception):
+        quit_event = NodeQuit(node_id=node_id, at=time.time())
+        try:
             await bus.publish(
-                ctx.js,
-                subjects.node_subject(node_id, "quit"),
-                NodeQuit(node_id=node_id, at=time.time()),
-                msg_id=f"{node_id}:quit:{time.time()}",
+                ctx.js, subjects.node_subject(node_id, "quit"), quit_event, msg_id=f"{node_id}:quit:{quit_event.at}"
             )
-        log.info("node_quit", node_id=node_id)
+            log.info("node_quit", node_id=node_id)
+        except Exception as exc:  # the TTL retires the node anyway
+            log.warning("node_quit_not_announced", node_id=node_id, error=str(exc))

@@ -97,12 +97,4 @@ async def run(settings: ValidatorSettings) -> None:
 async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     validator = Validator(ctx.js, settings, ctx.metrics)
     log.info("validator_started", threshold=settings.phash_threshold)
-    await bus.consume(
-        ctx.js,
-        stream=subjects.TASKS_STREAM,
-        config=consumer_config(),
-        handler=validator.handle,
-        stop=ctx.stop,
-        metrics=ctx.metrics,
-        tracer=ctx.tracer,
-    )
+    await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle)
