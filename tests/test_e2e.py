@@ -139,6 +139,15 @@ def test_malformed_requests_get_4xx_naming_the_field(http):
     assert unknown.json()["error"]["field"] == "base_model"
 
 
-def test_services_expose_metrics(http):
-    text = http.get("/metrics").text
-    assert 'stipple_gateway_tasks_submitted_total{source="sdcn"}' in text
+def test_every_service_serves_prometheus_metrics(http, network):
+    urls = network.metrics_urls()
+    assert len(urls) == 6
+    expected = {
+        "gateway": "stipple_gateway_tasks_submitted_total",
+        "dispatcher": "stipple_dispatcher_tasks_total",
+        "validator": "stipple_validator_outcomes_total",
+    }
+    for name, url in urls.items():
+        body = httpx.get(url, timeout=10).text
+        metric = expected.get(name, "stipple_node_tasks_total")
+        assert f"# TYPE {metric} counter" in body, f"{name} at {url} lacks {metric}"

@@ -42,6 +42,7 @@ class Service:
     name: str
     module: str
     env: dict[str, str]
+    metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -90,12 +91,11 @@ class LocalNetwork:
                 "HF_HUB_OFFLINE": "1",
                 **self.extra_env,
             }
+            gateway_env = {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
             self.services = [
-                Service(
-                    "gateway", "stipple_gateway", {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
-                ),
-                Service("dispatcher", "stipple_dispatcher", common),
-                Service("validator", "stipple_validator", common),
+                Service("gateway", "stipple_gateway", gateway_env, metrics_port=self.port),
+                self._with_metrics(Service("dispatcher", "stipple_dispatcher", common)),
+                self._with_metrics(Service("validator", "stipple_validator", common)),
             ]
             for i in range(1, self.nodes + 1):
                 env = {
@@ -104,13 +104,26 @@ class LocalNetwork:
                     "STIPPLE_OPERATOR": f"operator-{i}",
                     "STIPPLE_MODELS": f"{TINY_MODEL}={self.model_dir}",
                 }
-                self.services.append(Service(f"node-{i}", "stipple_node", env))
+                self.services.append(self._with_metrics(Service(f"node-{i}", "stipple_node", env)))
             for service in self.services:
                 self._spawn(service)
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
+
+    def _with_metrics(self, service: Service) -> Service:
+        """Give a service its own /metrics port (the gateway serves /metrics on its API port)."""
+        service.metrics_port = free_port(self.host)
+        service.env = {
+            **service.env,
+            "STIPPLE_METRICS_PORT": str(service.metrics_port),
+            "STIPPLE_METRICS_HOST": self.host,
+        }
+        return service
+
+    def metrics_urls(self) -> dict[str, str]:
+        return {s.name: f"http://{self.host}:{s.metrics_port}/metrics" for s in self.services}
 
     def build_model(self) -> None:
         """Build the tiny model once (the node agent's own command); later starts reuse it."""
