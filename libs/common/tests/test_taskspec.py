@@ -2,14 +2,15 @@ import msgspec
 import pytest
 
 from stipple_common.errors import InvalidInput
-from stipple_common.taskspec import SAMPLERS, TaskSpec, parse_task, resolve_seed
+from stipple_common.taskspec import SAMPLERS, ModelRef, TaskSpec, parse_task, resolve_seed
 
 BASE = {"base_model": "tiny-sd", "prompt": "a fox"}
 
 
 def test_minimal_task_gets_defaults():
     spec = parse_task(BASE)
-    assert spec.base_model == "tiny-sd"
+    assert spec.base_model == ModelRef(name="tiny-sd")
+    assert spec.model_name == "tiny-sd"
     assert spec.task_config.image_width == 512
     assert spec.task_config.seed == -1
     assert spec.task_config.num_images == 1
@@ -27,7 +28,7 @@ def test_parses_json_bytes_and_every_field():
     spec = parse_task(body)
     assert spec.sampler == "Euler a"
     assert spec.task_config == spec.task_config.__class__(
-        image_width=64, image_height=128, steps=4, cfg=5.5, seed=7, num_images=2
+        image_width=64, image_height=128, steps=4, cfg=5.5, seed=7, num_images=2, safety_checker=False
     )
 
 
@@ -38,7 +39,7 @@ def test_parses_json_bytes_and_every_field():
         ({**BASE, "task_config": {"steps": 151}}, "task_config.steps", 151, "<= 150"),
         ({**BASE, "task_config": {"image_width": 65}}, "task_config.image_width", 65, "multiple of 8"),
         ({**BASE, "task_config": {"image_height": 4096}}, "task_config.image_height", 4096, "<= 2048"),
-        ({**BASE, "task_config": {"num_images": 9}}, "task_config.num_images", 9, "<= 8"),
+        ({**BASE, "task_config": {"num_images": 11}}, "task_config.num_images", 11, "<= 10"),
         ({**BASE, "task_config": {"seed": -2}}, "task_config.seed", -2, ">= -1"),
         ({**BASE, "task_config": {"cfg": "high"}}, "task_config.cfg", "high", "Expected `float`"),
         ({**BASE, "prompt": 5}, "prompt", 5, "Expected `str`"),
@@ -93,3 +94,130 @@ def test_resolve_seed_only_replaces_minus_one():
 def test_every_sampler_name_is_accepted():
     for name in SAMPLERS:
         assert parse_task({**BASE, "sampler": name}).sampler == name
+
+
+# --------------------------------------------------------------------------- Crynux compatibility
+
+PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+DATA_URL = "data:image/png;base64," + PNG_1PX
+
+CRYNUX_TASK = {
+    "version": "2.5.0",
+    "base_model": {"name": "stabilityai/stable-diffusion-xl-base-1.0", "variant": "fp16"},
+    "dtype": "float16",
+    "unet": "",
+    "prompt": "a cat, best quality",
+    "negative_prompt": "lowres",
+    "lora": {"model": "https://civitai.com/api/download/models/178048", "weight_file_name": "", "weight": 80},
+    "controlnet": {
+        "model": "diffusers/controlnet-canny-sdxl-1.0",
+        "image_dataurl": DATA_URL,
+        "weight": 70,
+        "preprocess": {"method": "canny", "args": {"low_threshold": 100, "high_threshold": 200}},
+    },
+    "scheduler": {"method": "EulerAncestralDiscreteScheduler", "args": {"timestep_spacing": "trailing"}},
+    "vae": "madebyollin/sdxl-vae-fp16-fix",
+    "refiner": {
+        "model": "stabilityai/stable-diffusion-xl-refiner-1.0",
+        "variant": "fp16",
+        "denoising_cutoff": 80,
+        "steps": 10,
+    },
+    "textual_inversion": "",
+    "task_config": {
+        "image_width": 1024,
+        "image_height": 1024,
+        "steps": 30,
+        "seed": 99975892,
+        "num_images": 10,
+        "safety_checker": False,
+        "cfg": 5,
+    },
+}
+
+
+def test_a_crynux_task_is_accepted_as_it_is_and_canonicalized():
+    spec = parse_task(CRYNUX_TASK)
+    assert spec.base_model == ModelRef(name="stabilityai/stable-diffusion-xl-base-1.0", variant="fp16")
+    assert spec.lora is None  # moved into loras
+    assert [(lo.model, lo.weight) for lo in spec.loras] == [("https://civitai.com/api/download/models/178048", 0.8)]
+    assert spec.controlnet.weight == 0.7
+    assert spec.controlnet.preprocess.args == {"low_threshold": 100, "high_threshold": 200}
+    assert spec.refiner.denoising_cutoff == 0.8
+    assert spec.scheduler.method == "EulerAncestralDiscreteScheduler"
+    assert spec.task_config.num_images == 10
+
+
+def test_canonical_specs_survive_the_network_unchanged():
+    """Encode and decode again (as a node does): fractions must not be divided twice."""
+    spec = parse_task(CRYNUX_TASK)
+    again = msgspec.json.decode(msgspec.json.encode(spec), type=TaskSpec)
+    assert again == spec
+    from stipple_common.taskspec import canonical, check_spec
+
+    assert canonical(check_spec(again)) == spec
+
+
+@pytest.mark.parametrize(("given", "expected"), [(70, 0.7), (100, 1.0), (1, 0.01), (0.5, 0.5), (1.0, 1.0), (50.0, 0.5)])
+def test_crynux_fractions(given, expected):
+    spec = parse_task({**BASE, "lora": {"model": "x", "weight": given}})
+    assert spec.loras[0].weight == pytest.approx(expected)
+
+
+def test_plain_base_model_string_and_several_loras():
+    spec = parse_task(
+        {
+            **BASE,
+            "loras": [{"model": "a", "weight": 0.6}, {"model": "b", "weight": -1.5}],
+            "lora": {"model": "c", "weight": 100},
+        }
+    )
+    assert [(lo.model, lo.weight) for lo in spec.loras] == [("c", 1.0), ("a", 0.6), ("b", -1.5)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        ({"version": "3.0.0"}, "version", "unknown version"),
+        ({"kind": "video"}, "kind", "unknown kind"),
+        ({"scheduler": {"method": "MagicScheduler"}}, "scheduler.method", "unknown scheduler"),
+        ({"scheduler": {"method": "DDIMScheduler"}, "sampler": "Euler"}, "sampler", "not both"),
+        ({"lora": {"model": "x", "weight": 0}}, "lora.weight", ">= 1 (got 0)"),
+        ({"lora": {"model": "x", "weight": 101}}, "lora.weight", "<= 100"),
+        ({"loras": [{"model": "x", "weight": 9}]}, "loras[0].weight", "<= 4.0"),
+        ({"loras": [{"model": "x", "wieght": 1}]}, "loras[0].wieght", "unknown field"),
+        ({"loras": [{"model": ""}]}, "loras[0].model", "length >= 1"),
+        ({"refiner": {"model": "r", "steps": 0}}, "refiner.steps", ">= 1"),
+        ({"dtype": "int8"}, "dtype", "Invalid enum value 'int8'"),
+        (
+            {"controlnet": {"model": "c", "image_dataurl": "data:text/plain;base64,aGk="}},
+            "controlnet.image_dataurl",
+            "expected a data URL",
+        ),
+        ({"controlnet": {"model": "c", "image_dataurl": "%%%"}}, "controlnet.image_dataurl", "not valid base64"),
+        ({"controlnet": {"model": "c", "image_dataurl": "aGVsbG8="}}, "controlnet.image_dataurl", "not a PNG"),
+        (
+            {"controlnet": {"model": "c", "image_dataurl": DATA_URL, "preprocess": {"method": "xray"}}},
+            "controlnet.preprocess.method",
+            "unknown preprocessor",
+        ),
+        ({"kind": "img2img"}, "init_image", "required for kind 'img2img'"),
+        ({"kind": "inpaint", "init_image": DATA_URL}, "mask_image", "required for kind 'inpaint'"),
+        ({"init_image": DATA_URL}, "init_image", "only for kind img2img or inpaint"),
+        ({"kind": "img2img", "init_image": DATA_URL, "mask_image": DATA_URL}, "mask_image", "only for kind 'inpaint'"),
+        ({"kind": "img2img", "init_image": DATA_URL, "strength": 1.5}, "strength", "<= 1.0"),
+    ],
+)
+def test_beyond_txt2img_bad_input_is_named(extra, field, words):
+    with pytest.raises(InvalidInput) as info:
+        parse_task({**BASE, **extra})
+    assert info.value.field == field
+    assert words in info.value.message
+
+
+def test_img2img_and_inpaint_accept_images():
+    img = parse_task({**BASE, "kind": "img2img", "init_image": DATA_URL, "strength": 0.4})
+    assert img.kind == "img2img"
+    assert img.strength == 0.4
+    bare = parse_task({**BASE, "kind": "inpaint", "init_image": PNG_1PX, "mask_image": DATA_URL})
+    assert bare.kind == "inpaint"

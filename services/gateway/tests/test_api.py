@@ -55,6 +55,8 @@ def make_live(gateway, *nodes):
         gateway.directory.apply(node, seen_at=time.time())
 
 
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
 TASK = {"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"image_width": 64, "image_height": 64, "steps": 2}}
 
 
@@ -171,9 +173,19 @@ async def test_sdcn_errors_use_msg_and_sdcn_field_names(client, gateway):
     response = await client.post("/txt2img", json={"prompt": "x", "cfg_scale": 99})
     assert response.status_code == 422
     assert response.json()["msg"].startswith("cfg_scale: Expected `float` <= 30.0 (got 99.0)")
-    response = await client.post("/txt2img", json={"prompt": "x", "loras": [["style", 0.8]]})
+    response = await client.post("/txt2img", json={"prompt": "x", "loras": [["style", 9.5]]})
     assert response.status_code == 422
-    assert response.json()["msg"].startswith("loras: LoRA is not supported yet")
+    assert response.json()["msg"].startswith("loras[0]: Expected `float` <= 4.0 (got 9.5)")
+    response = await client.post("/txt2img", json={"prompt": "x", "loras": [["style"]]})
+    assert response.status_code == 422
+    assert response.json()["msg"].startswith("loras[0]: Expected `array` of length 2")
+    response = await client.post("/img2img", json={"prompt": "x"})
+    assert response.json() == {"msg": "init_image: required field is missing"}
+    response = await client.post("/img2img", json={"prompt": "x", "init_image": "bm90IGFuIGltYWdl"})
+    assert response.status_code == 422
+    assert response.json()["msg"].startswith("init_image: not a PNG, JPEG or WebP image")
+    response = await client.post("/img2img", json={"prompt": "x", "init_image": PNG, "denoising_strength": 2})
+    assert response.json()["msg"].startswith("denoising_strength: Expected `float` <= 1.0 (got 2.0)")
     response = await client.post("/txt2img", json={"prompt": "x", "sampler_name": "Warp"})
     assert response.json()["msg"].startswith("sampler_name: unknown sampler")
     response = await client.post("/txt2img", json={"prompt": "x", "denoise": 1})

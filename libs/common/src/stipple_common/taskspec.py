@@ -1,13 +1,22 @@
 """The task format apps send, its limits, and its validation.
 
-The native task JSON is a superset of Crynux's stable-diffusion-task (only the txt2img
-subset for now). Validation happens at the gateway (422 for the app) and again at the
-node (a typed error event), so both share this module. Every error names the field, the
-value and what is allowed.
+The native task JSON is a superset of Crynux's stable-diffusion-task (versions 1.0.0 to
+2.5.0): a Crynux task is accepted as it is. Beyond it: several LoRAs, img2img and
+inpainting inputs, AUTOMATIC1111 sampler names, and seed -1 for "pick one".
+
+Parsing has two steps. `parse_task` decodes external JSON strictly (unknown fields
+are refused and named), checks every constraint, and *canonicalizes*: `base_model`
+becomes a `ModelRef`, Crynux's single `lora` joins `loras`, and 1-100 integer
+fractions become floats. Only canonical specs travel inside the network, so nodes never
+see two spellings of one thing. `check_spec` holds the cross-field checks; the node runs
+it again, because a node trusts nobody.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -16,11 +25,141 @@ from .errors import NO_VALUE, InvalidInput
 
 MAX_SIDE = 2048
 MAX_STEPS = 150
-MAX_IMAGES = 8
+MAX_IMAGES = 10
+MAX_LORAS = 8
 MAX_PROMPT_CHARS = 8000
+MAX_IMAGE_BYTES = 8 * 1024 * 1024  # decoded size of one input image
 SEED_MAX = 2**32 - 1
 
-SAMPLERS = ("Euler", "Euler a", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "PNDM", "PLMS", "LMS")
+CRYNUX_VERSIONS = ("1.0.0", "2.0.0", "2.1.0", "2.5.0")
+VERSIONS = ("1", *CRYNUX_VERSIONS)
+KINDS = ("txt2img", "img2img", "inpaint")
+
+# AUTOMATIC1111 sampler names; the node maps them to diffusers schedulers.
+SAMPLERS = (
+    "Euler",
+    "Euler a",
+    "Heun",
+    "DDIM",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM++ SDE",
+    "DPM2",
+    "DPM2 a",
+    "UniPC",
+    "LCM",
+    "PNDM",
+    "PLMS",
+    "LMS",
+    "LMS Karras",
+)
+# diffusers scheduler classes a task may name (Crynux's `scheduler.method` and more).
+SCHEDULERS = (
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "LCMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DEISMultistepScheduler",
+)
+# ControlNet preprocessors by name (Crynux's list). `OPENCV_PREPROCESSORS` need no
+# model; the others need annotator weights from the model store.
+OPENCV_PREPROCESSORS = ("canny", "shuffle", "scribble_xdog")
+ANNOTATOR_PREPROCESSORS = (
+    "scribble_hed",
+    "softedge_hed",
+    "scribble_hedsafe",
+    "softedge_hedsafe",
+    "depth_midas",
+    "mlsd",
+    "openpose",
+    "openpose_face",
+    "openpose_faceonly",
+    "openpose_full",
+    "openpose_hand",
+    "dwpose",
+    "scribble_pidinet",
+    "softedge_pidinet",
+    "scribble_pidisafe",
+    "softedge_pidisafe",
+    "normal_bae",
+    "lineart_coarse",
+    "lineart_realistic",
+    "lineart_anime",
+    "depth_zoe",
+    "depth_leres",
+    "depth_leres++",
+    "mediapipe_face",
+)
+PREPROCESSORS = OPENCV_PREPROCESSORS + ANNOTATOR_PREPROCESSORS
+
+Text = Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
+Ref = Annotated[str, msgspec.Meta(max_length=2000)]
+NonEmptyRef = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+# Crynux writes fractions as integers 1-100 (70 = 0.7); floats <= 1 are taken as they are.
+Fraction = Annotated[int, msgspec.Meta(gt=0, le=100)] | Annotated[float, msgspec.Meta(gt=0, le=100)]
+
+
+def to_fraction(value: float) -> float:
+    """Crynux's rule: an integer, or anything above 1, is a percentage."""
+    return value / 100.0 if isinstance(value, int) or value > 1 else float(value)
+
+
+class ModelRef(msgspec.Struct, frozen=True, kw_only=True):
+    """A model: a name nodes advertise, a Hugging Face repo id, a local path or a URL."""
+
+    name: NonEmptyRef
+    variant: str | None = None
+
+
+class LoraSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One LoRA. `weight` is the plain scale (A1111's <lora:name:weight>), -4 to 4."""
+
+    model: NonEmptyRef
+    weight_file_name: Ref = ""
+    weight: Annotated[float, msgspec.Meta(ge=-4.0, le=4.0)] = 1.0
+
+
+class CrynuxLora(msgspec.Struct, frozen=True, kw_only=True):
+    """Crynux's single LoRA, whose weight is a fraction (100 = 1.0)."""
+
+    model: NonEmptyRef
+    weight_file_name: Ref = ""
+    weight: Fraction = 100
+
+
+class Preprocess(msgspec.Struct, frozen=True, kw_only=True):
+    method: str
+    args: dict[str, Any] | None = None
+
+
+class ControlNetSpec(msgspec.Struct, frozen=True, kw_only=True):
+    model: NonEmptyRef
+    variant: str | None = None
+    image_dataurl: Annotated[str, msgspec.Meta(min_length=1)]
+    weight: Fraction = 70
+    preprocess: Preprocess | None = None
+
+
+class SchedulerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    method: str
+    args: dict[str, Any] | None = None
+
+
+class RefinerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    model: NonEmptyRef
+    variant: str | None = None
+    denoising_cutoff: Fraction = 80  # where the base hands over to the refiner
+    steps: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
 
 
 class TaskConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,35 +169,45 @@ class TaskConfig(msgspec.Struct, frozen=True, kw_only=True):
     cfg: Annotated[float, msgspec.Meta(ge=0.0, le=30.0)] = 7.0
     seed: Annotated[int, msgspec.Meta(ge=-1, le=SEED_MAX)] = -1
     num_images: Annotated[int, msgspec.Meta(ge=1, le=MAX_IMAGES)] = 1
+    safety_checker: bool = False
 
 
 class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A native task (schema version "1"). `seed` -1 means "pick one"; the gateway
-    resolves it to a concrete seed before the task enters the network, so that every
-    node computes the same image."""
+    """A Stable Diffusion task. Seed -1 means "pick one": the gateway resolves it to a
+    concrete seed before the task enters the network, so every node computes the same
+    image. Image i of a task uses seed + i."""
 
-    version: Literal["1"] = "1"
-    kind: Literal["txt2img"] = "txt2img"
-    base_model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-    prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)]
-    negative_prompt: Annotated[str, msgspec.Meta(max_length=MAX_PROMPT_CHARS)] = ""
-    sampler: str | None = None
+    version: str = "1"
+    kind: str = "txt2img"
+    base_model: ModelRef | NonEmptyRef
+    dtype: Literal["float16", "bfloat16", "float32", "auto"] = "auto"
+    unet: Ref = ""
+    prompt: Text
+    negative_prompt: Text = ""
+    lora: CrynuxLora | None = None  # Crynux's one LoRA; canonical specs move it into `loras`
+    loras: Annotated[list[LoraSpec], msgspec.Meta(max_length=MAX_LORAS)] = []
+    controlnet: ControlNetSpec | None = None
+    scheduler: SchedulerSpec | None = None  # a diffusers class (Crynux), or:
+    sampler: str | None = None  # an AUTOMATIC1111 sampler name
+    vae: Ref = ""
+    refiner: RefinerSpec | None = None
+    textual_inversion: Ref = ""
+    init_image: str = ""  # data URL (img2img, inpaint)
+    mask_image: str = ""  # data URL (inpaint): white is repainted
+    strength: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.75  # img2img/inpaint denoising
     task_config: TaskConfig = TaskConfig()
 
+    @property
+    def model(self) -> ModelRef:
+        return self.base_model if isinstance(self.base_model, ModelRef) else ModelRef(name=self.base_model)
 
-def reject_unknown_fields(raw: Any, struct_type: type[msgspec.Struct], prefix: str = "") -> None:
-    """Strictness for external input only: an unknown field is an app's typo, so the
-    gateway refuses it. Inside the network the same structs decode leniently, so that an
-    older service can read a task written by a newer gateway."""
-    if not isinstance(raw, dict):
-        return
-    fields = {f.encode_name: f for f in msgspec.structs.fields(struct_type)}
-    for key, value in raw.items():
-        field = fields.get(key)
-        if field is None:
-            raise InvalidInput(f"{prefix}{key}", NO_VALUE, f"unknown field; known fields: {', '.join(fields)}")
-        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
-            reject_unknown_fields(value, field.type, f"{prefix}{key}.")
+    @property
+    def model_name(self) -> str:
+        """The name nodes advertise and the dispatcher matches."""
+        return self.model.name
+
+
+S = TypeVar("S", bound=msgspec.Struct)
 
 
 def _lookup(raw: Any, path: str) -> Any:
@@ -80,8 +229,8 @@ def validation_error_to_invalid(err: msgspec.ValidationError, raw: Any, *, prefi
     """Turn a msgspec error ("Expected `int` <= 150 - at `$.task_config.steps`") into an
     InvalidInput that names the field and carries the value the app sent."""
     text = str(err)
-    reason, _, where = text.rpartition(" - at `")
-    if not _:
+    reason, found, where = text.rpartition(" - at `")
+    if not found:
         reason, where = text, "$`"
     path = where.rstrip("`")
     field = prefix + path.removeprefix("$").lstrip(".")
@@ -92,16 +241,34 @@ def validation_error_to_invalid(err: msgspec.ValidationError, raw: Any, *, prefi
     return InvalidInput(field or "$", _lookup(raw, path), reason)
 
 
-def check_spec(spec: TaskSpec) -> TaskSpec:
-    """Checks that need more than one field or a list of allowed values."""
-    if spec.sampler is not None and spec.sampler not in SAMPLERS:
-        raise InvalidInput("sampler", spec.sampler, f"unknown sampler; allowed: {', '.join(SAMPLERS)}")
-    if not spec.base_model.strip():
-        raise InvalidInput("base_model", spec.base_model, "must not be blank")
-    return spec
+def _struct_types(annotation: Any) -> list[type[msgspec.Struct]]:
+    """The Struct types inside an annotation (through Optional, unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+        return [annotation]
+    found: list[type[msgspec.Struct]] = []
+    for arg in getattr(annotation, "__args__", ()) or getattr(annotation, "__metadata__", ()):
+        found.extend(_struct_types(arg))
+    return list(dict.fromkeys(found))
 
 
-S = TypeVar("S", bound=msgspec.Struct)
+def reject_unknown_fields(raw: Any, struct_type: type[msgspec.Struct], prefix: str = "") -> None:
+    """Strictness for external input only: an unknown field is an app's typo, so the
+    gateway refuses it. Inside the network the same structs decode leniently, so that an
+    older service can read a task written by a newer gateway."""
+    if not isinstance(raw, dict):
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct_type)}
+    for key, value in raw.items():
+        field = fields.get(key)
+        if field is None:
+            raise InvalidInput(f"{prefix}{key}", NO_VALUE, f"unknown field; known fields: {', '.join(fields)}")
+        inner = _struct_types(field.type)
+        if len(inner) == 1:
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    reject_unknown_fields(item, inner[0], f"{prefix}{key}[{i}].")
+            else:
+                reject_unknown_fields(value, inner[0], f"{prefix}{key}.")
 
 
 def convert_strict(raw: Any, struct_type: type[S]) -> S:
@@ -116,13 +283,99 @@ def convert_strict(raw: Any, struct_type: type[S]) -> S:
         raise validation_error_to_invalid(exc, raw) from None
 
 
+_DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp));base64,(.*)$", re.DOTALL)
+_MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"RIFF": "webp"}
+
+
+def decode_data_url(field: str, value: str) -> bytes:
+    """The bytes of an image data URL (or bare base64), checked to be PNG, JPEG or WebP."""
+    match = _DATA_URL.match(value.strip())
+    payload = match.group(2) if match else value.strip()
+    if not match and value.strip().startswith("data:"):
+        raise InvalidInput(field, value, "expected a data URL of image/png, image/jpeg or image/webp in base64")
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise InvalidInput(field, value, f"image is larger than {MAX_IMAGE_BYTES} bytes")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(field, value, "not valid base64") from None
+    if not any(data.startswith(magic) for magic in _MAGIC):
+        raise InvalidInput(field, value, "not a PNG, JPEG or WebP image")
+    return data
+
+
+def canonical(spec: TaskSpec) -> TaskSpec:
+    """One spelling for each thing: ModelRef, Crynux's `lora` moved into `loras` (its
+    fraction weight made a scale), fractions as floats <= 1."""
+    loras = list(spec.loras)
+    if spec.lora is not None:
+        lora = spec.lora
+        loras.insert(
+            0, LoraSpec(model=lora.model, weight_file_name=lora.weight_file_name, weight=to_fraction(lora.weight))
+        )
+    controlnet = spec.controlnet
+    if controlnet is not None:
+        controlnet = msgspec.structs.replace(controlnet, weight=to_fraction(controlnet.weight))
+    refiner = spec.refiner
+    if refiner is not None:
+        refiner = msgspec.structs.replace(refiner, denoising_cutoff=to_fraction(refiner.denoising_cutoff))
+    return msgspec.structs.replace(
+        spec, base_model=spec.model, lora=None, loras=loras, controlnet=controlnet, refiner=refiner
+    )
+
+
+def check_spec(spec: TaskSpec) -> TaskSpec:
+    """Checks that need more than one field, a list of allowed values, or image decoding."""
+    if spec.version not in VERSIONS:
+        raise InvalidInput("version", spec.version, f"unknown version; allowed: {', '.join(VERSIONS)}")
+    if spec.kind not in KINDS:
+        raise InvalidInput("kind", spec.kind, f"unknown kind; allowed: {', '.join(KINDS)}")
+    if not spec.model_name.strip():
+        raise InvalidInput("base_model", spec.model_name, "must not be blank")
+    if spec.sampler is not None and spec.sampler not in SAMPLERS:
+        raise InvalidInput("sampler", spec.sampler, f"unknown sampler; allowed: {', '.join(SAMPLERS)}")
+    if spec.scheduler is not None:
+        if spec.scheduler.method not in SCHEDULERS:
+            raise InvalidInput(
+                "scheduler.method", spec.scheduler.method, f"unknown scheduler; allowed: {', '.join(SCHEDULERS)}"
+            )
+        if spec.sampler is not None:
+            raise InvalidInput("sampler", spec.sampler, "give either sampler or scheduler, not both")
+    if spec.lora is not None and len(spec.loras) >= MAX_LORAS:
+        raise InvalidInput("loras", len(spec.loras) + 1, f"at most {MAX_LORAS} LoRAs in all")
+    if spec.controlnet is not None:
+        decode_data_url("controlnet.image_dataurl", spec.controlnet.image_dataurl)
+        method = spec.controlnet.preprocess.method if spec.controlnet.preprocess else None
+        if method is not None and method not in PREPROCESSORS:
+            raise InvalidInput(
+                "controlnet.preprocess.method", method, f"unknown preprocessor; allowed: {', '.join(PREPROCESSORS)}"
+            )
+    if spec.refiner is not None and spec.controlnet is not None and spec.kind != "txt2img":
+        raise InvalidInput("refiner", spec.refiner.model, "a refiner with ControlNet works only for txt2img")
+    if spec.kind == "txt2img":
+        for name in ("init_image", "mask_image"):
+            if getattr(spec, name):
+                raise InvalidInput(name, "<image>", f"only for kind img2img or inpaint (kind is {spec.kind!r})")
+    else:
+        if not spec.init_image:
+            raise InvalidInput("init_image", NO_VALUE, f"required for kind {spec.kind!r}")
+        decode_data_url("init_image", spec.init_image)
+        if spec.kind == "inpaint":
+            if not spec.mask_image:
+                raise InvalidInput("mask_image", NO_VALUE, "required for kind 'inpaint'")
+            decode_data_url("mask_image", spec.mask_image)
+        elif spec.mask_image:
+            raise InvalidInput("mask_image", "<image>", "only for kind 'inpaint'")
+    return spec
+
+
 def parse_task(body: bytes | str | dict[str, Any]) -> TaskSpec:
-    """Decode and validate a task from JSON (or an already-parsed dict); raise InvalidInput."""
+    """Decode, validate and canonicalize a task from JSON (or a parsed dict); raise InvalidInput."""
     try:
         raw = msgspec.json.decode(body) if isinstance(body, (bytes, str)) else body
     except msgspec.DecodeError as exc:
         raise InvalidInput("$", NO_VALUE, f"body is not valid JSON: {exc}") from None
-    return check_spec(convert_strict(raw, TaskSpec))
+    return canonical(check_spec(convert_strict(raw, TaskSpec)))
 
 
 def resolve_seed(spec: TaskSpec, random_seed: int) -> TaskSpec:

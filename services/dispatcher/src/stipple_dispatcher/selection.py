@@ -20,7 +20,7 @@ class NotEnoughNodes(StippleError):
 
 
 def eligible(nodes: list[NodeJoined], spec: TaskSpec) -> list[NodeJoined]:
-    return [node for node in nodes if spec.base_model in node.models]
+    return [node for node in nodes if spec.model_name in node.models]
 
 
 def pick(nodes: list[NodeJoined], spec: TaskSpec, count: int, rng: random.Random) -> list[str]:
@@ -34,6 +34,6 @@ def pick(nodes: list[NodeJoined], spec: TaskSpec, count: int, rng: random.Random
             return list(chosen.values())
     operators = len({node.operator for node in candidates})
     raise NotEnoughNodes(
-        f"task needs {count} nodes of distinct operators serving model {spec.base_model!r}; "
+        f"task needs {count} nodes of distinct operators serving model {spec.model_name!r}; "
         f"{len(candidates)} live nodes of {operators} operators serve it"
     )

@@ -14,6 +14,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from stipple_common.nodes import NodeDirectory
 from stipple_common.settings import CommonSettings
 from stipple_common.taskspec import SEED_MAX, TaskSpec, parse_task, resolve_seed
 
-from .sdcn import parse_sdcn_txt2img
+from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
 
 log = structlog.get_logger("stipple.gateway")
 
@@ -130,23 +131,23 @@ class Gateway:
     def check_capacity(self, spec: TaskSpec) -> None:
         """Refuse at once what the network cannot run now (never queue it forever)."""
         known = {model for entry in self.directory.entries.values() for model in entry.joined.models}
-        if spec.base_model not in known:
+        if spec.model_name not in known:
             available = ", ".join(sorted(known)) or "none (no node has registered)"
             raise ApiError(
                 422 if known else 503,
                 "unknown_model" if known else "no_nodes",
-                f"base_model: no node serves {spec.base_model!r}; available models: {available}",
+                f"base_model: no node serves {spec.model_name!r}; available models: {available}",
                 field="base_model",
-                value=spec.base_model,
+                value=spec.model_name,
             )
-        live = [n for n in self.directory.live() if spec.base_model in n.models]
+        live = [n for n in self.directory.live() if spec.model_name in n.models]
         operators = {n.operator for n in live}
         need = self.settings.replication
         if len(operators) < need:
             raise ApiError(
                 503,
                 "no_nodes",
-                f"not enough live nodes for {spec.base_model!r}: {len(live)} live nodes of {len(operators)} "
+                f"not enough live nodes for {spec.model_name!r}: {len(live)} live nodes of {len(operators)} "
                 f"operators, a task needs {need} of distinct operators; try again later",
             )
 
@@ -160,7 +161,7 @@ class Gateway:
         )
         await bus.publish(self.js, subjects.task_subject(task_id, "submitted"), event, msg_id=f"{task_id}:submitted")
         self.submitted.labels(source).inc()
-        log.info("task_submitted", task_id=task_id, source=source, model=spec.base_model)
+        log.info("task_submitted", task_id=task_id, source=source, model=spec.model_name)
         return event
 
     async def load_task(self, task_id: str) -> Task:
@@ -238,8 +239,15 @@ class Gateway:
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     async def sdcn_txt2img(self, request: Request) -> Response:
+        return await self.sdcn(request, parse_sdcn_txt2img)
+
+    async def sdcn_img2img(self, request: Request) -> Response:
+        return await self.sdcn(request, parse_sdcn_img2img)
+
+    async def sdcn(self, request: Request, parse: Callable[[Any, str], TaskSpec]) -> Response:
+        """The synchronous SDCN endpoints: submit, wait for the outcome, return base64 PNGs."""
         try:
-            spec = parse_sdcn_txt2img(await self.read_json(request), self.settings.default_model)
+            spec = parse(await self.read_json(request), self.settings.default_model)
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
         task_id = new_task_id(request.headers.get("idempotency-key"))
@@ -360,6 +368,7 @@ def create_app(gw: Gateway) -> Starlette:
             route("/v1/tasks/{task_id}/images/{index:int}", gw.get_image, ["GET"]),
             route("/v1/nodes", gw.list_nodes, ["GET"]),
             route("/txt2img", gw.sdcn_txt2img, ["POST"], sdcn=True),
+            route("/img2img", gw.sdcn_img2img, ["POST"], sdcn=True),
             route("/healthz", gw.healthz, ["GET"]),
             route("/metrics", gw.metrics_endpoint, ["GET"]),
         ]

@@ -1,13 +1,14 @@
-"""The SDCN request shape (``POST /txt2img``), mapped onto a native task.
+"""The SDCN request shapes (``POST /txt2img``, ``POST /img2img``), mapped onto a native task.
 
 SDCN: prompt, negative_prompt, loras [[name, weight]], seed (-1 = random), sampler_name,
-steps, cfg_scale, width, height, model. Response ``{"images": [base64 PNG]}`` or
+steps, cfg_scale, width, height, model; img2img adds init_image and denoising_strength
+(and, here, an optional mask for inpainting). Response ``{"images": [base64 PNG]}`` or
 ``{"msg": "..."}``. Field names in errors are SDCN's, so the app sees its own names.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -29,10 +30,19 @@ class SdcnTxt2Img(msgspec.Struct, kw_only=True):
     batch_size: int = 1
 
 
+class SdcnImg2Img(SdcnTxt2Img, kw_only=True):
+    init_image: Annotated[str, msgspec.Meta(min_length=1)]
+    denoising_strength: float = 0.75
+    mask: str = ""  # optional: inpaint where the mask is white
+
+
 # native field -> SDCN field, to report errors under the name the app used
 _NATIVE_TO_SDCN = {
     "base_model": "model",
     "sampler": "sampler_name",
+    "init_image": "init_image",
+    "mask_image": "mask",
+    "strength": "denoising_strength",
     "task_config.image_width": "width",
     "task_config.image_height": "height",
     "task_config.steps": "steps",
@@ -42,14 +52,12 @@ _NATIVE_TO_SDCN = {
 }
 
 
-def parse_sdcn_txt2img(raw: Any, default_model: str) -> TaskSpec:
-    req = convert_strict(raw, SdcnTxt2Img)
-    if req.loras:
-        raise InvalidInput("loras", raw.get("loras"), "LoRA is not supported yet; send an empty list")
-    native = {
+def _native(req: SdcnTxt2Img, default_model: str) -> dict[str, Any]:
+    return {
         "base_model": req.model or default_model,
         "prompt": req.prompt,
         "negative_prompt": req.negative_prompt,
+        "loras": [{"model": name, "weight": weight} for name, weight in req.loras],
         "sampler": req.sampler_name,
         "task_config": {
             "image_width": req.width,
@@ -60,8 +68,29 @@ def parse_sdcn_txt2img(raw: Any, default_model: str) -> TaskSpec:
             "num_images": req.batch_size,
         },
     }
+
+
+def _parse(native: dict[str, Any]) -> TaskSpec:
     try:
         return parse_task(native)
     except InvalidInput as exc:
-        field = _NATIVE_TO_SDCN.get(exc.field, exc.field)
-        raise InvalidInput(field, exc.value, exc.reason) from None
+        field = exc.field
+        if field.startswith("loras["):
+            field = field.split(".")[0]  # SDCN loras are [name, weight] pairs
+        raise InvalidInput(_NATIVE_TO_SDCN.get(field, field), exc.value, exc.reason) from None
+
+
+def parse_sdcn_txt2img(raw: Any, default_model: str) -> TaskSpec:
+    return _parse(_native(convert_strict(raw, SdcnTxt2Img), default_model))
+
+
+def parse_sdcn_img2img(raw: Any, default_model: str) -> TaskSpec:
+    req = convert_strict(raw, SdcnImg2Img)
+    native = _native(req, default_model)
+    native.update(
+        kind="inpaint" if req.mask else "img2img",
+        init_image=req.init_image,
+        strength=req.denoising_strength,
+        **({"mask_image": req.mask} if req.mask else {}),
+    )
+    return _parse(native)

@@ -209,7 +209,7 @@ class NodeAgent:
         report = self._progress_callback(asyncio.get_running_loop(), work.task_id)
         return await asyncio.to_thread(
             self.runner.txt2img,
-            model=spec.base_model,
+            model=spec.model_name,
             prompt=spec.prompt,
             negative_prompt=spec.negative_prompt,
             width=config.image_width,
