@@ -128,7 +128,7 @@ def test_sampler_names_match_the_task_format() -> None:
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_runs_and_leaves_the_cached_pipeline_alone(runner: PipelineRunner, sampler: str) -> None:
-    cached = runner._pipeline(TINY_MODEL_NAME)
+    cached = runner.pipeline(TINY_MODEL_NAME)
     scheduler, config = cached.scheduler, dict(cached.config)
     images = generate(runner, steps=2, sampler=sampler)
     assert Image.open(io.BytesIO(images[0].png)).size == (64, 64)

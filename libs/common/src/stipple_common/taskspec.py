@@ -45,7 +45,6 @@ SAMPLERS = (
     "DPM++ 2M Karras",
     "DPM++ 2M SDE",
     "DPM++ 2M SDE Karras",
-    "DPM++ SDE",
     "DPM2",
     "DPM2 a",
     "UniPC",

@@ -1,75 +1,85 @@
-"""Run txt2img on local diffusers models, reproducibly.
+"""Run Stable Diffusion tasks on diffusers, reproducibly.
+
+`PipelineRunner.run(spec)` runs one canonical task: SD 1.5, 2.1 and SDXL through
+diffusers' auto pipelines (txt2img, img2img, inpainting, each with or without ControlNet),
+SDXL base + refiner as an ensemble of expert denoisers, the refiner alone on an image,
+several LoRAs (loaded for the task, unloaded after it with no residue), a VAE override,
+textual inversion, long and weighted prompts (compel), and the safety checker.
 
 Every node must compute the same image for the same task, so that validators can compare
-results. Hence: image i of a task is drawn from its own CPU generator seeded with
-`seed + i` (it depends on nothing else: not the batch size, not the device's RNG), each
-call gets a fresh scheduler (no state leaks from one task into the next), the PNG carries
-no varying metadata, and `configure_determinism` holds every torch switch in one place.
+results. Hence: image i is drawn from its own CPU generator seeded with `seed + i`, one
+image per call (batched calls differ in the last bits), a fresh scheduler per call, PNGs
+without varying metadata, and `configure_determinism` holds every torch switch.
+
+Loaded pipelines stay in memory in an LRU keyed by what was loaded (model, variant,
+dtype, VAE, UNet); img2img, inpainting and ControlNet pipelines are made from a loaded one
+with `from_pipe`, sharing its weights, and a refiner shares the base's VAE and second
+text encoder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import json
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import imagehash
+import msgspec
 import torch
 from PIL import Image
 
 from stipple_common.errors import InvalidInput, StippleError
-from stipple_common.taskspec import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS, SEED_MAX
+from stipple_common.taskspec import ModelRef, TaskSpec, canonical, check_spec, validation_error_to_invalid
+
+from .images import load_image, preprocess
+from .prompts import prompt_kwargs
+from .schedulers import SAMPLERS, make_scheduler
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    pass
 
-MIN_SIDE = 64
-MAX_CFG = 30.0
+Progress = Callable[[int, int], None]
 
-# AUTOMATIC1111 sampler names -> (diffusers scheduler class, config overrides). The overrides
-# are explicit so that a model whose default scheduler uses Karras sigmas does not turn
-# "DPM++ 2M" into "DPM++ 2M Karras".
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "Euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
-    "DPM++ 2M": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
-    ),
-    "DPM++ 2M Karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
-}
+
+class ModelResolver(Protocol):
+    """Turns a model reference (repo id, URL, path) into a local path: the model store."""
+
+    def resolve(self, ref: str, *, variant: str | None = None, kind: str = "model") -> Path: ...
 
 
 class ModelNotFound(StippleError):
-    """The task asks for a model this node does not have."""
+    """The task asks for a model this node does not have and cannot fetch."""
 
     code = "model_not_found"
 
-    def __init__(self, model: str, available: list[str]) -> None:
+    def __init__(self, model: str, available: list[str], field: str = "base_model") -> None:
         listed = ", ".join(available) if available else "none"
-        super().__init__(f"base_model: model not available on this node; available: {listed} (got {model!r})")
+        super().__init__(f"{field}: model not available on this node; available: {listed} (got {model!r})")
         self.model = model
         self.available = available
 
 
 class ModelLoadFailed(StippleError):
-    """A configured model folder could not be loaded (missing or corrupt files)."""
+    """A model could not be loaded (missing or corrupt files, wrong kind of model)."""
 
     code = "model_load_failed"
+
+
+class OutOfMemory(StippleError):
+    code = "out_of_memory"
+
+
+class SafetyCheckerUnavailable(StippleError):
+    code = "safety_checker_unavailable"
 
 
 @dataclass(frozen=True)
@@ -109,148 +119,460 @@ def configure_determinism(threads: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-class PipelineRunner:
-    """Loads diffusers text-to-image pipelines on demand and runs tasks on them.
+def model_family(path: Path) -> str:
+    """ "sd" (1.x/2.x), "sdxl", or "sdxl_refiner", from the folder's model_index.json."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadFailed(f"{path} is not a diffusers model folder: {exc}") from None
+    name = index.get("_class_name", "")
+    if "XL" in name:
+        return "sdxl_refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
+    return "sd"
 
-    `models` maps a model name (as tasks spell `base_model`) to a local folder written by
-    `save_pretrained`. A model is loaded the first time it is used (or by `load`) and then
-    kept. Calls share the loaded weights; each call works on a shallow copy of the pipeline
-    with its own scheduler, so the cached pipeline is never changed by a task.
+
+@dataclass
+class _Loaded:
+    pipe: Any
+    family: str
+
+
+class PipelineRunner:
+    """Loads pipelines on demand (kept in an LRU) and runs tasks on them.
+
+    `models` maps the model names this node advertises to local folders written by
+    `save_pretrained`. Any other reference (a Hugging Face repo id, a URL, a path) goes
+    through `store` when one is given. Not thread-safe by design: a node runs one task at a
+    time, and the lock makes a second caller wait.
     """
 
-    def __init__(self, models: dict[str, Path], *, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
-        """`dtype` defaults to float16 on CUDA and float32 elsewhere."""
+    def __init__(
+        self,
+        models: dict[str, Path],
+        *,
+        store: ModelResolver | None = None,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        cache_size: int = 2,
+        safety_checker: Path | None = None,
+    ) -> None:
+        """`dtype` defaults to float16 on CUDA and float32 elsewhere (a task's `dtype` is
+        honoured on CUDA; CPUs always compute in float32)."""
         self._paths = {name: Path(path) for name, path in models.items()}
+        self._store = store
         self._device = device
         self._dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-        self._loaded: dict[str, DiffusionPipeline] = {}
-        self._load_lock = threading.Lock()
+        self._cache: OrderedDict[tuple[Any, ...], _Loaded] = OrderedDict()
+        self._cache_size = max(1, cache_size)
+        self._controlnets: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._safety_checker_path = safety_checker
+        self._safety: tuple[Any, Any] | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ models
 
     @property
     def model_names(self) -> list[str]:
-        """Names of the models this runner can serve, sorted."""
+        """Names of the models this runner advertises, sorted."""
         return sorted(self._paths)
 
+    def loaded(self) -> list[str]:
+        """What is in memory now, by name or reference."""
+        return sorted({str(key[0]) for key in self._cache})
+
     def load(self, model: str) -> None:
-        """Load `model` now (a no-op if it is loaded already); raise ModelNotFound or ModelLoadFailed."""
-        self._pipeline(model)
+        """Load `model` now (a no-op if it is loaded already)."""
+        self.pipeline(model)
 
-    def _pipeline(self, model: str) -> DiffusionPipeline:
-        """The cached pipeline for `model`, loading it on first use."""
-        if model not in self._paths:
-            raise ModelNotFound(model, self.model_names)
-        with self._load_lock:
-            pipe = self._loaded.get(model)
-            if pipe is None:
-                pipe = self._load_from_disk(self._paths[model])
-                self._loaded[model] = pipe
-        return pipe
+    def pipeline(self, model: str) -> DiffusionPipeline:
+        """The cached base pipeline of a model, loaded on first use (tasks never change it)."""
+        return self._base(ModelRef(name=model), vae="", unet="", dtype=self._dtype).pipe
 
-    def _load_from_disk(self, path: Path) -> DiffusionPipeline:
-        from diffusers import AutoPipelineForText2Image
-        from diffusers.utils import deprecation_utils, is_accelerate_available
+    def _resolve(self, ref: str, variant: str | None, field: str, kind: str = "model") -> Path:
+        if ref in self._paths:
+            return self._paths[ref]
+        if self._store is None:
+            raise ModelNotFound(ref, self.model_names, field)
+        return self._store.resolve(ref, variant=variant, kind=kind)
 
-        # Newer diffusers take `dtype` and deprecate `torch_dtype`; older ones know only `torch_dtype`.
-        dtype_arg = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    def _dtype_for(self, spec: TaskSpec) -> torch.dtype:
+        if not self._device.startswith("cuda") or spec.dtype == "auto":
+            return self._dtype
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[spec.dtype]
+
+    def _base(self, model: ModelRef, *, vae: str, unet: str, dtype: torch.dtype) -> _Loaded:
+        """The text-to-image pipeline of a model (with VAE/UNet overrides), from the LRU or loaded."""
+        key = (model.name, model.variant, str(dtype), vae, unet)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            path = self._resolve(model.name, model.variant, "base_model")
+            loaded = self._load(path, model.variant, vae=vae, unet=unet, dtype=dtype)
+            self._cache[key] = loaded
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+                if self._device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            return loaded
+
+    def _load(self, path: Path, variant: str | None, *, vae: str, unet: str, dtype: torch.dtype) -> _Loaded:
+        from diffusers import AutoencoderKL, AutoPipelineForImage2Image, AutoPipelineForText2Image, UNet2DConditionModel
+
+        family = model_family(path)
+        common: dict[str, Any] = {"local_files_only": True, _DTYPE_ARG: dtype}
+        if variant:
+            common["variant"] = variant
+        parts: dict[str, Any] = {}
         try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                path,
-                local_files_only=True,
-                # Without accelerate, diffusers warns on every load unless this is off.
-                low_cpu_mem_usage=is_accelerate_available(),
-                **{dtype_arg: self._dtype},
-            )
-        except Exception as exc:  # diffusers raises OSError, ValueError, EnvironmentError, KeyError...
+            if vae:
+                vae_path = self._resolve(vae, None, "vae")
+                parts["vae"] = AutoencoderKL.from_pretrained(vae_path, local_files_only=True, **{_DTYPE_ARG: dtype})
+            if unet:
+                unet_path = self._resolve(unet, None, "unet")
+                parts["unet"] = UNet2DConditionModel.from_pretrained(
+                    unet_path, local_files_only=True, **{_DTYPE_ARG: dtype}
+                )
+            auto = AutoPipelineForImage2Image if family == "sdxl_refiner" else AutoPipelineForText2Image
+            pipe = auto.from_pretrained(path, **common, **parts)
+        except StippleError:
+            raise
+        except Exception as exc:  # diffusers raises OSError, ValueError, KeyError, ...
             raise ModelLoadFailed(f"cannot load model from {path}: {exc}") from exc
         pipe.to(self._device)
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return _Loaded(pipe, family)
+
+    def _controlnet(self, ref: str, variant: str | None, dtype: torch.dtype) -> Any:
+        from diffusers import ControlNetModel
+
+        key = (ref, variant, str(dtype))
+        with self._lock:
+            if key not in self._controlnets:
+                path = self._resolve(ref, variant, "controlnet.model", kind="controlnet")
+                try:
+                    model = ControlNetModel.from_pretrained(path, local_files_only=True, **{_DTYPE_ARG: dtype})
+                except Exception as exc:
+                    raise ModelLoadFailed(f"controlnet.model: cannot load ControlNet from {path}: {exc}") from exc
+                self._controlnets[key] = model.to(self._device)
+                while len(self._controlnets) > self._cache_size:
+                    self._controlnets.popitem(last=False)
+            self._controlnets.move_to_end(key)
+            return self._controlnets[key]
+
+    # ------------------------------------------------------------------ running
 
     def txt2img(
         self,
         *,
         model: str,
-        prompt: str,
-        negative_prompt: str,
-        width: int,
-        height: int,
-        steps: int,
-        cfg: float,
-        seed: int,
-        num_images: int,
-        sampler: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        prompt: Any,
+        negative_prompt: Any,
+        width: Any,
+        height: Any,
+        steps: Any,
+        cfg: Any,
+        seed: Any,
+        num_images: Any,
+        sampler: Any = None,
+        progress: Progress | None = None,
     ) -> list[GeneratedImage]:
-        """Generate `num_images` images; image i uses seed `seed + i`.
+        """A plain txt2img task from keyword arguments (tests and benchmarks)."""
+        raw = {
+            "base_model": model,
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "sampler": sampler,
+            "task_config": {
+                "image_width": width,
+                "image_height": height,
+                "steps": steps,
+                "cfg": cfg,
+                "seed": seed,
+                "num_images": num_images,
+            },
+        }
+        try:
+            spec = msgspec.convert(raw, TaskSpec)
+        except msgspec.ValidationError as exc:
+            raise validation_error_to_invalid(exc, raw) from None
+        return self.run(canonical(spec), progress)
 
-        Images are computed one after the other, each from its own CPU generator seeded
-        with `seed + i`, so an image is bit-identical whatever `num_images` is.
-        `progress(step, total)` is called after each denoising step, counting over all the
-        images: total = num_images x the iterations per image, which is `steps` for most
-        samplers and `steps + 1` for PNDM/PLMS (diffusers repeats one timestep to warm up
-        its multistep formula). Raises InvalidInput (naming the task field and the value)
-        or ModelNotFound before any work is done.
-        """
-        _validate(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            cfg=cfg,
-            seed=seed,
-            num_images=num_images,
-            sampler=sampler,
-        )
-        pipe = self._pipeline(model)
-        images: list[GeneratedImage] = []
-        for index in range(num_images):
-            # One image per call: on CPU and GPU alike, kernels give results that differ in the
-            # last bits with the batch size, which some samplers amplify into visible pixel
-            # differences. Batch-of-one calls make image i depend on seed + i alone.
-            run = copy.copy(pipe)  # shares the weights; only this copy gets the fresh scheduler
-            run.scheduler = _make_scheduler(pipe.scheduler, sampler)
-            with torch.inference_mode():
-                result = run(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt,
-                    width=width,
-                    height=height,
-                    num_inference_steps=steps,
-                    guidance_scale=float(cfg),
-                    num_images_per_prompt=1,
-                    generator=[torch.Generator("cpu").manual_seed(seed + index)],
-                    output_type="pil",
-                    callback_on_step_end=_step_callback(progress, index, num_images),
+    def run(self, spec: TaskSpec, progress: Progress | None = None) -> list[GeneratedImage]:
+        """Run a task; image i uses seed + i. Raises InvalidInput (naming the field and
+        value), ModelNotFound, ModelLoadFailed, OutOfMemory, or the store's errors, before
+        or instead of producing images; never leaves LoRAs or embeddings behind."""
+        spec = check_spec(spec)
+        _check_node_side(spec)
+        with self._lock:
+            try:
+                return self._run(spec, progress)
+            except torch.cuda.OutOfMemoryError as exc:
+                self._cache.clear()
+                torch.cuda.empty_cache()
+                raise OutOfMemory(f"out of GPU memory: {exc}") from exc
+
+    def _run(self, spec: TaskSpec, progress: Progress | None) -> list[GeneratedImage]:
+        config = spec.task_config
+        dtype = self._dtype_for(spec)
+        base = self._base(spec.model, vae=spec.vae, unet=spec.unet, dtype=dtype)
+        if base.family == "sdxl_refiner" and spec.kind == "txt2img":
+            raise InvalidInput("base_model", spec.model_name, "is an SDXL refiner: use kind img2img to refine an image")
+        pipe = self._task_pipeline(base, spec, dtype)
+        refiner = self._refiner(spec, base, dtype) if spec.refiner else None
+        size = (config.image_width, config.image_height)
+        inputs: dict[str, Any] = {}
+        if spec.kind != "txt2img":
+            inputs["image"] = load_image("init_image", spec.init_image, size)
+            inputs["strength"] = spec.strength
+        if spec.kind == "inpaint":
+            inputs["mask_image"] = load_image("mask_image", spec.mask_image, size, mode="L")
+        if spec.controlnet is not None:
+            control = preprocess(
+                load_image("controlnet.image_dataurl", spec.controlnet.image_dataurl, size),
+                spec.controlnet.preprocess,
+                config.seed,
+            )
+            inputs["control_image" if spec.kind != "txt2img" else "image"] = control
+            inputs["controlnet_conditioning_scale"] = spec.controlnet.weight
+        tracker = _ProgressTracker(progress, config.num_images)
+        images = []
+        with self._adapters(pipe, spec):
+            prompts = prompt_kwargs(pipe, base.family, spec.prompt, spec.negative_prompt)
+            for index in range(config.num_images):
+                seed = config.seed + index
+                image = self._one_image(pipe, spec, prompts, inputs, refiner, seed, tracker.for_image(index))
+                images.append(image)
+        if config.safety_checker:
+            images = self._safety_check(images)
+        return [_encode(image, config.seed + i) for i, image in enumerate(images)]
+
+    def _task_pipeline(self, base: _Loaded, spec: TaskSpec, dtype: torch.dtype) -> Any:
+        """The pipeline for the task's kind, sharing the base's weights, with a fresh scheduler."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+        extra: dict[str, Any] = {}
+        if spec.controlnet is not None:
+            extra["controlnet"] = self._controlnet(spec.controlnet.model, spec.controlnet.variant, dtype)
+        auto = {
+            "txt2img": AutoPipelineForText2Image,
+            "img2img": AutoPipelineForImage2Image,
+            "inpaint": AutoPipelineForInpainting,
+        }[spec.kind]
+        if not extra and isinstance(base.pipe, _auto_classes(auto)):
+            pipe = copy.copy(base.pipe)  # shares the weights; only this copy gets the fresh scheduler
+        else:
+            try:
+                pipe = auto.from_pipe(base.pipe, **extra, **{_DTYPE_ARG: dtype})
+            except Exception as exc:
+                raise ModelLoadFailed(f"base_model: cannot run {spec.kind} on {spec.model_name!r}: {exc}") from exc
+            pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = make_scheduler(base.pipe.scheduler, sampler=spec.sampler, spec=spec.scheduler)
+        return pipe
+
+    def _refiner(self, spec: TaskSpec, base: _Loaded, dtype: torch.dtype) -> Any:
+        from diffusers import AutoPipelineForImage2Image
+
+        assert spec.refiner is not None
+        if base.family != "sdxl":
+            raise InvalidInput("refiner", spec.refiner.model, "a refiner works only with an SDXL base model")
+        key = ("refiner", spec.refiner.model, spec.refiner.variant, str(dtype), id(base.pipe))
+        with self._lock:
+            if key not in self._cache:
+                path = self._resolve(spec.refiner.model, spec.refiner.variant, "refiner.model")
+                if model_family(path) != "sdxl_refiner" and model_family(path) != "sdxl":
+                    raise InvalidInput("refiner.model", spec.refiner.model, "is not an SDXL model")
+                shared = {"vae": base.pipe.vae, "text_encoder_2": base.pipe.text_encoder_2}
+                try:
+                    pipe = AutoPipelineForImage2Image.from_pretrained(
+                        path, local_files_only=True, **shared, **{_DTYPE_ARG: dtype}
+                    )
+                except Exception as exc:
+                    raise ModelLoadFailed(f"refiner.model: cannot load refiner from {path}: {exc}") from exc
+                pipe.to(self._device)
+                pipe.set_progress_bar_config(disable=True)
+                self._cache[key] = _Loaded(pipe, "sdxl_refiner")
+                while len(self._cache) > self._cache_size + 1:
+                    self._cache.popitem(last=False)
+            refiner = copy.copy(self._cache[key].pipe)
+        refiner.scheduler = make_scheduler(refiner.scheduler, sampler=spec.sampler, spec=spec.scheduler)
+        return refiner
+
+    @contextlib.contextmanager
+    def _adapters(self, pipe: Any, spec: TaskSpec) -> Iterator[None]:
+        """LoRAs and the textual-inversion embedding for one task, removed afterwards."""
+        names: list[str] = []
+        embedding_loaded = False
+        try:
+            for i, lora in enumerate(spec.loras):
+                path = self._resolve(lora.model, None, f"loras[{i}].model", kind="lora")
+                folder, weight_name = (path.parent, path.name) if path.is_file() else (path, lora.weight_file_name)
+                try:
+                    pipe.load_lora_weights(str(folder), weight_name=weight_name or None, adapter_name=f"lora{i}")
+                except Exception as exc:
+                    raise ModelLoadFailed(f"loras[{i}].model: cannot load LoRA {lora.model!r}: {exc}") from exc
+                names.append(f"lora{i}")
+            if names:
+                pipe.set_adapters(names, adapter_weights=[lora.weight for lora in spec.loras])
+            if spec.textual_inversion:
+                path = self._resolve(spec.textual_inversion, None, "textual_inversion", kind="embedding")
+                try:
+                    pipe.load_textual_inversion(str(path))
+                except Exception as exc:
+                    raise ModelLoadFailed(
+                        f"textual_inversion: cannot load embedding {spec.textual_inversion!r}: {exc}"
+                    ) from exc
+                embedding_loaded = True
+            yield
+        finally:
+            if names:
+                pipe.unload_lora_weights()
+            if embedding_loaded:
+                pipe.unload_textual_inversion()
+
+    def _one_image(
+        self,
+        pipe: Any,
+        spec: TaskSpec,
+        prompts: dict[str, Any],
+        inputs: dict[str, Any],
+        refiner: Any,
+        seed: int,
+        on_step: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]],
+    ) -> Image.Image:
+        config = spec.task_config
+        call: dict[str, Any] = {
+            **prompts,
+            **inputs,
+            "num_inference_steps": config.steps,
+            "guidance_scale": float(config.cfg),
+            "num_images_per_prompt": 1,
+            "generator": torch.Generator("cpu").manual_seed(seed),
+            "callback_on_step_end": on_step,
+            "callback_on_step_end_tensor_inputs": [],
+        }
+        if spec.kind == "txt2img":
+            call["width"], call["height"] = config.image_width, config.image_height
+        ensemble = refiner is not None and spec.controlnet is None and spec.kind == "txt2img"
+        assert spec.refiner is not None or refiner is None
+        with torch.inference_mode():
+            if ensemble:
+                cutoff = spec.refiner.denoising_cutoff  # type: ignore[union-attr]
+                latents = pipe(**call, denoising_end=cutoff, output_type="latent").images
+                return refiner(
+                    prompt=spec.prompt,
+                    negative_prompt=spec.negative_prompt,
+                    image=latents,
+                    num_inference_steps=spec.refiner.steps,  # type: ignore[union-attr]
+                    denoising_start=cutoff,
+                    guidance_scale=float(config.cfg),
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    callback_on_step_end=on_step,
                     callback_on_step_end_tensor_inputs=[],
+                ).images[0]
+            image = pipe(**call, output_type="pil").images[0]
+            if refiner is not None:  # with ControlNet (or img2img): the refiner polishes the finished image
+                image = refiner(
+                    prompt=spec.prompt,
+                    negative_prompt=spec.negative_prompt,
+                    image=image,
+                    num_inference_steps=spec.refiner.steps,  # type: ignore[union-attr]
+                    guidance_scale=float(config.cfg),
+                    generator=torch.Generator("cpu").manual_seed(seed),
+                    callback_on_step_end=on_step,
+                    callback_on_step_end_tensor_inputs=[],
+                ).images[0]
+            return image
+
+    def _safety_check(self, images: list[Image.Image]) -> list[Image.Image]:
+        """Black out images the safety checker flags (as diffusers and Crynux do)."""
+        import numpy as np
+
+        checker, extractor = self._safety_models()
+        features = extractor(images, return_tensors="pt").pixel_values.to(self._device)
+        arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
+        with torch.inference_mode():
+            _checked, flagged = checker(images=arrays, clip_input=features.to(checker.dtype))
+        return [Image.new("RGB", image.size) if flag else image for image, flag in zip(images, flagged, strict=True)]
+
+    def _safety_models(self) -> tuple[Any, Any]:
+        if self._safety is None:
+            if self._safety_checker_path is None:
+                raise SafetyCheckerUnavailable(
+                    "task_config.safety_checker: this node has no safety checker model (STIPPLE_SAFETY_CHECKER)"
                 )
-            images.append(_encode(result.images[0], seed + index))
-        return images
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+            from transformers import CLIPImageProcessor
+
+            path = self._safety_checker_path
+            try:
+                checker = StableDiffusionSafetyChecker.from_pretrained(path, local_files_only=True).to(self._device)
+                extractor = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
+            except Exception as exc:
+                raise SafetyCheckerUnavailable(f"task_config.safety_checker: cannot load {path}: {exc}") from exc
+            self._safety = (checker, extractor)
+        return self._safety
 
 
-def _step_callback(
-    progress: Callable[[int, int], None] | None, index: int, num_images: int
-) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
-    """A diffusers `callback_on_step_end` reporting progress over all images (this is image `index`)."""
+def _auto_classes(auto: Any) -> tuple[type, ...]:
+    """The pipeline classes an auto pipeline maps to (to reuse a loaded one as it is)."""
+    from diffusers.pipelines import auto_pipeline
 
-    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if progress is not None:
-            per_image = pipe.num_timesteps
-            progress(index * per_image + step + 1, num_images * per_image)
-        return tensors
-
-    return on_step_end
+    mapping = {
+        "AutoPipelineForText2Image": auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+        "AutoPipelineForImage2Image": auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+        "AutoPipelineForInpainting": auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+    }[auto.__name__]
+    return tuple(mapping.values())
 
 
-def _make_scheduler(base: SchedulerMixin, sampler: str | None) -> SchedulerMixin:
-    """A fresh scheduler for one call: the model's own kind, or the named sampler, built from the model's config."""
-    if sampler is None:
-        return type(base).from_config(base.config)
-    import diffusers
+def _check_node_side(spec: TaskSpec) -> None:
+    """What the gateway settles before a task reaches a node."""
+    config = spec.task_config
+    if config.seed < 0:
+        raise InvalidInput(
+            "task_config.seed", config.seed, "must be resolved to 0..4294967295 before it reaches a node"
+        )
+    if not math.isfinite(config.cfg):
+        raise InvalidInput("task_config.cfg", config.cfg, "must be a finite number")
+    if spec.sampler is not None and spec.sampler not in SAMPLERS:
+        raise InvalidInput("sampler", spec.sampler, f"unknown sampler; allowed: {', '.join(SAMPLERS)}")
 
-    class_name, overrides = SAMPLERS[sampler]
-    scheduler_class = getattr(diffusers, class_name)
-    return scheduler_class.from_config(base.config, **overrides)
+
+class _ProgressTracker:
+    """Step progress over all images and phases (base, refiner) of a task.
+
+    The total is known per phase only once it starts, so it is estimated from the first
+    image and can grow once, when a refiner phase begins."""
+
+    def __init__(self, progress: Progress | None, num_images: int) -> None:
+        self.progress = progress
+        self.num_images = num_images
+        self.done = 0
+        self.per_image = 0
+        self.phase_steps: dict[int, int] = {}
+
+    def for_image(self, index: int) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if index == 0 and id(pipe) not in self.phase_steps:
+                self.phase_steps[id(pipe)] = int(pipe.num_timesteps)
+                self.per_image = sum(self.phase_steps.values())
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, max(self.done, self.num_images * self.per_image))
+            return tensors
+
+        return on_step_end
+
+
+def _dtype_arg() -> str:
+    """Newer diffusers take `dtype` and deprecate `torch_dtype`; older ones know only `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+_DTYPE_ARG = _dtype_arg()
 
 
 def _encode(image: Image.Image, seed: int) -> GeneratedImage:
@@ -265,42 +587,3 @@ def _encode(image: Image.Image, seed: int) -> GeneratedImage:
         width=image.width,
         height=image.height,
     )
-
-
-def _validate(
-    *,
-    prompt: Any,
-    negative_prompt: Any,
-    width: Any,
-    height: Any,
-    steps: Any,
-    cfg: Any,
-    seed: Any,
-    num_images: Any,
-    sampler: Any,
-) -> None:
-    """Check every argument; errors name the task field (as in the task JSON) and the value."""
-    for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        if not isinstance(text, str):
-            raise InvalidInput(field, text, "must be a string")
-        if len(text) > MAX_PROMPT_CHARS:
-            raise InvalidInput(field, text, f"must be at most {MAX_PROMPT_CHARS} characters, not {len(text)}")
-    _check_int("task_config.image_width", width, MIN_SIDE, MAX_SIDE, multiple_of=8)
-    _check_int("task_config.image_height", height, MIN_SIDE, MAX_SIDE, multiple_of=8)
-    _check_int("task_config.steps", steps, 1, MAX_STEPS)
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-        raise InvalidInput("task_config.cfg", cfg, "must be a finite number")
-    if not 0.0 <= cfg <= MAX_CFG:
-        raise InvalidInput("task_config.cfg", cfg, f"must be between 0 and {MAX_CFG:g}")
-    _check_int("task_config.seed", seed, 0, SEED_MAX)
-    _check_int("task_config.num_images", num_images, 1, MAX_IMAGES)
-    if sampler is not None and (not isinstance(sampler, str) or sampler not in SAMPLERS):
-        raise InvalidInput("sampler", sampler, f"unknown sampler; allowed: {', '.join(SAMPLERS)}")
-
-
-def _check_int(field: str, value: Any, low: int, high: int, *, multiple_of: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(field, value, "must be an integer")
-    if not low <= value <= high or (multiple_of is not None and value % multiple_of):
-        step = f"a multiple of {multiple_of} " if multiple_of is not None else ""
-        raise InvalidInput(field, value, f"must be {step}between {low} and {high}")

@@ -45,7 +45,7 @@ from stipple_common.messages import (
 from stipple_common.metrics import Metrics
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
-from stipple_common.taskspec import check_spec
+from stipple_common.taskspec import canonical
 
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
@@ -204,23 +204,9 @@ class NodeAgent:
         return None
 
     async def _generate(self, work: Assignment) -> list[GeneratedImage]:
-        spec = check_spec(work.spec)  # validate again: the node trusts nobody
-        config = spec.task_config
+        """Run the task in a worker thread (the runner validates it again: a node trusts nobody)."""
         report = self._progress_callback(asyncio.get_running_loop(), work.task_id)
-        return await asyncio.to_thread(
-            self.runner.txt2img,
-            model=spec.model_name,
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            width=config.image_width,
-            height=config.image_height,
-            steps=config.steps,
-            cfg=config.cfg,
-            seed=config.seed,
-            num_images=config.num_images,
-            sampler=spec.sampler,
-            progress=report,
-        )
+        return await asyncio.to_thread(self.runner.run, canonical(work.spec), report)
 
     async def _upload(self, task_id: str, images: list[GeneratedImage]) -> list[ImageResult]:
         results = []

@@ -71,16 +71,16 @@ class DiskBudgetExceeded(StoreError):
 
     code = "disk_budget_exceeded"
 
-    def __init__(self, ref: str, *, needed: int, budget: int, used: int, unevictable: int) -> None:
+    def __init__(self, ref: str, *, needed: int, budget: int, unevictable: int) -> None:
+        free = max(budget - unevictable, 0)
         super().__init__(
-            f"{ref}: needs {_size(needed)} but the store budget is {_size(budget)}, of which {_size(used)} "
-            f"is in use after eviction ({_size(unevictable)} pinned by running tasks, being downloaded, "
-            "or not re-downloadable)"
+            f"{ref}: needs {_size(needed)} but the store budget is {_size(budget)}, of which {_size(unevictable)} "
+            "cannot be freed (pinned by running tasks, being downloaded, or not downloadable again), "
+            f"leaving {_size(free)}"
         )
         self.ref = ref
         self.needed = needed
         self.budget = budget
-        self.used = used
         self.unevictable = unevictable
 
 

@@ -1,0 +1,60 @@
+"""Samplers: AUTOMATIC1111 names and diffusers scheduler classes, built fresh per call.
+
+Every call gets a new scheduler built from the model's own scheduler config, so no state
+leaks from one task into the next and the cached pipeline is never changed. The A1111
+overrides are explicit, so that a model whose default scheduler uses Karras sigmas does
+not turn "DPM++ 2M" into "DPM++ 2M Karras".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from stipple_common.errors import InvalidInput
+from stipple_common.taskspec import SAMPLERS as TASK_SAMPLERS
+from stipple_common.taskspec import SCHEDULERS, SchedulerSpec
+
+_DPMPP = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "Euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
+    "DDIM": ("DDIMScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {**_DPMPP, "use_karras_sigmas": False}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {**_DPMPP, "use_karras_sigmas": True}),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {**_DPMPP, "algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {**_DPMPP, "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+}
+assert set(SAMPLERS) == set(TASK_SAMPLERS), "taskspec.SAMPLERS and the node's map must name the same samplers"
+
+
+def make_scheduler(base: SchedulerMixin, *, sampler: str | None, spec: SchedulerSpec | None) -> SchedulerMixin:
+    """A fresh scheduler for one call: the named sampler, the named diffusers class with
+    its args, or the model's own kind; always from the model's config."""
+    if spec is not None:
+        if spec.method not in SCHEDULERS:
+            raise InvalidInput("scheduler.method", spec.method, f"unknown scheduler; allowed: {', '.join(SCHEDULERS)}")
+        try:
+            return getattr(diffusers, spec.method).from_config(base.config, **(spec.args or {}))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput("scheduler.args", spec.args, str(exc)) from None
+    if sampler is not None:
+        if sampler not in SAMPLERS:
+            raise InvalidInput("sampler", sampler, f"unknown sampler; allowed: {', '.join(SAMPLERS)}")
+        class_name, overrides = SAMPLERS[sampler]
+        return getattr(diffusers, class_name).from_config(base.config, **overrides)
+    return type(base).from_config(base.config)

@@ -1,0 +1,33 @@
+"""The node's model store: model references to local paths, downloads, disk budget.
+
+See `store.ModelStore` for the whole story; `classify` tells what a reference names.
+"""
+
+from __future__ import annotations
+
+from .download import ProgressEvent
+from .errors import (
+    ChecksumMismatch,
+    DiskBudgetExceeded,
+    DownloadFailed,
+    ModelNotAvailable,
+    StoreError,
+    StoreLocked,
+)
+from .refs import RefKind, classify, public_url
+from .store import ModelStore, StoredModel
+
+__all__ = [
+    "ChecksumMismatch",
+    "DiskBudgetExceeded",
+    "DownloadFailed",
+    "ModelNotAvailable",
+    "ModelStore",
+    "ProgressEvent",
+    "RefKind",
+    "StoreError",
+    "StoreLocked",
+    "StoredModel",
+    "classify",
+    "public_url",
+]

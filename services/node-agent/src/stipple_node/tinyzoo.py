@@ -1,0 +1,686 @@
+"""A zoo of tiny, locally built models around the tiny SD 1.5 model, for tests and demos.
+
+`stipple_node.tinymodel` builds a tiny SD-1.5-shaped pipeline; this module adds what a node
+also handles in real life, each in the on-disk format diffusers loads and with seeded random
+weights (the same bytes on every machine for the same seed), small (tens to hundreds of kB)
+and built in well under a second:
+
+* `make_tiny_sdxl`: a StableDiffusionXLPipeline folder (two text encoders and tokenizers,
+  the "text_time" added conditioning, 8x VAE, SDXL's Euler scheduler config).
+* `make_tiny_sdxl_refiner`: an SDXL refiner folder (text_encoder_2/tokenizer_2 only,
+  aesthetic-score conditioning) whose VAE and text_encoder_2 are the base's, so that it
+  works with `make_tiny_sdxl` as an ensemble of expert denoisers.
+* `make_tiny_controlnet`: a ControlNetModel for the tiny SD 1.5 model or the tiny SDXL.
+* `make_tiny_lora`: a LoRA file (diffusers/PEFT keys or kohya-ss keys) for either base.
+* `make_tiny_textual_inversion`: an embedding file (A1111 or diffusers layout; SDXL's
+  clip_l/clip_g layout for the tiny SDXL).
+* `make_tiny_vae`: another AutoencoderKL for the tiny SD 1.5 model.
+* `make_tiny_sd15_inpaint`: the tiny SD 1.5 model with a 9-channel inpainting UNet.
+
+`build_zoo(root)` builds all of them into `root/<name>`.
+
+Every function is idempotent: an artifact that is already complete is returned at once. It
+is written into a temporary sibling and renamed into place (`os.replace`), so a reader or a
+concurrent builder never sees a half-written one. Building never disturbs the caller's
+global torch RNG (it runs under `torch.random.fork_rng`).
+
+Where a LoRA, ControlNet or embedding would be all zeros or tiny in a fresh initialisation
+(LoRA's B matrices, ControlNet's zero convolutions), random values of a normal size are used
+instead, so that each artifact visibly changes the image, as a trained one does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from stipple_common.errors import StippleError
+from stipple_node import tinymodel
+from stipple_node.tinymodel import MODEL_INDEX, TINY_MODEL_NAME, make_tiny_model, write_clip_tokenizer_files
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+Base = Literal["sd15", "sdxl"]
+LoraFormat = Literal["peft", "kohya"]
+EmbeddingFormat = Literal["a1111", "diffusers"]
+
+# Names under which `build_zoo` builds each artifact.
+TINY_SDXL_NAME = "tiny-sdxl"
+TINY_SDXL_REFINER_NAME = "tiny-sdxl-refiner"
+TINY_CONTROLNET_SD15_NAME = "tiny-controlnet-sd15"
+TINY_CONTROLNET_SDXL_NAME = "tiny-controlnet-sdxl"
+TINY_LORA_SD15_NAME = "tiny-lora-sd15.safetensors"
+TINY_LORA_SDXL_NAME = "tiny-lora-sdxl.safetensors"
+TINY_LORA_SD15_KOHYA_NAME = "tiny-lora-sd15-kohya.safetensors"
+TINY_LORA_SDXL_KOHYA_NAME = "tiny-lora-sdxl-kohya.safetensors"
+TINY_TI_SD15_NAME = "tiny-ti-sd15.safetensors"
+TINY_TI_SDXL_NAME = "tiny-ti-sdxl.safetensors"
+TINY_VAE_NAME = "tiny-vae"
+TINY_SD15_INPAINT_NAME = "tiny-sd-inpaint"
+
+TI_TOKEN = "<stipple-cat>"
+"""The token `build_zoo`'s textual-inversion embeddings are meant to be loaded under."""
+
+ZOO_SEEDS: dict[str, int] = {
+    TINY_MODEL_NAME: 0,
+    TINY_SDXL_NAME: 0,
+    TINY_SDXL_REFINER_NAME: 1,
+    TINY_CONTROLNET_SD15_NAME: 2,
+    TINY_CONTROLNET_SDXL_NAME: 2,
+    TINY_LORA_SD15_NAME: 3,
+    TINY_LORA_SDXL_NAME: 3,
+    TINY_LORA_SD15_KOHYA_NAME: 3,
+    TINY_LORA_SDXL_KOHYA_NAME: 3,
+    TINY_TI_SD15_NAME: 4,
+    TINY_TI_SDXL_NAME: 4,
+    TINY_VAE_NAME: 5,
+    TINY_SD15_INPAINT_NAME: 6,
+}
+"""The seed each artifact of `build_zoo` is built with (the functions' defaults)."""
+
+# SD 1.5 sizes: those of tinymodel.
+SD15_TEXT_HIDDEN = tinymodel.TEXT_HIDDEN
+
+# SDXL sizes. SDXL has (320, 640, 1280) UNet channels with (1, 2, 10) transformer layers,
+# CLIP ViT-L (768) + OpenCLIP ViT-bigG (1280, projected to 1280) text encoders, 256-wide
+# time-id embeddings and a (128, 256, 512, 512) VAE. The two tiny text encoders have
+# different widths, as the real ones do, so that mixing them up fails loudly.
+XL_UNET_CHANNELS = (32, 32, 64)
+XL_UNET_HEADS = (2, 2, 4)
+XL_TRANSFORMER_LAYERS = (1, 1, 2)
+XL_TEXT_HIDDEN = 32  # text_encoder (CLIP ViT-L in SDXL)
+XL_TEXT2_HIDDEN = 48  # text_encoder_2 (OpenCLIP ViT-bigG in SDXL), projection_dim too
+XL_TIME_EMBED = 8  # addition_time_embed_dim
+XL_CROSS_ATTENTION = XL_TEXT_HIDDEN + XL_TEXT2_HIDDEN
+XL_VAE_SCALING = 0.13025
+# The refiner (SDXL: (384, 768, 1536, 1536) channels, 4 transformer layers, text_encoder_2 only).
+XL_REFINER_CHANNELS = (32, 32, 64, 64)
+XL_REFINER_HEADS = (2, 2, 4, 4)
+CONTROLNET_COND_CHANNELS = (8, 8, 16, 16)
+"""ControlNet's conditioning-image encoder (real ones: (16, 32, 96, 256)); 4 entries = 8x down."""
+
+LORA_STRENGTH = 1.0
+"""Size of a tiny LoRA's update relative to the weight it adapts (1.0: about the same)."""
+
+
+# -- building helpers -------------------------------------------------------------------
+
+
+def _is_complete(directory: Path, marker: str) -> bool:
+    return (directory / marker).is_file()
+
+
+def _build_folder(directory: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """Run `write(staging)` in a temporary sibling of `directory` and rename it into place.
+
+    `marker` is a file that `write` creates and whose presence means "complete"; a folder
+    holding it is returned as is. `directory` may exist already if it is empty.
+    """
+    directory = Path(directory)
+    if _is_complete(directory, marker):
+        return directory
+    if directory.is_dir() and any(directory.iterdir()):
+        raise _not_empty(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
+    try:
+        write(staging)
+        if not _is_complete(staging, marker):
+            raise StippleError(f"building {directory.name} in {staging} wrote no {marker}")
+        staging.chmod(0o755)  # mkdtemp makes it private; a model is an ordinary shared folder
+        try:
+            os.replace(staging, directory)  # atomic; replaces `directory` only if it is an empty folder
+        except OSError:
+            if _is_complete(directory, marker):  # someone else finished first
+                return directory
+            raise _not_empty(directory) from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _build_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(temporary file)` next to `path` and rename it into place; an existing file is kept."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise StippleError(f"cannot create {path}: it exists and is not a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.building-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        write(staging)
+        staging.chmod(0o644)
+        os.replace(staging, path)  # atomic; a concurrent builder writes the same bytes
+    finally:
+        staging.unlink(missing_ok=True)
+    return path
+
+
+def _not_empty(directory: Path) -> StippleError:
+    return StippleError(
+        f"cannot create {directory.name} in {directory}: it exists, is not an empty folder and holds no model"
+    )
+
+
+@contextmanager
+def _seeded() -> Iterator[Callable[[int], None]]:
+    """Yield `torch.manual_seed`, restoring the caller's CPU RNG state afterwards."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        yield torch.manual_seed
+
+
+def _check_base(base: str) -> None:
+    if base not in ("sd15", "sdxl"):
+        raise ValueError(f"base must be 'sd15' or 'sdxl', got {base!r}")
+
+
+# -- components ---------------------------------------------------------------------------
+# diffusers and transformers are imported inside functions: they take seconds to import.
+
+
+def _sd15_unet(in_channels: int = 4) -> UNet2DConditionModel:
+    """tinymodel's UNet (same config; `in_channels=9` for inpainting)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tinymodel.UNET_CHANNELS,
+        layers_per_block=1,
+        attention_head_dim=tinymodel.UNET_HEADS,
+        cross_attention_dim=tinymodel.TEXT_HIDDEN,
+        norm_num_groups=tinymodel.NORM_GROUPS,
+    )
+
+
+def _vae(scaling_factor: float, *, force_upcast: bool = True) -> AutoencoderKL:
+    """tinymodel's VAE layout (8x down, 4 latent channels)."""
+    from diffusers import AutoencoderKL
+
+    channels = tinymodel.VAE_CHANNELS
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=tinymodel.NORM_GROUPS,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
+
+
+def _sdxl_unet() -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,  # latent side of the default 64x64 image
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=XL_UNET_CHANNELS,
+        layers_per_block=2,
+        transformer_layers_per_block=XL_TRANSFORMER_LAYERS,
+        attention_head_dim=XL_UNET_HEADS,
+        cross_attention_dim=XL_CROSS_ATTENTION,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_EMBED,
+        # pooled text_encoder_2 output + 6 time ids (original size, crop top-left, target size)
+        projection_class_embeddings_input_dim=XL_TEXT2_HIDDEN + 6 * XL_TIME_EMBED,
+        norm_num_groups=tinymodel.NORM_GROUPS,
+    )
+
+
+def _sdxl_refiner_unet() -> UNet2DConditionModel:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=XL_REFINER_CHANNELS,
+        layers_per_block=2,
+        transformer_layers_per_block=1,
+        attention_head_dim=XL_REFINER_HEADS,
+        cross_attention_dim=XL_TEXT2_HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_EMBED,
+        # pooled text_encoder_2 output + 5 time ids (original size, crop top-left, aesthetic score)
+        projection_class_embeddings_input_dim=XL_TEXT2_HIDDEN + 5 * XL_TIME_EMBED,
+        norm_num_groups=tinymodel.NORM_GROUPS,
+    )
+
+
+def _sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL base 1.0's scheduler config."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+
+
+def _tokenizer(folder: Path, *, pad_token: str | None = None) -> CLIPTokenizer:
+    """A CLIPTokenizer read from the generated vocab.json/merges.txt in `folder`."""
+    from transformers import CLIPTokenizer
+
+    vocab_size = write_clip_tokenizer_files(folder)
+    extra = {"pad_token": pad_token} if pad_token is not None else {}
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"),
+        merges=str(folder / "merges.txt"),
+        model_max_length=tinymodel.MAX_TOKENS,
+        **extra,
+    )
+    if len(tokenizer) != vocab_size:
+        raise StippleError(f"tiny tokenizer has {len(tokenizer)} tokens, expected {vocab_size}")
+    return tokenizer
+
+
+def _text_encoder(
+    tokenizer: CLIPTokenizer, hidden: int, *, act: str, projection: bool
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=hidden,
+        num_hidden_layers=tinymodel.TEXT_LAYERS,  # SDXL uses the penultimate layer's output: at least 2
+        num_attention_heads=tinymodel.TEXT_HEADS,
+        max_position_embeddings=tinymodel.MAX_TOKENS,
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _sdxl_text_encoder_2(seed_fn: Callable[[int], object], base_seed: int, folder: Path) -> tuple:
+    """tokenizer_2 and text_encoder_2 of the tiny SDXL built with `base_seed` (the refiner shares them)."""
+    # SDXL's tokenizer_2 pads with "!" (id 0) where tokenizer pads with <|endoftext|>.
+    tokenizer_2 = _tokenizer(folder, pad_token="!")
+    seed_fn(base_seed + 2)
+    text_encoder_2 = _text_encoder(tokenizer_2, XL_TEXT2_HIDDEN, act="gelu", projection=True)
+    return tokenizer_2, text_encoder_2
+
+
+def _sdxl_pipeline(seed: int, staging: Path) -> StableDiffusionXLPipeline:
+    from diffusers import StableDiffusionXLPipeline
+
+    with _seeded() as seed_fn:
+        tokenizer = _tokenizer(staging / "tokenizer")
+        tokenizer_2, text_encoder_2 = _sdxl_text_encoder_2(seed_fn, seed, staging / "tokenizer_2")
+        seed_fn(seed)
+        unet = _sdxl_unet()
+        seed_fn(seed)
+        vae = _vae(XL_VAE_SCALING)
+        seed_fn(seed + 1)
+        text_encoder = _text_encoder(tokenizer, XL_TEXT_HIDDEN, act="quick_gelu", projection=False)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def _sdxl_refiner_pipeline(seed: int, base_seed: int, staging: Path) -> StableDiffusionXLImg2ImgPipeline:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    with _seeded() as seed_fn:
+        tokenizer_2, text_encoder_2 = _sdxl_text_encoder_2(seed_fn, base_seed, staging / "tokenizer_2")
+        seed_fn(base_seed)
+        vae = _vae(XL_VAE_SCALING)  # the base's VAE: the refiner denoises the base's latents
+        seed_fn(seed)
+        unet = _sdxl_refiner_unet()
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=vae,
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_sdxl_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+
+
+# -- public builders ----------------------------------------------------------------------
+
+
+def make_tiny_sdxl(directory: Path, *, seed: int = ZOO_SEEDS[TINY_SDXL_NAME]) -> Path:
+    """Build a tiny StableDiffusionXLPipeline folder into `directory` and return it.
+
+    Loads with `AutoPipelineForText2Image` / `AutoPipelineForImage2Image` /
+    `AutoPipelineForInpainting.from_pretrained(directory)`; renders 64x64 by default.
+    """
+
+    def write(staging: Path) -> None:
+        _sdxl_pipeline(seed, staging).save_pretrained(staging, safe_serialization=True)
+
+    return _build_folder(Path(directory), MODEL_INDEX, write)
+
+
+def make_tiny_sdxl_refiner(
+    directory: Path, *, seed: int = ZOO_SEEDS[TINY_SDXL_REFINER_NAME], base_seed: int = ZOO_SEEDS[TINY_SDXL_NAME]
+) -> Path:
+    """Build a tiny SDXL refiner (StableDiffusionXLImg2ImgPipeline folder) into `directory`.
+
+    Like SDXL's refiner it has only text_encoder_2/tokenizer_2 and takes an aesthetic score;
+    its VAE and text_encoder_2 are bit-identical to those of `make_tiny_sdxl(seed=base_seed)`,
+    so `refiner(image=base_latents, denoising_start=f)` continues `base(..., denoising_end=f,
+    output_type="latent")`.
+    """
+
+    def write(staging: Path) -> None:
+        _sdxl_refiner_pipeline(seed, base_seed, staging).save_pretrained(staging, safe_serialization=True)
+
+    return _build_folder(Path(directory), MODEL_INDEX, write)
+
+
+def make_tiny_controlnet(
+    directory: Path, *, base: Base = "sd15", seed: int = ZOO_SEEDS[TINY_CONTROLNET_SD15_NAME]
+) -> Path:
+    """Build a ControlNetModel folder for the tiny SD 1.5 model (`base="sd15"`) or the tiny SDXL.
+
+    Its zero convolutions have random weights, so the control image changes the output.
+    """
+    _check_base(base)
+
+    def write(staging: Path) -> None:
+        import torch
+        from diffusers import ControlNetModel
+
+        with torch.device("meta"):  # only the config is used
+            unet = _sd15_unet() if base == "sd15" else _sdxl_unet()
+        with _seeded() as seed_fn:
+            seed_fn(seed)
+            controlnet: ControlNetModel = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=CONTROLNET_COND_CHANNELS, load_weights_from_unet=False
+            )
+            zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks]
+            for conv in [*zero_convs, controlnet.controlnet_mid_block]:
+                conv.reset_parameters()  # PyTorch's default init instead of zeros
+        controlnet.save_pretrained(staging, safe_serialization=True)
+
+    return _build_folder(Path(directory), "config.json", write)
+
+
+def make_tiny_vae(directory: Path, *, seed: int = ZOO_SEEDS[TINY_VAE_NAME]) -> Path:
+    """Build an AutoencoderKL folder that fits the tiny SD 1.5 model (same layout and scaling) but has other weights."""
+
+    def write(staging: Path) -> None:
+        with _seeded() as seed_fn:
+            seed_fn(seed)
+            vae = _vae(0.18215, force_upcast=True)
+        vae.save_pretrained(staging, safe_serialization=True)
+
+    return _build_folder(Path(directory), "config.json", write)
+
+
+def make_tiny_sd15_inpaint(directory: Path, *, seed: int = ZOO_SEEDS[TINY_SD15_INPAINT_NAME]) -> Path:
+    """Build the tiny SD 1.5 model with a 9-channel UNet (latents + mask + masked-image latents),
+    as in SD 1.5's inpainting model; its model_index names StableDiffusionInpaintPipeline.
+
+    Text encoder, tokenizer and VAE are those of `make_tiny_model(seed=0)`.
+    """
+
+    def write(staging: Path) -> None:
+        make_tiny_model(staging / "model")
+        for child in (staging / "model").iterdir():
+            child.rename(staging / child.name)
+        (staging / "model").rmdir()
+        shutil.rmtree(staging / "unet")
+        with _seeded() as seed_fn:
+            seed_fn(seed)
+            unet = _sd15_unet(in_channels=9)
+        unet.save_pretrained(staging / "unet", safe_serialization=True)
+        index_path = staging / MODEL_INDEX
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["_class_name"] = "StableDiffusionInpaintPipeline"
+        index_path.unlink()  # written last again: its presence means "complete"
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    return _build_folder(Path(directory), MODEL_INDEX, write)
+
+
+def _lora_targets(base: Base) -> dict[str, list[tuple[str, int, int]]]:
+    """{component: [(module name, in_features, out_features)]} that a typical LoRA adapts:
+    the UNet's attention projections and the text encoders' self-attention projections."""
+    import torch
+
+    with torch.device("meta"):
+        unet = _sd15_unet() if base == "sd15" else _sdxl_unet()
+    unet_targets = [
+        (name, module.in_features, module.out_features)
+        for name, module in unet.named_modules()
+        if ".transformer_blocks." in name and name.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))
+    ]
+
+    def text(hidden: int) -> list[tuple[str, int, int]]:
+        return [
+            (f"text_model.encoder.layers.{i}.self_attn.{proj}", hidden, hidden)
+            for i in range(tinymodel.TEXT_LAYERS)
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ]
+
+    if base == "sd15":
+        return {"unet": unet_targets, "text_encoder": text(SD15_TEXT_HIDDEN)}
+    return {"unet": unet_targets, "text_encoder": text(XL_TEXT_HIDDEN), "text_encoder_2": text(XL_TEXT2_HIDDEN)}
+
+
+def _kohya_unet_name(name: str, base: Base, layers_per_block: int) -> str:
+    """kohya-ss's name for a diffusers UNet module: diffusers names for SD 1.x (kohya trains
+    those on the diffusers UNet), the original "sgm" names (input_blocks.N.1...) for SDXL."""
+    if base == "sdxl":
+        parts = name.split(".")
+        rest = ".".join(parts[4:])  # after "<blocks>.<b>.attentions.<l>"
+        if parts[0] == "down_blocks":
+            index = 1 + int(parts[1]) * (layers_per_block + 1) + int(parts[3])
+            name = f"input_blocks.{index}.1.{rest}"
+        elif parts[0] == "up_blocks":
+            index = int(parts[1]) * (layers_per_block + 1) + int(parts[3])
+            name = f"output_blocks.{index}.1.{rest}"
+        else:  # mid_block.attentions.0
+            name = f"middle_block.1.{rest}"
+    return "lora_unet_" + name.replace(".", "_")
+
+
+def make_tiny_lora(
+    path: Path,
+    *,
+    base: Base = "sd15",
+    rank: int = 4,
+    seed: int = ZOO_SEEDS[TINY_LORA_SD15_NAME],
+    fmt: LoraFormat = "peft",
+    strength: float = LORA_STRENGTH,
+) -> Path:
+    """Write a LoRA .safetensors for the tiny SD 1.5 model or the tiny SDXL to `path`.
+
+    It adapts every UNet attention projection (to_q/k/v/out.0) and the text encoders'
+    self-attention projections. `fmt="peft"`: diffusers' own keys ("unet.<module>.lora_A.weight",
+    "text_encoder.<module>.lora_B.weight"; scale 1). `fmt="kohya"`: kohya-ss/A1111 keys
+    ("lora_unet_<module>.lora_down.weight", "lora_te_..." / "lora_te1_"/"lora_te2_" for SDXL,
+    ".alpha" = rank) with the same weights, so both formats give the same images.
+    Load with `pipe.load_lora_weights(path.parent, weight_name=path.name)`.
+    """
+    _check_base(base)
+    if fmt not in ("peft", "kohya"):
+        raise ValueError(f"fmt must be 'peft' or 'kohya', got {fmt!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+
+    def write(staging: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        targets = _lora_targets(base)
+        tensors: dict[str, torch.Tensor] = {}
+        with _seeded() as seed_fn:
+            seed_fn(seed)
+            for component, modules in targets.items():
+                for name, fan_in, fan_out in modules:
+                    # B @ A has entries of about strength / sqrt(fan_in), like the weight it is added to.
+                    down = torch.randn(rank, fan_in) / fan_in**0.5
+                    up = torch.randn(fan_out, rank) * (strength / rank**0.5)
+                    if fmt == "peft":
+                        tensors[f"{component}.{name}.lora_A.weight"] = down
+                        tensors[f"{component}.{name}.lora_B.weight"] = up
+                    else:
+                        if component == "unet":
+                            key = _kohya_unet_name(name, base, layers_per_block=1 if base == "sd15" else 2)
+                        else:
+                            prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
+                            key = ("lora_te_" if base == "sd15" else prefix) + name.replace(".", "_")
+                        tensors[f"{key}.lora_down.weight"] = down
+                        tensors[f"{key}.lora_up.weight"] = up
+                        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        metadata = {"stipple_tiny_base": base}
+        if fmt == "kohya":
+            metadata |= {
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": str(rank),
+                "ss_network_alpha": str(rank),
+                "ss_base_model_version": "sd_v1" if base == "sd15" else "sdxl_base_v1-0",
+            }
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging), metadata=metadata)
+
+    return _build_file(Path(path), write)
+
+
+def make_tiny_textual_inversion(
+    path: Path,
+    *,
+    token: str = TI_TOKEN,
+    base: Base = "sd15",
+    vectors: int = 2,
+    fmt: EmbeddingFormat = "a1111",
+    seed: int = ZOO_SEEDS[TINY_TI_SD15_NAME],
+) -> Path:
+    """Write a textual-inversion embedding (.safetensors) of `vectors` tokens to `path`.
+
+    SD 1.5, `fmt="a1111"`: {"emb_params": [vectors, 32]} (A1111's safetensors layout; the
+    token comes from the caller). `fmt="diffusers"`: {token: [vectors, 32]} (what diffusers'
+    training script saves). Load with `pipe.load_textual_inversion(path, token=token)`.
+    SDXL: {"clip_l": [vectors, 32], "clip_g": [vectors, 48]} (the SDXL embedding layout, `fmt`
+    is ignored); load each into its text encoder (see `load_sdxl_textual_inversion`).
+    """
+    _check_base(base)
+    if fmt not in ("a1111", "diffusers"):
+        raise ValueError(f"fmt must be 'a1111' or 'diffusers', got {fmt!r}")
+    if vectors < 1:
+        raise ValueError(f"vectors must be at least 1, got {vectors}")
+
+    def write(staging: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        with _seeded() as seed_fn:
+            seed_fn(seed)
+            # Norm about 1 per vector: larger than the tiny CLIP's token embeddings (std 0.02 per
+            # dimension), so that the learned "concept" is clearly visible.
+            if base == "sd15":
+                embedding = torch.randn(vectors, SD15_TEXT_HIDDEN) / SD15_TEXT_HIDDEN**0.5
+                tensors = {"emb_params" if fmt == "a1111" else token: embedding}
+            else:
+                clip_l = torch.randn(vectors, XL_TEXT_HIDDEN) / XL_TEXT_HIDDEN**0.5
+                clip_g = torch.randn(vectors, XL_TEXT2_HIDDEN) / XL_TEXT2_HIDDEN**0.5
+                tensors = {"clip_l": clip_l, "clip_g": clip_g}
+        save_file(tensors, str(staging), metadata={"name": token, "stipple_tiny_base": base})
+
+    return _build_file(Path(path), write)
+
+
+def load_sdxl_textual_inversion(pipe: object, path: Path, token: str) -> None:
+    """Load an SDXL embedding file ({"clip_l", "clip_g"}) into both text encoders of `pipe`."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    pipe.load_textual_inversion(  # type: ignore[attr-defined]
+        state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    pipe.load_textual_inversion(  # type: ignore[attr-defined]
+        state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+
+
+ZOO_NAMES: tuple[str, ...] = tuple(ZOO_SEEDS)
+
+
+def build_zoo(root: Path) -> dict[str, Path]:
+    """Build every artifact (see `ZOO_SEEDS` for the names) into `root/<name>` and return {name: path}."""
+    root = Path(root)
+    builders: dict[str, Callable[[Path], Path]] = {
+        TINY_MODEL_NAME: lambda p: make_tiny_model(p, seed=ZOO_SEEDS[TINY_MODEL_NAME]),
+        TINY_SDXL_NAME: lambda p: make_tiny_sdxl(p),
+        TINY_SDXL_REFINER_NAME: lambda p: make_tiny_sdxl_refiner(p),
+        TINY_CONTROLNET_SD15_NAME: lambda p: make_tiny_controlnet(p, base="sd15"),
+        TINY_CONTROLNET_SDXL_NAME: lambda p: make_tiny_controlnet(
+            p, base="sdxl", seed=ZOO_SEEDS[TINY_CONTROLNET_SDXL_NAME]
+        ),
+        TINY_LORA_SD15_NAME: lambda p: make_tiny_lora(p, base="sd15"),
+        TINY_LORA_SDXL_NAME: lambda p: make_tiny_lora(p, base="sdxl", seed=ZOO_SEEDS[TINY_LORA_SDXL_NAME]),
+        TINY_LORA_SD15_KOHYA_NAME: lambda p: make_tiny_lora(
+            p, base="sd15", fmt="kohya", seed=ZOO_SEEDS[TINY_LORA_SD15_KOHYA_NAME]
+        ),
+        TINY_LORA_SDXL_KOHYA_NAME: lambda p: make_tiny_lora(
+            p, base="sdxl", fmt="kohya", seed=ZOO_SEEDS[TINY_LORA_SDXL_KOHYA_NAME]
+        ),
+        TINY_TI_SD15_NAME: lambda p: make_tiny_textual_inversion(p, base="sd15"),
+        TINY_TI_SDXL_NAME: lambda p: make_tiny_textual_inversion(p, base="sdxl", seed=ZOO_SEEDS[TINY_TI_SDXL_NAME]),
+        TINY_VAE_NAME: lambda p: make_tiny_vae(p),
+        TINY_SD15_INPAINT_NAME: lambda p: make_tiny_sd15_inpaint(p),
+    }
+    return {name: build(root / name) for name, build in builders.items()}
