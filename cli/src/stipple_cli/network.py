@@ -103,6 +103,7 @@ class LocalNetwork:
                     "STIPPLE_NODE_ID": f"node-{i}",
                     "STIPPLE_OPERATOR": f"operator-{i}",
                     "STIPPLE_MODELS": f"{TINY_MODEL}={self.model_dir}",
+                    "STIPPLE_MODEL_CACHE": str(self.data_dir / "nodes" / f"node-{i}"),
                 }
                 self.services.append(self._with_metrics(Service(f"node-{i}", "stipple_node", env)))
             for service in self.services:

@@ -92,7 +92,8 @@ def test_wrong_sha256_raises_and_leaves_no_file(server: FileServer, store: Model
     with pytest.raises(ChecksumMismatch) as info:
         store.resolve(url, sha256=wrong)
     assert info.value.code == "checksum_mismatch"
-    assert wrong in info.value.message and SHA in info.value.message
+    assert wrong in info.value.message
+    assert SHA in info.value.message
     assert files_in(store.root / "files") == []
     assert store.inventory() == []
 
@@ -110,7 +111,8 @@ def test_interrupted_download_resumes_with_range(server: FileServer, store: Mode
     assert path.read_bytes() == BODY
     first, second = server.requests("/big.safetensors")
     assert first.range is None
-    assert second.range == "bytes=100000-" and second.status == 206
+    assert second.range == "bytes=100000-"
+    assert second.status == 206
     assert second.if_range == server.files["/big.safetensors"].etag
     assert store.inventory()[0].size_bytes == len(BODY)
 
@@ -129,7 +131,8 @@ def test_server_ignoring_range_restarts_from_zero(server: FileServer, store: Mod
     server.files["/big.safetensors"].ignore_range = True
     assert store.resolve(url, sha256=SHA).read_bytes() == BODY
     second = server.requests("/big.safetensors")[1]
-    assert second.range == "bytes=120000-" and second.status == 200
+    assert second.range == "bytes=120000-"
+    assert second.status == 200
 
 
 def test_file_changed_on_server_restarts_from_zero(server: FileServer, store: ModelStore) -> None:
@@ -157,18 +160,23 @@ def test_http_500_is_retryable(server: FileServer, store: ModelStore) -> None:
     url = server.add("/m.safetensors", Served(BODY, status=500))
     with pytest.raises(DownloadFailed) as info:
         store.resolve(url)
-    assert info.value.code == "download_failed" and info.value.retryable
+    assert info.value.code == "download_failed"
+    assert info.value.retryable
     assert isinstance(info.value, StoreError)
-    assert url in info.value.message and "HTTP 500" in info.value.message
+    assert url in info.value.message
+    assert "HTTP 500" in info.value.message
 
 
 @pytest.mark.parametrize("status", [404, 403])
 def test_http_4xx_is_not_retryable(server: FileServer, tmp_path: Path, status: int) -> None:
     url = server.add("/m.safetensors", Served(BODY, status=status))
-    with ModelStore(tmp_path / "s", budget_bytes=None, retries=3, backoff_s=0.01) as store:
-        with pytest.raises(DownloadFailed) as info:
-            store.resolve(url)
-    assert not info.value.retryable and info.value.status == status
+    with (
+        ModelStore(tmp_path / "s", budget_bytes=None, retries=3, backoff_s=0.01) as store,
+        pytest.raises(DownloadFailed) as info,
+    ):
+        store.resolve(url)
+    assert not info.value.retryable
+    assert info.value.status == status
     assert f"HTTP {status}" in info.value.message
     assert len(server.requests("/m.safetensors")) == 1  # not retried
 
@@ -178,7 +186,8 @@ def test_connection_refused_is_retryable(store: ModelStore) -> None:
         pass  # the port is free again: nothing listens there
     with pytest.raises(DownloadFailed) as info:
         store.resolve(f"http://127.0.0.1:{port}/m.safetensors")
-    assert info.value.retryable and "ConnectError" in info.value.message
+    assert info.value.retryable
+    assert "ConnectError" in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -194,7 +203,8 @@ def test_hanging_server_times_out(server: FileServer, tmp_path: Path, served: Se
             store.resolve(url)
         elapsed = time.monotonic() - started
     assert elapsed < 1.5
-    assert info.value.retryable and "timed out after 0.3 s" in info.value.message
+    assert info.value.retryable
+    assert "timed out after 0.3 s" in info.value.message
 
 
 def test_progress_is_monotonic_throttled_and_ends_done(
@@ -245,7 +255,8 @@ def test_concurrent_resolve_downloads_once(server: FileServer, store: ModelStore
     for thread in threads:
         thread.join(10)
     assert not errors
-    assert len(results) == 2 and results[0] == results[1]
+    assert len(results) == 2
+    assert results[0] == results[1]
     assert results[0].read_bytes() == BODY
     assert len(server.requests("/m.safetensors")) == 1
 

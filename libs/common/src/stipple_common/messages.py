@@ -113,12 +113,15 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     models: list[str]
     version: str
     started_at: float
+    models_on_disk: list[str] = []  # in the node's model store (the dispatcher prefers nodes that have a model)
+    models_loaded: list[str] = []  # in memory
 
 
 class NodeHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", tag_field="type"):
     node_id: str
     at: float
     busy: bool = False
+    models_loaded: list[str] = []
 
 
 class NodeQuit(msgspec.Struct, frozen=True, kw_only=True, tag="quit", tag_field="type"):
@@ -139,6 +142,16 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str
     step: int
     total: int
+
+
+class DownloadProgress(msgspec.Struct, frozen=True, kw_only=True):
+    """Ephemeral model-download progress on ``downloads.<node_id>`` (core NATS)."""
+
+    node_id: str
+    ref: str
+    downloaded_bytes: int
+    total_bytes: int | None
+    done: bool
 
 
 # Encoders and decoders are built once and reused.

@@ -6,6 +6,7 @@ Streams
 - NODES  ``nodes.<node_id>.<event>``: announcements, heartbeats, quits (last per subject kept).
 Core NATS (not stored)
 - ``progress.<task_id>``: per-step progress from nodes; lossy by design.
+- ``downloads.<node_id>``: model-download progress from a node's store.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def node_durable(node_id: str) -> str:
 
 def progress_subject(task_id: str) -> str:
     return f"progress.{task_id}"
+
+
+def download_subject(node_id: str) -> str:
+    return f"downloads.{node_id}"
 
 
 def subject_token(subject: str, index: int) -> str:

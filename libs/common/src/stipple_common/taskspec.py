@@ -191,6 +191,7 @@ class TaskSpec(msgspec.Struct, frozen=True, kw_only=True):
     vae: Ref = ""
     refiner: RefinerSpec | None = None
     textual_inversion: Ref = ""
+    textual_inversion_token: Annotated[str, msgspec.Meta(max_length=100)] = ""  # default: the file's own, else its name
     init_image: str = ""  # data URL (img2img, inpaint)
     mask_image: str = ""  # data URL (inpaint): white is repainted
     strength: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.75  # img2img/inpaint denoising

@@ -45,7 +45,7 @@ from .prompts import prompt_kwargs
 from .schedulers import SAMPLERS, make_scheduler
 
 if TYPE_CHECKING:
-    pass
+    from diffusers import DiffusionPipeline
 
 Progress = Callable[[int, int], None]
 
@@ -193,7 +193,13 @@ class PipelineRunner:
             return self._paths[ref]
         if self._store is None:
             raise ModelNotFound(ref, self.model_names, field)
-        return self._store.resolve(ref, variant=variant, kind=kind)
+        try:
+            return self._store.resolve(ref, variant=variant, kind=kind)
+        except StippleError as exc:  # name the task field the reference came from
+            if not exc.message.startswith(f"{field}:"):
+                exc.message = f"{field}: {exc.message}"
+                exc.args = (exc.message,)
+            raise
 
     def _dtype_for(self, spec: TaskSpec) -> torch.dtype:
         if not self._device.startswith("cuda") or spec.dtype == "auto":
@@ -354,6 +360,13 @@ class PipelineRunner:
         extra: dict[str, Any] = {}
         if spec.controlnet is not None:
             extra["controlnet"] = self._controlnet(spec.controlnet.model, spec.controlnet.variant, dtype)
+        if spec.textual_inversion:
+            # An embedding changes the tokenizer and the text encoder, and unloading it does not
+            # restore every bit (measured: later plain prompts came out different). So the task
+            # gets its own copies of both, and the cached ones are never touched.
+            for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
+                if getattr(base.pipe, name, None) is not None:
+                    extra[name] = copy.deepcopy(getattr(base.pipe, name))
         auto = {
             "txt2img": AutoPipelineForText2Image,
             "img2img": AutoPipelineForImage2Image,
@@ -400,9 +413,8 @@ class PipelineRunner:
 
     @contextlib.contextmanager
     def _adapters(self, pipe: Any, spec: TaskSpec) -> Iterator[None]:
-        """LoRAs and the textual-inversion embedding for one task, removed afterwards."""
+        """LoRAs (unloaded afterwards) and the textual-inversion embedding for one task."""
         names: list[str] = []
-        embedding_loaded = False
         try:
             for i, lora in enumerate(spec.loras):
                 path = self._resolve(lora.model, None, f"loras[{i}].model", kind="lora")
@@ -414,21 +426,13 @@ class PipelineRunner:
                 names.append(f"lora{i}")
             if names:
                 pipe.set_adapters(names, adapter_weights=[lora.weight for lora in spec.loras])
-            if spec.textual_inversion:
+            if spec.textual_inversion:  # into the task's own copies (see _task_pipeline): nothing to undo
                 path = self._resolve(spec.textual_inversion, None, "textual_inversion", kind="embedding")
-                try:
-                    pipe.load_textual_inversion(str(path))
-                except Exception as exc:
-                    raise ModelLoadFailed(
-                        f"textual_inversion: cannot load embedding {spec.textual_inversion!r}: {exc}"
-                    ) from exc
-                embedding_loaded = True
+                _load_embedding(pipe, path, spec)
             yield
         finally:
             if names:
                 pipe.unload_lora_weights()
-            if embedding_loaded:
-                pipe.unload_textual_inversion()
 
     def _one_image(
         self,
@@ -512,6 +516,43 @@ class PipelineRunner:
                 raise SafetyCheckerUnavailable(f"task_config.safety_checker: cannot load {path}: {exc}") from exc
             self._safety = (checker, extractor)
         return self._safety
+
+
+GENERIC_EMBEDDING_KEYS = frozenset({"emb_params", "string_to_param", "*", "clip_l", "clip_g"})
+
+
+def _load_embedding(pipe: Any, path: Path, spec: TaskSpec) -> None:
+    """Load a textual-inversion embedding into every text encoder it has vectors for.
+    The token is the task's, else the one the file names, else the file's name
+    (A1111's convention: `easynegative.safetensors` is `easynegative`)."""
+    from safetensors.torch import load_file
+
+    field = "textual_inversion"
+    try:
+        tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(str(path), weights_only=True)
+    except Exception as exc:
+        raise ModelLoadFailed(f"{field}: cannot read embedding {spec.textual_inversion!r}: {exc}") from exc
+    if "string_to_param" in tensors:  # A1111 .pt layout
+        tensors = {"emb_params": next(iter(tensors["string_to_param"].values()))}
+    keys = set(tensors)
+    token = spec.textual_inversion_token or (path.stem if keys <= GENERIC_EMBEDDING_KEYS else next(iter(keys)))
+    targets: list[tuple[Any, Any, Any]] = []
+    if "clip_l" in keys or "clip_g" in keys:  # SDXL: one set of vectors per text encoder
+        if getattr(pipe, "text_encoder_2", None) is None:
+            raise InvalidInput(field, spec.textual_inversion, "is an SDXL embedding; the base model is not SDXL")
+        targets = [
+            (pipe.text_encoder, pipe.tokenizer, tensors["clip_l"]),
+            (pipe.text_encoder_2, pipe.tokenizer_2, tensors["clip_g"]),
+        ]
+    else:
+        if getattr(pipe, "text_encoder", None) is None:
+            raise InvalidInput(field, spec.textual_inversion, "this model has no first text encoder")
+        targets = [(pipe.text_encoder, pipe.tokenizer, next(iter(tensors.values())))]
+    try:
+        for text_encoder, tokenizer, vectors in targets:
+            pipe.load_textual_inversion(vectors, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
+    except Exception as exc:
+        raise ModelLoadFailed(f"{field}: cannot load embedding {spec.textual_inversion!r}: {exc}") from exc
 
 
 def _auto_classes(auto: Any) -> tuple[type, ...]:

@@ -31,6 +31,7 @@ from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     Assignment,
+    DownloadProgress,
     ImageResult,
     NodeErrored,
     NodeHeartbeat,
@@ -48,6 +49,7 @@ from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import canonical
 
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
+from .store import ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
 
 log = structlog.get_logger("stipple.node")
@@ -57,7 +59,11 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
     node_id: str = ""  # empty: a random id, new at each start
     operator: str = ""  # who runs this node (distinct operators are picked per task); empty: the node id
     models: str = f"{TINY_MODEL_NAME}=builtin"  # name=folder[,name=folder...]; "builtin" builds the tiny model
-    model_cache: str = ""  # where "builtin" models are built; empty: ~/.cache/stipple/models
+    model_cache: str = ""  # the model store (downloads, builtin models); empty: ~/.cache/stipple/models
+    disk_budget_gb: float = 0.0  # how much the store may download; 0: no limit
+    hf_offline: bool = False  # never contact the Hugging Face hub (HF_HUB_OFFLINE=1 does the same)
+    safety_checker: str = ""  # folder of a StableDiffusionSafetyChecker + CLIPImageProcessor
+    pipeline_cache: int = 2  # loaded pipelines kept in memory
     device: str = "cpu"
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
@@ -73,7 +79,7 @@ def parse_models(spec: str, cache: Path) -> dict[str, Path]:
         if folder == "builtin":
             if name != TINY_MODEL_NAME:
                 raise InvalidSettings(f"STIPPLE_MODELS: only {TINY_MODEL_NAME!r} is built in, got {name!r}")
-            models[name] = make_tiny_model(cache / name)
+            models[name] = make_tiny_model(cache / "builtin" / name)
         else:
             path = Path(folder).expanduser()
             if not (path / "model_index.json").exists():
@@ -106,8 +112,10 @@ class NodeAgent:
         runner: PipelineRunner,
         settings: NodeSettings,
         metrics: Metrics,
+        store: ModelStore | None = None,
     ) -> None:
         self.node_id = node_id
+        self.store = store
         self.nc = nc
         self.js = js
         self.blobs = blobs
@@ -132,12 +140,16 @@ class NodeAgent:
             models=self.runner.model_names,
             version=__version__,
             started_at=time.time(),
+            models_on_disk=[m.ref for m in self.store.inventory()] if self.store else [],
+            models_loaded=self.runner.loaded(),
         )
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
         """Heartbeat until stopped; a failed beat is logged and the next one tried."""
         while not stop.is_set():
-            beat = NodeHeartbeat(node_id=self.node_id, at=time.time(), busy=self.busy)
+            beat = NodeHeartbeat(
+                node_id=self.node_id, at=time.time(), busy=self.busy, models_loaded=self.runner.loaded()
+            )
             try:
                 await bus.publish(
                     self.js,
@@ -242,20 +254,65 @@ def consumer_config(node_id: str) -> ConsumerConfig:
 async def run(settings: NodeSettings) -> None:
     setup_logging("node-agent", level=settings.log_level, fmt=settings.log_format)
     configure_determinism(settings.torch_threads)
+    if not settings.node_id:
+        settings = msgspec.structs.replace(settings, node_id=f"node-{secrets.token_hex(4)}")
     cache = Path(settings.model_cache).expanduser() if settings.model_cache else Path.home() / ".cache/stipple/models"
     models = parse_models(settings.models, cache)
-    runner = PipelineRunner(models, device=settings.device)
-    for name in runner.model_names:
-        runner.load(name)  # load before announcing: a live node is a ready node
-    async with open_service("node-agent", settings, blobs=True) as ctx:
-        await serve(ctx, settings, runner)
+    downloads = DownloadReporter()
+    budget = int(settings.disk_budget_gb * 1024**3) or None
+    with ModelStore(cache / "store", budget_bytes=budget, hf_offline=settings.hf_offline, progress=downloads) as store:
+        runner = PipelineRunner(
+            models,
+            store=store,
+            device=settings.device,
+            cache_size=settings.pipeline_cache,
+            safety_checker=Path(settings.safety_checker) if settings.safety_checker else None,
+        )
+        for name in runner.model_names:
+            runner.load(name)  # load before announcing: a live node is a ready node
+        async with open_service("node-agent", settings, blobs=True) as ctx:
+            downloads.attach(ctx, asyncio.get_running_loop(), settings.node_id)
+            await serve(ctx, settings, runner, store)
 
 
-async def serve(ctx: ServiceContext, settings: NodeSettings, runner: PipelineRunner) -> None:
+class DownloadReporter:
+    """Model-download progress from the store's thread to NATS (core, lossy by design)."""
+
+    def __init__(self) -> None:
+        self._target: tuple[ServiceContext, asyncio.AbstractEventLoop, str] | None = None
+
+    def attach(self, ctx: ServiceContext, loop: asyncio.AbstractEventLoop, node_id: str) -> None:
+        self._target = (ctx, loop, node_id)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self._target is None:
+            return
+        ctx, loop, node_id = self._target
+        message = DownloadProgress(
+            node_id=node_id,
+            ref=event.ref,
+            downloaded_bytes=event.downloaded_bytes,
+            total_bytes=event.total_bytes,
+            done=event.done,
+        )
+        subject = subjects.download_subject(node_id)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(ctx.nc.publish(subject, encode(message))))
+
+
+async def serve(
+    ctx: ServiceContext, settings: NodeSettings, runner: PipelineRunner, store: ModelStore | None = None
+) -> None:
     assert ctx.blobs is not None
     node_id = settings.node_id or f"node-{secrets.token_hex(4)}"
     agent = NodeAgent(
-        node_id=node_id, nc=ctx.nc, js=ctx.js, blobs=ctx.blobs, runner=runner, settings=settings, metrics=ctx.metrics
+        node_id=node_id,
+        nc=ctx.nc,
+        js=ctx.js,
+        blobs=ctx.blobs,
+        runner=runner,
+        settings=settings,
+        metrics=ctx.metrics,
+        store=store,
     )
     joined = agent.announcement()
     await bus.publish(

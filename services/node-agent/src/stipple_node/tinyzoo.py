@@ -2,8 +2,8 @@
 
 `stipple_node.tinymodel` builds a tiny SD-1.5-shaped pipeline; this module adds what a node
 also handles in real life, each in the on-disk format diffusers loads and with seeded random
-weights (the same bytes on every machine for the same seed), small (tens to hundreds of kB)
-and built in well under a second:
+weights (the same bytes on every machine for the same seed), small (pipelines 7-11 MB,
+ControlNets 3-5 MB, LoRAs 150-350 kB, embeddings < 1 kB) and each built in under a second:
 
 * `make_tiny_sdxl`: a StableDiffusionXLPipeline folder (two text encoders and tokenizers,
   the "text_time" added conditioning, 8x VAE, SDXL's Euler scheduler config).
@@ -107,6 +107,7 @@ XL_TRANSFORMER_LAYERS = (1, 1, 2)
 XL_TEXT_HIDDEN = 32  # text_encoder (CLIP ViT-L in SDXL)
 XL_TEXT2_HIDDEN = 48  # text_encoder_2 (OpenCLIP ViT-bigG in SDXL), projection_dim too
 XL_TIME_EMBED = 8  # addition_time_embed_dim
+XL_LAYERS_PER_BLOCK = 2  # as SDXL (and its refiner)
 XL_CROSS_ATTENTION = XL_TEXT_HIDDEN + XL_TEXT2_HIDDEN
 XL_VAE_SCALING = 0.13025
 # The refiner (SDXL: (384, 768, 1536, 1536) channels, 4 transformer layers, text_encoder_2 only).
@@ -114,6 +115,8 @@ XL_REFINER_CHANNELS = (32, 32, 64, 64)
 XL_REFINER_HEADS = (2, 2, 4, 4)
 CONTROLNET_COND_CHANNELS = (8, 8, 16, 16)
 """ControlNet's conditioning-image encoder (real ones: (16, 32, 96, 256)); 4 entries = 8x down."""
+CONTROLNET_COND_GAIN = 16.0
+"""Scale of the conditioning encoder's last conv: its output then has about the size of the UNet's conv_in features."""
 
 LORA_STRENGTH = 1.0
 """Size of a tiny LoRA's update relative to the weight it adapts (1.0: about the same)."""
@@ -183,7 +186,7 @@ def _not_empty(directory: Path) -> StippleError:
 
 
 @contextmanager
-def _seeded() -> Iterator[Callable[[int], None]]:
+def _seeded() -> Iterator[Callable[[int], object]]:
     """Yield `torch.manual_seed`, restoring the caller's CPU RNG state afterwards."""
     import torch
 
@@ -248,7 +251,7 @@ def _sdxl_unet() -> UNet2DConditionModel:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=XL_UNET_CHANNELS,
-        layers_per_block=2,
+        layers_per_block=XL_LAYERS_PER_BLOCK,
         transformer_layers_per_block=XL_TRANSFORMER_LAYERS,
         attention_head_dim=XL_UNET_HEADS,
         cross_attention_dim=XL_CROSS_ATTENTION,
@@ -271,7 +274,7 @@ def _sdxl_refiner_unet() -> UNet2DConditionModel:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=XL_REFINER_CHANNELS,
-        layers_per_block=2,
+        layers_per_block=XL_LAYERS_PER_BLOCK,
         transformer_layers_per_block=1,
         attention_head_dim=XL_REFINER_HEADS,
         cross_attention_dim=XL_TEXT2_HIDDEN,
@@ -340,7 +343,9 @@ def _text_encoder(
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _sdxl_text_encoder_2(seed_fn: Callable[[int], object], base_seed: int, folder: Path) -> tuple:
+def _sdxl_text_encoder_2(
+    seed_fn: Callable[[int], object], base_seed: int, folder: Path
+) -> tuple[CLIPTokenizer, CLIPTextModelWithProjection]:
     """tokenizer_2 and text_encoder_2 of the tiny SDXL built with `base_seed` (the refiner shares them)."""
     # SDXL's tokenizer_2 pads with "!" (id 0) where tokenizer pads with <|endoftext|>.
     tokenizer_2 = _tokenizer(folder, pad_token="!")
@@ -450,12 +455,32 @@ def make_tiny_controlnet(
             controlnet: ControlNetModel = ControlNetModel.from_unet(
                 unet, conditioning_embedding_out_channels=CONTROLNET_COND_CHANNELS, load_weights_from_unet=False
             )
-            zero_convs = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks]
-            for conv in [*zero_convs, controlnet.controlnet_mid_block]:
-                conv.reset_parameters()  # PyTorch's default init instead of zeros
+            _randomize_zero_convs(controlnet)
         controlnet.save_pretrained(staging, safe_serialization=True)
 
     return _build_folder(Path(directory), "config.json", write)
+
+
+def _randomize_zero_convs(controlnet: ControlNetModel) -> None:
+    """Give a fresh ControlNet's zero convolutions (and its conditioning encoder) weights of a
+    normal size, so that the control image shapes the output as in a trained ControlNet.
+
+    PyTorch's default conv init shrinks the control image's signal about tenfold per layer
+    (and its random biases swamp it), so the encoder gets He-initialised weights and no
+    biases, and its output is scaled to about the size of the UNet's first features.
+    """
+    import torch
+
+    embedding = controlnet.controlnet_cond_embedding
+    with torch.no_grad():
+        for module in embedding.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                torch.nn.init.zeros_(module.bias)
+        embedding.conv_out.weight.mul_(CONTROLNET_COND_GAIN)
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
+            torch.nn.init.zeros_(conv.bias)
 
 
 def make_tiny_vae(directory: Path, *, seed: int = ZOO_SEEDS[TINY_VAE_NAME]) -> Path:
@@ -496,6 +521,11 @@ def make_tiny_sd15_inpaint(directory: Path, *, seed: int = ZOO_SEEDS[TINY_SD15_I
     return _build_folder(Path(directory), MODEL_INDEX, write)
 
 
+_ONE_METADATA_KEY = {"format": "pt"}
+"""safetensors writes its metadata map in a random order, so a file with two or more metadata
+entries is not byte-for-byte reproducible; hence just the one that `save_pretrained` writes."""
+
+
 def _lora_targets(base: Base) -> dict[str, list[tuple[str, int, int]]]:
     """{component: [(module name, in_features, out_features)]} that a typical LoRA adapts:
     the UNet's attention projections and the text encoders' self-attention projections."""
@@ -521,20 +551,20 @@ def _lora_targets(base: Base) -> dict[str, list[tuple[str, int, int]]]:
     return {"unet": unet_targets, "text_encoder": text(XL_TEXT_HIDDEN), "text_encoder_2": text(XL_TEXT2_HIDDEN)}
 
 
-def _kohya_unet_name(name: str, base: Base, layers_per_block: int) -> str:
+def _kohya_unet_name(name: str, base: Base) -> str:
     """kohya-ss's name for a diffusers UNet module: diffusers names for SD 1.x (kohya trains
     those on the diffusers UNet), the original "sgm" names (input_blocks.N.1...) for SDXL."""
     if base == "sdxl":
+        layers_per_block = XL_LAYERS_PER_BLOCK
         parts = name.split(".")
-        rest = ".".join(parts[4:])  # after "<blocks>.<b>.attentions.<l>"
-        if parts[0] == "down_blocks":
+        if parts[0] == "down_blocks":  # down_blocks.<b>.attentions.<l>.<rest>
             index = 1 + int(parts[1]) * (layers_per_block + 1) + int(parts[3])
-            name = f"input_blocks.{index}.1.{rest}"
+            name = f"input_blocks.{index}.1." + ".".join(parts[4:])
         elif parts[0] == "up_blocks":
             index = int(parts[1]) * (layers_per_block + 1) + int(parts[3])
-            name = f"output_blocks.{index}.1.{rest}"
-        else:  # mid_block.attentions.0
-            name = f"middle_block.1.{rest}"
+            name = f"output_blocks.{index}.1." + ".".join(parts[4:])
+        else:  # mid_block.attentions.0.<rest>
+            name = "middle_block.1." + ".".join(parts[3:])
     return "lora_unet_" + name.replace(".", "_")
 
 
@@ -580,22 +610,14 @@ def make_tiny_lora(
                         tensors[f"{component}.{name}.lora_B.weight"] = up
                     else:
                         if component == "unet":
-                            key = _kohya_unet_name(name, base, layers_per_block=1 if base == "sd15" else 2)
+                            key = _kohya_unet_name(name, base)
                         else:
                             prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[component]
                             key = ("lora_te_" if base == "sd15" else prefix) + name.replace(".", "_")
                         tensors[f"{key}.lora_down.weight"] = down
                         tensors[f"{key}.lora_up.weight"] = up
                         tensors[f"{key}.alpha"] = torch.tensor(float(rank))
-        metadata = {"stipple_tiny_base": base}
-        if fmt == "kohya":
-            metadata |= {
-                "ss_network_module": "networks.lora",
-                "ss_network_dim": str(rank),
-                "ss_network_alpha": str(rank),
-                "ss_base_model_version": "sd_v1" if base == "sd15" else "sdxl_base_v1-0",
-            }
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging), metadata=_ONE_METADATA_KEY)
 
     return _build_file(Path(path), write)
 
@@ -612,8 +634,8 @@ def make_tiny_textual_inversion(
     """Write a textual-inversion embedding (.safetensors) of `vectors` tokens to `path`.
 
     SD 1.5, `fmt="a1111"`: {"emb_params": [vectors, 32]} (A1111's safetensors layout; the
-    token comes from the caller). `fmt="diffusers"`: {token: [vectors, 32]} (what diffusers'
-    training script saves). Load with `pipe.load_textual_inversion(path, token=token)`.
+    token is not stored, the caller names it). `fmt="diffusers"`: {token: [vectors, 32]} (what
+    diffusers' training script saves). Load with `pipe.load_textual_inversion(path, token=token)`.
     SDXL: {"clip_l": [vectors, 32], "clip_g": [vectors, 48]} (the SDXL embedding layout, `fmt`
     is ignored); load each into its text encoder (see `load_sdxl_textual_inversion`).
     """
@@ -638,7 +660,7 @@ def make_tiny_textual_inversion(
                 clip_l = torch.randn(vectors, XL_TEXT_HIDDEN) / XL_TEXT_HIDDEN**0.5
                 clip_g = torch.randn(vectors, XL_TEXT2_HIDDEN) / XL_TEXT2_HIDDEN**0.5
                 tensors = {"clip_l": clip_l, "clip_g": clip_g}
-        save_file(tensors, str(staging), metadata={"name": token, "stipple_tiny_base": base})
+        save_file(tensors, str(staging), metadata=_ONE_METADATA_KEY)
 
     return _build_file(Path(path), write)
 
@@ -660,27 +682,23 @@ ZOO_NAMES: tuple[str, ...] = tuple(ZOO_SEEDS)
 
 
 def build_zoo(root: Path) -> dict[str, Path]:
-    """Build every artifact (see `ZOO_SEEDS` for the names) into `root/<name>` and return {name: path}."""
+    """Build every artifact of `ZOO_NAMES` into `root/<name>`, with its seed from `ZOO_SEEDS`; return {name: path}."""
     root = Path(root)
-    builders: dict[str, Callable[[Path], Path]] = {
-        TINY_MODEL_NAME: lambda p: make_tiny_model(p, seed=ZOO_SEEDS[TINY_MODEL_NAME]),
-        TINY_SDXL_NAME: lambda p: make_tiny_sdxl(p),
-        TINY_SDXL_REFINER_NAME: lambda p: make_tiny_sdxl_refiner(p),
-        TINY_CONTROLNET_SD15_NAME: lambda p: make_tiny_controlnet(p, base="sd15"),
-        TINY_CONTROLNET_SDXL_NAME: lambda p: make_tiny_controlnet(
-            p, base="sdxl", seed=ZOO_SEEDS[TINY_CONTROLNET_SDXL_NAME]
+    builders: dict[str, Callable[[Path, int], Path]] = {
+        TINY_MODEL_NAME: lambda p, seed: make_tiny_model(p, seed=seed),
+        TINY_SDXL_NAME: lambda p, seed: make_tiny_sdxl(p, seed=seed),
+        TINY_SDXL_REFINER_NAME: lambda p, seed: make_tiny_sdxl_refiner(
+            p, seed=seed, base_seed=ZOO_SEEDS[TINY_SDXL_NAME]
         ),
-        TINY_LORA_SD15_NAME: lambda p: make_tiny_lora(p, base="sd15"),
-        TINY_LORA_SDXL_NAME: lambda p: make_tiny_lora(p, base="sdxl", seed=ZOO_SEEDS[TINY_LORA_SDXL_NAME]),
-        TINY_LORA_SD15_KOHYA_NAME: lambda p: make_tiny_lora(
-            p, base="sd15", fmt="kohya", seed=ZOO_SEEDS[TINY_LORA_SD15_KOHYA_NAME]
-        ),
-        TINY_LORA_SDXL_KOHYA_NAME: lambda p: make_tiny_lora(
-            p, base="sdxl", fmt="kohya", seed=ZOO_SEEDS[TINY_LORA_SDXL_KOHYA_NAME]
-        ),
-        TINY_TI_SD15_NAME: lambda p: make_tiny_textual_inversion(p, base="sd15"),
-        TINY_TI_SDXL_NAME: lambda p: make_tiny_textual_inversion(p, base="sdxl", seed=ZOO_SEEDS[TINY_TI_SDXL_NAME]),
-        TINY_VAE_NAME: lambda p: make_tiny_vae(p),
-        TINY_SD15_INPAINT_NAME: lambda p: make_tiny_sd15_inpaint(p),
+        TINY_CONTROLNET_SD15_NAME: lambda p, seed: make_tiny_controlnet(p, base="sd15", seed=seed),
+        TINY_CONTROLNET_SDXL_NAME: lambda p, seed: make_tiny_controlnet(p, base="sdxl", seed=seed),
+        TINY_LORA_SD15_NAME: lambda p, seed: make_tiny_lora(p, base="sd15", seed=seed),
+        TINY_LORA_SDXL_NAME: lambda p, seed: make_tiny_lora(p, base="sdxl", seed=seed),
+        TINY_LORA_SD15_KOHYA_NAME: lambda p, seed: make_tiny_lora(p, base="sd15", fmt="kohya", seed=seed),
+        TINY_LORA_SDXL_KOHYA_NAME: lambda p, seed: make_tiny_lora(p, base="sdxl", fmt="kohya", seed=seed),
+        TINY_TI_SD15_NAME: lambda p, seed: make_tiny_textual_inversion(p, base="sd15", seed=seed),
+        TINY_TI_SDXL_NAME: lambda p, seed: make_tiny_textual_inversion(p, base="sdxl", seed=seed),
+        TINY_VAE_NAME: lambda p, seed: make_tiny_vae(p, seed=seed),
+        TINY_SD15_INPAINT_NAME: lambda p, seed: make_tiny_sd15_inpaint(p, seed=seed),
     }
-    return {name: build(root / name) for name, build in builders.items()}
+    return {name: builders[name](root / name, ZOO_SEEDS[name]) for name in ZOO_NAMES}

@@ -270,7 +270,8 @@ def _request(
         offset, total = _start_position(response, shown, offset)
         if offset == 0:
             _discard(part, meta_path)
-        name = file_name_from(response, url)
+        resumed_name = meta.get("name") if offset and meta is not None else None
+        name = resumed_name or file_name_from(response, url)  # a 206 may lack Content-Disposition
         if total is not None and reserve is not None:
             _reserve_or_discard(reserve, total, part, meta_path)
         _write_meta(meta_path, shown, response, total, name)

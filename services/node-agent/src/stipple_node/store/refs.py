@@ -51,7 +51,7 @@ def classify(ref: str, *, field: str = "model") -> RefKind:
     if "://" in ref:
         return _classify_url(ref, field)
     if ref.startswith(("/", "~")):
-        return _classify_path(ref, field)
+        return _classify_path(ref, Path(ref).expanduser(), field)
     if _HF_ID.fullmatch(ref) and "--" not in ref and ".." not in ref and not ref.endswith(".git"):
         return "hf"
     raise InvalidInput(
@@ -64,7 +64,7 @@ def classify(ref: str, *, field: str = "model") -> RefKind:
 def _classify_url(ref: str, field: str) -> RefKind:
     scheme = ref.split("://", 1)[0].lower()
     if scheme == "file":
-        return _classify_path(str(local_path(ref, field=field)), field)
+        return _classify_path(ref, local_path(ref, field=field), field)
     if scheme not in ("http", "https"):
         raise InvalidInput(field, ref, f"unsupported URL scheme {scheme!r}; use http, https or file")
     try:
@@ -77,12 +77,12 @@ def _classify_url(ref: str, field: str) -> RefKind:
     return "url"
 
 
-def _classify_path(path: str, field: str) -> RefKind:
-    if ".." in Path(path).parts:
-        raise InvalidInput(field, path, "path must not contain '..'")
-    if not Path(path).expanduser().is_absolute():
-        raise InvalidInput(field, path, "local paths must be absolute")
-    return "local_file" if Path(path).suffix.lower() in WEIGHT_SUFFIXES else "local_dir"
+def _classify_path(ref: str, path: Path, field: str) -> RefKind:
+    if ".." in path.parts:
+        raise InvalidInput(field, ref, "path must not contain '..'")
+    if not path.is_absolute():
+        raise InvalidInput(field, ref, "local paths must be absolute")
+    return "local_file" if path.suffix.lower() in WEIGHT_SUFFIXES else "local_dir"
 
 
 def local_path(ref: str, *, field: str = "model") -> Path:

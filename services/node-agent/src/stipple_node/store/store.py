@@ -36,7 +36,7 @@ from stipple_common.errors import InvalidInput, StippleError
 
 from . import hf
 from .download import ProgressCallback, download, make_client
-from .errors import ChecksumMismatch, DiskBudgetExceeded, DownloadFailed, ModelNotAvailable, StoreLocked
+from .errors import ChecksumMismatch, DiskBudgetExceeded, DownloadFailed, ModelNotAvailable, StoreError, StoreLocked
 from .index import Entry, load_index, save_index
 from .refs import check_sha256, check_variant, classify, hf_key, local_path, public_url, url_key
 
@@ -106,6 +106,7 @@ class ModelStore:
         self._client: httpx.Client | None = None
         self._local_sums: dict[tuple[str, int, int], str] = {}
         self._last_touch = 0.0
+        self._closed = False
         log.info("store_opened", root=str(self.root), entries=len(self._entries), used_bytes=self.used_bytes)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -113,6 +114,7 @@ class ModelStore:
     def close(self) -> None:
         """Close the HTTP client and release the root (another ModelStore may open it then)."""
         with self._lock:
+            self._closed = True
             if self._client is not None:
                 self._client.close()
                 self._client = None
@@ -193,6 +195,8 @@ class ModelStore:
     # -- resolution ------------------------------------------------------------------
 
     def _resolve(self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool) -> Path:
+        if self._closed:
+            raise StoreError(f"model store {self.root} is closed (resolving {ref!r})")
         ref_kind = classify(ref)
         variant = check_variant(variant)
         sha256 = check_sha256(sha256)

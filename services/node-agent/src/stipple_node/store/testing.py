@@ -62,7 +62,7 @@ class FileServer:
         self.log: list[Request] = []
         self._lock = threading.Lock()
         handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(
@@ -98,6 +98,16 @@ class FileServer:
     def _record(self, request: Request) -> None:
         with self._lock:
             self.log.append(request)
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Does not print a traceback when a client hangs up (tests abort downloads on purpose)."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
