@@ -341,3 +341,44 @@ def test_loaded_pipelines_are_kept_and_evicted_least_recently_used(zoo: dict[str
     assert runner.loaded() == ["tiny-sd"]
     run(runner, model="tiny-sdxl")
     assert runner.loaded() == ["tiny-sdxl"]
+
+
+def tiny_safety_checker(folder: Path, *, flag_everything: bool) -> Path:
+    """A tiny StableDiffusionSafetyChecker whose concept thresholds flag every image or none."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0 if flag_everything else 10.0)
+        checker.special_care_embeds_weights.fill_(10.0)
+    checker.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("flag_everything", [True, False])
+def test_safety_checker_blacks_out_flagged_images(zoo: dict[str, Path], tmp_path: Path, flag_everything: bool) -> None:
+    checker = tiny_safety_checker(tmp_path / "checker", flag_everything=flag_everything)
+    runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, safety_checker=checker)
+    checked = run(runner, task_config={"safety_checker": True})
+    unchecked = run(runner)
+    check_png(checked[0])
+    if flag_everything:
+        assert pixels(checked[0]).max() == 0
+    else:
+        assert checked == unchecked

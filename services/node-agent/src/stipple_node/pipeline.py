@@ -227,6 +227,10 @@ class PipelineRunner:
 
         family = model_family(path)
         common: dict[str, Any] = {"local_files_only": True, _DTYPE_ARG: dtype}
+        if family.startswith("sdxl"):
+            # Not saved in model_index.json: by default diffusers watermarks SDXL output when the
+            # invisible-watermark package happens to be installed, and nodes would then disagree.
+            common["add_watermarker"] = False
         if variant:
             common["variant"] = variant
         parts: dict[str, Any] = {}
@@ -398,7 +402,7 @@ class PipelineRunner:
                 shared = {"vae": base.pipe.vae, "text_encoder_2": base.pipe.text_encoder_2}
                 try:
                     pipe = AutoPipelineForImage2Image.from_pretrained(
-                        path, local_files_only=True, **shared, **{_DTYPE_ARG: dtype}
+                        path, local_files_only=True, add_watermarker=False, **shared, **{_DTYPE_ARG: dtype}
                     )
                 except Exception as exc:
                     raise ModelLoadFailed(f"refiner.model: cannot load refiner from {path}: {exc}") from exc
@@ -420,10 +424,12 @@ class PipelineRunner:
                 path = self._resolve(lora.model, None, f"loras[{i}].model", kind="lora")
                 folder, weight_name = (path.parent, path.name) if path.is_file() else (path, lora.weight_file_name)
                 try:
-                    pipe.load_lora_weights(str(folder), weight_name=weight_name or None, adapter_name=f"lora{i}")
+                    pipe.load_lora_weights(
+                        str(folder), weight_name=weight_name or None, adapter_name=f"stipple_lora_{i}"
+                    )
                 except Exception as exc:
                     raise ModelLoadFailed(f"loras[{i}].model: cannot load LoRA {lora.model!r}: {exc}") from exc
-                names.append(f"lora{i}")
+                names.append(f"stipple_lora_{i}")  # never a substring of a parameter name
             if names:
                 pipe.set_adapters(names, adapter_weights=[lora.weight for lora in spec.loras])
             if spec.textual_inversion:  # into the task's own copies (see _task_pipeline): nothing to undo
