@@ -112,7 +112,7 @@ def load_and_lora_times(root: Path) -> dict[str, float]:
         base = {
             "base_model": "tiny-sd",
             "prompt": "a cat",
-            "task_config": {"image_width": 64, "image_height": 64, "steps": 2},
+            "task_config": {"image_width": 64, "image_height": 64, "steps": 2, "seed": 1},
         }
         runner.run(parse_task(base))
         plain = min(_timed(runner, base) for _ in range(3))
