@@ -151,3 +151,95 @@ def test_every_service_serves_prometheus_metrics(http, network):
         body = httpx.get(url, timeout=10).text
         metric = expected.get(name, "stipple_node_tasks_total")
         assert f"# TYPE {metric} counter" in body, f"{name} at {url} lacks {metric}"
+
+
+# ----------------------------------------------------------------------------- the whole task format
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory) -> str:
+    """A LoRA for the tiny model, on this machine's disk, which every local node can read."""
+    from stipple_node.tinyzoo import make_tiny_lora
+
+    return str(make_tiny_lora(tmp_path_factory.mktemp("lora") / "tiny-lora.safetensors", base="sd15"))
+
+
+def test_a_crynux_task_runs_as_it_is(http, lora_file):
+    crynux = {
+        "version": "2.5.0",
+        "base_model": {"name": "tiny-sd", "variant": None},
+        "dtype": "auto",
+        "unet": "",
+        "prompt": "a (red fox:1.4) in snow, best quality",
+        "negative_prompt": "lowres",
+        "lora": {"model": lora_file, "weight_file_name": "", "weight": 80},
+        "scheduler": {"method": "EulerAncestralDiscreteScheduler", "args": {"timestep_spacing": "trailing"}},
+        "vae": "",
+        "textual_inversion": "",
+        "task_config": {
+            "image_width": 64,
+            "image_height": 64,
+            "steps": 3,
+            "seed": 99975892,
+            "num_images": 2,
+            "safety_checker": False,
+            "cfg": 5,
+        },
+    }
+    accepted = http.post("/v1/tasks", json=crynux)
+    assert accepted.status_code == 202, accepted.text
+    view = wait_finished(http, accepted.json()["task_id"])
+    assert view["status"] == "succeeded", view
+    assert view["outcome"]["reason"] == "unanimous"
+    assert [i["seed"] for i in view["images"]] == [99975892, 99975893]
+    assert view["task"]["loras"] == [{"model": lora_file, "weight_file_name": "", "weight": 0.8}]
+    plain = http.post("/v1/tasks", json={**crynux, "lora": None})
+    plain_view = wait_finished(http, plain.json()["task_id"])
+    assert plain_view["status"] == "succeeded"
+    with_lora_png = http.get(view["images"][0]["url"]).content
+    assert http.get(plain_view["images"][0]["url"]).content != with_lora_png  # the LoRA was applied
+
+
+def test_sdcn_img2img(http):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    response = http.post(
+        "/img2img",
+        json={
+            "prompt": "a red square",
+            "init_image": png_data_url(init),
+            "denoising_strength": 0.5,
+            "steps": 4,
+            "width": 64,
+            "height": 64,
+            "seed": 3,
+        },
+    )
+    assert response.status_code == 200, response.text
+    image = decode_png(base64.b64decode(response.json()["images"][0]))
+    assert image.size == (64, 64)
+
+
+def test_a_task_the_nodes_cannot_run_ends_with_their_typed_errors(http, tmp_path):
+    missing = str(tmp_path / "no-such-lora.safetensors")
+    task = {
+        "base_model": "tiny-sd",
+        "prompt": "x",
+        "loras": [{"model": missing}],
+        "task_config": {"image_width": 64, "image_height": 64, "steps": 2, "seed": 1},
+    }
+    accepted = http.post("/v1/tasks", json=task)
+    assert accepted.status_code == 202  # the gateway cannot know what is on the nodes' disks
+    view = wait_finished(http, accepted.json()["task_id"])
+    assert view["status"] == "aborted"
+    assert view["outcome"]["reason"] == "too_few_results"
+    assert set(view["outcome"]["verdicts"].values()) == {"error"}
+    for node in view["nodes"]:
+        assert node["status"] == "errored"
+        assert node["error"]["message"].startswith("loras[0].model: ")
+        assert "no-such-lora" in node["error"]["message"]

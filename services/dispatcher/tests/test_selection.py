@@ -48,3 +48,23 @@ def test_too_few_says_how_many_there_are():
     with pytest.raises(NotEnoughNodes, match="3 live nodes of 2 operators serve it") as info:
         pick(nodes, SPEC, 3, random.Random(0))
     assert info.value.retryable
+
+
+def test_a_model_on_a_nodes_disk_counts_as_served():
+    spec = parse_task({"base_model": "org/some-model", "prompt": "p"})
+    on_disk = [
+        NodeJoined(
+            node_id=f"n{i}",
+            operator=f"o{i}",
+            device="cpu",
+            memory_bytes=1,
+            models=["tiny-sd"],
+            models_on_disk=["org/some-model"],
+            version="0",
+            started_at=0.0,
+        )
+        for i in range(3)
+    ]
+    assert sorted(pick(on_disk, spec, 3, random.Random(0))) == ["n0", "n1", "n2"]
+    with pytest.raises(NotEnoughNodes):
+        pick([node(f"m{i}") for i in range(3)], spec, 3, random.Random(0))

@@ -116,6 +116,10 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     models_on_disk: list[str] = []  # in the node's model store (the dispatcher prefers nodes that have a model)
     models_loaded: list[str] = []  # in memory
 
+    def serves(self, model: str) -> bool:
+        """The node can run `model` without a download: it serves it by name or has it on disk."""
+        return model in self.models or model in self.models_on_disk
+
 
 class NodeHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", tag_field="type"):
     node_id: str

@@ -20,7 +20,7 @@ class NotEnoughNodes(StippleError):
 
 
 def eligible(nodes: list[NodeJoined], spec: TaskSpec) -> list[NodeJoined]:
-    return [node for node in nodes if spec.model_name in node.models]
+    return [node for node in nodes if node.serves(spec.model_name)]
 
 
 def pick(nodes: list[NodeJoined], spec: TaskSpec, count: int, rng: random.Random) -> list[str]:

@@ -130,7 +130,9 @@ class Gateway:
 
     def check_capacity(self, spec: TaskSpec) -> None:
         """Refuse at once what the network cannot run now (never queue it forever)."""
-        known = {model for entry in self.directory.entries.values() for model in entry.joined.models}
+        known = {
+            m for entry in self.directory.entries.values() for m in (*entry.joined.models, *entry.joined.models_on_disk)
+        }
         if spec.model_name not in known:
             available = ", ".join(sorted(known)) or "none (no node has registered)"
             raise ApiError(
@@ -140,7 +142,7 @@ class Gateway:
                 field="base_model",
                 value=spec.model_name,
             )
-        live = [n for n in self.directory.live() if spec.model_name in n.models]
+        live = [n for n in self.directory.live() if n.serves(spec.model_name)]
         operators = {n.operator for n in live}
         need = self.settings.replication
         if len(operators) < need:
