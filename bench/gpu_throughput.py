@@ -23,10 +23,23 @@ from stipple_node.pipeline import PipelineRunner, configure_determinism
 from stipple_node.tinymodel import write_clip_tokenizer_files
 
 
+def full_vae(scaling_factor: float):
+    """SD's VAE architecture (the same for SD 1.5 and SDXL, but for the latent scale)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        scaling_factor=scaling_factor,
+    )
+
+
 def build(kind: str, folder: Path) -> Path:
     """A full-size SD 1.5 or SDXL pipeline with random weights, saved with save_pretrained."""
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
@@ -53,13 +66,7 @@ def build(kind: str, folder: Path) -> Path:
             )
         )
         unet = UNet2DConditionModel(cross_attention_dim=768)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-        )
+        vae = full_vae(0.18215)
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text,
@@ -106,14 +113,7 @@ def build(kind: str, folder: Path) -> Path:
             addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=2,
-            scaling_factor=0.13025,
-        )
+        vae = full_vae(0.13025)
         pipe = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=text,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from stipple_common.errors import StippleError
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 TINY_MODEL_NAME = "tiny-sd"
 """The name under which nodes and tests announce the tiny model."""
@@ -240,7 +240,7 @@ def _build(seed: int, tokenizer_dir: Path, vocab_size: int) -> StableDiffusionPi
     diffusers and transformers are imported here, not at module level: they take seconds to import.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # Read from the CLIP-format files just written (paths, so the files themselves are what is tested).
@@ -264,18 +264,7 @@ def _build(seed: int, tokenizer_dir: Path, vocab_size: int) -> StableDiffusionPi
         norm_num_groups=NORM_GROUPS,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=NORM_GROUPS,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    vae = tiny_vae(scaling_factor=0.18215)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -311,4 +300,23 @@ def _build(seed: int, tokenizer_dir: Path, vocab_size: int) -> StableDiffusionPi
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+
+
+def tiny_vae(*, scaling_factor: float, force_upcast: bool = True) -> AutoencoderKL:
+    """The tiny VAE layout (8x down, 4 latent channels), shared with the tiny zoo."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=NORM_GROUPS,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
     )

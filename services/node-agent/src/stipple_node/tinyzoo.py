@@ -223,22 +223,7 @@ def _sd15_unet(in_channels: int = 4) -> UNet2DConditionModel:
 
 def _vae(scaling_factor: float, *, force_upcast: bool = True) -> AutoencoderKL:
     """tinymodel's VAE layout (8x down, 4 latent channels)."""
-    from diffusers import AutoencoderKL
-
-    channels = tinymodel.VAE_CHANNELS
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        block_out_channels=channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=tinymodel.NORM_GROUPS,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        force_upcast=force_upcast,
-    )
+    return tinymodel.tiny_vae(scaling_factor=scaling_factor, force_upcast=force_upcast)
 
 
 def _sdxl_unet() -> UNet2DConditionModel:
