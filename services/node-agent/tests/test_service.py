@@ -23,7 +23,7 @@ from stipple_common.messages import (
 )
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import open_service
-from stipple_common.taskspec import TaskSpec, parse_task
+from stipple_common.taskspec import LoraSpec, TaskSpec, parse_task
 from stipple_node.pipeline import PipelineRunner
 from stipple_node.service import NodeSettings, parse_models, serve
 
@@ -155,3 +155,49 @@ def test_model_settings_are_checked_at_start(tmp_path, tiny_model_dir):
         parse_models("sdxl=builtin", tmp_path)
     with pytest.raises(InvalidSettings, match="empty"):
         parse_models(" , ", tmp_path)
+
+
+async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_url, tiny_model_dir, tmp_path):
+    """The real store inside the real node: the task names a LoRA by URL (as Civitai
+    links are); the node downloads it, reports progress on downloads.<node_id>, uses it."""
+    from stipple_node.service import DownloadReporter
+    from stipple_node.store import ModelStore
+    from stipple_node.store.testing import FileServer, Served
+    from stipple_node.tinyzoo import make_tiny_lora
+
+    lora = make_tiny_lora(tmp_path / "lora.safetensors", base="sd15").read_bytes()
+    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op", heartbeat_s=0.2)
+    reporter = DownloadReporter()
+    stop = asyncio.Event()
+    with (
+        FileServer() as files,
+        ModelStore(tmp_path / "store", budget_bytes=None, progress=reporter) as store,
+    ):
+        url = files.add("/api/download/models/1", Served(lora, filename="fox-style.safetensors", chunk_bytes=4096))
+        runner = PipelineRunner({"tiny-sd": tiny_model_dir}, store=store)
+        async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
+            reporter.attach(ctx, asyncio.get_running_loop(), "n1")
+            events = []
+
+            async def on_download(msg):
+                events.append(msgspec.json.decode(msg.data))
+
+            sub = await ctx.nc.subscribe(subjects.download_subject("n1"), cb=on_download)
+            task = asyncio.create_task(serve(ctx, settings, runner, store))
+            task_id = await assign(ctx.js, msgspec.structs.replace(spec(), loras=[LoraSpec(model=url, weight=0.9)]))
+            _, result = await final_event(ctx.js, task_id)
+            assert isinstance(result, ResultRevealed), result
+            plain = await assign(ctx.js, spec())
+            _, plain_result = await final_event(ctx.js, plain)
+            with_lora_png = await ctx.blobs.get(result.images[0].key)
+            plain_png = await ctx.blobs.get(plain_result.images[0].key)
+            await asyncio.sleep(0.2)
+            await sub.unsubscribe()
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        assert with_lora_png != plain_png  # the downloaded LoRA was applied
+        assert events, "no download progress was published"
+        assert events[-1]["done"] is True
+        assert events[-1]["downloaded_bytes"] == len(lora)
+        assert [m.ref for m in store.inventory()] == [url]
+        assert len(files.requests("/api/download/models/1")) == 1  # downloaded once, then from disk
