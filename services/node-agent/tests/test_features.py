@@ -382,3 +382,25 @@ def test_safety_checker_blacks_out_flagged_images(zoo: dict[str, Path], tmp_path
         assert pixels(checked[0]).max() == 0
     else:
         assert checked == unchecked
+
+
+def test_sd2_style_v_prediction_model(zoo: dict[str, Path], tmp_path: Path) -> None:
+    """SD 2.x differs from 1.x at run time by v-prediction and a GELU text encoder: the
+    tiny model's folder with SD 2.1's settings must run through the same code path."""
+    import json
+    import shutil
+
+    sd2 = tmp_path / "tiny-sd2"
+    shutil.copytree(zoo["tiny-sd"], sd2)
+    scheduler = json.loads((sd2 / "scheduler" / "scheduler_config.json").read_text())
+    scheduler.update(prediction_type="v_prediction", timestep_spacing="leading")
+    (sd2 / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    encoder = json.loads((sd2 / "text_encoder" / "config.json").read_text())
+    encoder["hidden_act"] = "gelu"
+    (sd2 / "text_encoder" / "config.json").write_text(json.dumps(encoder))
+    runner = PipelineRunner({"tiny-sd2": sd2, "tiny-sd": zoo["tiny-sd"]})
+    assert runner.pipeline("tiny-sd2").scheduler.config.prediction_type == "v_prediction"
+    v_pred = run(runner, model="tiny-sd2", sampler="Euler")
+    check_png(v_pred[0])
+    assert run(runner, model="tiny-sd2", sampler="Euler") == v_pred
+    assert v_pred != run(runner, model="tiny-sd", sampler="Euler")
