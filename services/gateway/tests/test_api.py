@@ -233,3 +233,12 @@ async def test_nats_outage_is_503_not_500(fresh_nats_url):
     assert response.status_code == 503
     assert "message bus is unavailable" in response.json()["error"]["message"]
     assert health.status_code == 503
+
+
+async def test_task_view_summarizes_input_images(client, gateway):
+    make_live(gateway, joined("a", "1"), joined("b", "2"), joined("c", "3"))
+    body = {**TASK, "kind": "img2img", "init_image": PNG}
+    task_id = (await client.post("/v1/tasks", json=body)).json()["task_id"]
+    view = (await client.get(f"/v1/tasks/{task_id}")).json()
+    assert view["task"]["init_image"] == f"<image, {len(PNG)} characters>"
+    assert view["task"]["kind"] == "img2img"

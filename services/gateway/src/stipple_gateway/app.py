@@ -300,6 +300,20 @@ def new_task_id(idempotency_key: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def spec_view(spec: TaskSpec) -> dict[str, Any]:
+    """The task as stored, with input images summarized: they can be megabytes each."""
+    view = msgspec.to_builtins(spec)
+
+    def summary(data_url: str) -> str:
+        return f"<image, {len(data_url)} characters>" if data_url else ""
+
+    for field in ("init_image", "mask_image"):
+        view[field] = summary(view.get(field, ""))
+    if view.get("controlnet"):
+        view["controlnet"]["image_dataurl"] = summary(view["controlnet"]["image_dataurl"])
+    return view
+
+
 def task_view(task: Task) -> dict[str, Any]:
     """The app's view of a task."""
     view: dict[str, Any] = {
@@ -308,7 +322,7 @@ def task_view(task: Task) -> dict[str, Any]:
         "source": task.source,
         "submitted_at": task.submitted_at,
         "seed": task.spec.task_config.seed,
-        "task": msgspec.to_builtins(task.spec),
+        "task": spec_view(task.spec),
         "nodes": [
             {
                 "node_id": run.node_id,
