@@ -10,8 +10,10 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stipple_common.errors import InvalidInput, StippleError
@@ -404,3 +406,79 @@ def test_sd2_style_v_prediction_model(zoo: dict[str, Path], tmp_path: Path) -> N
     check_png(v_pred[0])
     assert run(runner, model="tiny-sd2", sampler="Euler") == v_pred
     assert v_pred != run(runner, model="tiny-sd", sampler="Euler")
+
+
+def test_a_single_file_checkpoint_as_base_model(zoo: dict[str, Path], tmp_path: Path) -> None:
+    """An A1111/Civitai-style single .safetensors file, by path through the real store.
+    Same weights as the folder (checked), so the same picture; not bit for bit, because
+    the loaded tensors sit differently in memory and CPU kernels round differently
+    (measured: 6e-7 in the UNet's output)."""
+    from stipple_node.tinyzoo import save_single_file
+
+    checkpoint = save_single_file(zoo["tiny-sd"], tmp_path / "tiny-sd-single.safetensors")
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, store=store)
+        single = run(runner, model=str(checkpoint))
+        check_png(single[0])
+        assert run(runner, model=str(checkpoint)) == single
+        folder = run(runner, model="tiny-sd")
+        assert differ(single[0], folder[0]) < 1.0  # mean absolute difference, of 255
+        assert (
+            imagehash.phash(Image.open(io.BytesIO(single[0]))) - imagehash.phash(Image.open(io.BytesIO(folder[0]))) <= 2
+        )
+        pipe = runner.pipeline(str(checkpoint))
+        for name in ("unet", "vae", "text_encoder"):
+            ours, theirs = getattr(pipe, name).state_dict(), getattr(runner.pipeline("tiny-sd"), name).state_dict()
+            assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+
+
+def test_a_single_file_checkpoint_needs_a_folder_of_its_family(zoo: dict[str, Path], tmp_path: Path) -> None:
+    from stipple_node.tinyzoo import save_single_file
+
+    checkpoint = save_single_file(zoo["tiny-sd"], tmp_path / "sd.safetensors")
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        runner = PipelineRunner({"tiny-sdxl": zoo["tiny-sdxl"]}, store=store)
+        with pytest.raises(ModelLoadFailed, match="single-file sd checkpoint"):
+            run(runner, model=str(checkpoint))
+
+
+@pytest.mark.parametrize("method", ["scribble_hed", "softedge_hed", "softedge_hedsafe"])
+def test_hed_annotators_load_their_weights_through_the_store(zoo: dict[str, Path], tmp_path: Path, method: str) -> None:
+    """The HED network with random weights saved as ControlNetHED.pth is, is loaded by
+    the store, and turns the picture into a control image."""
+    from stipple_common.taskspec import Preprocess
+    from stipple_node.annotators import HedNetwork
+    from stipple_node.images import preprocess
+
+    torch.manual_seed(0)
+    weights = tmp_path / "ControlNetHED.pth"
+    torch.save(HedNetwork().state_dict(), weights)
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, store=store, annotator_hed=str(weights))
+        control = {
+            "model": str(zoo["tiny-controlnet-sd15"]),
+            "image_dataurl": data_url(pattern()),
+            "preprocess": {"method": method},
+        }
+        out = run(runner, controlnet=control)
+        check_png(out[0])
+        assert run(runner, controlnet=control) == out
+        canny = {**control, "preprocess": {"method": "canny"}}
+        assert run(runner, controlnet=canny) != out
+        edges = np.asarray(preprocess(pattern(), Preprocess(method=method), 0, runner._annotators))
+        assert edges.shape == (64, 64, 3)
+        if method.startswith("scribble"):
+            assert set(np.unique(edges)) <= {0, 255}  # a scribble is black and white
+
+
+def test_hed_without_weights_is_a_typed_error(zoo: dict[str, Path], tmp_path: Path) -> None:
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, store=store, annotator_hed=str(tmp_path / "none.pth"))
+        control = {
+            "model": str(zoo["tiny-controlnet-sd15"]),
+            "image_dataurl": data_url(pattern()),
+            "preprocess": {"method": "scribble_hed"},
+        }
+        with pytest.raises(StippleError) as caught:
+            run(runner, controlnet=control)
+        assert caught.value.message.startswith("controlnet.preprocess")

@@ -44,8 +44,9 @@ def _int_arg(args: dict[str, Any], name: str, default: int, low: int, high: int)
     return value
 
 
-def preprocess(image: Image.Image, spec: Preprocess | None, seed: int) -> Image.Image:
-    """Apply a ControlNet preprocessor (None: the image is already a control image)."""
+def preprocess(image: Image.Image, spec: Preprocess | None, seed: int, annotators: Any = None) -> Image.Image:
+    """Apply a ControlNet preprocessor (None: the image is already a control image).
+    `annotators` (an `annotators.Annotators`) provides the networks that need weights."""
     if spec is None:
         return image
     args = spec.args or {}
@@ -60,10 +61,15 @@ def preprocess(image: Image.Image, spec: Preprocess | None, seed: int) -> Image.
     if spec.method == "scribble_xdog":
         threshold = _int_arg(args, "thr_a", 32, 1, 64)
         return Image.fromarray(_xdog(array, threshold))
+    if spec.method in ("scribble_hed", "softedge_hed", "scribble_hedsafe", "softedge_hedsafe") and annotators:
+        from .annotators import hed
+
+        safe, scribble = spec.method.endswith("safe"), spec.method.startswith("scribble")
+        return Image.fromarray(hed(array, annotators.hed(), safe=safe, scribble=scribble))
     if spec.method in ANNOTATOR_PREPROCESSORS:
         raise PreprocessorUnavailable(
-            f"controlnet.preprocess.method: {spec.method!r} needs annotator weights, which this node does not "
-            "have; use canny, shuffle or scribble_xdog, or send a ready control image without preprocess"
+            f"controlnet.preprocess.method: {spec.method!r} needs an annotator this node does not have yet; "
+            "use canny, shuffle, scribble_xdog or the HED methods, or send a ready control image without preprocess"
         )
     raise InvalidInput("controlnet.preprocess.method", spec.method, "unknown preprocessor")
 

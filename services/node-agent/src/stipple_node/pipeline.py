@@ -40,6 +40,7 @@ from PIL import Image
 from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.taskspec import ModelRef, TaskSpec, canonical, check_spec, validation_error_to_invalid
 
+from .annotators import HED_DEFAULT, Annotators
 from .images import load_image, preprocess
 from .prompts import prompt_kwargs
 from .schedulers import SAMPLERS, make_scheduler
@@ -120,7 +121,10 @@ def configure_determinism(threads: int) -> None:
 
 
 def model_family(path: Path) -> str:
-    """ "sd" (1.x/2.x), "sdxl", or "sdxl_refiner", from the folder's model_index.json."""
+    """The family ("sd" for 1.x/2.x, "sdxl", "sdxl_refiner"): from a folder's
+    model_index.json, or from the tensor names of a single-file checkpoint."""
+    if path.is_file():
+        return single_file_family(path)
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
@@ -129,6 +133,28 @@ def model_family(path: Path) -> str:
     if "XL" in name:
         return "sdxl_refiner" if index.get("text_encoder", [None])[0] is None else "sdxl"
     return "sd"
+
+
+def single_file_family(path: Path) -> str:
+    """The family of an original-layout (A1111/Civitai) checkpoint, from its tensor names."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                keys = set(handle.keys())
+        else:
+            checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+            keys = set(checkpoint.get("state_dict", checkpoint))
+    except Exception as exc:
+        raise ModelLoadFailed(f"base_model: cannot read checkpoint {path.name}: {exc}") from exc
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return "sdxl_refiner"
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return "sd"
+    raise ModelLoadFailed(f"base_model: {path.name} is not a Stable Diffusion checkpoint this node knows")
 
 
 @dataclass
@@ -155,6 +181,7 @@ class PipelineRunner:
         dtype: torch.dtype | None = None,
         cache_size: int = 2,
         safety_checker: Path | None = None,
+        annotator_hed: str = HED_DEFAULT,
     ) -> None:
         """`dtype` defaults to float16 on CUDA and float32 elsewhere (a task's `dtype` is
         honoured on CUDA; CPUs always compute in float32)."""
@@ -168,6 +195,8 @@ class PipelineRunner:
         self._safety_checker_path = safety_checker
         self._safety: tuple[Any, Any] | None = None
         self._lock = threading.RLock()
+        resolve = (lambda ref: self._resolve(ref, None, "controlnet.preprocess", kind="annotator")) if store else None
+        self._annotators = Annotators(resolve, annotator_hed)
 
     # ------------------------------------------------------------------ models
 
@@ -243,8 +272,11 @@ class PipelineRunner:
                 parts["unet"] = UNet2DConditionModel.from_pretrained(
                     unet_path, local_files_only=True, **{_DTYPE_ARG: dtype}
                 )
-            auto = AutoPipelineForImage2Image if family == "sdxl_refiner" else AutoPipelineForText2Image
-            pipe = auto.from_pretrained(path, **common, **parts)
+            if path.is_file():
+                pipe = self._load_single_file(path, family, common, parts)
+            else:
+                auto = AutoPipelineForImage2Image if family == "sdxl_refiner" else AutoPipelineForText2Image
+                pipe = auto.from_pretrained(path, **common, **parts)
         except StippleError:
             raise
         except Exception as exc:  # diffusers raises OSError, ValueError, KeyError, ...
@@ -252,6 +284,25 @@ class PipelineRunner:
         pipe.to(self._device)
         pipe.set_progress_bar_config(disable=True)
         return _Loaded(pipe, family)
+
+    def _load_single_file(self, path: Path, family: str, common: dict[str, Any], parts: dict[str, Any]) -> Any:
+        """An original-layout checkpoint, converted by diffusers. Its component configs come
+        from a diffusers folder of the same family that this node serves (nothing is fetched)."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        config = next((p for p in self._paths.values() if p.is_dir() and model_family(p) == family), None)
+        if config is None:
+            raise ModelLoadFailed(
+                f"base_model: {path.name} is a single-file {family} checkpoint; loading one needs a diffusers "
+                f"folder of the same family among this node's models (STIPPLE_MODELS) for its configuration"
+            )
+        pipeline_class = {
+            "sd": StableDiffusionPipeline,
+            "sdxl": StableDiffusionXLPipeline,
+            "sdxl_refiner": StableDiffusionXLImg2ImgPipeline,
+        }[family]
+        options = {k: v for k, v in common.items() if k != "variant"}
+        return pipeline_class.from_single_file(str(path), config=str(config), **options, **parts)
 
     def _controlnet(self, ref: str, variant: str | None, dtype: torch.dtype) -> Any:
         from diffusers import ControlNetModel
@@ -342,6 +393,7 @@ class PipelineRunner:
                 load_image("controlnet.image_dataurl", spec.controlnet.image_dataurl, size),
                 spec.controlnet.preprocess,
                 config.seed,
+                self._annotators,
             )
             inputs["control_image" if spec.kind != "txt2img" else "image"] = control
             inputs["controlnet_conditioning_scale"] = spec.controlnet.weight

@@ -687,3 +687,123 @@ def build_zoo(root: Path) -> dict[str, Path]:
         TINY_SD15_INPAINT_NAME: lambda p, seed: make_tiny_sd15_inpaint(p, seed=seed),
     }
     return {name: builders[name](root / name, ZOO_SEEDS[name]) for name in ZOO_NAMES}
+
+
+# --------------------------------------------------------------------------- single-file checkpoints
+
+_RESNET_TO_LDM = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
+_VAE_ATTENTION_TO_LDM = (
+    ("group_norm", "norm"),
+    ("to_q", "q"),
+    ("to_k", "k"),
+    ("to_v", "v"),
+    ("to_out.0", "proj_out"),
+)
+
+
+def _unet_key_to_ldm(key: str, layers: int, up_attentions: set[int]) -> str:
+    """One diffusers UNet key in the original (LDM) layout: the inverse of diffusers'
+    `convert_ldm_unet_checkpoint` for SD 1.x/2.x UNets."""
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+    parts = key.split(".")
+    stride = layers + 1
+    if parts[0] == "down_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{block * stride + index + 1}.0.{_rename(rest, _RESNET_TO_LDM)}"
+        if kind == "attentions":
+            return f"input_blocks.{block * stride + index + 1}.1.{rest}"
+        return f"input_blocks.{block * stride + stride}.0.op.{parts[-1]}"  # downsamplers.0.conv.*
+    if parts[0] == "mid_block":
+        kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        if kind == "resnets":
+            return f"middle_block.{2 * index}.{_rename(rest, _RESNET_TO_LDM)}"
+        return f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"output_blocks.{block * stride + index}.0.{_rename(rest, _RESNET_TO_LDM)}"
+        if kind == "attentions":
+            return f"output_blocks.{block * stride + index}.1.{rest}"
+        slot = 2 if block in up_attentions else 1
+        return f"output_blocks.{block * stride + layers}.{slot}.conv.{parts[-1]}"  # upsamplers.0.conv.*
+    raise ValueError(f"no LDM name for UNet key {key!r}")
+
+
+def _vae_key_to_ldm(key: str, num_up: int) -> str:
+    """One diffusers VAE key in the original layout (inverse of `convert_ldm_vae_checkpoint`)."""
+    parts = key.split(".")
+    side = parts[0]
+    if len(parts) == 2 or parts[1] in ("conv_in", "conv_out", "quant_conv", "post_quant_conv"):
+        return key
+    if parts[1] == "conv_norm_out":
+        return f"{side}.norm_out.{parts[-1]}"
+    if parts[1] == "mid_block":
+        if parts[2] == "resnets":
+            rest = ".".join(parts[4:]).replace("conv_shortcut", "nin_shortcut")
+            return f"{side}.mid.block_{int(parts[3]) + 1}.{rest}"
+        return f"{side}.mid.attn_1.{_rename('.'.join(parts[4:]), _VAE_ATTENTION_TO_LDM)}"
+    block = int(parts[2])
+    if parts[1] == "down_blocks":
+        if parts[3] == "resnets":
+            rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+            return f"encoder.down.{block}.block.{parts[4]}.{rest}"
+        return f"encoder.down.{block}.downsample.conv.{parts[-1]}"
+    ldm_block = num_up - 1 - block
+    if parts[3] == "resnets":
+        rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+        return f"decoder.up.{ldm_block}.block.{parts[4]}.{rest}"
+    return f"decoder.up.{ldm_block}.upsample.conv.{parts[-1]}"
+
+
+def _rename(rest: str, table: tuple[tuple[str, str], ...]) -> str:
+    for new, old in table:
+        if rest.startswith(new + "."):
+            return old + rest[len(new) :]
+    return rest
+
+
+def save_single_file(folder: Path, path: Path) -> Path:
+    """Write an SD 1.x/2.x diffusers folder as one original-layout (LDM) .safetensors
+    checkpoint, the format AUTOMATIC1111 and Civitai use, so that single-file loading
+    can be tested without a download."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    layers = unet.config.layers_per_block
+    up_attentions = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in unet.state_dict().items():
+        tensors["model.diffusion_model." + _unet_key_to_ldm(key, layers, up_attentions)] = value
+    for key, value in vae.state_dict().items():
+        ldm = _vae_key_to_ldm(key, len(vae.config.up_block_types))
+        if ".attn_1." in ldm and value.ndim == 2:
+            value = value[:, :, None, None]  # the original VAE attention uses 1x1 convolutions
+        tensors["first_stage_model." + ldm] = value
+    for key, value in text.state_dict().items():
+        # transformers 5 drops the `text_model.` level from CLIPTextModel's own names
+        full = key if key.startswith("text_model.") else "text_model." + key
+        tensors["cond_stage_model.transformer." + full] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    return path

@@ -16,7 +16,7 @@ from stipple_common.errors import InvalidInput
 
 RefKind = Literal["hf", "local_dir", "local_file", "url"]
 
-WEIGHT_SUFFIXES: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".bin"})
+WEIGHT_SUFFIXES: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin"})
 """A local path ending in one of these is a single-file checkpoint, LoRA or embedding."""
 
 MAX_REF_CHARS = 2048
