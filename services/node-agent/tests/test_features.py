@@ -482,3 +482,26 @@ def test_hed_without_weights_is_a_typed_error(zoo: dict[str, Path], tmp_path: Pa
         with pytest.raises(StippleError) as caught:
             run(runner, controlnet=control)
         assert caught.value.message.startswith("controlnet.preprocess")
+
+
+def test_out_of_gpu_memory_is_a_typed_error_and_frees_the_cache(
+    zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No GPU here: the diffusion call raises what CUDA raises; the runner must turn it
+    into `out_of_memory`, drop its loaded pipelines, and run the next task."""
+    from stipple_node.pipeline import OutOfMemory
+
+    runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]})
+    before = run(runner)
+    assert runner.loaded() == ["tiny-sd"]
+
+    def exhausted(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner, "_one_image", exhausted)
+    with pytest.raises(OutOfMemory, match="out of GPU memory") as caught:
+        run(runner)
+    assert caught.value.code == "out_of_memory"
+    assert runner.loaded() == []
+    monkeypatch.undo()
+    assert run(runner) == before
