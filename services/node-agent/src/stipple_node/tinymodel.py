@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -202,24 +203,38 @@ def make_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     reader (or a concurrent builder) never sees a half-written model. `directory` may
     exist already if it is empty.
     """
+
+    def write(staging: Path) -> None:
+        # vocab.json/merges.txt stay next to the tokenizer.json that save_pretrained adds, as in SD 1.5.
+        vocab_size = write_clip_tokenizer_files(staging / "tokenizer")
+        _build(seed, staging / "tokenizer", vocab_size).save_pretrained(staging, safe_serialization=True)
+
+    return build_folder(directory, MODEL_INDEX, write)
+
+
+def build_folder(directory: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """Run `write(staging)` in a temporary sibling of `directory` and rename it into place,
+    so a reader (or a concurrent builder) never sees a half-written folder.
+
+    `marker` is a file that `write` creates last and whose presence means "complete"; a
+    folder holding it is returned as is. `directory` may exist already if it is empty.
+    """
     directory = Path(directory)
-    if is_complete_model(directory):
+    if (directory / marker).is_file():
         return directory
     if directory.is_dir() and any(directory.iterdir()):
         raise _not_empty(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
     try:
-        # vocab.json/merges.txt stay next to the tokenizer.json that save_pretrained adds, as in SD 1.5.
-        vocab_size = write_clip_tokenizer_files(staging / "tokenizer")
-        _build(seed, staging / "tokenizer", vocab_size).save_pretrained(staging, safe_serialization=True)
-        if not is_complete_model(staging):
-            raise StippleError(f"building the tiny model in {staging} wrote no {MODEL_INDEX}")
-        staging.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary shared folder
+        write(staging)
+        if not (staging / marker).is_file():
+            raise StippleError(f"building {directory.name} in {staging} wrote no {marker}")
+        staging.chmod(0o755)  # mkdtemp makes it private; a model is an ordinary shared folder
         try:
             os.replace(staging, directory)  # atomic; replaces `directory` only if it is an empty folder
         except OSError:
-            if is_complete_model(directory):  # someone else finished first
+            if (directory / marker).is_file():  # someone else finished first
                 return directory
             raise _not_empty(directory) from None
     finally:
@@ -230,7 +245,7 @@ def make_tiny_model(directory: Path, *, seed: int = 0) -> Path:
 
 def _not_empty(directory: Path) -> StippleError:
     return StippleError(
-        f"cannot create the tiny model in {directory}: it exists, is not an empty folder and holds no model"
+        f"cannot create {directory.name} in {directory}: it exists, is not an empty folder and holds no model"
     )
 
 

@@ -125,38 +125,7 @@ LORA_STRENGTH = 1.0
 # -- building helpers -------------------------------------------------------------------
 
 
-def _is_complete(directory: Path, marker: str) -> bool:
-    return (directory / marker).is_file()
-
-
-def _build_folder(directory: Path, marker: str, write: Callable[[Path], None]) -> Path:
-    """Run `write(staging)` in a temporary sibling of `directory` and rename it into place.
-
-    `marker` is a file that `write` creates and whose presence means "complete"; a folder
-    holding it is returned as is. `directory` may exist already if it is empty.
-    """
-    directory = Path(directory)
-    if _is_complete(directory, marker):
-        return directory
-    if directory.is_dir() and any(directory.iterdir()):
-        raise _not_empty(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.building-", dir=directory.parent))
-    try:
-        write(staging)
-        if not _is_complete(staging, marker):
-            raise StippleError(f"building {directory.name} in {staging} wrote no {marker}")
-        staging.chmod(0o755)  # mkdtemp makes it private; a model is an ordinary shared folder
-        try:
-            os.replace(staging, directory)  # atomic; replaces `directory` only if it is an empty folder
-        except OSError:
-            if _is_complete(directory, marker):  # someone else finished first
-                return directory
-            raise _not_empty(directory) from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
+_build_folder = tinymodel.build_folder
 
 
 def _build_file(path: Path, write: Callable[[Path], None]) -> Path:
@@ -177,12 +146,6 @@ def _build_file(path: Path, write: Callable[[Path], None]) -> Path:
     finally:
         staging.unlink(missing_ok=True)
     return path
-
-
-def _not_empty(directory: Path) -> StippleError:
-    return StippleError(
-        f"cannot create {directory.name} in {directory}: it exists, is not an empty folder and holds no model"
-    )
 
 
 @contextmanager
