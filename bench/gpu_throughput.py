@@ -37,6 +37,21 @@ def full_vae(scaling_factor: float):
     )
 
 
+def clip_config(vocab: int, *, hidden: int, layers: int, heads: int, **extra: int):
+    """A CLIP text encoder of SD's sizes (CLIP-L: 768/12/12; OpenCLIP bigG: 1280/32/20)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        **extra,
+    )
+
+
 def build(kind: str, folder: Path) -> Path:
     """A full-size SD 1.5 or SDXL pipeline with random weights, saved with save_pretrained."""
     from diffusers import (
@@ -45,7 +60,7 @@ def build(kind: str, folder: Path) -> Path:
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
     tok_dir = folder.parent / f"{folder.name}-tokenizer"
@@ -55,16 +70,7 @@ def build(kind: str, folder: Path) -> Path:
     )
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if kind == "sd15":
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-            )
-        )
+        text = CLIPTextModel(clip_config(vocab, hidden=768, layers=12, heads=12))
         unet = UNet2DConditionModel(cross_attention_dim=768)
         vae = full_vae(0.18215)
         pipe = StableDiffusionPipeline(
@@ -78,27 +84,8 @@ def build(kind: str, folder: Path) -> Path:
             requires_safety_checker=False,
         )
     else:
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=vocab,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-            )
-        )
-        text_2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=vocab,
-                hidden_size=1280,
-                intermediate_size=5120,
-                num_hidden_layers=32,
-                num_attention_heads=20,
-                max_position_embeddings=77,
-                projection_dim=1280,
-            )
-        )
+        text = CLIPTextModel(clip_config(vocab, hidden=768, layers=12, heads=12))
+        text_2 = CLIPTextModelWithProjection(clip_config(vocab, hidden=1280, layers=32, heads=20, projection_dim=1280))
         unet = UNet2DConditionModel(
             sample_size=128,
             block_out_channels=(320, 640, 1280),

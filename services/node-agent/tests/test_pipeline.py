@@ -17,13 +17,13 @@ from stipple_common.errors import InvalidInput
 from stipple_common.phash import hamming
 from stipple_common.taskspec import SAMPLERS as TASK_SAMPLERS
 from stipple_node.pipeline import (
-    SAMPLERS,
     GeneratedImage,
     ModelLoadFailed,
     ModelNotFound,
     PipelineRunner,
     configure_determinism,
 )
+from stipple_node.schedulers import SAMPLERS
 from stipple_node.tinymodel import TINY_MODEL_NAME
 
 # diffusers' schedulers call np.array(tensor, copy=False), which numpy 2 flags; not ours to fix.

@@ -7,7 +7,6 @@ free port, which would race with other processes.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -107,9 +106,3 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def env_with_nats(url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["STIPPLE_NATS_URL"] = url
-    return env

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -332,6 +333,8 @@ def check_spec(spec: TaskSpec) -> TaskSpec:
         raise InvalidInput("kind", spec.kind, f"unknown kind; allowed: {', '.join(KINDS)}")
     if not spec.model_name.strip():
         raise InvalidInput("base_model", spec.model_name, "must not be blank")
+    if not math.isfinite(spec.task_config.cfg):  # JSON has no NaN, but Python callers do
+        raise InvalidInput("task_config.cfg", spec.task_config.cfg, "must be a finite number")
     if spec.sampler is not None and spec.sampler not in SAMPLERS:
         raise InvalidInput("sampler", spec.sampler, f"unknown sampler; allowed: {', '.join(SAMPLERS)}")
     if spec.scheduler is not None:

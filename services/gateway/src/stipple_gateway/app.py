@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,7 +177,7 @@ class Gateway:
             raise ApiError(404, "not_found", f"no task with id {task_id!r}")
         return task
 
-    async def wait_for_outcome(self, task_id: str, submit: Any) -> Task:
+    async def wait_for_outcome(self, task_id: str, submit: Callable[[], Awaitable[object]]) -> Task:
         """Submit while subscribed to the task's outcome subjects, so it cannot be missed."""
         done = asyncio.get_running_loop().create_future()
 

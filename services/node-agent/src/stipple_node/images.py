@@ -61,9 +61,9 @@ def preprocess(image: Image.Image, spec: Preprocess | None, seed: int, annotator
     if spec.method == "scribble_xdog":
         threshold = _int_arg(args, "thr_a", 32, 1, 64)
         return Image.fromarray(_xdog(array, threshold))
-    if spec.method in ("scribble_hed", "softedge_hed", "scribble_hedsafe", "softedge_hedsafe") and annotators:
-        from .annotators import hed
+    from .annotators import HED_METHODS, hed  # here: annotators imports this module
 
+    if spec.method in HED_METHODS and annotators:
         safe, scribble = spec.method.endswith("safe"), spec.method.startswith("scribble")
         return Image.fromarray(hed(array, annotators.hed(), safe=safe, scribble=scribble))
     if spec.method in ANNOTATOR_PREPROCESSORS:

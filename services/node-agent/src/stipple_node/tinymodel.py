@@ -190,11 +190,6 @@ def write_clip_tokenizer_files(directory: Path) -> int:
     return len(vocab)
 
 
-def is_complete_model(directory: Path) -> bool:
-    """True when `directory` holds a finished model (model_index.json is only there once all is written)."""
-    return (directory / MODEL_INDEX).is_file()
-
-
 def make_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     """Build the tiny SD 1.5 model into `directory` (diffusers layout, safetensors) and return it.
 
