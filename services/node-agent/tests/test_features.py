@@ -18,7 +18,7 @@ from PIL import Image
 
 from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.taskspec import parse_task
-from stipple_node.images import PreprocessorUnavailable
+from stipple_node.annotators import PreprocessorUnavailable
 from stipple_node.pipeline import (
     ModelLoadFailed,
     ModelNotFound,
@@ -447,14 +447,14 @@ def test_hed_annotators_load_their_weights_through_the_store(zoo: dict[str, Path
     """The HED network with random weights saved as ControlNetHED.pth is, is loaded by
     the store, and turns the picture into a control image."""
     from stipple_common.taskspec import Preprocess
-    from stipple_node.annotators import HedNetwork
+    from stipple_node.annotators.hed import HedNetwork
     from stipple_node.images import preprocess
 
     torch.manual_seed(0)
     weights = tmp_path / "ControlNetHED.pth"
     torch.save(HedNetwork().state_dict(), weights)
     with ModelStore(tmp_path / "store", budget_bytes=None) as store:
-        runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, store=store, annotator_hed=str(weights))
+        runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, store=store, annotator_weights={"hed": str(weights)})
         control = {
             "model": str(zoo["tiny-controlnet-sd15"]),
             "image_dataurl": data_url(pattern()),
@@ -473,7 +473,9 @@ def test_hed_annotators_load_their_weights_through_the_store(zoo: dict[str, Path
 
 def test_hed_without_weights_is_a_typed_error(zoo: dict[str, Path], tmp_path: Path) -> None:
     with ModelStore(tmp_path / "store", budget_bytes=None) as store:
-        runner = PipelineRunner({"tiny-sd": zoo["tiny-sd"]}, store=store, annotator_hed=str(tmp_path / "none.pth"))
+        runner = PipelineRunner(
+            {"tiny-sd": zoo["tiny-sd"]}, store=store, annotator_weights={"hed": str(tmp_path / "none.pth")}
+        )
         control = {
             "model": str(zoo["tiny-controlnet-sd15"]),
             "image_dataurl": data_url(pattern()),
@@ -505,3 +507,15 @@ def test_out_of_gpu_memory_is_a_typed_error_and_frees_the_cache(
     assert runner.loaded() == []
     monkeypatch.undo()
     assert run(runner) == before
+
+
+def test_annotator_weights_setting_names_the_bad_entry() -> None:
+    from stipple_common.settings import InvalidSettings
+    from stipple_node.annotators import parse_weights
+
+    assert parse_weights("hed=/w/hed.pth") == {"hed": "/w/hed.pth"}
+    assert parse_weights("") == {}
+    with pytest.raises(InvalidSettings, match="'nope=/x'"):
+        parse_weights("hed=/w/hed.pth,nope=/x")
+    with pytest.raises(InvalidSettings, match="'hed'"):
+        parse_weights("hed")

@@ -1,8 +1,8 @@
 """Input images: data URLs to PIL images at the task's size, and ControlNet preprocessors.
 
 The preprocessors here need no model weights and no torchvision: OpenCV and NumPy only.
-The annotator-based ones (HED, MiDaS, OpenPose, ...) need weights that this node cannot
-get yet; asking for one ends the task with `preprocessor_unavailable`.
+The ones that need weights live in `annotators/`; a method neither serves ends the task
+with `preprocessor_unavailable`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stipple_common.errors import InvalidInput, StippleError
+from stipple_common.errors import InvalidInput
 from stipple_common.taskspec import ANNOTATOR_PREPROCESSORS, Preprocess, decode_data_url
 
-
-class PreprocessorUnavailable(StippleError):
-    code = "preprocessor_unavailable"
+from .annotators import BY_METHOD, Annotators, PreprocessorUnavailable
 
 
 def load_image(field: str, data_url: str, size: tuple[int, int], *, mode: str = "RGB") -> Image.Image:
@@ -44,9 +42,11 @@ def _int_arg(args: dict[str, Any], name: str, default: int, low: int, high: int)
     return value
 
 
-def preprocess(image: Image.Image, spec: Preprocess | None, seed: int, annotators: Any = None) -> Image.Image:
+def preprocess(
+    image: Image.Image, spec: Preprocess | None, seed: int, annotators: Annotators | None = None
+) -> Image.Image:
     """Apply a ControlNet preprocessor (None: the image is already a control image).
-    `annotators` (an `annotators.Annotators`) provides the networks that need weights."""
+    `annotators` provides the networks that need weights."""
     if spec is None:
         return image
     args = spec.args or {}
@@ -61,15 +61,13 @@ def preprocess(image: Image.Image, spec: Preprocess | None, seed: int, annotator
     if spec.method == "scribble_xdog":
         threshold = _int_arg(args, "thr_a", 32, 1, 64)
         return Image.fromarray(_xdog(array, threshold))
-    from .annotators import HED_METHODS, hed  # here: annotators imports this module
-
-    if spec.method in HED_METHODS and annotators:
-        safe, scribble = spec.method.endswith("safe"), spec.method.startswith("scribble")
-        return Image.fromarray(hed(array, annotators.hed(), safe=safe, scribble=scribble))
+    if spec.method in BY_METHOD and annotators is not None:
+        return Image.fromarray(annotators.apply(spec.method, array, args))
     if spec.method in ANNOTATOR_PREPROCESSORS:
+        served = ", ".join(("canny", "shuffle", "scribble_xdog", *BY_METHOD))
         raise PreprocessorUnavailable(
             f"controlnet.preprocess.method: {spec.method!r} needs an annotator this node does not have yet; "
-            "use canny, shuffle, scribble_xdog or the HED methods, or send a ready control image without preprocess"
+            f"use one of {served}, or send a ready control image without preprocess"
         )
     raise InvalidInput("controlnet.preprocess.method", spec.method, "unknown preprocessor")
 

@@ -39,7 +39,7 @@ from PIL import Image
 from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.taskspec import ModelRef, TaskSpec, canonical, check_spec, validation_error_to_invalid
 
-from .annotators import HED_DEFAULT, Annotators
+from .annotators import Annotators
 from .images import load_image, preprocess
 from .prompts import prompt_kwargs
 from .schedulers import make_scheduler
@@ -180,7 +180,7 @@ class PipelineRunner:
         dtype: torch.dtype | None = None,
         cache_size: int = 2,
         safety_checker: Path | None = None,
-        annotator_hed: str = HED_DEFAULT,
+        annotator_weights: dict[str, str] | None = None,
     ) -> None:
         """`dtype` defaults to float16 on CUDA and float32 elsewhere (a task's `dtype` is
         honoured on CUDA; CPUs always compute in float32)."""
@@ -195,7 +195,7 @@ class PipelineRunner:
         self._safety: tuple[Any, Any] | None = None
         self._lock = threading.RLock()
         resolve = (lambda ref: self._resolve(ref, None, "controlnet.preprocess", kind="annotator")) if store else None
-        self._annotators = Annotators(resolve, annotator_hed)
+        self._annotators = Annotators(resolve, annotator_weights)
 
     # ------------------------------------------------------------------ models
 

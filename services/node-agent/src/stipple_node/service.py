@@ -48,7 +48,7 @@ from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import canonical
 
-from .annotators import HED_DEFAULT
+from .annotators import parse_weights
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
 from .store import ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
@@ -65,7 +65,9 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
     hf_offline: bool = False  # never contact the Hugging Face hub (HF_HUB_OFFLINE=1 does the same)
     safety_checker: str = ""  # folder of a StableDiffusionSafetyChecker + CLIPImageProcessor
     pipeline_cache: int = 2  # loaded pipelines kept in memory
-    annotator_hed: str = HED_DEFAULT  # HED weights for ControlNet's *_hed preprocessors (a URL, repo file or path)
+    annotator_weights: str = (
+        ""  # name=ref[,...]: where an annotator's weights come from (default lllyasviel/Annotators)
+    )
     device: str = "cpu"
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
@@ -269,7 +271,7 @@ async def run(settings: NodeSettings) -> None:
             device=settings.device,
             cache_size=settings.pipeline_cache,
             safety_checker=Path(settings.safety_checker) if settings.safety_checker else None,
-            annotator_hed=settings.annotator_hed,
+            annotator_weights=parse_weights(settings.annotator_weights),
         )
         for name in runner.model_names:
             runner.load(name)  # load before announcing: a live node is a ready node
