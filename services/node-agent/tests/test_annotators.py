@@ -27,6 +27,11 @@ def picture(width: int = 96, height: int = 64) -> Image.Image:
     return Image.fromarray(array)
 
 
+# A random OpenPose network finds nobody, and a black image is then the right answer
+# (test_annotator_openpose.py draws people from hand-made maps instead).
+MAY_BE_BLANK = {"openpose"}
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     folder = tmp_path_factory.mktemp("annotators")
@@ -54,7 +59,8 @@ def test_annotator_makes_a_control_image(annotators: Annotators, method: str) ->
     out = np.asarray(preprocess(picture(), Preprocess(method=method), 0, annotators))
     assert out.shape == (64, 96, 3)
     assert out.dtype == np.uint8
-    assert out.std() > 0, "a control image of one flat colour carries nothing"
+    if method not in MAY_BE_BLANK:
+        assert out.std() > 0, "a control image of one flat colour carries nothing"
     again = np.asarray(preprocess(picture(), Preprocess(method=method), 0, annotators))
     assert np.array_equal(out, again)
     if method.startswith("scribble"):
