@@ -9,6 +9,9 @@ from stipple_common.messages import (
     ResultRevealed,
     TaskAborted,
     TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
+    TaskRevealOpened,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
@@ -18,7 +21,7 @@ from stipple_common.taskspec import parse_task
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1, "num_images": 1}})
 IMG = ImageResult(index=0, key="k", phash="0" * 16, seed=1, width=64, height=64)
 
-SUBMITTED = TaskSubmitted(task_id="t", spec=SPEC, submitted_at=1.0)
+SUBMITTED = TaskSubmitted(task_id="t", spec=SPEC, submitted_at=1.0, fee=7, owner="app", webhook_url="http://h/")
 ASSIGNED = TaskAssigned(task_id="t", nodes=["a", "b", "c"], deadline=100.0)
 
 
@@ -26,16 +29,26 @@ def started(node):
     return TaskStarted(task_id="t", node_id=node)
 
 
+def committed(node):
+    return TaskCommitted(task_id="t", node_id=node, commitment=f"0x{node}", signature="0xsig")
+
+
+def opened(*nodes):
+    return TaskRevealOpened(task_id="t", nodes=list(nodes), deadline=200.0)
+
+
 def revealed(node, images=(IMG,)):
-    return ResultRevealed(task_id="t", node_id=node, images=list(images))
+    return ResultRevealed(task_id="t", node_id=node, images=list(images), nonce="0x01")
 
 
 def errored(node):
     return NodeErrored(task_id="t", node_id=node, code="oops", message="broke")
 
 
-SUCCEEDED = TaskSucceeded(task_id="t", reason="unanimous", images=[IMG], verdicts={"a": "agree"})
+SUCCEEDED = TaskSucceeded(task_id="t", reason="unanimous", images=[IMG], verdicts={"a": "agree"}, qos={"a": 10})
 ABORTED = TaskAborted(task_id="t", reason="no_agreement", detail="d")
+CANCELLED = TaskCancelled(task_id="t", detail="by the app")
+ALL_COMMITTED = (SUBMITTED, ASSIGNED, committed("a"), committed("b"), committed("c"))
 
 
 def fold(*events):
@@ -45,12 +58,13 @@ def fold(*events):
     return task
 
 
-def test_submitted_starts_pending():
+def test_submitted_starts_pending_and_keeps_the_app_fields():
     task = fold(SUBMITTED)
     assert task.status == "pending"
     assert task.spec == SPEC
+    assert (task.fee, task.owner, task.webhook_url) == (7, "app", "http://h/")
     assert not task.finished
-    assert not task.results_in
+    assert not task.commitments_in
 
 
 def test_assigned_creates_one_run_per_node():
@@ -61,29 +75,35 @@ def test_assigned_creates_one_run_per_node():
     assert task.deadline == 100.0
 
 
-def test_started_revealed_errored_move_each_node():
-    task = fold(SUBMITTED, ASSIGNED, started("a"), revealed("a"), errored("b"))
+def test_commitments_are_numbered_in_arrival_order():
+    task = fold(SUBMITTED, ASSIGNED, started("a"), committed("b"), committed("a"), errored("c"))
     assert task.status == "running"
+    assert task.nodes["b"].commit_order == 1
+    assert task.nodes["a"].commit_order == 2
+    assert task.nodes["a"].commitment == "0xa"
+    assert task.nodes["c"].status == "errored"
+    assert task.commitments_in
+    assert task.committed_nodes() == ["a", "b"]
+    assert not fold(SUBMITTED, ASSIGNED, committed("a"), committed("b")).commitments_in
+
+
+def test_reveal_opens_then_reveals_complete_the_task():
+    task = fold(*ALL_COMMITTED, opened("a", "b", "c"), revealed("a"), revealed("b"))
+    assert task.status == "revealing"
+    assert task.reveal_deadline == 200.0
     assert task.nodes["a"].status == "revealed"
-    assert task.nodes["a"].images == [IMG]
-    assert task.nodes["b"].status == "errored"
-    assert task.nodes["b"].error_code == "oops"
-    assert task.nodes["c"].status == "assigned"
-    assert not task.results_in
-    assert fold(SUBMITTED, ASSIGNED, revealed("a"), revealed("b"), errored("c")).results_in
-
-
-def test_reveal_without_started_is_allowed():
-    task = fold(SUBMITTED, ASSIGNED, revealed("c"))
-    assert task.nodes["c"].status == "revealed"
+    assert task.nodes["a"].nonce == "0x01"
+    assert not task.reveals_in
+    assert fold(*ALL_COMMITTED, opened("a", "b", "c"), revealed("a"), revealed("b"), errored("c")).reveals_in
 
 
 def test_outcomes_are_terminal():
-    done = fold(SUBMITTED, ASSIGNED, revealed("a"), SUCCEEDED)
+    done = fold(*ALL_COMMITTED, opened("a", "b", "c"), revealed("a"), SUCCEEDED)
     assert done.status == "succeeded"
     assert done.finished
     assert done.images == [IMG]
     assert done.verdicts == {"a": "agree"}
+    assert done.qos == {"a": 10}
     aborted = fold(SUBMITTED, ASSIGNED, ABORTED)
     assert aborted.status == "aborted"
     assert aborted.reason == "no_agreement"
@@ -95,6 +115,17 @@ def test_a_pending_task_can_be_aborted_when_no_nodes():
 
 
 @pytest.mark.parametrize(
+    "history",
+    [(SUBMITTED,), (SUBMITTED, ASSIGNED), (SUBMITTED, ASSIGNED, committed("a")), (*ALL_COMMITTED, opened("a"))],
+)
+def test_cancel_ends_a_task_in_any_live_state(history):
+    task = fold(*history, CANCELLED)
+    assert task.status == "cancelled"
+    assert task.finished
+    assert set(task.verdicts.values()) <= {"cancelled"}
+
+
+@pytest.mark.parametrize(
     ("history", "event", "why"),
     [
         ((), ASSIGNED, "never submitted"),
@@ -102,21 +133,27 @@ def test_a_pending_task_can_be_aborted_when_no_nodes():
         ((), SUCCEEDED, "never submitted"),
         ((SUBMITTED,), SUBMITTED, "already submitted"),
         ((SUBMITTED,), started("a"), "expected one of assigned, running"),
-        ((SUBMITTED,), revealed("a"), "expected one of assigned, running"),
-        ((SUBMITTED,), errored("a"), "expected one of assigned, running"),
-        ((SUBMITTED,), SUCCEEDED, "expected one of assigned, running"),
+        ((SUBMITTED,), committed("a"), "expected one of assigned, running"),
+        ((SUBMITTED,), revealed("a"), "expected one of revealing"),
+        ((SUBMITTED,), errored("a"), "expected one of assigned, running, revealing"),
+        ((SUBMITTED,), SUCCEEDED, "expected one of assigned, running, revealing"),
         ((SUBMITTED, ASSIGNED), ASSIGNED, "expected one of pending"),
         ((SUBMITTED, ASSIGNED), started("z"), "not assigned to this task"),
-        ((SUBMITTED, ASSIGNED), revealed("z"), "not assigned to this task"),
-        ((SUBMITTED, ASSIGNED), revealed("a", images=(IMG, IMG)), "revealed 2 images, expected 1"),
+        ((SUBMITTED, ASSIGNED), committed("z"), "not assigned to this task"),
+        ((SUBMITTED, ASSIGNED), revealed("a"), "expected one of revealing"),  # no reveal before the opening
+        ((SUBMITTED, ASSIGNED, committed("a")), opened("a", "b"), r"nodes \['b'\] have not committed"),
+        ((*ALL_COMMITTED, opened("a", "b")), revealed("a", images=(IMG, IMG)), "revealed 2 images, expected 1"),
+        ((*ALL_COMMITTED, opened("a", "b")), committed("a"), "expected one of assigned, running"),
         ((SUBMITTED, ASSIGNED, started("a")), started("a"), "already started"),
-        ((SUBMITTED, ASSIGNED, revealed("a")), revealed("a"), "already revealed"),
-        ((SUBMITTED, ASSIGNED, revealed("a")), errored("a"), "already revealed"),
-        ((SUBMITTED, ASSIGNED, errored("a")), revealed("a"), "already errored"),
-        ((SUBMITTED, ASSIGNED, revealed("a")), started("a"), "already revealed"),
-        ((SUBMITTED, ASSIGNED, SUCCEEDED), ABORTED, "expected one of pending, assigned, running"),
-        ((SUBMITTED, ASSIGNED, SUCCEEDED), SUCCEEDED, "expected one of assigned, running"),
-        ((SUBMITTED, ASSIGNED, ABORTED), revealed("a"), "expected one of assigned, running"),
+        ((SUBMITTED, ASSIGNED, committed("a")), committed("a"), "already committed"),
+        ((*ALL_COMMITTED, opened("a"), revealed("a")), revealed("a"), "already revealed"),
+        ((*ALL_COMMITTED, opened("a"), revealed("a")), errored("a"), "already revealed"),
+        ((SUBMITTED, ASSIGNED, errored("a")), committed("a"), "already errored"),
+        ((SUBMITTED, ASSIGNED, committed("a")), started("a"), "already committed"),
+        ((SUBMITTED, ASSIGNED, SUCCEEDED), ABORTED, "expected one of pending, assigned, running, revealing"),
+        ((SUBMITTED, ASSIGNED, SUCCEEDED), CANCELLED, "expected one of pending, assigned, running, revealing"),
+        ((SUBMITTED, ASSIGNED, CANCELLED), SUCCEEDED, "expected one of assigned, running, revealing"),
+        ((SUBMITTED, ASSIGNED, ABORTED), committed("a"), "expected one of assigned, running"),
         ((SUBMITTED, ASSIGNED, ABORTED), started("b"), "expected one of assigned, running"),
         ((SUBMITTED,), TaskAssigned(task_id="t", nodes=["a", "a"], deadline=1.0), "distinct"),
         ((SUBMITTED,), TaskAssigned(task_id="t", nodes=[], deadline=1.0), "distinct and non-empty"),
@@ -130,10 +167,10 @@ def test_invalid_transitions_raise(history, event, why):
 
 
 def test_replay_sets_aside_what_does_not_apply():
-    events = [SUBMITTED, ASSIGNED, revealed("a"), revealed("a"), revealed("b"), SUCCEEDED, revealed("c")]
+    events = [*ALL_COMMITTED, opened("a", "b"), revealed("a"), revealed("a"), revealed("b"), SUCCEEDED, revealed("c")]
     task, rejected = replay(events)
     assert task.status == "succeeded"
-    assert task.nodes["c"].status == "assigned"  # the late reveal after the outcome changed nothing
+    assert task.nodes["c"].status == "committed"  # the late reveal after the outcome changed nothing
     assert [type(e).__name__ for e, _ in rejected] == ["ResultRevealed", "ResultRevealed"]
     assert all(isinstance(why, InvalidTransition) for _, why in rejected)
 
@@ -145,6 +182,6 @@ def test_replay_of_nothing_is_no_task():
 def test_fold_is_pure():
     task = fold(SUBMITTED, ASSIGNED)
     before = task.nodes["a"]
-    apply(task, revealed("a"))
+    apply(task, committed("a"))
     assert task.nodes["a"] is before
     assert task.status == "assigned"

@@ -1,6 +1,7 @@
 """The node agent service on its own nats-server with the real diffusers pipeline:
 announces itself, runs assignments, uploads images, and answers every task it cannot
-run with a typed error event while staying up for the next one."""
+run with a typed error event while staying up for the next one. A result is committed
+(signed), and revealed only when asked; a cancelled task stops."""
 
 import asyncio
 import io
@@ -13,10 +14,15 @@ import pytest
 from PIL import Image
 
 from stipple_common import bus, subjects
+from stipple_common.commitment import make_commitment, signer
 from stipple_common.messages import (
     Assignment,
+    CancelWork,
     NodeErrored,
+    NodeJoined,
     ResultRevealed,
+    RevealRequest,
+    TaskCommitted,
     TaskStarted,
     node_event_decoder,
     task_event_decoder,
@@ -25,7 +31,7 @@ from stipple_common.nodes import NodeDirectory
 from stipple_common.service import open_service
 from stipple_common.taskspec import LoraSpec, TaskSpec, parse_task
 from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeSettings, parse_models, serve
+from stipple_node.service import NodeSettings, load_or_create_key, parse_models, serve
 
 pytestmark = pytest.mark.integration
 
@@ -56,15 +62,25 @@ async def assign(js, spec: TaskSpec, deadline_in: float = 60.0) -> str:
     return task_id
 
 
-async def final_event(js, task_id, timeout=60.0):
+async def wait_for_event(js, task_id, types, timeout=60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         events = await bus.read_subject(js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
-        final = [e for e in events if isinstance(e, (ResultRevealed, NodeErrored))]
-        if final:
-            return events, final[0]
+        found = [e for e in events if isinstance(e, types)]
+        if found:
+            return events, found[0]
         await asyncio.sleep(0.05)
-    raise AssertionError(f"node never answered task {task_id}")
+    raise AssertionError(f"node never answered task {task_id} with {types}")
+
+
+async def final_event(js, task_id, timeout=60.0, node="n1"):
+    """The node's last word: it commits (or errors); asked to reveal, it reveals."""
+    _, first = await wait_for_event(js, task_id, (TaskCommitted, NodeErrored), timeout)
+    if isinstance(first, TaskCommitted):
+        request = RevealRequest(task_id=task_id, deadline=time.time() + 10)
+        await bus.publish(js, subjects.control_subject(node), request, msg_id=f"{task_id}:reveal")
+        return await wait_for_event(js, task_id, ResultRevealed, timeout)
+    return await wait_for_event(js, task_id, NodeErrored, timeout)
 
 
 def spec(**config):
@@ -103,8 +119,16 @@ async def test_runs_a_task_and_uploads_its_images(node):
     events, result = await final_event(node.js, task_id)
     await sub.unsubscribe()
     assert isinstance(events[0], TaskStarted)
+    assert isinstance(events[1], TaskCommitted)
     assert isinstance(result, ResultRevealed)
     assert [i.seed for i in result.images] == [5, 6]
+    # the reveal opens the commitment, which the node's announced key signed
+    commit = events[1]
+    raw = await node.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "joined"))
+    joined = node_event_decoder.decode(raw.data)
+    assert isinstance(joined, NodeJoined)
+    assert make_commitment(task_id, "n1", result.images, result.nonce) == commit.commitment
+    assert signer(commit.commitment, commit.signature) == joined.address
     for image in result.images:
         assert image.key == f"tasks/{task_id}/n1/{image.index}.png"
         png = await node.blobs.get(image.key)
@@ -141,6 +165,61 @@ async def test_an_assignment_past_its_deadline_is_refused(node):
     assert isinstance(result, NodeErrored)
     assert result.code == "deadline_passed"
     assert not any(isinstance(e, TaskStarted) for e in events)
+
+
+async def test_a_node_reveals_only_when_asked_and_only_once(node):
+    task_id = await assign(node.js, spec())
+    await wait_for_event(node.js, task_id, TaskCommitted)
+    await asyncio.sleep(0.3)
+    events = await bus.read_subject(node.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
+    assert not any(isinstance(e, ResultRevealed) for e in events), "revealed before anyone asked"
+    await final_event(node.js, task_id)
+    again = RevealRequest(task_id=task_id, deadline=time.time() + 10)
+    await bus.publish(node.js, subjects.control_subject("n1"), again, msg_id=f"{task_id}:again")
+    await asyncio.sleep(0.3)
+    events = await bus.read_subject(node.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
+    assert sum(isinstance(e, ResultRevealed) for e in events) == 1
+
+
+async def test_a_cancelled_task_stops_at_the_next_step_and_the_node_goes_on(node):
+    steps = []
+    running = asyncio.Event()
+
+    async def on_progress(msg):
+        steps.append(msgspec.json.decode(msg.data))
+        running.set()
+
+    sub = await node.nc.subscribe("progress.>", cb=on_progress)
+    long_task = await assign(node.js, spec(steps=150, image_width=256, image_height=256))
+    await asyncio.wait_for(running.wait(), 30)
+    await bus.publish(node.js, subjects.control_subject("n1"), CancelWork(task_id=long_task), msg_id="c1")
+    queued = await assign(node.js, spec())  # waits behind the long task
+    await bus.publish(node.js, subjects.control_subject("n1"), CancelWork(task_id=queued), msg_id="c2")
+    after = await assign(node.js, spec())
+    _, result = await final_event(node.js, after)
+    await sub.unsubscribe()
+    assert isinstance(result, ResultRevealed)
+    for cancelled in (long_task, queued):
+        events = await bus.read_subject(
+            node.js, subjects.TASKS_STREAM, subjects.task_events(cancelled), task_event_decoder
+        )
+        assert not any(isinstance(e, (TaskCommitted, NodeErrored)) for e in events)
+    done = [p["step"] for p in steps if p["task_id"] == long_task]
+    assert max(done) < 150, "the cancelled task ran to the end"
+
+
+def test_the_node_key_is_created_once_and_checked(tmp_path):
+    from stipple_common.commitment import account_from_key
+    from stipple_common.settings import InvalidSettings
+
+    path = tmp_path / "keys" / "node.key"
+    key = load_or_create_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create_key(path) == key
+    assert account_from_key(key).address.startswith("0x")
+    path.write_text("not a key")
+    with pytest.raises(InvalidSettings, match="STIPPLE_KEY_FILE"):
+        load_or_create_key(path)
 
 
 def test_model_settings_are_checked_at_start(tmp_path, tiny_model_dir):

@@ -1,5 +1,7 @@
-"""The validator service on its own nats-server: decides as soon as every node has
-answered, and at the deadline when some never do (no task hangs)."""
+"""The validator service on its own nats-server, driven through the protocol: nodes
+(registered with their keys) commit, the validator opens the reveal and asks each
+committed node to reveal, then decides: as soon as every node has answered, and at the
+deadlines when some never do (no task hangs). Outcomes update each node's QoS."""
 
 import asyncio
 import time
@@ -8,14 +10,22 @@ import uuid
 import pytest
 
 from stipple_common import bus, subjects
+from stipple_common.commitment import make_commitment, new_account, new_nonce, sign
 from stipple_common.messages import (
     ImageResult,
     NodeErrored,
+    NodeJoined,
+    NodeQos,
     ResultRevealed,
+    RevealRequest,
     TaskAborted,
     TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
     TaskSubmitted,
     TaskSucceeded,
+    control_decoder,
+    node_event_decoder,
     task_event_decoder,
 )
 from stipple_common.service import open_service
@@ -27,11 +37,26 @@ pytestmark = pytest.mark.integration
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1}})
 
 
+ACCOUNTS = {node: new_account() for node in "abcde"}
+
+
 @pytest.fixture
 async def js(fresh_nats_url):
-    settings = ValidatorSettings(nats_url=fresh_nats_url, phash_threshold=4, deadline_grace_s=0.1)
+    settings = ValidatorSettings(nats_url=fresh_nats_url, phash_threshold=4, deadline_grace_s=0.1, reveal_timeout_s=1.0)
     stop = asyncio.Event()
     async with open_service("validator", settings, stop=stop) as ctx:
+        for node, account in ACCOUNTS.items():
+            joined = NodeJoined(
+                node_id=node,
+                operator=node,
+                device="cpu",
+                memory_bytes=1,
+                models=["tiny-sd"],
+                version="0",
+                started_at=time.time(),
+                address=account.address,
+            )
+            await bus.publish(ctx.js, subjects.node_subject(node, "joined"), joined, msg_id=f"{node}:joined")
         runner = asyncio.create_task(serve(ctx, settings))
         yield ctx.js
         stop.set()
@@ -51,17 +76,44 @@ async def start_task(js, nodes=("a", "b", "c"), deadline_in=30.0):
     return task_id
 
 
-async def reveal(js, task_id, node, phash):
+async def reveal(js, task_id, node, phash, *, answer=True):
+    """Act as an honest node: commit to the result, wait for the validator's request,
+    reveal (unless `answer` is False). Returns once committed; the reveal runs on."""
     image = ImageResult(index=0, key=f"{task_id}/{node}", phash=phash, seed=1, width=64, height=64)
-    event = ResultRevealed(task_id=task_id, node_id=node, images=[image])
-    await bus.publish(js, subjects.task_subject(task_id, "revealed"), event, msg_id=f"{task_id}:{node}:r")
+    nonce = new_nonce()
+    value = make_commitment(task_id, node, [image], nonce)
+    commit = TaskCommitted(task_id=task_id, node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
+    key = (id(js), node)
+    if key not in control_subs:  # one consumer per node subject: WORK is a work queue
+        control_subs[key] = await js.pull_subscribe(subjects.control_subject(node), stream=subjects.WORK_STREAM)
+    requests = control_subs[key]
+    await bus.publish(js, subjects.task_subject(task_id, "committed"), commit, msg_id=f"{task_id}:{node}:c")
+
+    async def on_request():
+        while True:
+            for msg in await requests.fetch(1, timeout=10):
+                await msg.ack()
+                request = control_decoder.decode(msg.data)
+                if isinstance(request, RevealRequest) and request.task_id == task_id:
+                    if answer:
+                        event = ResultRevealed(task_id=task_id, node_id=node, images=[image], nonce=nonce)
+                        await bus.publish(
+                            js, subjects.task_subject(task_id, "revealed"), event, msg_id=f"{task_id}:{node}:r"
+                        )
+                    return
+
+    pending.add(asyncio.create_task(on_request()))
+
+
+pending: set[asyncio.Task] = set()
+control_subs: dict = {}
 
 
 async def outcome(js, task_id, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         events = await bus.read_subject(js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
-        done = [e for e in events if isinstance(e, (TaskSucceeded, TaskAborted))]
+        done = [e for e in events if isinstance(e, (TaskSucceeded, TaskAborted, TaskCancelled))]
         if done:
             assert len(done) == 1
             return done[0]
@@ -98,6 +150,66 @@ async def test_deadline_decides_with_what_is_in(js):
     result = await outcome(js, task_id)
     assert isinstance(result, TaskSucceeded)
     assert result.verdicts["c"] == "timeout"
+
+
+async def test_a_committed_node_that_never_reveals_times_out_at_the_reveal_deadline(js):
+    task_id = await start_task(js)
+    await reveal(js, task_id, "a", "0" * 16)
+    await reveal(js, task_id, "b", "0" * 16)
+    await reveal(js, task_id, "c", "0" * 16, answer=False)
+    started = time.monotonic()
+    result = await outcome(js, task_id)
+    assert time.monotonic() - started >= 0.9  # waited for the 1 s reveal deadline
+    assert isinstance(result, TaskSucceeded)
+    assert result.verdicts == {"a": "agree", "b": "agree", "c": "timeout"}
+    assert result.qos["c"] == 0
+
+
+async def node_qos(js, node, task_id, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            raw = await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(node, "qos"))
+        except Exception:
+            raw = None
+        if raw is not None:
+            event = node_event_decoder.decode(raw.data)
+            if isinstance(event, NodeQos) and event.task_id == task_id:
+                return event
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no QoS for {node} after {task_id}")
+
+
+async def test_outcomes_update_each_nodes_qos_window_and_two_timeouts_pause(js):
+    scores = {}
+    for _ in range(2):
+        task_id = await start_task(js, deadline_in=1.0)
+        await reveal(js, task_id, "a", "0" * 16)
+        await reveal(js, task_id, "b", "0" * 16)
+        result = await outcome(js, task_id)
+        for node in "abc":
+            scores[node] = await node_qos(js, node, task_id)
+    assert result.qos["a"] == 10  # a committed first both times
+    assert scores["a"].qos == 10.0
+    assert scores["a"].samples == 2
+    assert scores["b"].qos == 5.0
+    assert scores["c"].qos == 0.0
+    assert scores["c"].recent_timeouts == 2  # the dispatcher pauses c
+    assert scores["a"].recent_timeouts == 0
+
+
+async def test_a_cancelled_task_is_not_decided_and_changes_no_qos(js):
+    task_id = await start_task(js)
+    await reveal(js, task_id, "a", "0" * 16)
+    cancel = TaskCancelled(task_id=task_id, detail="app")
+    await bus.publish(js, subjects.task_subject(task_id, "cancelled"), cancel, msg_id=f"{task_id}:outcome")
+    await reveal(js, task_id, "b", "0" * 16)
+    await reveal(js, task_id, "c", "0" * 16)
+    await asyncio.sleep(0.5)
+    result = await outcome(js, task_id)  # asserts there is exactly one outcome
+    assert isinstance(result, TaskCancelled)
+    with pytest.raises(Exception, match="not found|no message"):
+        await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("a", "qos"))
 
 
 async def test_nothing_by_the_deadline_aborts(js):

@@ -21,7 +21,10 @@ from .messages import (
     ResultRevealed,
     TaskAborted,
     TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
     TaskEvent,
+    TaskRevealOpened,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
@@ -29,9 +32,10 @@ from .messages import (
 )
 from .taskspec import TaskSpec
 
-TaskStatus = Literal["pending", "assigned", "running", "succeeded", "aborted"]
-NodeStatus = Literal["assigned", "started", "revealed", "errored"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "aborted"})
+TaskStatus = Literal["pending", "assigned", "running", "revealing", "succeeded", "aborted", "cancelled"]
+NodeStatus = Literal["assigned", "started", "committed", "revealed", "errored"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "aborted", "cancelled"})
+LIVE: tuple[str, ...] = ("assigned", "running", "revealing")
 
 
 class InvalidTransition(StippleError):
@@ -47,6 +51,10 @@ class NodeRun(msgspec.Struct, frozen=True, kw_only=True):
     elapsed_s: float = 0.0
     error_code: str = ""
     error_message: str = ""
+    commitment: str = ""
+    signature: str = ""
+    commit_order: int = 0  # 1 for the first node to commit, 2 for the second, ...
+    nonce: str = ""
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,21 +63,34 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     spec: TaskSpec
     submitted_at: float
     source: str = "native"
-    deadline: float | None = None
+    fee: int = 0
+    owner: str = ""
+    webhook_url: str = ""
+    deadline: float | None = None  # for commitments
+    reveal_deadline: float | None = None
     nodes: dict[str, NodeRun] = {}
     reason: str = ""  # outcome reason code
     detail: str = ""
     images: list[ImageResult] = []  # accepted images, once succeeded
     verdicts: dict[str, Verdict] = {}
+    qos: dict[str, int] = {}
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
 
     @property
-    def results_in(self) -> bool:
-        """Every assigned node has revealed or errored."""
-        return bool(self.nodes) and all(run.status in ("revealed", "errored") for run in self.nodes.values())
+    def commitments_in(self) -> bool:
+        """Every assigned node has committed (or errored)."""
+        return bool(self.nodes) and all(run.status not in ("assigned", "started") for run in self.nodes.values())
+
+    @property
+    def reveals_in(self) -> bool:
+        """The reveal is open and every node that committed has revealed (or errored)."""
+        return self.status == "revealing" and all(run.status != "committed" for run in self.nodes.values())
+
+    def committed_nodes(self) -> list[str]:
+        return [node for node, run in self.nodes.items() if run.status == "committed"]
 
 
 def _fail(task: Task | None, event: TaskEvent, why: str) -> InvalidTransition:
@@ -92,6 +113,9 @@ def _(event: TaskSubmitted, task: Task | None) -> Task:
         spec=event.spec,
         submitted_at=event.submitted_at,
         source=event.source,
+        fee=event.fee,
+        owner=event.owner,
+        webhook_url=event.webhook_url,
     )
 
 
@@ -112,7 +136,9 @@ def _(event: TaskAssigned, task: Task | None) -> Task:
     return msgspec.structs.replace(task, status="assigned", nodes=runs, deadline=event.deadline)
 
 
-def _node_run(task: Task, event: TaskStarted | ResultRevealed | NodeErrored, *allowed: NodeStatus) -> NodeRun:
+def _node_run(
+    task: Task, event: TaskStarted | TaskCommitted | ResultRevealed | NodeErrored, *allowed: NodeStatus
+) -> NodeRun:
     run = task.nodes.get(event.node_id)
     if run is None:
         raise _fail(task, event, f"node {event.node_id} is not assigned to this task")
@@ -122,7 +148,8 @@ def _node_run(task: Task, event: TaskStarted | ResultRevealed | NodeErrored, *al
 
 
 def _with_run(task: Task, run: NodeRun) -> Task:
-    return msgspec.structs.replace(task, status="running", nodes={**task.nodes, run.node_id: run})
+    status = "revealing" if task.status == "revealing" else "running"
+    return msgspec.structs.replace(task, status=status, nodes={**task.nodes, run.node_id: run})
 
 
 @_mutate.register
@@ -133,38 +160,70 @@ def _(event: TaskStarted, task: Task | None) -> Task:
 
 
 @_mutate.register
-def _(event: ResultRevealed, task: Task | None) -> Task:
+def _(event: TaskCommitted, task: Task | None) -> Task:
     task = _require(task, event, "assigned", "running")
     run = _node_run(task, event, "assigned", "started")
+    order = 1 + sum(1 for r in task.nodes.values() if r.commit_order)
+    committed = msgspec.structs.replace(
+        run,
+        status="committed",
+        commitment=event.commitment,
+        signature=event.signature,
+        commit_order=order,
+        elapsed_s=event.elapsed_s,
+    )
+    return _with_run(task, committed)
+
+
+@_mutate.register
+def _(event: TaskRevealOpened, task: Task | None) -> Task:
+    task = _require(task, event, "assigned", "running")
+    not_committed = [node for node in event.nodes if task.nodes.get(node, NodeRun(node_id=node)).status != "committed"]
+    if not_committed:
+        raise _fail(task, event, f"nodes {not_committed} have not committed")
+    return msgspec.structs.replace(task, status="revealing", reveal_deadline=event.deadline)
+
+
+@_mutate.register
+def _(event: ResultRevealed, task: Task | None) -> Task:
+    task = _require(task, event, "revealing")
+    run = _node_run(task, event, "committed")
     expected = task.spec.task_config.num_images
     if len(event.images) != expected:
         raise _fail(task, event, f"node {event.node_id} revealed {len(event.images)} images, expected {expected}")
-    revealed = msgspec.structs.replace(run, status="revealed", images=event.images, elapsed_s=event.elapsed_s)
+    revealed = msgspec.structs.replace(run, status="revealed", images=event.images, nonce=event.nonce)
     return _with_run(task, revealed)
 
 
 @_mutate.register
 def _(event: NodeErrored, task: Task | None) -> Task:
-    task = _require(task, event, "assigned", "running")
-    run = _node_run(task, event, "assigned", "started")
+    task = _require(task, event, *LIVE)
+    run = _node_run(task, event, "assigned", "started", "committed")
     errored = msgspec.structs.replace(run, status="errored", error_code=event.code, error_message=event.message)
     return _with_run(task, errored)
 
 
 @_mutate.register
 def _(event: TaskSucceeded, task: Task | None) -> Task:
-    task = _require(task, event, "assigned", "running")
+    task = _require(task, event, *LIVE)
     return msgspec.structs.replace(
-        task, status="succeeded", reason=event.reason, images=event.images, verdicts=event.verdicts
+        task, status="succeeded", reason=event.reason, images=event.images, verdicts=event.verdicts, qos=event.qos
     )
 
 
 @_mutate.register
 def _(event: TaskAborted, task: Task | None) -> Task:
-    task = _require(task, event, "pending", "assigned", "running")
+    task = _require(task, event, "pending", *LIVE)
     return msgspec.structs.replace(
-        task, status="aborted", reason=event.reason, detail=event.detail, verdicts=event.verdicts
+        task, status="aborted", reason=event.reason, detail=event.detail, verdicts=event.verdicts, qos=event.qos
     )
+
+
+@_mutate.register
+def _(event: TaskCancelled, task: Task | None) -> Task:
+    task = _require(task, event, "pending", *LIVE)
+    verdicts: dict[str, Verdict] = {node: "cancelled" for node in task.nodes}
+    return msgspec.structs.replace(task, status="cancelled", reason="cancelled", detail=event.detail, verdicts=verdicts)
 
 
 def apply(task: Task | None, event: TaskEvent) -> Task:

@@ -33,6 +33,9 @@ class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", 
     spec: TaskSpec  # seed already resolved
     submitted_at: float
     source: str = "native"  # which API the app used: native, sdcn, ...
+    fee: int = 0  # what the app pays for the task (smallest token unit); orders the dispatch queue
+    owner: str = ""  # the API key's id that submitted it ("" when keys are off)
+    webhook_url: str = ""  # where the gateway POSTs the outcome (HMAC-signed)
 
 
 class TaskAssigned(msgspec.Struct, frozen=True, kw_only=True, tag="assigned", tag_field="type"):
@@ -46,11 +49,32 @@ class TaskStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started", tag_
     node_id: str
 
 
+class TaskCommitted(msgspec.Struct, frozen=True, kw_only=True, tag="committed", tag_field="type"):
+    """A node's binding promise of its result, before anyone reveals: `commitment` is
+    `commitment.make_commitment(...)` (keccak-256, 0x hex) and `signature` its EIP-191
+    signature by the node's Ethereum key (0x hex, 65 bytes)."""
+
+    task_id: str
+    node_id: str
+    commitment: str
+    signature: str
+    elapsed_s: float = 0.0
+
+
+class TaskRevealOpened(msgspec.Struct, frozen=True, kw_only=True, tag="reveal", tag_field="type"):
+    """Every commitment is in (or the deadline passed): `nodes` may now reveal, by `deadline`."""
+
+    task_id: str
+    nodes: list[str]
+    deadline: float
+
+
 class ResultRevealed(msgspec.Struct, frozen=True, kw_only=True, tag="revealed", tag_field="type"):
     task_id: str
     node_id: str
     images: list[ImageResult]
     elapsed_s: float = 0.0
+    nonce: str = ""  # 0x hex, 32 bytes: opens the commitment
 
 
 class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_field="type"):
@@ -62,7 +86,9 @@ class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_
     message: str
 
 
-Verdict = Literal["agree", "mismatch", "undecided", "error", "timeout"]
+# agree: paid by QoS share. mismatch, bad_commitment: slashable. error, timeout: QoS 0.
+# undecided: no majority (the task is refunded). cancelled: the app cancelled first.
+Verdict = Literal["agree", "mismatch", "bad_commitment", "undecided", "error", "timeout", "cancelled"]
 
 
 class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", tag_field="type"):
@@ -73,17 +99,39 @@ class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", 
     reason: str  # unanimous | majority
     images: list[ImageResult]  # the accepted images (from an agreeing node)
     verdicts: dict[str, Verdict]
+    qos: dict[str, int] = {}  # this task's QoS score per node: 10/5/2 by commit order if agreeing, else 0
 
 
 class TaskAborted(msgspec.Struct, frozen=True, kw_only=True, tag="aborted", tag_field="type"):
     task_id: str
-    reason: str  # no_agreement | too_few_results | no_nodes | invalid_task
+    reason: str  # no_agreement | too_few_results | no_nodes | unservable
     detail: str = ""
     verdicts: dict[str, Verdict] = {}
+    qos: dict[str, int] = {}
 
 
-TaskEvent = TaskSubmitted | TaskAssigned | TaskStarted | ResultRevealed | NodeErrored | TaskSucceeded | TaskAborted
-OUTCOME_EVENTS = ("succeeded", "aborted")
+class TaskCancelled(msgspec.Struct, frozen=True, kw_only=True, tag="cancelled", tag_field="type"):
+    """The app cancelled the task; nodes stop, nobody is paid or slashed, the fee is refunded."""
+
+    task_id: str
+    detail: str = ""
+
+
+TaskEvent = (
+    TaskSubmitted
+    | TaskAssigned
+    | TaskStarted
+    | TaskCommitted
+    | TaskRevealOpened
+    | ResultRevealed
+    | NodeErrored
+    | TaskSucceeded
+    | TaskAborted
+    | TaskCancelled
+)
+# The events that end a task. They share one message id (`<task_id>:outcome`), so the
+# first published wins and a late second one is dropped by JetStream's deduplication.
+OUTCOME_EVENTS = ("succeeded", "aborted", "cancelled")
 
 
 def event_name(event: TaskEvent) -> str:
@@ -95,11 +143,27 @@ def event_name(event: TaskEvent) -> str:
 
 
 class Assignment(msgspec.Struct, frozen=True, kw_only=True):
-    """What a node receives on ``work.<node_id>``. It does not name the other nodes."""
+    """What a node receives on ``work.<node_id>.task``. It does not name the other nodes."""
 
     task_id: str
     spec: TaskSpec
+    deadline: float  # epoch seconds by which the node must have committed
+
+
+class RevealRequest(msgspec.Struct, frozen=True, kw_only=True, tag="reveal", tag_field="type"):
+    """On ``work.<node_id>.control``: every commitment is in; reveal by `deadline`."""
+
+    task_id: str
     deadline: float
+
+
+class CancelWork(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", tag_field="type"):
+    """On ``work.<node_id>.control``: stop the task (the app cancelled it, or it ended)."""
+
+    task_id: str
+
+
+ControlMessage = RevealRequest | CancelWork
 
 
 # --------------------------------------------------------------------------- nodes
@@ -115,6 +179,8 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     started_at: float
     models_on_disk: list[str] = []  # in the node's model store (the dispatcher prefers nodes that have a model)
     models_loaded: list[str] = []  # in memory
+    address: str = ""  # the node's Ethereum address: it signs commitments (and, later, stakes)
+    stake: int = 0  # announced stake until the chain-indexer provides it (smallest token unit)
 
     def serves(self, model: str) -> bool:
         """The node can run `model` without a download: it serves it by name or has it on disk."""
@@ -133,7 +199,17 @@ class NodeQuit(msgspec.Struct, frozen=True, kw_only=True, tag="quit", tag_field=
     at: float
 
 
-NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit
+class NodeQos(msgspec.Struct, frozen=True, kw_only=True, tag="qos", tag_field="type"):
+    """The validator's view of a node after each task it took part in."""
+
+    node_id: str
+    qos: float  # mean score (0..10) over the last `samples` tasks (at most 50)
+    samples: int
+    recent_timeouts: int  # timeouts among the last 3 tasks; 2 or more pauses the node
+    task_id: str = ""  # the task that changed it
+
+
+NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos
 
 
 # --------------------------------------------------------------------------- progress
@@ -163,6 +239,7 @@ encoder = msgspec.json.Encoder()
 task_event_decoder = msgspec.json.Decoder(TaskEvent)
 node_event_decoder = msgspec.json.Decoder(NodeEvent)
 assignment_decoder = msgspec.json.Decoder(Assignment)
+control_decoder = msgspec.json.Decoder(ControlMessage)
 progress_decoder = msgspec.json.Decoder(Progress)
 
 

@@ -1,9 +1,10 @@
 """Which nodes exist and which are alive: a projection of the NODES stream.
 
 Nodes publish ``nodes.<id>.joined`` once and ``nodes.<id>.heartbeat`` every few seconds;
-the stream keeps the last message per subject, so replaying it from the start rebuilds
-the directory. A node is live while its last heartbeat (stamped by the NATS server, so
-node clocks do not matter) is younger than the TTL and it has not quit.
+the validator publishes ``nodes.<id>.qos`` after each task. The stream keeps the last
+message per subject, so replaying it from the start rebuilds the directory. A node is
+live while its last heartbeat (stamped by the NATS server, so node clocks do not matter)
+is younger than the TTL and it has not quit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from .messages import NodeEvent, NodeHeartbeat, NodeJoined, NodeQuit, node_event_decoder
+from .messages import NodeEvent, NodeHeartbeat, NodeJoined, NodeQos, NodeQuit, node_event_decoder
 from .subjects import NODES_STREAM
 
 log = structlog.get_logger("stipple.nodes")
@@ -28,6 +29,8 @@ class NodeEntry:
     joined: NodeJoined
     last_seen: float
     quit: bool = False
+    qos: NodeQos | None = None
+    busy: bool = False
 
 
 class NodeDirectory:
@@ -36,22 +39,35 @@ class NodeDirectory:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self.entries: dict[str, NodeEntry] = {}
+        self._qos: dict[str, NodeQos] = {}
         self._changed = asyncio.Event()
+        self.caught_up = asyncio.Event()  # set once the stream's backlog has been folded
 
     def apply(self, event: NodeEvent, seen_at: float) -> None:
         entry = self.entries.get(event.node_id)
-        if isinstance(event, NodeJoined):
+        if isinstance(event, NodeQos):
+            self._qos[event.node_id] = event  # may come before the announcement in a replay
+            if entry is not None:
+                entry.qos = event
+        elif isinstance(event, NodeJoined):
             if entry is None or seen_at >= entry.last_seen:
-                self.entries[event.node_id] = NodeEntry(joined=event, last_seen=seen_at)
+                self.entries[event.node_id] = NodeEntry(
+                    joined=event, last_seen=seen_at, qos=self._qos.get(event.node_id)
+                )
         elif entry is None:
             return  # a heartbeat before (or without) an announcement tells us nothing usable
         elif isinstance(event, NodeHeartbeat):
             if seen_at >= entry.last_seen:
                 entry.last_seen = seen_at
                 entry.quit = False
+                entry.busy = event.busy
         elif isinstance(event, NodeQuit):
             entry.quit = True
         self._changed.set()
+
+    def address(self, node_id: str) -> str | None:
+        entry = self.entries.get(node_id)
+        return entry.joined.address if entry else None
 
     def live(self, now: float | None = None) -> list[NodeJoined]:
         now = time.time() if now is None else now
@@ -71,22 +87,33 @@ class NodeDirectory:
                 break
         return self.live()
 
-    async def follow(self, js: JetStreamContext) -> object:
-        """Subscribe to the NODES stream from its start (last message per subject);
-        returns the subscription. Messages are folded as they arrive."""
+    async def follow(self, js: JetStreamContext, catch_up_s: float = 10.0) -> object:
+        """Subscribe to the NODES stream from its start (last message per subject) and
+        wait (up to `catch_up_s`) until the backlog is folded; returns the subscription.
+        Later messages are folded as they arrive."""
 
         async def on_msg(msg: Msg) -> None:
             try:
                 event = node_event_decoder.decode(msg.data)
             except Exception as exc:
                 log.warning("bad_node_event", subject=msg.subject, error=str(exc))
-                return
-            self.apply(event, msg.metadata.timestamp.timestamp())
+            else:
+                self.apply(event, msg.metadata.timestamp.timestamp())
+            if msg.metadata.num_pending == 0:
+                self.caught_up.set()
 
-        return await js.subscribe(
+        info = await js.stream_info(NODES_STREAM)
+        if info.state.messages == 0:
+            self.caught_up.set()
+        sub = await js.subscribe(
             "nodes.>",
             stream=NODES_STREAM,
             cb=on_msg,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         )
+        try:
+            await asyncio.wait_for(self.caught_up.wait(), catch_up_s)
+        except TimeoutError:
+            log.warning("nodes_backlog_not_folded", waited_s=catch_up_s)
+        return sub

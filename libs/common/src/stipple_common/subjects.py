@@ -2,7 +2,8 @@
 
 Streams
 - TASKS  ``tasks.<task_id>.<event>``: every task event; the task is the fold of ``tasks.<id>.>``.
-- WORK   ``work.<node_id>``: assignments for one node (work-queue retention).
+- WORK   ``work.<node_id>.task``: assignments for one node; ``work.<node_id>.control``: reveal
+  requests and cancellations for it (work-queue retention, one consumer each).
 - NODES  ``nodes.<node_id>.<event>``: announcements, heartbeats, quits (last per subject kept).
 Core NATS (not stored)
 - ``progress.<task_id>``: per-step progress from nodes; lossy by design.
@@ -21,6 +22,7 @@ DISPATCHER_DURABLE = "dispatcher"
 VALIDATOR_DURABLE = "validator"
 
 IMAGES_BUCKET = "stipple-images"
+QOS_BUCKET = "qos"  # KV: node id -> its last 50 scored tasks (the validator's)
 
 
 def task_subject(task_id: str, event: str) -> str:
@@ -38,7 +40,11 @@ def all_tasks(event: str) -> str:
 
 
 def work_subject(node_id: str) -> str:
-    return f"work.{node_id}"
+    return f"work.{node_id}.task"
+
+
+def control_subject(node_id: str) -> str:
+    return f"work.{node_id}.control"
 
 
 def node_subject(node_id: str, event: str) -> str:
@@ -47,6 +53,10 @@ def node_subject(node_id: str, event: str) -> str:
 
 def node_durable(node_id: str) -> str:
     return f"node-{node_id}"
+
+
+def node_control_durable(node_id: str) -> str:
+    return f"node-{node_id}-control"
 
 
 def progress_subject(task_id: str) -> str:

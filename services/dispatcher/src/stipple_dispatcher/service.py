@@ -1,10 +1,11 @@
-"""Dispatcher wiring: a durable consumer on ``tasks.*.submitted``.
+"""Dispatcher wiring: a durable consumer on ``tasks.*.submitted`` and ``tasks.*.cancelled``.
 
 For each task: pick nodes, publish ``tasks.<id>.assigned``, then one Assignment per node
-on ``work.<node_id>``. Idempotent: if the task already has an assigned event (a
-redelivery after a crash), the same nodes get the same assignments again and the
-message ids deduplicate them. Too few nodes: retry for `dispatch_timeout_s`, then abort
-the task with reason no_nodes, so it never hangs.
+on ``work.<node_id>.task``. A cancelled task's nodes get a CancelWork on their control
+subject, and a task cancelled before dispatch is never assigned. Idempotent: if the
+task already has an assigned event (a redelivery after a crash), the same nodes get
+the same assignments again and the message ids deduplicate them. Too few nodes: retry
+for `dispatch_timeout_s`, then abort the task with reason no_nodes, so it never hangs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from prometheus_client import Counter
 from stipple_common import bus, subjects
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
+    OUTCOME_EVENTS,
     Assignment,
+    CancelWork,
     TaskAborted,
     TaskAssigned,
+    TaskCancelled,
     TaskSubmitted,
     task_event_decoder,
 )
@@ -73,12 +77,39 @@ class Dispatcher:
         event = task_event_decoder.decode(raw.data)
         return event if isinstance(event, TaskAssigned) else None
 
+    async def ended(self, task_id: str) -> bool:
+        for name in OUTCOME_EVENTS:
+            try:
+                await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, name))
+            except NotFoundError:
+                continue
+            return True
+        return False
+
+    async def cancel(self, task_id: str) -> None:
+        assigned = await self.previous_assignment(task_id)
+        for node_id in assigned.nodes if assigned else []:
+            await bus.publish(
+                self.js,
+                subjects.control_subject(node_id),
+                CancelWork(task_id=task_id),
+                msg_id=f"{task_id}:{node_id}:cancel",
+            )
+        self.dispatched.labels("cancelled").inc()
+        log.info("task_cancelled", nodes=assigned.nodes if assigned else [])
+
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         event = task_event_decoder.decode(msg.data)
+        if isinstance(event, TaskCancelled):
+            structlog.contextvars.bind_contextvars(task_id=event.task_id)
+            await self.cancel(event.task_id)
+            return None
         if not isinstance(event, TaskSubmitted):
             return None
         structlog.contextvars.bind_contextvars(task_id=event.task_id)
         assigned = await self.previous_assignment(event.task_id)
+        if assigned is None and await self.ended(event.task_id):
+            return None  # cancelled (or aborted) before it was dispatched
         if assigned is None:
             try:
                 nodes = pick(self.directory.live(), event.spec, self.settings.replication, self.rng)
@@ -114,7 +145,7 @@ class Dispatcher:
 def consumer_config() -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=subjects.DISPATCHER_DURABLE,
-        filter_subject=subjects.all_tasks("submitted"),
+        filter_subjects=[subjects.all_tasks("submitted"), subjects.all_tasks("cancelled")],
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_deliver=200,

@@ -1,9 +1,14 @@
-"""Node-agent wiring: announce, heartbeat, pull assignments from ``work.<node_id>``.
+"""Node-agent wiring: announce, heartbeat, pull assignments from ``work.<node_id>.task``
+and control messages (reveal, cancel) from ``work.<node_id>.control``.
 
 One task at a time (a GPU runs one diffusion at a time); the diffusion runs in a worker
-thread so heartbeats, progress and `in_progress()` keep flowing. A task that cannot run
-(bad input that slipped past the gateway, a missing model, out of memory) ends with a
-typed ``errored`` event; the node stays up and takes the next task.
+thread so heartbeats, progress, control messages and `in_progress()` keep flowing. A
+finished task is uploaded and *committed* (a signed hash of the result and a secret
+nonce); the node reveals the result only when the validator asks, after every node has
+committed, so no node can copy another's. A task that cannot run (bad input that
+slipped past the gateway, a missing model, out of memory) ends with a typed ``errored``
+event; the node stays up and takes the next task. A cancelled task stops at the next
+step.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import os
 import platform
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -25,12 +32,13 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import Counter, Histogram
 
-from stipple_common import __version__, bus, subjects
+from stipple_common import __version__, bus, commitment, subjects
 from stipple_common.blobstore import BlobStore
 from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     Assignment,
+    CancelWork,
     DownloadProgress,
     ImageResult,
     NodeErrored,
@@ -39,8 +47,11 @@ from stipple_common.messages import (
     NodeQuit,
     Progress,
     ResultRevealed,
+    RevealRequest,
+    TaskCommitted,
     TaskStarted,
     assignment_decoder,
+    control_decoder,
     encode,
 )
 from stipple_common.metrics import Metrics
@@ -68,6 +79,8 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
     annotator_weights: str = (
         ""  # name=ref[,...]: where an annotator's weights come from (default lllyasviel/Annotators)
     )
+    key_file: str = ""  # the node's Ethereum key (hex); empty: <model_cache>/node.key, created at first start
+    stake: int = 0  # announced stake (smallest token unit) until the chain issue indexes real stakes
     device: str = "cpu"
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
@@ -94,6 +107,36 @@ def parse_models(spec: str, cache: Path) -> dict[str, Path]:
     return models
 
 
+def load_or_create_key(path: Path) -> str:
+    """The node's private key from `path`, created (mode 0600) if it does not exist."""
+    if path.exists():
+        key = path.read_text().strip()
+        try:
+            commitment.account_from_key(key)
+        except Exception as exc:
+            raise InvalidSettings(f"STIPPLE_KEY_FILE={str(path)!r}: not a hex private key ({exc})") from None
+        return key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "0x" + secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    return key
+
+
+class TaskCancelledError(StippleError):
+    code = "cancelled"
+
+
+@dataclass
+class _Committed:
+    """A result committed but not yet revealed."""
+
+    images: list[ImageResult]
+    nonce: str
+    elapsed_s: float
+
+
 def device_description(device: str) -> tuple[str, int]:
     """A human name of the compute device and its memory in bytes."""
     import torch
@@ -117,7 +160,11 @@ class NodeAgent:
         settings: NodeSettings,
         metrics: Metrics,
         store: ModelStore | None = None,
+        key: str | None = None,
     ) -> None:
+        self.account = commitment.account_from_key(key) if key else commitment.new_account()
+        self.committed: dict[str, _Committed] = {}  # task id -> result awaiting its reveal
+        self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
         self.node_id = node_id
         self.store = store
         self.nc = nc
@@ -146,6 +193,8 @@ class NodeAgent:
             started_at=time.time(),
             models_on_disk=[m.ref for m in self.store.inventory()] if self.store else [],
             models_loaded=self.runner.loaded(),
+            address=self.account.address,
+            stake=self.settings.stake,
         )
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
@@ -175,6 +224,8 @@ class NodeAgent:
         subject = subjects.progress_subject(task_id)
 
         def report(step: int, total: int) -> None:  # called from the diffusion thread
+            if task_id in self.cancelled:
+                raise TaskCancelledError(f"task {task_id} was cancelled")
             data = encode(Progress(task_id=task_id, node_id=self.node_id, step=step, total=total))
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.nc.publish(subject, data)))
 
@@ -188,6 +239,9 @@ class NodeAgent:
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         work = assignment_decoder.decode(msg.data)
         structlog.contextvars.bind_contextvars(task_id=work.task_id, node_id=self.node_id)
+        if work.task_id in self.cancelled:
+            log.info("task_skipped_cancelled")
+            return None
         if time.time() > work.deadline:
             await self._fail(work, "deadline_passed", "the assignment arrived after its deadline")
             return None
@@ -197,6 +251,10 @@ class NodeAgent:
         keep_alive = asyncio.create_task(self._keep_alive(msg))
         try:
             images = await self._generate(work)
+        except TaskCancelledError:
+            self.tasks.labels("cancelled").inc()
+            log.info("task_cancelled")
+            return None
         except StippleError as exc:
             if exc.retryable:
                 raise
@@ -212,11 +270,50 @@ class NodeAgent:
             self.busy = False
         results = await self._upload(work.task_id, images)
         elapsed = time.perf_counter() - started
-        revealed = ResultRevealed(task_id=work.task_id, node_id=self.node_id, images=results, elapsed_s=elapsed)
-        await self._publish_event(revealed, "revealed", work.task_id)
-        self.tasks.labels("revealed").inc()
+        await self.commit(work.task_id, results, elapsed)
+        self.tasks.labels("committed").inc()
         self.task_seconds.observe(elapsed)
-        log.info("task_done", images=len(results), elapsed_s=round(elapsed, 3))
+        log.info("task_committed", images=len(results), elapsed_s=round(elapsed, 3))
+        return None
+
+    async def commit(self, task_id: str, results: list[ImageResult], elapsed: float) -> None:
+        """Publish a signed commitment to `results` and keep them for the reveal."""
+        nonce = commitment.new_nonce()
+        value = commitment.make_commitment(task_id, self.node_id, results, nonce)
+        self.committed[task_id] = _Committed(images=results, nonce=nonce, elapsed_s=elapsed)
+        event = TaskCommitted(
+            task_id=task_id,
+            node_id=self.node_id,
+            commitment=value,
+            signature=commitment.sign(self.account, value),
+            elapsed_s=elapsed,
+        )
+        await self._publish_event(event, "committed", task_id)
+
+    async def handle_control(self, msg: Msg) -> bus.Redeliver | None:
+        """Reveal requests and cancellations; they arrive while a task may be running."""
+        message = control_decoder.decode(msg.data)
+        structlog.contextvars.bind_contextvars(task_id=message.task_id, node_id=self.node_id)
+        if isinstance(message, CancelWork):
+            self.cancelled[message.task_id] = None
+            while len(self.cancelled) > 10_000:
+                self.cancelled.popitem(last=False)
+            self.committed.pop(message.task_id, None)
+            return None
+        assert isinstance(message, RevealRequest)
+        pending = self.committed.pop(message.task_id, None)
+        if pending is None:  # revealed already, or this process restarted and lost the nonce
+            log.warning("reveal_without_commitment")
+            return None
+        revealed = ResultRevealed(
+            task_id=message.task_id,
+            node_id=self.node_id,
+            images=pending.images,
+            elapsed_s=pending.elapsed_s,
+            nonce=pending.nonce,
+        )
+        await self._publish_event(revealed, "revealed", message.task_id)
+        self.tasks.labels("revealed").inc()
         return None
 
     async def _generate(self, work: Assignment) -> list[GeneratedImage]:
@@ -255,6 +352,18 @@ def consumer_config(node_id: str) -> ConsumerConfig:
     )
 
 
+def control_consumer_config(node_id: str) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.node_control_durable(node_id),
+        filter_subject=subjects.control_subject(node_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=5,
+        max_ack_pending=1_000,
+        inactive_threshold=24 * 3600.0,
+    )
+
+
 async def run(settings: NodeSettings) -> None:
     setup_logging("node-agent", level=settings.log_level, fmt=settings.log_format)
     configure_determinism(settings.torch_threads)
@@ -262,6 +371,7 @@ async def run(settings: NodeSettings) -> None:
         settings = msgspec.structs.replace(settings, node_id=f"node-{secrets.token_hex(4)}")
     cache = Path(settings.model_cache).expanduser() if settings.model_cache else Path.home() / ".cache/stipple/models"
     models = parse_models(settings.models, cache)
+    key = load_or_create_key(Path(settings.key_file).expanduser() if settings.key_file else cache / "node.key")
     downloads = DownloadReporter()
     budget = int(settings.disk_budget_gb * 1024**3) or None
     with ModelStore(cache / "store", budget_bytes=budget, hf_offline=settings.hf_offline, progress=downloads) as store:
@@ -277,7 +387,7 @@ async def run(settings: NodeSettings) -> None:
             runner.load(name)  # load before announcing: a live node is a ready node
         async with open_service("node-agent", settings, blobs=True) as ctx:
             downloads.attach(ctx, asyncio.get_running_loop(), settings.node_id)
-            await serve(ctx, settings, runner, store)
+            await serve(ctx, settings, runner, store, key)
 
 
 class DownloadReporter:
@@ -305,8 +415,13 @@ class DownloadReporter:
 
 
 async def serve(
-    ctx: ServiceContext, settings: NodeSettings, runner: PipelineRunner, store: ModelStore | None = None
+    ctx: ServiceContext,
+    settings: NodeSettings,
+    runner: PipelineRunner,
+    store: ModelStore | None = None,
+    key: str | None = None,
 ) -> None:
+    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one)."""
     assert ctx.blobs is not None
     node_id = settings.node_id or f"node-{secrets.token_hex(4)}"
     agent = NodeAgent(
@@ -318,6 +433,7 @@ async def serve(
         settings=settings,
         metrics=ctx.metrics,
         store=store,
+        key=key,
     )
     joined = agent.announcement()
     await bus.publish(
@@ -325,11 +441,15 @@ async def serve(
     )
     log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
     beats = asyncio.create_task(agent.heartbeat(ctx.stop))
+    control = asyncio.create_task(
+        ctx.consume(subjects.WORK_STREAM, control_consumer_config(node_id), agent.handle_control)
+    )
     try:
         await ctx.consume(subjects.WORK_STREAM, consumer_config(node_id), agent.handle, batch=1)
     finally:
         ctx.stop.set()
         await beats
+        await control
         quit_event = NodeQuit(node_id=node_id, at=time.time())
         try:
             await bus.publish(

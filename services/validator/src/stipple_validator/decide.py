@@ -1,17 +1,28 @@
 """The outcome table (DESIGN.md, Crynux Hydrogen): pure functions, no I/O.
 
-With three nodes:  A,A,A -> succeeded/unanimous;  A,A,B -> succeeded/majority and B is
-"mismatch" (slashable);  A,A + error/timeout -> succeeded/majority, the third loses QoS;
-A,B,C or A,B + one missing -> aborted/no_agreement;  fewer than two results ->
+First each reveal is checked against its commitment: the signature must recover the
+node's registered address, and the revealed images and nonce must hash to the committed
+value; a reveal that fails is `bad_commitment` (slashable) and counts as no result.
+Then, with three nodes:  A,A,A -> succeeded/unanimous;  A,A,B -> succeeded/majority and
+B is "mismatch" (slashable);  A,A + error/timeout -> succeeded/majority, the third loses
+QoS;  A,B,C or A,B + one missing -> aborted/no_agreement;  fewer than two results ->
 aborted/too_few_results. Images agree when every pair of per-image pHashes is within
 the threshold.
+
+QoS per task: agreeing nodes score 10, 5, 2 in the order they committed (the first to
+bind itself to a correct result was the fastest); everyone else scores 0.
 """
 
 from __future__ import annotations
 
-from stipple_common.aggregate import Task
+from collections.abc import Mapping
+
+from stipple_common.aggregate import NodeRun, Task
+from stipple_common.commitment import make_commitment, signer
 from stipple_common.messages import TaskAborted, TaskSucceeded, Verdict
 from stipple_common.phash import same_images
+
+FINISH_SCORES = (10, 5, 2)
 
 
 def group_agreeing(results: dict[str, list[str]], threshold: int) -> list[list[str]]:
@@ -28,13 +39,38 @@ def group_agreeing(results: dict[str, list[str]], threshold: int) -> list[list[s
     return sorted(groups, key=len, reverse=True)
 
 
-def decide(task: Task, threshold: int) -> TaskSucceeded | TaskAborted:
-    """Decide a task from the results that are in; nodes with nothing in timed out."""
+def reveal_is_honest(task_id: str, run: NodeRun, address: str | None) -> bool:
+    """The reveal opens the commitment, and the commitment was signed by the node's key."""
+    if not address or not run.signature or not run.nonce:
+        return False
+    recovered = signer(run.commitment, run.signature)
+    if recovered is None or recovered.lower() != address.lower():
+        return False
+    try:
+        return make_commitment(task_id, run.node_id, run.images, run.nonce) == run.commitment
+    except ValueError:  # a nonce that is not hex
+        return False
+
+
+def qos_scores(task: Task, agreeing: list[str]) -> dict[str, int]:
+    ranked = sorted(agreeing, key=lambda node: task.nodes[node].commit_order)
+    scores = {node: 0 for node in task.nodes}
+    for rank, node in enumerate(ranked):
+        scores[node] = FINISH_SCORES[min(rank, len(FINISH_SCORES) - 1)]
+    return scores
+
+
+def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucceeded | TaskAborted:
+    """Decide a task from what is in; nodes with no result in time are `timeout`.
+    `addresses` maps node ids to their registered Ethereum addresses."""
     results: dict[str, list[str]] = {}
     verdicts: dict[str, Verdict] = {}
     for node_id, run in task.nodes.items():
         if run.status == "revealed":
-            results[node_id] = [image.phash for image in run.images]
+            if reveal_is_honest(task.task_id, run, addresses.get(node_id)):
+                results[node_id] = [image.phash for image in run.images]
+            else:
+                verdicts[node_id] = "bad_commitment"
         elif run.status == "errored":
             verdicts[node_id] = "error"
         else:
@@ -45,18 +81,22 @@ def decide(task: Task, threshold: int) -> TaskSucceeded | TaskAborted:
     if majority is None:
         for node_id in results:
             verdicts[node_id] = "undecided"
+        ordered = {node: verdicts[node] for node in task.nodes}
+        zero = {node: 0 for node in task.nodes}
         if len(results) < 2:
             return TaskAborted(
                 task_id=task.task_id,
                 reason="too_few_results",
-                detail=f"{len(results)} of {len(task.nodes)} nodes returned a result",
-                verdicts=verdicts,
+                detail=f"{len(results)} of {len(task.nodes)} nodes returned a valid result",
+                verdicts=ordered,
+                qos=zero,
             )
         return TaskAborted(
             task_id=task.task_id,
             reason="no_agreement",
             detail=f"{len(results)} results in {len(groups)} disagreeing groups",
-            verdicts=verdicts,
+            verdicts=ordered,
+            qos=zero,
         )
     for node_id in results:
         verdicts[node_id] = "agree" if node_id in majority else "mismatch"
@@ -66,4 +106,5 @@ def decide(task: Task, threshold: int) -> TaskSucceeded | TaskAborted:
         reason="unanimous" if unanimous else "majority",
         images=task.nodes[majority[0]].images,
         verdicts={node: verdicts[node] for node in task.nodes},
+        qos=qos_scores(task, majority),
     )

@@ -1,26 +1,41 @@
-"""Validator wiring: one durable consumer on assigned/revealed/errored task events.
+"""Validator wiring: one durable consumer on the task events that move validation on.
 
 Each message makes the validator fold the task from the TASKS stream (stateless, so a
-restart loses nothing). When every node has answered, it decides at once. The task's
-deadline is kept without a timer: the `assigned` event is nak'ed with a delay until the
-deadline, and its redelivery decides with whatever is in (missing nodes = timeout).
+restart loses nothing) and take the next step:
+
+1. commit stage: when every node has committed (or errored), or the `assigned` event's
+   deadline passes, it opens the reveal (`tasks.<id>.reveal`) for the nodes that
+   committed; with fewer than two commitments it decides at once.
+2. the `reveal` event sends each committed node a RevealRequest on its control subject.
+3. reveal stage: when every committed node has revealed (or errored), or the reveal
+   deadline passes, it decides (decide.py) and publishes the outcome.
+4. an outcome event (its own, or the gateway's `cancelled`) updates the QoS window of
+   every node in the task (KV bucket `qos`, idempotent per task) and publishes
+   ``nodes.<id>.qos`` for the dispatcher.
+
+Deadlines need no timer: the `assigned` and `reveal` events are nak'ed with a delay until
+their deadline, and their redelivery decides with whatever is in.
 """
 
 from __future__ import annotations
 
 import time
 
+import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from stipple_common import bus, subjects
-from stipple_common.aggregate import replay
+from stipple_common.aggregate import Task, replay
 from stipple_common.logs import setup_logging
-from stipple_common.messages import TaskAborted, task_event_decoder
+from stipple_common.messages import NodeQos, RevealRequest, TaskAborted, TaskRevealOpened, task_event_decoder
 from stipple_common.metrics import Metrics
+from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings
 
@@ -28,15 +43,36 @@ from .decide import decide
 
 log = structlog.get_logger("stipple.validator")
 
+QOS_WINDOW = 50  # a node's QoS is the mean of its last 50 scored tasks
+PAUSE_WINDOW = 3  # ... and 2 timeouts among its last 3 pause it
+NO_SAMPLE = ("undecided", "cancelled")  # verdicts that say nothing about the node
+
 
 class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     phash_threshold: int = 6  # max Hamming distance (of 64 bits) for two images to count as the same
     deadline_grace_s: float = 0.5
+    reveal_timeout_s: float = 10.0  # from the reveal opening to every committed node's reveal
+    node_ttl_s: float = 10.0
+
+
+class Sample(msgspec.Struct, array_like=True, frozen=True):
+    task_id: str
+    score: int
+    verdict: str
 
 
 class Validator:
-    def __init__(self, js: JetStreamContext, settings: ValidatorSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        directory: NodeDirectory,
+        qos: KeyValue,
+        settings: ValidatorSettings,
+        metrics: Metrics,
+    ) -> None:
         self.js = js
+        self.directory = directory
+        self.qos = qos
         self.settings = settings
         self.outcomes = Counter(
             "stipple_validator_outcomes_total",
@@ -58,29 +94,107 @@ class Validator:
         task, rejected = replay(events)
         for event, why in rejected:
             log.warning("event_rejected", event=type(event).__name__, why=why.message)
-        if task is None or task.finished or not task.nodes:
+        if task is None:
             return None
-        if not task.results_in:
-            if event_name != "assigned":
-                return None  # the assigned event is the deadline timer
-            remaining = (task.deadline or 0) - time.time()
-            if remaining > 0:
-                return bus.Redeliver(delay=remaining + self.settings.deadline_grace_s)
-        outcome = decide(task, self.settings.phash_threshold)
-        subject = subjects.task_subject(task_id, "aborted" if isinstance(outcome, TaskAborted) else "succeeded")
-        await bus.publish(self.js, subject, outcome, msg_id=f"{task_id}:outcome")
+        if task.finished:
+            if event_name in ("succeeded", "aborted", "cancelled"):
+                await self.update_qos(task)
+            return None
+        if not task.nodes:
+            return None
+        now = time.time()
+        if task.status == "revealing":
+            if event_name == "reveal":
+                await self.request_reveals(task)
+            if task.reveals_in or (event_name == "reveal" and now >= (task.reveal_deadline or 0)):
+                return await self.publish_outcome(task)
+            if event_name == "reveal":
+                return bus.Redeliver(delay=(task.reveal_deadline or 0) - now + self.settings.deadline_grace_s)
+            return None
+        if task.commitments_in or (event_name == "assigned" and now >= (task.deadline or 0)):
+            committed = task.committed_nodes()
+            if len(committed) * 2 > len(task.nodes):  # enough for a majority: open the reveal
+                opened = TaskRevealOpened(
+                    task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s
+                )
+                await bus.publish(self.js, subjects.task_subject(task_id, "reveal"), opened, msg_id=f"{task_id}:reveal")
+            else:
+                return await self.publish_outcome(task)
+        elif event_name == "assigned":
+            return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
+        return None
+
+    async def request_reveals(self, task: Task) -> None:
+        assert task.reveal_deadline is not None
+        request = RevealRequest(task_id=task.task_id, deadline=task.reveal_deadline)
+        for node_id in task.committed_nodes():
+            await bus.publish(
+                self.js, subjects.control_subject(node_id), request, msg_id=f"{task.task_id}:{node_id}:reveal"
+            )
+
+    async def publish_outcome(self, task: Task) -> bus.Redeliver | None:
+        if not self.directory.caught_up.is_set():
+            return bus.Redeliver(delay=1.0)  # node addresses are still loading
+        addresses = {node: self.directory.address(node) or "" for node in task.nodes}
+        outcome = decide(task, self.settings.phash_threshold, addresses)
         kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
+        await bus.publish(self.js, subjects.task_subject(task.task_id, kind), outcome, msg_id=f"{task.task_id}:outcome")
         self.outcomes.labels(kind, outcome.reason).inc()
         for verdict in outcome.verdicts.values():
             self.verdicts.labels(verdict).inc()
         log.info("task_decided", outcome=kind, reason=outcome.reason, verdicts=outcome.verdicts)
         return None
 
+    async def update_qos(self, task: Task) -> None:
+        """Add this task's score to each node's window (once per task, even on redelivery)."""
+        for node_id, verdict in task.verdicts.items():
+            if verdict in NO_SAMPLE:
+                continue
+            sample = Sample(task_id=task.task_id, score=task.qos.get(node_id, 0), verdict=verdict)
+            window = await self._add_sample(node_id, sample)
+            if window is None:
+                continue  # already counted
+            recent = window[-PAUSE_WINDOW:]
+            event = NodeQos(
+                node_id=node_id,
+                qos=sum(s.score for s in window) / len(window),
+                samples=len(window),
+                recent_timeouts=sum(1 for s in recent if s.verdict == "timeout"),
+                task_id=task.task_id,
+            )
+            await bus.publish(
+                self.js, subjects.node_subject(node_id, "qos"), event, msg_id=f"{node_id}:qos:{task.task_id}"
+            )
+            if event.recent_timeouts >= 2:
+                log.warning("node_paused", node_id=node_id, recent_timeouts=event.recent_timeouts)
+
+    async def _add_sample(self, node_id: str, sample: Sample) -> list[Sample] | None:
+        decoder = msgspec.json.Decoder(list[Sample])
+        while True:
+            try:
+                entry = await self.qos.get(node_id)
+                window, revision = decoder.decode(entry.value or b"[]"), entry.revision
+            except KeyNotFoundError:
+                window, revision = [], None
+            if any(s.task_id == sample.task_id for s in window):
+                return None
+            window = [*window, sample][-QOS_WINDOW:]
+            data = msgspec.json.encode(window)
+            try:
+                if revision is None:
+                    await self.qos.create(node_id, data)
+                else:
+                    await self.qos.update(node_id, data, last=revision)
+            except KeyWrongLastSequenceError:
+                continue  # another validator wrote first: read again
+            return window
+
 
 def consumer_config() -> ConsumerConfig:
+    events = ("assigned", "committed", "reveal", "revealed", "errored", "succeeded", "aborted", "cancelled")
     return ConsumerConfig(
         durable_name=subjects.VALIDATOR_DURABLE,
-        filter_subjects=[subjects.all_tasks(e) for e in ("assigned", "revealed", "errored")],
+        filter_subjects=[subjects.all_tasks(e) for e in events],
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_deliver=50,
@@ -95,6 +209,14 @@ async def run(settings: ValidatorSettings) -> None:
 
 
 async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
-    validator = Validator(ctx.js, settings, ctx.metrics)
+    directory = NodeDirectory(ttl_s=settings.node_ttl_s)
+    sub = await directory.follow(ctx.js)
+    qos = await ctx.js.create_key_value(
+        KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
+    )
+    validator = Validator(ctx.js, directory, qos, settings, ctx.metrics)
     log.info("validator_started", threshold=settings.phash_threshold)
-    await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle)
+    try:
+        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle)
+    finally:
+        await sub.unsubscribe()  # type: ignore[attr-defined]
