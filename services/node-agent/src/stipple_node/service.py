@@ -420,11 +420,13 @@ async def serve(
     runner: PipelineRunner,
     store: ModelStore | None = None,
     key: str | None = None,
+    agent_type: type[NodeAgent] | None = None,
 ) -> None:
-    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one)."""
+    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one).
+    `agent_type` lets tests run a NodeAgent subclass with one behaviour changed."""
     assert ctx.blobs is not None
     node_id = settings.node_id or f"node-{secrets.token_hex(4)}"
-    agent = NodeAgent(
+    agent = (agent_type or NodeAgent)(
         node_id=node_id,
         nc=ctx.nc,
         js=ctx.js,

@@ -93,7 +93,7 @@ class Validator:
         )
         task, rejected = replay(events)
         for event, why in rejected:
-            log.warning("event_rejected", event=type(event).__name__, why=why.message)
+            log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
         if task is None:
             return None
         if task.finished:

@@ -1,0 +1,249 @@
+"""Cheating and broken nodes are caught, and honest nodes are never penalized.
+
+The real dispatcher, validator and three real node agents (in one process, on their
+own nats-server and the tiny model); one node is a NodeAgent subclass with exactly one
+behaviour changed. Each case checks the outcome, the reason code, every node's verdict
+and QoS score.
+
+Thresholds: on one machine honest nodes agree bit for bit (pHash distance 0), so the
+validator runs here with threshold 2. The cheats are sized so the tiny model shows them
+(half the steps moves the pHash by 8 bits at 8 steps); on real weights and mixed
+hardware the threshold must be calibrated (bench/phash_calibration.py), and a cheat
+that skips only a step or two is below what a pHash can see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import imagehash
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.msg import Msg
+from PIL import Image
+
+from stipple_common import bus, subjects
+from stipple_common.commitment import make_commitment, new_nonce
+from stipple_common.messages import (
+    Assignment,
+    ImageResult,
+    ResultRevealed,
+    TaskAborted,
+    TaskCommitted,
+    TaskSubmitted,
+    TaskSucceeded,
+    task_event_decoder,
+)
+from stipple_common.service import open_service
+from stipple_common.taskspec import parse_task
+from stipple_dispatcher.service import DispatcherSettings
+from stipple_dispatcher.service import serve as serve_dispatcher
+from stipple_node.pipeline import GeneratedImage, PipelineRunner
+from stipple_node.service import NodeAgent, NodeSettings
+from stipple_node.service import serve as serve_node
+from stipple_validator.service import ValidatorSettings
+from stipple_validator.service import serve as serve_validator
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HONEST = ("honest-1", "honest-2")
+SUSPECT = "suspect"
+COMMIT_TIMEOUT_S = 6.0
+
+
+# ------------------------------------------------------------------ misbehaviours
+
+
+class RandomImage(NodeAgent):
+    """Skips the work and returns noise."""
+
+    async def _generate(self, work: Assignment) -> list[GeneratedImage]:
+        rng = np.random.default_rng()
+        config = work.spec.task_config
+        images = []
+        for index in range(config.num_images):
+            pixels = rng.integers(0, 256, (config.image_height, config.image_width, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels)
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            images.append(
+                GeneratedImage(
+                    png=png.getvalue(),
+                    phash=str(imagehash.phash(image, hash_size=8)),
+                    seed=config.seed + index,
+                    width=image.width,
+                    height=image.height,
+                )
+            )
+        return images
+
+
+def _changed(work: Assignment, **config: int) -> Assignment:
+    task_config = msgspec.structs.replace(work.spec.task_config, **config)
+    return msgspec.structs.replace(work, spec=msgspec.structs.replace(work.spec, task_config=task_config))
+
+
+class FewerSteps(NodeAgent):
+    """Saves half the GPU time."""
+
+    async def _generate(self, work: Assignment) -> list[GeneratedImage]:
+        return await super()._generate(_changed(work, steps=work.spec.task_config.steps // 2))
+
+
+class OtherSeed(NodeAgent):
+    """Ignores the task's seed."""
+
+    async def _generate(self, work: Assignment) -> list[GeneratedImage]:
+        return await super()._generate(_changed(work, seed=work.spec.task_config.seed + 1))
+
+
+class NeverAnswers(NodeAgent):
+    """Takes the work and goes silent."""
+
+    async def handle(self, msg: Msg) -> bus.Redeliver | None:
+        return None
+
+
+class AnswersTwice(NodeAgent):
+    """Does the work honestly, then commits and reveals a second, different result."""
+
+    async def handle_control(self, msg: Msg) -> bus.Redeliver | None:
+        await super().handle_control(msg)
+        task_id = msgspec.json.decode(msg.data)["task_id"]
+        other = [ImageResult(index=0, key="elsewhere", phash="f" * 16, seed=0, width=64, height=64)]
+        nonce = new_nonce()
+        value = make_commitment(task_id, self.node_id, other, nonce)
+        second = TaskCommitted(task_id=task_id, node_id=self.node_id, commitment=value, signature="0x")
+        await bus.publish(self.js, subjects.task_subject(task_id, "committed"), second, msg_id=f"{task_id}:2c")
+        again = ResultRevealed(task_id=task_id, node_id=self.node_id, images=other, nonce=nonce)
+        await bus.publish(self.js, subjects.task_subject(task_id, "revealed"), again, msg_id=f"{task_id}:2r")
+        return None
+
+
+class Replays(NodeAgent):
+    """Commits to nothing it computed, waits for an honest node's reveal and reveals a
+    copy of it: the copy cannot open its own commitment."""
+
+    async def handle(self, msg: Msg) -> bus.Redeliver | None:
+        task_id = msgspec.json.decode(msg.data)["task_id"]
+        placeholder = [ImageResult(index=0, key="nothing", phash="0" * 16, seed=0, width=64, height=64)]
+        await self.commit(task_id, placeholder, 0.01)
+        return None
+
+    async def handle_control(self, msg: Msg) -> bus.Redeliver | None:
+        task_id = msgspec.json.decode(msg.data)["task_id"]
+        pending = self.committed.pop(task_id, None)
+        if pending is None:
+            return None
+        for _ in range(200):
+            events = await bus.read_subject(
+                self.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
+            )
+            honest = [e for e in events if isinstance(e, ResultRevealed) and e.node_id != self.node_id]
+            if honest:
+                copy = ResultRevealed(
+                    task_id=task_id, node_id=self.node_id, images=honest[0].images, nonce=pending.nonce
+                )
+                await self._publish_event(copy, "revealed", task_id)
+                return None
+            await asyncio.sleep(0.05)
+        return None
+
+
+# ------------------------------------------------------------------ the network
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
+    from stipple_node.tinymodel import make_tiny_model
+
+    return PipelineRunner({"tiny-sd": make_tiny_model(Path(tmp_path_factory.mktemp("tiny")))})
+
+
+async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeAgent]) -> TaskSucceeded | TaskAborted:
+    """Start the services, submit one task, return its outcome."""
+    stop = asyncio.Event()
+    async with AsyncExitStack() as stack:
+        services = []
+        dispatcher_settings = DispatcherSettings(nats_url=nats_url, task_timeout_s=COMMIT_TIMEOUT_S)
+        ctx = await stack.enter_async_context(open_service("dispatcher", dispatcher_settings, stop=stop))
+        services.append(asyncio.create_task(serve_dispatcher(ctx, dispatcher_settings)))
+        validator_settings = ValidatorSettings(
+            nats_url=nats_url, phash_threshold=2, reveal_timeout_s=3.0, deadline_grace_s=0.1
+        )
+        ctx = await stack.enter_async_context(open_service("validator", validator_settings, stop=stop))
+        services.append(asyncio.create_task(serve_validator(ctx, validator_settings)))
+        for node_id, agent_type in [(HONEST[0], NodeAgent), (SUSPECT, suspect), (HONEST[1], NodeAgent)]:
+            settings = NodeSettings(nats_url=nats_url, node_id=node_id, operator=node_id, heartbeat_s=0.5)
+            ctx = await stack.enter_async_context(open_service("node-agent", settings, blobs=True, stop=stop))
+            services.append(asyncio.create_task(serve_node(ctx, settings, runner, agent_type=agent_type)))
+        client = await stack.enter_async_context(open_service("test-app", dispatcher_settings, stop=stop))
+        await asyncio.sleep(1.0)  # nodes announce themselves
+        task_id = uuid.uuid4().hex
+        spec = parse_task(
+            {
+                "base_model": "tiny-sd",
+                "prompt": "a red fox in the snow",
+                "task_config": {"image_width": 64, "image_height": 64, "steps": 8, "seed": 5},
+            }
+        )
+        submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
+        await bus.publish(client.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
+        try:
+            return await wait_for_outcome(client.js, task_id, timeout=60)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*services), 30)
+
+
+async def wait_for_outcome(js, task_id: str, timeout: float) -> TaskSucceeded | TaskAborted:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = await bus.read_subject(js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
+        outcomes = [e for e in events if isinstance(e, (TaskSucceeded, TaskAborted))]
+        if outcomes:
+            await asyncio.sleep(0.3)  # a second outcome, if any, would show now
+            events = await bus.read_subject(
+                js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
+            )
+            assert len([e for e in events if isinstance(e, (TaskSucceeded, TaskAborted))]) == 1
+            return outcomes[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"task {task_id} never ended")
+
+
+# ------------------------------------------------------------------ the cases
+
+
+@pytest.mark.parametrize(
+    ("suspect", "verdict"),
+    [
+        pytest.param(NodeAgent, "agree", id="control: three honest nodes"),
+        pytest.param(RandomImage, "mismatch", id="returns a random image"),
+        pytest.param(FewerSteps, "mismatch", id="uses fewer steps"),
+        pytest.param(OtherSeed, "mismatch", id="uses another seed"),
+        pytest.param(Replays, "bad_commitment", id="replays another node's result"),
+        pytest.param(NeverAnswers, "timeout", id="never answers"),
+        pytest.param(AnswersTwice, "agree", id="answers twice: the second answer is ignored"),
+    ],
+)
+async def test_a_misbehaving_node_is_caught_and_honest_nodes_are_not_penalized(
+    fresh_nats_url: str, runner: PipelineRunner, suspect: type[NodeAgent], verdict: str
+) -> None:
+    outcome = await run_network(fresh_nats_url, runner, suspect)
+    assert isinstance(outcome, TaskSucceeded), outcome
+    assert outcome.reason == ("unanimous" if verdict == "agree" else "majority")
+    assert outcome.verdicts == {HONEST[0]: "agree", SUSPECT: verdict, HONEST[1]: "agree"}
+    assert {outcome.qos[node] for node in HONEST} <= {10, 5, 2}
+    assert all(outcome.qos[node] > 0 for node in HONEST)
+    if verdict != "agree":
+        assert outcome.qos[SUSPECT] == 0
+    assert all(
+        image.key.split("/")[2] in HONEST + ((SUSPECT,) if verdict == "agree" else ()) for image in outcome.images
+    )
