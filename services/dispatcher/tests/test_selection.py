@@ -1,70 +1,165 @@
-import random
+"""Eligibility and weights over the node index (DESIGN.md, Dispatch)."""
 
+from collections import Counter
+
+import numpy as np
 import pytest
 
-from stipple_common.messages import NodeJoined
+from stipple_common import __version__
+from stipple_common.messages import NodeJoined, NodeQos
 from stipple_common.taskspec import parse_task
-from stipple_dispatcher.selection import NotEnoughNodes, pick
+from stipple_dispatcher.selection import NodeIndex, NotEnoughNodes, Requirements, compatible, task_models
 
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p"})
+NOW = 1000.0
+REQ = Requirements(version=__version__)
 
 
-def node(node_id, operator=None, models=("tiny-sd",)):
+def node(node_id, operator=None, models=("tiny-sd",), *, stake=0, memory=1, version=__version__, loaded=()):
     return NodeJoined(
         node_id=node_id,
         operator=operator or node_id,
         device="cpu",
-        memory_bytes=1,
+        memory_bytes=memory,
         models=list(models),
-        version="0.1.0",
+        version=version,
         started_at=0.0,
+        stake=stake,
+        models_loaded=list(loaded),
     )
 
 
+def index_of(*nodes, seen=NOW):
+    index = NodeIndex(capacity=2)  # small, so growing is exercised
+    for n in nodes:
+        index.join(n, seen, __version__)
+    return index
+
+
+def pick(index, seed=0, count=3, spec=SPEC, req=REQ, now=NOW):
+    return index.pick(spec, count, np.random.default_rng(seed), now=now, ttl_s=10.0, req=req)
+
+
 def test_picks_distinct_nodes_serving_the_model():
-    nodes = [node(f"n{i}") for i in range(6)] + [node("other", models=("sdxl",))]
-    chosen = pick(nodes, SPEC, 3, random.Random(1))
-    assert len(chosen) == 3
+    index = index_of(*[node(f"n{i}") for i in range(6)], node("other", models=("sdxl",)))
+    chosen = pick(index)
     assert len(set(chosen)) == 3
     assert "other" not in chosen
 
 
 def test_never_two_nodes_of_one_operator():
-    nodes = [node("a1", "alice"), node("a2", "alice"), node("a3", "alice"), node("b1", "bob"), node("c1", "carol")]
+    index = index_of(
+        node("a1", "alice"), node("a2", "alice"), node("a3", "alice"), node("b1", "bob"), node("c1", "carol")
+    )
     for seed in range(30):
-        chosen = pick(nodes, SPEC, 3, random.Random(seed))
-        operators = [n.operator for n in nodes if n.node_id in chosen]
-        assert sorted(operators) == ["alice", "bob", "carol"]
+        chosen = pick(index, seed)
+        assert sorted(index.joined[index.row[n]].operator for n in chosen) == ["alice", "bob", "carol"]
 
 
 def test_choice_is_random_across_tasks():
-    nodes = [node(f"n{i}") for i in range(8)]
-    seen = {frozenset(pick(nodes, SPEC, 3, random.Random(seed))) for seed in range(20)}
-    assert len(seen) > 5
+    index = index_of(*[node(f"n{i}") for i in range(8)])
+    assert len({frozenset(pick(index, seed)) for seed in range(20)}) > 5
 
 
 def test_too_few_says_how_many_there_are():
-    nodes = [node("a1", "alice"), node("a2", "alice"), node("b1", "bob"), node("x", models=("sdxl",))]
-    with pytest.raises(NotEnoughNodes, match="3 live nodes of 2 operators serve it") as info:
-        pick(nodes, SPEC, 3, random.Random(0))
+    index = index_of(node("a1", "alice"), node("a2", "alice"), node("b1", "bob"), node("x", models=("sdxl",)))
+    with pytest.raises(NotEnoughNodes, match="3 eligible nodes of 2 operators") as info:
+        pick(index)
     assert info.value.retryable
 
 
-def test_a_model_on_a_nodes_disk_counts_as_served():
-    spec = parse_task({"base_model": "org/some-model", "prompt": "p"})
-    on_disk = [
-        NodeJoined(
-            node_id=f"n{i}",
-            operator=f"o{i}",
-            device="cpu",
-            memory_bytes=1,
-            models=["tiny-sd"],
-            models_on_disk=["org/some-model"],
-            version="0",
-            started_at=0.0,
-        )
-        for i in range(3)
-    ]
-    assert sorted(pick(on_disk, spec, 3, random.Random(0))) == ["n0", "n1", "n2"]
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda index: index.leave("n0"), "quit"),
+        (lambda index: index.score(NodeQos(node_id="n0", qos=3.0, samples=3, recent_timeouts=2)), "paused"),
+        (lambda index: index.assigned(["n0"]), "busy"),
+        (lambda index: index.join(node("n0", version="9.0.0"), NOW, __version__), "incompatible version"),
+        (lambda index: index.join(node("n0", stake=5), NOW, __version__), "stake below the minimum"),
+        (lambda index: index.join(node("n0", memory=10), NOW, __version__), "too little memory"),
+        (lambda index: index.heartbeat("n0", NOW - 11), "stale heartbeat (kept)"),
+    ],
+)
+def test_ineligible_nodes_are_never_picked(change, why):
+    nodes = [node(f"n{i}", stake=100, memory=100) for i in range(4)]
+    index = index_of(*nodes)
+    if why == "stale heartbeat (kept)":
+        index = index_of(*nodes[1:])
+        index.join(nodes[0], NOW - 11, __version__)
+    else:
+        change(index)
+    req = Requirements(min_stake=10, memory_bytes=50, version=__version__)
+    for seed in range(20):
+        assert "n0" not in pick(index, seed, req=req), why
+
+
+def test_a_paused_node_comes_back_when_it_announces_again():
+    index = index_of(*[node(f"n{i}") for i in range(3)])
+    index.score(NodeQos(node_id="n0", qos=0.0, samples=3, recent_timeouts=2))
     with pytest.raises(NotEnoughNodes):
-        pick([node(f"m{i}") for i in range(3)], spec, 3, random.Random(0))
+        pick(index)
+    index.join(node("n0"), NOW + 1, __version__)
+    assert "n0" in pick(index, now=NOW + 1)
+
+
+def test_busy_nodes_free_up():
+    index = index_of(*[node(f"n{i}") for i in range(3)])
+    index.assigned(["n0", "n1", "n2"])
+    with pytest.raises(NotEnoughNodes):
+        pick(index)
+    index.assigned(["n1"], -1)
+    index.assigned(["n1"], -1)  # never below zero
+    assert index.inflight[index.row["n1"]] == 0
+    index.assigned(["n0", "n2"], -1)
+    assert sorted(pick(index)) == ["n0", "n1", "n2"]
+
+
+def frequencies(index, rounds=3000, count=1):
+    seen = Counter()
+    rng = np.random.default_rng(7)
+    for _ in range(rounds):
+        seen.update(index.pick(SPEC, count, rng, now=NOW, ttl_s=10.0, req=REQ))
+    return seen
+
+
+def test_weights_follow_stake_qos_and_locality():
+    index = index_of(node("rich", stake=100), node("poor", stake=1), node("new", stake=100))
+    index.score(NodeQos(node_id="rich", qos=10.0, samples=50, recent_timeouts=0))
+    index.score(NodeQos(node_id="poor", qos=10.0, samples=50, recent_timeouts=0))
+    weights = dict(zip(index.ids, index.weights(np.arange(3), ["tiny-sd"]), strict=True))
+    # S = sqrt(stake / max): 1, 0.1, 1; Q = qos/10: 1, 1, 0.5 (new); w = SQ/(S+Q); all on disk: x1.7
+    assert weights["rich"] == pytest.approx(0.5 * 1.7)
+    assert weights["poor"] == pytest.approx(0.1 / 1.1 * 1.7)
+    assert weights["new"] == pytest.approx(0.5 / 1.5 * 1.7)
+    seen = frequencies(index)
+    assert seen["rich"] > seen["new"] > seen["poor"] > 0
+
+
+def test_loaded_models_double_the_weight():
+    index = index_of(node("warm", loaded=("tiny-sd",)), node("cold"))
+    w = dict(zip(index.ids, index.weights(np.arange(2), ["tiny-sd"]), strict=True))
+    assert w["warm"] / w["cold"] == pytest.approx(2.0 / 1.7)
+    index.heartbeat("cold", NOW, ["tiny-sd"])  # heartbeats carry what is loaded now
+    w = dict(zip(index.ids, index.weights(np.arange(2), ["tiny-sd"]), strict=True))
+    assert w["warm"] == pytest.approx(w["cold"])
+
+
+def test_task_models_lists_everything_the_task_needs():
+    spec = parse_task(
+        {
+            "base_model": "sdxl",
+            "prompt": "p",
+            "refiner": {"model": "refiner"},
+            "vae": "vae",
+            "loras": [{"model": "l1", "weight": 0.5}, {"model": "l1", "weight": 0.2}],
+        }
+    )
+    assert task_models(spec) == ["sdxl", "refiner", "vae", "l1"]
+
+
+@pytest.mark.parametrize(
+    ("node_version", "ours", "ok"),
+    [("0.1.0", "0.1.3", True), ("0.2.0", "0.1.0", False), ("1.4.0", "1.0.0", True), ("2.0.0", "1.9.9", False)],
+)
+def test_versions_are_compatible_within_a_major(node_version, ours, ok):
+    assert compatible(node_version, ours) is ok

@@ -1,5 +1,6 @@
 """The dispatcher service itself, on its own nats-server: assignment, idempotent
-redelivery, and giving up (never hanging) when no node can take a task."""
+redelivery, the queue (free nodes, fee order, position and ETA, cancellation), and
+giving up (never hanging) when no node can take a task."""
 
 import asyncio
 import time
@@ -7,14 +8,19 @@ import uuid
 
 import pytest
 
-from stipple_common import bus, subjects
+from stipple_common import __version__, bus, subjects
 from stipple_common.messages import (
+    CancelWork,
     NodeHeartbeat,
     NodeJoined,
     TaskAborted,
     TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
     TaskSubmitted,
     assignment_decoder,
+    control_decoder,
+    queue_status_decoder,
     task_event_decoder,
 )
 from stipple_common.service import open_service
@@ -26,7 +32,13 @@ pytestmark = pytest.mark.integration
 
 async def announce(js, node_id, operator, models=("tiny-sd",)):
     joined = NodeJoined(
-        node_id=node_id, operator=operator, device="cpu", memory_bytes=1, models=list(models), version="0", started_at=0
+        node_id=node_id,
+        operator=operator,
+        device="cpu",
+        memory_bytes=1,
+        models=list(models),
+        version=__version__,
+        started_at=0,
     )
     await bus.publish(js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:j")
     beat = NodeHeartbeat(node_id=node_id, at=time.time())
@@ -66,9 +78,42 @@ async def dispatcher(fresh_nats_url):
         await asyncio.wait_for(runner, 10)
 
 
-def submitted(model="tiny-sd"):
+def submitted(model="tiny-sd", fee=0):
     spec = parse_task({"base_model": model, "prompt": "p", "task_config": {"seed": 1}})
-    return TaskSubmitted(task_id=uuid.uuid4().hex, spec=spec, submitted_at=time.time())
+    return TaskSubmitted(task_id=uuid.uuid4().hex, spec=spec, submitted_at=time.time(), fee=fee)
+
+
+async def submit(js, event):
+    await bus.publish(js, subjects.task_subject(event.task_id, "submitted"), event, msg_id=event.task_id)
+
+
+async def commit_all(js, assigned):
+    """The assigned nodes finish computing: their slots free up."""
+    for node in assigned.nodes:
+        event = TaskCommitted(task_id=assigned.task_id, node_id=node, commitment="0x", signature="0x")
+        await bus.publish(
+            js, subjects.task_subject(assigned.task_id, "committed"), event, msg_id=f"{assigned.task_id}:{node}:c"
+        )
+
+
+async def queue_status(js, task_id):
+    nc = js._nc
+    reply = await nc.request(subjects.QUEUE_STATUS, task_id.encode(), timeout=2)
+    return queue_status_decoder.decode(reply.data)
+
+
+@pytest.fixture
+async def three_nodes(fresh_nats_url):
+    """Exactly three nodes (one task at a time), a 3 s queue timeout."""
+    settings = DispatcherSettings(nats_url=fresh_nats_url, dispatch_timeout_s=3.0, task_timeout_s=60)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        for i in range(3):
+            await announce(ctx.js, f"n{i}", f"op{i}")
+        runner = asyncio.create_task(serve(ctx, settings))
+        yield ctx.js
+        stop.set()
+        await asyncio.wait_for(runner, 10)
 
 
 async def test_assigns_three_nodes_of_distinct_operators_and_sends_their_work(dispatcher):
@@ -94,10 +139,76 @@ async def test_assigns_three_nodes_of_distinct_operators_and_sends_their_work(di
     assert await work_counts(js) == {subjects.work_subject(n): 1 for n in assigned.nodes}
 
 
-async def test_a_task_no_node_can_serve_is_aborted_not_left_waiting(dispatcher):
+async def test_a_task_no_registered_node_serves_is_refused_at_once(dispatcher):
     js = dispatcher
     event = submitted(model="sdxl")
+    started = time.monotonic()
     await bus.publish(js, subjects.task_subject(event.task_id, "submitted"), event, msg_id="c")
     (aborted,) = await wait_for_event(js, event.task_id, TaskAborted)
+    assert time.monotonic() - started < 0.9  # not after the 1 s dispatch timeout
+    assert aborted.reason == "unservable"
+    assert "no registered node serves 'sdxl'" in aborted.detail
+
+
+async def test_a_task_whose_nodes_are_gone_waits_then_is_aborted(fresh_nats_url):
+    settings = DispatcherSettings(nats_url=fresh_nats_url, dispatch_timeout_s=1.0, node_ttl_s=0.5)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        for i in range(3):
+            await announce(ctx.js, f"n{i}", f"op{i}")
+        runner = asyncio.create_task(serve(ctx, settings))
+        await asyncio.sleep(0.6)  # the heartbeats go stale: registered, not live
+        event = submitted()
+        await submit(ctx.js, event)
+        (aborted,) = await wait_for_event(ctx.js, event.task_id, TaskAborted)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
     assert aborted.reason == "no_nodes"
-    assert "serving model 'sdxl'" in aborted.detail
+    assert "0 eligible nodes" in aborted.detail
+    assert time.time() - event.submitted_at >= 1.0
+
+
+async def test_tasks_queue_for_busy_nodes_in_fee_order_with_position_and_eta(three_nodes):
+    js = three_nodes
+    first = submitted()
+    await submit(js, first)
+    (running,) = await wait_for_event(js, first.task_id, TaskAssigned)
+    cheap, dear = submitted(fee=1), submitted(fee=50)
+    await submit(js, cheap)
+    await submit(js, dear)
+    await asyncio.sleep(0.3)
+    assert not [e for e in await events_of(js, cheap.task_id) if isinstance(e, TaskAssigned)]
+    dear_status, cheap_status = await queue_status(js, dear.task_id), await queue_status(js, cheap.task_id)
+    assert (dear_status.queued, dear_status.position, dear_status.queue_length) == (True, 0, 2)
+    assert cheap_status.position == 1
+    assert cheap_status.eta_s > dear_status.eta_s > 0
+    assert not (await queue_status(js, first.task_id)).queued  # assigned, not waiting
+
+    await commit_all(js, running)  # the nodes are free again: the higher fee goes first
+    (second,) = await wait_for_event(js, dear.task_id, TaskAssigned)
+    await asyncio.sleep(0.3)
+    assert not [e for e in await events_of(js, cheap.task_id) if isinstance(e, TaskAssigned)]
+    await commit_all(js, second)
+    await wait_for_event(js, cheap.task_id, TaskAssigned)
+
+
+async def test_cancelling_drops_a_queued_task_and_stops_an_assigned_ones_nodes(three_nodes):
+    js = three_nodes
+    running, queued = submitted(), submitted()
+    await submit(js, running)
+    (assigned,) = await wait_for_event(js, running.task_id, TaskAssigned)
+    await submit(js, queued)
+    await asyncio.sleep(0.2)
+    for event in (queued, running):
+        cancel = TaskCancelled(task_id=event.task_id)
+        await bus.publish(js, subjects.task_subject(event.task_id, "cancelled"), cancel, msg_id=f"{event.task_id}:x")
+    await asyncio.sleep(0.5)
+    for node in assigned.nodes:
+        raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.control_subject(node))
+        assert control_decoder.decode(raw.data) == CancelWork(task_id=running.task_id)
+    assert not (await queue_status(js, queued.task_id)).queued
+    await asyncio.sleep(0.5)  # the cancelled task freed the nodes, and the queued one never runs
+    assert not [e for e in await events_of(js, queued.task_id) if isinstance(e, TaskAssigned)]
+    after = submitted()
+    await submit(js, after)
+    await wait_for_event(js, after.task_id, TaskAssigned)

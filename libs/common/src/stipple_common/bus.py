@@ -118,7 +118,12 @@ class Redeliver:
     delay: float
 
 
-Handler = Callable[[Msg], Awaitable[Redeliver | None]]
+class Hold:
+    """A handler's answer: the handler keeps the message and acks it later itself (a
+    queue); it must keep it alive with `in_progress()` within the consumer's ack wait."""
+
+
+Handler = Callable[[Msg], Awaitable[Redeliver | Hold | None]]
 
 
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
@@ -140,7 +145,8 @@ async def consume(
     """Run `handler` on every message of a durable pull consumer until `stop` is set.
 
     The one place where an outcome becomes an acknowledgement:
-    - returns None -> ack; returns Redeliver(d) -> nak(delay=d)
+    - returns None -> ack; returns Redeliver(d) -> nak(delay=d); returns Hold() -> nothing
+      (the handler acks later)
     - undecodable message -> term (a poison message is never retried)
     - StippleError: retryable -> nak with back-off, else term
     - any other exception -> logged with its traceback once, nak with back-off
@@ -178,6 +184,8 @@ async def _handle_one(msg: Msg, handler: Handler, stream: str, metrics: Metrics 
             if isinstance(result, Redeliver):
                 outcome = "nak"
                 await msg.nak(delay=result.delay)
+            elif isinstance(result, Hold):
+                outcome = "hold"
             else:
                 await msg.ack()
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -212,6 +212,19 @@ class NodeQos(msgspec.Struct, frozen=True, kw_only=True, tag="qos", tag_field="t
 NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos
 
 
+# --------------------------------------------------------------------------- queue
+
+
+class QueueStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The dispatcher's answer on ``dispatch.queue`` (the request is the task id)."""
+
+    task_id: str
+    queued: bool  # False: not waiting (assigned, ended or unknown)
+    position: int = 0  # tasks ahead of it for the same nodes; 0 is next
+    queue_length: int = 0  # every queued task
+    eta_s: float = 0.0  # estimated seconds until it finishes, from the estimates ahead of it
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -240,6 +253,7 @@ task_event_decoder = msgspec.json.Decoder(TaskEvent)
 node_event_decoder = msgspec.json.Decoder(NodeEvent)
 assignment_decoder = msgspec.json.Decoder(Assignment)
 control_decoder = msgspec.json.Decoder(ControlMessage)
+queue_status_decoder = msgspec.json.Decoder(QueueStatus)
 progress_decoder = msgspec.json.Decoder(Progress)
 
 

@@ -8,6 +8,7 @@ Streams
 Core NATS (not stored)
 - ``progress.<task_id>``: per-step progress from nodes; lossy by design.
 - ``downloads.<node_id>``: model-download progress from a node's store.
+- ``dispatch.queue``: request-reply, a task id -> its QueueStatus (the dispatcher answers).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ DISPATCHER_DURABLE = "dispatcher"
 VALIDATOR_DURABLE = "validator"
 
 IMAGES_BUCKET = "stipple-images"
+QUEUE_STATUS = "dispatch.queue"
 QOS_BUCKET = "qos"  # KV: node id -> its last 50 scored tasks (the validator's)
 
 

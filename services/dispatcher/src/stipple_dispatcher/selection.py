@@ -1,39 +1,247 @@
-"""Which nodes run a task. Pure functions over the live-node list, no I/O.
+"""Which nodes run a task: eligibility and weights (DESIGN.md, Dispatch), vectorized.
 
-For now: uniformly at random among live nodes that serve the model, at most one node
-per operator (QoS x stake x locality weighting is a later issue; it replaces `pick`'s
-sampling, not its contract).
+`NodeIndex` keeps the node directory as columns (numpy arrays) that node events update in
+place, so one decision over 10,000 registered nodes is a handful of vector operations.
+
+Eligible: live (a heartbeat within the TTL, not quit), not paused (2 timeouts in its last
+3 tasks, until it announces itself again, i.e. restarts with its models loaded), stake
+at least the minimum, memory at least what the task's model needs, a compatible
+version, serving the base model (by name or on disk), and a free slot (fewer tasks in
+flight than `slots`).
+
+Weight: S·Q/(S+Q) with S = sqrt(stake / the largest eligible stake) (1 when nobody
+stakes) and Q = qos/10 (0.5 for a node without a score yet), times a locality boost: 2
+when every model the task needs is loaded, else 1 + 0.7·(share on disk) + 0.3·(share
+loaded). Sampling is weighted without replacement (Efraimidis-Spirakis: the largest
+u^(1/w) win), at most one node per operator.
 """
 
 from __future__ import annotations
 
-import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from stipple_common.errors import StippleError
-from stipple_common.messages import NodeJoined
+from stipple_common.messages import NodeJoined, NodeQos
 from stipple_common.taskspec import TaskSpec
+
+NEW_NODE_QOS = 5.0  # Q = 0.5 until the validator has scored the node
 
 
 class NotEnoughNodes(StippleError):
     code = "no_nodes"
-    retryable = True  # nodes come and go; the dispatcher waits, then gives up
+    retryable = True  # nodes come and go (or free up); the dispatcher waits, then gives up
 
 
-def eligible(nodes: list[NodeJoined], spec: TaskSpec) -> list[NodeJoined]:
-    return [node for node in nodes if node.serves(spec.model_name)]
+def task_models(spec: TaskSpec) -> list[str]:
+    """Every model reference the task needs, the base model first."""
+    models = [spec.model_name]
+    if spec.refiner is not None:
+        models.append(spec.refiner.model)
+    if spec.controlnet is not None:
+        models.append(spec.controlnet.model)
+    if spec.vae:
+        models.append(spec.vae)
+    if spec.unet:
+        models.append(spec.unet)
+    if spec.lora is not None:
+        models.append(spec.lora.model)
+    models.extend(lora.model for lora in spec.loras)
+    if spec.textual_inversion:
+        models.append(spec.textual_inversion)
+    return list(dict.fromkeys(m for m in models if m))
 
 
-def pick(nodes: list[NodeJoined], spec: TaskSpec, count: int, rng: random.Random) -> list[str]:
-    """`count` distinct nodes of distinct operators that serve the task's model."""
-    candidates = eligible(nodes, spec)
-    rng.shuffle(candidates)
-    chosen: dict[str, str] = {}  # operator -> node
-    for node in candidates:
-        chosen.setdefault(node.operator, node.node_id)
-        if len(chosen) == count:
-            return list(chosen.values())
-    operators = len({node.operator for node in candidates})
-    raise NotEnoughNodes(
-        f"task needs {count} nodes of distinct operators serving model {spec.model_name!r}; "
-        f"{len(candidates)} live nodes of {operators} operators serve it"
-    )
+def compatible(node_version: str, ours: str) -> bool:
+    """Same major version (same major.minor before 1.0, where minors may break)."""
+
+    def key(version: str) -> tuple[str, ...]:
+        parts = version.split(".")
+        return tuple(parts[:2]) if parts[0] == "0" else tuple(parts[:1])
+
+    return key(node_version) == key(ours)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    min_stake: int = 0
+    memory_bytes: int = 0
+    slots: int = 1  # tasks a node runs at once (one GPU, one diffusion)
+    version: str = ""  # ours; empty: any
+
+
+class NodeIndex:
+    """The node directory as columns. Rows are never removed (a node that quits is
+    marked); a node that joins again keeps its row."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.row: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.joined: list[NodeJoined] = []
+        self._operators: dict[str, int] = {}
+        self.size = 0
+        self.operator = np.zeros(capacity, dtype=np.int64)
+        self.stake = np.zeros(capacity, dtype=np.float64)
+        self.qos = np.full(capacity, NEW_NODE_QOS, dtype=np.float64)
+        self.memory = np.zeros(capacity, dtype=np.float64)
+        self.last_seen = np.zeros(capacity, dtype=np.float64)
+        self.quit = np.zeros(capacity, dtype=bool)
+        self.paused = np.zeros(capacity, dtype=bool)
+        self.inflight = np.zeros(capacity, dtype=np.int64)
+        self.version_ok = np.ones(capacity, dtype=bool)
+        self.serves: dict[str, np.ndarray] = {}  # model -> bool column (by name or on disk)
+        self.on_disk: dict[str, np.ndarray] = {}
+        self.loaded: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ updates
+
+    def _grow(self) -> None:
+        capacity = len(self.operator) * 2
+        for name in ("operator", "stake", "qos", "memory", "last_seen", "quit", "paused", "inflight", "version_ok"):
+            old = getattr(self, name)
+            new = np.zeros(capacity, dtype=old.dtype)
+            if name == "qos":
+                new[:] = NEW_NODE_QOS
+            if name == "version_ok":
+                new[:] = True
+            new[: len(old)] = old
+            setattr(self, name, new)
+        for columns in (self.serves, self.on_disk, self.loaded):
+            for model, old in columns.items():
+                new = np.zeros(capacity, dtype=bool)
+                new[: len(old)] = old
+                columns[model] = new
+
+    def _column(self, columns: dict[str, np.ndarray], model: str) -> np.ndarray:
+        if model not in columns:
+            columns[model] = np.zeros(len(self.operator), dtype=bool)
+        return columns[model]
+
+    def _set_models(self, columns: dict[str, np.ndarray], row: int, models: Iterable[str]) -> None:
+        wanted = set(models)
+        for model, column in columns.items():
+            column[row] = model in wanted
+        for model in wanted - columns.keys():
+            self._column(columns, model)[row] = True
+
+    def join(self, node: NodeJoined, seen_at: float, version: str = "") -> None:
+        row = self.row.get(node.node_id)
+        if row is None:
+            if self.size == len(self.operator):
+                self._grow()
+            row = self.size
+            self.size += 1
+            self.row[node.node_id] = row
+            self.ids.append(node.node_id)
+            self.joined.append(node)
+        else:
+            self.joined[row] = node
+        self.operator[row] = self._operators.setdefault(node.operator, len(self._operators))
+        self.stake[row] = node.stake
+        self.memory[row] = node.memory_bytes
+        self.last_seen[row] = max(seen_at, self.last_seen[row])
+        self.quit[row] = False
+        self.paused[row] = False  # announcing again (with its models loaded) lifts a pause
+        self.version_ok[row] = not version or compatible(node.version, version)
+        self._set_models(self.serves, row, (*node.models, *node.models_on_disk))
+        self._set_models(self.on_disk, row, (*node.models, *node.models_on_disk))
+        self._set_models(self.loaded, row, node.models_loaded)
+
+    def heartbeat(self, node_id: str, seen_at: float, models_loaded: Sequence[str] | None = None) -> None:
+        row = self.row.get(node_id)
+        if row is None:
+            return
+        if seen_at >= self.last_seen[row]:
+            self.last_seen[row] = seen_at
+            self.quit[row] = False
+        if models_loaded is not None:
+            self._set_models(self.loaded, row, models_loaded)
+
+    def leave(self, node_id: str) -> None:
+        row = self.row.get(node_id)
+        if row is not None:
+            self.quit[row] = True
+
+    def score(self, event: NodeQos) -> None:
+        row = self.row.get(event.node_id)
+        if row is None:
+            return
+        self.qos[row] = event.qos
+        if event.recent_timeouts >= 2:
+            self.paused[row] = True
+
+    def assigned(self, nodes: Iterable[str], delta: int = 1) -> None:
+        for node_id in nodes:
+            row = self.row.get(node_id)
+            if row is not None:
+                self.inflight[row] = max(0, self.inflight[row] + delta)
+
+    # ------------------------------------------------------------------ decisions
+
+    def registered_serving(self, model: str) -> int:
+        """Nodes that ever announced `model` (live or not): zero means it can never run."""
+        column = self.serves.get(model)
+        return int(column[: self.size].sum()) if column is not None else 0
+
+    def eligible(self, spec: TaskSpec, now: float, ttl_s: float, req: Requirements) -> np.ndarray:
+        """Row numbers of the nodes that may take `spec` now."""
+        n = self.size
+        serves = self.serves.get(spec.model_name)
+        if serves is None or n == 0:
+            return np.empty(0, dtype=np.int64)
+        mask = serves[:n] & ~self.quit[:n] & ~self.paused[:n] & self.version_ok[:n]
+        mask &= now - self.last_seen[:n] <= ttl_s
+        mask &= self.inflight[:n] < req.slots
+        if req.min_stake:
+            mask &= self.stake[:n] >= req.min_stake
+        if req.memory_bytes:
+            mask &= self.memory[:n] >= req.memory_bytes
+        return np.flatnonzero(mask)
+
+    def weights(self, rows: np.ndarray, models: Sequence[str]) -> np.ndarray:
+        stake = self.stake[rows]
+        top = stake.max() if len(stake) else 0.0
+        s = np.sqrt(stake / top) if top > 0 else np.ones(len(rows))
+        q = self.qos[rows] / 10.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weight = np.where(s + q > 0, s * q / (s + q), 0.0)
+        on_disk = np.zeros(len(rows))
+        loaded = np.zeros(len(rows))
+        for model in models:
+            if model in self.on_disk:
+                on_disk += self.on_disk[model][rows]
+            if model in self.loaded:
+                loaded += self.loaded[model][rows]
+        on_disk /= len(models)
+        loaded /= len(models)
+        boost = np.where(loaded >= 1.0, 2.0, 1.0 + 0.7 * on_disk + 0.3 * loaded)
+        # a floor, so a node with a score of 0 can still earn one back now and then
+        return np.maximum(weight * boost, 1e-3)
+
+    def pick(
+        self,
+        spec: TaskSpec,
+        count: int,
+        rng: np.random.Generator,
+        *,
+        now: float,
+        ttl_s: float,
+        req: Requirements,
+    ) -> list[str]:
+        """`count` nodes of distinct operators, weighted, or NotEnoughNodes saying why."""
+        rows = self.eligible(spec, now, ttl_s, req)
+        if len(rows):
+            keys = rng.random(len(rows)) ** (1.0 / self.weights(rows, task_models(spec)))
+            chosen: dict[int, str] = {}  # operator -> node id
+            for i in np.argsort(-keys):
+                row = rows[i]
+                chosen.setdefault(int(self.operator[row]), self.ids[row])
+                if len(chosen) == count:
+                    return list(chosen.values())
+        operators = len({int(self.operator[row]) for row in rows})
+        raise NotEnoughNodes(
+            f"task needs {count} nodes of distinct operators serving model {spec.model_name!r}; "
+            f"{len(rows)} eligible nodes of {operators} operators are free now"
+        )

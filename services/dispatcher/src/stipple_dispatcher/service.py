@@ -1,73 +1,318 @@
-"""Dispatcher wiring: a durable consumer on ``tasks.*.submitted`` and ``tasks.*.cancelled``.
+"""Dispatcher wiring: a queue of submitted tasks, handed to nodes as they free up.
 
-For each task: pick nodes, publish ``tasks.<id>.assigned``, then one Assignment per node
-on ``work.<node_id>.task``. A cancelled task's nodes get a CancelWork on their control
-subject, and a task cancelled before dispatch is never assigned. Idempotent: if the
-task already has an assigned event (a redelivery after a crash), the same nodes get
-the same assignments again and the message ids deduplicate them. Too few nodes: retry
-for `dispatch_timeout_s`, then abort the task with reason no_nodes, so it never hangs.
+One durable consumer on ``tasks.*.{submitted,cancelled,committed,errored,succeeded,aborted}``:
+
+- submitted: a task no registered node has ever served is aborted at once (`unservable`).
+  Otherwise it joins the queue, ordered by fee per estimated GPU-second (then by age),
+  and its message is held (not acked) until the task is assigned, so a dispatcher that
+  dies loses nothing: JetStream redelivers the held messages to the next one.
+- The queue is pumped after every event and every half second: each task, best first,
+  gets `replication` eligible free nodes of distinct operators (selection.py), then
+  ``tasks.<id>.assigned`` and one Assignment per node on ``work.<node_id>.task``. A
+  redelivered submission that was already assigned gets the same assignments again
+  (message ids deduplicate them). A task that waits longer than `dispatch_timeout_s`
+  is aborted with `no_nodes`: no task hangs.
+- committed / errored / an outcome free the node's slot; cancelled also sends CancelWork
+  to the task's nodes (a queued task is simply dropped).
+
+Apps see a queued task's position and ETA through the gateway, which asks here by
+request-reply on ``dispatch.queue`` (answered from memory).
 """
 
 from __future__ import annotations
 
-import random
+import asyncio
 import time
+from dataclasses import dataclass, field
 
+import msgspec
+import numpy as np
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import bus, subjects
+from stipple_common import __version__, bus, subjects
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
     Assignment,
     CancelWork,
+    NodeErrored,
+    NodeHeartbeat,
+    NodeJoined,
+    NodeQos,
+    NodeQuit,
+    QueueStatus,
     TaskAborted,
     TaskAssigned,
     TaskCancelled,
+    TaskCommitted,
     TaskSubmitted,
+    TaskSucceeded,
+    node_event_decoder,
     task_event_decoder,
 )
 from stipple_common.metrics import Metrics
-from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
-from stipple_common.settings import CommonSettings
+from stipple_common.settings import CommonSettings, InvalidSettings
+from stipple_common.taskspec import TaskSpec
 
-from .selection import NotEnoughNodes, pick
+from .selection import NodeIndex, NotEnoughNodes, Requirements
 
 log = structlog.get_logger("stipple.dispatcher")
 
 
 class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     replication: int = 3  # nodes per task
-    task_timeout_s: float = 120.0  # from assignment to every node's result
-    dispatch_timeout_s: float = 30.0  # how long a task may wait for enough live nodes
+    task_timeout_s: float = 120.0  # from assignment to every node's commitment
+    dispatch_timeout_s: float = 30.0  # how long a task may wait in the queue for free nodes
     node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
+    node_slots: int = 1  # tasks in flight per node
+    min_stake: int = 0  # smallest stake a node needs (announced until the chain issue)
+    model_memory_gb: str = ""  # name=GB[,...]: the (V)RAM a model's tasks need on a node
+    seconds_per_step: float = 0.05  # GPU seconds per step at 512x512, for queue order and ETA
+
+
+def parse_memory(spec: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, gb = item.partition("=")
+        try:
+            out[name] = int(float(gb) * 1024**3)
+        except ValueError:
+            raise InvalidSettings(f"STIPPLE_MODEL_MEMORY_GB={spec!r}: expected name=GB[,...], got {item!r}") from None
+    return out
+
+
+def estimate_seconds(spec: TaskSpec, seconds_per_step: float) -> float:
+    """GPU seconds a task is expected to take on one node (scales with steps and pixels)."""
+    config = spec.task_config
+    steps = config.steps + (spec.refiner.steps if spec.refiner else 0)
+    return seconds_per_step * steps * config.num_images * (config.image_width * config.image_height) / 512**2
+
+
+@dataclass(order=True)
+class Queued:
+    sort_key: tuple[float, float] = field(init=False, repr=False)
+    event: TaskSubmitted = field(compare=False)
+    msg: Msg | None = field(compare=False)
+    estimate_s: float = field(compare=False)
+
+    def __post_init__(self) -> None:
+        priority = self.event.fee / max(self.estimate_s, 1e-6)
+        self.sort_key = (-priority, self.event.submitted_at)
 
 
 class Dispatcher:
     def __init__(
         self,
         js: JetStreamContext,
-        directory: NodeDirectory,
+        index: NodeIndex,
         settings: DispatcherSettings,
         metrics: Metrics,
-        rng: random.Random | None = None,
+        rng: np.random.Generator | None = None,
     ) -> None:
         self.js = js
-        self.directory = directory
+        self.index = index
         self.settings = settings
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or np.random.default_rng()
+        self.memory = parse_memory(settings.model_memory_gb)
+        self.queue: dict[str, Queued] = {}
+        self.inflight: dict[str, set[str]] = {}  # task -> nodes still holding a slot for it
+        self.lock = asyncio.Lock()
         self.dispatched = Counter(
             "stipple_dispatcher_tasks_total",
-            "Tasks handled, by result (assigned, waiting, no_nodes)",
+            "Tasks handled, by result (assigned, no_nodes, unservable, cancelled)",
             ["result"],
             registry=metrics.registry,
         )
+        self.queue_depth = Gauge(
+            "stipple_dispatcher_queue_depth", "Tasks waiting for free nodes", registry=metrics.registry
+        )
+        self.decision_seconds = Histogram(
+            "stipple_dispatcher_decision_seconds",
+            "Time to pick the nodes of one task",
+            registry=metrics.registry,
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2),
+        )
+        self.wait_seconds = Histogram(
+            "stipple_dispatcher_queue_wait_seconds",
+            "Submission to assignment",
+            registry=metrics.registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60),
+        )
+
+    # ------------------------------------------------------------------ events
+
+    async def handle(self, msg: Msg) -> bus.Redeliver | bus.Hold | None:
+        event = task_event_decoder.decode(msg.data)
+        structlog.contextvars.bind_contextvars(task_id=event.task_id)
+        async with self.lock:
+            if isinstance(event, TaskSubmitted):
+                result = await self.submitted(event, msg)
+            else:
+                result = None
+                if isinstance(event, TaskCancelled):
+                    await self.cancel(event.task_id)
+                if isinstance(event, (TaskCommitted, NodeErrored)):
+                    self.release(event.task_id, [event.node_id])
+                elif isinstance(event, (TaskSucceeded, TaskAborted, TaskCancelled)):
+                    self.release(event.task_id, None)
+            await self.pump()
+        return result
+
+    async def submitted(self, event: TaskSubmitted, msg: Msg) -> bus.Hold | None:
+        assigned = await self.previous_assignment(event.task_id)
+        if assigned is not None:  # a redelivery after a crash: hand out the same work again
+            await self.send_work(event, assigned)
+            return None
+        if await self.ended(event.task_id):
+            return None  # cancelled (or aborted) before it was dispatched
+        if event.task_id in self.queue:  # redelivered while still queued: keep the newest message
+            self.queue[event.task_id].msg = msg
+            return bus.Hold()
+        if self.index.registered_serving(event.spec.model_name) == 0 and self.index.size:
+            await self.abort(event.task_id, "unservable", f"no registered node serves {event.spec.model_name!r}")
+            self.dispatched.labels("unservable").inc()
+            return None
+        self.queue[event.task_id] = Queued(
+            event=event, msg=msg, estimate_s=estimate_seconds(event.spec, self.settings.seconds_per_step)
+        )
+        return bus.Hold()
+
+    async def cancel(self, task_id: str) -> None:
+        queued = self.queue.pop(task_id, None)
+        if queued is not None and queued.msg is not None:
+            await queued.msg.ack()
+        assigned = await self.previous_assignment(task_id)
+        for node_id in assigned.nodes if assigned else []:
+            cancel = CancelWork(task_id=task_id)
+            await bus.publish(self.js, subjects.control_subject(node_id), cancel, msg_id=f"{task_id}:{node_id}:cancel")
+        self.dispatched.labels("cancelled").inc()
+        log.info("task_cancelled", nodes=assigned.nodes if assigned else [], was_queued=queued is not None)
+
+    def release(self, task_id: str, nodes: list[str] | None) -> None:
+        holding = self.inflight.get(task_id)
+        if not holding:
+            return
+        freed = holding if nodes is None else holding & set(nodes)
+        self.index.assigned(freed, -1)
+        holding -= freed
+        if not holding:
+            del self.inflight[task_id]
+
+    # ------------------------------------------------------------------ the queue
+
+    def requirements(self, spec: TaskSpec) -> Requirements:
+        return Requirements(
+            min_stake=self.settings.min_stake,
+            memory_bytes=self.memory.get(spec.model_name, 0),
+            slots=self.settings.node_slots,
+            version=__version__,
+        )
+
+    async def pump(self) -> None:
+        """Assign queued tasks, best first, while nodes are free."""
+        now = time.time()
+        blocked: set[str] = set()  # models with no free nodes in this pass
+        for queued in sorted(self.queue.values()):
+            event = queued.event
+            model = event.spec.model_name
+            waited = now - event.submitted_at
+            if model in blocked and waited < self.settings.dispatch_timeout_s:
+                continue
+            started = time.perf_counter()
+            try:
+                nodes = self.index.pick(
+                    event.spec,
+                    self.settings.replication,
+                    self.rng,
+                    now=now,
+                    ttl_s=self.settings.node_ttl_s,
+                    req=self.requirements(event.spec),
+                )
+            except NotEnoughNodes as exc:
+                blocked.add(model)
+                if waited >= self.settings.dispatch_timeout_s:
+                    del self.queue[event.task_id]
+                    await self.abort(event.task_id, "no_nodes", exc.message)
+                    await self._ack(queued)
+                    self.dispatched.labels("no_nodes").inc()
+                continue
+            finally:
+                self.decision_seconds.observe(time.perf_counter() - started)
+            assigned = TaskAssigned(
+                task_id=event.task_id, nodes=nodes, deadline=time.time() + self.settings.task_timeout_s
+            )
+            await bus.publish(
+                self.js, subjects.task_subject(event.task_id, "assigned"), assigned, msg_id=f"{event.task_id}:assigned"
+            )
+            del self.queue[event.task_id]
+            self.index.assigned(nodes)
+            self.inflight[event.task_id] = set(nodes)
+            await self.send_work(event, assigned)
+            await self._ack(queued)
+            self.dispatched.labels("assigned").inc()
+            self.wait_seconds.observe(max(0.0, time.time() - event.submitted_at))
+            log.info("task_assigned", task_id=event.task_id, nodes=nodes)
+        self.queue_depth.set(len(self.queue))
+
+    async def _ack(self, queued: Queued) -> None:
+        if queued.msg is not None:
+            try:
+                await queued.msg.ack()
+            except Exception as exc:  # the redelivery finds the task assigned or ended
+                log.warning("ack_failed", task_id=queued.event.task_id, error=str(exc))
+
+    async def keep_alive(self, stop: asyncio.Event, every_s: float = 0.5, touch_s: float = 4.0) -> None:
+        """Pump on a clock (nodes free up, time out, join) and keep held messages alive."""
+        last_touch = time.monotonic()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), every_s)
+            except TimeoutError:
+                pass
+            async with self.lock:
+                await self.pump()
+                if time.monotonic() - last_touch >= touch_s:
+                    last_touch = time.monotonic()
+                    for queued in list(self.queue.values()):
+                        if queued.msg is not None:
+                            try:
+                                await queued.msg.in_progress()
+                            except Exception as exc:
+                                log.warning("in_progress_failed", task_id=queued.event.task_id, error=str(exc))
+
+    def status(self, task_id: str) -> QueueStatus:
+        """Where a task stands in the queue: position among the tasks that compete for
+        the same nodes (same base model), and an ETA from the estimates ahead of it."""
+        queued = self.queue.get(task_id)
+        if queued is None:
+            return QueueStatus(task_id=task_id, queued=False)
+        model = queued.event.spec.model_name
+        ahead = [q for q in sorted(self.queue.values()) if q.event.spec.model_name == model]
+        position = next(i for i, q in enumerate(ahead) if q.event.task_id == task_id)
+        now = time.time()
+        ttl = self.settings.node_ttl_s
+        live = self.index.serves.get(model)
+        n = self.index.size
+        serving = 0
+        if live is not None:
+            serving = int((live[:n] & ~self.index.quit[:n] & (now - self.index.last_seen[:n] <= ttl)).sum())
+        lanes = max(1, serving // self.settings.replication)
+        wait = sum(q.estimate_s for q in ahead[:position]) / lanes
+        return QueueStatus(
+            task_id=task_id,
+            queued=True,
+            position=position,
+            queue_length=len(self.queue),
+            eta_s=round(wait + queued.estimate_s, 3),
+        )
+
+    # ------------------------------------------------------------------ helpers
 
     async def previous_assignment(self, task_id: str) -> TaskAssigned | None:
         try:
@@ -86,71 +331,66 @@ class Dispatcher:
             return True
         return False
 
-    async def cancel(self, task_id: str) -> None:
-        assigned = await self.previous_assignment(task_id)
-        for node_id in assigned.nodes if assigned else []:
-            await bus.publish(
-                self.js,
-                subjects.control_subject(node_id),
-                CancelWork(task_id=task_id),
-                msg_id=f"{task_id}:{node_id}:cancel",
-            )
-        self.dispatched.labels("cancelled").inc()
-        log.info("task_cancelled", nodes=assigned.nodes if assigned else [])
-
-    async def handle(self, msg: Msg) -> bus.Redeliver | None:
-        event = task_event_decoder.decode(msg.data)
-        if isinstance(event, TaskCancelled):
-            structlog.contextvars.bind_contextvars(task_id=event.task_id)
-            await self.cancel(event.task_id)
-            return None
-        if not isinstance(event, TaskSubmitted):
-            return None
-        structlog.contextvars.bind_contextvars(task_id=event.task_id)
-        assigned = await self.previous_assignment(event.task_id)
-        if assigned is None and await self.ended(event.task_id):
-            return None  # cancelled (or aborted) before it was dispatched
-        if assigned is None:
-            try:
-                nodes = pick(self.directory.live(), event.spec, self.settings.replication, self.rng)
-            except NotEnoughNodes as exc:
-                waited = time.time() - event.submitted_at
-                if waited < self.settings.dispatch_timeout_s:
-                    self.dispatched.labels("waiting").inc()
-                    return bus.Redeliver(delay=1.0)
-                self.dispatched.labels("no_nodes").inc()
-                aborted = TaskAborted(task_id=event.task_id, reason="no_nodes", detail=exc.message)
-                await bus.publish(
-                    self.js, subjects.task_subject(event.task_id, "aborted"), aborted, msg_id=f"{event.task_id}:outcome"
-                )
-                log.warning("task_aborted_no_nodes", detail=exc.message)
-                return None
-            assigned = TaskAssigned(
-                task_id=event.task_id, nodes=nodes, deadline=time.time() + self.settings.task_timeout_s
-            )
-            await bus.publish(
-                self.js,
-                subjects.task_subject(event.task_id, "assigned"),
-                assigned,
-                msg_id=f"{event.task_id}:assigned",
-            )
+    async def send_work(self, event: TaskSubmitted, assigned: TaskAssigned) -> None:
         work = Assignment(task_id=event.task_id, spec=event.spec, deadline=assigned.deadline)
         for node_id in assigned.nodes:
             await bus.publish(self.js, subjects.work_subject(node_id), work, msg_id=f"{event.task_id}:{node_id}:work")
-        self.dispatched.labels("assigned").inc()
-        log.info("task_assigned", nodes=assigned.nodes)
-        return None
+
+    async def abort(self, task_id: str, reason: str, detail: str) -> None:
+        aborted = TaskAborted(task_id=task_id, reason=reason, detail=detail)
+        await bus.publish(self.js, subjects.task_subject(task_id, "aborted"), aborted, msg_id=f"{task_id}:outcome")
+        log.warning("task_aborted", reason=reason, detail=detail)
 
 
 def consumer_config() -> ConsumerConfig:
+    events = ("submitted", "cancelled", "committed", "errored", "succeeded", "aborted")
     return ConsumerConfig(
         durable_name=subjects.DISPATCHER_DURABLE,
-        filter_subjects=[subjects.all_tasks("submitted"), subjects.all_tasks("cancelled")],
+        filter_subjects=[subjects.all_tasks(e) for e in events],
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30.0,
-        max_deliver=200,
-        max_ack_pending=20_000,
+        ack_wait=10.0,  # held (queued) messages are kept alive every 4 s
+        max_deliver=-1,
+        max_ack_pending=20_000,  # the most tasks that can wait in the queue
     )
+
+
+async def follow_nodes(js: JetStreamContext, index: NodeIndex, catch_up_s: float = 10.0) -> object:
+    """Fold the NODES stream into `index` (from its start, then live)."""
+    caught_up = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        try:
+            event = node_event_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.warning("bad_node_event", subject=msg.subject, error=str(exc))
+        else:
+            seen = msg.metadata.timestamp.timestamp()
+            if isinstance(event, NodeJoined):
+                index.join(event, seen, __version__)
+            elif isinstance(event, NodeHeartbeat):
+                index.heartbeat(event.node_id, seen, event.models_loaded)
+            elif isinstance(event, NodeQuit):
+                index.leave(event.node_id)
+            elif isinstance(event, NodeQos):
+                index.score(event)
+        if msg.metadata.num_pending == 0:
+            caught_up.set()
+
+    info = await js.stream_info(subjects.NODES_STREAM)
+    if info.state.messages == 0:
+        caught_up.set()
+    sub = await js.subscribe(
+        "nodes.>",
+        stream=subjects.NODES_STREAM,
+        cb=on_msg,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+    )
+    try:
+        await asyncio.wait_for(caught_up.wait(), catch_up_s)
+    except TimeoutError:
+        log.warning("nodes_backlog_not_folded", waited_s=catch_up_s)
+    return sub
 
 
 async def run(settings: DispatcherSettings) -> None:
@@ -160,11 +400,20 @@ async def run(settings: DispatcherSettings) -> None:
 
 
 async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
-    directory = NodeDirectory(ttl_s=settings.node_ttl_s)
-    sub = await directory.follow(ctx.js)
-    dispatcher = Dispatcher(ctx.js, directory, settings, ctx.metrics)
-    log.info("dispatcher_started", replication=settings.replication)
+    index = NodeIndex()
+    nodes_sub = await follow_nodes(ctx.js, index)
+    dispatcher = Dispatcher(ctx.js, index, settings, ctx.metrics)
+
+    async def on_status(msg: Msg) -> None:
+        task_id = msg.data.decode(errors="replace")
+        await msg.respond(msgspec.json.encode(dispatcher.status(task_id)))
+
+    status_sub = await ctx.nc.subscribe(subjects.QUEUE_STATUS, queue="dispatcher", cb=on_status)
+    clock = asyncio.create_task(dispatcher.keep_alive(ctx.stop))
+    log.info("dispatcher_started", replication=settings.replication, nodes=index.size)
     try:
-        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), dispatcher.handle)
+        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), dispatcher.handle, batch=64)
     finally:
-        await sub.unsubscribe()  # type: ignore[attr-defined]
+        await clock
+        await status_sub.unsubscribe()
+        await nodes_sub.unsubscribe()  # type: ignore[attr-defined]
