@@ -6,8 +6,10 @@ module-level `ANNOTATORS` tuple: which preprocess methods a record serves, where
 weights are published (lllyasviel/Annotators by default, overridable per annotator with
 `STIPPLE_ANNOTATOR_WEIGHTS=name=ref,...`), how to build the network, how to load the
 published file into it (`load`, and its inverse `to_published` for tests) and how to
-turn an RGB array into a control image (`run`). `REGISTRY` collects every module's
-records; a method no record serves ends the task with `preprocessor_unavailable`.
+turn an RGB array into a control image (`run`). A method that needs more than one network
+(OpenPose's hands and faces run on crops its body network finds) names the other records
+in `uses`. `REGISTRY` collects every module's records; a method no record serves ends the
+task with `preprocessor_unavailable`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib
 import pkgutil
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +48,16 @@ class Annotator:
     methods: tuple[str, ...]
     weights: str  # default reference: a URL, a repo file or a path
     build: Callable[[], nn.Module]
-    # (network, RGB uint8 array HxWx3, method, args) -> control image, uint8 HxWx3
-    run: Callable[[nn.Module, np.ndarray, str, Mapping[str, Any]], np.ndarray]
+    # (network, RGB uint8 array HxWx3, method, args) -> control image, uint8 HxWx3; with the
+    # keyword `uses` too where the record has `uses`
+    run: Callable[..., np.ndarray]
     load: Callable[[nn.Module, Path], None] = load_torch_state
     # the inverse of `load`: what the published file holds for `network` (tests write it)
     to_published: Callable[[nn.Module], Any] = lambda network: network.state_dict()
+    # Other records whose networks a method needs as well: {method: (record name, ...)}.
+    # `Annotators.apply` loads them too and passes them to `run` as `uses={name: network}`
+    # (empty for a method not listed). A record without `uses` gets no such keyword.
+    uses: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
 
 def _registry() -> dict[str, Annotator]:
@@ -61,6 +68,10 @@ def _registry() -> dict[str, Annotator]:
             if record.name in records:
                 raise RuntimeError(f"two annotators are named {record.name!r}")
             records[record.name] = record
+    for record in records.values():
+        for method, names in record.uses.items():
+            if method not in record.methods or not set(names) <= records.keys() - {record.name}:
+                raise RuntimeError(f"{record.name} uses {names!r} for {method!r}: not its method or not other records")
     return records
 
 
@@ -115,5 +126,6 @@ class Annotators:
     def apply(self, method: str, array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
         record = BY_METHOD[method]
         network = self.network(record.name)
+        extra = {"uses": {name: self.network(name) for name in record.uses.get(method, ())}} if record.uses else {}
         with torch.inference_mode():
-            return record.run(network, array, method, args)
+            return record.run(network, array, method, args, **extra)

@@ -1,24 +1,40 @@
-"""OpenPose body keypoints: the 18-keypoint body network of CMU's OpenPose (the PyTorch port
-by Hzzone, pytorch-openpose) and its post-processing, as ControlNet 1.1 runs them
-(lllyasviel/ControlNet-v1-1-nightly, `annotator/openpose/{model,body,util,__init__}.py`,
-Apache-2.0; the network and weights come from CMU's OpenPose, whose own license is
-non-commercial), rewritten without scipy or matplotlib.
+"""OpenPose: the 18-keypoint body network of CMU's OpenPose (the PyTorch port by Hzzone,
+pytorch-openpose), its hand (21 keypoints) and face (70 landmarks) networks run on crops
+the body keypoints point at, and the post-processing and drawing, as ControlNet 1.1 runs
+them (lllyasviel/ControlNet-v1-1-nightly, `annotator/openpose/{model,body,hand,face,util,
+__init__}.py`, Apache-2.0; the networks and weights come from CMU's OpenPose, whose own
+license is non-commercial), rewritten without scipy, scikit-image or matplotlib.
 
-The published `body_pose_model.pth` is a flat state dict converted from Caffe: its keys are
-the layer names alone ("conv1_1.weight", "Mconv1_stage2_L1.weight"), while the network keeps
-its layers in named blocks ("model0.conv1_1.weight", "model2_1.Mconv1_stage2_L1.weight").
-ControlNet's `util.transfer` drops the block name; `load_body` does the same and
-`body_to_published` is its inverse.
+Methods, with what controlnet_aux's processor (which Crynux runs) draws for each
+(include_body/hand/face): "openpose" the bodies, "openpose_hand" the hands alone (where
+sd-webui-controlnet draws the bodies too), "openpose_face" bodies and faces,
+"openpose_faceonly" the faces alone, "openpose_full" all three. Each needs the body
+network; hands and faces need a second and third network, which the records name in
+`uses`. Detection and drawing follow the nightly's last version: hands at four scales of
+the blurred crop, faces at 384 x 384, and the bodies drawn as limbs, the canvas dimmed to
+60%, then the keypoints (an earlier version blended each limb in turn), then all hands,
+then all faces.
 
-Only the body ("openpose") is served: the hand and face methods need a second network
-(`hand_pose_model.pth`, `facenet.pth`) run on crops the body network finds.
+Weights (lllyasviel/Annotators):
+- `body_pose_model.pth` is a flat state dict converted from Caffe: its keys are the layer
+  names alone ("conv1_1.weight", "Mconv1_stage2_L1.weight"), while the network keeps its
+  layers in named blocks ("model0.conv1_1.weight", "model2_1.Mconv1_stage2_L1.weight").
+  ControlNet's `util.transfer` drops the block name; `load_body` does the same and
+  `body_to_published` is its inverse.
+- `hand_pose_model.pth` is flat in the same way; ControlNet's `handpose_model` keeps blocks
+  (model1_0, model1_1, model2 ... model6) that `transfer` drops. `PartNetwork` keeps the
+  layers under their flat names, so `load_hand` only picks them out of the file (other
+  keys ignored, as `transfer` does) and the published layout is its state dict.
+- `facenet.pth` is `FaceNet`'s own state dict (flat names, loaded strictly there and here).
+The hand and face networks are the same network (`PartNetwork`) with 22 and 71 heatmaps.
 """
 
 from __future__ import annotations
 
+import colorsys
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +45,14 @@ from torch import nn
 
 from . import ANNOTATORS_REPO, Annotator
 
-METHODS = ("openpose",)
+# (bodies, hands, faces) drawn per method, as controlnet_aux's processor sets them
+PARTS = {
+    "openpose": (True, False, False),
+    "openpose_hand": (False, True, False),
+    "openpose_face": (True, False, True),
+    "openpose_faceonly": (False, False, True),
+    "openpose_full": (True, True, True),
+}
 
 # ControlNet 1.1 runs one scale of the original four (0.5, 1.0, 1.5, 2.0).
 SCALE = 0.5
@@ -60,6 +83,34 @@ COLORS = (
     (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 )  # fmt: skip
 STICK_WIDTH = 4
+
+# Hands (the original `Hand`): four scales of a 368-pixel box, heatmaps averaged at 128 x 128.
+HAND_SCALES = (0.5, 1.0, 1.5, 2.0)
+HAND_BLUR = 0.8  # sigma of the Gaussian blur of the crop first
+HAND_MAP_SIZE = 128
+HAND_THRESHOLD = 0.05
+HAND_KEYPOINTS = 21  # of the network's 22 heatmaps (the last is the background)
+HAND_MAPS = 22
+HAND_RATIO_WRIST_ELBOW = 0.33
+MIN_BOX = 20
+# wrist to thumb tip, then each finger from the wrist; edge i is drawn in hue i / 20
+HAND_EDGES = (
+    (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10),
+    (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
+)  # fmt: skip
+# matplotlib's hsv_to_rgb([i / 20, 1, 1]) * 255 there: the same arithmetic as colorsys
+HAND_EDGE_COLORS = tuple(
+    tuple(c * 255 for c in colorsys.hsv_to_rgb(i / float(len(HAND_EDGES)), 1.0, 1.0)) for i in range(len(HAND_EDGES))
+)
+HAND_POINT_COLOR = (0, 0, 255)
+# Faces (the original `Face`): the crop resized to 384 x 384, heatmaps back at the crop's size.
+FACE_INPUT = 384
+FACE_THRESHOLD = 0.05
+FACE_MAPS = 71  # 70 landmarks and the background, all of which the original draws
+FACE_POINT_COLOR = (255, 255, 255)
+NOSE, R_SHOULDER, R_ELBOW, R_WRIST, L_SHOULDER, L_ELBOW, L_WRIST = 0, 2, 3, 4, 5, 6, 7
+R_EYE, L_EYE, R_EAR, L_EAR = 14, 15, 16, 17  # the original calls 14 and 16 "left"
+EPS = 0.01  # a drawn coordinate must be above this (so at least 1: 0 and -1 mean missing)
 
 
 def _blocks(layers: list[tuple[str, tuple[int, ...]]], no_relu: set[str]) -> nn.Sequential:
@@ -130,19 +181,93 @@ class BodyPoseNetwork(nn.Module):
         return pafs, heatmaps
 
 
-def load_body(network: nn.Module, path: Path) -> None:
-    """The published flat layout -> the network (ControlNet's `util.transfer`: every key of
-    the network, less its block name, is looked up in the file; other keys are ignored)."""
+def _transfer(network: nn.Module, path: Path, name_in_file: Callable[[str], str]) -> None:
+    """ControlNet's `util.transfer`: every key of the network is looked up in the file under
+    its published name; other keys of the file are ignored."""
     published = torch.load(str(path), map_location="cpu", weights_only=True)
-    missing = [key for key in network.state_dict() if key.split(".", 1)[1] not in published]
+    names = {key: name_in_file(key) for key in network.state_dict()}
+    missing = [name for name in names.values() if name not in published]
     if missing:
-        raise KeyError(f"the file has no {missing[0].split('.', 1)[1]!r} ({len(missing)} layers missing)")
-    network.load_state_dict({key: published[key.split(".", 1)[1]] for key in network.state_dict()})
+        raise KeyError(f"the file has no {missing[0]!r} ({len(missing)} tensors missing)")
+    network.load_state_dict({key: published[name] for key, name in names.items()})
+
+
+def _unblocked(key: str) -> str:
+    return key.split(".", 1)[1]
+
+
+def load_body(network: nn.Module, path: Path) -> None:
+    """The published flat layout -> the network (the block names dropped)."""
+    _transfer(network, path, _unblocked)
 
 
 def body_to_published(network: nn.Module) -> dict[str, torch.Tensor]:
     """The inverse of `load_body`: the network's state under the published flat names."""
-    return {key.split(".", 1)[1]: value for key, value in network.state_dict().items()}
+    return {_unblocked(key): value for key, value in network.state_dict().items()}
+
+
+# The trunk of the hand and face networks: VGG-19's first ten convolutions (3 x 3, each with
+# a ReLU) with 2 x 2 max pools ("pool"), then three more 3 x 3 convolutions to 128 channels.
+PART_TRUNK = (
+    ("conv1_1", 64), ("conv1_2", 64), ("pool", 0), ("conv2_1", 128), ("conv2_2", 128), ("pool", 0),
+    ("conv3_1", 256), ("conv3_2", 256), ("conv3_3", 256), ("conv3_4", 256), ("pool", 0),
+    ("conv4_1", 512), ("conv4_2", 512), ("conv4_3", 512), ("conv4_4", 512),
+    ("conv5_1", 512), ("conv5_2", 512), ("conv5_3_CPM", 128),
+)  # fmt: skip
+
+
+class PartNetwork(nn.Module):
+    """The original `handpose_model` (22 heatmaps) and `FaceNet` (71): the trunk, a first
+    stage (conv6_1_CPM with a ReLU, conv6_2_CPM without), then five stages (2 to 6) reading
+    the last heatmaps and the trunk's features: five 7 x 7 and one 1 x 1 convolution with
+    ReLUs, and a last 1 x 1 without. Only the last stage's heatmaps are used, at 1/8."""
+
+    def __init__(self, maps: int) -> None:
+        super().__init__()
+        channels = 3
+        for name, out in PART_TRUNK:
+            if name != "pool":
+                self.add_module(name, nn.Conv2d(channels, out, kernel_size=3, padding=1))
+                channels = out
+        self.conv6_1_CPM = nn.Conv2d(128, 512, kernel_size=1)
+        self.conv6_2_CPM = nn.Conv2d(512, maps, kernel_size=1)
+        for i in range(2, 7):
+            self.add_module(f"Mconv1_stage{i}", nn.Conv2d(maps + 128, 128, kernel_size=7, padding=3))
+            for j in (2, 3, 4, 5):
+                self.add_module(f"Mconv{j}_stage{i}", nn.Conv2d(128, 128, kernel_size=7, padding=3))
+            self.add_module(f"Mconv6_stage{i}", nn.Conv2d(128, 128, kernel_size=1))
+            self.add_module(f"Mconv7_stage{i}", nn.Conv2d(128, maps, kernel_size=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for name, _ in PART_TRUNK:
+            if name == "pool":
+                h = nn.functional.max_pool2d(h, kernel_size=2, stride=2)
+            else:
+                h = nn.functional.relu(getattr(self, name)(h))
+        features = h
+        maps = self.conv6_2_CPM(nn.functional.relu(self.conv6_1_CPM(features)))
+        for i in range(2, 7):
+            h = torch.cat([maps, features], 1)
+            for j in range(1, 7):
+                h = nn.functional.relu(getattr(self, f"Mconv{j}_stage{i}")(h))
+            maps = getattr(self, f"Mconv7_stage{i}")(h)
+        return maps
+
+
+class HandPoseNetwork(PartNetwork):
+    def __init__(self) -> None:
+        super().__init__(HAND_MAPS)
+
+
+class FaceNetwork(PartNetwork):
+    def __init__(self) -> None:
+        super().__init__(FACE_MAPS)
+
+
+def load_hand(network: nn.Module, path: Path) -> None:
+    """The published flat layout -> the network, whose keys are already the flat names."""
+    _transfer(network, path, str)
 
 
 def _smart_resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -161,18 +286,27 @@ def _smart_resize_by(x: np.ndarray, factor: float) -> np.ndarray:
     return _smart_resize(x, max(1, int(x.shape[0] * factor)), max(1, int(x.shape[1] * factor)))
 
 
+def _network_input(image: np.ndarray) -> torch.Tensor:
+    """The original `padRightDownCorner` (gray, 128, on the right and below to a multiple of 8),
+    then BGR scaled to -0.5..0.5."""
+    pad_down, pad_right = (-image.shape[0]) % STRIDE, (-image.shape[1]) % STRIDE
+    padded = np.pad(image, ((0, pad_down), (0, pad_right), (0, 0)), constant_values=PAD_VALUE)
+    return torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))[None]).float() / 256 - 0.5
+
+
+def _network_output(maps: torch.Tensor, rows: int, cols: int) -> np.ndarray:
+    """Maps at 1/8 -> HxWxC float32 at the size of the network's input, less the padding."""
+    return _smart_resize_by(maps[0].permute(1, 2, 0).float().numpy(), STRIDE)[:rows, :cols, :]
+
+
 def body_maps(network: nn.Module, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps (HxWx19) and part affinity fields (HxWx38) at the picture's size, float64."""
     height, width = bgr.shape[:2]
     scaled = _smart_resize_by(bgr, SCALE * BOX_SIZE / height)
-    pad_down, pad_right = (-scaled.shape[0]) % STRIDE, (-scaled.shape[1]) % STRIDE
-    padded = np.pad(scaled, ((0, pad_down), (0, pad_right), (0, 0)), constant_values=PAD_VALUE)
-    data = torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1))[None]).float() / 256 - 0.5
-    pafs, heatmaps = network(data)
+    pafs, heatmaps = network(_network_input(scaled))
     out = []
     for maps in (heatmaps, pafs):
-        maps = _smart_resize_by(maps[0].permute(1, 2, 0).float().numpy(), STRIDE)
-        maps = maps[: padded.shape[0] - pad_down, : padded.shape[1] - pad_right, :]
+        maps = _network_output(maps, scaled.shape[0], scaled.shape[1])
         out.append(_smart_resize(maps, height, width).astype(np.float64))
     return out[0], out[1]
 
@@ -288,23 +422,135 @@ def estimate_poses(heatmaps: np.ndarray, pafs: np.ndarray) -> tuple[np.ndarray, 
     return candidate, subset[keep]
 
 
+def hand_boxes(candidate: np.ndarray, subset: np.ndarray, width: int, height: int) -> list[tuple[int, int, int]]:
+    """The original `handDetect` (after OpenPose's handDetector.cpp): per person, the left then
+    the right hand of each complete shoulder-elbow-wrist chain, a square (left, top, side)
+    centered a third of the forearm past the wrist, 1.5 times the longer of the forearm and
+    0.9 upper arm, clipped to the picture; squares under 20 pixels are dropped."""
+    boxes = []
+    for person in subset.astype(int):
+        chains = [
+            chain
+            for chain in ((L_SHOULDER, L_ELBOW, L_WRIST), (R_SHOULDER, R_ELBOW, R_WRIST))
+            if -1 not in person[list(chain)]
+        ]
+        for shoulder, elbow, wrist in chains:
+            (x1, y1), (x2, y2), (x3, y3) = (candidate[person[k]][:2] for k in (shoulder, elbow, wrist))
+            x = x3 + HAND_RATIO_WRIST_ELBOW * (x3 - x2)
+            y = y3 + HAND_RATIO_WRIST_ELBOW * (y3 - y2)
+            wrist_elbow = math.sqrt((x3 - x2) ** 2 + (y3 - y2) ** 2)
+            elbow_shoulder = math.sqrt((x2 - x1) ** 2 + (y2 - y1) ** 2)
+            side = 1.5 * max(wrist_elbow, 0.9 * elbow_shoulder)
+            x, y = max(x - side / 2, 0), max(y - side / 2, 0)
+            side = min(width - x if x + side > width else side, height - y if y + side > height else side)
+            if side >= MIN_BOX:
+                boxes.append((int(x), int(y), int(side)))
+    return boxes
+
+
+def face_boxes(candidate: np.ndarray, subset: np.ndarray, width: int, height: int) -> list[tuple[int, int, int]]:
+    """The original `faceDetect`: per person with a nose and an eye or an ear, a square around
+    the nose, half its side the farthest of 3 times an eye's and 1.5 times an ear's distance
+    (the larger of dx and dy). As there, the clipping tests the half side against the
+    picture's edge, so the crop can run past it (and then comes out narrower)."""
+    boxes = []
+    for person in subset.astype(int):
+        if person[NOSE] == -1 or all(person[k] == -1 for k in (R_EYE, L_EYE, R_EAR, L_EAR)):
+            continue
+        x0, y0 = candidate[person[NOSE]][:2]
+        half = 0.0
+        for part, factor in ((R_EYE, 3.0), (L_EYE, 3.0), (R_EAR, 1.5), (L_EAR, 1.5)):
+            if person[part] != -1:
+                x1, y1 = candidate[person[part]][:2]
+                half = max(half, max(abs(x0 - x1), abs(y0 - y1)) * factor)
+        x, y = max(x0 - half, 0), max(y0 - half, 0)
+        side = min(width - x if x + half > width else half * 2, height - y if y + half > height else half * 2)
+        if side >= MIN_BOX:
+            boxes.append((int(x), int(y), int(side)))
+    return boxes
+
+
+def hand_maps(network: nn.Module, crop: np.ndarray) -> np.ndarray:
+    """A BGR hand crop -> its 22 heatmaps (128 x 128 x 22, float64): the crop blurred, then
+    squared to 184, 368, 552 and 736 pixels, each scale's maps brought to 128 x 128 and
+    averaged (in float32 per scale, summed in float64, as there)."""
+    blurred = cv2.GaussianBlur(crop, (0, 0), HAND_BLUR)
+    total = np.zeros((HAND_MAP_SIZE, HAND_MAP_SIZE, HAND_MAPS))
+    for scale in HAND_SCALES:
+        size = int(scale * BOX_SIZE)
+        scaled = _smart_resize(blurred, size, size)
+        maps = _network_output(network(_network_input(scaled)), size, size)
+        total += _smart_resize(maps, HAND_MAP_SIZE, HAND_MAP_SIZE) / len(HAND_SCALES)
+    return total
+
+
+def _components(binary: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """scikit-image's `label(binary, connectivity=2)`: 8-connected components, with their
+    labels in the order their first pixels come in row-major order (as scikit-image numbers
+    them; OpenCV's numbering is its own)."""
+    _, labels = cv2.connectedComponents(binary.astype(np.uint8), connectivity=8)
+    found, first = np.unique(labels, return_index=True)
+    return labels, [int(label) for _, label in sorted(zip(first, found, strict=True)) if label != 0]
+
+
+def hand_peaks(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Heatmaps (128 x 128) of a crop height x width -> 21 (x, y) in the crop, (0, 0) where
+    none: per keypoint, of the regions where the blurred heatmap passes the threshold, the
+    one with the largest sum of the raw heatmap, and its first maximum there."""
+    peaks = []
+    for part in range(HAND_KEYPOINTS):
+        original = maps[:, :, part].copy()
+        binary = _blur(original) > HAND_THRESHOLD
+        if not binary.any():
+            peaks.append((0, 0))
+            continue
+        labels, order = _components(binary)
+        best = order[int(np.argmax([np.sum(original[labels == label]) for label in order]))]
+        original[labels != best] = 0
+        y, x = np.unravel_index(int(np.argmax(original)), original.shape)
+        peaks.append((int(float(x) * float(width) / HAND_MAP_SIZE), int(float(y) * float(height) / HAND_MAP_SIZE)))
+    return np.array(peaks)
+
+
+def face_maps(network: nn.Module, crop: np.ndarray) -> np.ndarray:
+    """A BGR face crop -> its 71 heatmaps (71 x h x w, float32): the crop resized to 384 x
+    384, the maps brought back bilinearly (corners aligned) to the crop's size."""
+    height, width = crop.shape[:2]
+    data = torch.from_numpy(_smart_resize(crop, FACE_INPUT, FACE_INPUT)).permute(2, 0, 1) / 256.0 - 0.5
+    maps = network(data[None])
+    return nn.functional.interpolate(maps, (height, width), mode="bilinear", align_corners=True)[0].numpy()
+
+
+def face_peaks(maps: np.ndarray) -> np.ndarray:
+    """Per heatmap whose maximum passes the threshold (the background's included, as in the
+    original), the (x, y) of its first maximum; shape (n, 2)."""
+    peaks = []
+    for heatmap in maps:
+        if (heatmap > FACE_THRESHOLD).any():
+            y, x = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+            peaks.append((int(x), int(y)))
+    return np.array(peaks, dtype=np.int64).reshape(-1, 2)
+
+
+def to_fractions(peaks: np.ndarray, left: int, top: int, width: int, height: int) -> np.ndarray:
+    """Peaks in a crop -> fractions of the picture's size, in float32 as the original: a
+    coordinate of 0 (nothing found) becomes -1 (not drawn), the others move by the corner."""
+    peaks = peaks.astype(np.float32)
+    out = np.empty_like(peaks)
+    out[:, 0] = np.where(peaks[:, 0] < 1e-6, -1, peaks[:, 0] + left) / float(width)
+    out[:, 1] = np.where(peaks[:, 1] < 1e-6, -1, peaks[:, 1] + top) / float(height)
+    return out
+
+
 def draw_bodypose(canvas: np.ndarray, candidate: np.ndarray, subset: np.ndarray) -> np.ndarray:
-    """The original `draw_bodypose`: keypoints as dots, then limbs as ellipses blended 60% over
-    the canvas. `candidate` holds coordinates as fractions of the width and height."""
+    """The original `draw_bodypose`: the limbs as ellipses, the canvas then dimmed to 60%, the
+    keypoints as dots on top. `candidate` holds coordinates as fractions of the size."""
     height, width = canvas.shape[:2]
-    for i in range(KEYPOINTS):
-        for person in subset:
-            index = int(person[i])
-            if index == -1:
-                continue
-            x, y = candidate[index][0:2]
-            cv2.circle(canvas, (int(x * width), int(y * height)), 4, COLORS[i], thickness=-1)
     for i in range(DRAWN_LIMBS):
         for person in subset:
             index = person[list(LIMBS[i])]
             if -1 in index:
                 continue
-            drawn = canvas.copy()
             ys = candidate[index.astype(int), 0] * float(width)
             xs = candidate[index.astype(int), 1] * float(height)
             mean_x, mean_y = np.mean(xs), np.mean(ys)
@@ -313,35 +559,154 @@ def draw_bodypose(canvas: np.ndarray, candidate: np.ndarray, subset: np.ndarray)
             polygon = cv2.ellipse2Poly(
                 (int(mean_y), int(mean_x)), (int(length / 2), STICK_WIDTH), int(angle), 0, 360, 1
             )
-            cv2.fillConvexPoly(drawn, polygon, COLORS[i])
-            canvas = cv2.addWeighted(canvas, 0.4, drawn, 0.6, 0)
+            cv2.fillConvexPoly(canvas, polygon, COLORS[i])
+    canvas = (canvas * 0.6).astype(np.uint8)
+    for i in range(KEYPOINTS):
+        for person in subset:
+            index = int(person[i])
+            if index == -1:
+                continue
+            x, y = candidate[index][0:2]
+            cv2.circle(canvas, (int(x * width), int(y * height)), 4, COLORS[i], thickness=-1)
     return canvas
+
+
+def draw_handpose(canvas: np.ndarray, hands: list[np.ndarray]) -> np.ndarray:
+    """The original `draw_handpose`: per hand, its 20 edges as 2-pixel lines in hues around
+    the circle, then its keypoints as blue dots; coordinates are fractions of the size."""
+    height, width = canvas.shape[:2]
+    for hand in hands:
+        points = [(int(x * width), int(y * height)) for x, y in hand.tolist()]
+        for (a, b), color in zip(HAND_EDGES, HAND_EDGE_COLORS, strict=True):
+            (x1, y1), (x2, y2) = points[a], points[b]
+            if x1 > EPS and y1 > EPS and x2 > EPS and y2 > EPS:
+                cv2.line(canvas, (x1, y1), (x2, y2), color, thickness=2)
+        for x, y in points:
+            if x > EPS and y > EPS:
+                cv2.circle(canvas, (x, y), 4, HAND_POINT_COLOR, thickness=-1)
+    return canvas
+
+
+def draw_facepose(canvas: np.ndarray, faces: list[np.ndarray]) -> np.ndarray:
+    """The original `draw_facepose`: each landmark a white dot."""
+    height, width = canvas.shape[:2]
+    for face in faces:
+        for x, y in face.tolist():
+            x, y = int(x * width), int(y * height)
+            if x > EPS and y > EPS:
+                cv2.circle(canvas, (x, y), 3, FACE_POINT_COLOR, thickness=-1)
+    return canvas
+
+
+def draw_pose(
+    height: int,
+    width: int,
+    bodies: tuple[np.ndarray, np.ndarray] | None,
+    hands: list[np.ndarray],
+    faces: list[np.ndarray],
+) -> np.ndarray:
+    """The original `draw_pose` on a black canvas: the bodies (candidate as fractions, subset;
+    None: not drawn), then every hand, then every face."""
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    if bodies is not None:
+        canvas = draw_bodypose(canvas, *bodies)
+    return draw_facepose(draw_handpose(canvas, hands), faces)
+
+
+def _fractions_of(candidate: np.ndarray, width: int, height: int) -> np.ndarray:
+    """As ControlNet 1.1's detector: body coordinates as fractions, multiplied back when drawn."""
+    candidate = candidate.copy()
+    candidate[:, 0] /= float(width)
+    candidate[:, 1] /= float(height)
+    return candidate
 
 
 def render(heatmaps: np.ndarray, pafs: np.ndarray) -> np.ndarray:
     """Maps at the picture's size -> the skeletons drawn on a black canvas of that size."""
     height, width = heatmaps.shape[:2]
     candidate, subset = estimate_poses(heatmaps, pafs)
-    # as ControlNet 1.1's detector: coordinates as fractions, multiplied back when drawn
-    candidate[:, 0] /= float(width)
-    candidate[:, 1] /= float(height)
-    return draw_bodypose(np.zeros((height, width, 3), dtype=np.uint8), candidate, subset)
+    return draw_pose(height, width, (_fractions_of(candidate, width, height), subset), [], [])
 
 
-def run(network: nn.Module, array: np.ndarray, method: str, args: Mapping[str, Any]) -> np.ndarray:
-    """The body pose of everyone in an RGB picture, drawn as ControlNet 1.1 draws it."""
-    heatmaps, pafs = body_maps(network, np.ascontiguousarray(array[:, :, ::-1]))  # the network reads BGR
-    return render(heatmaps, pafs)
+def detect(
+    array: np.ndarray, method: str, body: nn.Module, hand: nn.Module | None = None, face: nn.Module | None = None
+) -> np.ndarray:
+    """An RGB picture -> the control image of `method`: the people's bodies, and the hands and
+    faces the method draws, found on crops of the picture around the body keypoints."""
+    draw_body, draw_hands, draw_faces = PARTS[method]
+    if (draw_hands and hand is None) or (draw_faces and face is None):
+        raise ValueError(f"{method} needs the {'hand' if draw_hands and hand is None else 'face'} network")
+    bgr = np.ascontiguousarray(array[:, :, ::-1])  # the networks read BGR
+    height, width = bgr.shape[:2]
+    candidate, subset = estimate_poses(*body_maps(body, bgr))
+    hands, faces = [], []
+    if draw_hands:
+        for x, y, side in hand_boxes(candidate, subset, width, height):
+            crop = bgr[y : y + side, x : x + side]
+            peaks = hand_peaks(hand_maps(hand, crop), crop.shape[0], crop.shape[1])
+            hands.append(to_fractions(peaks, x, y, width, height))
+    if draw_faces:
+        for x, y, side in face_boxes(candidate, subset, width, height):
+            peaks = face_peaks(face_maps(face, bgr[y : y + side, x : x + side]))
+            if len(peaks):
+                faces.append(to_fractions(peaks, x, y, width, height))
+    bodies = (_fractions_of(candidate, width, height), subset) if draw_body else None
+    return draw_pose(height, width, bodies, hands, faces)
+
+
+def run(
+    network: nn.Module,
+    array: np.ndarray,
+    method: str,
+    args: Mapping[str, Any],
+    uses: Mapping[str, nn.Module] | None = None,
+) -> np.ndarray:
+    """The body record: "openpose" on the body network alone, "openpose_full" with the hand
+    and face networks too."""
+    uses = uses or {}
+    return detect(array, method, network, uses.get("openpose_hand"), uses.get("openpose_face"))
+
+
+def run_hand(
+    network: nn.Module, array: np.ndarray, method: str, args: Mapping[str, Any], uses: Mapping[str, nn.Module]
+) -> np.ndarray:
+    """The hand record ("openpose_hand"), with the body network."""
+    return detect(array, method, uses["openpose_body"], hand=network)
+
+
+def run_face(
+    network: nn.Module, array: np.ndarray, method: str, args: Mapping[str, Any], uses: Mapping[str, nn.Module]
+) -> np.ndarray:
+    """The face record ("openpose_face", "openpose_faceonly"), with the body network."""
+    return detect(array, method, uses["openpose_body"], face=network)
 
 
 ANNOTATORS = (
     Annotator(
         name="openpose_body",
-        methods=METHODS,
+        methods=("openpose", "openpose_full"),
         weights=ANNOTATORS_REPO + "body_pose_model.pth",
         build=BodyPoseNetwork,
         run=run,
         load=load_body,
         to_published=body_to_published,
+        uses={"openpose_full": ("openpose_hand", "openpose_face")},
+    ),
+    Annotator(
+        name="openpose_hand",
+        methods=("openpose_hand",),
+        weights=ANNOTATORS_REPO + "hand_pose_model.pth",
+        build=HandPoseNetwork,
+        run=run_hand,
+        load=load_hand,
+        uses={"openpose_hand": ("openpose_body",)},
+    ),
+    Annotator(
+        name="openpose_face",
+        methods=("openpose_face", "openpose_faceonly"),
+        weights=ANNOTATORS_REPO + "facenet.pth",
+        build=FaceNetwork,
+        run=run_face,
+        uses={"openpose_face": ("openpose_body",), "openpose_faceonly": ("openpose_body",)},
     ),
 )
