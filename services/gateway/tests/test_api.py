@@ -39,7 +39,9 @@ async def gateway(nc):
     blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
     settings = GatewaySettings(max_body_bytes=2000, sync_timeout_s=0.5)
     gw = Gateway(nc, js, blobs, NodeDirectory(ttl_s=10), settings, Metrics("gateway"))
+    await gw.start()
     yield gw
+    await gw.stop()
     await blobs.close()
 
 
@@ -76,6 +78,9 @@ async def test_healthz_and_metrics(client):
         ({**TASK, "task_config": {"image_width": 100}}, "task_config.image_width", 100),
         ({**TASK, "sampler": "Nope"}, "sampler", "Nope"),
         ({**TASK, "prompt": ["a", "b"]}, "prompt", ["a", "b"]),
+        ({**TASK, "fee": -1}, "fee", -1),
+        ({**TASK, "fee": "5"}, "fee", "5"),
+        ({**TASK, "fee": 1.5}, "fee", 1.5),
     ],
 )
 async def test_native_bad_input_is_422_naming_field_and_value(client, body, field, value):
@@ -242,3 +247,25 @@ async def test_task_view_summarizes_input_images(client, gateway):
     view = (await client.get(f"/v1/tasks/{task_id}")).json()
     assert view["task"]["init_image"] == f"<image, {len(PNG)} characters>"
     assert view["task"]["kind"] == "img2img"
+
+
+async def test_unknown_paths_and_methods_answer_json_errors(client):
+    missing = await client.get("/v2/tasks")
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {"code": "not_found", "message": "GET /v2/tasks: Not Found"}
+    wrong = await client.put("/v1/tasks/" + "a" * 32)
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+    assert set(wrong.headers["allow"].split(", ")) == {"GET", "HEAD", "DELETE"}
+
+
+async def test_the_fee_travels_with_the_task(client, gateway):
+    make_live(gateway, joined("a", "1"), joined("b", "2"), joined("c", "3"))
+    response = await client.post("/v1/tasks", json={**TASK, "fee": 250})
+    assert response.status_code == 202
+    task_id = response.json()["task_id"]
+    events = await bus.read_subject(gateway.js, subjects.TASKS_STREAM, f"tasks.{task_id}.>", task_event_decoder)
+    assert events[0].fee == 250
+    view = (await client.get(f"/v1/tasks/{task_id}")).json()
+    assert view["fee"] == 250
+    assert "queue" not in view  # no dispatcher answers here: the view says nothing rather than guessing

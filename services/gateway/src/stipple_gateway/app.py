@@ -1,5 +1,6 @@
-"""HTTP routes. Handlers validate, publish events and read the task's fold; they hold no
-state of their own, so any number of gateways can serve the same network.
+"""HTTP routes. Handlers validate, publish events and read the task's fold; what they keep
+in memory (step progress, rate-limit buckets) is a cache of this gateway's own, so any
+number of gateways can serve the same network.
 
 Errors: native routes answer ``{"error": {"code", "message", "field"?, "value"?}}``,
 SDCN routes answer ``{"msg": "..."}``; bad input is 4xx and names the field and value.
@@ -15,7 +16,8 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -25,21 +27,48 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from stipple_common import bus, subjects
 from stipple_common.aggregate import Task, replay
 from stipple_common.blobstore import BlobNotFound, BlobStore
-from stipple_common.errors import NO_VALUE, InvalidInput, StippleError
-from stipple_common.messages import OUTCOME_EVENTS, TaskSubmitted, task_event_decoder
+from stipple_common.errors import InvalidInput, StippleError
+from stipple_common.messages import (
+    OUTCOME_EVENTS,
+    QueueStatus,
+    TaskCancelled,
+    TaskSubmitted,
+    event_name,
+    queue_status_decoder,
+)
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.settings import CommonSettings
 from stipple_common.taskspec import SEED_MAX, TaskSpec, parse_task, resolve_seed
 
+from . import openapi
+from .auth import KeyRing, parse_api_keys
+from .errors import ApiError
+from .events import EventStreamResponse, StoredEvent, TaskEventStream, read_task_events
+from .progress import ProgressBoard
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
+from .views import (
+    Health,
+    NodeInfo,
+    NodesView,
+    SdcnResult,
+    TaskAccepted,
+    TaskLinks,
+    TaskView,
+    json_response,
+    task_view,
+)
+from .webhooks import Webhooks, check_webhook_url
+
+__all__ = ["ApiError", "Gateway", "GatewaySettings", "create_app", "new_task_id"]
 
 log = structlog.get_logger("stipple.gateway")
 
@@ -54,30 +83,26 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     replication: int = 3  # must match the dispatcher's
     node_ttl_s: float = 10.0
     default_model: str = "tiny-sd"  # for SDCN requests that name no model
+    # "" = keys off (anyone may call); "id:secret:rate_per_minute[:burst],..." or "@/path/to/file"
+    api_keys: str = ""
+    webhook_secret: str = ""  # HMAC-SHA256 key of X-Stipple-Signature; "" = webhooks off
+    webhook_timeout_s: float = 10.0  # one POST
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 1.0  # the first retry's delay; it doubles up to webhook_backoff_max_s
+    webhook_backoff_max_s: float = 300.0
+    webhook_concurrency: int = 4  # POSTs in flight per gateway
+    webhook_allow_private: bool = False  # accept webhook URLs on loopback / private addresses
+    result_ttl_s: float = 7 * 24 * 3600.0  # images expire this long after the outcome; 0 = never
+    sse_keepalive_s: float = 15.0  # comment line on an idle events stream
+    progress_max_tasks: int = 10_000  # tasks whose step progress is kept in memory
 
 
-class ApiError(Exception):
-    """An answer other than success, with its HTTP status."""
+@dataclass
+class Loaded:
+    """A task as folded from the stream, with when its outcome was stored."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None, value: Any = NO_VALUE):
-        super().__init__(message)
-        self.status, self.code, self.message, self.field, self.value = status, code, message, field, value
-
-    @classmethod
-    def invalid(cls, exc: InvalidInput) -> ApiError:
-        return cls(422, exc.code, exc.message, field=exc.field, value=exc.value)
-
-    def native(self) -> JSONResponse:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            body["field"] = self.field
-        if self.value is not NO_VALUE:
-            plain = isinstance(self.value, (int, float, str, bool, type(None)))
-            body["value"] = self.value if plain else repr(self.value)
-        return JSONResponse({"error": body}, status_code=self.status)
-
-    def sdcn(self) -> JSONResponse:
-        return JSONResponse({"msg": self.message}, status_code=self.status)
+    task: Task
+    finished_at: float | None
 
 
 @dataclass
@@ -90,8 +115,26 @@ class Gateway:
     directory: NodeDirectory
     settings: GatewaySettings
     metrics: Metrics
+    clock: Callable[[], float] = field(default=time.time)  # wall clock, for result expiry
 
     def __post_init__(self) -> None:
+        self.keys = KeyRing(parse_api_keys(self.settings.api_keys))  # InvalidSettings at start when malformed
+        self.progress = ProgressBoard(self.settings.progress_max_tasks)
+        self.closing = asyncio.Event()  # set when the gateway stops: ends the events streams
+        self._subs: list[Any] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self.webhooks: Webhooks | None = None
+        if self.settings.webhook_secret:
+            self.webhooks = Webhooks(
+                self.js,
+                self._webhook_view,
+                secret=self.settings.webhook_secret,
+                timeout_s=self.settings.webhook_timeout_s,
+                max_attempts=self.settings.webhook_max_attempts,
+                backoff_s=self.settings.webhook_backoff_s,
+                backoff_max_s=self.settings.webhook_backoff_max_s,
+                registry=self.metrics.registry,
+            )
         self.requests = Counter(
             "stipple_gateway_requests_total",
             "HTTP requests by route and status",
@@ -108,6 +151,33 @@ class Gateway:
         self.submitted = Counter(
             "stipple_gateway_tasks_submitted_total", "Tasks accepted", ["source"], registry=self.metrics.registry
         )
+        self.cancelled = Counter(
+            "stipple_gateway_tasks_cancelled_total", "Tasks cancelled by apps", registry=self.metrics.registry
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Follow step progress, and deliver webhooks when a secret is set."""
+        self._subs = await self.progress.follow(self.nc)
+        if self.webhooks is not None:
+            run = self.webhooks.run(self.closing, concurrency=self.settings.webhook_concurrency, metrics=self.metrics)
+            self._workers.append(asyncio.create_task(run, name="webhooks"))
+
+    async def stop(self) -> None:
+        self.closing.set()
+        if self._workers:
+            _done, pending = await asyncio.wait(self._workers, timeout=5.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+            self._workers = []
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.debug("unsubscribe_failed", error=str(exc))
+        self._subs = []
 
     # ------------------------------------------------------------------ helpers
 
@@ -153,31 +223,70 @@ class Gateway:
                 f"operators, a task needs {need} of distinct operators; try again later",
             )
 
-    async def submit(self, spec: TaskSpec, source: str, task_id: str) -> TaskSubmitted:
+    async def submit(
+        self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "", webhook_url: str = "", fee: int = 0
+    ) -> TaskSubmitted:
         self.check_capacity(spec)
         event = TaskSubmitted(
             task_id=task_id,
             spec=resolve_seed(spec, secrets.randbelow(SEED_MAX + 1)),
             submitted_at=time.time(),
             source=source,
+            owner=owner,
+            webhook_url=webhook_url,
+            fee=fee,
         )
         await bus.publish(self.js, subjects.task_subject(task_id, "submitted"), event, msg_id=f"{task_id}:submitted")
         self.submitted.labels(source).inc()
-        log.info("task_submitted", task_id=task_id, source=source, model=spec.model_name)
+        log.info("task_submitted", task_id=task_id, source=source, model=spec.model_name, owner=owner)
         return event
 
-    async def load_task(self, task_id: str) -> Task:
+    def check_task_id(self, task_id: str) -> None:
         if not TASK_ID.match(task_id):
             raise ApiError(404, "not_found", f"no task with id {task_id!r} (ids are 32 hex digits)")
-        events = await bus.read_subject(
-            self.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
-        )
-        task, _rejected = replay(events)
-        if task is None:
-            raise ApiError(404, "not_found", f"no task with id {task_id!r}")
-        return task
 
-    async def wait_for_outcome(self, task_id: str, submit: Callable[[], Awaitable[object]]) -> Task:
+    def fold(self, task_id: str, stored: list[StoredEvent], owner: str) -> Loaded:
+        """The task from its stored events; 404 when there is none, or (with API keys on)
+        when another key submitted it: the answer does not tell the two apart."""
+        task, _rejected = replay(s.event for s in stored)
+        if task is None or (self.keys.enabled and task.owner != owner):
+            raise ApiError(404, "not_found", f"no task with id {task_id!r}")
+        outcomes = [s.stored_at for s in stored if event_name(s.event) in OUTCOME_EVENTS]
+        return Loaded(task, outcomes[0] if task.finished and outcomes else None)
+
+    async def load_task(self, task_id: str, owner: str = "") -> Loaded:
+        self.check_task_id(task_id)
+        return self.fold(task_id, await read_task_events(self.js, task_id), owner)
+
+    def view(self, loaded: Loaded, queue: QueueStatus | None = None) -> TaskView:
+        return task_view(
+            loaded.task,
+            progress=self.progress.of(loaded.task.task_id),
+            finished_at=loaded.finished_at,
+            result_ttl_s=self.settings.result_ttl_s,
+            queue=queue,
+        )
+
+    async def queue_status(self, task: Task) -> QueueStatus | None:
+        """A pending task's place in the dispatcher's queue (None when nobody answers fast)."""
+        if task.status != "pending":
+            return None
+        try:
+            reply = await self.nc.request(subjects.QUEUE_STATUS, task.task_id.encode(), timeout=0.25)
+            status = queue_status_decoder.decode(reply.data)
+        except (nats.errors.Error, TimeoutError, msgspec.DecodeError) as exc:
+            log.info("queue_status_unavailable", task_id=task.task_id, error=type(exc).__name__)
+            return None
+        return status if status.queued else None
+
+    async def _webhook_view(self, task_id: str) -> TaskView | None:
+        stored = await read_task_events(self.js, task_id)
+        task, _rejected = replay(s.event for s in stored)
+        if task is None:
+            return None
+        return self.view(self.fold(task_id, stored, task.owner))
+
+    async def wait_for_outcome(self, task_id: str, owner: str, submit: Callable[[], Awaitable[object]]) -> Task:
         """Submit while subscribed to the task's outcome subjects, so it cannot be missed."""
         done = asyncio.get_running_loop().create_future()
 
@@ -195,7 +304,7 @@ class Gateway:
         finally:
             for sub in subs:
                 await sub.unsubscribe()
-        task = await self.load_task(task_id)  # the stream is the truth, the core message only a wake-up
+        task = (await self.load_task(task_id, owner)).task  # the stream is the truth, the core message a wake-up
         if not task.finished:
             raise ApiError(
                 504,
@@ -208,37 +317,109 @@ class Gateway:
     # ------------------------------------------------------------------ routes
 
     async def post_task(self, request: Request) -> Response:
+        raw = await self.read_json(request)
+        webhook_url = ""
+        fee = 0
         try:
-            spec = parse_task(await self.read_json(request))
+            if isinstance(raw, dict) and "webhook_url" in raw:
+                raw = dict(raw)
+                webhook_url = check_webhook_url(
+                    raw.pop("webhook_url"),
+                    allow_private=self.settings.webhook_allow_private,
+                    enabled=self.webhooks is not None,
+                )
+            if isinstance(raw, dict) and "fee" in raw:
+                raw = dict(raw)
+                fee = check_fee(raw.pop("fee"))
+            spec = parse_task(raw)
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
-        event = await self.submit(spec, "native", new_task_id(request.headers.get("idempotency-key")))
-        return JSONResponse(
-            {
-                "task_id": event.task_id,
-                "status": "pending",
-                "seed": event.spec.task_config.seed,
-                "links": {"self": f"/v1/tasks/{event.task_id}"},
-            },
-            status_code=202,
+        owner = owner_of(request)
+        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        event = await self.submit(spec, "native", task_id, owner=owner, webhook_url=webhook_url, fee=fee)
+        accepted = TaskAccepted(
+            task_id=event.task_id,
+            status="pending",
+            seed=event.spec.task_config.seed,
+            links=TaskLinks(self=f"/v1/tasks/{event.task_id}", events=f"/v1/tasks/{event.task_id}/events"),
         )
+        return json_response(accepted, status_code=202)
+
+    async def task_resource(self, request: Request) -> Response:
+        return await (self.cancel_task if request.method == "DELETE" else self.get_task)(request)
 
     async def get_task(self, request: Request) -> Response:
-        task = await self.load_task(request.path_params["task_id"])
-        return JSONResponse(task_view(task))
+        loaded = await self.load_task(request.path_params["task_id"], owner_of(request))
+        return json_response(self.view(loaded, await self.queue_status(loaded.task)))
+
+    def _finished_error(self, task: Task) -> ApiError:
+        outcome = f"{task.reason}: {task.detail}" if task.detail else task.reason
+        return ApiError(
+            409,
+            "already_finished",
+            f"task {task.task_id} already finished: status {task.status}, outcome {outcome}; "
+            "it can no longer be cancelled",
+            extra={"status": task.status, "reason": task.reason},
+        )
+
+    async def cancel_task(self, request: Request) -> Response:
+        task_id, owner = request.path_params["task_id"], owner_of(request)
+        loaded = await self.load_task(task_id, owner)
+        if loaded.task.finished:
+            raise self._finished_error(loaded.task)
+        detail = f"cancelled by the app (API key {owner})" if owner else "cancelled by the app"
+        event = TaskCancelled(task_id=task_id, detail=detail)
+        await bus.publish(self.js, subjects.task_subject(task_id, "cancelled"), event, msg_id=f"{task_id}:outcome")
+        loaded = await self.load_task(task_id, owner)  # the first outcome stored wins: was it ours?
+        if loaded.task.status != "cancelled":
+            raise self._finished_error(loaded.task)
+        self.cancelled.inc()
+        log.info("task_cancelled", task_id=task_id, owner=owner)
+        return json_response(self.view(loaded), status_code=202)
+
+    async def task_events(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        self.check_task_id(task_id)
+        stream = TaskEventStream(
+            self.nc, self.js, task_id, keepalive_s=self.settings.sse_keepalive_s, closing=self.closing
+        )
+        stored = await stream.open()
+        try:
+            self.fold(task_id, stored, owner_of(request))
+        except BaseException:
+            await stream.close()
+            raise
+        if request.method == "HEAD":  # the headers only: a stream would last until the task ends
+            await stream.close()
+            return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return EventStreamResponse(stream, stream.frames(stored, request.headers.get("last-event-id")))
 
     async def get_image(self, request: Request) -> Response:
-        task = await self.load_task(request.path_params["task_id"])
-        index = request.path_params["index"]
+        loaded = await self.load_task(request.path_params["task_id"], owner_of(request))
+        task, index = loaded.task, request.path_params["index"]
         if task.status != "succeeded":
             raise ApiError(409, "not_ready", f"task {task.task_id} is {task.status}; images exist once it succeeded")
         if not 0 <= index < len(task.images):
             raise ApiError(404, "not_found", f"image index {index} out of range; the task has {len(task.images)}")
+        ttl = self.settings.result_ttl_s
+        max_age = 31_536_000
+        if ttl > 0 and loaded.finished_at is not None:
+            expires_at = loaded.finished_at + ttl
+            left = expires_at - self.clock()
+            if left <= 0:
+                when = datetime.fromtimestamp(expires_at, UTC).isoformat(timespec="seconds")
+                raise ApiError(
+                    410,
+                    "expired",
+                    f"image {index} of task {task.task_id} expired at {when} (results are kept {ttl:g} s)",
+                )
+            max_age = min(max_age, int(left))
         try:
             png = await self.blobs.get(task.images[index].key)
         except BlobNotFound:
             raise ApiError(410, "expired", f"image {index} of task {task.task_id} is no longer stored") from None
-        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=31536000, immutable"})
+        scope = "private" if self.keys.enabled else "public"
+        return Response(png, media_type="image/png", headers={"Cache-Control": f"{scope}, max-age={max_age}"})
 
     async def sdcn_txt2img(self, request: Request) -> Response:
         return await self.sdcn(request, parse_sdcn_txt2img)
@@ -252,114 +433,83 @@ class Gateway:
             spec = parse(await self.read_json(request), self.settings.default_model)
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
-        task_id = new_task_id(request.headers.get("idempotency-key"))
-        task = await self.wait_for_outcome(task_id, lambda: self.submit(spec, "sdcn", task_id))
+        owner = owner_of(request)
+        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        task = await self.wait_for_outcome(task_id, owner, lambda: self.submit(spec, "sdcn", task_id, owner=owner))
         if task.status != "succeeded":
-            detail = f"task {task_id} was aborted: {task.reason} {task.detail}".strip()
-            raise ApiError(502, task.reason or "aborted", detail)
+            detail = f"task {task_id} was {task.status}: {task.reason} {task.detail}".strip()
+            raise ApiError(502, task.reason or task.status, detail)
         pngs = [await self.blobs.get(image.key) for image in task.images]
-        return JSONResponse(
-            {
-                "images": [base64.b64encode(png).decode() for png in pngs],
-                "task_id": task_id,
-                "seeds": [image.seed for image in task.images],
-            }
-        )
+        images = [base64.b64encode(png).decode() for png in pngs]
+        return json_response(SdcnResult(images=images, task_id=task_id, seeds=[image.seed for image in task.images]))
 
     async def list_nodes(self, request: Request) -> Response:
         now = time.time()
         live = {n.node_id for n in self.directory.live(now)}
         nodes = [
-            {
-                "node_id": e.joined.node_id,
-                "operator": e.joined.operator,
-                "device": e.joined.device,
-                "models": e.joined.models,
-                "live": e.joined.node_id in live,
-                "last_seen_s_ago": round(now - e.last_seen, 3),
-            }
+            NodeInfo(
+                node_id=e.joined.node_id,
+                operator=e.joined.operator,
+                device=e.joined.device,
+                models=e.joined.models,
+                live=e.joined.node_id in live,
+                last_seen_s_ago=round(now - e.last_seen, 3),
+            )
             for e in self.directory.entries.values()
         ]
-        return JSONResponse({"nodes": nodes, "live": len(live)})
+        return json_response(NodesView(nodes=nodes, live=len(live)))
 
     async def healthz(self, request: Request) -> Response:
         connected = self.nc.is_connected
-        live = len(self.directory.live())
-        body = {"status": "ok" if connected else "unavailable", "nats": connected, "live_nodes": live}
-        return JSONResponse(body, status_code=200 if connected else 503)
+        body = Health(
+            status="ok" if connected else "unavailable", nats=connected, live_nodes=len(self.directory.live())
+        )
+        return json_response(body, status_code=200 if connected else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def openapi_json(self, request: Request) -> Response:
+        return Response(openapi.document_bytes(), media_type="application/json")
 
-def new_task_id(idempotency_key: str | None) -> str:
-    """A fresh task id, or one derived from the app's Idempotency-Key so that a retried
-    request is the same task (the publish is deduplicated by its message id)."""
+    async def docs_page(self, request: Request) -> Response:
+        return HTMLResponse(openapi.DOCS_HTML)
+
+
+def owner_of(request: Request) -> str:
+    """The API key id the request came with ("" when keys are off)."""
+    return getattr(request.state, "key_id", "")
+
+
+MAX_FEE = 10**30  # far above any real price; keeps the number a JSON integer every client reads
+
+
+def check_fee(value: Any) -> int:
+    """`fee`: what the app offers for the task (smallest token unit); orders the queue."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FEE:
+        raise InvalidInput("fee", value, f"must be an integer from 0 to {MAX_FEE}")
+    return value
+
+
+def new_task_id(idempotency_key: str | None, owner: str = "") -> str:
+    """A fresh task id, or one derived from the app's Idempotency-Key (and its API key, so
+    two apps' keys never meet) so that a retried request is the same task (the publish is
+    deduplicated by its message id)."""
     if idempotency_key:
-        return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
+        scoped = f"{owner}\n{idempotency_key}" if owner else idempotency_key
+        return hashlib.sha256(scoped.encode()).hexdigest()[:32]
     return uuid.uuid4().hex
 
 
-def spec_view(spec: TaskSpec) -> dict[str, Any]:
-    """The task as stored, with input images summarized: they can be megabytes each."""
-    view = msgspec.to_builtins(spec)
-
-    def summary(data_url: str) -> str:
-        return f"<image, {len(data_url)} characters>" if data_url else ""
-
-    for field in ("init_image", "mask_image"):
-        view[field] = summary(view.get(field, ""))
-    if view.get("controlnet"):
-        view["controlnet"]["image_dataurl"] = summary(view["controlnet"]["image_dataurl"])
-    return view
-
-
-def task_view(task: Task) -> dict[str, Any]:
-    """The app's view of a task."""
-    view: dict[str, Any] = {
-        "task_id": task.task_id,
-        "status": task.status,
-        "source": task.source,
-        "submitted_at": task.submitted_at,
-        "seed": task.spec.task_config.seed,
-        "task": spec_view(task.spec),
-        "nodes": [
-            {
-                "node_id": run.node_id,
-                "status": run.status,
-                "images": [{"index": i.index, "phash": i.phash, "seed": i.seed} for i in run.images],
-                **({"error": {"code": run.error_code, "message": run.error_message}} if run.error_code else {}),
-            }
-            for run in task.nodes.values()
-        ],
-    }
-    if task.finished:
-        view["outcome"] = {
-            "status": task.status,
-            "reason": task.reason,
-            "detail": task.detail,
-            "verdicts": task.verdicts,
-        }
-    if task.status == "succeeded":
-        view["images"] = [
-            {
-                "index": i.index,
-                "url": f"/v1/tasks/{task.task_id}/images/{i.index}",
-                "seed": i.seed,
-                "phash": i.phash,
-                "width": i.width,
-                "height": i.height,
-            }
-            for i in task.images
-        ]
-    return view
-
-
 def create_app(gw: Gateway) -> Starlette:
-    def route(path: str, endpoint: Any, methods: list[str], sdcn: bool = False) -> Route:
+    def route(path: str, endpoint: Any, methods: list[str], *, sdcn: bool = False, public: bool = False) -> Route:
         async def wrapped(request: Request) -> Response:
             started = time.perf_counter()
             try:
+                if not public and gw.keys.enabled:
+                    key = gw.keys.authenticate(request.headers.get("authorization"))
+                    gw.keys.admit(key, time.monotonic())
+                    request.state.key_id = key.key_id
                 response = await endpoint(request)
             except ApiError as exc:
                 response = exc.sdcn() if sdcn else exc.native()
@@ -377,15 +527,26 @@ def create_app(gw: Gateway) -> Starlette:
 
         return Route(path, wrapped, methods=methods)
 
+    async def no_route(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (no such path) and 405 (wrong method), in the native error shape."""
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return ApiError(exc.status_code, code, message, headers=dict(exc.headers or {})).native()
+
     return Starlette(
+        exception_handlers={HTTPException: no_route},
         routes=[
             route("/v1/tasks", gw.post_task, ["POST"]),
-            route("/v1/tasks/{task_id}", gw.get_task, ["GET"]),
+            route("/v1/tasks/{task_id}", gw.task_resource, ["GET", "DELETE"]),
+            route("/v1/tasks/{task_id}/events", gw.task_events, ["GET"]),
             route("/v1/tasks/{task_id}/images/{index:int}", gw.get_image, ["GET"]),
             route("/v1/nodes", gw.list_nodes, ["GET"]),
             route("/txt2img", gw.sdcn_txt2img, ["POST"], sdcn=True),
             route("/img2img", gw.sdcn_img2img, ["POST"], sdcn=True),
-            route("/healthz", gw.healthz, ["GET"]),
-            route("/metrics", gw.metrics_endpoint, ["GET"]),
-        ]
+            route("/healthz", gw.healthz, ["GET"], public=True),
+            route("/metrics", gw.metrics_endpoint, ["GET"], public=True),
+            route("/openapi.json", gw.openapi_json, ["GET"], public=True),
+            route("/docs", gw.docs_page, ["GET"], public=True),
+        ],
     )

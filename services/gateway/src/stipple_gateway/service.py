@@ -4,10 +4,14 @@ serving the Starlette app until SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from types import FrameType
 
 import structlog
 import uvicorn
 
+from stipple_common.blobstore import set_ttl
+from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
@@ -16,6 +20,24 @@ from .app import Gateway, GatewaySettings, create_app
 
 log = structlog.get_logger("stipple.gateway")
 
+STORE_TTL_GRACE_S = 3600.0
+"""The store keeps blobs this much longer than STIPPLE_RESULT_TTL_S: its clock starts at
+the upload, a little before the outcome, and the gateway already answers 410 on time."""
+
+
+class Server(uvicorn.Server):
+    """uvicorn, telling the gateway when it starts to shut down (on SIGTERM/SIGINT it
+    catches itself), so that open events streams end instead of holding the shutdown."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+        self.loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.loop.call_soon_threadsafe(self.on_exit)  # safe from a signal handler
+        super().handle_exit(sig, frame)
+
 
 async def run(settings: GatewaySettings) -> None:
     setup_logging("gateway", level=settings.log_level, fmt=settings.log_format)
@@ -23,11 +45,25 @@ async def run(settings: GatewaySettings) -> None:
         await serve(ctx, settings)
 
 
+async def apply_result_ttl(ctx: ServiceContext, settings: GatewaySettings) -> None:
+    """Make the blob store delete results after the TTL (JetStream bucket max_age, or an
+    S3 lifecycle rule). A store that refuses (permissions) is logged: the gateway still
+    answers 410 for expired results, the bytes just stay."""
+    if settings.result_ttl_s <= 0 or ctx.blobs is None:
+        return
+    try:
+        await set_ttl(ctx.blobs, settings.result_ttl_s + STORE_TTL_GRACE_S)
+    except StippleError as exc:
+        log.warning("result_ttl_not_applied_to_store", error=exc.message, ttl_s=settings.result_ttl_s)
+
+
 async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
     assert ctx.blobs is not None
     directory = NodeDirectory(ttl_s=settings.node_ttl_s)
     sub = await directory.follow(ctx.js)
     gateway = Gateway(ctx.nc, ctx.js, ctx.blobs, directory, settings, ctx.metrics)
+    await apply_result_ttl(ctx, settings)
+    await gateway.start()
     config = uvicorn.Config(
         create_app(gateway),
         host=settings.host,
@@ -36,16 +72,18 @@ async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
         access_log=False,
         lifespan="off",
     )
-    server = uvicorn.Server(config)
+    server = Server(config, on_exit=gateway.closing.set)
 
     async def stop_when_asked() -> None:
         await ctx.stop.wait()
+        gateway.closing.set()  # events streams end, so uvicorn's shutdown does not wait on them
         server.should_exit = True
 
     watcher = asyncio.create_task(stop_when_asked())
-    log.info("gateway_listening", url=f"http://{settings.host}:{settings.port}")
+    log.info("gateway_listening", url=f"http://{settings.host}:{settings.port}", api_keys=len(gateway.keys.keys))
     try:
         await server.serve()
     finally:
         watcher.cancel()
+        await gateway.stop()
         await sub.unsubscribe()  # type: ignore[attr-defined]

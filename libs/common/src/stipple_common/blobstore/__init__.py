@@ -20,7 +20,7 @@ from stipple_common.errors import StippleError
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-__all__ = ["BACKENDS", "BlobNotFound", "BlobStore", "check_key", "open_blob_store"]
+__all__ = ["BACKENDS", "BlobNotFound", "BlobStore", "check_key", "open_blob_store", "set_ttl"]
 
 BACKENDS = ("jetstream", "s3")
 """The values ``open_blob_store(backend=...)`` accepts."""
@@ -68,6 +68,15 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not key:
         raise StippleError(f"blob key must be a non-empty string (got {key!r})", code="invalid_key")
     return key
+
+
+async def set_ttl(store: BlobStore, ttl_s: float | None) -> None:
+    """Make the store delete blobs `ttl_s` seconds after they were written (None or 0:
+    never): the object-store bucket's max_age, or an S3 lifecycle rule (whole days)."""
+    setter = getattr(store, "set_ttl", None)
+    if setter is None:
+        raise StippleError(f"{type(store).__name__} cannot expire blobs", code="invalid_config")
+    await setter(ttl_s)
 
 
 async def open_blob_store(

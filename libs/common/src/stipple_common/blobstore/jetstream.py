@@ -65,8 +65,10 @@ class JetStreamBlobStore:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        js: JetStreamContext | None = None,
     ) -> None:
         self._obs = obs
+        self._js = js
         self.bucket = bucket
         self._chunk_size = chunk_size
         self._timeout_s = timeout_s
@@ -105,7 +107,24 @@ class JetStreamBlobStore:
                     if err.err_code != _STREAM_CONFIG_MISMATCH:
                         raise
                     obs = await js.object_store(bucket)
-        return cls(obs, bucket, chunk_size=chunk_size, timeout_s=timeout_s)
+        return cls(obs, bucket, chunk_size=chunk_size, timeout_s=timeout_s, js=js)
+
+    async def set_ttl(self, ttl_s: float | None) -> None:
+        """Delete objects `ttl_s` seconds after they were written (the bucket stream's
+        ``max_age``), or never with None/0. Applies to an existing bucket too."""
+        if self._js is None:
+            raise StippleError(
+                f"object store {self.bucket!r} was opened without its JetStream context", code="invalid_config"
+            )
+        stream = f"OBJ_{self.bucket}"
+        with _nats_errors(f"set the TTL of object store {self.bucket!r}"):
+            config = (await self._js.stream_info(stream)).config
+            max_age = float(ttl_s or 0.0)
+            if float(config.max_age or 0.0) != max_age:
+                config.max_age = max_age
+                if max_age and (config.duplicate_window or 0.0) > max_age:
+                    config.duplicate_window = max_age  # the server wants it within max_age
+                await self._js.update_stream(config)
 
     async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
         """Store ``data`` under ``key``; nats-py purges the previous chunks of that key."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,7 +19,9 @@ from urllib.parse import urlsplit
 import certifi
 import urllib3
 from minio import Minio
+from minio.commonconfig import ENABLED, Filter
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from urllib3.util import Retry, Timeout
 
 from stipple_common.blobstore import BlobNotFound, check_key
@@ -35,6 +38,8 @@ DEFAULT_READ_TIMEOUT_S = 60.0
 
 _TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout"})
 _BUCKET_ALREADY_OURS = frozenset({"BucketAlreadyOwnedByYou"})
+TTL_RULE_ID = "stipple-ttl"
+"""The id of the lifecycle rule `set_ttl` manages."""
 
 
 class S3BlobStore:
@@ -130,6 +135,24 @@ class S3BlobStore:
         """Delete the object; S3 answers 204 for missing keys too, so this is idempotent."""
         check_key(key)
         await self._call(f"delete {key!r}", lambda: self._client.remove_object(self.bucket, key))
+
+    async def set_ttl(self, ttl_s: float | None) -> None:
+        """Expire objects `ttl_s` after they were written with a bucket lifecycle rule of
+        our own id (S3 counts whole days: rounded up, at least 1), or remove that rule with
+        None/0. Other lifecycle rules of the bucket are kept."""
+        await self._call("set the bucket lifecycle", lambda: self._set_ttl_sync(ttl_s))
+
+    def _set_ttl_sync(self, ttl_s: float | None) -> None:
+        current = self._client.get_bucket_lifecycle(self.bucket)
+        rules = [rule for rule in (current.rules if current else []) if rule.rule_id != TTL_RULE_ID]
+        if ttl_s:
+            days = max(1, math.ceil(ttl_s / 86400))
+            expiration = Expiration(days=days)
+            rules.append(Rule(ENABLED, rule_filter=Filter(prefix=""), rule_id=TTL_RULE_ID, expiration=expiration))
+        if rules:
+            self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(rules))
+        elif current is not None:
+            self._client.delete_bucket_lifecycle(self.bucket)
 
     async def close(self) -> None:
         """Close the pooled HTTP connections."""

@@ -1,0 +1,190 @@
+"""API keys and their rate limits.
+
+``STIPPLE_API_KEYS`` is empty (keys off: anyone may call), or a comma-separated list of
+``id:secret:rate_per_minute[:burst]``, or ``@/path/to/file`` holding the same entries
+one per line (``#`` starts a comment). Apps send ``Authorization: Bearer <secret>``.
+Secrets are compared in constant time (SHA-256 digests, every key compared). Each key has
+a token bucket of `burst` tokens (default: `rate_per_minute`) refilled at
+`rate_per_minute`; the buckets live in this gateway's memory, so with N gateways behind
+a load balancer a key gets up to N times its rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stipple_common.settings import InvalidSettings, env_name
+
+from .errors import ApiError
+
+KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MIN_SECRET_CHARS = 16
+MAX_RATE_PER_MINUTE = 1_000_000
+SETTING = env_name("api_keys")
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="stipple"'}
+
+
+@dataclass
+class TokenBucket:
+    """`capacity` tokens, refilled at `per_second`; one request takes one token."""
+
+    per_second: float
+    capacity: float
+    tokens: float = field(init=False)
+    updated: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.capacity
+
+    def take(self, now: float) -> float:
+        """0 if a token was taken, else how many seconds until one is there."""
+        if self.updated is not None:
+            self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.per_second)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.per_second
+
+
+@dataclass
+class ApiKey:
+    key_id: str
+    digest: bytes  # SHA-256 of the secret; the secret itself is not kept
+    rate_per_minute: int
+    burst: int
+    bucket: TokenBucket = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bucket = TokenBucket(per_second=self.rate_per_minute / 60.0, capacity=float(self.burst))
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _bad(where: str, why: str) -> InvalidSettings:
+    return InvalidSettings(f"{SETTING}: {where}: {why}; expected id:secret:rate_per_minute[:burst][,...] or @file")
+
+
+def _parse_entry(entry: str, where: str) -> tuple[str, str, int, int]:
+    parts = entry.split(":")
+    if len(parts) not in (3, 4):
+        shown = parts[0] if KEY_ID.match(parts[0]) else "?"
+        raise _bad(f"{where} (key id {shown!r})", f"has {len(parts)} ':'-separated parts, not 3 or 4")
+    key_id, secret, rate, *burst = (p.strip() for p in parts)
+    if not KEY_ID.match(key_id):
+        raise _bad(where, f"key id {key_id!r} must be 1-64 letters, digits, '_', '.', '-'")
+    where = f"{where} (key id {key_id!r})"
+    if len(secret) < MIN_SECRET_CHARS or any(c.isspace() for c in secret):
+        raise _bad(where, f"the secret must be at least {MIN_SECRET_CHARS} characters without spaces")
+    numbers = []
+    for name, text in (("rate_per_minute", rate), *(("burst", b) for b in burst)):
+        if not text.isdigit() or not 1 <= int(text) <= MAX_RATE_PER_MINUTE:
+            shown = f" (got {text})" if text.isdigit() else ""  # else it may be a piece of a secret with ':'
+            raise _bad(where, f"{name} must be an integer from 1 to {MAX_RATE_PER_MINUTE}{shown}")
+        numbers.append(int(text))
+    return key_id, secret, numbers[0], numbers[1] if len(numbers) > 1 else numbers[0]
+
+
+def parse_api_keys(value: str) -> list[ApiKey]:
+    """The keys `value` describes (see the module docstring); [] when it is empty.
+    Raises InvalidSettings naming the entry, never echoing a secret."""
+    value = value.strip()
+    if not value:
+        return []
+    source = "entry"
+    if value.startswith("@"):
+        path = Path(value[1:]).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InvalidSettings(f"{SETTING}: cannot read key file {str(path)!r}: {exc.strerror}") from None
+        lines = [line.split("#", 1)[0] for line in text.splitlines()]
+        entries = [e.strip() for line in lines for e in line.split(",") if e.strip()]
+        source = f"{path} entry"
+        if not entries:
+            raise InvalidSettings(f"{SETTING}: key file {str(path)!r} holds no keys")
+    else:
+        entries = [e.strip() for e in value.split(",")]
+    keys: list[ApiKey] = []
+    ids: set[str] = set()
+    digests: set[bytes] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{source} {number}"
+        if not entry:
+            raise _bad(where, "is empty")
+        key_id, secret, rate, burst = _parse_entry(entry, where)
+        digest = _digest(secret)
+        if key_id in ids:
+            raise _bad(f"{where} (key id {key_id!r})", "the key id is used twice")
+        if digest in digests:
+            raise _bad(f"{where} (key id {key_id!r})", "the secret is the same as another key's")
+        ids.add(key_id)
+        digests.add(digest)
+        keys.append(ApiKey(key_id=key_id, digest=digest, rate_per_minute=rate, burst=burst))
+    return keys
+
+
+class KeyRing:
+    """Who is calling, and whether they may call now."""
+
+    def __init__(self, keys: list[ApiKey]) -> None:
+        self.keys = keys
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def authenticate(self, header: str | None) -> ApiKey:
+        """The key whose secret the ``Authorization`` header carries; ApiError 401 otherwise."""
+        if not header or not header.strip():
+            raise ApiError(
+                401,
+                "unauthorized",
+                "missing Authorization header: send 'Authorization: Bearer <API key secret>'",
+                field="Authorization",
+                headers=CHALLENGE,
+            )
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"Authorization: expected 'Bearer <API key secret>', got scheme {scheme[:20]!r}"
+                + ("" if token else " with no secret"),
+                field="Authorization",
+                value=scheme[:20],
+                headers=CHALLENGE,
+            )
+        digest = _digest(token)
+        found: ApiKey | None = None
+        for key in self.keys:  # compare with every key: the time does not depend on which one matches
+            if hmac.compare_digest(digest, key.digest):
+                found = key
+        if found is None:
+            raise ApiError(
+                401, "unauthorized", "Authorization: unknown API key", field="Authorization", headers=CHALLENGE
+            )
+        return found
+
+    def admit(self, key: ApiKey, now: float) -> None:
+        """Take one token from the key's bucket; ApiError 429 with Retry-After when it is empty."""
+        wait = key.bucket.take(now)
+        if wait <= 0:
+            return
+        retry_after = max(1, math.ceil(wait))
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"API key {key.key_id!r} is over its limit of {key.rate_per_minute} requests per minute "
+            f"(burst {key.burst}); retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+            extra={"limit": {"key_id": key.key_id, "rate_per_minute": key.rate_per_minute, "burst": key.burst}},
+        )

@@ -1,0 +1,227 @@
+"""A task's events: read back from the TASKS stream, and streamed live as Server-Sent Events.
+
+`read_task_events` is `bus.read_subject` keeping what the gateway needs besides the
+event: its ``Nats-Msg-Id`` (to tell a stored event from the same one seen live) and the
+server's timestamp (when the outcome was stored, for result expiry).
+
+The stream (``GET /v1/tasks/{id}/events``) has no gap and no duplicate: it subscribes
+with core NATS to ``tasks.<id>.>`` and ``progress.<id>`` first, then reads what is stored
+and sends it, then sends what arrives live, skipping message ids already sent. An
+outcome seen live is confirmed against the stream (the first outcome stored wins; a late
+one shares its message id and is dropped by JetStream), then the stream ends.
+
+Plain Starlette `StreamingResponse` rather than sse-starlette: our events are one-line
+JSON, keep-alives are a timeout on the queue, Starlette already stops the generator
+when the client disconnects, and shutdown follows the gateway's own `closing` event;
+sse-starlette would add a process-wide `AppStatus` and a monkey-patch of uvicorn's
+``Server.handle_exit`` for the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from stipple_common import subjects
+from stipple_common.messages import OUTCOME_EVENTS, TaskEvent, event_name, progress_decoder, task_event_decoder
+
+from .views import event_data
+
+log = structlog.get_logger("stipple.gateway")
+
+KEEPALIVE = b": keep-alive\n\n"
+MAX_QUEUED_PROGRESS = 1000  # progress is lossy anyway; task events are never dropped
+OUTCOME_CONFIRM_TRIES = 20  # x 50 ms: how long a live outcome may take to show up in the stream
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    msg_id: str
+    event: TaskEvent
+    stored_at: float  # the server's timestamp, epoch seconds
+
+
+def _msg_id(headers: dict[str, str] | None, data: bytes, fallback: str = "") -> str:
+    msg_id = (headers or {}).get("Nats-Msg-Id")
+    return msg_id or fallback or "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def read_task_events(js: JetStreamContext, task_id: str) -> list[StoredEvent]:
+    """Every stored event of the task, in stream order. An event this gateway cannot
+    decode (a newer service's) is left out and logged, not an error."""
+    subject = subjects.task_events(task_id)
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,
+        filter_subject=subject,
+        inactive_threshold=10.0,
+        mem_storage=True,
+    )
+    sub = await js.pull_subscribe(subject, stream=subjects.TASKS_STREAM, config=config)
+    out: list[StoredEvent] = []
+    try:
+        remaining = (await sub.consumer_info()).num_pending
+        while remaining > 0:
+            msgs = await sub.fetch(min(remaining, 256), timeout=5.0)
+            remaining -= len(msgs)
+            for m in msgs:
+                meta = m.metadata
+                try:
+                    event = task_event_decoder.decode(m.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("undecodable_task_event", subject=m.subject, error=str(exc))
+                    continue
+                msg_id = _msg_id(m.headers, m.data, f"seq:{meta.sequence.stream}")
+                out.append(StoredEvent(msg_id, event, meta.timestamp.timestamp()))
+        return out
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception as exc:  # the consumer expires by itself (inactive_threshold)
+            log.debug("read_task_events_unsubscribe_failed", error=str(exc))
+
+
+def frame(event: str, data: Any, event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: ".encode() + msgspec.json.encode(data) + b"\n\n"
+
+
+class TaskEventStream:
+    """One client's stream of one task: `open` (subscribe, then read), then `frames`."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, task_id: str, *, keepalive_s: float, closing: asyncio.Event):
+        self.nc, self.js, self.task_id = nc, js, task_id
+        self.keepalive_s = keepalive_s
+        self.closing = closing
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.subs: list[Any] = []
+        self.seen: set[str] = set()
+
+    async def _on_message(self, msg: Any) -> None:
+        if msg.subject.startswith("progress.") and self.queue.qsize() >= MAX_QUEUED_PROGRESS:
+            return
+        self.queue.put_nowait(msg)
+
+    async def open(self) -> list[StoredEvent]:
+        """Subscribe to the live subjects, then read the stored events (in this order, so
+        that nothing published in between is missed)."""
+        try:
+            self.subs.append(await self.nc.subscribe(subjects.task_events(self.task_id), cb=self._on_message))
+            self.subs.append(await self.nc.subscribe(subjects.progress_subject(self.task_id), cb=self._on_message))
+            return await read_task_events(self.js, self.task_id)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        subs, self.subs = self.subs, []
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # the connection is closing; the server drops the interest with it
+                log.debug("events_unsubscribe_failed", error=str(exc))
+
+    def _send(self, stored: StoredEvent) -> bytes:
+        self.seen.add(stored.msg_id)
+        return frame(event_name(stored.event), event_data(stored.event), stored.msg_id)
+
+    async def frames(self, stored: list[StoredEvent], last_event_id: str | None = None) -> AsyncIterator[bytes]:
+        """The stored events (after `last_event_id`, if it is one of them), then the live ones,
+        until an outcome; a comment every `keepalive_s` while nothing else is sent."""
+        ids = [s.msg_id for s in stored]
+        if last_event_id and last_event_id in ids:
+            self.seen.update(ids[: ids.index(last_event_id) + 1])
+        for s in stored:
+            if s.msg_id not in self.seen:
+                yield self._send(s)
+            if event_name(s.event) in OUTCOME_EVENTS:
+                return
+        closing = asyncio.ensure_future(self.closing.wait())
+        getter: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                getter = asyncio.ensure_future(self.queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, closing}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    getter.cancel()  # an item it was woken for stays in the queue
+                    if closing in done:
+                        return
+                    yield KEEPALIVE
+                    continue
+                msg = getter.result()
+                if msg.subject.startswith("progress."):
+                    try:
+                        progress = progress_decoder.decode(msg.data)
+                    except msgspec.DecodeError:
+                        continue
+                    yield frame("progress", progress)
+                    continue
+                msg_id = _msg_id(msg.headers, msg.data)
+                if msg_id in self.seen:
+                    continue
+                try:
+                    event = task_event_decoder.decode(msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning("undecodable_task_event", subject=msg.subject, error=str(exc))
+                    continue
+                if event_name(event) not in OUTCOME_EVENTS:
+                    yield self._send(StoredEvent(msg_id, event, 0.0))
+                    continue
+                async for chunk in self._confirm_outcome(StoredEvent(msg_id, event, 0.0)):
+                    yield chunk
+                return
+        finally:
+            closing.cancel()
+            if getter is not None:
+                getter.cancel()
+
+    async def _confirm_outcome(self, live: StoredEvent) -> AsyncIterator[bytes]:
+        """Send the outcome the stream stored (and anything stored not sent yet)."""
+        for _ in range(OUTCOME_CONFIRM_TRIES):
+            try:
+                stored = await read_task_events(self.js, self.task_id)
+            except (nats.errors.Error, TimeoutError) as exc:  # the bus is down: the live event is all there is
+                log.warning("outcome_not_confirmed", task_id=self.task_id, error=repr(exc))
+                break
+            for s in stored:
+                if s.msg_id not in self.seen:
+                    yield self._send(s)
+                if event_name(s.event) in OUTCOME_EVENTS:
+                    return
+            await asyncio.sleep(0.05)
+        else:
+            log.warning("outcome_not_stored_yet", task_id=self.task_id, event_type=event_name(live.event))
+        yield self._send(live)
+
+
+class EventStreamResponse(StreamingResponse):
+    """A text/event-stream answer that releases the stream's subscriptions however it ends
+    (also when the client is gone before the first byte)."""
+
+    def __init__(self, stream: TaskEventStream, content: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.close()

@@ -1,0 +1,351 @@
+"""The OpenAPI 3.1 document of the gateway, built from the same msgspec types the handlers
+use (``msgspec.json.schema_components``), served at ``/openapi.json`` and written to
+docs/openapi.json:
+
+    python -m stipple_gateway.openapi docs/openapi.json      (what `just openapi` runs)
+
+``/docs`` is a Swagger UI page whose script and stylesheet come from a CDN (jsDelivr);
+the JSON document is the artifact, the page only a viewer for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from stipple_common.messages import (
+    NodeErrored,
+    Progress,
+    ResultRevealed,
+    TaskAborted,
+    TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
+    TaskRevealOpened,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+
+from .sdcn import SdcnImg2Img, SdcnTxt2Img
+from .views import ErrorBody, Health, NodesView, SdcnError, SdcnResult, TaskAccepted, TaskRequest, TaskView
+
+REGENERATE = "just openapi   (or: python -m stipple_gateway.openapi docs/openapi.json)"
+SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0"
+DOCS_HTML = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Stipple gateway API</title>
+<link rel="stylesheet" href="{SWAGGER_UI}/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{SWAGGER_UI}/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui"}});</script>
+<noscript>The API document is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+</body>
+</html>
+"""
+
+EVENTS: dict[str, type[msgspec.Struct]] = {
+    "submitted": TaskSubmitted,
+    "assigned": TaskAssigned,
+    "started": TaskStarted,
+    "committed": TaskCommitted,
+    "reveal": TaskRevealOpened,
+    "revealed": ResultRevealed,
+    "errored": NodeErrored,
+    "succeeded": TaskSucceeded,
+    "aborted": TaskAborted,
+    "cancelled": TaskCancelled,
+    "progress": Progress,
+}
+
+ERRORS = {
+    400: "The body is not JSON (`invalid_json`).",
+    401: "API keys are on and the `Authorization: Bearer <secret>` header is missing or wrong (`unauthorized`).",
+    404: "No such task, or another API key's task, or image index out of range (`not_found`).",
+    409: "The task is not in a state that allows this (`not_ready`, `already_finished`).",
+    410: "The result expired (`expired`).",
+    413: "The body is larger than STIPPLE_MAX_BODY_BYTES (`body_too_large`).",
+    422: "A field is invalid, unknown or missing; `field` and `value` name it (`invalid_input`, `unknown_model`).",
+    429: "The API key is over its rate limit (`rate_limited`); `Retry-After` says when to try again.",
+    502: "The network aborted or cancelled the task.",
+    503: "Not enough live nodes for the model (`no_nodes`), or the message bus is unavailable (`unavailable`).",
+    504: "The synchronous wait ran out; the task goes on (`timeout`).",
+}
+
+HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="stipple"'}},
+    429: {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}},
+}
+
+KEYED = [{"apiKey": []}, {}]  # a bearer key when STIPPLE_API_KEYS is set, nothing otherwise
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def _responses(ok: dict[str, Any], errors: list[int], *, sdcn: bool = False, keyed: bool = True) -> dict[str, Any]:
+    codes = sorted({*errors, *((401, 429) if keyed else ())})
+    out = dict(ok)
+    for code in codes:
+        out[str(code)] = {"description": ERRORS[code], "content": _json("SdcnError" if sdcn else "ErrorBody")}
+        if code in HEADERS:
+            out[str(code)]["headers"] = HEADERS[code]
+    return out
+
+
+TASK_ID = {
+    "name": "task_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "A retried request with the same key (and the same API key) is the same task.",
+}
+
+
+def _events_description() -> str:
+    names = ", ".join(f"`{name}`" for name in EVENTS)
+    return (
+        "Server-Sent Events: first every stored event of the task, then live ones, with no gap and no "
+        "duplicate; each has `event:` set to its type and `data:` its JSON (the schema named in "
+        "`x-stipple-events`; input images summarized); task events carry `id:` (their message id: send it "
+        "back as `Last-Event-ID` to resume after it). Types: "
+        f"{names}. `progress` events are per-step and lossy. The stream ends after `succeeded`, `aborted` or "
+        "`cancelled`. A comment line (`: keep-alive`) comes every STIPPLE_SSE_KEEPALIVE_S (15 s) of silence."
+    )
+
+
+def build() -> dict[str, Any]:
+    """The whole document."""
+    types: list[Any] = [
+        TaskRequest,
+        TaskAccepted,
+        TaskView,
+        ErrorBody,
+        NodesView,
+        Health,
+        SdcnTxt2Img,
+        SdcnImg2Img,
+        SdcnResult,
+        SdcnError,
+        *EVENTS.values(),
+    ]
+    _, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    paths: dict[str, Any] = {
+        "/v1/tasks": {
+            "post": {
+                "summary": "Submit a task",
+                "operationId": "submitTask",
+                "security": KEYED,
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": _json("TaskRequest")},
+                "responses": _responses(
+                    {"202": {"description": "Accepted: the task is pending.", "content": _json("TaskAccepted")}},
+                    [400, 413, 422, 503],
+                ),
+            }
+        },
+        "/v1/tasks/{task_id}": {
+            "parameters": [TASK_ID],
+            "get": {
+                "summary": "A task's state, nodes, per-node step progress, outcome and images",
+                "operationId": "getTask",
+                "security": KEYED,
+                "responses": _responses(
+                    {"200": {"description": "The task.", "content": _json("TaskView")}}, [404, 503]
+                ),
+            },
+            "delete": {
+                "summary": "Cancel a task",
+                "description": "Publishes `cancelled` as the task's outcome; nodes stop, nobody is paid or slashed.",
+                "operationId": "cancelTask",
+                "security": KEYED,
+                "responses": _responses(
+                    {"202": {"description": "Cancelled: the task as it is now.", "content": _json("TaskView")}},
+                    [404, 409, 503],
+                ),
+            },
+        },
+        "/v1/tasks/{task_id}/events": {
+            "get": {
+                "summary": "A task's events as Server-Sent Events",
+                "operationId": "taskEvents",
+                "security": KEYED,
+                "parameters": [
+                    TASK_ID,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "Resume after this event id.",
+                    },
+                ],
+                "responses": _responses(
+                    {
+                        "200": {
+                            "description": _events_description(),
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "x-stipple-events": {name: _ref(t.__name__) for name, t in EVENTS.items()},
+                        }
+                    },
+                    [404, 503],
+                ),
+            }
+        },
+        "/v1/tasks/{task_id}/images/{index}": {
+            "get": {
+                "summary": "One image of a task that succeeded",
+                "operationId": "getImage",
+                "security": KEYED,
+                "parameters": [
+                    TASK_ID,
+                    {"name": "index", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}},
+                ],
+                "responses": _responses(
+                    {
+                        "200": {
+                            "description": "The PNG.",
+                            "content": {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}},
+                        }
+                    },
+                    [404, 409, 410, 503],
+                ),
+            }
+        },
+        "/v1/nodes": {
+            "get": {
+                "summary": "Registered nodes, their models and liveness",
+                "operationId": "listNodes",
+                "security": KEYED,
+                "responses": _responses({"200": {"description": "The nodes.", "content": _json("NodesView")}}, []),
+            }
+        },
+        "/txt2img": {
+            "post": {
+                "summary": "SDCN text-to-image; waits for the outcome",
+                "operationId": "sdcnTxt2Img",
+                "security": KEYED,
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": _json("SdcnTxt2Img")},
+                "responses": _responses(
+                    {"200": {"description": "The images.", "content": _json("SdcnResult")}},
+                    [400, 413, 422, 502, 503, 504],
+                    sdcn=True,
+                ),
+            }
+        },
+        "/img2img": {
+            "post": {
+                "summary": "SDCN image-to-image (inpainting with `mask`); waits for the outcome",
+                "operationId": "sdcnImg2Img",
+                "security": KEYED,
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": _json("SdcnImg2Img")},
+                "responses": _responses(
+                    {"200": {"description": "The images.", "content": _json("SdcnResult")}},
+                    [400, 413, 422, 502, 503, 504],
+                    sdcn=True,
+                ),
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: connected to NATS",
+                "operationId": "healthz",
+                "security": [],
+                "responses": {
+                    "200": {"description": "Connected.", "content": _json("Health")},
+                    "503": {"description": "Not connected to NATS.", "content": _json("Health")},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "operationId": "metrics",
+                "security": [],
+                "responses": {"200": {"description": "Text exposition format.", "content": {"text/plain": {}}}},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {}}}},
+            }
+        },
+        "/docs": {
+            "get": {
+                "summary": "This document in Swagger UI (assets from a CDN)",
+                "operationId": "docs",
+                "security": [],
+                "responses": {"200": {"description": "An HTML page.", "content": {"text/html": {}}}},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Stipple gateway",
+            "version": "1",
+            "description": "The REST API of the Stipple network: the native asynchronous /v1 API and the "
+            "synchronous SDCN endpoints. The prose contract is docs/api.md.",
+        },
+        "servers": [{"url": "http://127.0.0.1:8080"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key's secret, when the gateway runs with STIPPLE_API_KEYS; "
+                    "without it every route is open.",
+                }
+            },
+        },
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+@functools.cache
+def document_bytes() -> bytes:
+    return render().encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        sys.stdout.write(render())
+        return 0
+    Path(args[0]).write_text(render())
+    print(f"wrote {args[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

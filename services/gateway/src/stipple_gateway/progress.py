@@ -1,0 +1,75 @@
+"""The latest step progress per (task, node), for ``GET /v1/tasks/{id}``.
+
+Nodes publish `Progress` on core NATS ``progress.<task_id>`` (lossy by design). Every
+gateway keeps the last one per node in memory, bounded: a finished task (its outcome seen
+on ``tasks.*.<outcome>``) is dropped, and beyond `max_tasks` tasks the least recently
+updated goes first. A gateway that starts late simply knows no progress for the steps it
+missed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client as NATS
+
+from stipple_common import subjects
+from stipple_common.messages import OUTCOME_EVENTS, Progress, progress_decoder
+
+log = structlog.get_logger("stipple.gateway")
+
+MAX_NODES_PER_TASK = 16  # a task has `replication` nodes; this only bounds a misbehaving publisher
+
+
+class ProgressBoard:
+    def __init__(self, max_tasks: int = 10_000) -> None:
+        self.max_tasks = max(1, max_tasks)
+        self._tasks: OrderedDict[str, dict[str, Progress]] = OrderedDict()
+        self._finished: OrderedDict[str, None] = OrderedDict()  # late progress of these is ignored
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def update(self, progress: Progress) -> None:
+        if progress.task_id in self._finished:
+            return
+        nodes = self._tasks.get(progress.task_id)
+        if nodes is None:
+            nodes = self._tasks[progress.task_id] = {}
+            while len(self._tasks) > self.max_tasks:
+                self._tasks.popitem(last=False)
+        else:
+            self._tasks.move_to_end(progress.task_id)
+        if progress.node_id in nodes or len(nodes) < MAX_NODES_PER_TASK:
+            nodes[progress.node_id] = progress
+
+    def finish(self, task_id: str) -> None:
+        self._tasks.pop(task_id, None)
+        self._finished[task_id] = None
+        self._finished.move_to_end(task_id)
+        while len(self._finished) > self.max_tasks:
+            self._finished.popitem(last=False)
+
+    def of(self, task_id: str) -> dict[str, Progress]:
+        """node id -> its latest progress in this task."""
+        return dict(self._tasks.get(task_id, {}))
+
+    async def follow(self, nc: NATS) -> list[Any]:
+        """Subscribe to every task's progress and outcome; returns the subscriptions."""
+
+        async def on_progress(msg: Any) -> None:
+            try:
+                self.update(progress_decoder.decode(msg.data))
+            except msgspec.DecodeError as exc:
+                log.debug("bad_progress_message", subject=msg.subject, error=str(exc))
+
+        async def on_outcome(msg: Any) -> None:
+            self.finish(subjects.subject_token(msg.subject, 1))
+
+        subs = [await nc.subscribe(subjects.progress_subject("*"), cb=on_progress)]
+        for event in OUTCOME_EVENTS:
+            subs.append(await nc.subscribe(subjects.all_tasks(event), cb=on_outcome))
+        return subs

@@ -1,0 +1,98 @@
+"""Gateway test fixtures: real gateways (started, so they follow progress and deliver
+webhooks) over a real nats-server, called through httpx (in process, or over a real
+socket for the streaming tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from stipple_common import bus, subjects
+from stipple_common.blobstore import open_blob_store
+from stipple_common.messages import NodeJoined
+from stipple_common.metrics import Metrics
+from stipple_common.nodes import NodeDirectory
+from stipple_gateway.app import Gateway, GatewaySettings, create_app
+
+MakeGateway = Callable[..., Awaitable[Gateway]]
+
+
+def joined(node_id: str, operator: str) -> NodeJoined:
+    return NodeJoined(
+        node_id=node_id,
+        operator=operator,
+        device="cpu",
+        memory_bytes=1,
+        models=["tiny-sd"],
+        version="0.1.0",
+        started_at=0.0,
+    )
+
+
+@pytest.fixture
+async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
+    """Builds started gateways with three live nodes; `client=` another NATS connection,
+    other keywords are GatewaySettings. Stopped at the end of the test."""
+    made: list[Gateway] = []
+
+    async def make(client: Any = None, **overrides: Any) -> Gateway:
+        client = client or nc
+        js = client.jetstream()
+        await bus.ensure_streams(js, subjects.stream_configs())
+        blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
+        settings = GatewaySettings(**{"max_body_bytes": 4000, "sync_timeout_s": 0.5, **overrides})
+        gw = Gateway(client, js, blobs, NodeDirectory(ttl_s=60), settings, Metrics("gateway"))
+        for node, operator in (("node-a", "1"), ("node-b", "2"), ("node-c", "3")):
+            gw.directory.apply(joined(node, operator), seen_at=time.time())
+        await gw.start()
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        await gw.stop()
+        await gw.blobs.close()
+
+
+@pytest.fixture
+def asgi_client() -> Callable[..., httpx.AsyncClient]:
+    """An httpx client calling the gateway's app in process."""
+
+    def client(gw: Gateway, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gw)), base_url="http://gw", **kwargs)
+
+    return client
+
+
+@pytest.fixture
+async def serve_http() -> AsyncIterator[Callable[[Gateway], Awaitable[str]]]:
+    """Serves a gateway with uvicorn on a free local port (for streamed answers, which
+    httpx's in-process transport would buffer whole); returns its base URL."""
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def serve(gw: Gateway) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(create_app(gw), log_config=None, access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        servers.append((server, task))
+        for _ in range(1000):
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
+        assert server.started, "uvicorn did not start within 10 s"
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, task in servers:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
