@@ -243,3 +243,28 @@ def test_a_task_the_nodes_cannot_run_ends_with_their_typed_errors(http, tmp_path
         assert node["status"] == "errored"
         assert node["error"]["message"].startswith("loras[0].model: ")
         assert "no-such-lora" in node["error"]["message"]
+
+
+def test_a_queued_task_shows_its_position_and_eta_and_the_fee_orders_the_queue(http):
+    """Each task needs all three nodes, so a burst queues; the dearer task runs sooner."""
+    body = {
+        "base_model": "tiny-sd",
+        "prompt": "a queue",
+        "task_config": {"image_width": 128, "image_height": 128, "steps": 30, "seed": 3},
+    }
+    ids = [http.post("/v1/tasks", json=body).json()["task_id"] for _ in range(4)]
+    dear = http.post("/v1/tasks", json={**body, "fee": 1000}).json()["task_id"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the dispatcher has them once its consumer fetched them
+        cheap_last = http.get(f"/v1/tasks/{ids[-1]}").json()
+        dear_view = http.get(f"/v1/tasks/{dear}").json()
+        if "queue" in cheap_last and "queue" in dear_view:
+            break
+        time.sleep(0.02)
+    assert cheap_last["status"] == "pending"
+    assert cheap_last["queue"]["position"] > dear_view["queue"]["position"]
+    assert cheap_last["queue"]["eta_s"] > dear_view["queue"]["eta_s"] > 0
+    finished = {task_id: wait_finished(http, task_id) for task_id in [*ids, dear]}
+    assert all(view["status"] == "succeeded" for view in finished.values())
+    assigned_at = {task_id: view["outcome"]["finished_at"] for task_id, view in finished.items()}
+    assert assigned_at[dear] < assigned_at[ids[-1]]

@@ -144,6 +144,28 @@ class LocalNetwork:
             cmd, env=service.env, stdin=subprocess.DEVNULL, stdout=service._log, stderr=subprocess.STDOUT
         )
 
+    def service(self, name: str) -> Service:
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise NetworkError(f"no service named {name!r}; there are {[s.name for s in self.services]}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service (fault tests): no clean shutdown, no quit announcement."""
+        process = self.service(name).process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a killed (or stopped) service again with the same settings."""
+        service = self.service(name)
+        if service.process is not None and service.process.poll() is None:
+            raise NetworkError(f"{name} is still running")
+        if service._log is not None:
+            service._log.close()
+        self._spawn(service)
+
     def dead(self) -> list[Service]:
         return [s for s in self.services if s.process is not None and s.process.poll() is not None]
 

@@ -84,7 +84,7 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
     device: str = "cpu"
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
-    in_progress_s: float = 10.0  # how often a running task tells JetStream it is still alive
+    in_progress_s: float = 5.0  # how often a running task tells JetStream it is still alive
 
 
 def parse_models(spec: str, cache: Path) -> dict[str, Path]:
@@ -345,7 +345,10 @@ def consumer_config(node_id: str) -> ConsumerConfig:
         durable_name=subjects.node_durable(node_id),
         filter_subject=subjects.work_subject(node_id),
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=60.0,
+        # short, so a node that restarts after a crash gets its next work within seconds
+        # (the crashed delivery blocks the consumer until then); in_progress() keeps a
+        # running task's delivery alive
+        ack_wait=15.0,
         max_deliver=3,
         max_ack_pending=1,
         inactive_threshold=24 * 3600.0,  # a node id that never comes back leaves no consumer behind
