@@ -11,6 +11,7 @@ from stipple_common.messages import (
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskReassigned,
     TaskRevealOpened,
     TaskStarted,
     TaskSubmitted,
@@ -185,3 +186,34 @@ def test_fold_is_pure():
     apply(task, committed("a"))
     assert task.nodes["a"] is before
     assert task.status == "assigned"
+
+
+def reassigned(replaced, by, deadline=150.0):
+    return TaskReassigned(task_id="t", replaced=replaced, by=by, deadline=deadline)
+
+
+def test_a_node_that_has_not_committed_can_be_replaced():
+    task = fold(SUBMITTED, ASSIGNED, started("c"), reassigned("c", "d"))
+    assert task.nodes["c"].status == "replaced"
+    assert task.nodes["d"].status == "assigned"
+    assert list(task.active) == ["a", "b", "d"]
+    assert task.reassignments == 1
+    assert task.deadline == 150.0  # the replacement gets time to compute
+    task = fold(SUBMITTED, ASSIGNED, committed("a"), committed("b"), reassigned("c", "d"), committed("d"))
+    assert task.commitments_in  # the replaced node is not waited for
+    assert fold(SUBMITTED, ASSIGNED, reassigned("c", "d", deadline=50.0)).deadline == 100.0  # never earlier
+
+
+@pytest.mark.parametrize(
+    ("history", "event", "why"),
+    [
+        ((SUBMITTED, ASSIGNED, committed("c")), reassigned("c", "d"), "not an assigned node that has yet to commit"),
+        ((SUBMITTED, ASSIGNED), reassigned("z", "d"), "not an assigned node"),
+        ((SUBMITTED, ASSIGNED), reassigned("c", "a"), "already has a part"),
+        ((SUBMITTED, ASSIGNED, reassigned("c", "d")), committed("c"), "already replaced"),
+        ((SUBMITTED,), reassigned("c", "d"), "expected one of assigned, running"),
+    ],
+)
+def test_invalid_reassignments_raise(history, event, why):
+    with pytest.raises(InvalidTransition, match=why):
+        apply(fold(*history), event)

@@ -17,6 +17,8 @@ from stipple_common.messages import (
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskReassigned,
+    TaskStarted,
     TaskSubmitted,
     assignment_decoder,
     control_decoder,
@@ -212,3 +214,33 @@ async def test_cancelling_drops_a_queued_task_and_stops_an_assigned_ones_nodes(t
     after = submitted()
     await submit(js, after)
     await wait_for_event(js, after.task_id, TaskAssigned)
+
+
+async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operators_node(fresh_nats_url):
+    settings = DispatcherSettings(nats_url=fresh_nats_url, accept_timeout_s=0.5, max_reassignments=1)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        js = ctx.js
+        for i in range(3):
+            await announce(js, f"n{i}", f"op{i}")
+        await announce(js, "same-op", "op0")  # may never replace n1 or n2 next to n0
+        runner = asyncio.create_task(serve(ctx, settings))
+        event = submitted()
+        await submit(js, event)
+        (assigned,) = await wait_for_event(js, event.task_id, TaskAssigned)
+        silent = assigned.nodes[2]
+        for node in assigned.nodes[:2]:
+            started = TaskStarted(task_id=event.task_id, node_id=node)
+            await bus.publish(js, subjects.task_subject(event.task_id, "started"), started, msg_id=f"{node}:s")
+        await announce(js, "spare", "op-spare")  # a free node of a fourth operator
+        (reassigned,) = await wait_for_event(js, event.task_id, TaskReassigned)
+        assert reassigned.replaced == silent
+        assert reassigned.by == "spare"  # never a node of an operator the task has or had
+        raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.work_subject(reassigned.by))
+        assert assignment_decoder.decode(raw.data).task_id == event.task_id
+        raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.control_subject(silent))
+        assert control_decoder.decode(raw.data) == CancelWork(task_id=event.task_id)
+        await asyncio.sleep(1.5)  # the replacement is silent too, but the limit is one per task
+        assert len([e for e in await events_of(js, event.task_id) if isinstance(e, TaskReassigned)]) == 1
+        stop.set()
+        await asyncio.wait_for(runner, 10)

@@ -11,6 +11,7 @@ from stipple_common.messages import (
     TaskAborted,
     TaskAssigned,
     TaskCommitted,
+    TaskReassigned,
     TaskRevealOpened,
     TaskSubmitted,
     TaskSucceeded,
@@ -161,3 +162,25 @@ def test_a_node_with_no_registered_address_cannot_be_trusted():
     outcome = decide(task_with({"n1": A, "n2": A, "n3": A}), THRESHOLD, {"n1": ADDRESSES["n1"], "n2": ADDRESSES["n2"]})
     assert outcome.verdicts["n3"] == "bad_commitment"
     assert outcome.reason == "majority"
+
+
+def test_a_replaced_node_times_out_and_does_not_count_towards_the_majority():
+    task = apply(None, TaskSubmitted(task_id="t", spec=SPEC, submitted_at=0.0))
+    task = apply(task, TaskAssigned(task_id="t", nodes=["n1", "n2", "slow"], deadline=1.0))
+    task = apply(task, TaskReassigned(task_id="t", replaced="slow", by="n3", deadline=2.0))
+    reveals = []
+    for node in ("n1", "n2", "n3"):
+        nonce = new_nonce()
+        value = make_commitment("t", node, images_of(node, A), nonce)
+        task = apply(
+            task, TaskCommitted(task_id="t", node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
+        )
+        reveals.append(ResultRevealed(task_id="t", node_id=node, images=images_of(node, A), nonce=nonce))
+    task = apply(task, TaskRevealOpened(task_id="t", nodes=["n1", "n2", "n3"], deadline=3.0))
+    for reveal in reveals:
+        task = apply(task, reveal)
+    outcome = decide(task, THRESHOLD, ADDRESSES)
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.reason == "unanimous"  # of the three that count
+    assert outcome.verdicts == {"n1": "agree", "n2": "agree", "slow": "timeout", "n3": "agree"}
+    assert outcome.qos["slow"] == 0

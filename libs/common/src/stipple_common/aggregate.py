@@ -24,6 +24,7 @@ from .messages import (
     TaskCancelled,
     TaskCommitted,
     TaskEvent,
+    TaskReassigned,
     TaskRevealOpened,
     TaskStarted,
     TaskSubmitted,
@@ -33,7 +34,7 @@ from .messages import (
 from .taskspec import TaskSpec
 
 TaskStatus = Literal["pending", "assigned", "running", "revealing", "succeeded", "aborted", "cancelled"]
-NodeStatus = Literal["assigned", "started", "committed", "revealed", "errored"]
+NodeStatus = Literal["assigned", "started", "committed", "revealed", "errored", "replaced"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "aborted", "cancelled"})
 LIVE: tuple[str, ...] = ("assigned", "running", "revealing")
 
@@ -80,9 +81,18 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
         return self.status in TERMINAL
 
     @property
+    def active(self) -> dict[str, NodeRun]:
+        """The nodes that count: all but those replaced by another."""
+        return {node: run for node, run in self.nodes.items() if run.status != "replaced"}
+
+    @property
+    def reassignments(self) -> int:
+        return sum(1 for run in self.nodes.values() if run.status == "replaced")
+
+    @property
     def commitments_in(self) -> bool:
-        """Every assigned node has committed (or errored)."""
-        return bool(self.nodes) and all(run.status not in ("assigned", "started") for run in self.nodes.values())
+        """Every active node has committed (or errored)."""
+        return bool(self.nodes) and all(run.status not in ("assigned", "started") for run in self.active.values())
 
     @property
     def reveals_in(self) -> bool:
@@ -150,6 +160,19 @@ def _node_run(
 def _with_run(task: Task, run: NodeRun) -> Task:
     status = "revealing" if task.status == "revealing" else "running"
     return msgspec.structs.replace(task, status=status, nodes={**task.nodes, run.node_id: run})
+
+
+@_mutate.register
+def _(event: TaskReassigned, task: Task | None) -> Task:
+    task = _require(task, event, "assigned", "running")
+    run = task.nodes.get(event.replaced)
+    if run is None or run.status not in ("assigned", "started"):
+        raise _fail(task, event, f"node {event.replaced} is not an assigned node that has yet to commit")
+    if event.by in task.nodes:
+        raise _fail(task, event, f"node {event.by} already has a part in this task")
+    nodes = {**task.nodes, event.replaced: msgspec.structs.replace(run, status="replaced")}
+    nodes[event.by] = NodeRun(node_id=event.by)
+    return msgspec.structs.replace(task, nodes=nodes, deadline=max(task.deadline or 0.0, event.deadline))
 
 
 @_mutate.register

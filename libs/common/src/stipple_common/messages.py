@@ -44,6 +44,17 @@ class TaskAssigned(msgspec.Struct, frozen=True, kw_only=True, tag="assigned", ta
     deadline: float  # epoch seconds by which every node must have revealed
 
 
+class TaskReassigned(msgspec.Struct, frozen=True, kw_only=True, tag="reassigned", tag_field="type"):
+    """`replaced` did not accept its assignment in time; `by` takes its place, and the
+    commit deadline moves to `deadline` (the replacement needs time to compute)."""
+
+    task_id: str
+    replaced: str
+    by: str
+    deadline: float
+    reason: str = "not_accepted"
+
+
 class TaskStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started", tag_field="type"):
     task_id: str
     node_id: str
@@ -120,6 +131,7 @@ class TaskCancelled(msgspec.Struct, frozen=True, kw_only=True, tag="cancelled", 
 TaskEvent = (
     TaskSubmitted
     | TaskAssigned
+    | TaskReassigned
     | TaskStarted
     | TaskCommitted
     | TaskRevealOpened

@@ -229,9 +229,15 @@ class NodeIndex:
         now: float,
         ttl_s: float,
         req: Requirements,
+        exclude: Iterable[str] = (),
     ) -> list[str]:
-        """`count` nodes of distinct operators, weighted, or NotEnoughNodes saying why."""
+        """`count` nodes of distinct operators, weighted, or NotEnoughNodes saying why.
+        Nodes in `exclude`, and every node of their operators, are left out (a replacement
+        must not share an operator with the task's other nodes)."""
         rows = self.eligible(spec, now, ttl_s, req)
+        excluded = [self.row[node] for node in exclude if node in self.row]
+        if excluded and len(rows):
+            rows = rows[~np.isin(self.operator[rows], self.operator[excluded])]
         if len(rows):
             keys = rng.random(len(rows)) ** (1.0 / self.weights(rows, task_models(spec)))
             chosen: dict[int, str] = {}  # operator -> node id

@@ -14,6 +14,11 @@ One durable consumer on ``tasks.*.{submitted,cancelled,committed,errored,succeed
   is aborted with `no_nodes`: no task hangs.
 - committed / errored / an outcome free the node's slot; cancelled also sends CancelWork
   to the task's nodes (a queued task is simply dropped).
+- A node that has not `started` its assignment within `accept_timeout_s` is replaced by
+  another eligible node of another operator (``tasks.<id>.reassigned``, up to
+  `max_reassignments` per task); the replaced node gets a CancelWork and, in the
+  outcome, a `timeout` verdict. These timers live in memory: after a restart, a silent
+  node is caught by the validator's commit deadline instead.
 
 Apps see a queued task's position and ETA through the gateway, which asks here by
 request-reply on ``dispatch.queue`` (answered from memory).
@@ -50,6 +55,8 @@ from stipple_common.messages import (
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskReassigned,
+    TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
     node_event_decoder,
@@ -74,6 +81,8 @@ class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     min_stake: int = 0  # smallest stake a node needs (announced until the chain issue)
     model_memory_gb: str = ""  # name=GB[,...]: the (V)RAM a model's tasks need on a node
     seconds_per_step: float = 0.05  # GPU seconds per step at 512x512, for queue order and ETA
+    accept_timeout_s: float = 10.0  # from assignment to the node's `started`; later, it is replaced
+    max_reassignments: int = 2  # per task
 
 
 def parse_memory(spec: str) -> dict[str, int]:
@@ -122,6 +131,9 @@ class Dispatcher:
         self.memory = parse_memory(settings.model_memory_gb)
         self.queue: dict[str, Queued] = {}
         self.inflight: dict[str, set[str]] = {}  # task -> nodes still holding a slot for it
+        self.accepting: dict[tuple[str, str], float] = {}  # (task, node) -> when it was assigned
+        self.running: dict[str, TaskSubmitted] = {}  # assigned tasks, for replacements
+        self.members: dict[str, list[str]] = {}  # task -> every node it ever had (replaced ones too)
         self.lock = asyncio.Lock()
         self.dispatched = Counter(
             "stipple_dispatcher_tasks_total",
@@ -157,10 +169,13 @@ class Dispatcher:
                 result = None
                 if isinstance(event, TaskCancelled):
                     await self.cancel(event.task_id)
+                if isinstance(event, (TaskStarted, TaskCommitted, NodeErrored)):
+                    self.accepting.pop((event.task_id, event.node_id), None)
                 if isinstance(event, (TaskCommitted, NodeErrored)):
                     self.release(event.task_id, [event.node_id])
                 elif isinstance(event, (TaskSucceeded, TaskAborted, TaskCancelled)):
                     self.release(event.task_id, None)
+                    self.forget(event.task_id)
             await self.pump()
         return result
 
@@ -193,6 +208,51 @@ class Dispatcher:
             await bus.publish(self.js, subjects.control_subject(node_id), cancel, msg_id=f"{task_id}:{node_id}:cancel")
         self.dispatched.labels("cancelled").inc()
         log.info("task_cancelled", nodes=assigned.nodes if assigned else [], was_queued=queued is not None)
+
+    def forget(self, task_id: str) -> None:
+        self.running.pop(task_id, None)
+        for node in self.members.pop(task_id, []):
+            self.accepting.pop((task_id, node), None)
+
+    async def replace_silent_nodes(self) -> None:
+        """Replace each node that has not started its assignment in time."""
+        now = time.time()
+        overdue = [key for key, at in self.accepting.items() if now - at > self.settings.accept_timeout_s]
+        for task_id, node in overdue:
+            self.accepting.pop((task_id, node), None)
+            event = self.running.get(task_id)
+            members = self.members.get(task_id, [])
+            if event is None or len(members) - self.settings.replication >= self.settings.max_reassignments:
+                continue  # the validator's commit deadline takes it from here
+            try:
+                (by,) = self.index.pick(
+                    event.spec,
+                    1,
+                    self.rng,
+                    now=now,
+                    ttl_s=self.settings.node_ttl_s,
+                    req=self.requirements(event.spec),
+                    exclude=members,  # the replaced node and its operator too
+                )
+            except NotEnoughNodes as exc:
+                log.warning("no_replacement", task_id=task_id, node_id=node, detail=exc.message)
+                continue
+            deadline = now + self.settings.task_timeout_s
+            reassigned = TaskReassigned(task_id=task_id, replaced=node, by=by, deadline=deadline)
+            await bus.publish(
+                self.js, subjects.task_subject(task_id, "reassigned"), reassigned, msg_id=f"{task_id}:re:{node}"
+            )
+            members.append(by)
+            self.release(task_id, [node])
+            self.index.assigned([by])
+            self.inflight.setdefault(task_id, set()).add(by)
+            self.accepting[(task_id, by)] = now
+            work = Assignment(task_id=task_id, spec=event.spec, deadline=deadline)
+            await bus.publish(self.js, subjects.work_subject(by), work, msg_id=f"{task_id}:{by}:work")
+            cancel = CancelWork(task_id=task_id)
+            await bus.publish(self.js, subjects.control_subject(node), cancel, msg_id=f"{task_id}:{node}:cancel")
+            self.dispatched.labels("reassigned").inc()
+            log.warning("node_replaced", task_id=task_id, replaced=node, by=by)
 
     def release(self, task_id: str, nodes: list[str] | None) -> None:
         holding = self.inflight.get(task_id)
@@ -253,6 +313,10 @@ class Dispatcher:
             del self.queue[event.task_id]
             self.index.assigned(nodes)
             self.inflight[event.task_id] = set(nodes)
+            self.running[event.task_id] = event
+            self.members[event.task_id] = list(nodes)
+            for node in nodes:
+                self.accepting[(event.task_id, node)] = now
             await self.send_work(event, assigned)
             await self._ack(queued)
             self.dispatched.labels("assigned").inc()
@@ -276,6 +340,7 @@ class Dispatcher:
             except TimeoutError:
                 pass
             async with self.lock:
+                await self.replace_silent_nodes()
                 await self.pump()
                 if time.monotonic() - last_touch >= touch_s:
                     last_touch = time.monotonic()
@@ -343,7 +408,7 @@ class Dispatcher:
 
 
 def consumer_config() -> ConsumerConfig:
-    events = ("submitted", "cancelled", "committed", "errored", "succeeded", "aborted")
+    events = ("submitted", "cancelled", "started", "committed", "errored", "succeeded", "aborted")
     return ConsumerConfig(
         durable_name=subjects.DISPATCHER_DURABLE,
         filter_subjects=[subjects.all_tasks(e) for e in events],

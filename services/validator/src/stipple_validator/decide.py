@@ -5,7 +5,8 @@ node's registered address, and the revealed images and nonce must hash to the co
 value; a reveal that fails is `bad_commitment` (slashable) and counts as no result.
 Then, with three nodes:  A,A,A -> succeeded/unanimous;  A,A,B -> succeeded/majority and
 B is "mismatch" (slashable);  A,A + error/timeout -> succeeded/majority, the third loses
-QoS;  A,B,C or A,B + one missing -> aborted/no_agreement;  fewer than two results ->
+QoS (as does a node replaced for not accepting in time, which does not count towards
+the majority);  A,B,C or A,B + one missing -> aborted/no_agreement;  fewer than two results ->
 aborted/too_few_results. Images agree when every pair of per-image pHashes is within
 the threshold.
 
@@ -77,7 +78,8 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucc
             verdicts[node_id] = "timeout"
 
     groups = group_agreeing(results, threshold)
-    majority = groups[0] if groups and 2 * len(groups[0]) > len(task.nodes) else None
+    counted = len(task.active)  # a node replaced by another is judged (timeout) but not counted
+    majority = groups[0] if groups and 2 * len(groups[0]) > counted else None
     if majority is None:
         for node_id in results:
             verdicts[node_id] = "undecided"
@@ -87,7 +89,7 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucc
             return TaskAborted(
                 task_id=task.task_id,
                 reason="too_few_results",
-                detail=f"{len(results)} of {len(task.nodes)} nodes returned a valid result",
+                detail=f"{len(results)} of {counted} nodes returned a valid result",
                 verdicts=ordered,
                 qos=zero,
             )
@@ -100,7 +102,7 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucc
         )
     for node_id in results:
         verdicts[node_id] = "agree" if node_id in majority else "mismatch"
-    unanimous = len(majority) == len(task.nodes)
+    unanimous = len(majority) == counted
     return TaskSucceeded(
         task_id=task.task_id,
         reason="unanimous" if unanimous else "majority",

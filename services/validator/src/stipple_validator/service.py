@@ -113,7 +113,7 @@ class Validator:
             return None
         if task.commitments_in or (event_name == "assigned" and now >= (task.deadline or 0)):
             committed = task.committed_nodes()
-            if len(committed) * 2 > len(task.nodes):  # enough for a majority: open the reveal
+            if len(committed) * 2 > len(task.active):  # enough for a majority: open the reveal
                 opened = TaskRevealOpened(
                     task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s
                 )
@@ -191,7 +191,17 @@ class Validator:
 
 
 def consumer_config() -> ConsumerConfig:
-    events = ("assigned", "committed", "reveal", "revealed", "errored", "succeeded", "aborted", "cancelled")
+    events = (
+        "assigned",
+        "reassigned",
+        "committed",
+        "reveal",
+        "revealed",
+        "errored",
+        "succeeded",
+        "aborted",
+        "cancelled",
+    )
     return ConsumerConfig(
         durable_name=subjects.VALIDATOR_DURABLE,
         filter_subjects=[subjects.all_tasks(e) for e in events],
