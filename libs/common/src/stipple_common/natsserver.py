@@ -51,7 +51,10 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     @classmethod
-    def start(cls, store_dir: Path | None = None, *, host: str = "127.0.0.1", timeout: float = 15.0) -> NatsServer:
+    def start(
+        cls, store_dir: Path | None = None, *, host: str = "127.0.0.1", timeout: float = 15.0, config: str = ""
+    ) -> NatsServer:
+        """`config`: extra nats-server configuration (e.g. an authorization block)."""
         own = None
         if store_dir is None:
             own = tempfile.TemporaryDirectory(prefix="stipple-nats-")
@@ -71,6 +74,10 @@ class NatsServer:
             "-l",
             str(log_file),
         ]
+        if config:
+            config_file = store_dir / "server.conf"
+            config_file.write_text(config)
+            cmd += ["-c", str(config_file)]
         process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         server = cls(store_dir=store_dir, host=host, process=process, _own_dir=own)
         deadline = time.monotonic() + timeout

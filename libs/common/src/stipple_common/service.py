@@ -75,10 +75,12 @@ async def open_service(
         tracer = tracing.setup_tracing(name)
         metrics = Metrics(name)
         port = metrics.serve(settings.metrics_port, settings.metrics_host) if settings.metrics_port else 0
-        nc = await bus.connect(settings.nats_url, f"stipple-{name}")
+        options = {"inbox_prefix": settings.nats_inbox_prefix} if settings.nats_inbox_prefix else {}
+        nc = await bus.connect(settings.nats_url, f"stipple-{name}", **options)
         stack.push_async_callback(nc.drain)
         js = nc.jetstream()
-        await bus.ensure_streams(js, subjects.stream_configs(replicas=settings.stream_replicas))
+        if settings.declare_streams:
+            await bus.ensure_streams(js, subjects.stream_configs(replicas=settings.stream_replicas))
         store = None
         if blobs:
             store = await open_blob_store(

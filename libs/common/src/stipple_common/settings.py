@@ -32,6 +32,8 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 0  # 0: no metrics server; -1: any free port
     metrics_host: str = "127.0.0.1"
     stream_replicas: int = 1  # 3 in production (R3 streams)
+    declare_streams: bool = True  # create/update the streams at start (off for clients without the right)
+    nats_inbox_prefix: str = ""  # reply subjects' prefix; nodes get their own (see permissions.py)
     blob_backend: str = "jetstream"  # jetstream | s3
     blob_bucket: str = IMAGES_BUCKET
     s3_endpoint: str = ""  # host:port of MinIO / S3
