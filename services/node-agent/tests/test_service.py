@@ -5,6 +5,7 @@ run with a typed error event while staying up for the next one. A result is comm
 
 import asyncio
 import io
+import re
 import time
 import uuid
 
@@ -130,7 +131,7 @@ async def test_runs_a_task_and_uploads_its_images(node):
     assert make_commitment(task_id, "n1", result.images, result.nonce) == commit.commitment
     assert signer(commit.commitment, commit.signature) == joined.address
     for image in result.images:
-        assert image.key == f"tasks/{task_id}/n1/{image.index}.png"
+        assert re.fullmatch(rf"tasks/{task_id}/n1/[0-9a-f]{{16}}/{image.index}\.png", image.key)
         png = await node.blobs.get(image.key)
         decoded = Image.open(io.BytesIO(png))
         assert decoded.size == (64, 64)

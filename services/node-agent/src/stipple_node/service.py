@@ -323,8 +323,9 @@ class NodeAgent:
 
     async def _upload(self, task_id: str, images: list[GeneratedImage]) -> list[ImageResult]:
         results = []
+        secret = secrets.token_hex(8)  # keys cannot be guessed before the reveal names them
         for index, image in enumerate(images):
-            key = f"tasks/{task_id}/{self.node_id}/{index}.png"
+            key = f"tasks/{task_id}/{self.node_id}/{secret}/{index}.png"
             await self.blobs.put(key, image.png, content_type="image/png")
             results.append(
                 ImageResult(
