@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -93,13 +94,17 @@ def test_ineligible_nodes_are_never_picked(change, why):
         assert "n0" not in pick(index, seed, req=req), why
 
 
-def test_a_paused_node_comes_back_when_it_announces_again():
+def test_a_paused_node_comes_back_only_when_it_restarts():
     index = index_of(*[node(f"n{i}") for i in range(3)])
     index.score(NodeQos(node_id="n0", qos=0.0, samples=3, recent_timeouts=2))
     with pytest.raises(NotEnoughNodes):
         pick(index)
-    index.join(node("n0"), NOW + 1, __version__)
-    assert "n0" in pick(index, now=NOW + 1)
+    index.join(node("n0"), NOW + 1, __version__)  # announcing again (say, after a pre-fetch) is not enough
+    with pytest.raises(NotEnoughNodes):
+        pick(index, now=NOW + 1)
+    restarted = msgspec.structs.replace(node("n0"), started_at=NOW + 2)  # a new process, models loaded
+    index.join(restarted, NOW + 2, __version__)
+    assert "n0" in pick(index, now=NOW + 2)
 
 
 def test_busy_nodes_free_up():
@@ -154,7 +159,7 @@ def test_task_models_lists_everything_the_task_needs():
             "loras": [{"model": "l1", "weight": 0.5}, {"model": "l1", "weight": 0.2}],
         }
     )
-    assert task_models(spec) == ["sdxl", "refiner", "vae", "l1"]
+    assert task_models(spec) == {"sdxl": "model", "refiner": "model", "vae": "model", "l1": "lora"}
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from stipple_common.messages import (
     CancelWork,
     NodeHeartbeat,
     NodeJoined,
+    PrefetchRequest,
     TaskAborted,
     TaskAssigned,
     TaskCancelled,
@@ -32,7 +33,7 @@ from stipple_dispatcher.service import DispatcherSettings, serve
 pytestmark = pytest.mark.integration
 
 
-async def announce(js, node_id, operator, models=("tiny-sd",)):
+async def announce(js, node_id, operator, models=("tiny-sd",), on_disk=()):
     joined = NodeJoined(
         node_id=node_id,
         operator=operator,
@@ -41,6 +42,7 @@ async def announce(js, node_id, operator, models=("tiny-sd",)):
         models=list(models),
         version=__version__,
         started_at=0,
+        models_on_disk=list(on_disk),
     )
     await bus.publish(js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:j")
     beat = NodeHeartbeat(node_id=node_id, at=time.time())
@@ -244,3 +246,33 @@ async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operat
         assert len([e for e in await events_of(js, event.task_id) if isinstance(e, TaskReassigned)]) == 1
         stop.set()
         await asyncio.wait_for(runner, 10)
+
+
+async def test_a_wanted_model_that_too_few_nodes_hold_is_prefetched_by_others(fresh_nats_url):
+    lora = "https://models.example/lora/fox.safetensors"
+    settings = DispatcherSettings(nats_url=fresh_nats_url, prefetch_demand=2)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        js = ctx.js
+        await announce(js, "has-it", "op0", on_disk=(lora,))
+        for i in range(1, 4):
+            await announce(js, f"n{i}", f"op{i}")
+        runner = asyncio.create_task(serve(ctx, settings))
+        spec = parse_task({"base_model": "tiny-sd", "prompt": "p", "loras": [{"model": lora, "weight": 0.7}]})
+        for _ in range(2):  # the second task makes it wanted
+            event = TaskSubmitted(task_id=uuid.uuid4().hex, spec=spec, submitted_at=time.time())
+            await submit(js, event)
+        await asyncio.sleep(1.0)
+        asked = []
+        for node in ("has-it", "n1", "n2", "n3"):
+            info = await js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.control_subject(node))
+            if info.state.subjects:
+                raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.control_subject(node))
+                request = control_decoder.decode(raw.data)
+                if isinstance(request, PrefetchRequest):
+                    assert request == PrefetchRequest(ref=lora, kind="lora")
+                    asked.append(node)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+    assert len(asked) == 2  # one node holds it: two more make three
+    assert "has-it" not in asked

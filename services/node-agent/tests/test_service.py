@@ -281,3 +281,38 @@ async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_
         assert events[-1]["downloaded_bytes"] == len(lora)
         assert [m.ref for m in store.inventory()] == [url]
         assert len(files.requests("/api/download/models/1")) == 1  # downloaded once, then from disk
+
+
+async def test_a_prefetch_request_downloads_the_model_and_announces_it(fresh_nats_url, tiny_model_dir, tmp_path):
+    from stipple_common.messages import PrefetchRequest
+    from stipple_node.store import ModelStore
+    from stipple_node.store.testing import FileServer, Served
+    from stipple_node.tinyzoo import make_tiny_lora
+
+    lora = make_tiny_lora(tmp_path / "lora.safetensors", base="sd15").read_bytes()
+    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op", heartbeat_s=0.2)
+    stop = asyncio.Event()
+    with FileServer() as files, ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        url = files.add("/loras/fox.safetensors", Served(lora, filename="fox.safetensors"))
+        runner = PipelineRunner({"tiny-sd": tiny_model_dir}, store=store)
+        async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
+            task = asyncio.create_task(serve(ctx, settings, runner, store))
+            await asyncio.sleep(0.3)
+            first = node_event_decoder.decode(
+                (await ctx.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "joined"))).data
+            )
+            assert url not in first.models_on_disk
+            request = PrefetchRequest(ref=url, kind="lora")
+            await bus.publish(ctx.js, subjects.control_subject("n1"), request, msg_id="p1")
+            again = first
+            for _ in range(100):
+                raw = await ctx.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "joined"))
+                again = node_event_decoder.decode(raw.data)
+                if url in again.models_on_disk:
+                    break
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert url in again.models_on_disk
+    assert again.started_at == first.started_at  # not a restart: a pause would stay
+    assert [m.ref for m in store.inventory()] == [url]

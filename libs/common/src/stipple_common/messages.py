@@ -175,7 +175,16 @@ class CancelWork(msgspec.Struct, frozen=True, kw_only=True, tag="cancel", tag_fi
     task_id: str
 
 
-ControlMessage = RevealRequest | CancelWork
+class PrefetchRequest(msgspec.Struct, frozen=True, kw_only=True, tag="prefetch", tag_field="type"):
+    """On ``work.<node_id>.control``: download `ref` into the model store ahead of demand
+    (fewer than three live nodes hold a model tasks keep asking for), then announce it."""
+
+    ref: str
+    kind: str = "model"  # the store's kind: model, lora, vae, controlnet, ...
+    task_id: str = ""  # not a task's: control messages share the field
+
+
+ControlMessage = RevealRequest | CancelWork | PrefetchRequest
 
 
 # --------------------------------------------------------------------------- nodes

@@ -4,7 +4,7 @@
 place, so one decision over 10,000 registered nodes is a handful of vector operations.
 
 Eligible: live (a heartbeat within the TTL, not quit), not paused (2 timeouts in its last
-3 tasks, until it announces itself again, i.e. restarts with its models loaded), stake
+3 tasks, until it restarts: a new announcement with a new start time, models loaded), stake
 at least the minimum, memory at least what the task's model needs, a compatible
 version, serving the base model (by name or on disk), and a free slot (fewer tasks in
 flight than `slots`).
@@ -35,23 +35,25 @@ class NotEnoughNodes(StippleError):
     retryable = True  # nodes come and go (or free up); the dispatcher waits, then gives up
 
 
-def task_models(spec: TaskSpec) -> list[str]:
-    """Every model reference the task needs, the base model first."""
-    models = [spec.model_name]
+def task_models(spec: TaskSpec) -> dict[str, str]:
+    """Every model reference the task needs, the base model first, with the model store's
+    kind for it (what a node would download it as)."""
+    models: dict[str, str] = {spec.model_name: "model"}
     if spec.refiner is not None:
-        models.append(spec.refiner.model)
+        models.setdefault(spec.refiner.model, "model")
     if spec.controlnet is not None:
-        models.append(spec.controlnet.model)
-    if spec.vae:
-        models.append(spec.vae)
-    if spec.unet:
-        models.append(spec.unet)
+        models.setdefault(spec.controlnet.model, "controlnet")
+    for ref in (spec.vae, spec.unet):
+        if ref:
+            models.setdefault(ref, "model")
     if spec.lora is not None:
-        models.append(spec.lora.model)
-    models.extend(lora.model for lora in spec.loras)
+        models.setdefault(spec.lora.model, "lora")
+    for lora in spec.loras:
+        models.setdefault(lora.model, "lora")
     if spec.textual_inversion:
-        models.append(spec.textual_inversion)
-    return list(dict.fromkeys(m for m in models if m))
+        models.setdefault(spec.textual_inversion, "embedding")
+    models.pop("", None)
+    return models
 
 
 def compatible(node_version: str, ours: str) -> bool:
@@ -137,13 +139,15 @@ class NodeIndex:
             self.ids.append(node.node_id)
             self.joined.append(node)
         else:
+            restarted = node.started_at != self.joined[row].started_at
             self.joined[row] = node
+            if restarted:
+                self.paused[row] = False  # back with its models loaded: a restart lifts a pause
         self.operator[row] = self._operators.setdefault(node.operator, len(self._operators))
         self.stake[row] = node.stake
         self.memory[row] = node.memory_bytes
         self.last_seen[row] = max(seen_at, self.last_seen[row])
         self.quit[row] = False
-        self.paused[row] = False  # announcing again (with its models loaded) lifts a pause
         self.version_ok[row] = not version or compatible(node.version, version)
         self._set_models(self.serves, row, (*node.models, *node.models_on_disk))
         self._set_models(self.on_disk, row, (*node.models, *node.models_on_disk))
@@ -179,6 +183,18 @@ class NodeIndex:
                 self.inflight[row] = max(0, self.inflight[row] + delta)
 
     # ------------------------------------------------------------------ decisions
+
+    def holders(self, model: str, now: float, ttl_s: float) -> np.ndarray:
+        """Rows of the live nodes that have `model` (served by name or on disk)."""
+        n = self.size
+        column = self.on_disk.get(model)
+        if column is None or n == 0:
+            return np.empty(0, dtype=np.int64)
+        return np.flatnonzero(column[:n] & ~self.quit[:n] & (now - self.last_seen[:n] <= ttl_s))
+
+    def live_rows(self, now: float, ttl_s: float) -> np.ndarray:
+        n = self.size
+        return np.flatnonzero(~self.quit[:n] & self.version_ok[:n] & (now - self.last_seen[:n] <= ttl_s))
 
     def registered_serving(self, model: str) -> int:
         """Nodes that ever announced `model` (live or not): zero means it can never run."""
@@ -239,7 +255,7 @@ class NodeIndex:
         if excluded and len(rows):
             rows = rows[~np.isin(self.operator[rows], self.operator[excluded])]
         if len(rows):
-            keys = rng.random(len(rows)) ** (1.0 / self.weights(rows, task_models(spec)))
+            keys = rng.random(len(rows)) ** (1.0 / self.weights(rows, list(task_models(spec))))
             chosen: dict[int, str] = {}  # operator -> node id
             for i in np.argsort(-keys):
                 row = rows[i]

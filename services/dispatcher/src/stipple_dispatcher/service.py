@@ -14,6 +14,10 @@ One durable consumer on ``tasks.*.{submitted,cancelled,committed,errored,succeed
   is aborted with `no_nodes`: no task hangs.
 - committed / errored / an outcome free the node's slot; cancelled also sends CancelWork
   to the task's nodes (a queued task is simply dropped).
+- Pre-fetch: when tasks keep asking (`prefetch_demand` within `prefetch_window_s`) for a
+  downloadable model (a URL or a hub repo id) that fewer than `replication` live nodes
+  hold, other live nodes get a PrefetchRequest on their control subject; they download
+  it into their store and announce it, and the locality boost then favours them.
 - A node that has not `started` its assignment within `accept_timeout_s` is replaced by
   another eligible node of another operator (``tasks.<id>.reassigned``, up to
   `max_reassignments` per task); the replaced node gets a CancelWork and, in the
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
@@ -50,6 +55,7 @@ from stipple_common.messages import (
     NodeJoined,
     NodeQos,
     NodeQuit,
+    PrefetchRequest,
     QueueStatus,
     TaskAborted,
     TaskAssigned,
@@ -67,7 +73,7 @@ from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import TaskSpec
 
-from .selection import NodeIndex, NotEnoughNodes, Requirements
+from .selection import NodeIndex, NotEnoughNodes, Requirements, task_models
 
 log = structlog.get_logger("stipple.dispatcher")
 
@@ -83,6 +89,9 @@ class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     seconds_per_step: float = 0.05  # GPU seconds per step at 512x512, for queue order and ETA
     accept_timeout_s: float = 10.0  # from assignment to the node's `started`; later, it is replaced
     max_reassignments: int = 2  # per task
+    prefetch_demand: int = 2  # tasks within prefetch_window_s that make a model worth pre-fetching
+    prefetch_window_s: float = 600.0
+    prefetch_cooldown_s: float = 300.0  # between two pre-fetch rounds for one model
 
 
 def parse_memory(spec: str) -> dict[str, int]:
@@ -134,6 +143,8 @@ class Dispatcher:
         self.accepting: dict[tuple[str, str], float] = {}  # (task, node) -> when it was assigned
         self.running: dict[str, TaskSubmitted] = {}  # assigned tasks, for replacements
         self.members: dict[str, list[str]] = {}  # task -> every node it ever had (replaced ones too)
+        self.demand: dict[str, deque[float]] = {}  # model ref -> when tasks asked for it
+        self.prefetched: dict[str, float] = {}  # model ref -> last pre-fetch round
         self.lock = asyncio.Lock()
         self.dispatched = Counter(
             "stipple_dispatcher_tasks_total",
@@ -196,7 +207,44 @@ class Dispatcher:
         self.queue[event.task_id] = Queued(
             event=event, msg=msg, estimate_s=estimate_seconds(event.spec, self.settings.seconds_per_step)
         )
+        await self.maybe_prefetch(event.spec)
         return bus.Hold()
+
+    async def maybe_prefetch(self, spec: TaskSpec) -> None:
+        """Ask live nodes to fetch a wanted model that too few of them hold."""
+        now = time.time()
+        settings = self.settings
+        if len(self.demand) > 10_000:  # forget models nobody asked for lately
+            self.demand = {
+                ref: seen for ref, seen in self.demand.items() if now - seen[-1] <= settings.prefetch_window_s
+            }
+        for ref, kind in task_models(spec).items():
+            if "/" not in ref:
+                continue  # a bare name is a model an operator configures, not something to download
+            seen = self.demand.setdefault(ref, deque())
+            seen.append(now)
+            while now - seen[0] > settings.prefetch_window_s:
+                seen.popleft()
+            if (
+                len(seen) < settings.prefetch_demand
+                or now - self.prefetched.get(ref, 0.0) < settings.prefetch_cooldown_s
+            ):
+                continue
+            holders = self.index.holders(ref, now, settings.node_ttl_s)
+            missing = settings.replication - len(holders)
+            candidates = np.setdiff1d(self.index.live_rows(now, settings.node_ttl_s), holders)
+            if missing <= 0 or not len(candidates):
+                continue
+            self.prefetched[ref] = now
+            chosen = [self.index.ids[row] for row in self.rng.choice(candidates, min(missing, len(candidates)), False)]
+            request = PrefetchRequest(ref=ref, kind=kind)
+            round_id = int(now // settings.prefetch_cooldown_s)
+            for node_id in chosen:
+                await bus.publish(
+                    self.js, subjects.control_subject(node_id), request, msg_id=f"prefetch:{ref}:{node_id}:{round_id}"
+                )
+            self.dispatched.labels("prefetch").inc(len(chosen))
+            log.info("prefetch_requested", ref=ref, nodes=chosen, holders=len(holders))
 
     async def cancel(self, task_id: str) -> None:
         queued = self.queue.pop(task_id, None)

@@ -45,6 +45,7 @@ from stipple_common.messages import (
     NodeHeartbeat,
     NodeJoined,
     NodeQuit,
+    PrefetchRequest,
     Progress,
     ResultRevealed,
     RevealRequest,
@@ -165,6 +166,8 @@ class NodeAgent:
         self.account = commitment.account_from_key(key) if key else commitment.new_account()
         self.committed: dict[str, _Committed] = {}  # task id -> result awaiting its reveal
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
+        self.prefetching: dict[str, asyncio.Task[None]] = {}
+        self.started_at = time.time()  # a new one only on a restart (the dispatcher lifts a pause then)
         self.node_id = node_id
         self.store = store
         self.nc = nc
@@ -190,7 +193,7 @@ class NodeAgent:
             memory_bytes=memory,
             models=self.runner.model_names,
             version=__version__,
-            started_at=time.time(),
+            started_at=self.started_at,
             models_on_disk=[m.ref for m in self.store.inventory()] if self.store else [],
             models_loaded=self.runner.loaded(),
             address=self.account.address,
@@ -290,10 +293,36 @@ class NodeAgent:
         )
         await self._publish_event(event, "committed", task_id)
 
+    async def prefetch(self, request: PrefetchRequest) -> None:
+        """Download a model the network wants into the store, then announce it."""
+        try:
+            if self.store is None:
+                log.warning("prefetch_without_store", ref=request.ref)
+                return
+            await asyncio.to_thread(self.store.resolve, request.ref, kind=request.kind)
+            joined = self.announcement()
+            await bus.publish(
+                self.js,
+                subjects.node_subject(self.node_id, "joined"),
+                joined,
+                msg_id=f"{self.node_id}:joined:{time.time()}",
+            )
+            log.info("prefetched", ref=request.ref, models_on_disk=len(joined.models_on_disk))
+        except StippleError as exc:
+            log.warning("prefetch_failed", ref=request.ref, code=exc.code, error=exc.message)
+        except Exception:
+            log.exception("prefetch_crashed", ref=request.ref)
+        finally:
+            self.prefetching.pop(request.ref, None)
+
     async def handle_control(self, msg: Msg) -> bus.Redeliver | None:
         """Reveal requests and cancellations; they arrive while a task may be running."""
         message = control_decoder.decode(msg.data)
         structlog.contextvars.bind_contextvars(task_id=message.task_id, node_id=self.node_id)
+        if isinstance(message, PrefetchRequest):
+            if message.ref not in self.prefetching:  # a download must not hold up reveals: run it aside
+                self.prefetching[message.ref] = asyncio.create_task(self.prefetch(message))
+            return None
         if isinstance(message, CancelWork):
             self.cancelled[message.task_id] = None
             while len(self.cancelled) > 10_000:
