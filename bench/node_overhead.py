@@ -3,9 +3,10 @@
 The same txt2img task (one image, fixed seed, one torch thread) is run
 - bare: `StableDiffusionPipeline.from_pretrained(folder)(...)` in this process, and
 - node: through the real node agent (its service code on a real nats-server), from
-  publishing the assignment to receiving the node's `revealed` event, which includes
-  compel prompt encoding, PNG encoding, pHash, the upload to the JetStream object store
-  and the events.
+  publishing the assignment to receiving the node's `committed` event (its last word
+  before the validator asks it to reveal), which includes compel prompt encoding, PNG
+  encoding, pHash, the upload to the JetStream object store, the signed commitment and
+  the events.
 Runs alternate (bare, node, bare, node, ...) so that machine noise hits both alike; the
 medians and their ratio are printed. Goal: ratio <= 1.03 on a task that takes >= 1 s.
 
@@ -85,7 +86,7 @@ async def node_runs(folder: Path, size: int, steps: int, seeds: list[int], bare,
                     if not done.done():
                         done.set_result(task_event_decoder.decode(msg.data))
 
-                sub = await ctx.nc.subscribe(subjects.task_subject(task_id, "revealed"), cb=on_event)
+                sub = await ctx.nc.subscribe(subjects.task_subject(task_id, "committed"), cb=on_event)
                 started = time.perf_counter()
                 work = Assignment(task_id=task_id, spec=spec, deadline=time.time() + 600)
                 await bus.publish(ctx.js, subjects.work_subject("bench"), work, msg_id=task_id)
