@@ -82,33 +82,45 @@ async def publish(
     return ack.seq
 
 
-async def read_subject(js: JetStreamContext, stream: str, subject: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
-    """Every message stored on `subject` (wildcards allowed), in stream order.
+async def read_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
+    """Every message stored on `subject` (wildcards allowed), in stream order, with its
+    headers and metadata.
 
-    Uses a short-lived ephemeral pull consumer: exact, and cheap enough for one task's
-    handful of events."""
+    Uses a short-lived ephemeral pull consumer, deleted after the read: exact, and three
+    round trips (create, fetch, delete) for one task's handful of events. (Unsubscribing
+    alone leaves the consumer to its inactivity timeout, and a stream holds at most
+    1,000 consumers by default: a busy service would hit that in seconds.)"""
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.NONE,
         filter_subject=subject,
-        inactive_threshold=10.0,
+        inactive_threshold=10.0,  # only if the delete below never happens
         mem_storage=True,
     )
-    sub = await js.pull_subscribe(subject, stream=stream, config=config)
+    info = await js.add_consumer(stream, config)
     try:
-        info = await sub.consumer_info()
-        remaining = info.num_pending
-        out: list[T] = []
-        while remaining > 0:
-            msgs = await sub.fetch(min(remaining, 256), timeout=5.0)
-            out.extend(decoder.decode(m.data) for m in msgs)
-            remaining -= len(msgs)
+        remaining = info.num_pending or 0
+        out: list[Msg] = []
+        if remaining:
+            sub = await js.pull_subscribe_bind(durable=info.name, stream=stream)
+            try:
+                while remaining > 0:
+                    msgs = await sub.fetch(min(remaining, 256), timeout=5.0)
+                    out.extend(msgs)
+                    remaining -= len(msgs)
+            finally:
+                await sub.unsubscribe()
         return out
     finally:
         try:
-            await sub.unsubscribe()
-        except Exception as exc:  # the consumer expires by itself (inactive_threshold)
-            log.debug("read_subject_unsubscribe_failed", error=str(exc))
+            await js.delete_consumer(stream, info.name)
+        except Exception as exc:  # it expires by itself (inactive_threshold)
+            log.debug("read_messages_delete_failed", error=str(exc))
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
+    """Every message stored on `subject`, decoded, in stream order (see read_messages)."""
+    return [decoder.decode(m.data) for m in await read_messages(js, stream, subject)]
 
 
 @dataclass(frozen=True)

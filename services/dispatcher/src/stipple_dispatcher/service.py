@@ -191,15 +191,21 @@ class Dispatcher:
         return result
 
     async def submitted(self, event: TaskSubmitted, msg: Msg) -> bus.Hold | None:
-        assigned = await self.previous_assignment(event.task_id)
-        if assigned is not None:  # a redelivery after a crash: hand out the same work again
-            await self.send_work(event, assigned)
-            return None
-        if await self.ended(event.task_id):
-            return None  # cancelled (or aborted) before it was dispatched
         if event.task_id in self.queue:  # redelivered while still queued: keep the newest message
             self.queue[event.task_id].msg = msg
             return bus.Hold()
+        if event.task_id in self.running:  # a second `submitted` for a task this process assigned
+            assigned = await self.previous_assignment(event.task_id)
+            if assigned is not None:
+                await self.send_work(event, assigned)  # the same work again; message ids deduplicate it
+            return None
+        if msg.metadata.num_delivered > 1:  # a redelivery: an earlier dispatcher may have acted on it
+            assigned = await self.previous_assignment(event.task_id)
+            if assigned is not None:  # hand out the same work again
+                await self.send_work(event, assigned)
+                return None
+            if await self.ended(event.task_id):
+                return None  # cancelled (or aborted) before it was dispatched
         if self.index.registered_serving(event.spec.model_name) == 0 and self.index.size:
             await self.abort(event.task_id, "unservable", f"no registered node serves {event.spec.model_name!r}")
             self.dispatched.labels("unservable").inc()
@@ -250,12 +256,15 @@ class Dispatcher:
         queued = self.queue.pop(task_id, None)
         if queued is not None and queued.msg is not None:
             await queued.msg.ack()
-        assigned = await self.previous_assignment(task_id)
-        for node_id in assigned.nodes if assigned else []:
+        nodes = self.members.get(task_id)
+        if nodes is None and queued is None:  # not assigned by this process: ask the stream
+            assigned = await self.previous_assignment(task_id)
+            nodes = assigned.nodes if assigned else []
+        for node_id in nodes or []:
             cancel = CancelWork(task_id=task_id)
             await bus.publish(self.js, subjects.control_subject(node_id), cancel, msg_id=f"{task_id}:{node_id}:cancel")
         self.dispatched.labels("cancelled").inc()
-        log.info("task_cancelled", nodes=assigned.nodes if assigned else [], was_queued=queued is not None)
+        log.info("task_cancelled", nodes=nodes or [], was_queued=queued is not None)
 
     def forget(self, task_id: str) -> None:
         self.running.pop(task_id, None)

@@ -30,11 +30,10 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from stipple_common import subjects
+from stipple_common import bus, subjects
 from stipple_common.messages import OUTCOME_EVENTS, TaskEvent, event_name, progress_decoder, task_event_decoder
 
 from .views import event_data
@@ -61,36 +60,17 @@ def _msg_id(headers: dict[str, str] | None, data: bytes, fallback: str = "") -> 
 async def read_task_events(js: JetStreamContext, task_id: str) -> list[StoredEvent]:
     """Every stored event of the task, in stream order. An event this gateway cannot
     decode (a newer service's) is left out and logged, not an error."""
-    subject = subjects.task_events(task_id)
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.ALL,
-        ack_policy=AckPolicy.NONE,
-        filter_subject=subject,
-        inactive_threshold=10.0,
-        mem_storage=True,
-    )
-    sub = await js.pull_subscribe(subject, stream=subjects.TASKS_STREAM, config=config)
     out: list[StoredEvent] = []
-    try:
-        remaining = (await sub.consumer_info()).num_pending
-        while remaining > 0:
-            msgs = await sub.fetch(min(remaining, 256), timeout=5.0)
-            remaining -= len(msgs)
-            for m in msgs:
-                meta = m.metadata
-                try:
-                    event = task_event_decoder.decode(m.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning("undecodable_task_event", subject=m.subject, error=str(exc))
-                    continue
-                msg_id = _msg_id(m.headers, m.data, f"seq:{meta.sequence.stream}")
-                out.append(StoredEvent(msg_id, event, meta.timestamp.timestamp()))
-        return out
-    finally:
+    for m in await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id)):
+        meta = m.metadata
         try:
-            await sub.unsubscribe()
-        except Exception as exc:  # the consumer expires by itself (inactive_threshold)
-            log.debug("read_task_events_unsubscribe_failed", error=str(exc))
+            event = task_event_decoder.decode(m.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("undecodable_task_event", subject=m.subject, error=str(exc))
+            continue
+        msg_id = _msg_id(m.headers, m.data, f"seq:{meta.sequence.stream}")
+        out.append(StoredEvent(msg_id, event, meta.timestamp.timestamp()))
+    return out
 
 
 def frame(event: str, data: Any, event_id: str | None = None) -> bytes:

@@ -1,25 +1,30 @@
-"""Validator wiring: one durable consumer on the task events that move validation on.
+"""Validator wiring: one durable consumer on every task event (``tasks.>``), in order.
 
-Each message makes the validator fold the task from the TASKS stream (stateless, so a
-restart loses nothing) and take the next step:
+The validator folds each task in memory as its events arrive (an LRU; a task it does not
+hold, after a restart or an eviction, is rebuilt from the TASKS stream), and re-reads the
+task from the stream before each decision, so what it decides on is what is stored. Then:
 
 1. commit stage: when every node has committed (or errored), or the `assigned` event's
    deadline passes, it opens the reveal (`tasks.<id>.reveal`) for the nodes that
-   committed; with fewer than two commitments it decides at once.
-2. the `reveal` event sends each committed node a RevealRequest on its control subject.
-3. reveal stage: when every committed node has revealed (or errored), or the reveal
+   committed and sends each a RevealRequest on its control subject; with too few
+   commitments for a majority it decides at once.
+2. reveal stage: when every committed node has revealed (or errored), or the reveal
    deadline passes, it decides (decide.py) and publishes the outcome.
-4. an outcome event (its own, or the gateway's `cancelled`) updates the QoS window of
+3. an outcome event (its own, or the gateway's `cancelled`) updates the QoS window of
    every node in the task (KV bucket `qos`, idempotent per task) and publishes
    ``nodes.<id>.qos`` for the dispatcher.
 
 Deadlines need no timer: the `assigned` and `reveal` events are nak'ed with a delay until
-their deadline, and their redelivery decides with whatever is in.
+their deadline, and their redelivery decides with whatever is in. One validator runs at
+a time: two sharing the consumer would each see part of a task's events and leave the
+decision to the deadlines.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import msgspec
 import structlog
@@ -31,9 +36,17 @@ from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from stipple_common import bus, subjects
-from stipple_common.aggregate import Task, replay
+from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.logs import setup_logging
-from stipple_common.messages import NodeQos, RevealRequest, TaskAborted, TaskRevealOpened, task_event_decoder
+from stipple_common.messages import (
+    OUTCOME_EVENTS,
+    NodeQos,
+    RevealRequest,
+    TaskAborted,
+    TaskRevealOpened,
+    TaskSubmitted,
+    task_event_decoder,
+)
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
@@ -53,6 +66,13 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     deadline_grace_s: float = 0.5
     reveal_timeout_s: float = 10.0  # from the reveal opening to every committed node's reveal
     node_ttl_s: float = 10.0
+    fold_cache: int = 100_000  # unfinished tasks kept folded in memory
+
+
+@dataclass(frozen=True)
+class _Folded:
+    task: Task
+    seq: int  # the last stream sequence folded in
 
 
 class Sample(msgspec.Struct, array_like=True, frozen=True):
@@ -74,6 +94,8 @@ class Validator:
         self.directory = directory
         self.qos = qos
         self.settings = settings
+        self.tasks: OrderedDict[str, _Folded] = OrderedDict()  # the in-memory fold (LRU)
+        self.requested: set[str] = set()  # tasks whose reveal requests this process sent
         self.outcomes = Counter(
             "stipple_validator_outcomes_total",
             "Tasks decided, by outcome and reason",
@@ -88,51 +110,91 @@ class Validator:
         task_id = subjects.subject_token(msg.subject, 1)
         event_name = subjects.subject_token(msg.subject, 2)
         structlog.contextvars.bind_contextvars(task_id=task_id)
-        events = await bus.read_subject(
-            self.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
-        )
-        task, rejected = replay(events)
-        for event, why in rejected:
-            log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
+        task = await self.fold(task_id, msg)
         if task is None:
             return None
         if task.finished:
-            if event_name in ("succeeded", "aborted", "cancelled"):
+            if event_name in OUTCOME_EVENTS:
                 await self.update_qos(task)
+                self.tasks.pop(task_id, None)
+                self.requested.discard(task_id)
             return None
         if not task.nodes:
             return None
         now = time.time()
         if task.status == "revealing":
-            if event_name == "reveal":
+            if event_name == "reveal" and task_id not in self.requested:  # after a restart: ask again
                 await self.request_reveals(task)
             if task.reveals_in or (event_name == "reveal" and now >= (task.reveal_deadline or 0)):
-                return await self.publish_outcome(task)
+                return await self.publish_outcome(await self.verified(task_id))
             if event_name == "reveal":
                 return bus.Redeliver(delay=(task.reveal_deadline or 0) - now + self.settings.deadline_grace_s)
             return None
         if task.commitments_in or (event_name == "assigned" and now >= (task.deadline or 0)):
+            task = await self.verified(task_id)
+            if task is None or task.finished or task.status == "revealing":
+                return None
             committed = task.committed_nodes()
-            if len(committed) * 2 > len(task.active):  # enough for a majority: open the reveal
-                opened = TaskRevealOpened(
-                    task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s
-                )
-                await bus.publish(self.js, subjects.task_subject(task_id, "reveal"), opened, msg_id=f"{task_id}:reveal")
-            else:
+            if len(committed) * 2 <= len(task.active):  # too few for a majority: decide now
                 return await self.publish_outcome(task)
+            opened = TaskRevealOpened(task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s)
+            await bus.publish(self.js, subjects.task_subject(task_id, "reveal"), opened, msg_id=f"{task_id}:reveal")
+            await self.request_reveals(apply(task, opened))  # at once: not after reading our own event back
         elif event_name == "assigned":
             return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
         return None
 
+    async def fold(self, task_id: str, msg: Msg) -> Task | None:
+        """The task after this message, from the in-memory fold. The consumer delivers every
+        task event in stream order, so each first delivery extends the fold; a redelivery
+        (a deadline timer, a retry) is already in it. A task not in memory (a restart, an
+        eviction) is rebuilt from the stream."""
+        seq = msg.metadata.sequence.stream
+        cached = self.tasks.get(task_id)
+        if cached is not None and seq <= cached.seq:
+            self.tasks.move_to_end(task_id)
+            return cached.task
+        event = task_event_decoder.decode(msg.data)
+        if cached is None and not isinstance(event, TaskSubmitted):
+            return await self.verified(task_id)
+        try:
+            task = apply(cached.task if cached else None, event)
+        except InvalidTransition as why:
+            log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
+            if cached is None:
+                return None
+            task = cached.task
+        self._remember(task_id, task, seq)
+        return task
+
+    async def verified(self, task_id: str) -> Task | None:
+        """The task folded from the stream itself: before a decision, and to rebuild."""
+        msgs = await bus.read_messages(self.js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+        task, rejected = replay(task_event_decoder.decode(m.data) for m in msgs)
+        for event, why in rejected:
+            log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
+        if task is not None and msgs:
+            self._remember(task_id, task, msgs[-1].metadata.sequence.stream)
+        return task
+
+    def _remember(self, task_id: str, task: Task, seq: int) -> None:
+        self.tasks[task_id] = _Folded(task, seq)
+        self.tasks.move_to_end(task_id)
+        while len(self.tasks) > self.settings.fold_cache:
+            self.tasks.popitem(last=False)
+
     async def request_reveals(self, task: Task) -> None:
         assert task.reveal_deadline is not None
+        self.requested.add(task.task_id)
         request = RevealRequest(task_id=task.task_id, deadline=task.reveal_deadline)
         for node_id in task.committed_nodes():
             await bus.publish(
                 self.js, subjects.control_subject(node_id), request, msg_id=f"{task.task_id}:{node_id}:reveal"
             )
 
-    async def publish_outcome(self, task: Task) -> bus.Redeliver | None:
+    async def publish_outcome(self, task: Task | None) -> bus.Redeliver | None:
+        if task is None or task.finished:
+            return None
         if not self.directory.caught_up.is_set():
             return bus.Redeliver(delay=1.0)  # node addresses are still loading
         addresses = {node: self.directory.address(node) or "" for node in task.nodes}
@@ -191,20 +253,9 @@ class Validator:
 
 
 def consumer_config() -> ConsumerConfig:
-    events = (
-        "assigned",
-        "reassigned",
-        "committed",
-        "reveal",
-        "revealed",
-        "errored",
-        "succeeded",
-        "aborted",
-        "cancelled",
-    )
     return ConsumerConfig(
         durable_name=subjects.VALIDATOR_DURABLE,
-        filter_subjects=[subjects.all_tasks(e) for e in events],
+        filter_subject="tasks.>",  # every event: the in-memory fold needs them all, in order
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=30.0,
         max_deliver=50,
