@@ -86,7 +86,7 @@ async def node_runs(folder: Path, size: int, steps: int, seeds: list[int], bare,
                     if not done.done():
                         done.set_result(task_event_decoder.decode(msg.data))
 
-                sub = await ctx.nc.subscribe(subjects.task_subject(task_id, "committed"), cb=on_event)
+                sub = await ctx.nc.subscribe(subjects.task_subject(task_id, "committed", "bench"), cb=on_event)
                 started = time.perf_counter()
                 work = Assignment(task_id=task_id, spec=spec, deadline=time.time() + 600)
                 await bus.publish(ctx.js, subjects.work_subject("bench"), work, msg_id=task_id)

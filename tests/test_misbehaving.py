@@ -120,9 +120,13 @@ class AnswersTwice(NodeAgent):
         nonce = new_nonce()
         value = make_commitment(task_id, self.node_id, other, nonce)
         second = TaskCommitted(task_id=task_id, node_id=self.node_id, commitment=value, signature="0x")
-        await bus.publish(self.js, subjects.task_subject(task_id, "committed"), second, msg_id=f"{task_id}:2c")
+        await bus.publish(
+            self.js, subjects.task_subject(task_id, "committed", self.node_id), second, msg_id=f"{task_id}:2c"
+        )
         again = ResultRevealed(task_id=task_id, node_id=self.node_id, images=other, nonce=nonce)
-        await bus.publish(self.js, subjects.task_subject(task_id, "revealed"), again, msg_id=f"{task_id}:2r")
+        await bus.publish(
+            self.js, subjects.task_subject(task_id, "revealed", self.node_id), again, msg_id=f"{task_id}:2r"
+        )
         return None
 
 

@@ -24,7 +24,7 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from stipple_common import bus, subjects
-from stipple_common.messages import NodeQuit, TaskSubmitted, TaskSucceeded, task_event_decoder
+from stipple_common.messages import NodeErrored, NodeQuit, TaskSubmitted, TaskSucceeded, task_event_decoder
 from stipple_common.natsserver import NatsServer
 from stipple_common.permissions import node_inbox_prefix, node_user, render_authorization, service_user
 from stipple_common.service import open_service
@@ -200,6 +200,10 @@ async def test_a_node_cannot_take_another_nodes_work_or_speak_for_it(server):
         with pytest.raises((nats.errors.TimeoutError, TimeoutError, nats.errors.NoRespondersError)):
             await bus.publish(js, subjects.node_subject("node-2", "quit"), quit_event, msg_id="forged", timeout=1.0)
         await violations.wait_for('Permissions Violation for Publish to "nodes.node-2.quit"')
+        forged = NodeErrored(task_id="t1", node_id="node-2", code="x", message="forged")
+        with pytest.raises((nats.errors.TimeoutError, TimeoutError, nats.errors.NoRespondersError)):
+            await bus.publish(js, subjects.task_subject("t1", "errored", "node-2"), forged, msg_id="f2", timeout=1.0)
+        await violations.wait_for('Permissions Violation for Publish to "tasks.t1.errored.node-2"')
         await nc.subscribe("_INBOX.>")  # everybody's replies
         await violations.wait_for('Permissions Violation for Subscription to "_INBOX.>"')
     finally:

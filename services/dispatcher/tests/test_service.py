@@ -96,7 +96,7 @@ async def commit_all(js, assigned):
     for node in assigned.nodes:
         event = TaskCommitted(task_id=assigned.task_id, node_id=node, commitment="0x", signature="0x")
         await bus.publish(
-            js, subjects.task_subject(assigned.task_id, "committed"), event, msg_id=f"{assigned.task_id}:{node}:c"
+            js, subjects.task_subject(assigned.task_id, "committed", node), event, msg_id=f"{assigned.task_id}:{node}:c"
         )
 
 
@@ -233,7 +233,7 @@ async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operat
         silent = assigned.nodes[2]
         for node in assigned.nodes[:2]:
             started = TaskStarted(task_id=event.task_id, node_id=node)
-            await bus.publish(js, subjects.task_subject(event.task_id, "started"), started, msg_id=f"{node}:s")
+            await bus.publish(js, subjects.task_subject(event.task_id, "started", node), started, msg_id=f"{node}:s")
         await announce(js, "spare", "op-spare")  # a free node of a fourth operator
         (reassigned,) = await wait_for_event(js, event.task_id, TaskReassigned)
         assert reassigned.replaced == silent

@@ -32,7 +32,8 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 async def publish(gw: Any, task_id: str, event: msgspec.Struct, name: str, msg_id: str) -> None:
-    await bus.publish(gw.js, subjects.task_subject(task_id, name), event, msg_id=msg_id)
+    subject = subjects.task_subject(task_id, name, getattr(event, "node_id", ""))
+    await bus.publish(gw.js, subject, event, msg_id=msg_id)
 
 
 async def assign(gw: Any, task_id: str) -> None:

@@ -87,7 +87,7 @@ async def reveal(js, task_id, node, phash, *, answer=True):
     if key not in control_subs:  # one consumer per node subject: WORK is a work queue
         control_subs[key] = await js.pull_subscribe(subjects.control_subject(node), stream=subjects.WORK_STREAM)
     requests = control_subs[key]
-    await bus.publish(js, subjects.task_subject(task_id, "committed"), commit, msg_id=f"{task_id}:{node}:c")
+    await bus.publish(js, subjects.task_subject(task_id, "committed", node), commit, msg_id=f"{task_id}:{node}:c")
 
     async def on_request():
         while True:
@@ -98,7 +98,7 @@ async def reveal(js, task_id, node, phash, *, answer=True):
                     if answer:
                         event = ResultRevealed(task_id=task_id, node_id=node, images=[image], nonce=nonce)
                         await bus.publish(
-                            js, subjects.task_subject(task_id, "revealed"), event, msg_id=f"{task_id}:{node}:r"
+                            js, subjects.task_subject(task_id, "revealed", node), event, msg_id=f"{task_id}:{node}:r"
                         )
                     return
 
@@ -137,7 +137,7 @@ async def test_majority_with_one_wrong_and_one_error(js):
     for node, phash in (("a", "0" * 16), ("b", "f" * 16), ("c", "0" * 16), ("d", "0" * 16)):
         await reveal(js, task_id, node, phash)
     error = NodeErrored(task_id=task_id, node_id="e", code="out_of_memory", message="CUDA OOM")
-    await bus.publish(js, subjects.task_subject(task_id, "errored"), error, msg_id="e")
+    await bus.publish(js, subjects.task_subject(task_id, "errored", "e"), error, msg_id="e")
     result = await outcome(js, task_id)
     assert isinstance(result, TaskSucceeded)
     assert result.verdicts == {"a": "agree", "b": "mismatch", "c": "agree", "d": "agree", "e": "error"}

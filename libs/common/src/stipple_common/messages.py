@@ -278,5 +278,19 @@ queue_status_decoder = msgspec.json.Decoder(QueueStatus)
 progress_decoder = msgspec.json.Decoder(Progress)
 
 
+def decode_task_event(subject: str, data: bytes) -> TaskEvent:
+    """A task event, checked against its subject: a node's event must be on that node's
+    subject (``tasks.<id>.<event>.<node_id>``), the only one NATS lets the node publish
+    on, so no node can speak for another. A mismatch is a ValidationError (a poison
+    message for a consumer; left out of a fold)."""
+    event = task_event_decoder.decode(data)
+    node_id = getattr(event, "node_id", None)
+    if node_id is not None:
+        parts = subject.split(".")
+        if len(parts) != 4 or parts[3] != node_id:
+            raise msgspec.ValidationError(f"{event_name(event)} of node {node_id!r} published on {subject!r}")
+    return event
+
+
 def encode(message: msgspec.Struct) -> bytes:
     return encoder.encode(message)

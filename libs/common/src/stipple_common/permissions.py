@@ -1,10 +1,9 @@
 """NATS permissions: what each kind of client may publish and subscribe to.
 
 A node agent is untrusted. It may only
-- publish its own events: ``tasks.*.{started,committed,revealed,errored}`` (commitments
-  and reveals are signed and checked against the node's registered key, so publishing
-  them for another node id gets nowhere), ``nodes.<id>.>``, ``progress.*``,
-  ``downloads.<id>``;
+- publish its own events: ``tasks.*.{started,committed,revealed,errored}.<id>`` (and
+  readers check that the event's node id is the subject's: `messages.decode_task_event`),
+  ``nodes.<id>.>``, ``progress.*``, ``downloads.<id>``;
 - consume its own two work consumers (``node-<id>`` and ``node-<id>-control`` on WORK);
 - receive replies on its own inbox prefix ``_INBOX_<id>.>`` (a shared ``_INBOX.>`` would
   let it read every other client's replies, the validator's stream reads included).
@@ -48,7 +47,7 @@ def node_permissions(node_id: str) -> dict[str, Any]:
     return {
         "publish": {
             "allow": [
-                *(subjects.all_tasks(event) for event in ("started", "committed", "revealed", "errored")),
+                *(f"tasks.*.{event}.{node_id}" for event in subjects.NODE_EVENTS),
                 f"nodes.{node_id}.>",
                 "progress.*",
                 subjects.download_subject(node_id),

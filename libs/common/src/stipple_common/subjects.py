@@ -2,6 +2,8 @@
 
 Streams
 - TASKS  ``tasks.<task_id>.<event>``: every task event; the task is the fold of ``tasks.<id>.>``.
+  A node's events carry its id as a fourth token, ``tasks.<task_id>.<event>.<node_id>``,
+  so NATS permissions can let a node publish only its own.
 - WORK   ``work.<node_id>.task``: assignments for one node; ``work.<node_id>.control``: reveal
   requests and cancellations for it (work-queue retention, one consumer each).
 - NODES  ``nodes.<node_id>.<event>``: announcements, heartbeats, quits (last per subject kept).
@@ -27,7 +29,14 @@ QUEUE_STATUS = "dispatch.queue"
 QOS_BUCKET = "qos"  # KV: node id -> its last 50 scored tasks (the validator's)
 
 
-def task_subject(task_id: str, event: str) -> str:
+NODE_EVENTS = ("started", "committed", "revealed", "errored")  # published by a node, about itself
+
+
+def task_subject(task_id: str, event: str, node_id: str = "") -> str:
+    if event in NODE_EVENTS:
+        if not node_id:
+            raise ValueError(f"a node's {event!r} event needs the node id in its subject")
+        return f"tasks.{task_id}.{event}.{node_id}"
     return f"tasks.{task_id}.{event}"
 
 
@@ -37,8 +46,8 @@ def task_events(task_id: str) -> str:
 
 
 def all_tasks(event: str) -> str:
-    """One event type across all tasks."""
-    return f"tasks.*.{event}"
+    """One event type across all tasks (and all nodes, for a node's event)."""
+    return f"tasks.*.{event}.*" if event in NODE_EVENTS else f"tasks.*.{event}"
 
 
 def work_subject(node_id: str) -> str:

@@ -65,6 +65,7 @@ from stipple_common.messages import (
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    decode_task_event,
     node_event_decoder,
     task_event_decoder,
 )
@@ -171,7 +172,7 @@ class Dispatcher:
     # ------------------------------------------------------------------ events
 
     async def handle(self, msg: Msg) -> bus.Redeliver | bus.Hold | None:
-        event = task_event_decoder.decode(msg.data)
+        event = decode_task_event(msg.subject, msg.data)
         structlog.contextvars.bind_contextvars(task_id=event.task_id)
         async with self.lock:
             if isinstance(event, TaskSubmitted):

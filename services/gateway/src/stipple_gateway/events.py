@@ -34,7 +34,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from stipple_common import bus, subjects
-from stipple_common.messages import OUTCOME_EVENTS, TaskEvent, event_name, progress_decoder, task_event_decoder
+from stipple_common.messages import OUTCOME_EVENTS, TaskEvent, decode_task_event, event_name, progress_decoder
 
 from .views import event_data
 
@@ -64,7 +64,7 @@ async def read_task_events(js: JetStreamContext, task_id: str) -> list[StoredEve
     for m in await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id)):
         meta = m.metadata
         try:
-            event = task_event_decoder.decode(m.data)
+            event = decode_task_event(m.subject, m.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.warning("undecodable_task_event", subject=m.subject, error=str(exc))
             continue
@@ -154,7 +154,7 @@ class TaskEventStream:
                 if msg_id in self.seen:
                     continue
                 try:
-                    event = task_event_decoder.decode(msg.data)
+                    event = decode_task_event(msg.subject, msg.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     log.warning("undecodable_task_event", subject=msg.subject, error=str(exc))
                     continue

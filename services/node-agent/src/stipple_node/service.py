@@ -220,7 +220,10 @@ class NodeAgent:
 
     async def _publish_event(self, event: msgspec.Struct, name: str, task_id: str) -> None:
         await bus.publish(
-            self.js, subjects.task_subject(task_id, name), event, msg_id=f"{task_id}:{self.node_id}:{name}"
+            self.js,
+            subjects.task_subject(task_id, name, self.node_id),
+            event,
+            msg_id=f"{task_id}:{self.node_id}:{name}",
         )
 
     def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str) -> Callable[[int, int], None]:

@@ -43,9 +43,10 @@ from stipple_common.messages import (
     NodeQos,
     RevealRequest,
     TaskAborted,
+    TaskEvent,
     TaskRevealOpened,
     TaskSubmitted,
-    task_event_decoder,
+    decode_task_event,
 )
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
@@ -154,7 +155,7 @@ class Validator:
         if cached is not None and seq <= cached.seq:
             self.tasks.move_to_end(task_id)
             return cached.task
-        event = task_event_decoder.decode(msg.data)
+        event = decode_task_event(msg.subject, msg.data)
         if cached is None and not isinstance(event, TaskSubmitted):
             return await self.verified(task_id)
         try:
@@ -170,7 +171,7 @@ class Validator:
     async def verified(self, task_id: str) -> Task | None:
         """The task folded from the stream itself: before a decision, and to rebuild."""
         msgs = await bus.read_messages(self.js, subjects.TASKS_STREAM, subjects.task_events(task_id))
-        task, rejected = replay(task_event_decoder.decode(m.data) for m in msgs)
+        task, rejected = replay(_decoded(msgs))
         for event, why in rejected:
             log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
         if task is not None and msgs:
@@ -250,6 +251,16 @@ class Validator:
             except KeyWrongLastSequenceError:
                 continue  # another validator wrote first: read again
             return window
+
+
+def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
+    events = []
+    for m in msgs:
+        try:
+            events.append(decode_task_event(m.subject, m.data))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("event_ignored", subject=m.subject, error=str(exc))
+    return events
 
 
 def consumer_config() -> ConsumerConfig:
