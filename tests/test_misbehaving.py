@@ -136,8 +136,9 @@ class Replays(NodeAgent):
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         task_id = msgspec.json.decode(msg.data)["task_id"]
-        placeholder = [ImageResult(index=0, key="nothing", phash="0" * 16, seed=0, width=64, height=64)]
-        await self.commit(task_id, placeholder, 0.01)
+        placeholder = [GeneratedImage(png=b"", phash="0" * 16, seed=0, width=64, height=64)]
+        pending = self.prepare(task_id, placeholder, 0.01)
+        await self._publish_event(pending.event, "committed", task_id)  # and uploads nothing
         return None
 
     async def handle_control(self, msg: Msg) -> bus.Redeliver | None:

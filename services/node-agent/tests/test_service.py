@@ -32,7 +32,8 @@ from stipple_common.nodes import NodeDirectory
 from stipple_common.service import open_service
 from stipple_common.taskspec import LoraSpec, TaskSpec, parse_task
 from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeSettings, load_or_create_key, parse_models, serve
+from stipple_common.errors import Transient
+from stipple_node.service import NodeAgent, NodeSettings, load_or_create_key, parse_models, serve
 
 pytestmark = pytest.mark.integration
 
@@ -180,6 +181,57 @@ async def test_a_node_reveals_only_when_asked_and_only_once(node):
     await asyncio.sleep(0.3)
     events = await bus.read_subject(node.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
     assert sum(isinstance(e, ResultRevealed) for e in events) == 1
+
+
+class SlowStorage(NodeAgent):
+    """Its blob store takes a second to accept the images; the first upload fails."""
+
+    uploads = 0
+
+    async def _upload(self, pending):
+        type(self).uploads += 1
+        if type(self).uploads == 1:
+            raise Transient("the blob store is unreachable")
+        await asyncio.sleep(1.0)
+        await super()._upload(pending)
+
+
+async def test_the_commitment_goes_out_with_the_upload_and_a_retry_keeps_it(fresh_nats_url, runner):
+    """The commitment needs only the hashes, so it is published while the images upload;
+    a reveal asked for before they are stored waits for them. When the upload fails after
+    the commitment went out, the redelivered assignment uploads the same result: the
+    reveal still opens the one commitment that is stored."""
+    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op")
+    stop = asyncio.Event()
+    async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
+        task = asyncio.create_task(serve(ctx, settings, runner, agent_type=SlowStorage))
+        try:
+            task_id = await assign(ctx.js, spec())
+            events, commit = await wait_for_event(ctx.js, task_id, TaskCommitted)
+            _, redelivered = await wait_until_redelivered(ctx.js, task_id)
+            assert redelivered, "the failed upload was not retried"
+            request = RevealRequest(task_id=task_id, deadline=time.time() + 10)
+            await bus.publish(ctx.js, subjects.control_subject("n1"), request, msg_id=f"{task_id}:reveal")
+            events, revealed = await wait_for_event(ctx.js, task_id, ResultRevealed)
+            for image in revealed.images:  # stored before the reveal named them
+                assert await ctx.blobs.get(image.key)
+            assert sum(isinstance(e, TaskCommitted) for e in events) == 1
+            assert make_commitment(task_id, "n1", revealed.images, revealed.nonce) == commit.commitment
+            assert SlowStorage.uploads == 2
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+async def wait_until_redelivered(js, task_id, timeout=10.0):
+    """Wait until the node's work consumer has delivered the assignment a second time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await js.consumer_info(subjects.WORK_STREAM, subjects.node_durable("n1"))
+        if info.num_redelivered:
+            return info, True
+        await asyncio.sleep(0.05)
+    return None, False
 
 
 async def test_a_cancelled_task_stops_at_the_next_step_and_the_node_goes_on(node):

@@ -456,8 +456,12 @@ class Dispatcher:
 
     async def send_work(self, event: TaskSubmitted, assigned: TaskAssigned) -> None:
         work = Assignment(task_id=event.task_id, spec=event.spec, deadline=assigned.deadline)
-        for node_id in assigned.nodes:
-            await bus.publish(self.js, subjects.work_subject(node_id), work, msg_id=f"{event.task_id}:{node_id}:work")
+        await asyncio.gather(
+            *(
+                bus.publish(self.js, subjects.work_subject(node), work, msg_id=f"{event.task_id}:{node}:work")
+                for node in assigned.nodes
+            )
+        )
 
     async def abort(self, task_id: str, reason: str, detail: str) -> None:
         aborted = TaskAborted(task_id=task_id, reason=reason, detail=detail)

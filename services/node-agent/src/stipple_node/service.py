@@ -21,7 +21,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -66,6 +66,8 @@ from .store import ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
 
 log = structlog.get_logger("stipple.node")
+
+MAX_UNREVEALED = 1_000  # committed results kept for a reveal; the oldest go first
 
 
 class NodeSettings(CommonSettings, frozen=True, kw_only=True):
@@ -131,11 +133,17 @@ class TaskCancelledError(StippleError):
 
 @dataclass
 class _Committed:
-    """A result committed but not yet revealed."""
+    """A result committed but not yet revealed. Kept from before the commitment is
+    published, so a redelivered assignment publishes the same commitment again (its
+    message id deduplicates it) and uploads the same images, instead of a new result
+    whose nonce the stored commitment would not match."""
 
     images: list[ImageResult]
+    pngs: list[bytes]
     nonce: str
     elapsed_s: float
+    event: TaskCommitted
+    uploaded: asyncio.Event = field(default_factory=asyncio.Event)  # the reveal waits for it
 
 
 def device_description(device: str) -> tuple[str, int]:
@@ -164,7 +172,7 @@ class NodeAgent:
         key: str | None = None,
     ) -> None:
         self.account = commitment.account_from_key(key) if key else commitment.new_account()
-        self.committed: dict[str, _Committed] = {}  # task id -> result awaiting its reveal
+        self.committed: OrderedDict[str, _Committed] = OrderedDict()  # task id -> result awaiting its reveal
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
         self.prefetching: dict[str, asyncio.Task[None]] = {}
         self.started_at = time.time()  # a new one only on a restart (the dispatcher lifts a pause then)
@@ -251,10 +259,26 @@ class NodeAgent:
         if time.time() > work.deadline:
             await self._fail(work, "deadline_passed", "the assignment arrived after its deadline")
             return None
-        await self._publish_event(TaskStarted(task_id=work.task_id, node_id=self.node_id), "started", work.task_id)
+        pending = self.committed.get(work.task_id)
+        if pending is None:  # (else a redelivery after this process committed: finish that)
+            pending = await self._run(work, msg)
+            if pending is None:
+                return None
+        await self._deliver(work.task_id, pending)
+        self.tasks.labels("committed").inc()
+        self.task_seconds.observe(pending.elapsed_s)
+        log.info("task_committed", images=len(pending.images), elapsed_s=round(pending.elapsed_s, 3))
+        return None
+
+    async def _run(self, work: Assignment, msg: Msg) -> _Committed | None:
+        """Run the task; its prepared commitment, or None when it ended otherwise (an
+        `errored` event, a cancellation). `started` goes out while the diffusion starts."""
+        started_event = TaskStarted(task_id=work.task_id, node_id=self.node_id)
+        announce = asyncio.create_task(self._publish_event(started_event, "started", work.task_id))
         started = time.perf_counter()
         self.busy = True
         keep_alive = asyncio.create_task(self._keep_alive(msg))
+        failure: tuple[str, str] | None = None
         try:
             images = await self._generate(work)
         except TaskCancelledError:
@@ -264,29 +288,37 @@ class NodeAgent:
         except StippleError as exc:
             if exc.retryable:
                 raise
-            await self._fail(work, exc.code, exc.message)
-            return None
+            failure = (exc.code, exc.message)
         except Exception as exc:  # the node must survive anything one task does (e.g. CUDA OOM)
             code = "out_of_memory" if "out of memory" in str(exc).lower() else "internal"
             log.exception("task_crashed", code=code)
-            await self._fail(work, code, f"{type(exc).__name__}: {exc}")
-            return None
+            failure = (code, f"{type(exc).__name__}: {exc}")
         finally:
             keep_alive.cancel()
             self.busy = False
-        results = await self._upload(work.task_id, images)
-        elapsed = time.perf_counter() - started
-        await self.commit(work.task_id, results, elapsed)
-        self.tasks.labels("committed").inc()
-        self.task_seconds.observe(elapsed)
-        log.info("task_committed", images=len(results), elapsed_s=round(elapsed, 3))
-        return None
+            await announce  # `started` is stored before anything after it (or this raises)
+        if failure is not None:
+            await self._fail(work, *failure)
+            return None
+        return self.prepare(work.task_id, images, time.perf_counter() - started)
 
-    async def commit(self, task_id: str, results: list[ImageResult], elapsed: float) -> None:
-        """Publish a signed commitment to `results` and keep them for the reveal."""
+    def prepare(self, task_id: str, images: list[GeneratedImage], elapsed: float) -> _Committed:
+        """The signed commitment to `images` (stored under keys nobody can guess before the
+        reveal names them), kept for the reveal."""
+        secret = secrets.token_hex(8)
+        results = [
+            ImageResult(
+                index=index,
+                key=f"tasks/{task_id}/{self.node_id}/{secret}/{index}.png",
+                phash=image.phash,
+                seed=image.seed,
+                width=image.width,
+                height=image.height,
+            )
+            for index, image in enumerate(images)
+        ]
         nonce = commitment.new_nonce()
         value = commitment.make_commitment(task_id, self.node_id, results, nonce)
-        self.committed[task_id] = _Committed(images=results, nonce=nonce, elapsed_s=elapsed)
         event = TaskCommitted(
             task_id=task_id,
             node_id=self.node_id,
@@ -294,7 +326,26 @@ class NodeAgent:
             signature=commitment.sign(self.account, value),
             elapsed_s=elapsed,
         )
-        await self._publish_event(event, "committed", task_id)
+        pending = _Committed(
+            images=results, pngs=[image.png for image in images], nonce=nonce, elapsed_s=elapsed, event=event
+        )
+        self.committed[task_id] = pending
+        while len(self.committed) > MAX_UNREVEALED:  # tasks decided without this node's reveal
+            self.committed.popitem(last=False)
+        return pending
+
+    async def _deliver(self, task_id: str, pending: _Committed) -> None:
+        """Upload the images and publish the commitment at the same time: the commitment
+        needs only the hashes and keys, and the reveal waits for the upload."""
+        await asyncio.gather(self._upload(pending), self._publish_event(pending.event, "committed", task_id))
+
+    async def _upload(self, pending: _Committed) -> None:
+        if pending.uploaded.is_set():
+            return
+        for result, png in zip(pending.images, pending.pngs, strict=True):
+            await self.blobs.put(result.key, png, content_type="image/png")
+        pending.pngs.clear()  # stored: the reveal needs only the keys
+        pending.uploaded.set()
 
     async def prefetch(self, request: PrefetchRequest) -> None:
         """Download a model the network wants into the store, then announce it."""
@@ -333,10 +384,17 @@ class NodeAgent:
             self.committed.pop(message.task_id, None)
             return None
         assert isinstance(message, RevealRequest)
-        pending = self.committed.pop(message.task_id, None)
+        pending = self.committed.get(message.task_id)
         if pending is None:  # revealed already, or this process restarted and lost the nonce
             log.warning("reveal_without_commitment")
             return None
+        if not pending.uploaded.is_set():  # the commitment can land before the images do
+            try:
+                await asyncio.wait_for(pending.uploaded.wait(), max(0.0, message.deadline - time.time()))
+            except TimeoutError:
+                log.warning("reveal_upload_unfinished")  # the validator judges this node a timeout
+                return None
+        self.committed.pop(message.task_id, None)
         revealed = ResultRevealed(
             task_id=message.task_id,
             node_id=self.node_id,
@@ -352,19 +410,6 @@ class NodeAgent:
         """Run the task in a worker thread (the runner validates it again: a node trusts nobody)."""
         report = self._progress_callback(asyncio.get_running_loop(), work.task_id)
         return await asyncio.to_thread(self.runner.run, canonical(work.spec), report)
-
-    async def _upload(self, task_id: str, images: list[GeneratedImage]) -> list[ImageResult]:
-        results = []
-        secret = secrets.token_hex(8)  # keys cannot be guessed before the reveal names them
-        for index, image in enumerate(images):
-            key = f"tasks/{task_id}/{self.node_id}/{secret}/{index}.png"
-            await self.blobs.put(key, image.png, content_type="image/png")
-            results.append(
-                ImageResult(
-                    index=index, key=key, phash=image.phash, seed=image.seed, width=image.width, height=image.height
-                )
-            )
-        return results
 
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
         event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)

@@ -1,8 +1,11 @@
 """Validator wiring: one durable consumer on every task event (``tasks.>``), in order.
 
 The validator folds each task in memory as its events arrive (an LRU; a task it does not
-hold, after a restart or an eviction, is rebuilt from the TASKS stream), and re-reads the
-task from the stream before each decision, so what it decides on is what is stored. Then:
+hold, after a restart or an eviction, is rebuilt from the TASKS stream). The consumer
+delivers every task event in stream order, so the fold of a task at a message holds
+every event stored before it: a decision because everything is in needs no re-read.
+A decision at a deadline does re-read the task from the stream, since the events it
+lacks may be waiting behind the timer in the consumer. Then:
 
 1. commit stage: when every node has committed (or errored), or the `assigned` event's
    deadline passes, it opens the reveal (`tasks.<id>.reveal`) for the nodes that
@@ -22,6 +25,7 @@ decision to the deadlines.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -126,15 +130,18 @@ class Validator:
         if task.status == "revealing":
             if event_name == "reveal" and task_id not in self.requested:  # after a restart: ask again
                 await self.request_reveals(task)
-            if task.reveals_in or (event_name == "reveal" and now >= (task.reveal_deadline or 0)):
+            if task.reveals_in:  # the fold holds every event so far: nothing can be missing
+                return await self.publish_outcome(task)
+            if event_name == "reveal" and now >= (task.reveal_deadline or 0):  # events may still be queued
                 return await self.publish_outcome(await self.verified(task_id))
             if event_name == "reveal":
                 return bus.Redeliver(delay=(task.reveal_deadline or 0) - now + self.settings.deadline_grace_s)
             return None
         if task.commitments_in or (event_name == "assigned" and now >= (task.deadline or 0)):
-            task = await self.verified(task_id)
-            if task is None or task.finished or task.status == "revealing":
-                return None
+            if not task.commitments_in:  # the deadline: commitments may still be queued behind it
+                task = await self.verified(task_id)
+                if task is None or task.finished or task.status == "revealing":
+                    return None
             committed = task.committed_nodes()
             if len(committed) * 2 <= len(task.active):  # too few for a majority: decide now
                 return await self.publish_outcome(task)
@@ -188,10 +195,12 @@ class Validator:
         assert task.reveal_deadline is not None
         self.requested.add(task.task_id)
         request = RevealRequest(task_id=task.task_id, deadline=task.reveal_deadline)
-        for node_id in task.committed_nodes():
-            await bus.publish(
-                self.js, subjects.control_subject(node_id), request, msg_id=f"{task.task_id}:{node_id}:reveal"
+        await asyncio.gather(
+            *(
+                bus.publish(self.js, subjects.control_subject(node), request, msg_id=f"{task.task_id}:{node}:reveal")
+                for node in task.committed_nodes()
             )
+        )
 
     async def publish_outcome(self, task: Task | None) -> bus.Redeliver | None:
         if task is None or task.finished:
@@ -209,34 +218,37 @@ class Validator:
         return None
 
     async def update_qos(self, task: Task) -> None:
-        """Add this task's score to each node's window (once per task, even on redelivery)."""
-        for node_id, verdict in task.verdicts.items():
-            if verdict in NO_SAMPLE:
-                continue
-            sample = Sample(task_id=task.task_id, score=task.qos.get(node_id, 0), verdict=verdict)
-            window = await self._add_sample(node_id, sample)
-            if window is None:
-                continue  # already counted
-            recent = window[-PAUSE_WINDOW:]
-            event = NodeQos(
-                node_id=node_id,
-                qos=sum(s.score for s in window) / len(window),
-                samples=len(window),
-                recent_timeouts=sum(1 for s in recent if s.verdict == "timeout"),
-                task_id=task.task_id,
+        """Add this task's score to each node's window (once per task, even on redelivery);
+        the nodes' windows are separate keys, updated at the same time."""
+        await asyncio.gather(
+            *(
+                self._score(task.task_id, node_id, verdict, task.qos.get(node_id, 0))
+                for node_id, verdict in task.verdicts.items()
+                if verdict not in NO_SAMPLE
             )
-            await bus.publish(
-                self.js, subjects.node_subject(node_id, "qos"), event, msg_id=f"{node_id}:qos:{task.task_id}"
-            )
-            if event.recent_timeouts >= 2:
-                log.warning("node_paused", node_id=node_id, recent_timeouts=event.recent_timeouts)
+        )
+
+    async def _score(self, task_id: str, node_id: str, verdict: str, score: int) -> None:
+        window = await self._add_sample(node_id, Sample(task_id=task_id, score=score, verdict=verdict))
+        if window is None:
+            return  # already counted
+        recent = window[-PAUSE_WINDOW:]
+        event = NodeQos(
+            node_id=node_id,
+            qos=sum(s.score for s in window) / len(window),
+            samples=len(window),
+            recent_timeouts=sum(1 for s in recent if s.verdict == "timeout"),
+            task_id=task_id,
+        )
+        await bus.publish(self.js, subjects.node_subject(node_id, "qos"), event, msg_id=f"{node_id}:qos:{task_id}")
+        if event.recent_timeouts >= 2:
+            log.warning("node_paused", node_id=node_id, recent_timeouts=event.recent_timeouts)
 
     async def _add_sample(self, node_id: str, sample: Sample) -> list[Sample] | None:
-        decoder = msgspec.json.Decoder(list[Sample])
         while True:
             try:
                 entry = await self.qos.get(node_id)
-                window, revision = decoder.decode(entry.value or b"[]"), entry.revision
+                window, revision = _window_decoder.decode(entry.value or b"[]"), entry.revision
             except KeyNotFoundError:
                 window, revision = [], None
             if any(s.task_id == sample.task_id for s in window):
@@ -251,6 +263,9 @@ class Validator:
             except KeyWrongLastSequenceError:
                 continue  # another validator wrote first: read again
             return window
+
+
+_window_decoder = msgspec.json.Decoder(list[Sample])
 
 
 def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
