@@ -94,7 +94,7 @@ def test_ineligible_nodes_are_never_picked(change, why):
         assert "n0" not in pick(index, seed, req=req), why
 
 
-def test_a_paused_node_comes_back_only_when_it_restarts():
+def test_a_paused_node_comes_back_only_when_it_passes_the_check():
     index = index_of(*[node(f"n{i}") for i in range(3)])
     index.score(NodeQos(node_id="n0", qos=0.0, samples=3, recent_timeouts=2))
     with pytest.raises(NotEnoughNodes):
@@ -102,8 +102,11 @@ def test_a_paused_node_comes_back_only_when_it_restarts():
     index.join(node("n0"), NOW + 1, __version__)  # announcing again (say, after a pre-fetch) is not enough
     with pytest.raises(NotEnoughNodes):
         pick(index, now=NOW + 1)
-    restarted = msgspec.structs.replace(node("n0"), started_at=NOW + 2)  # a new process, models loaded
+    restarted = msgspec.structs.replace(node("n0"), started_at=NOW + 2)  # nor is a restart
     index.join(restarted, NOW + 2, __version__)
+    with pytest.raises(NotEnoughNodes):
+        pick(index, now=NOW + 2)
+    index.score(NodeQos(node_id="n0", qos=0.0, samples=3, recent_timeouts=0, task_id="probe:1"))  # passed
     assert "n0" in pick(index, now=NOW + 2)
 
 

@@ -16,11 +16,14 @@ from PIL import Image
 
 from stipple_common import bus, subjects
 from stipple_common.commitment import make_commitment, signer
+from stipple_common.errors import Transient
 from stipple_common.messages import (
     Assignment,
     CancelWork,
     NodeErrored,
     NodeJoined,
+    NodeProbed,
+    ProbeRequest,
     ResultRevealed,
     RevealRequest,
     TaskCommitted,
@@ -32,7 +35,6 @@ from stipple_common.nodes import NodeDirectory
 from stipple_common.service import open_service
 from stipple_common.taskspec import LoraSpec, TaskSpec, parse_task
 from stipple_node.pipeline import PipelineRunner
-from stipple_common.errors import Transient
 from stipple_node.service import NodeAgent, NodeSettings, load_or_create_key, parse_models, serve
 
 pytestmark = pytest.mark.integration
@@ -181,6 +183,27 @@ async def test_a_node_reveals_only_when_asked_and_only_once(node):
     await asyncio.sleep(0.3)
     events = await bus.read_subject(node.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
     assert sum(isinstance(e, ResultRevealed) for e in events) == 1
+
+
+async def test_a_probe_is_answered_with_its_result_or_its_error(node):
+    answers = asyncio.Queue()
+
+    async def on_answer(msg):
+        await answers.put(node_event_decoder.decode(msg.data))
+
+    sub = await node.nc.subscribe(subjects.node_subject("n1", "probed"), cb=on_answer)
+    try:
+        for probe_id, model in (("p1", "tiny-sd"), ("p2", "no-such-model")):
+            probe_spec = msgspec.structs.replace(spec(steps=1), base_model=model)
+            probe = ProbeRequest(probe_id=probe_id, spec=probe_spec, deadline=time.time() + 30)
+            await bus.publish(node.js, subjects.control_subject("n1"), probe, msg_id=probe_id)
+        got = [await asyncio.wait_for(answers.get(), 30) for _ in range(2)]
+        ok, failed = sorted(got, key=lambda answer: answer.probe_id)
+    finally:
+        await sub.unsubscribe()
+    assert isinstance(ok, NodeProbed)
+    assert (ok.probe_id, ok.error, len(ok.phash)) == ("p1", "", 16)
+    assert (failed.probe_id, failed.error) == ("p2", "model_not_found")
 
 
 class SlowStorage(NodeAgent):

@@ -15,7 +15,9 @@ from stipple_common.messages import (
     ImageResult,
     NodeErrored,
     NodeJoined,
+    NodeProbed,
     NodeQos,
+    ProbeRequest,
     ResultRevealed,
     RevealRequest,
     TaskAborted,
@@ -42,7 +44,14 @@ ACCOUNTS = {node: new_account() for node in "abcde"}
 
 @pytest.fixture
 async def js(fresh_nats_url):
-    settings = ValidatorSettings(nats_url=fresh_nats_url, phash_threshold=4, deadline_grace_s=0.1, reveal_timeout_s=1.0)
+    settings = ValidatorSettings(
+        nats_url=fresh_nats_url,
+        phash_threshold=4,
+        deadline_grace_s=0.1,
+        reveal_timeout_s=1.0,
+        probe_every_s=0.2,
+        probe_timeout_s=5.0,
+    )
     stop = asyncio.Event()
     async with open_service("validator", settings, stop=stop) as ctx:
         for node, account in ACCOUNTS.items():
@@ -196,6 +205,59 @@ async def test_outcomes_update_each_nodes_qos_window_and_two_timeouts_pause(js):
     assert scores["c"].qos == 0.0
     assert scores["c"].recent_timeouts == 2  # the dispatcher pauses c
     assert scores["a"].recent_timeouts == 0
+
+
+async def next_probe(sub, timeout=10.0) -> ProbeRequest:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msgs = await sub.fetch(1, timeout=1)
+        except TimeoutError:
+            continue
+        for msg in msgs:
+            await msg.ack()
+            request = control_decoder.decode(msg.data)
+            if isinstance(request, ProbeRequest):
+                return request
+    raise AssertionError("no probe came")
+
+
+async def answer_probe(js, node, probe_id, error=""):
+    event = NodeProbed(node_id=node, probe_id=probe_id, elapsed_s=0.1, phash="" if error else "0" * 16, error=error)
+    await bus.publish(js, subjects.node_subject(node, "probed"), event, msg_id=f"{node}:probe:{probe_id}:{error}")
+
+
+async def test_a_paused_node_is_probed_and_only_a_passed_probe_lifts_the_pause(js):
+    probes = await js.pull_subscribe(subjects.control_subject("c"), stream=subjects.WORK_STREAM)
+    for _ in range(2):  # c never commits: two timeouts pause it
+        task_id = await start_task(js, deadline_in=1.0)
+        await reveal(js, task_id, "a", "0" * 16)
+        await reveal(js, task_id, "b", "0" * 16)
+        await outcome(js, task_id)
+    assert (await node_qos(js, "c", task_id)).recent_timeouts == 2
+
+    first = await next_probe(probes)
+    assert first.spec.model_name == "tiny-sd"  # a model c announced
+    assert (first.spec.task_config.steps, first.spec.task_config.image_width) == (1, 64)
+    await answer_probe(js, "c", first.probe_id, error="internal")  # failed: still paused, and probed again
+    second = await next_probe(probes)
+    assert second.probe_id != first.probe_id
+    await answer_probe(js, "c", first.probe_id)  # an answer to an older probe counts for nothing
+    await asyncio.sleep(0.5)
+    raw = await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("c", "qos"))
+    assert node_event_decoder.decode(raw.data).recent_timeouts == 2
+
+    await answer_probe(js, "c", second.probe_id)
+    cleared = await node_qos(js, "c", f"probe:{second.probe_id}")
+    assert cleared.recent_timeouts == 0  # the dispatcher lifts the pause
+    assert (cleared.samples, cleared.qos) == (2, 0.0)  # the check is no scored task
+
+    # one more timeout after the check does not pause c again at once
+    task_id = await start_task(js, deadline_in=1.0)
+    await reveal(js, task_id, "a", "0" * 16)
+    await reveal(js, task_id, "b", "0" * 16)
+    await outcome(js, task_id)
+    assert (await node_qos(js, "c", task_id)).recent_timeouts == 1
 
 
 async def test_a_cancelled_task_is_not_decided_and_changes_no_qos(js):

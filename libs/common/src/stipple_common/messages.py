@@ -184,7 +184,18 @@ class PrefetchRequest(msgspec.Struct, frozen=True, kw_only=True, tag="prefetch",
     task_id: str = ""  # not a task's: control messages share the field
 
 
-ControlMessage = RevealRequest | CancelWork | PrefetchRequest
+class ProbeRequest(msgspec.Struct, frozen=True, kw_only=True, tag="probe", tag_field="type"):
+    """On ``work.<node_id>.control``: the check a paused node must pass to be dispatched
+    again. Run `spec` (a tiny task on a model the node serves) and answer with
+    ``nodes.<node_id>.probed`` by `deadline`."""
+
+    probe_id: str
+    spec: TaskSpec
+    deadline: float
+    task_id: str = ""  # not a task's: control messages share the field
+
+
+ControlMessage = RevealRequest | CancelWork | PrefetchRequest | ProbeRequest
 
 
 # --------------------------------------------------------------------------- nodes
@@ -226,11 +237,21 @@ class NodeQos(msgspec.Struct, frozen=True, kw_only=True, tag="qos", tag_field="t
     node_id: str
     qos: float  # mean score (0..10) over the last `samples` tasks (at most 50)
     samples: int
-    recent_timeouts: int  # timeouts among the last 3 tasks; 2 or more pauses the node
-    task_id: str = ""  # the task that changed it
+    recent_timeouts: int  # timeouts among the last 3 tasks since the last passed check; 2 or more pauses the node
+    task_id: str = ""  # the task that changed it ("probe:<id>" for a passed check)
 
 
-NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos
+class NodeProbed(msgspec.Struct, frozen=True, kw_only=True, tag="probed", tag_field="type"):
+    """A node's answer to a ProbeRequest: it ran the probe (`error` empty) or could not."""
+
+    node_id: str
+    probe_id: str
+    elapsed_s: float
+    phash: str = ""
+    error: str = ""  # the error code when the probe failed
+
+
+NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos | NodeProbed
 
 
 # --------------------------------------------------------------------------- queue

@@ -4,7 +4,7 @@
 place, so one decision over 10,000 registered nodes is a handful of vector operations.
 
 Eligible: live (a heartbeat within the TTL, not quit), not paused (2 timeouts in its last
-3 tasks, until it restarts: a new announcement with a new start time, models loaded), stake
+3 tasks, until it passes the validator's check: a probe task answered in time), stake
 at least the minimum, memory at least what the task's model needs, a compatible
 version, serving the base model (by name or on disk), and a free slot (fewer tasks in
 flight than `slots`).
@@ -139,10 +139,7 @@ class NodeIndex:
             self.ids.append(node.node_id)
             self.joined.append(node)
         else:
-            restarted = node.started_at != self.joined[row].started_at
-            self.joined[row] = node
-            if restarted:
-                self.paused[row] = False  # back with its models loaded: a restart lifts a pause
+            self.joined[row] = node  # a restart alone does not lift a pause: the check does
         self.operator[row] = self._operators.setdefault(node.operator, len(self._operators))
         self.stake[row] = node.stake
         self.memory[row] = node.memory_bytes
@@ -173,8 +170,7 @@ class NodeIndex:
         if row is None:
             return
         self.qos[row] = event.qos
-        if event.recent_timeouts >= 2:
-            self.paused[row] = True
+        self.paused[row] = event.recent_timeouts >= 2  # a passed check publishes 0
 
     def assigned(self, nodes: Iterable[str], delta: int = 1) -> None:
         for node_id in nodes:

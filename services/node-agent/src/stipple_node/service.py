@@ -1,5 +1,5 @@
 """Node-agent wiring: announce, heartbeat, pull assignments from ``work.<node_id>.task``
-and control messages (reveal, cancel) from ``work.<node_id>.control``.
+and control messages (reveal, cancel, pre-fetch, probe) from ``work.<node_id>.control``.
 
 One task at a time (a GPU runs one diffusion at a time); the diffusion runs in a worker
 thread so heartbeats, progress, control messages and `in_progress()` keep flowing. A
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -44,8 +45,10 @@ from stipple_common.messages import (
     NodeErrored,
     NodeHeartbeat,
     NodeJoined,
+    NodeProbed,
     NodeQuit,
     PrefetchRequest,
+    ProbeRequest,
     Progress,
     ResultRevealed,
     RevealRequest,
@@ -175,6 +178,7 @@ class NodeAgent:
         self.committed: OrderedDict[str, _Committed] = OrderedDict()  # task id -> result awaiting its reveal
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
         self.prefetching: dict[str, asyncio.Task[None]] = {}
+        self.probing: dict[str, asyncio.Task[None]] = {}
         self.started_at = time.time()  # a new one only on a restart (the dispatcher lifts a pause then)
         self.node_id = node_id
         self.store = store
@@ -377,6 +381,10 @@ class NodeAgent:
             if message.ref not in self.prefetching:  # a download must not hold up reveals: run it aside
                 self.prefetching[message.ref] = asyncio.create_task(self.prefetch(message))
             return None
+        if isinstance(message, ProbeRequest):  # the check a paused node passes to work again
+            if message.probe_id not in self.probing:
+                self.probing[message.probe_id] = asyncio.create_task(self.probe(message))
+            return None
         if isinstance(message, CancelWork):
             self.cancelled[message.task_id] = None
             while len(self.cancelled) > 10_000:
@@ -405,6 +413,34 @@ class NodeAgent:
         await self._publish_event(revealed, "revealed", message.task_id)
         self.tasks.labels("revealed").inc()
         return None
+
+    async def probe(self, request: ProbeRequest) -> None:
+        """Run the probe's tiny task (after any task in progress) and answer it."""
+        started = time.perf_counter()
+        phash, error = "", ""
+        try:
+            images = await asyncio.to_thread(self.runner.run, canonical(request.spec))
+            phash = images[0].phash
+        except StippleError as exc:
+            error = exc.code
+        except Exception as exc:  # the answer says the pipeline is broken; the node stays up
+            log.exception("probe_crashed")
+            error = "out_of_memory" if "out of memory" in str(exc).lower() else "internal"
+        answer = NodeProbed(
+            node_id=self.node_id,
+            probe_id=request.probe_id,
+            elapsed_s=time.perf_counter() - started,
+            phash=phash,
+            error=error,
+        )
+        try:
+            subject = subjects.node_subject(self.node_id, "probed")
+            await bus.publish(self.js, subject, answer, msg_id=f"{self.node_id}:probe:{request.probe_id}")
+            log.info("probe_answered", probe_id=request.probe_id, error=error, elapsed_s=round(answer.elapsed_s, 3))
+        except (nats.errors.Error, TimeoutError) as exc:  # unanswered: the validator sends another probe
+            log.warning("probe_not_answered", probe_id=request.probe_id, error=str(exc))
+        finally:
+            self.probing.pop(request.probe_id, None)
 
     async def _generate(self, work: Assignment) -> list[GeneratedImage]:
         """Run the task in a worker thread (the runner validates it again: a node trusts nobody)."""

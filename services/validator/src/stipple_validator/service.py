@@ -14,8 +14,9 @@ lacks may be waiting behind the timer in the consumer. Then:
 2. reveal stage: when every committed node has revealed (or errored), or the reveal
    deadline passes, it decides (decide.py) and publishes the outcome.
 3. an outcome event (its own, or the gateway's `cancelled`) updates the QoS window of
-   every node in the task (KV bucket `qos`, idempotent per task) and publishes
-   ``nodes.<id>.qos`` for the dispatcher.
+   every node in the task (qos.py: KV bucket `qos`, idempotent per task) and publishes
+   ``nodes.<id>.qos`` for the dispatcher. A node that this pauses gets a check to pass
+   before it is dispatched again (probes.py).
 
 Deadlines need no timer: the `assigned` and `reveal` events are nak'ed with a delay until
 their deadline, and their redelivery decides with whatever is in. One validator runs at
@@ -35,8 +36,6 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
 from stipple_common import bus, subjects
@@ -44,7 +43,6 @@ from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
-    NodeQos,
     RevealRequest,
     TaskAborted,
     TaskEvent,
@@ -58,11 +56,11 @@ from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings
 
 from .decide import decide
+from .probes import Prober
+from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
 
 log = structlog.get_logger("stipple.validator")
 
-QOS_WINDOW = 50  # a node's QoS is the mean of its last 50 scored tasks
-PAUSE_WINDOW = 3  # ... and 2 timeouts among its last 3 pause it
 NO_SAMPLE = ("undecided", "cancelled")  # verdicts that say nothing about the node
 
 
@@ -72,6 +70,8 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     reveal_timeout_s: float = 10.0  # from the reveal opening to every committed node's reveal
     node_ttl_s: float = 10.0
     fold_cache: int = 100_000  # unfinished tasks kept folded in memory
+    probe_every_s: float = 5.0  # how often a paused, live node is sent the check (probes.py)
+    probe_timeout_s: float = 60.0  # how long a node has to answer it
 
 
 @dataclass(frozen=True)
@@ -80,24 +80,20 @@ class _Folded:
     seq: int  # the last stream sequence folded in
 
 
-class Sample(msgspec.Struct, array_like=True, frozen=True):
-    task_id: str
-    score: int
-    verdict: str
-
-
 class Validator:
     def __init__(
         self,
         js: JetStreamContext,
         directory: NodeDirectory,
-        qos: KeyValue,
+        windows: QosWindows,
+        prober: Prober,
         settings: ValidatorSettings,
         metrics: Metrics,
     ) -> None:
         self.js = js
         self.directory = directory
-        self.qos = qos
+        self.windows = windows
+        self.prober = prober
         self.settings = settings
         self.tasks: OrderedDict[str, _Folded] = OrderedDict()  # the in-memory fold (LRU)
         self.requested: set[str] = set()  # tasks whose reveal requests this process sent
@@ -229,43 +225,15 @@ class Validator:
         )
 
     async def _score(self, task_id: str, node_id: str, verdict: str, score: int) -> None:
-        window = await self._add_sample(node_id, Sample(task_id=task_id, score=score, verdict=verdict))
+        window = await self.windows.add(node_id, Sample(task_id=task_id, score=score, verdict=verdict))
         if window is None:
             return  # already counted
-        recent = window[-PAUSE_WINDOW:]
-        event = NodeQos(
-            node_id=node_id,
-            qos=sum(s.score for s in window) / len(window),
-            samples=len(window),
-            recent_timeouts=sum(1 for s in recent if s.verdict == "timeout"),
-            task_id=task_id,
-        )
+        event = summary(node_id, window, task_id)
         await bus.publish(self.js, subjects.node_subject(node_id, "qos"), event, msg_id=f"{node_id}:qos:{task_id}")
-        if event.recent_timeouts >= 2:
+        paused = event.recent_timeouts >= PAUSE_TIMEOUTS
+        self.prober.pause_changed(node_id, paused)
+        if paused:
             log.warning("node_paused", node_id=node_id, recent_timeouts=event.recent_timeouts)
-
-    async def _add_sample(self, node_id: str, sample: Sample) -> list[Sample] | None:
-        while True:
-            try:
-                entry = await self.qos.get(node_id)
-                window, revision = _window_decoder.decode(entry.value or b"[]"), entry.revision
-            except KeyNotFoundError:
-                window, revision = [], None
-            if any(s.task_id == sample.task_id for s in window):
-                return None
-            window = [*window, sample][-QOS_WINDOW:]
-            data = msgspec.json.encode(window)
-            try:
-                if revision is None:
-                    await self.qos.create(node_id, data)
-                else:
-                    await self.qos.update(node_id, data, last=revision)
-            except KeyWrongLastSequenceError:
-                continue  # another validator wrote first: read again
-            return window
-
-
-_window_decoder = msgspec.json.Decoder(list[Sample])
 
 
 def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
@@ -301,9 +269,15 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     qos = await ctx.js.create_key_value(
         KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
-    validator = Validator(ctx.js, directory, qos, settings, ctx.metrics)
+    windows = QosWindows(qos)
+    prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
+    await prober.rebuild()
+    validator = Validator(ctx.js, directory, windows, prober, settings, ctx.metrics)
     log.info("validator_started", threshold=settings.phash_threshold)
+    probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
     try:
         await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle)
     finally:
+        ctx.stop.set()
+        await probing
         await sub.unsubscribe()  # type: ignore[attr-defined]

@@ -1,0 +1,96 @@
+"""Each node's QoS window: its last 50 scored tasks in the KV bucket `qos` (one key per
+node, written with compare-and-set so two writers never lose a sample), and what the
+dispatcher reads from it (``nodes.<id>.qos``): the mean score and the timeouts among the
+last 3 tasks since the node last passed a check (2 or more pause it).
+
+A passed check (probes.py) adds a `cleared` marker to the window: it carries no score
+and ends the run of timeouts that paused the node, so one good task after the check
+does not pause it again.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from stipple_common.messages import NodeQos
+
+QOS_WINDOW = 50  # a node's QoS is the mean of its last 50 scored tasks
+PAUSE_WINDOW = 3  # ... and 2 timeouts among its last 3 pause it
+PAUSE_TIMEOUTS = 2
+CLEARED = "cleared"  # the verdict of a passed check's marker
+
+
+class Sample(msgspec.Struct, array_like=True, frozen=True):
+    task_id: str
+    score: int
+    verdict: str
+
+
+_window_decoder = msgspec.json.Decoder(list[Sample])
+
+
+def recent_timeouts(window: list[Sample]) -> int:
+    """Timeouts among the last `PAUSE_WINDOW` tasks after the last passed check."""
+    since = window
+    for i in range(len(window) - 1, -1, -1):
+        if window[i].verdict == CLEARED:
+            since = window[i + 1 :]
+            break
+    return sum(1 for s in since[-PAUSE_WINDOW:] if s.verdict == "timeout")
+
+
+def summary(node_id: str, window: list[Sample], changed_by: str) -> NodeQos:
+    scored = [s for s in window if s.verdict != CLEARED]
+    return NodeQos(
+        node_id=node_id,
+        qos=sum(s.score for s in scored) / len(scored) if scored else 0.0,
+        samples=len(scored),
+        recent_timeouts=recent_timeouts(window),
+        task_id=changed_by,
+    )
+
+
+class QosWindows:
+    """The `qos` bucket: add a sample once per task (a redelivery adds nothing)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def add(self, node_id: str, sample: Sample) -> list[Sample] | None:
+        """The window with `sample` added, or None when it holds that task already."""
+        while True:
+            window, revision = await self._read(node_id)
+            if any(s.task_id == sample.task_id for s in window):
+                return None
+            window = [*window, sample][-QOS_WINDOW:]
+            data = msgspec.json.encode(window)
+            try:
+                if revision is None:
+                    await self.kv.create(node_id, data)
+                else:
+                    await self.kv.update(node_id, data, last=revision)
+            except KeyWrongLastSequenceError:
+                continue  # another writer came first: read again
+            return window
+
+    async def paused(self) -> list[str]:
+        """The nodes whose window pauses them now (to rebuild the prober at start)."""
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return []
+        out = []
+        for node_id in keys:
+            window, _ = await self._read(node_id)
+            if recent_timeouts(window) >= PAUSE_TIMEOUTS:
+                out.append(node_id)
+        return out
+
+    async def _read(self, node_id: str) -> tuple[list[Sample], int | None]:
+        try:
+            entry = await self.kv.get(node_id)
+        except KeyNotFoundError:
+            return [], None
+        return _window_decoder.decode(entry.value or b"[]"), entry.revision

@@ -1,0 +1,58 @@
+"""The QoS window: the mean of scored tasks, and the timeouts that pause a node counted
+only since its last passed check."""
+
+import uuid
+
+import pytest
+from nats.js.api import KeyValueConfig
+
+from stipple_validator.qos import CLEARED, QOS_WINDOW, QosWindows, Sample, recent_timeouts, summary
+
+
+def window(*verdicts: str) -> list[Sample]:
+    return [Sample(task_id=f"t{i}", score=10 if v == "agree" else 0, verdict=v) for i, v in enumerate(verdicts)]
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "timeouts"),
+    [
+        ((), 0),
+        (("timeout", "timeout"), 2),
+        (("timeout", "agree", "timeout"), 2),
+        (("timeout", "timeout", "agree", "agree"), 1),  # the last 3 only
+        (("timeout", "timeout", CLEARED), 0),
+        (("timeout", "timeout", CLEARED, "timeout"), 1),
+        (("timeout", CLEARED, "timeout", "timeout"), 2),
+    ],
+)
+def test_recent_timeouts_count_the_last_three_since_the_check(verdicts, timeouts):
+    assert recent_timeouts(window(*verdicts)) == timeouts
+
+
+def test_the_check_marker_is_no_sample():
+    qos = summary("n", window("agree", "timeout", CLEARED), "probe:1")
+    assert (qos.qos, qos.samples, qos.recent_timeouts, qos.task_id) == (5.0, 2, 0, "probe:1")
+    assert summary("n", window(CLEARED), "probe:2").qos == 0.0
+
+
+@pytest.mark.integration
+async def test_windows_add_once_keep_fifty_and_list_the_paused(fresh_nats_url):
+    import nats
+
+    nc = await nats.connect(fresh_nats_url)
+    try:
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=f"qos{uuid.uuid4().hex[:8]}"))
+        windows = QosWindows(kv)
+        assert await windows.paused() == []
+        for i in range(QOS_WINDOW + 5):
+            assert await windows.add("ok", Sample(task_id=f"t{i}", score=10, verdict="agree")) is not None
+        assert await windows.add("ok", Sample(task_id="t54", score=10, verdict="agree")) is None  # counted once
+        assert len((await windows.add("ok", Sample(task_id="x", score=5, verdict="agree"))) or []) == QOS_WINDOW
+        for i in range(2):
+            await windows.add("slow", Sample(task_id=f"t{i}", score=0, verdict="timeout"))
+        await windows.add("back", Sample(task_id="t0", score=0, verdict="timeout"))
+        await windows.add("back", Sample(task_id="t1", score=0, verdict="timeout"))
+        await windows.add("back", Sample(task_id="probe:1", score=0, verdict=CLEARED))
+        assert await windows.paused() == ["slow"]  # what a restarted validator probes
+    finally:
+        await nc.close()

@@ -1,0 +1,126 @@
+"""A node that misses two of its last three tasks is paused, and comes back only by
+passing the validator's check (a probe task answered in time).
+
+The real dispatcher, validator and three real node agents (one process, their own
+nats-server, the tiny model). The suspect is the real node agent that ignores its
+first two assignments (a stuck GPU, say) but keeps its control consumer: the first two
+tasks end with it timed out, which pauses it; with only three operators no task can be
+dispatched until the check lifts the pause, and the third task then runs on all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+from nats.aio.msg import Msg
+
+from stipple_common import bus, subjects
+from stipple_common.messages import NodeQos, TaskAborted, TaskSubmitted, TaskSucceeded, node_event_decoder
+from stipple_common.service import open_service
+from stipple_common.taskspec import parse_task
+from stipple_dispatcher.service import DispatcherSettings
+from stipple_dispatcher.service import serve as serve_dispatcher
+from stipple_node.pipeline import PipelineRunner
+from stipple_node.service import NodeAgent, NodeSettings
+from stipple_node.service import serve as serve_node
+from stipple_validator.service import ValidatorSettings
+from stipple_validator.service import serve as serve_validator
+
+from .test_misbehaving import wait_for_outcome
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HONEST = ("honest-1", "honest-2")
+SUSPECT = "suspect"
+COMMIT_TIMEOUT_S = 2.0
+
+
+class StuckTwice(NodeAgent):
+    """Takes its first two assignments and does nothing with them; honest afterwards."""
+
+    ignored = 0
+
+    async def handle(self, msg: Msg) -> bus.Redeliver | None:
+        if type(self).ignored < 2:
+            type(self).ignored += 1
+            return None
+        return await super().handle(msg)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
+    from stipple_node.pipeline import configure_determinism
+    from stipple_node.tinymodel import make_tiny_model
+
+    configure_determinism(1)
+    runner = PipelineRunner({"tiny-sd": make_tiny_model(Path(tmp_path_factory.mktemp("tiny")))})
+    runner.load("tiny-sd")
+    return runner
+
+
+async def test_a_paused_node_works_again_only_after_passing_the_check(
+    fresh_nats_url: str, runner: PipelineRunner
+) -> None:
+    qos_events: list[NodeQos] = []
+    stop = asyncio.Event()
+    async with AsyncExitStack() as stack:
+        services = []
+        dispatcher_settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=COMMIT_TIMEOUT_S)
+        ctx = await stack.enter_async_context(open_service("dispatcher", dispatcher_settings, stop=stop))
+        services.append(asyncio.create_task(serve_dispatcher(ctx, dispatcher_settings)))
+        validator_settings = ValidatorSettings(
+            nats_url=fresh_nats_url, phash_threshold=2, deadline_grace_s=0.1, probe_every_s=0.3
+        )
+        ctx = await stack.enter_async_context(open_service("validator", validator_settings, stop=stop))
+        services.append(asyncio.create_task(serve_validator(ctx, validator_settings)))
+        for node_id, agent_type in [(HONEST[0], NodeAgent), (SUSPECT, StuckTwice), (HONEST[1], NodeAgent)]:
+            settings = NodeSettings(nats_url=fresh_nats_url, node_id=node_id, operator=node_id, heartbeat_s=0.5)
+            ctx = await stack.enter_async_context(open_service("node-agent", settings, blobs=True, stop=stop))
+            services.append(asyncio.create_task(serve_node(ctx, settings, runner, agent_type=agent_type)))
+        app = await stack.enter_async_context(open_service("test-app", dispatcher_settings, stop=stop))
+
+        async def on_qos(msg: Msg) -> None:
+            event = node_event_decoder.decode(msg.data)
+            if isinstance(event, NodeQos) and event.node_id == SUSPECT:
+                qos_events.append(event)
+
+        await app.nc.subscribe(subjects.node_subject(SUSPECT, "qos"), cb=on_qos)
+        await asyncio.sleep(1.0)  # nodes announce themselves
+
+        async def run_task(seed: int) -> TaskSucceeded | TaskAborted:
+            task_id = uuid.uuid4().hex
+            spec = parse_task(
+                {
+                    "base_model": "tiny-sd",
+                    "prompt": "a lighthouse",
+                    "task_config": {"image_width": 64, "image_height": 64, "steps": 2, "seed": seed},
+                }
+            )
+            submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
+            await bus.publish(app.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
+            return await wait_for_outcome(app.js, task_id, timeout=30)
+
+        try:
+            for seed in (1, 2):
+                outcome = await run_task(seed)
+                assert isinstance(outcome, TaskSucceeded), outcome
+                assert outcome.verdicts[SUSPECT] == "timeout"
+            third = await run_task(3)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*services), 30)
+
+    assert isinstance(third, TaskSucceeded), third
+    assert third.verdicts == {HONEST[0]: "agree", SUSPECT: "agree", HONEST[1]: "agree"}
+    # paused after the second timeout, cleared by a probe, then scored on the third task
+    paused = next(i for i, e in enumerate(qos_events) if e.recent_timeouts >= 2)
+    cleared = next(i for i, e in enumerate(qos_events) if e.task_id.startswith("probe:"))
+    assert paused < cleared
+    assert qos_events[cleared].recent_timeouts == 0
+    assert qos_events[-1].task_id == third.task_id
+    assert qos_events[-1].recent_timeouts == 0
