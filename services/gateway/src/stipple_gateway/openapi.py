@@ -11,6 +11,7 @@ the JSON document is the artifact, the page only a viewer for it.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -150,6 +151,9 @@ def build() -> dict[str, Any]:
         *EVENTS.values(),
     ]
     _, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
+    for schema in schemas.values():  # msgspec releases differ in how they dedent docstrings
+        if "description" in schema:
+            schema["description"] = inspect.cleandoc(schema["description"])
     paths: dict[str, Any] = {
         "/v1/tasks": {
             "post": {
