@@ -39,7 +39,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for name, record in REGISTRY.items():
         torch.manual_seed(0)
         path = folder / f"{name}.pth"
-        torch.save(record.to_published(record.build()), path)
+        record.save(record.to_published(record.build()), path)
         out[name] = str(path)
     return out
 

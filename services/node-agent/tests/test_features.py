@@ -202,9 +202,9 @@ def test_annotator_preprocessors_say_they_are_unavailable(runner: PipelineRunner
     control = {
         "model": str(zoo["tiny-controlnet-sd15"]),
         "image_dataurl": data_url(pattern()),
-        "preprocess": {"method": "depth_zoe"},
+        "preprocess": {"method": "mediapipe_face"},
     }
-    with pytest.raises(PreprocessorUnavailable, match="depth_zoe"):
+    with pytest.raises(PreprocessorUnavailable, match="mediapipe_face"):
         run(runner, controlnet=control)
 
 

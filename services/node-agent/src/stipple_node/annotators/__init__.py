@@ -42,6 +42,11 @@ def load_torch_state(network: nn.Module, path: Path) -> None:
     network.load_state_dict(state)
 
 
+def save_torch(published: Any, path: Path) -> None:
+    """Writes what `to_published` gives as the usual layout does (`torch.save`)."""
+    torch.save(published, str(path))
+
+
 @dataclass(frozen=True)
 class Annotator:
     name: str  # the key of its weights in STIPPLE_ANNOTATOR_WEIGHTS
@@ -54,6 +59,9 @@ class Annotator:
     load: Callable[[nn.Module, Path], None] = load_torch_state
     # the inverse of `load`: what the published file holds for `network` (tests write it)
     to_published: Callable[[nn.Module], Any] = lambda network: network.state_dict()
+    # (what `to_published` gives, path) -> the published file (tests write it); a file that
+    # is not a torch.save'd object (TorchScript) needs its own
+    save: Callable[[Any, Path], None] = save_torch
     # Other records whose networks a method needs as well: {method: (record name, ...)}.
     # `Annotators.apply` loads them too and passes them to `run` as `uses={name: network}`
     # (empty for a method not listed). A record without `uses` gets no such keyword.
@@ -109,7 +117,7 @@ class Annotators:
                 ref = self._refs.get(name, "")
                 if self._resolve is None or not ref:
                     raise PreprocessorUnavailable(
-                        f"controlnet.preprocess.method: {record.methods[0]} needs annotator weights "
+                        f"controlnet.preprocess.method: {(record.methods or (name,))[0]} needs annotator weights "
                         "and this node has no model store"
                     )
                 path = self._resolve(ref)
