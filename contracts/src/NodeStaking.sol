@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.37;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+
+/// @title Node staking
+/// @notice A node joins the network by staking at least `minimumStake` tokens. It leaves in
+/// two steps: `requestUnstake` starts a cooldown during which the stake can still be slashed
+/// (a wrong result found late still costs it), then `withdraw` returns what is left. The
+/// validator role slashes a node's stake to the treasury when its result was wrong.
+contract NodeStaking is AccessControl, ReentrancyGuard {
+    using SafeERC20 for IERC20;
+
+    bytes32 public constant VALIDATOR_ROLE = keccak256("VALIDATOR_ROLE");
+
+    struct Stake {
+        uint256 amount;
+        /// When `withdraw` becomes possible; 0 while the node has not asked to unstake.
+        uint64 unstakeAt;
+    }
+
+    IERC20 public immutable token;
+    uint256 public immutable minimumStake;
+    uint64 public immutable cooldown;
+    address public immutable treasury;
+
+    mapping(address node => Stake) private _stakes;
+
+    event Staked(address indexed node, uint256 amount, uint256 total);
+    event UnstakeRequested(address indexed node, uint256 amount, uint64 availableAt);
+    event Withdrawn(address indexed node, uint256 amount);
+    event Slashed(address indexed node, uint256 amount, bytes32 indexed taskId, uint256 remaining);
+
+    error ZeroAddress(string what);
+    error ZeroAmount();
+    error StakeBelowMinimum(uint256 total, uint256 minimum);
+    error UnstakePending(address node, uint64 availableAt);
+    error NotStaked(address node);
+    error UnstakeNotRequested(address node);
+    error CooldownNotOver(address node, uint64 availableAt, uint256 blockTime);
+    error SlashExceedsStake(address node, uint256 amount, uint256 staked);
+
+    /// @param admin gets DEFAULT_ADMIN_ROLE and VALIDATOR_ROLE (grant the latter to the validator's key).
+    /// @param minimum_ the least stake a node must hold to be active.
+    /// @param cooldown_ seconds between `requestUnstake` and the earliest `withdraw`.
+    /// @param treasury_ receives slashed tokens.
+    constructor(IERC20 token_, address admin, uint256 minimum_, uint64 cooldown_, address treasury_) {
+        if (address(token_) == address(0)) revert ZeroAddress("token");
+        if (admin == address(0)) revert ZeroAddress("admin");
+        if (treasury_ == address(0)) revert ZeroAddress("treasury");
+        token = token_;
+        minimumStake = minimum_;
+        cooldown = cooldown_;
+        treasury = treasury_;
+        _grantRole(DEFAULT_ADMIN_ROLE, admin);
+        _grantRole(VALIDATOR_ROLE, admin);
+    }
+
+    /// @notice Adds `amount` to the caller's stake (pulled with transferFrom: approve first).
+    /// The total after it must reach the minimum; a node that asked to unstake cannot add.
+    function stake(uint256 amount) external nonReentrant {
+        if (amount == 0) revert ZeroAmount();
+        Stake storage s = _stakes[msg.sender];
+        if (s.unstakeAt != 0) revert UnstakePending(msg.sender, s.unstakeAt);
+        uint256 total = s.amount + amount;
+        if (total < minimumStake) revert StakeBelowMinimum(total, minimumStake);
+        s.amount = total;
+        token.safeTransferFrom(msg.sender, address(this), amount);
+        emit Staked(msg.sender, amount, total);
+    }
+
+    /// @notice Starts the cooldown: the node is inactive from now on and may withdraw after it.
+    function requestUnstake() external {
+        Stake storage s = _stakes[msg.sender];
+        if (s.amount == 0) revert NotStaked(msg.sender);
+        if (s.unstakeAt != 0) revert UnstakePending(msg.sender, s.unstakeAt);
+        uint64 availableAt = uint64(block.timestamp) + cooldown;
+        s.unstakeAt = availableAt;
+        emit UnstakeRequested(msg.sender, s.amount, availableAt);
+    }
+
+    /// @notice Returns the caller's whole remaining stake once the cooldown is over.
+    function withdraw() external nonReentrant {
+        Stake memory s = _stakes[msg.sender];
+        if (s.unstakeAt == 0) revert UnstakeNotRequested(msg.sender);
+        if (block.timestamp < s.unstakeAt) revert CooldownNotOver(msg.sender, s.unstakeAt, block.timestamp);
+        delete _stakes[msg.sender];
+        if (s.amount != 0) token.safeTransfer(msg.sender, s.amount);
+        emit Withdrawn(msg.sender, s.amount);
+    }
+
+    /// @notice Takes `amount` of `node`'s stake to the treasury for the task `taskId`.
+    /// Works during the cooldown too; never more than the node holds.
+    function slash(address node, uint256 amount, bytes32 taskId) external onlyRole(VALIDATOR_ROLE) nonReentrant {
+        if (amount == 0) revert ZeroAmount();
+        Stake storage s = _stakes[node];
+        uint256 staked = s.amount;
+        if (amount > staked) revert SlashExceedsStake(node, amount, staked);
+        uint256 remaining = staked - amount;
+        s.amount = remaining;
+        token.safeTransfer(treasury, amount);
+        emit Slashed(node, amount, taskId, remaining);
+    }
+
+    /// @notice Tokens `node` has staked (including during the cooldown).
+    function stakeOf(address node) external view returns (uint256) {
+        return _stakes[node].amount;
+    }
+
+    /// @notice When `node` may withdraw; 0 when it has not asked to unstake.
+    function unstakeAvailableAt(address node) external view returns (uint64) {
+        return _stakes[node].unstakeAt;
+    }
+
+    /// @notice Whether `node` may take tasks: it holds at least the minimum and is not leaving.
+    function isActive(address node) external view returns (bool) {
+        Stake memory s = _stakes[node];
+        return s.unstakeAt == 0 && s.amount >= minimumStake && s.amount != 0;
+    }
+}
