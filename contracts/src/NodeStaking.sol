@@ -28,6 +28,7 @@ contract NodeStaking is AccessControl, ReentrancyGuard {
     address public immutable treasury;
 
     mapping(address node => Stake) private _stakes;
+    mapping(bytes32 taskId => mapping(address node => bool)) private _slashedFor;
 
     event Staked(address indexed node, uint256 amount, uint256 total);
     event UnstakeRequested(address indexed node, uint256 amount, uint64 availableAt);
@@ -42,6 +43,7 @@ contract NodeStaking is AccessControl, ReentrancyGuard {
     error UnstakeNotRequested(address node);
     error CooldownNotOver(address node, uint64 availableAt, uint256 blockTime);
     error SlashExceedsStake(address node, uint256 amount, uint256 staked);
+    error AlreadySlashed(address node, bytes32 taskId);
 
     /// @param admin gets DEFAULT_ADMIN_ROLE and VALIDATOR_ROLE (grant the latter to the validator's key).
     /// @param minimum_ the least stake a node must hold to be active.
@@ -93,9 +95,11 @@ contract NodeStaking is AccessControl, ReentrancyGuard {
     }
 
     /// @notice Takes `amount` of `node`'s stake to the treasury for the task `taskId`.
-    /// Works during the cooldown too; never more than the node holds.
+    /// Works during the cooldown too; never more than the node holds; once per node and task.
     function slash(address node, uint256 amount, bytes32 taskId) external onlyRole(VALIDATOR_ROLE) nonReentrant {
         if (amount == 0) revert ZeroAmount();
+        if (_slashedFor[taskId][node]) revert AlreadySlashed(node, taskId);
+        _slashedFor[taskId][node] = true;
         Stake storage s = _stakes[node];
         uint256 staked = s.amount;
         if (amount > staked) revert SlashExceedsStake(node, amount, staked);
@@ -103,6 +107,11 @@ contract NodeStaking is AccessControl, ReentrancyGuard {
         s.amount = remaining;
         token.safeTransfer(treasury, amount);
         emit Slashed(node, amount, taskId, remaining);
+    }
+
+    /// @notice Whether `node` was slashed for `taskId` already.
+    function slashedFor(address node, bytes32 taskId) external view returns (bool) {
+        return _slashedFor[taskId][node];
     }
 
     /// @notice Tokens `node` has staked (including during the cooldown).

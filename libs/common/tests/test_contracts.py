@@ -284,6 +284,18 @@ class ContractSuite:
         with reverted("SlashExceedsStake"):
             c.slash(env.validator, env.stranger, 1, "task-1")
 
+    def test_slash_twice_for_one_task_reverts(self, env: Env) -> None:
+        c, node = env.chain, env.nodes[0]
+        c.stake(node, MIN_STAKE + 100)
+        assert not c.slashed_for(node, "task-1")
+        c.slash(env.validator, node, 10, "task-1")
+        assert c.slashed_for(node, "task-1")
+        with reverted("AlreadySlashed") as info:
+            c.slash(env.validator, node, 10, "task-1")
+        assert info.value.args_by_name == {"node": node, "taskId": ch.task_key("task-1")}
+        c.slash(env.validator, node, 10, "task-2")  # another task is another slash
+        assert c.stake_of(node) == MIN_STAKE + 80
+
     def test_slash_of_zero_reverts(self, env: Env) -> None:
         c, node = env.chain, env.nodes[0]
         c.stake(node, MIN_STAKE)

@@ -470,8 +470,13 @@ class StippleChain:
         return self._send(sender, "NodeStaking", "withdraw")
 
     def slash(self, sender: Sender, node: str, amount: int, task_id: str) -> TxReceipt:
-        """Takes `amount` of `node`'s stake to the treasury for a wrong result in `task_id` (VALIDATOR_ROLE)."""
+        """Takes `amount` of `node`'s stake to the treasury for a wrong result in `task_id`
+        (VALIDATOR_ROLE; once per node and task: a second time reverts with AlreadySlashed)."""
         return self._send(sender, "NodeStaking", "slash", node, amount, task_key(task_id))
+
+    def slashed_for(self, node: str, task_id: str) -> bool:
+        """Whether `node` was slashed for `task_id` already."""
+        return bool(self.staking.functions.slashedFor(node, task_key(task_id)).call())
 
     def deposit(self, sender: Sender, amount: int, *, approve: bool = True) -> TxReceipt:
         """Deposits `amount` of the sender's tokens into its TaskPayment balance, approving first unless told not to."""
