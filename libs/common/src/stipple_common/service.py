@@ -5,6 +5,7 @@ and a stop Event set by SIGTERM/SIGINT. Closing drains NATS."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -58,6 +59,15 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             pass
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive now (the imported libraries: torch, diffusers, web3, ...,
+    and a node's loaded models) into the collector's permanent generation. Without this, a
+    full collection walks that whole heap every few seconds under load: on the node agent
+    it stalled the event loop for 0.25 to 0.64 s (bench/RESULTS.md, control plane)."""
+    gc.collect()
+    gc.freeze()
+
+
 @asynccontextmanager
 async def open_service(
     name: str,
@@ -67,8 +77,10 @@ async def open_service(
     stop: asyncio.Event | None = None,
 ) -> AsyncIterator[ServiceContext]:
     """Open what a service needs. With `stop` given, the caller owns shutdown (tests run
-    services as tasks in one process); otherwise SIGTERM/SIGINT set a new stop Event."""
+    services as tasks in one process); otherwise SIGTERM/SIGINT set a new stop Event, and
+    the process's start-up heap is frozen (`freeze_startup_heap`)."""
     async with AsyncExitStack() as stack:
+        own_process = stop is None
         if stop is None:
             stop = asyncio.Event()
             install_stop_signals(stop)
@@ -94,5 +106,7 @@ async def open_service(
                 s3_region=settings.s3_region,
             )
             stack.push_async_callback(store.close)
+        if own_process:
+            freeze_startup_heap()
         log.info("service_ready", service=name, nats=settings.nats_url, metrics_port=port)
         yield ServiceContext(name, nc, js, metrics, tracer, stop, store, port)
