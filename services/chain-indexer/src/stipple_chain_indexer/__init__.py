@@ -1,1 +1,2 @@
-"""Stipple chain-indexer: not built yet (see services/chain-indexer/README.md)."""
+"""Stipple chain-indexer: follows the contracts into the CHAIN stream and turns task
+outcomes into escrow, settlement, refund and slash transactions."""

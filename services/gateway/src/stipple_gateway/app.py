@@ -454,6 +454,7 @@ class Gateway:
                 models=e.joined.models,
                 live=e.joined.node_id in live,
                 last_seen_s_ago=round(now - e.last_seen, 3),
+                address=e.joined.address,
             )
             for e in self.directory.entries.values()
         ]

@@ -118,6 +118,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     models: list[str]
     live: bool
     last_seen_s_ago: float
+    address: str = ""  # the node's Ethereum address: it signs commitments, stakes and is paid
 
 
 class NodesView(msgspec.Struct, kw_only=True):

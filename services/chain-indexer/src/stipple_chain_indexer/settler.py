@@ -1,0 +1,265 @@
+"""Turn task events into transactions: escrow at submission, then pay, refund or slash
+on the outcome, in batches, each task at most once.
+
+The settler reads ``tasks.*.submitted`` and the outcomes from its own durable consumer
+and holds each message until its transaction is mined:
+
+- `submitted` with a fee: the fee is escrowed from the app's account (custodial mode:
+  the wallet this indexer holds for the gateway's apps).
+- `succeeded`: the fee goes to the nodes that agreed, in proportion to this task's QoS
+  scores (10/5/2 by commit order; equal shares when all are 0), in one `settle`
+  transaction for up to `batch_max` tasks. A node judged `mismatch` or `bad_commitment`
+  is slashed `slash_amount` (never more than it holds).
+- `aborted` and `cancelled`: the fee is refunded, batched the same way.
+
+"At most once" rests on the chain itself: before sending, the settler reads each task's
+state (escrowed, settled, refunded) and whether a node was slashed for it, and the
+contracts refuse a second settlement, refund or slash. A batch that reverts because one
+of its tasks was settled meanwhile is read again and sent without it. Messages are acked
+only after the receipt; a chain that does not answer gets them redelivered later.
+Transactions go out one at a time from one account, in order, on one thread: the nonce
+is the account's pending count, which no one else moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge, Histogram
+
+from stipple_common import bus, subjects
+from stipple_common.chain import ChainUnavailable, ContractReverted, Sender, Settlement, StippleChain, TaskState
+from stipple_common.messages import (
+    TaskAborted,
+    TaskCancelled,
+    TaskSubmitted,
+    TaskSucceeded,
+    decode_task_event,
+    task_event_decoder,
+)
+from stipple_common.metrics import Metrics
+from stipple_common.nodes import NodeDirectory
+
+log = structlog.get_logger("stipple.chain.settler")
+
+SLASHABLE = ("mismatch", "bad_commitment")
+Outcome = TaskSucceeded | TaskAborted | TaskCancelled
+
+
+def consumer_config() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=subjects.SETTLER_DURABLE,
+        filter_subjects=[subjects.all_tasks(name) for name in ("submitted", "succeeded", "aborted", "cancelled")],
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=120.0,  # held until the batch's receipt; kept alive meanwhile
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    )
+
+
+@dataclass
+class _Held:
+    msg: Msg
+    event: TaskSubmitted | Outcome
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Settler:
+    chain: StippleChain
+    call: Callable[[Callable[[], Any]], Awaitable[Any]]
+    js: JetStreamContext
+    directory: NodeDirectory
+    sender: Sender  # GATEWAY_ROLE (escrow), SETTLER_ROLE (settle, refund), VALIDATOR_ROLE (slash)
+    app: str  # the custodial account apps' fees are escrowed from
+    metrics: Metrics
+    batch_max: int = 50
+    slash_amount: int = 0  # 0: the minimum stake
+    held: list[_Held] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        registry = self.metrics.registry
+        self.sent = Counter(
+            "stipple_chain_indexer_transactions_total",
+            "Settlement transactions mined, by kind (escrow, settle, refund, slash)",
+            ["kind"],
+            registry=registry,
+        )
+        self.tasks = Counter(
+            "stipple_chain_indexer_settled_tasks_total",
+            "Tasks settled, refunded or skipped, by result",
+            ["result"],
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "stipple_chain_indexer_settlement_backlog", "Task events waiting for a transaction", registry=registry
+        )
+        self.latency = Histogram(
+            "stipple_chain_indexer_settlement_seconds",
+            "From receiving an outcome to its transaction's receipt",
+            registry=registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+
+    async def handle(self, msg: Msg) -> bus.Hold | None:
+        event = decode_task_event(msg.subject, msg.data)
+        if isinstance(event, TaskSubmitted) and event.fee <= 0:
+            return None  # a free task: nothing to hold
+        if not isinstance(event, TaskSubmitted | TaskSucceeded | TaskAborted | TaskCancelled):
+            return None
+        self.held.append(_Held(msg, event))
+        self.backlog.set(len(self.held))
+        if len(self.held) >= self.batch_max:
+            self.wake.set()
+        return bus.Hold()
+
+    async def run(self, stop: asyncio.Event, wait_s: float) -> None:
+        """Flush the held events every `wait_s` (or as soon as a batch is full)."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.wake.wait(), wait_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            if self.held:
+                await self.flush()
+
+    async def flush(self) -> None:
+        batch, self.held = self.held[: self.batch_max * 2], self.held[self.batch_max * 2 :]
+        self.backlog.set(len(self.held))
+        try:
+            await self._settle(batch)
+        except ChainUnavailable as exc:  # the chain node is away: everything again, later
+            log.warning("settlement_postponed", error=exc.message, tasks=len(batch))
+            await self._nak(batch, 5.0)
+            return
+        except ContractReverted as exc:  # a refusal nobody expected (a missing role, say): loud, and later
+            log.error("settlement_refused", error=exc.error, args=exc.args_by_name, tasks=len(batch))
+            await self._nak(batch, 60.0)
+            return
+        for held in batch:
+            await held.msg.ack()
+            if not isinstance(held.event, TaskSubmitted):
+                self.latency.observe(time.monotonic() - held.since)
+
+    async def _nak(self, batch: list[_Held], delay: float) -> None:
+        for held in batch:
+            await held.msg.nak(delay=delay)
+
+    async def _settle(self, batch: list[_Held]) -> None:
+        submitted = {h.event.task_id: h.event for h in batch if isinstance(h.event, TaskSubmitted)}
+        outcomes = [h.event for h in batch if not isinstance(h.event, TaskSubmitted)]
+        # an outcome may come without its submission in the batch (earlier, or a restart)
+        for outcome in outcomes:
+            if outcome.task_id not in submitted:
+                found = await self._submission(outcome.task_id)
+                if found is not None and found.fee > 0:
+                    submitted[outcome.task_id] = found
+        states = {task_id: await self._state(task_id) for task_id in submitted}
+        for task_id, event in submitted.items():
+            if states[task_id] == TaskState.NONE and await self._escrow(event):
+                states[task_id] = TaskState.ESCROWED
+        pay = [o for o in outcomes if isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
+        back = [o for o in outcomes if not isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
+        settlements = [s for s in (self._settlement(o) for o in pay) if s is not None]
+        back_ids = [o.task_id for o in back] + [o.task_id for o in pay if self._settlement(o) is None]
+        await self._send_batch("settle", settlements, lambda items: self.chain.settle(self.sender, items))
+        await self._send_batch("refund", back_ids, lambda items: self.chain.refund(self.sender, items))
+        skipped = len(outcomes) - len(settlements) - len(back_ids)
+        if skipped:
+            self.tasks.labels("nothing_escrowed_or_done").inc(skipped)
+        for outcome in outcomes:
+            if not isinstance(outcome, TaskCancelled):
+                await self._slash(outcome)
+
+    def _settlement(self, outcome: TaskSucceeded) -> Settlement | None:
+        agreeing = [n for n, v in outcome.verdicts.items() if v == "agree" and self.directory.address(n)]
+        if not agreeing:
+            return None  # nobody to pay: refunded instead
+        shares = [outcome.qos.get(n, 0) for n in agreeing]
+        if sum(shares) == 0:
+            shares = [1] * len(agreeing)
+        return Settlement(
+            task_id=outcome.task_id, nodes=[self.directory.address(n) or "" for n in agreeing], shares=shares
+        )
+
+    async def _send_batch(self, kind: str, items: list[Any], send: Callable[[list[Any]], Any]) -> None:
+        """Send `items` in batches of `batch_max`; a batch that reverts because a task in it
+        is done already is read again and sent without the tasks that are done."""
+        for start in range(0, len(items), self.batch_max):
+            chunk = items[start : start + self.batch_max]
+            for _attempt in range(3):
+                if not chunk:
+                    break
+                try:
+                    await self.call(lambda c=chunk: send(c))
+                except ContractReverted as exc:
+                    if exc.error not in ("TaskAlreadySettled", "TaskAlreadyRefunded", "TaskNotEscrowed"):
+                        raise
+                    still = []
+                    for item in chunk:
+                        task_id = item.task_id if isinstance(item, Settlement) else item
+                        if await self._state(task_id) == TaskState.ESCROWED:
+                            still.append(item)
+                    log.info("settlement_batch_trimmed", kind=kind, error=exc.error, kept=len(still), of=len(chunk))
+                    chunk = still
+                    continue
+                self.sent.labels(kind).inc()
+                self.tasks.labels("settled" if kind == "settle" else "refunded").inc(len(chunk))
+                log.info("settlement_sent", kind=kind, tasks=len(chunk))
+                break
+
+    async def _escrow(self, event: TaskSubmitted) -> bool:
+        try:
+            await self.call(lambda: self.chain.escrow(self.sender, event.task_id, self.app, event.fee))
+        except ContractReverted as exc:
+            if exc.error == "TaskAlreadyEscrowed":
+                return True
+            log.error("escrow_refused", task_id=event.task_id, error=exc.error, args=exc.args_by_name)
+            self.tasks.labels("escrow_refused").inc()
+            return False
+        self.sent.labels("escrow").inc()
+        return True
+
+    async def _slash(self, outcome: TaskSucceeded | TaskAborted) -> None:
+        for node_id, verdict in outcome.verdicts.items():
+            address = self.directory.address(node_id)
+            if verdict not in SLASHABLE or not address:
+                continue
+            if await self.call(lambda a=address: self.chain.slashed_for(a, outcome.task_id)):
+                continue
+            staked = await self.call(lambda a=address: self.chain.stake_of(a))
+            amount = min(self.slash_amount or await self.call(self.chain.minimum_stake), staked)
+            if amount <= 0:
+                log.warning("slash_without_stake", node_id=node_id, task_id=outcome.task_id, verdict=verdict)
+                continue
+            try:
+                await self.call(lambda a=address, m=amount: self.chain.slash(self.sender, a, m, outcome.task_id))
+            except ContractReverted as exc:
+                if exc.error != "AlreadySlashed":
+                    raise
+                continue
+            self.sent.labels("slash").inc()
+            log.warning("node_slashed", node_id=node_id, task_id=outcome.task_id, amount=amount, verdict=verdict)
+
+    async def _state(self, task_id: str) -> TaskState:
+        record = await self.call(lambda: self.chain.task(task_id))
+        return record.state
+
+    async def _submission(self, task_id: str) -> TaskSubmitted | None:
+        try:
+            raw = await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, "submitted"))
+        except NotFoundError:
+            return None
+        event = task_event_decoder.decode(raw.data)
+        return event if isinstance(event, TaskSubmitted) else None
