@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 import pytest
 
 from stipple_chain_indexer.service import ChainThread, IndexerSettings, serve
@@ -24,6 +25,7 @@ from stipple_common.messages import (
     chain_decoder,
 )
 from stipple_common.service import open_service
+from stipple_common.settings import InvalidSettings
 from stipple_common.taskspec import parse_task
 
 pytestmark = pytest.mark.integration
@@ -71,6 +73,7 @@ class Network:
             confirmations=0,
             poll_s=0.05,
             settle_wait_s=0.1,
+            max_fee=5_000,  # a slash of MIN_STAKE must outweigh it (economics.py)
         )
 
     async def start(self) -> None:
@@ -209,3 +212,13 @@ async def test_an_outcome_without_its_submission_nearby_still_settles(network: N
     await network.wait_state(task_id, ch.TaskState.SETTLED)
     for node in "abc":  # all QoS 0: equal shares
         assert await network.view(lambda c, n=node: c.balance_of(network.nodes[n])) == 100
+
+
+async def test_the_indexer_refuses_to_start_when_cheating_pays(fresh_nats_url):
+    net = Network(fresh_nats_url)
+    await net.setup()
+    settings = msgspec.structs.replace(net.settings, max_fee=10**6)  # a fee far above the 1,000 slash
+    async with open_service("chain-indexer", settings, stop=asyncio.Event()) as ctx:
+        with pytest.raises(InvalidSettings, match=r"cheating pays.*STIPPLE_MAX_FEE below 9000"):
+            await serve(ctx, settings, w3=net.w3, call=net.call)
+    net.call.close()

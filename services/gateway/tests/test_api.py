@@ -81,6 +81,7 @@ async def test_healthz_and_metrics(client):
         ({**TASK, "fee": -1}, "fee", -1),
         ({**TASK, "fee": "5"}, "fee", "5"),
         ({**TASK, "fee": 1.5}, "fee", 1.5),
+        ({**TASK, "fee": 10 * 10**18 + 1}, "fee", 10 * 10**18 + 1),  # above STIPPLE_MAX_FEE
     ],
 )
 async def test_native_bad_input_is_422_naming_field_and_value(client, body, field, value):

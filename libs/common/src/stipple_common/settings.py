@@ -42,6 +42,10 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint; empty: traces stay in process
+    # the economics every service must agree on (economics.py: cheating must not pay)
+    max_fee: int = 10 * 10**18  # the largest fee a task may carry (smallest token unit; 10 tokens)
+    validation_rate: float = 1.0  # the share of tasks run on three nodes and compared (all, today)
+    undetected_rate: float = 0.1  # an estimate of how often a validated wrong result passes the pHash check
 
 
 S = TypeVar("S", bound=msgspec.Struct)

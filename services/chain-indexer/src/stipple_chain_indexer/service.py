@@ -9,6 +9,8 @@
   reorgs survived; the `stakes` KV bucket (node address -> indexed stake) is kept from
   the staking events as they pass.
 - settler.py: escrow, settle, refund and slash transactions from the task events.
+- At start it refuses to run when the slash, the largest fee and the validation rate
+  would let cheating pay (stipple_common.economics), naming the number to change.
 
 web3.py is synchronous, and the in-process EVM is not thread-safe: every chain call runs
 on one worker thread, in order (which is also what keeps the nonces in order).
@@ -32,6 +34,8 @@ from nats.js.kv import KeyValue
 
 from stipple_common import chain as ch
 from stipple_common import subjects
+from stipple_common.economics import Economics
+from stipple_common.economics import check as check_economics
 from stipple_common.logs import setup_logging
 from stipple_common.messages import ChainLog
 from stipple_common.nodes import NodeDirectory
@@ -146,6 +150,15 @@ async def serve(
         else:
             raise InvalidSettings("STIPPLE_DEPLOYMENT: the contracts' addresses are needed on a real chain")
         chain = ch.StippleChain(w3, deployment)
+        slash = settings.slash_amount or await call(chain.minimum_stake)
+        check_economics(
+            Economics(
+                max_fee=settings.max_fee,
+                slash=slash,
+                validation_rate=settings.validation_rate,
+                undetected_rate=settings.undetected_rate,
+            )
+        )
         chain_id = await call(lambda: int(w3.eth.chain_id))
         kv = await ctx.js.create_key_value(
             KeyValueConfig(bucket=subjects.CHAIN_BUCKET, history=1, replicas=settings.stream_replicas)

@@ -330,7 +330,7 @@ class Gateway:
                 )
             if isinstance(raw, dict) and "fee" in raw:
                 raw = dict(raw)
-                fee = check_fee(raw.pop("fee"))
+                fee = check_fee(raw.pop("fee"), self.settings.max_fee)
             spec = parse_task(raw)
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
@@ -485,10 +485,12 @@ def owner_of(request: Request) -> str:
 MAX_FEE = 10**30  # far above any real price; keeps the number a JSON integer every client reads
 
 
-def check_fee(value: Any) -> int:
-    """`fee`: what the app offers for the task (smallest token unit); orders the queue."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_FEE:
-        raise InvalidInput("fee", value, f"must be an integer from 0 to {MAX_FEE}")
+def check_fee(value: Any, max_fee: int = MAX_FEE) -> int:
+    """`fee`: what the app offers for the task (smallest token unit); orders the queue. The
+    network's `max_fee` bounds it (a larger fee would make cheating pay: economics.py)."""
+    limit = min(max_fee, MAX_FEE)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise InvalidInput("fee", value, f"must be an integer from 0 to {limit} (STIPPLE_MAX_FEE)")
     return value
 
 
