@@ -196,6 +196,10 @@ def _embedded() -> Web3:
     return Web3(EthereumTesterProvider(api_endpoints=endpoints))
 
 
+# What a revert raises, on any backend (for code that sends transactions itself)
+REVERT_ERRORS: tuple[type[Exception], ...] = (ContractLogicError, _EmbeddedRevert, TransactionFailed)
+
+
 def _tester_revert_data(exc: Exception) -> bytes | None:
     """eth-tester's TransactionFailed carries the revert data as bytes, as the EVMRevert that
     holds them, or (from `call`) as the repr of the bytes in a string."""
@@ -765,6 +769,7 @@ __all__ = [
     "ARTIFACTS_ENV",
     "CONTRACT_NAMES",
     "EMBEDDED_URL",
+    "REVERT_ERRORS",
     "Anvil",
     "Artifact",
     "ChainError",

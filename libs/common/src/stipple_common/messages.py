@@ -286,6 +286,51 @@ ChainMessage = ChainLog | ChainReorg
 chain_decoder = msgspec.json.Decoder(ChainMessage)
 
 
+# Requests to the chain-indexer on ``rpc.chain.<node_id>`` (core NATS request-reply): a
+# node reaches the chain through the indexer, which holds the connection (the embedded
+# chain lives inside it). The node signs its own transactions; the indexer only relays.
+
+
+class ChainInfoRequest(msgspec.Struct, frozen=True, kw_only=True, tag="info", tag_field="type"):
+    address: str
+
+
+class SendRawTransaction(msgspec.Struct, frozen=True, kw_only=True, tag="send", tag_field="type"):
+    raw: str  # the signed transaction, 0x hex
+
+
+class FaucetRequest(msgspec.Struct, frozen=True, kw_only=True, tag="faucet", tag_field="type"):
+    """Development chains only (the embedded one): tokens to stake and ether for gas."""
+
+    address: str
+    tokens: int
+
+
+ChainRequest = ChainInfoRequest | SendRawTransaction | FaucetRequest
+chain_request_decoder = msgspec.json.Decoder(ChainRequest)
+
+
+class ChainReply(msgspec.Struct, frozen=True, kw_only=True):
+    ok: bool
+    error: str = ""  # an error code: faucet_unavailable, reverted, bad_request, chain_unavailable
+    message: str = ""
+    chain_id: int = 0
+    token: str = ""
+    staking: str = ""
+    payment: str = ""
+    nonce: int = 0  # the address's pending transaction count
+    gas_price: int = 0
+    ether: int = 0  # the address's balance in wei, for gas
+    tokens: int = 0  # its token balance
+    stake: int = 0  # its stake
+    leaving: bool = False
+    min_stake: int = 0
+    tx_hash: str = ""
+
+
+chain_reply_decoder = msgspec.json.Decoder(ChainReply)
+
+
 # --------------------------------------------------------------------------- queue
 
 

@@ -51,6 +51,7 @@ def node_permissions(node_id: str) -> dict[str, Any]:
                 f"nodes.{node_id}.>",
                 "progress.*",
                 subjects.download_subject(node_id),
+                subjects.chain_rpc_subject(node_id),
                 "$JS.API.INFO",
                 *consumers,
             ]

@@ -72,6 +72,11 @@ def chain_subject(contract: str, event: str) -> str:
     return f"chain.{contract}.{event}"
 
 
+def chain_rpc_subject(node_id: str) -> str:
+    """Where a node asks the chain-indexer about the chain (not in any stream)."""
+    return f"rpc.chain.{node_id}"
+
+
 def node_durable(node_id: str) -> str:
     return f"node-{node_id}"
 

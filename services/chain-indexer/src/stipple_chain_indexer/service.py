@@ -9,6 +9,9 @@
   reorgs survived; the `stakes` KV bucket (node address -> indexed stake) is kept from
   the staking events as they pass.
 - settler.py: escrow, settle, refund and slash transactions from the task events.
+- relay.py: nodes reach the chain through the indexer (``rpc.chain.<node_id>``): what
+  they need to sign their own transactions, the transactions they signed, and on the
+  embedded chain a faucet.
 - At start it refuses to run when the slash, the largest fee and the validation rate
   would let cheating pay (stipple_common.economics), naming the number to change.
 
@@ -43,6 +46,7 @@ from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .follower import ChainFollower
+from .relay import Relay
 from .settler import Settler, consumer_config
 
 log = structlog.get_logger("stipple.chain")
@@ -68,6 +72,7 @@ class IndexerSettings(CommonSettings, frozen=True, kw_only=True):
     min_stake: int = 100 * TOKEN
     unstake_cooldown_s: int = 7 * 24 * 3600
     embedded_deposit: int = 1_000_000 * TOKEN  # what the custodial account deposits at start
+    faucet_max_tokens: int = 10_000 * TOKEN  # the most one faucet request gives (embedded chain only)
 
 
 class ChainThread:
@@ -191,6 +196,14 @@ async def serve(
             batch_max=settings.settle_batch,
             slash_amount=settings.slash_amount,
         )
+        relay = Relay(
+            chain=chain,
+            call=call,
+            sender=sender,
+            faucet=ch.is_embedded(w3),
+            max_faucet_tokens=settings.faucet_max_tokens,
+        )
+        relay_sub = await relay.serve(ctx.nc)
         log.info("chain_indexer_started", chain_id=chain_id, url=settings.chain_url, **deployment.to_dict())
         background = [
             asyncio.create_task(follower.run(ctx.stop, settings.poll_s)),
@@ -204,6 +217,7 @@ async def serve(
             ctx.stop.set()
             await asyncio.gather(*background)
             await nodes_sub.unsubscribe()  # type: ignore[attr-defined]
+            await relay_sub.unsubscribe()
     finally:
         if own_thread:
             call.close()

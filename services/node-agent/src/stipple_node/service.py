@@ -65,6 +65,7 @@ from stipple_common.taskspec import canonical
 
 from .annotators import parse_weights
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
+from .staking import ensure_stake
 from .store import ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
 
@@ -86,7 +87,9 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
         ""  # name=ref[,...]: where an annotator's weights come from (default lllyasviel/Annotators)
     )
     key_file: str = ""  # the node's Ethereum key (hex); empty: <model_cache>/node.key, created at first start
-    stake: int = 0  # announced stake (smallest token unit) until the chain issue indexes real stakes
+    stake: int = 0  # what to stake (smallest token unit); with `chain` off, only announced
+    chain: bool = False  # stake on chain at start with the node's key, through the chain-indexer (0: the minimum)
+    chain_wait_s: float = 60.0  # how long to wait for the chain-indexer at start
     device: str = "cpu"
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
@@ -503,6 +506,11 @@ async def run(settings: NodeSettings) -> None:
         for name in runner.model_names:
             runner.load(name)  # load before announcing: a live node is a ready node
         async with open_service("node-agent", settings, blobs=True) as ctx:
+            if settings.chain:  # refuses to start (StakeError) when the stake cannot reach the minimum
+                account = commitment.account_from_key(key)
+                wait_s = settings.chain_wait_s
+                staked = await ensure_stake(ctx.nc, settings.node_id, account, settings.stake, wait_s=wait_s)
+                settings = msgspec.structs.replace(settings, stake=staked)
             downloads.attach(ctx, asyncio.get_running_loop(), settings.node_id)
             await serve(ctx, settings, runner, store, key)
 
