@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from stipple_cli.network import LocalNetwork
+from stipple_cli.network import MIN_STAKE, LocalNetwork
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,6 +52,7 @@ def test_health_sees_three_live_nodes(http):
     nodes = http.get("/v1/nodes").json()["nodes"]
     assert sorted(n["node_id"] for n in nodes) == ["node-1", "node-2", "node-3"]
     assert all(n["models"] == ["tiny-sd"] for n in nodes)
+    assert all(n["stake"] == MIN_STAKE for n in nodes)  # each staked the minimum with its own key
 
 
 def test_sdcn_txt2img_returns_base64_pngs_from_three_agreeing_nodes(http):

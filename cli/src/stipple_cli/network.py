@@ -38,6 +38,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+MIN_STAKE = 100 * 10**18  # 100 tokens: what the embedded chain asks of a node, and the dispatcher checks
+
+
 @dataclass
 class Service:
     name: str
@@ -94,13 +97,18 @@ class LocalNetwork:
                 **self.extra_env,
             }
             gateway_env = {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
+            # with the chain: nodes stake the minimum with their own keys at start, the
+            # dispatcher takes only nodes whose stake the chain-indexer has indexed
+            staked = {"STIPPLE_MIN_STAKE": str(MIN_STAKE)} if self.chain else {}
+            dispatcher_env = {**common, **staked, "STIPPLE_STAKE_SOURCE": "chain"} if self.chain else common
             self.services = [
                 Service("gateway", "stipple_gateway", gateway_env, metrics_port=self.port),
-                self._with_metrics(Service("dispatcher", "stipple_dispatcher", common)),
+                self._with_metrics(Service("dispatcher", "stipple_dispatcher", dispatcher_env)),
                 self._with_metrics(Service("validator", "stipple_validator", common)),
             ]
             if self.chain:
-                self.services.append(self._with_metrics(Service("chain-indexer", "stipple_chain_indexer", common)))
+                indexer_env = {**common, **staked}
+                self.services.append(self._with_metrics(Service("chain-indexer", "stipple_chain_indexer", indexer_env)))
             for i in range(1, self.nodes + 1):
                 env = {
                     **common,
@@ -108,6 +116,7 @@ class LocalNetwork:
                     "STIPPLE_OPERATOR": f"operator-{i}",
                     "STIPPLE_MODELS": f"{TINY_MODEL}={self.model_dir}",
                     "STIPPLE_MODEL_CACHE": str(self.data_dir / "nodes" / f"node-{i}"),
+                    **({"STIPPLE_CHAIN": "true"} if self.chain else {}),
                 }
                 self.services.append(self._with_metrics(Service(f"node-{i}", "stipple_node", env)))
             for service in self.services:

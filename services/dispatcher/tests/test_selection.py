@@ -171,3 +171,27 @@ def test_task_models_lists_everything_the_task_needs():
 )
 def test_versions_are_compatible_within_a_major(node_version, ours, ok):
     assert compatible(node_version, ours) is ok
+
+
+def test_indexed_stakes_come_from_the_chain_not_from_announcements():
+    index = NodeIndex(capacity=2, indexed_stakes=True)
+    addresses = {f"n{i}": f"0x{i:040x}" for i in range(4)}
+    index.set_stake(addresses["n0"].upper().replace("0X", "0x"), 500)  # before it joins; any case
+    for node_id, address in addresses.items():
+        index.join(msgspec.structs.replace(node(node_id, stake=10**9), address=address), NOW, __version__)
+    assert [index.stake[index.row[n]] for n in addresses] == [500, 0, 0, 0]  # the announced 10**9 counts for nothing
+    req = Requirements(min_stake=100, version=__version__)
+    with pytest.raises(NotEnoughNodes):
+        pick(index, req=req)
+    index.set_stake(addresses["n1"], 100)
+    index.set_stake(addresses["n2"], 300)
+    assert sorted(pick(index, req=req)) == ["n0", "n1", "n2"]
+    index.set_stake(addresses["n2"], 0)  # slashed, or leaving
+    with pytest.raises(NotEnoughNodes):
+        pick(index, req=req)
+
+
+def test_announced_stakes_are_used_without_the_chain():
+    index = index_of(node("n0", stake=7))
+    index.set_stake("0x" + "0" * 40, 99)  # ignored: stakes are announced here
+    assert index.stake[index.row["n0"]] == 7

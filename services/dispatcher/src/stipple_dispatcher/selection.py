@@ -78,7 +78,10 @@ class NodeIndex:
     """The node directory as columns. Rows are never removed (a node that quits is
     marked); a node that joins again keeps its row."""
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, capacity: int = 64, *, indexed_stakes: bool = False) -> None:
+        # indexed_stakes: stakes come from the chain (set_stake, by address), not from
+        # what nodes announce; a node the chain knows nothing of has stake 0
+        self.indexed: dict[str, int] | None = {} if indexed_stakes else None
         self.row: dict[str, int] = {}
         self.ids: list[str] = []
         self.joined: list[NodeJoined] = []
@@ -141,7 +144,10 @@ class NodeIndex:
         else:
             self.joined[row] = node  # a restart alone does not lift a pause: the check does
         self.operator[row] = self._operators.setdefault(node.operator, len(self._operators))
-        self.stake[row] = node.stake
+        if self.indexed is None:
+            self.stake[row] = node.stake
+        else:
+            self.stake[row] = self.indexed.get(node.address.lower(), 0)
         self.memory[row] = node.memory_bytes
         self.last_seen[row] = max(seen_at, self.last_seen[row])
         self.quit[row] = False
@@ -149,6 +155,16 @@ class NodeIndex:
         self._set_models(self.serves, row, (*node.models, *node.models_on_disk))
         self._set_models(self.on_disk, row, (*node.models, *node.models_on_disk))
         self._set_models(self.loaded, row, node.models_loaded)
+
+    def set_stake(self, address: str, stake: int) -> None:
+        """A node address's stake as the chain-indexer indexed it (0 while it is leaving)."""
+        if self.indexed is None:
+            return
+        key = address.lower()
+        self.indexed[key] = stake
+        for row, node in enumerate(self.joined):
+            if node.address.lower() == key:
+                self.stake[row] = stake
 
     def heartbeat(self, node_id: str, seen_at: float, models_loaded: Sequence[str] | None = None) -> None:
         row = self.row.get(node_id)

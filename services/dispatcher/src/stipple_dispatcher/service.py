@@ -40,7 +40,7 @@ import numpy as np
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -85,7 +85,8 @@ class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     dispatch_timeout_s: float = 30.0  # how long a task may wait in the queue for free nodes
     node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
     node_slots: int = 1  # tasks in flight per node
-    min_stake: int = 0  # smallest stake a node needs (announced until the chain issue)
+    min_stake: int = 0  # smallest stake a node needs
+    stake_source: str = "announced"  # announced (what nodes say) | chain (the chain-indexer's `stakes` bucket)
     model_memory_gb: str = ""  # name=GB[,...]: the (V)RAM a model's tasks need on a node
     seconds_per_step: float = 0.05  # GPU seconds per step at 512x512, for queue order and ETA
     accept_timeout_s: float = 10.0  # from assignment to the node's `started`; later, it is replaced
@@ -520,6 +521,42 @@ async def follow_nodes(js: JetStreamContext, index: NodeIndex, catch_up_s: float
     return sub
 
 
+async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: DispatcherSettings) -> asyncio.Task[None]:
+    """Fold the chain-indexer's `stakes` bucket into `index` (what is there now, then changes)."""
+    kv = await ctx.js.create_key_value(
+        KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
+    )
+    watcher = await kv.watchall()
+    caught_up = asyncio.Event()
+
+    async def fold() -> None:
+        async for entry in watcher:
+            if entry is None:  # the initial values are all in
+                caught_up.set()
+                continue
+            try:
+                stake = _stake_decoder.decode(entry.value or b"{}")
+            except msgspec.DecodeError as exc:
+                log.warning("bad_stake_entry", key=entry.key, error=str(exc))
+                continue
+            index.set_stake(entry.key, 0 if stake.leaving else stake.stake)
+
+    task = asyncio.create_task(fold())
+    try:
+        await asyncio.wait_for(caught_up.wait(), 10.0)
+    except TimeoutError:
+        log.warning("stakes_backlog_not_folded")
+    return task
+
+
+class _IndexedStake(msgspec.Struct):
+    stake: int = 0
+    leaving: bool = False
+
+
+_stake_decoder = msgspec.json.Decoder(_IndexedStake)
+
+
 async def run(settings: DispatcherSettings) -> None:
     setup_logging("dispatcher", level=settings.log_level, fmt=settings.log_format)
     async with open_service("dispatcher", settings) as ctx:
@@ -527,7 +564,10 @@ async def run(settings: DispatcherSettings) -> None:
 
 
 async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
-    index = NodeIndex()
+    if settings.stake_source not in ("announced", "chain"):
+        raise InvalidSettings(f"STIPPLE_STAKE_SOURCE={settings.stake_source!r}: expected announced or chain")
+    index = NodeIndex(indexed_stakes=settings.stake_source == "chain")
+    stakes_watch = await follow_stakes(ctx, index, settings) if settings.stake_source == "chain" else None
     nodes_sub = await follow_nodes(ctx.js, index)
     dispatcher = Dispatcher(ctx.js, index, settings, ctx.metrics)
 
@@ -544,3 +584,5 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
         await clock
         await status_sub.unsubscribe()
         await nodes_sub.unsubscribe()  # type: ignore[attr-defined]
+        if stakes_watch is not None:
+            stakes_watch.cancel()

@@ -455,6 +455,7 @@ class Gateway:
                 live=e.joined.node_id in live,
                 last_seen_s_ago=round(now - e.last_seen, 3),
                 address=e.joined.address,
+                stake=e.joined.stake,
             )
             for e in self.directory.entries.values()
         ]

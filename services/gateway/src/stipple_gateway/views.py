@@ -119,6 +119,7 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     live: bool
     last_seen_s_ago: float
     address: str = ""  # the node's Ethereum address: it signs commitments, stakes and is paid
+    stake: int = 0  # what the node staked on chain when it joined (smallest token unit)
 
 
 class NodesView(msgspec.Struct, kw_only=True):
