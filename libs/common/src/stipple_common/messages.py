@@ -306,7 +306,16 @@ class FaucetRequest(msgspec.Struct, frozen=True, kw_only=True, tag="faucet", tag
     tokens: int
 
 
-ChainRequest = ChainInfoRequest | SendRawTransaction | FaucetRequest
+class ReserveRequest(msgspec.Struct, frozen=True, kw_only=True, tag="reserve", tag_field="type"):
+    """From the gateway, custodial mode: hold `fee` of the apps' deposit for `task_id`
+    (the settler escrows it on chain soon after). The reply says whether it fits and
+    what is left (`deposit`)."""
+
+    task_id: str
+    fee: int
+
+
+ChainRequest = ChainInfoRequest | SendRawTransaction | FaucetRequest | ReserveRequest
 chain_request_decoder = msgspec.json.Decoder(ChainRequest)
 
 
@@ -322,6 +331,7 @@ class ChainReply(msgspec.Struct, frozen=True, kw_only=True):
     gas_price: int = 0
     ether: int = 0  # the address's balance in wei, for gas
     tokens: int = 0  # its token balance
+    deposit: int = 0  # its balance in TaskPayment (what it can pay fees from)
     stake: int = 0  # its stake
     leaving: bool = False
     min_stake: int = 0

@@ -1,4 +1,4 @@
-"""The chain, for nodes: ``rpc.chain.<node_id>`` requests answered from the indexer's
+"""The chain, for nodes (and the gateway's reservations): ``rpc.chain.<id>`` requests answered from the indexer's
 connection. A node asks what it needs to build its own transactions (chain id,
 contracts, its nonce, gas price, balances, stake) and hands in transactions it signed
 itself; the indexer sends them and answers with the receipt's outcome. It never signs
@@ -29,6 +29,7 @@ from stipple_common.messages import (
     ChainInfoRequest,
     ChainReply,
     FaucetRequest,
+    ReserveRequest,
     SendRawTransaction,
     chain_request_decoder,
     encode,
@@ -46,6 +47,7 @@ class Relay:
     sender: ch.Sender
     faucet: bool  # development chains only
     max_faucet_tokens: int
+    reserve: Callable[[str, int], Awaitable[tuple[bool, int]]] | None = None  # the settler's ledger
 
     async def serve(self, nc: NATS) -> Any:
         return await nc.subscribe(subjects.chain_rpc_subject("*"), queue="chain-indexer", cb=self._on_request)
@@ -69,6 +71,13 @@ class Relay:
     async def answer(self, request: Any) -> ChainReply:
         if isinstance(request, SendRawTransaction):
             return await self.call(lambda: self._send(request.raw))
+        if isinstance(request, ReserveRequest):
+            if self.reserve is None or request.fee <= 0:
+                return ChainReply(ok=False, error="bad_request", message=f"fee: must be > 0 (got {request.fee})")
+            fits, left = await self.reserve(request.task_id, request.fee)
+            if fits:
+                return ChainReply(ok=True, deposit=left)
+            return ChainReply(ok=False, error="insufficient_deposit", deposit=left, message=f"the deposit holds {left}")
         address = _address(request.address)
         if isinstance(request, FaucetRequest):
             if not self.faucet:
@@ -96,6 +105,7 @@ class Relay:
             gas_price=int(w3.eth.gas_price),
             ether=int(w3.eth.get_balance(address)),
             tokens=c.token_balance(address),
+            deposit=c.balance_of(address),
             stake=c.stake_of(address),
             leaving=c.unstake_available_at(address) != 0,
             min_stake=c.minimum_stake(),

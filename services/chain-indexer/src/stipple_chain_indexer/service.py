@@ -171,7 +171,14 @@ async def serve(
         stakes = await ctx.js.create_key_value(
             KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
         )
-        info = {"chain_id": chain_id, "url": settings.chain_url, "account": address, **deployment.to_dict()}
+        custodial = settings.custodial_account or address
+        info = {
+            "chain_id": chain_id,
+            "url": settings.chain_url,
+            "account": address,
+            "custodial": custodial,
+            **deployment.to_dict(),
+        }
         await kv.put("deployment", json.dumps(info).encode())
         directory = NodeDirectory(ttl_s=settings.node_ttl_s)
         nodes_sub = await directory.follow(ctx.js)
@@ -191,7 +198,7 @@ async def serve(
             js=ctx.js,
             directory=directory,
             sender=sender,
-            app=settings.custodial_account or address,
+            app=custodial,
             metrics=ctx.metrics,
             batch_max=settings.settle_batch,
             slash_amount=settings.slash_amount,
@@ -202,6 +209,7 @@ async def serve(
             sender=sender,
             faucet=ch.is_embedded(w3),
             max_faucet_tokens=settings.faucet_max_tokens,
+            reserve=settler.reserve,
         )
         relay_sub = await relay.serve(ctx.nc)
         log.info("chain_indexer_started", chain_id=chain_id, url=settings.chain_url, **deployment.to_dict())

@@ -52,6 +52,7 @@ from stipple_common.nodes import NodeDirectory
 log = structlog.get_logger("stipple.chain.settler")
 
 SLASHABLE = ("mismatch", "bad_commitment")
+RESERVATION_TTL_S = 600.0
 Outcome = TaskSucceeded | TaskAborted | TaskCancelled
 
 
@@ -86,6 +87,8 @@ class Settler:
     slash_amount: int = 0  # 0: the minimum stake
     held: list[_Held] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reserved: dict[str, tuple[int, float]] = field(default_factory=dict)  # task -> (fee, when), not yet escrowed
+    ledger: asyncio.Lock = field(default_factory=asyncio.Lock)  # reservations and escrows, one at a time
 
     def __post_init__(self) -> None:
         registry = self.metrics.registry
@@ -219,15 +222,36 @@ class Settler:
                 log.info("settlement_sent", kind=kind, tasks=len(chunk))
                 break
 
+    async def reserve(self, task_id: str, fee: int) -> tuple[bool, int]:
+        """Custodial mode: hold `fee` of the apps' deposit for a task about to be accepted.
+        Returns whether it fits and what the deposit has left beside the held fees. The
+        reservation ends when the settler escrows the task (the chain has it then)."""
+        async with self.ledger:
+            now = time.monotonic()
+            for task, (_, at) in list(self.reserved.items()):
+                if now - at > RESERVATION_TTL_S:  # accepted and never submitted (the gateway failed to publish)
+                    del self.reserved[task]
+            balance = await self.call(lambda: self.chain.balance_of(self.app))
+            available = balance - sum(fee for task, (fee, _) in self.reserved.items() if task != task_id)
+            if task_id not in self.reserved and (await self.call(lambda: self.chain.task(task_id))).state:
+                return True, available  # escrowed already: a retried request for the same task
+            if task_id in self.reserved or fee <= available:
+                self.reserved[task_id] = (fee, now)
+                return True, available - fee
+            return False, available
+
     async def _escrow(self, event: TaskSubmitted) -> bool:
-        try:
-            await self.call(lambda: self.chain.escrow(self.sender, event.task_id, self.app, event.fee))
-        except ContractReverted as exc:
-            if exc.error == "TaskAlreadyEscrowed":
-                return True
-            log.error("escrow_refused", task_id=event.task_id, error=exc.error, args=exc.args_by_name)
-            self.tasks.labels("escrow_refused").inc()
-            return False
+        async with self.ledger:
+            try:
+                await self.call(lambda: self.chain.escrow(self.sender, event.task_id, self.app, event.fee))
+            except ContractReverted as exc:
+                if exc.error == "TaskAlreadyEscrowed":
+                    return True
+                log.error("escrow_refused", task_id=event.task_id, error=exc.error, args=exc.args_by_name)
+                self.tasks.labels("escrow_refused").inc()
+                return False
+            finally:
+                self.reserved.pop(event.task_id, None)
         self.sent.labels("escrow").inc()
         return True
 

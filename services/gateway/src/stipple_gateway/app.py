@@ -53,6 +53,7 @@ from . import openapi
 from .auth import KeyRing, parse_api_keys
 from .errors import ApiError
 from .events import EventStreamResponse, StoredEvent, TaskEventStream, read_task_events
+from .payment import CustodialWallet
 from .progress import ProgressBoard
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
 from .views import (
@@ -120,6 +121,7 @@ class Gateway:
     def __post_init__(self) -> None:
         self.keys = KeyRing(parse_api_keys(self.settings.api_keys))  # InvalidSettings at start when malformed
         self.progress = ProgressBoard(self.settings.progress_max_tasks)
+        self.wallet = CustodialWallet(self.nc, self.js)
         self.closing = asyncio.Event()  # set when the gateway stops: ends the events streams
         self._subs: list[Any] = []
         self._workers: list[asyncio.Task[None]] = []
@@ -227,6 +229,7 @@ class Gateway:
         self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "", webhook_url: str = "", fee: int = 0
     ) -> TaskSubmitted:
         self.check_capacity(spec)
+        await self.wallet.charge(task_id, fee)  # 402 when the deposit cannot pay
         event = TaskSubmitted(
             task_id=task_id,
             spec=resolve_seed(spec, secrets.randbelow(SEED_MAX + 1)),

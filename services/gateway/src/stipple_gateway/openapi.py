@@ -71,6 +71,7 @@ EVENTS: dict[str, type[msgspec.Struct]] = {
 ERRORS = {
     400: "The body is not JSON (`invalid_json`).",
     401: "API keys are on and the `Authorization: Bearer <secret>` header is missing or wrong (`unauthorized`).",
+    402: "The deposit that pays for tasks cannot pay the `fee` (`insufficient_deposit`, with `balance` and `price`).",
     404: "No such task, or another API key's task, or image index out of range (`not_found`).",
     409: "The task is not in a state that allows this (`not_ready`, `already_finished`).",
     410: "The result expired (`expired`).",
@@ -78,7 +79,8 @@ ERRORS = {
     422: "A field is invalid, unknown or missing; `field` and `value` name it (`invalid_input`, `unknown_model`).",
     429: "The API key is over its rate limit (`rate_limited`); `Retry-After` says when to try again.",
     502: "The network aborted or cancelled the task.",
-    503: "Not enough live nodes for the model (`no_nodes`), or the message bus is unavailable (`unavailable`).",
+    503: "Not enough live nodes for the model (`no_nodes`), the message bus is unavailable (`unavailable`), "
+    "or the chain-indexer did not answer for a paid task (`chain_unavailable`).",
     504: "The synchronous wait ran out; the task goes on (`timeout`).",
 }
 
@@ -164,7 +166,7 @@ def build() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _json("TaskRequest")},
                 "responses": _responses(
                     {"202": {"description": "Accepted: the task is pending.", "content": _json("TaskAccepted")}},
-                    [400, 413, 422, 503],
+                    [400, 402, 413, 422, 503],
                 ),
             }
         },
