@@ -246,11 +246,12 @@ class _HybridVit(nn.Module):
 
 
 class _ProjectReadout(nn.Module):
-    """The class token, concatenated to every patch token, projected back to the width."""
+    """The class token, concatenated to every patch token, projected back to the width
+    (`width`: the ViT's; ZoeDepth's BEiT-L uses this too)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = EMBED) -> None:
         super().__init__()
-        self.project = nn.Sequential(nn.Linear(2 * EMBED, EMBED), nn.GELU())
+        self.project = nn.Sequential(nn.Linear(2 * width, width), nn.GELU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         readout = x[:, :1].expand_as(x[:, 1:])

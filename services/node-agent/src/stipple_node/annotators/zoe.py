@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional
 
 from . import ANNOTATORS_REPO, Annotator
-from .midas import FEATURES, _FusionBlock, _Interpolate
+from .midas import FEATURES, _FusionBlock, _Interpolate, _ProjectReadout
 from .ops import gray_to_rgb
 
 METHODS = ("depth_zoe",)
@@ -187,22 +187,10 @@ class _Beit(nn.Module):
 # --- MiDaS v3.1's DPT around it ---
 
 
-class _ProjectReadout(nn.Module):
-    """The class token, concatenated to every patch token, projected back to the width."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.project = nn.Sequential(nn.Linear(2 * EMBED, EMBED), nn.GELU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        readout = x[:, :1].expand_as(x[:, 1:])
-        return self.project(torch.cat([x[:, 1:], readout], dim=-1))
-
-
 def _postprocess(*convs: nn.Module) -> nn.Sequential:
     """MiDaS's `act_postprocess1..4`: readout, Transpose and Unflatten (stand-ins here: parameter-free,
     done in `_Encoder.forward`), then the convolutions, at the indices the published names carry."""
-    return nn.Sequential(_ProjectReadout(), nn.Identity(), nn.Identity(), *convs)
+    return nn.Sequential(_ProjectReadout(EMBED), nn.Identity(), nn.Identity(), *convs)
 
 
 class _Encoder(nn.Module):
