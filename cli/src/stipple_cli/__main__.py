@@ -1,6 +1,7 @@
 """`stipple`: the Stipple command line.
 
-stipple up     run the whole network on this machine (Ctrl-C stops it)
+stipple up                run the whole network on this machine (Ctrl-C stops it)
+stipple chain reconcile   compare the chain-indexer's projections with the chain (reconcile.py)
 """
 
 from __future__ import annotations
@@ -95,8 +96,14 @@ def up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chain"]:  # its own parser, imported only here: web3 takes a second to import
+        from . import reconcile
+
+        sys.exit(reconcile.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="stipple", description="The Stipple command line.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("chain", help="the chain: `stipple chain reconcile` (stipple chain --help)", add_help=False)
     p_up = sub.add_parser("up", help="run the whole network on this machine")
     p_up.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     p_up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0: any free port)")

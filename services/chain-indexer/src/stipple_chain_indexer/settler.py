@@ -129,10 +129,11 @@ class Settler:
     async def run(self, stop: asyncio.Event, wait_s: float) -> None:
         """Flush the held events every `wait_s` (or as soon as a batch is full)."""
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(self.wake.wait(), wait_s)
-            except TimeoutError:
-                pass
+            if len(self.held) < self.batch_max:  # a full batch goes at once
+                try:
+                    await asyncio.wait_for(self.wake.wait(), wait_s)
+                except TimeoutError:
+                    pass
             self.wake.clear()
             if self.held:
                 await self.flush()

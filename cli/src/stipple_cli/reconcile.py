@@ -1,0 +1,513 @@
+"""`stipple chain reconcile`: compare what the network believes about the chain with the chain.
+
+The chain-indexer keeps projections of the chain in NATS, and the rest of the network acts
+on them: the dispatcher trusts the `stakes` bucket, apps trust that a task that ended was
+paid or refunded. A bug, a lost message or a hand-edited bucket would make the two drift
+apart silently; this command reads both sides and prints every difference:
+
+- stakes: every node address in the `stakes` KV projection, and every address a node
+  announced in the NODES stream (``nodes.<id>.joined``), against ``NodeStaking.stakeOf`` and
+  ``unstakeAvailableAt`` (leaving when not 0). A difference says whether the chain changed
+  after the indexer's cursor (the indexer is behind or stopped) or the projection is wrong
+  at the cursor's block too (a bug, or a bucket edited by hand).
+- tasks: every task of the TASKS stream submitted with a fee and ended (its first
+  ``succeeded``, ``aborted`` or ``cancelled``) must be SETTLED on TaskPayment (succeeded,
+  with an agreeing node whose address is known) or REFUNDED (otherwise), with the fee of
+  its submission; one not ended yet must not be settled or refunded. Outcomes younger
+  than `grace_s` that the chain has not caught up with are counted as pending instead.
+- chain events: every ``chain.TaskPayment.Settled`` / ``Refunded`` in the CHAIN stream (less
+  those voided by ``chain.reorg``) must match the task's state, fee and app on chain.
+
+Exit status: 0 when everything agrees, 1 when anything differs, 2 when the comparison
+cannot run (NATS or the chain unreachable, no deployment, the embedded chain).
+The embedded chain (``eth-tester://``) lives inside the chain-indexer's process and nothing
+outside it can read it; reconcile needs the indexer on a JSON-RPC chain (anvil, a node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+import nats
+from eth_utils import to_checksum_address
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from web3.exceptions import Web3Exception
+
+from stipple_common import bus, subjects
+from stipple_common import chain as ch
+from stipple_common.messages import (
+    ChainLog,
+    ChainReorg,
+    NodeJoined,
+    TaskAborted,
+    TaskCancelled,
+    TaskSubmitted,
+    TaskSucceeded,
+    chain_decoder,
+    node_event_decoder,
+    task_event_decoder,
+)
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+OUTCOMES = ("succeeded", "aborted", "cancelled")
+Outcome = TaskSucceeded | TaskAborted | TaskCancelled
+Kind = Literal["stake", "task", "chain_event"]
+
+
+class ReconcileError(Exception):
+    """The comparison cannot run; the message says which input is missing or wrong (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One thing on which the projections and the chain disagree, with both values as text."""
+
+    kind: Kind
+    thing: str  # what disagrees: "node 0x… (a)", "task 3f2a…", "chain.TaskPayment.Settled 0x…:2"
+    projection: str  # the value the network holds (its projection, stream or bucket)
+    chain: str  # the value on chain
+    note: str = ""  # why it may differ, when that can be told
+
+    def line(self) -> str:
+        text = f"{self.kind:<11} {self.thing}: projection {self.projection}; chain {self.chain}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+@dataclass
+class Report:
+    differences: list[Difference] = field(default_factory=list)
+    stakes_checked: int = 0
+    tasks_checked: int = 0
+    events_checked: int = 0
+    pending: int = 0  # ended tasks within the grace period that the chain has not caught up with
+    cursor: int = -1  # the last block the indexer published (-1: none)
+    head: int = 0
+
+    @property
+    def agree(self) -> bool:
+        return not self.differences
+
+    def summary(self) -> str:
+        checked = (
+            f"{self.stakes_checked} stakes, {self.tasks_checked} paid tasks, "
+            f"{self.events_checked} settlement events checked; indexer cursor {self.cursor}, chain head {self.head}"
+        )
+        pending = f"; {self.pending} ended tasks within the grace period not settled yet" if self.pending else ""
+        verdict = "all agree" if self.agree else f"{len(self.differences)} differences"
+        return f"{verdict}: {checked}{pending}"
+
+
+@dataclass(frozen=True)
+class IndexedStake:
+    """A `stakes` bucket entry (written by the chain-indexer's StakeProjection)."""
+
+    stake: int
+    leaving: bool
+    block: int
+
+    def show(self) -> str:
+        return f"stake={self.stake} leaving={_yes(self.leaving)} (block {self.block})"
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A task's first outcome in the TASKS stream."""
+
+    name: str  # succeeded | aborted | cancelled
+    event: Outcome
+    at: float  # the stream's timestamp of the outcome
+    sequence: int
+
+
+@dataclass
+class Snapshot:
+    """What the network holds, read from NATS once; compare() holds it against the chain."""
+
+    stakes: dict[str, IndexedStake] = field(default_factory=dict)  # checksummed address -> entry
+    node_ids: dict[str, list[str]] = field(default_factory=dict)  # checksummed address -> announced node ids
+    addresses: dict[str, str] = field(default_factory=dict)  # node id -> checksummed address
+    paid: dict[str, TaskSubmitted] = field(default_factory=dict)  # task id -> its submission, fee > 0
+    ended: dict[str, Ended] = field(default_factory=dict)  # task id -> its first outcome
+    payment_events: list[ChainLog] = field(default_factory=list)  # Settled / Refunded, reorgs removed
+    cursor: int = -1
+
+
+async def read_snapshot(js: JetStreamContext) -> Snapshot:
+    """Read the projections and streams the comparison needs; the `stakes` bucket must exist."""
+    snap = Snapshot()
+    try:
+        chain_kv = await js.key_value(subjects.CHAIN_BUCKET)
+        entry = await chain_kv.get("cursor")
+        snap.cursor = int(json.loads(entry.value or b"{}").get("number", -1))
+    except (BucketNotFoundError, KeyNotFoundError):
+        snap.cursor = -1
+    try:
+        stakes_kv = await js.key_value(subjects.STAKES_BUCKET)
+    except BucketNotFoundError:
+        raise ReconcileError(
+            f"no {subjects.STAKES_BUCKET!r} KV bucket on this NATS: has a chain-indexer run against it?"
+        ) from None
+    try:
+        keys = await stakes_kv.keys()
+    except NoKeysError:
+        keys = []
+    for key in keys:
+        try:
+            entry = await stakes_kv.get(key)
+        except KeyNotFoundError:  # deleted between the listing and the read
+            continue
+        raw = json.loads(entry.value or b"{}")
+        snap.stakes[to_checksum_address(key)] = IndexedStake(
+            stake=int(raw.get("stake", 0)), leaving=bool(raw.get("leaving", False)), block=int(raw.get("block", 0))
+        )
+
+    for msg in await _read(js, subjects.NODES_STREAM, subjects.node_subject("*", "joined")):
+        event = _decode(node_event_decoder, msg.data)
+        if isinstance(event, NodeJoined) and event.address:
+            address = to_checksum_address(event.address)
+            snap.addresses[event.node_id] = address
+            snap.node_ids.setdefault(address, []).append(event.node_id)
+
+    for msg in await _read(js, subjects.TASKS_STREAM, subjects.all_tasks("submitted")):
+        event = _decode(task_event_decoder, msg.data)
+        if isinstance(event, TaskSubmitted) and event.fee > 0:
+            snap.paid.setdefault(event.task_id, event)
+    outcome_msgs = [m for name in OUTCOMES for m in await _read(js, subjects.TASKS_STREAM, subjects.all_tasks(name))]
+    for msg in sorted(outcome_msgs, key=lambda m: m.metadata.sequence.stream):
+        event = _decode(task_event_decoder, msg.data)
+        if isinstance(event, Outcome) and event.task_id not in snap.ended:
+            name = subjects.subject_token(msg.subject, 2)
+            at = msg.metadata.timestamp.timestamp()
+            snap.ended[event.task_id] = Ended(name, event, at, msg.metadata.sequence.stream)
+
+    voided = set()
+    for msg in await _read(js, subjects.CHAIN_STREAM, subjects.CHAIN_REORG):
+        reorg = _decode(chain_decoder, msg.data)
+        if isinstance(reorg, ChainReorg):
+            voided.update(reorg.orphaned)
+    for name in ("Settled", "Refunded"):
+        for msg in await _read(js, subjects.CHAIN_STREAM, subjects.chain_subject("TaskPayment", name)):
+            log = _decode(chain_decoder, msg.data)
+            if isinstance(log, ChainLog) and log.block_hash not in voided:
+                snap.payment_events.append(log)
+    return snap
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
+    """A message, or None for one no service could read either (the consumers term those)."""
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
+async def _read(js: JetStreamContext, stream: str, subject: str) -> list[Any]:
+    try:
+        return await bus.read_messages(js, stream, subject)
+    except NotFoundError:  # the stream does not exist (no service declared it): nothing in it
+        return []
+
+
+def compare(snap: Snapshot, chain: ch.StippleChain, *, grace_s: float = 0.0, now: float | None = None) -> Report:
+    """Hold `snap` against `chain` (blocking JSON-RPC calls); every disagreement is a Difference."""
+    now = time.time() if now is None else now
+    report = Report(cursor=snap.cursor, head=int(chain.w3.eth.block_number))
+    _compare_stakes(snap, chain, report)
+    _compare_tasks(snap, chain, report, grace_s=grace_s, now=now)
+    _compare_events(snap, chain, report)
+    return report
+
+
+async def reconcile(
+    js: JetStreamContext, chain: ch.StippleChain, *, grace_s: float = 0.0, now: float | None = None
+) -> Report:
+    """Read the network's side from NATS and compare it with `chain`; the differences are in the Report."""
+    snap = await read_snapshot(js)
+    return await asyncio.to_thread(compare, snap, chain, grace_s=grace_s, now=now)
+
+
+def _compare_stakes(snap: Snapshot, chain: ch.StippleChain, report: Report) -> None:
+    for address in sorted(set(snap.stakes) | set(snap.node_ids)):
+        indexed = snap.stakes.get(address)
+        stake, leaving = _stake_at(chain, address, "latest")
+        report.stakes_checked += 1
+        if indexed is None and stake == 0 and not leaving:
+            continue  # announced, never staked: nothing to index
+        if indexed is not None and indexed.stake == stake and indexed.leaving == leaving:
+            continue
+        note = ""
+        if report.cursor >= 0 and report.cursor < report.head:
+            try:
+                at_cursor = _stake_at(chain, address, report.cursor)
+            except ch.ChainError:  # a node that keeps no history of old states
+                at_cursor = None
+            if at_cursor is not None:
+                seen = (indexed.stake, indexed.leaving) if indexed else (0, False)
+                note = (
+                    f"changed on chain after block {report.cursor}, the indexer's cursor: it is behind or stopped"
+                    if seen == at_cursor
+                    else f"wrong at block {report.cursor}, the indexer's cursor, too"
+                )
+        elif report.cursor >= 0:
+            note = f"wrong at block {report.cursor}, the indexer's cursor, which is the chain head"
+        ids = ", ".join(snap.node_ids.get(address, []))
+        report.differences.append(
+            Difference(
+                kind="stake",
+                thing=f"node {address}" + (f" ({ids})" if ids else ""),
+                projection=indexed.show() if indexed else "none",
+                chain=f"stake={stake} leaving={_yes(leaving)}",
+                note=note,
+            )
+        )
+
+
+def _stake_at(chain: ch.StippleChain, address: str, block: int | str) -> tuple[int, bool]:
+    """(stake, leaving) of `address` at `block`: NodeStaking's views read at that block."""
+    try:
+        stake = int(chain.staking.functions.stakeOf(address).call(block_identifier=block))
+        available_at = int(chain.staking.functions.unstakeAvailableAt(address).call(block_identifier=block))
+    except (OSError, ValueError, Web3Exception) as exc:  # connection errors; a pruned or missing block
+        raise ch.ChainError(f"NodeStaking views of {address} at block {block}: {exc}") from exc
+    return stake, available_at != 0
+
+
+def _compare_tasks(snap: Snapshot, chain: ch.StippleChain, report: Report, *, grace_s: float, now: float) -> None:
+    final = (ch.TaskState.SETTLED, ch.TaskState.REFUNDED)
+    for task_id, submitted in snap.paid.items():
+        record = chain.task(task_id)
+        report.tasks_checked += 1
+        ended = snap.ended.get(task_id)
+        if ended is None:
+            if record.state in final:
+                report.differences.append(
+                    Difference(
+                        kind="task",
+                        thing=f"task {task_id}",
+                        projection=f"not ended (fee {submitted.fee})",
+                        chain=_show_record(record),
+                    )
+                )
+            continue
+        expected = _expected_state(ended, snap.addresses)
+        shown = f"{ended.name} (fee {submitted.fee}) -> {expected.name}"
+        if record.state == expected:
+            if record.fee != submitted.fee:
+                report.differences.append(
+                    Difference(kind="task", thing=f"task {task_id} fee", projection=shown, chain=_show_record(record))
+                )
+            continue
+        age = now - ended.at
+        if record.state not in final and age < grace_s:
+            report.pending += 1
+            continue
+        report.differences.append(
+            Difference(
+                kind="task",
+                thing=f"task {task_id}",
+                projection=shown,
+                chain=_show_record(record),
+                note=f"ended at {_utc(ended.at)}" if record.state not in final else "",
+            )
+        )
+
+
+def _expected_state(ended: Ended, addresses: dict[str, str]) -> ch.TaskState:
+    """What the settler does with an outcome: pays the agreeing nodes it knows an address of,
+    and refunds when there are none, or when the task was aborted or cancelled."""
+    event = ended.event
+    paid = isinstance(event, TaskSucceeded) and any(
+        v == "agree" and addresses.get(node) for node, v in event.verdicts.items()
+    )
+    return ch.TaskState.SETTLED if paid else ch.TaskState.REFUNDED
+
+
+def _compare_events(snap: Snapshot, chain: ch.StippleChain, report: Report) -> None:
+    ids_by_key = {"0x" + ch.task_key(t).hex(): t for t in {*snap.paid, *snap.ended}}
+    for log in snap.payment_events:
+        key = str(log.args.get("taskId", ""))
+        app, fee, state = chain.payment.functions.taskOf(bytes.fromhex(key.removeprefix("0x"))).call()
+        record = ch.TaskRecord(app=to_checksum_address(app), fee=int(fee), state=ch.TaskState(state))
+        report.events_checked += 1
+        expected = ch.TaskState.SETTLED if log.event == "Settled" else ch.TaskState.REFUNDED
+        said_app = str(log.args.get("app", ""))
+        said_fee = int(str(log.args.get("fee", 0)))
+        if record.state == expected and record.fee == said_fee and record.app == said_app:
+            continue
+        task = ids_by_key.get(key, key)
+        report.differences.append(
+            Difference(
+                kind="chain_event",
+                thing=f"chain.TaskPayment.{log.event} of task {task} (block {log.block_number}, tx {log.tx_hash})",
+                projection=f"{expected.name} fee={said_fee} app={said_app}",
+                chain=_show_record(record),
+            )
+        )
+
+
+def _show_record(record: ch.TaskRecord) -> str:
+    if record.state == ch.TaskState.NONE:
+        return "NONE (never escrowed)"
+    return f"{record.state.name} fee={record.fee} app={record.app}"
+
+
+def _utc(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stipple chain", description="The chain, as the network sees it.")
+    sub = p.add_subparsers(dest="chain_command", required=True)
+    r = sub.add_parser(
+        "reconcile",
+        help="compare the chain-indexer's projections with the chain; print every difference",
+        description="Compare the stakes projection, the paid tasks' outcomes and the settlement events in NATS "
+        "with the chain. Exit 0 when all agree, 1 when anything differs, 2 when the comparison cannot run.",
+    )
+    r.add_argument(
+        "--nats-url",
+        default=os.environ.get("STIPPLE_NATS_URL", DEFAULT_NATS_URL),
+        help=f"NATS server (env STIPPLE_NATS_URL; default {DEFAULT_NATS_URL})",
+    )
+    r.add_argument(
+        "--chain-url",
+        default=os.environ.get("STIPPLE_CHAIN_URL", ""),
+        help="the chain's JSON-RPC URL (env STIPPLE_CHAIN_URL; default: the URL the indexer put in the chain bucket)",
+    )
+    r.add_argument(
+        "--deployment",
+        default="",
+        help="token=0x..,staking=0x..,payment=0x.. (default: the `deployment` key of the chain KV bucket)",
+    )
+    r.add_argument(
+        "--grace-s",
+        type=float,
+        default=30.0,
+        help="an ended task the chain has not settled yet counts as pending for this long (default 30)",
+    )
+    return p
+
+
+@dataclass(frozen=True)
+class Target:
+    """The chain to compare with: its URL, the contracts, and the chain id the indexer saw (0: unknown)."""
+
+    url: str
+    deployment: ch.Deployment
+    chain_id: int
+
+
+async def _target(js: JetStreamContext, chain_url: str, spec: str) -> Target:
+    stored: dict[str, Any] = {}
+    try:
+        kv = await js.key_value(subjects.CHAIN_BUCKET)
+        stored = json.loads((await kv.get("deployment")).value or b"{}")
+    except (BucketNotFoundError, KeyNotFoundError):
+        pass
+    if spec:
+        try:
+            raw = dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
+            deployment = ch.Deployment.from_dict(raw)
+        except (ValueError, KeyError) as exc:
+            raise ReconcileError(
+                f"--deployment {spec!r}: expected token=0x...,staking=0x...,payment=0x... ({exc})"
+            ) from None
+        chain_id = 0
+    elif stored:
+        deployment = ch.Deployment.from_dict(stored)
+        chain_id = int(stored.get("chain_id", 0))
+    else:
+        raise ReconcileError(
+            f"no deployment: the {subjects.CHAIN_BUCKET!r} KV bucket has no 'deployment' key "
+            "(has a chain-indexer run against this NATS?) and --deployment was not given"
+        )
+    url = chain_url or str(stored.get("url", ""))
+    if not url:
+        raise ReconcileError("no chain URL: give --chain-url (the chain bucket names none)")
+    if url == ch.EMBEDDED_URL:
+        raise ReconcileError(
+            f"the chain is the embedded one ({ch.EMBEDDED_URL}): it lives inside the chain-indexer's process and "
+            "cannot be reached from outside it. Run the chain-indexer against a JSON-RPC chain "
+            "(STIPPLE_CHAIN_URL=http://..., anvil for instance) to reconcile."
+        )
+    return Target(url=url, deployment=deployment, chain_id=chain_id)
+
+
+async def run(args: argparse.Namespace, out: Any = None) -> int:
+    """`stipple chain reconcile` with parsed `args`; prints to `out` (stdout); returns the exit status."""
+    out = out or sys.stdout
+    errors: list[Exception] = []
+
+    async def keep_error(exc: Exception) -> None:  # nats-py would print each try's traceback
+        errors.append(exc)
+
+    try:
+        nc = await nats.connect(
+            args.nats_url,
+            connect_timeout=5,
+            allow_reconnect=False,
+            max_reconnect_attempts=1,  # two tries, then NoServersError (0 would mean: forever)
+            reconnect_time_wait=0.2,
+            error_cb=keep_error,
+        )
+    except (OSError, nats.errors.Error) as exc:
+        cause = errors[-1] if errors else exc
+        print(f"stipple chain reconcile: NATS at {args.nats_url!r} does not answer: {cause}", file=sys.stderr)
+        return 2
+    try:
+        js = nc.jetstream()
+        target = await _target(js, args.chain_url, args.deployment)
+        w3 = await asyncio.to_thread(ch.connect, target.url)
+        chain_id = await asyncio.to_thread(lambda: int(w3.eth.chain_id))
+        if target.chain_id and chain_id != target.chain_id:
+            raise ReconcileError(
+                f"--chain-url {target.url!r} is chain {chain_id}, but the indexer's deployment is on chain "
+                f"{target.chain_id}"
+            )
+        chain = ch.StippleChain(w3, target.deployment)
+        print(f"reconciling chain {chain_id} at {target.url} ({_deployment_text(target.deployment)})", file=out)
+        report = await reconcile(js, chain, grace_s=args.grace_s)
+    except (ReconcileError, ch.ChainError) as exc:
+        print(f"stipple chain reconcile: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the chain node went away mid-way (requests' errors are OSErrors)
+        where = args.chain_url or "the URL in the chain bucket"
+        print(f"stipple chain reconcile: the chain at {where} failed mid-way: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await nc.close()
+    for difference in report.differences:
+        print(difference.line(), file=out)
+    print(report.summary(), file=out)
+    return 0 if report.agree else 1
+
+
+def _deployment_text(deployment: ch.Deployment) -> str:
+    return ", ".join(f"{k}={v}" for k, v in deployment.to_dict().items())
+
+
+def main(argv: Sequence[str]) -> int:
+    """`stipple chain ...` with the words after `chain`; returns the exit status."""
+    args = parser().parse_args(list(argv))
+    return asyncio.run(run(args))
+
+
+__all__ = ["Difference", "Report", "Snapshot", "compare", "read_snapshot", "reconcile"]

@@ -1,0 +1,341 @@
+"""`stipple chain reconcile` against anvil and a chain-indexer that ran on it: the
+projections agree with the chain after paid tasks went through, and each thing broken on
+purpose is reported with both values: a `stakes` entry overwritten by hand, stakes changed
+on chain while the indexer was stopped, an outcome never settled, a settlement event the
+chain does not hold. The command exits 0, 1, or 2 when it cannot compare at all."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+from nats.js.errors import NoKeysError
+
+from stipple_chain_indexer.service import IndexerSettings, serve
+from stipple_cli import reconcile as rc
+from stipple_common import bus, subjects
+from stipple_common import chain as ch
+from stipple_common.messages import (
+    ChainLog,
+    NodeJoined,
+    TaskAborted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+from stipple_common.service import open_service
+from stipple_common.taskspec import parse_task
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+MIN_STAKE = 1_000
+SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1}})
+
+
+@pytest.fixture(scope="module")
+def anvil_url() -> Iterator[str]:
+    ch.install_node_modules()
+    with ch.Anvil.start() as node:
+        yield node.url
+
+
+class Network:
+    """A fresh deployment on anvil, a nats-server, and the chain-indexer run in-process."""
+
+    def __init__(self, nats_url: str, anvil_url: str) -> None:
+        self.nats_url = nats_url
+        self.anvil_url = anvil_url
+
+    async def setup(self) -> None:
+        def build() -> None:
+            w3 = ch.connect(self.anvil_url)
+            accounts = w3.eth.accounts
+            self.admin = accounts[0]
+            self.nodes = dict(zip("abcd", accounts[2:6], strict=True))
+            self.deployment = ch.deploy_all(
+                w3,
+                self.admin,
+                min_stake=MIN_STAKE,
+                cooldown_s=60,
+                treasury=accounts[1],
+                validator=self.admin,
+                gateway=self.admin,
+                settler=self.admin,
+            )
+            self.chain = ch.StippleChain(w3, self.deployment)
+            self.chain.mint(self.admin, self.admin, 100_000)
+            self.chain.deposit(self.admin, 100_000)
+            for address in self.nodes.values():
+                self.chain.mint(self.admin, address, MIN_STAKE)
+            for node in "abc":
+                self.chain.stake(self.nodes[node], MIN_STAKE)
+
+        await asyncio.to_thread(build)
+        d = self.deployment
+        self.settings = IndexerSettings(
+            nats_url=self.nats_url,
+            chain_url=self.anvil_url,
+            deployment=f"token={d.token},staking={d.staking},payment={d.payment}",
+            account=self.admin,
+            confirmations=0,
+            poll_s=0.05,
+            settle_wait_s=0.1,
+            max_fee=5_000,  # so that a slash of the minimum stake makes cheating not pay (economics.py)
+        )
+        self.nc = await nats.connect(self.nats_url)
+        self.js = self.nc.jetstream()
+        await bus.ensure_streams(self.js, subjects.stream_configs())
+        for node, address in self.nodes.items():  # d announces itself but has not staked
+            joined = NodeJoined(
+                node_id=node,
+                operator=node,
+                device="cpu",
+                memory_bytes=1,
+                models=["tiny-sd"],
+                version="0",
+                started_at=1.0,
+                address=address,
+            )
+            await bus.publish(self.js, subjects.node_subject(node, "joined"), joined, msg_id=f"{node}:joined")
+
+    async def start(self) -> None:
+        self.stop = asyncio.Event()
+        self.ctx_cm = open_service("chain-indexer", self.settings, stop=self.stop)
+        ctx = await self.ctx_cm.__aenter__()
+        self.task = asyncio.create_task(serve(ctx, self.settings))
+
+    async def halt(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 20)
+        await self.ctx_cm.__aexit__(None, None, None)
+
+    async def on_chain(self, fn: Callable[[ch.StippleChain], T]) -> T:
+        return await asyncio.to_thread(fn, self.chain)
+
+    async def publish(self, event: Any, name: str) -> None:
+        await bus.publish(self.js, subjects.task_subject(event.task_id, name), event, msg_id=f"{event.task_id}:{name}")
+
+    async def until(self, what: str, check: Callable[[], Any], timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await check():
+            if self.task.done():  # the indexer stopped: its error, not a timeout
+                self.task.result()
+                raise AssertionError(f"{what}: the chain-indexer stopped")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout} s")
+            await asyncio.sleep(0.05)
+
+    async def indexed(self, stakes: int, settled: int, refunded: int) -> None:
+        """Wait until the follower has put `stakes` entries in the bucket and the
+        settlement events in the CHAIN stream."""
+
+        async def done() -> bool:
+            kv = await self.js.key_value(subjects.STAKES_BUCKET)
+            try:
+                keys = await kv.keys()
+            except NoKeysError:
+                keys = []
+            counts = [
+                len(await bus.read_messages(self.js, subjects.CHAIN_STREAM, f"chain.TaskPayment.{name}"))
+                for name in ("Settled", "Refunded")
+            ]
+            return len(keys) >= stakes and counts == [settled, refunded]
+
+        await self.until(f"{stakes} stakes, {settled} settled, {refunded} refunded indexed", done)
+
+    async def state(self, task_id: str) -> ch.TaskState:
+        return (await self.on_chain(lambda c: c.task(task_id))).state
+
+    async def reconcile(self, grace_s: float = 0.0) -> rc.Report:
+        return await rc.reconcile(self.js, self.chain, grace_s=grace_s)
+
+    async def cli(self, *args: str) -> tuple[int, str]:
+        """`python -m stipple_cli chain reconcile` as a process; (exit status, stdout)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "stipple_cli",
+            "chain",
+            "reconcile",
+            "--nats-url",
+            self.nats_url,
+            "--grace-s",
+            "0",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        assert process.returncode != 2, err.decode()
+        return process.returncode, out.decode()
+
+
+@pytest.fixture
+async def network(fresh_nats_url: str, anvil_url: str) -> AsyncIterator[Network]:
+    net = Network(fresh_nats_url, anvil_url)
+    await net.setup()
+    await net.start()
+    yield net
+    if not net.task.done():
+        await net.halt()
+    await net.nc.close()
+
+
+def submitted(task_id: str, fee: int) -> TaskSubmitted:
+    return TaskSubmitted(task_id=task_id, spec=SPEC, submitted_at=time.time(), fee=fee)
+
+
+def succeeded(task_id: str) -> TaskSucceeded:
+    return TaskSucceeded(
+        task_id=task_id,
+        reason="unanimous",
+        images=[],
+        verdicts=dict.fromkeys("abc", "agree"),
+        qos={"a": 10, "b": 5, "c": 2},
+    )
+
+
+async def test_all_agree_after_paid_tasks_then_a_wrong_stake_entry_is_reported(network: Network):
+    paid, aborted, free = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    await network.publish(submitted(paid, 1_700), "submitted")
+    await network.publish(submitted(aborted, 300), "submitted")
+    await network.publish(submitted(free, 0), "submitted")
+    await network.publish(succeeded(paid), "succeeded")
+    await network.publish(TaskAborted(task_id=aborted, reason="no_agreement"), "aborted")
+    await network.publish(succeeded(free), "succeeded")
+    await network.until("paid task settled", lambda: _is(network.state(paid), ch.TaskState.SETTLED))
+    await network.until("aborted task refunded", lambda: _is(network.state(aborted), ch.TaskState.REFUNDED))
+    await network.indexed(stakes=3, settled=1, refunded=1)
+
+    report = await network.reconcile()
+    assert report.differences == []
+    assert (report.stakes_checked, report.tasks_checked, report.events_checked) == (4, 2, 2)  # d: announced only
+    status, out = await network.cli()
+    assert status == 0, out
+    assert "all agree: 4 stakes, 2 paid tasks, 2 settlement events checked" in out
+
+    a = network.nodes["a"]
+    stakes = await network.js.key_value(subjects.STAKES_BUCKET)
+    await stakes.put(a, json.dumps({"stake": 1, "leaving": False, "block": 5}).encode())
+    report = await network.reconcile()
+    (wrong,) = report.differences
+    assert wrong == rc.Difference(
+        kind="stake",
+        thing=f"node {a} (a)",
+        projection="stake=1 leaving=no (block 5)",
+        chain=f"stake={MIN_STAKE} leaving=no",
+        note=f"wrong at block {report.cursor}, the indexer's cursor, which is the chain head",
+    )
+    status, out = await network.cli()
+    assert status == 1
+    assert wrong.line() in out.splitlines()
+    assert "1 differences" in out
+
+
+async def test_what_the_stopped_indexer_missed_is_reported_until_it_catches_up(network: Network):
+    task_id = uuid.uuid4().hex
+    await network.publish(submitted(task_id, 1_500), "submitted")
+    await network.until("escrowed", lambda: _is(network.state(task_id), ch.TaskState.ESCROWED))
+    await network.indexed(stakes=3, settled=0, refunded=0)
+    assert (await network.reconcile()).differences == []  # escrowed and not ended: as it should be
+    await network.halt()
+    cursor = (await network.reconcile()).cursor
+    stakes = await network.js.key_value(subjects.STAKES_BUCKET)
+    b_block = json.loads((await stakes.get(network.nodes["b"])).value or b"{}")["block"]
+
+    n = network.nodes
+    await network.on_chain(lambda c: c.slash(network.admin, n["b"], 400, "by-hand"))
+    await network.on_chain(lambda c: c.request_unstake(n["c"]))
+    await network.on_chain(lambda c: c.stake(n["d"], MIN_STAKE))
+    await network.publish(succeeded(task_id), "succeeded")
+    block = await network.on_chain(lambda c: int(c.w3.eth.block_number))
+    forged = ChainLog(  # a settlement event the chain never emitted (a bug, or a reorg nobody saw)
+        contract="TaskPayment",
+        event="Refunded",
+        args={"taskId": "0x" + ch.task_key(task_id).hex(), "app": network.admin, "fee": 1_500},
+        block_number=block,
+        block_hash="0x" + "ab" * 32,
+        log_index=0,
+        tx_hash="0x" + "cd" * 32,
+    )
+    await bus.publish(network.js, "chain.TaskPayment.Refunded", forged, msg_id="forged")
+
+    report = await network.reconcile()
+    behind = f"changed on chain after block {cursor}, the indexer's cursor: it is behind or stopped"
+    assert report.cursor == cursor
+    by_thing = {d.thing: d for d in report.differences}
+    assert by_thing.pop(f"node {n['b']} (b)") == rc.Difference(
+        kind="stake",
+        thing=f"node {n['b']} (b)",
+        projection=f"stake={MIN_STAKE} leaving=no (block {b_block})",
+        chain=f"stake={MIN_STAKE - 400} leaving=no",
+        note=behind,
+    )
+    leaving = by_thing.pop(f"node {n['c']} (c)")
+    assert (leaving.projection.split(" (")[0], leaving.chain, leaving.note) == (
+        f"stake={MIN_STAKE} leaving=no",
+        f"stake={MIN_STAKE} leaving=yes",
+        behind,
+    )
+    joined = by_thing.pop(f"node {n['d']} (d)")
+    assert (joined.projection, joined.chain, joined.note) == ("none", f"stake={MIN_STAKE} leaving=no", behind)
+    unsettled = by_thing.pop(f"task {task_id}")
+    assert (unsettled.kind, unsettled.projection) == ("task", "succeeded (fee 1500) -> SETTLED")
+    assert unsettled.chain == f"ESCROWED fee=1500 app={network.admin}"
+    (event,) = by_thing.values()
+    assert event.kind == "chain_event"
+    assert event.thing == f"chain.TaskPayment.Refunded of task {task_id} (block {block}, tx {forged.tx_hash})"
+    assert (event.projection, event.chain) == (f"REFUNDED fee=1500 app={network.admin}", unsettled.chain)
+
+    graced = await network.reconcile(grace_s=60)  # a fresh outcome may just not be settled yet
+    assert graced.pending == 1
+    assert f"task {task_id}" not in {d.thing for d in graced.differences}
+    assert len(graced.differences) == 4
+
+    status, out = await network.cli()
+    assert status == 1
+    assert {d.line() for d in report.differences} <= set(out.splitlines())
+
+    await network.start()  # it catches up: stakes indexed, the task settled; the forged event stays
+    await network.until("settled", lambda: _is(network.state(task_id), ch.TaskState.SETTLED))
+    await network.indexed(stakes=4, settled=1, refunded=1)
+    await network.until("stakes caught up", lambda: _only_event_left(network))
+    (left,) = (await network.reconcile()).differences
+    assert left.kind == "chain_event"
+    assert left.chain == f"SETTLED fee=1500 app={network.admin}"
+
+
+async def _is(state: Any, want: ch.TaskState) -> bool:
+    return await state == want
+
+
+async def _only_event_left(network: Network) -> bool:
+    differences = (await network.reconcile()).differences
+    return [d.kind for d in differences] == ["chain_event"]
+
+
+def test_the_embedded_chain_and_a_bad_deployment_cannot_be_reconciled(
+    fresh_nats_url: str, capsys: pytest.CaptureFixture[str]
+):
+    async def put_deployment() -> None:
+        nc = await nats.connect(fresh_nats_url)
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=subjects.CHAIN_BUCKET, history=1))
+        zero = "0x" + "00" * 19 + "01"
+        deployment = {"chain_id": 1, "url": ch.EMBEDDED_URL, "token": zero, "staking": zero, "payment": zero}
+        await kv.put("deployment", json.dumps(deployment).encode())
+        await nc.close()
+
+    asyncio.run(put_deployment())
+    assert rc.main(["reconcile", "--nats-url", fresh_nats_url]) == 2
+    assert "cannot be reached from outside" in capsys.readouterr().err
+    assert rc.main(["reconcile", "--nats-url", fresh_nats_url, "--deployment", "token=0x1"]) == 2
+    assert "--deployment 'token=0x1'" in capsys.readouterr().err
