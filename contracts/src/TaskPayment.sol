@@ -96,6 +96,24 @@ contract TaskPayment is AccessControl, ReentrancyGuard {
 
     /// @notice Moves `fee` from `app`'s balance into escrow for `taskId`. Once per task.
     function escrow(bytes32 taskId, address app, uint256 fee) external onlyRole(GATEWAY_ROLE) {
+        _escrowOne(taskId, app, fee);
+    }
+
+    /// @notice `escrow` for many tasks in one transaction; reverts whole if any cannot be escrowed.
+    function escrowMany(
+        bytes32[] calldata taskIds,
+        address[] calldata apps,
+        uint256[] calldata fees
+    ) external onlyRole(GATEWAY_ROLE) {
+        uint256 n = taskIds.length;
+        if (apps.length != n) revert LengthMismatch("apps", n, apps.length);
+        if (fees.length != n) revert LengthMismatch("fees", n, fees.length);
+        for (uint256 k = 0; k < n; ++k) {
+            _escrowOne(taskIds[k], apps[k], fees[k]);
+        }
+    }
+
+    function _escrowOne(bytes32 taskId, address app, uint256 fee) private {
         if (app == address(0)) revert ZeroAddress("app");
         if (fee > type(uint88).max) revert FeeTooLarge(fee, type(uint88).max);
         Task storage t = _tasks[taskId];

@@ -353,6 +353,21 @@ class ContractSuite:
         with reverted("InsufficientBalance"):
             c.withdraw(app, 381)  # escrowed tokens are not the app's to withdraw
 
+    def test_escrow_many_in_one_transaction_all_or_none(self, env: Env) -> None:
+        c, app = env.chain, env.app
+        c.deposit(app, 500)
+        before = c.balance_of(app)
+        receipt = c.escrow_many(env.gateway, [("m-1", app, 10), ("m-2", app, 20), ("m-3", app, 30)])
+        assert [e.args["fee"] for e in c.events(receipt) if e.name == "Escrowed"] == [10, 20, 30]
+        assert c.balance_of(app) == before - 60
+        assert c.task("m-2").state == TaskState.ESCROWED
+        with reverted("TaskAlreadyEscrowed"):  # one bad task: nothing of the batch happens
+            c.escrow_many(env.gateway, [("m-4", app, 5), ("m-1", app, 5)])
+        assert c.task("m-4").state == TaskState.NONE
+        assert c.balance_of(app) == before - 60
+        with reverted("AccessControlUnauthorizedAccount"):
+            c.escrow_many(env.stranger, [("m-5", app, 5)])
+
     def test_escrow_twice_reverts(self, env: Env) -> None:
         c = env.chain
         self.escrowed(env, "task-1")

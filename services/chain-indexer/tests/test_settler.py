@@ -194,6 +194,9 @@ async def test_aborted_tasks_are_refunded_in_one_batch_and_free_tasks_touch_noth
     refunds = await network.chain_logs("chain.TaskPayment.Refunded", 5)
     assert len(refunds) == 5
     assert len({r.tx_hash for r in refunds}) < 5  # batched: fewer transactions than tasks
+    escrows = await network.chain_logs("chain.TaskPayment.Escrowed", 5)
+    assert len(escrows) == 5
+    assert len({e.tx_hash for e in escrows}) < 5  # escrows are batched too
 
 
 async def test_an_outcome_without_its_submission_nearby_still_settles(network: Network):

@@ -496,6 +496,19 @@ class StippleChain:
         """Holds `fee` of `app`'s balance for `task_id` (GATEWAY_ROLE; once per task)."""
         return self._send(sender, "TaskPayment", "escrow", task_key(task_id), app, fee)
 
+    def escrow_many(self, sender: Sender, escrows: Sequence[tuple[str, str, int]]) -> TxReceipt:
+        """`escrow` for every (task_id, app, fee) in one transaction (GATEWAY_ROLE); all or none."""
+        if not escrows:
+            raise ValueError("escrows: must not be empty")
+        return self._send(
+            sender,
+            "TaskPayment",
+            "escrowMany",
+            [task_key(t) for t, _, _ in escrows],
+            [a for _, a, _ in escrows],
+            [f for _, _, f in escrows],
+        )
+
     def settle(self, sender: Sender, settlements: Sequence[Settlement]) -> TxReceipt:
         """Settles every task in `settlements` in one transaction (SETTLER_ROLE); all or none."""
         if not settlements:

@@ -5,7 +5,7 @@ The settler reads ``tasks.*.submitted`` and the outcomes from its own durable co
 and holds each message until its transaction is mined:
 
 - `submitted` with a fee: the fee is escrowed from the app's account (custodial mode:
-  the wallet this indexer holds for the gateway's apps).
+  the wallet this indexer holds for the gateway's apps), many tasks to a transaction.
 - `succeeded`: the fee goes to the nodes that agreed, in proportion to this task's QoS
   scores (10/5/2 by commit order; equal shares when all are 0), in one `settle`
   transaction for up to `batch_max` tasks. A node judged `mismatch` or `bad_commitment`
@@ -170,9 +170,8 @@ class Settler:
                 if found is not None and found.fee > 0:
                     submitted[outcome.task_id] = found
         states = {task_id: await self._state(task_id) for task_id in submitted}
-        for task_id, event in submitted.items():
-            if states[task_id] == TaskState.NONE and await self._escrow(event):
-                states[task_id] = TaskState.ESCROWED
+        for task_id in await self._escrow([e for t, e in submitted.items() if states[t] == TaskState.NONE]):
+            states[task_id] = TaskState.ESCROWED
         pay = [o for o in outcomes if isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
         back = [o for o in outcomes if not isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
         settlements = [s for s in (self._settlement(o) for o in pay) if s is not None]
@@ -241,18 +240,35 @@ class Settler:
                 return True, available - fee
             return False, available
 
-    async def _escrow(self, event: TaskSubmitted) -> bool:
-        async with self.ledger:
-            try:
-                await self.call(lambda: self.chain.escrow(self.sender, event.task_id, self.app, event.fee))
-            except ContractReverted as exc:
-                if exc.error == "TaskAlreadyEscrowed":
-                    return True
-                log.error("escrow_refused", task_id=event.task_id, error=exc.error, args=exc.args_by_name)
-                self.tasks.labels("escrow_refused").inc()
-                return False
-            finally:
-                self.reserved.pop(event.task_id, None)
+    async def _escrow(self, events: list[TaskSubmitted]) -> list[str]:
+        """Escrow the fees of `events`, `batch_max` to a transaction; a batch that one task
+        spoils (escrowed meanwhile, or more than the deposit holds) goes again task by task.
+        Returns the tasks escrowed now or before."""
+        done: list[str] = []
+        for start in range(0, len(events), self.batch_max):
+            chunk = events[start : start + self.batch_max]
+            async with self.ledger:
+                try:
+                    escrows = [(e.task_id, self.app, e.fee) for e in chunk]
+                    await self.call(lambda items=escrows: self.chain.escrow_many(self.sender, items))
+                    self.sent.labels("escrow").inc()
+                    done += [e.task_id for e in chunk]
+                except ContractReverted:
+                    done += [e.task_id for e in chunk if await self._escrow_one(e)]
+                finally:
+                    for e in chunk:
+                        self.reserved.pop(e.task_id, None)
+        return done
+
+    async def _escrow_one(self, event: TaskSubmitted) -> bool:
+        try:
+            await self.call(lambda: self.chain.escrow(self.sender, event.task_id, self.app, event.fee))
+        except ContractReverted as exc:
+            if exc.error == "TaskAlreadyEscrowed":
+                return True
+            log.error("escrow_refused", task_id=event.task_id, error=exc.error, args=exc.args_by_name)
+            self.tasks.labels("escrow_refused").inc()
+            return False
         self.sent.labels("escrow").inc()
         return True
 
