@@ -399,6 +399,13 @@ class StippleChain:
         )
         self._by_name = {"StippleToken": self.token, "NodeStaking": self.staking, "TaskPayment": self.payment}
         self._by_address = {c.address: (name, c) for name, c in self._by_name.items()}
+        # (address, topic 0) -> the event that decodes it: worked out once, not per log
+        self._events = {
+            (c.address, _topic(item)): c.events[item["name"]]()
+            for c in self._by_name.values()
+            for item in c.abi
+            if item.get("type") == "event"
+        }
         self._errors = _ErrorDecoder(self.artifacts.values())
 
     # views
@@ -538,11 +545,12 @@ class StippleChain:
         """Decodes the logs that Stipple's contracts emitted (others are skipped)."""
         out = []
         for log in logs:
-            found = self._by_address.get(to_checksum_address(log["address"]))
+            address = to_checksum_address(log["address"])
+            found = self._by_address.get(address)
             if found is None or not log["topics"]:
                 continue
-            name, contract = found
-            event = _event_for_topic(contract, bytes(log["topics"][0]))
+            name, _ = found
+            event = self._events.get((address, bytes(log["topics"][0])))
             if event is None:
                 continue
             decoded = event.process_log(log)
@@ -576,13 +584,9 @@ def _role_id(role: str) -> bytes:
     return keccak(text=role)
 
 
-def _event_for_topic(contract: Contract, topic: bytes) -> Any:
-    for item in contract.abi:
-        if item.get("type") == "event":
-            signature = f"{item['name']}({','.join(_abi_type(i) for i in item['inputs'])})"
-            if keccak(text=signature) == topic:
-                return contract.events[item["name"]]()
-    return None
+def _topic(item: dict[str, Any]) -> bytes:
+    """An ABI event's topic 0: keccak-256 of its signature."""
+    return keccak(text=f"{item['name']}({','.join(_abi_type(i) for i in item['inputs'])})")
 
 
 def _abi_type(item: dict[str, Any]) -> str:
