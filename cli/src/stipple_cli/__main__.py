@@ -71,7 +71,8 @@ def up(args: argparse.Namespace) -> int:
         nodes = ", ".join(s.name for s in network.services if s.name.startswith("node-"))
         print(f"Stipple is up.\n  gateway  {network.gateway_url}\n  nats     {network.nats_url}")
         print(f"  nodes    {nodes} (model tiny-sd)\n  logs     {args.data_dir / 'logs'}/")
-        print("  metrics  " + "\n              ".join(f"{name:<14}{url}" for name, url in network.metrics_urls().items()))
+        metrics = network.metrics_urls().items()
+        print("  metrics  " + "\n           ".join(f"{name:<14}{url}" for name, url in metrics))
         if not args.no_demo:
             print(f"  first image: {demo_image(network, args.data_dir / 'first-image.png')}")
         print(
