@@ -7,7 +7,6 @@ boosting's steps (R_x, patches, merging) on hand-made network outputs, and deter
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -37,6 +36,7 @@ from stipple_node.annotators.leres import (
     run,
     select_patches,
 )
+from stipple_node.testing import StandIn
 
 ENCODER = "module.depth_model.encoder_modules.encoder."
 DECODER = "module.depth_model.decoder_modules."
@@ -88,19 +88,6 @@ PUBLISHED_MERGE = {
 def network() -> LeresNetwork:
     torch.manual_seed(0)
     return LeresNetwork().eval()
-
-
-class StandIn(nn.Module):
-    """A stand-in network: output = `make(input)`, recording its inputs."""
-
-    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.make = make
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x)
-        return self.make(x)
 
 
 def ramp_depth(x: torch.Tensor) -> torch.Tensor:

@@ -6,16 +6,14 @@ network outputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional
 
 from stipple_node.annotators import BY_METHOD, REGISTRY
 from stipple_node.annotators.midas import MidasNetwork, _MaxPool2dSame, _StdConv2dSame, run
+from stipple_node.testing import StandIn
 
 BACKBONE = "pretrained.model.patch_embed.backbone."
 # (key, shape) of the published file
@@ -64,19 +62,6 @@ PUBLISHED_KEYS = {
 def network() -> MidasNetwork:
     torch.manual_seed(0)
     return MidasNetwork().eval()
-
-
-class StandIn(nn.Module):
-    """A stand-in network: depth = `make(input)`, recording its input."""
-
-    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.make = make
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x)
-        return self.make(x)
 
 
 def test_record_serves_depth_midas_with_the_published_weights() -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from stipple_node import testing
 from stipple_node.annotators import BY_METHOD, REGISTRY
 from stipple_node.annotators.normalbae import (
     MEAN,
@@ -72,17 +73,11 @@ def network() -> NormalBaeNetwork:
     return NormalBaeNetwork().eval()
 
 
-class StandIn(nn.Module):
+class StandIn(testing.StandIn):
     """A stand-in network: its full-size prediction is `make(input)` (N, 4, H, W), recording its input."""
 
-    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.make = make
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.inputs.append(x)
-        return [torch.zeros(1, 4, 1, 1), self.make(x)]  # run reads only the last one
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        return [torch.zeros(1, 4, 1, 1), super().forward(x)]  # run reads only the last one
 
 
 def constant_normal(x: float, y: float, z: float) -> Callable[[torch.Tensor], torch.Tensor]:

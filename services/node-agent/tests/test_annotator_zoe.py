@@ -7,7 +7,6 @@ of ZoeDepth's `infer`, the metric-bins head on small inputs, and ControlNet's de
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch.nn import functional
 
 from stipple_node.annotators import BY_METHOD, REGISTRY, zoe
 from stipple_node.annotators.zoe import ZoeNetwork, infer, load, network_size, run, to_published
+from stipple_node.testing import StandIn
 
 MODEL = "core.core.pretrained.model."
 # (key, shape) of the published file's "model"
@@ -85,19 +85,6 @@ def network() -> ZoeNetwork:
 def small(monkeypatch: pytest.MonkeyPatch) -> None:
     """The network run at 64 x 96 (its own resize would make every input about 384 x 512)."""
     monkeypatch.setattr(zoe, "network_size", lambda height, width: (64, 96))
-
-
-class StandIn(nn.Module):
-    """A stand-in network: depth = `make(input)`, recording its input."""
-
-    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.make = make
-        self.inputs: list[torch.Tensor] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.inputs.append(x)
-        return self.make(x)
 
 
 def test_record_serves_depth_zoe_with_the_published_weights() -> None:

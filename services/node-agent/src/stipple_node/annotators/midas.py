@@ -319,6 +319,26 @@ class _Interpolate(nn.Module):
         return functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
 
 
+def scratch(reassembled: tuple[int, ...]) -> nn.Module:
+    """MiDaS's `scratch`: the reassembled maps' widths brought to FEATURES, four fusion
+    blocks and the non-negative depth head (ZoeDepth's MiDaS part uses the same)."""
+    module = nn.Module()
+    for i, channels in enumerate(reassembled, start=1):
+        module.add_module(f"layer{i}_rn", nn.Conv2d(channels, FEATURES, 3, padding=1, bias=False))
+    for i in range(1, 5):
+        module.add_module(f"refinenet{i}", _FusionBlock())
+    module.output_conv = nn.Sequential(
+        nn.Conv2d(FEATURES, FEATURES // 2, 3, padding=1),
+        _Interpolate(),
+        nn.Conv2d(FEATURES // 2, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 1, 1),
+        nn.ReLU(),  # non_negative=True
+        nn.Identity(),
+    )
+    return module
+
+
 class MidasNetwork(nn.Module):
     """MiDaS's `DPTDepthModel` (DPT-Hybrid): an image in -1..1 whose sides are multiples of 32 ->
     relative inverse depth (non-negative, larger is nearer) at the same size, shape (N, H, W)."""
@@ -326,20 +346,7 @@ class MidasNetwork(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.pretrained = _Encoder()
-        self.scratch = nn.Module()
-        for i, channels in enumerate((256, 512, EMBED, EMBED), start=1):
-            self.scratch.add_module(f"layer{i}_rn", nn.Conv2d(channels, FEATURES, 3, padding=1, bias=False))
-        for i in range(1, 5):
-            self.scratch.add_module(f"refinenet{i}", _FusionBlock())
-        self.scratch.output_conv = nn.Sequential(
-            nn.Conv2d(FEATURES, FEATURES // 2, 3, padding=1),
-            _Interpolate(),
-            nn.Conv2d(FEATURES // 2, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 1, 1),
-            nn.ReLU(),  # non_negative=True
-            nn.Identity(),
-        )
+        self.scratch = scratch((256, 512, EMBED, EMBED))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer_1, layer_2, layer_3, layer_4 = self.pretrained(x)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional
 
 from . import ANNOTATORS_REPO, Annotator
-from .midas import FEATURES, _FusionBlock, _Interpolate, _ProjectReadout
+from .midas import FEATURES, _ProjectReadout, scratch
 from .ops import gray_to_rgb
 
 METHODS = ("depth_zoe",)
@@ -226,20 +226,7 @@ class _Midas(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.pretrained = _Encoder()
-        self.scratch = nn.Module()
-        for i, channels in enumerate(REASSEMBLE, start=1):
-            self.scratch.add_module(f"layer{i}_rn", nn.Conv2d(channels, FEATURES, 3, padding=1, bias=False))
-        for i in range(1, 5):
-            self.scratch.add_module(f"refinenet{i}", _FusionBlock())
-        self.scratch.output_conv = nn.Sequential(
-            nn.Conv2d(FEATURES, FEATURES // 2, 3, padding=1),
-            _Interpolate(),
-            nn.Conv2d(FEATURES // 2, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 1, 1),
-            nn.ReLU(),  # non_negative=True
-            nn.Identity(),
-        )
+        self.scratch = scratch(REASSEMBLE)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         s = self.scratch
