@@ -175,23 +175,39 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
     return runner
 
 
+async def start_services(
+    stack: AsyncExitStack,
+    stop: asyncio.Event,
+    runner: PipelineRunner,
+    dispatcher_settings: DispatcherSettings,
+    validator_settings: ValidatorSettings,
+    agents: list[tuple[str, type[NodeAgent]]],
+) -> list[asyncio.Task[None]]:
+    """The real dispatcher, validator and one node agent per (node id, NodeAgent type) as
+    tasks of this process, each on its own connection; they stop when `stop` is set."""
+    nats_url = dispatcher_settings.nats_url
+    services = []
+    ctx = await stack.enter_async_context(open_service("dispatcher", dispatcher_settings, stop=stop))
+    services.append(asyncio.create_task(serve_dispatcher(ctx, dispatcher_settings)))
+    ctx = await stack.enter_async_context(open_service("validator", validator_settings, stop=stop))
+    services.append(asyncio.create_task(serve_validator(ctx, validator_settings)))
+    for node_id, agent_type in agents:
+        settings = NodeSettings(nats_url=nats_url, node_id=node_id, operator=node_id, heartbeat_s=0.5)
+        ctx = await stack.enter_async_context(open_service("node-agent", settings, blobs=True, stop=stop))
+        services.append(asyncio.create_task(serve_node(ctx, settings, runner, agent_type=agent_type)))
+    return services
+
+
 async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeAgent]) -> TaskSucceeded | TaskAborted:
     """Start the services, submit one task, return its outcome."""
     stop = asyncio.Event()
     async with AsyncExitStack() as stack:
-        services = []
         dispatcher_settings = DispatcherSettings(nats_url=nats_url, task_timeout_s=COMMIT_TIMEOUT_S)
-        ctx = await stack.enter_async_context(open_service("dispatcher", dispatcher_settings, stop=stop))
-        services.append(asyncio.create_task(serve_dispatcher(ctx, dispatcher_settings)))
         validator_settings = ValidatorSettings(
             nats_url=nats_url, phash_threshold=2, reveal_timeout_s=3.0, deadline_grace_s=0.1
         )
-        ctx = await stack.enter_async_context(open_service("validator", validator_settings, stop=stop))
-        services.append(asyncio.create_task(serve_validator(ctx, validator_settings)))
-        for node_id, agent_type in [(HONEST[0], NodeAgent), (SUSPECT, suspect), (HONEST[1], NodeAgent)]:
-            settings = NodeSettings(nats_url=nats_url, node_id=node_id, operator=node_id, heartbeat_s=0.5)
-            ctx = await stack.enter_async_context(open_service("node-agent", settings, blobs=True, stop=stop))
-            services.append(asyncio.create_task(serve_node(ctx, settings, runner, agent_type=agent_type)))
+        agents = [(HONEST[0], NodeAgent), (SUSPECT, suspect), (HONEST[1], NodeAgent)]
+        services = await start_services(stack, stop, runner, dispatcher_settings, validator_settings, agents)
         client = await stack.enter_async_context(open_service("test-app", dispatcher_settings, stop=stop))
         await asyncio.sleep(1.0)  # nodes announce themselves
         task_id = uuid.uuid4().hex

@@ -14,7 +14,6 @@ import asyncio
 import time
 import uuid
 from contextlib import AsyncExitStack
-from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
@@ -24,14 +23,13 @@ from stipple_common.messages import NodeQos, TaskAborted, TaskSubmitted, TaskSuc
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
 from stipple_dispatcher.service import DispatcherSettings
-from stipple_dispatcher.service import serve as serve_dispatcher
 from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeAgent, NodeSettings
-from stipple_node.service import serve as serve_node
+from stipple_node.service import NodeAgent
 from stipple_validator.service import ValidatorSettings
-from stipple_validator.service import serve as serve_validator
 
-from .test_misbehaving import wait_for_outcome
+from .test_misbehaving import runner, start_services, wait_for_outcome
+
+__all__ = ["runner"]  # the module-scoped fixture, shared with test_misbehaving
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,36 +50,18 @@ class StuckTwice(NodeAgent):
         return await super().handle(msg)
 
 
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
-    from stipple_node.pipeline import configure_determinism
-    from stipple_node.tinymodel import make_tiny_model
-
-    configure_determinism(1)
-    runner = PipelineRunner({"tiny-sd": make_tiny_model(Path(tmp_path_factory.mktemp("tiny")))})
-    runner.load("tiny-sd")
-    return runner
-
-
 async def test_a_paused_node_works_again_only_after_passing_the_check(
     fresh_nats_url: str, runner: PipelineRunner
 ) -> None:
     qos_events: list[NodeQos] = []
     stop = asyncio.Event()
     async with AsyncExitStack() as stack:
-        services = []
         dispatcher_settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=COMMIT_TIMEOUT_S)
-        ctx = await stack.enter_async_context(open_service("dispatcher", dispatcher_settings, stop=stop))
-        services.append(asyncio.create_task(serve_dispatcher(ctx, dispatcher_settings)))
         validator_settings = ValidatorSettings(
             nats_url=fresh_nats_url, phash_threshold=2, deadline_grace_s=0.1, probe_every_s=0.3
         )
-        ctx = await stack.enter_async_context(open_service("validator", validator_settings, stop=stop))
-        services.append(asyncio.create_task(serve_validator(ctx, validator_settings)))
-        for node_id, agent_type in [(HONEST[0], NodeAgent), (SUSPECT, StuckTwice), (HONEST[1], NodeAgent)]:
-            settings = NodeSettings(nats_url=fresh_nats_url, node_id=node_id, operator=node_id, heartbeat_s=0.5)
-            ctx = await stack.enter_async_context(open_service("node-agent", settings, blobs=True, stop=stop))
-            services.append(asyncio.create_task(serve_node(ctx, settings, runner, agent_type=agent_type)))
+        agents = [(HONEST[0], NodeAgent), (SUSPECT, StuckTwice), (HONEST[1], NodeAgent)]
+        services = await start_services(stack, stop, runner, dispatcher_settings, validator_settings, agents)
         app = await stack.enter_async_context(open_service("test-app", dispatcher_settings, stop=stop))
 
         async def on_qos(msg: Msg) -> None:
