@@ -163,23 +163,32 @@ async def consume(
     - StippleError: retryable -> nak with back-off, else term
     - any other exception -> logged with its traceback once, nak with back-off
       (bounded by the consumer's max_deliver)
+
+    With `metrics`, the consumer's lag (num_pending, num_ack_pending) is read every few
+    seconds into ``<prefix>_consumer_*_messages`` while the loop runs.
     """
     durable = config.durable_name
     assert durable, "consume() needs a durable consumer"
     await js.add_consumer(stream, config)
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
     tracer = tracer or trace.get_tracer("stipple.bus")
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(batch, timeout=fetch_timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            continue
-        except NotFoundError:
-            log.warning("consumer_missing_recreating", stream=stream, durable=durable)
-            await js.add_consumer(stream, config)
-            continue
-        for msg in msgs:
-            await _handle_one(msg, handler, stream, metrics, tracer)
+    lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop)) if metrics is not None else None
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=fetch_timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except NotFoundError:
+                log.warning("consumer_missing_recreating", stream=stream, durable=durable)
+                await js.add_consumer(stream, config)
+                continue
+            for msg in msgs:
+                await _handle_one(msg, handler, stream, metrics, tracer)
+    finally:
+        if lag is not None:
+            lag.cancel()
+            await asyncio.gather(lag, return_exceptions=True)
     await sub.unsubscribe()
 
 

@@ -1,14 +1,34 @@
 """Prometheus metrics: one registry per process, served on the port named `metrics`.
 
-Names follow ``stipple_<service>_<what>_<unit>``. The consumer loop counts every
-message it handles by outcome, so each service gets those for free.
+Names follow ``stipple_<service>_<what>_<unit>`` (the node agent's prefix is
+``stipple_node``). The consumer loop counts every message it handles by outcome and
+reports its durable consumer's lag, so each service gets those for free. The full list
+is docs/metrics.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.registry import Collector
+
+log = structlog.get_logger("stipple.metrics")
+
+PREFIXES = {"node-agent": "stipple_node"}
+"""Services whose metric prefix is not ``stipple_<name>``."""
+
+CONSUMER_LAG_POLL_S = 5.0
+"""How often a consumer loop reads its durable consumer's info for the lag gauges."""
+
+
+def prefix_of(service: str) -> str:
+    return PREFIXES.get(service, f"stipple_{service.replace('-', '_')}")
 
 
 @dataclass
@@ -17,13 +37,14 @@ class Metrics:
 
     service: str
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    lag_poll_s: float = CONSUMER_LAG_POLL_S
 
     def __post_init__(self) -> None:
-        prefix = f"stipple_{self.service.replace('-', '_')}"
+        prefix = prefix_of(self.service)
         self.prefix = prefix
         self.messages = Counter(
             f"{prefix}_messages_total",
-            "JetStream messages handled, by stream and outcome (ack, nak, term)",
+            "JetStream messages handled, by stream and outcome (ack, nak, term, hold)",
             ["stream", "outcome"],
             registry=self.registry,
         )
@@ -34,6 +55,65 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.consumer_pending = Gauge(
+            f"{prefix}_consumer_pending_messages",
+            "Messages of a durable consumer's stream not yet delivered to it (num_pending)",
+            ["stream", "consumer"],
+            registry=self.registry,
+        )
+        self.consumer_ack_pending = Gauge(
+            f"{prefix}_consumer_ack_pending_messages",
+            "Messages delivered to a durable consumer and not acknowledged yet (num_ack_pending)",
+            ["stream", "consumer"],
+            registry=self.registry,
+        )
+        self.consumer_redelivered = Gauge(
+            f"{prefix}_consumer_redelivered_messages",
+            "Messages of a durable consumer delivered more than once and still unacknowledged (num_redelivered)",
+            ["stream", "consumer"],
+            registry=self.registry,
+        )
+        self.consumer_info_errors = Counter(
+            f"{prefix}_consumer_info_errors_total",
+            "Failed reads of a durable consumer's info for the lag gauges",
+            ["stream", "consumer"],
+            registry=self.registry,
+        )
+        self._watched: dict[tuple[str, str], int] = {}
+
+    def register(self, collectors: Iterable[Collector]) -> None:
+        """Add collectors made without a registry (a node's runner and store are built
+        before its service opens); one already in this registry is left as it is."""
+        for collector in collectors:
+            with contextlib.suppress(ValueError):  # registered already (a runner reused by a test)
+                self.registry.register(collector)
+
+    def set_consumer_lag(self, stream: str, consumer: str, info: Any) -> None:
+        """The lag gauges from a ``ConsumerInfo``."""
+        self.consumer_pending.labels(stream, consumer).set(info.num_pending or 0)
+        self.consumer_ack_pending.labels(stream, consumer).set(info.num_ack_pending or 0)
+        self.consumer_redelivered.labels(stream, consumer).set(info.num_redelivered or 0)
+
+    async def watch_consumer(self, js: Any, stream: str, consumer: str, stop: asyncio.Event) -> None:
+        """Poll a durable consumer's info every `lag_poll_s` until `stop`; one poller per
+        consumer however many loops share it (the gateway's webhook workers do)."""
+        key = (stream, consumer)
+        self._watched[key] = self._watched.get(key, 0) + 1
+        if self._watched[key] > 1:
+            return
+        try:
+            while not stop.is_set():
+                try:
+                    self.set_consumer_lag(stream, consumer, await js.consumer_info(stream, consumer, timeout=2.0))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # lag is best effort: NATS away, consumer recreated
+                    self.consumer_info_errors.labels(stream, consumer).inc()
+                    log.debug("consumer_info_failed", stream=stream, consumer=consumer, error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.lag_poll_s)
+        finally:
+            self._watched.pop(key, None)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics in a thread; returns the bound port (port -1: any free port)."""

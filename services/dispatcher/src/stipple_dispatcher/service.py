@@ -74,6 +74,7 @@ from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import TaskSpec
 
+from .metrics import DispatcherCollector
 from .selection import NodeIndex, NotEnoughNodes, Requirements, task_models
 
 log = structlog.get_logger("stipple.dispatcher")
@@ -150,7 +151,7 @@ class Dispatcher:
         self.lock = asyncio.Lock()
         self.dispatched = Counter(
             "stipple_dispatcher_tasks_total",
-            "Tasks handled, by result (assigned, no_nodes, unservable, cancelled)",
+            "Tasks handled, by result (assigned, reassigned, prefetch, no_nodes, unservable, cancelled)",
             ["result"],
             registry=metrics.registry,
         )
@@ -171,6 +172,7 @@ class Dispatcher:
         )
 
     # ------------------------------------------------------------------ events
+        metrics.registry.register(DispatcherCollector(self))  # nodes by state, QoS, tasks held
 
     async def handle(self, msg: Msg) -> bus.Redeliver | bus.Hold | None:
         event = decode_task_event(msg.subject, msg.data)

@@ -36,7 +36,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import bus, subjects
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
@@ -62,6 +62,7 @@ from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
 log = structlog.get_logger("stipple.validator")
 
 NO_SAMPLE = ("undecided", "cancelled")  # verdicts that say nothing about the node
+SLASHABLE = ("mismatch", "bad_commitment")  # verdicts the chain-indexer slashes (its settler.SLASHABLE)
 
 
 class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
@@ -106,6 +107,31 @@ class Validator:
         self.verdicts = Counter(
             "stipple_validator_verdicts_total", "Per-node verdicts", ["verdict"], registry=metrics.registry
         )
+        self.slashes = Counter(
+            "stipple_validator_slashes_total",
+            "Per-node verdicts that cost the node its stake (mismatch, bad_commitment); the chain-indexer slashes",
+            ["verdict"],
+            registry=metrics.registry,
+        )
+        self.validation_seconds = Histogram(
+            "stipple_validator_validation_seconds",
+            "From the reveal opening to the decision (tasks decided after a reveal)",
+            registry=metrics.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30),
+        )
+        self.task_seconds = Histogram(
+            "stipple_validator_task_seconds",
+            "From the submission to the decision, by outcome",
+            ["outcome"],
+            registry=metrics.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
+        )
+        paused = Gauge(
+            "stipple_validator_paused_nodes",
+            "Nodes paused for timeouts, waiting to pass a probe",
+            registry=metrics.registry,
+        )
+        paused.set_function(lambda: len(prober.paused))
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         task_id = subjects.subject_token(msg.subject, 1)
@@ -210,6 +236,13 @@ class Validator:
         self.outcomes.labels(kind, outcome.reason).inc()
         for verdict in outcome.verdicts.values():
             self.verdicts.labels(verdict).inc()
+            if verdict in SLASHABLE:
+                self.slashes.labels(verdict).inc()
+        now = time.time()
+        self.task_seconds.labels(kind).observe(max(0.0, now - task.submitted_at))
+        if task.reveal_deadline is not None:
+            opened = task.reveal_deadline - self.settings.reveal_timeout_s
+            self.validation_seconds.observe(max(0.0, now - opened))
         log.info("task_decided", outcome=kind, reason=outcome.reason, verdicts=outcome.verdicts)
         return None
 
