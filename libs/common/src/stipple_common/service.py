@@ -1,6 +1,7 @@
 """What every service opens at start, in one AsyncExitStack: tracing, the metrics
-server, NATS and JetStream (streams declared idempotently), optionally the blob store,
-and a stop Event set by SIGTERM/SIGINT. Closing drains NATS."""
+server (/metrics, /healthz, /readyz: health.py), NATS and JetStream (streams declared
+idempotently), optionally the blob store, and a stop Event set by SIGTERM/SIGINT.
+Closing marks the service unready, then drains NATS."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from opentelemetry import trace
 
 from . import bus, subjects, tracing
 from .blobstore import BlobStore, open_blob_store
+from .health import Health
+from .health import serve as serve_metrics_port
 from .metrics import Metrics
 from .settings import CommonSettings
 
@@ -35,6 +38,7 @@ class ServiceContext:
     stop: asyncio.Event
     blobs: BlobStore | None = None
     metrics_port: int = 0
+    health: Health | None = None  # what /readyz on the metrics port answers from
 
     async def consume(self, stream: str, config: ConsumerConfig, handler: bus.Handler, *, batch: int = 16) -> None:
         """Run `handler` on a durable consumer until the service is asked to stop."""
@@ -84,12 +88,20 @@ async def open_service(
         if stop is None:
             stop = asyncio.Event()
             install_stop_signals(stop)
-        tracer = tracing.setup_tracing(name)
+        tracer = tracing.setup_tracing(name, settings.otlp_endpoint)
+        stack.callback(tracing.flush)  # last: after NATS drained, the spans of its final handlers go out too
         metrics = Metrics(name)
-        port = metrics.serve(settings.metrics_port, settings.metrics_host) if settings.metrics_port else 0
+        ready = Health()
+        ready.watch(stop=stop)
+        port = 0
+        if settings.metrics_port:  # /metrics, /healthz, /readyz; closed last, after NATS drained
+            server = serve_metrics_port(metrics.registry, ready, settings.metrics_port, settings.metrics_host)
+            stack.callback(server.close)
+            port = server.port
         options = {"inbox_prefix": settings.nats_inbox_prefix} if settings.nats_inbox_prefix else {}
         nc = await bus.connect(settings.nats_url, f"stipple-{name}", **options)
         stack.push_async_callback(nc.drain)
+        ready.watch(nc=nc)
         js = nc.jetstream()
         if settings.declare_streams:
             await bus.ensure_streams(js, subjects.stream_configs(replicas=settings.stream_replicas))
@@ -108,5 +120,7 @@ async def open_service(
             stack.push_async_callback(store.close)
         if own_process:
             freeze_startup_heap()
+        stack.callback(ready.mark_stopping)  # at shutdown unready first, before anything closes
+        ready.mark_ready()
         log.info("service_ready", service=name, nats=settings.nats_url, metrics_port=port)
-        yield ServiceContext(name, nc, js, metrics, tracer, stop, store, port)
+        yield ServiceContext(name, nc, js, metrics, tracer, stop, store, port, ready)
