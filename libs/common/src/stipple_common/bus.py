@@ -198,8 +198,23 @@ async def _handle_one(msg: Msg, handler: Handler, stream: str, metrics: Metrics 
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(subject=msg.subject, delivered=delivered)
     outcome = "ack"
-    with tracer.start_as_current_span(f"handle {stream}", context=tracing.extract(msg.headers)):
-        structlog.contextvars.bind_contextvars(trace_id=tracing.current_trace_id())
+    tokens = msg.subject.split(".")
+    with tracer.start_as_current_span(
+        f"handle {stream} {tokens[2] if len(tokens) > 2 else tokens[-1]}",
+        context=tracing.extract(msg.headers),
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+            "stipple.delivered": delivered,
+        },
+    ):
+        if tokens[0] == "tasks" and len(tokens) > 2:  # tasks.<id>.<event>[.<node>]
+            tracing.bind_task(tokens[1], tokens[3] if len(tokens) > 3 else "")
+        elif tokens[0] == "work" and len(tokens) > 2:  # work.<node>.<task|control>
+            tracing.bind_task(node_id=tokens[1])
+        else:
+            tracing.bind_task()
         try:
             result = await handler(msg)
             if isinstance(result, Redeliver):

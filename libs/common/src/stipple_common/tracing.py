@@ -1,25 +1,73 @@
-"""W3C trace context carried in NATS headers (``traceparent``/``tracestate``).
+"""OpenTelemetry traces, carried between services in NATS headers (W3C ``traceparent``/``tracestate``).
 
-Every publish through `stipple_common.nats.publish` injects the current context; the
-consumer loop extracts it and runs the handler inside a span that continues the trace.
-Spans are exported over OTLP only when an endpoint is configured (a later issue wires
-the exporter); otherwise they stay in process, which still propagates the trace id.
+One task is one trace. Its root is the gateway's HTTP span (``POST /v1/tasks``, or the
+SDCN endpoints); every publish through `stipple_common.bus.publish` injects the current
+context into the message headers, and the consumer loop (`bus.consume`) extracts it and
+runs the handler inside a ``handle <STREAM> <event>`` span that continues the trace.
+Work a service starts outside a message handler (the dispatcher's queue pump and its
+replacement timer) runs in a `task_span` whose parent is the task's stored ``traceparent``
+(`carrier()`), so it joins the task's trace too. docs/observability.md lists the spans.
+
+`task_span` and `bind_task` also bind ``task_id``, ``node_id`` and ``trace_id`` into
+structlog's context variables, so every log line written inside them carries them.
+
+Export: with ``STIPPLE_OTLP_ENDPOINT`` set (an OTLP/HTTP endpoint: ``http://host:4318``,
+``/v1/traces`` appended when no path is given), spans go through a BatchSpanProcessor to
+an OTLPSpanExporter, under the resource ``service.name = stipple-<service>``; `flush()`
+runs when a service closes, and the SDK shuts the provider down at process exit. Unset,
+nothing is exported; spans still exist in process, which propagates the trace ids.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
+import structlog
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+TASK_ID = "stipple.task_id"
+NODE_ID = "stipple.node_id"
+
+_exporting: set[str] = set()  # endpoints this process exports to
 
 
-def setup_tracing(service: str) -> trace.Tracer:
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):  # once per process
-        trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": f"stipple-{service}"})))
+def otlp_traces_url(endpoint: str) -> str:
+    """The traces URL of an OTLP/HTTP endpoint: ``/v1/traces`` appended to a bare host:port."""
+    endpoint = endpoint.strip()
+    if "://" not in endpoint:
+        endpoint = f"http://{endpoint}"
+    if urlsplit(endpoint).path in ("", "/"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def setup_tracing(service: str, otlp_endpoint: str = "") -> trace.Tracer:
+    """The process's tracer provider (once per process, named ``stipple-<service>``),
+    exporting over OTLP/HTTP to `otlp_endpoint` when one is given."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider(resource=Resource.create({"service.name": f"stipple-{service}"}))
+        trace.set_tracer_provider(provider)
+    if otlp_endpoint and otlp_endpoint not in _exporting:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_traces_url(otlp_endpoint))))
+        _exporting.add(otlp_endpoint)
     return trace.get_tracer(f"stipple.{service}")
+
+
+def flush(timeout_millis: int = 5_000) -> None:
+    """Export the spans still buffered (a service's last act; the provider stays usable)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(timeout_millis)
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
@@ -31,6 +79,69 @@ def extract(headers: Mapping[str, str] | None) -> Context:
     return propagate.extract(dict(headers or {}))
 
 
+def carrier() -> dict[str, str]:
+    """The current trace context as headers (``traceparent``, ``tracestate``): what to keep
+    with a task's state, for work done later outside the message handler."""
+    return inject({})
+
+
 def current_trace_id() -> str:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def trace_id_of(headers: Mapping[str, str] | None) -> str:
+    """The trace id in a stored carrier ("" when it holds none)."""
+    ctx = trace.get_current_span(extract(headers)).get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
+def bind_task(task_id: str = "", node_id: str = "") -> None:
+    """Tag the current span and the log context with the task (and node) it is about."""
+    span = trace.get_current_span()
+    values: dict[str, str] = {"trace_id": current_trace_id()}
+    if task_id:
+        span.set_attribute(TASK_ID, task_id)
+        values["task_id"] = task_id
+    if node_id:
+        span.set_attribute(NODE_ID, node_id)
+        values["node_id"] = node_id
+    structlog.contextvars.bind_contextvars(**values)
+
+
+@contextlib.contextmanager
+def task_span(
+    name: str,
+    *,
+    task_id: str = "",
+    node_id: str = "",
+    parent: Mapping[str, str] | None = None,
+    tracer: trace.Tracer | None = None,
+    **attributes: Any,
+) -> Iterator[trace.Span]:
+    """A span about one task: a child of the current span, or of the stored `parent`
+    carrier when given (work started outside the task's message handler); tagged with
+    stipple.task_id / stipple.node_id, and with task_id, node_id and trace_id bound into
+    the log context for its duration (restored after)."""
+    tracer = tracer or trace.get_tracer("stipple")
+    context = extract(parent) if parent is not None else None
+    with tracer.start_as_current_span(name, context=context) as span:
+        for key, value in attributes.items():
+            span.set_attribute(f"stipple.{key}", value)
+        values: dict[str, str] = {"trace_id": current_trace_id()}
+        if task_id:
+            span.set_attribute(TASK_ID, task_id)
+            values["task_id"] = task_id
+        if node_id:
+            span.set_attribute(NODE_ID, node_id)
+            values["node_id"] = node_id
+        with structlog.contextvars.bound_contextvars(**values):
+            yield span
+
+
+@contextlib.contextmanager
+def task_logs(task_id: str, parent: Mapping[str, str] | None) -> Iterator[None]:
+    """Log lines about a task written outside its spans (no span of their own): task_id
+    and the task's trace_id from its stored carrier."""
+    with structlog.contextvars.bound_contextvars(task_id=task_id, trace_id=trace_id_of(parent)):
+        yield

@@ -44,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import __version__, bus, subjects
+from stipple_common import __version__, bus, subjects, tracing
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
@@ -148,6 +148,8 @@ class Dispatcher:
         self.members: dict[str, list[str]] = {}  # task -> every node it ever had (replaced ones too)
         self.demand: dict[str, deque[float]] = {}  # model ref -> when tasks asked for it
         self.prefetched: dict[str, float] = {}  # model ref -> last pre-fetch round
+        # task -> its trace context (traceparent), for what the pump and the timers do later
+        self.traces: dict[str, dict[str, str]] = {}
         self.lock = asyncio.Lock()
         self.dispatched = Counter(
             "stipple_dispatcher_tasks_total",
@@ -170,13 +172,13 @@ class Dispatcher:
             registry=metrics.registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60),
         )
+        metrics.registry.register(DispatcherCollector(self))  # nodes by state, QoS, tasks held
 
     # ------------------------------------------------------------------ events
-        metrics.registry.register(DispatcherCollector(self))  # nodes by state, QoS, tasks held
 
     async def handle(self, msg: Msg) -> bus.Redeliver | bus.Hold | None:
         event = decode_task_event(msg.subject, msg.data)
-        structlog.contextvars.bind_contextvars(task_id=event.task_id)
+        tracing.bind_task(event.task_id)
         async with self.lock:
             if isinstance(event, TaskSubmitted):
                 result = await self.submitted(event, msg)
@@ -217,6 +219,7 @@ class Dispatcher:
         self.queue[event.task_id] = Queued(
             event=event, msg=msg, estimate_s=estimate_seconds(event.spec, self.settings.seconds_per_step)
         )
+        self.traces[event.task_id] = tracing.carrier()  # the assignment continues this trace
         await self.maybe_prefetch(event.spec)
         return bus.Hold()
 
@@ -272,6 +275,7 @@ class Dispatcher:
 
     def forget(self, task_id: str) -> None:
         self.running.pop(task_id, None)
+        self.traces.pop(task_id, None)
         for node in self.members.pop(task_id, []):
             self.accepting.pop((task_id, node), None)
 
@@ -285,35 +289,40 @@ class Dispatcher:
             members = self.members.get(task_id, [])
             if event is None or len(members) - self.settings.replication >= self.settings.max_reassignments:
                 continue  # the validator's commit deadline takes it from here
-            try:
-                (by,) = self.index.pick(
-                    event.spec,
-                    1,
-                    self.rng,
-                    now=now,
-                    ttl_s=self.settings.node_ttl_s,
-                    req=self.requirements(event.spec),
-                    exclude=members,  # the replaced node and its operator too
-                )
-            except NotEnoughNodes as exc:
-                log.warning("no_replacement", task_id=task_id, node_id=node, detail=exc.message)
-                continue
-            deadline = now + self.settings.task_timeout_s
-            reassigned = TaskReassigned(task_id=task_id, replaced=node, by=by, deadline=deadline)
-            await bus.publish(
-                self.js, subjects.task_subject(task_id, "reassigned"), reassigned, msg_id=f"{task_id}:re:{node}"
+            with tracing.task_span("dispatch.replace", task_id=task_id, node_id=node, parent=self.traces.get(task_id)):
+                await self._replace(task_id, node, event, members, now)
+
+    async def _replace(self, task_id: str, node: str, event: TaskSubmitted, members: list[str], now: float) -> None:
+        """Replace `node` in `task_id` by a node of another operator (in the task's trace)."""
+        try:
+            (by,) = self.index.pick(
+                event.spec,
+                1,
+                self.rng,
+                now=now,
+                ttl_s=self.settings.node_ttl_s,
+                req=self.requirements(event.spec),
+                exclude=members,  # the replaced node and its operator too
             )
-            members.append(by)
-            self.release(task_id, [node])
-            self.index.assigned([by])
-            self.inflight.setdefault(task_id, set()).add(by)
-            self.accepting[(task_id, by)] = now
-            work = Assignment(task_id=task_id, spec=event.spec, deadline=deadline)
-            await bus.publish(self.js, subjects.work_subject(by), work, msg_id=f"{task_id}:{by}:work")
-            cancel = CancelWork(task_id=task_id)
-            await bus.publish(self.js, subjects.control_subject(node), cancel, msg_id=f"{task_id}:{node}:cancel")
-            self.dispatched.labels("reassigned").inc()
-            log.warning("node_replaced", task_id=task_id, replaced=node, by=by)
+        except NotEnoughNodes as exc:
+            log.warning("no_replacement", task_id=task_id, node_id=node, detail=exc.message)
+            return
+        deadline = now + self.settings.task_timeout_s
+        reassigned = TaskReassigned(task_id=task_id, replaced=node, by=by, deadline=deadline)
+        await bus.publish(
+            self.js, subjects.task_subject(task_id, "reassigned"), reassigned, msg_id=f"{task_id}:re:{node}"
+        )
+        members.append(by)
+        self.release(task_id, [node])
+        self.index.assigned([by])
+        self.inflight.setdefault(task_id, set()).add(by)
+        self.accepting[(task_id, by)] = now
+        work = Assignment(task_id=task_id, spec=event.spec, deadline=deadline)
+        await bus.publish(self.js, subjects.work_subject(by), work, msg_id=f"{task_id}:{by}:work")
+        cancel = CancelWork(task_id=task_id)
+        await bus.publish(self.js, subjects.control_subject(node), cancel, msg_id=f"{task_id}:{node}:cancel")
+        self.dispatched.labels("reassigned").inc()
+        log.warning("node_replaced", task_id=task_id, replaced=node, by=by)
 
     def release(self, task_id: str, nodes: list[str] | None) -> None:
         holding = self.inflight.get(task_id)
@@ -359,31 +368,40 @@ class Dispatcher:
                 blocked.add(model)
                 if waited >= self.settings.dispatch_timeout_s:
                     del self.queue[event.task_id]
-                    await self.abort(event.task_id, "no_nodes", exc.message)
-                    await self._ack(queued)
+                    with tracing.task_span(
+                        "dispatch.abort", task_id=event.task_id, parent=self.traces.get(event.task_id)
+                    ):
+                        await self.abort(event.task_id, "no_nodes", exc.message)
+                        await self._ack(queued)
                     self.dispatched.labels("no_nodes").inc()
                 continue
             finally:
                 self.decision_seconds.observe(time.perf_counter() - started)
-            assigned = TaskAssigned(
-                task_id=event.task_id, nodes=nodes, deadline=time.time() + self.settings.task_timeout_s
-            )
-            await bus.publish(
-                self.js, subjects.task_subject(event.task_id, "assigned"), assigned, msg_id=f"{event.task_id}:assigned"
-            )
-            del self.queue[event.task_id]
-            self.index.assigned(nodes)
-            self.inflight[event.task_id] = set(nodes)
-            self.running[event.task_id] = event
-            self.members[event.task_id] = list(nodes)
-            for node in nodes:
-                self.accepting[(event.task_id, node)] = now
-            await self.send_work(event, assigned)
-            await self._ack(queued)
-            self.dispatched.labels("assigned").inc()
-            self.wait_seconds.observe(max(0.0, time.time() - event.submitted_at))
-            log.info("task_assigned", task_id=event.task_id, nodes=nodes)
+            with tracing.task_span(
+                "dispatch.assign", task_id=event.task_id, parent=self.traces.get(event.task_id), queue_wait_s=waited
+            ):
+                await self._assign(queued, nodes, now)
         self.queue_depth.set(len(self.queue))
+
+    async def _assign(self, queued: Queued, nodes: list[str], now: float) -> None:
+        """Publish the assignment and the nodes' work (in the task's trace: see `traces`)."""
+        event = queued.event
+        assigned = TaskAssigned(task_id=event.task_id, nodes=nodes, deadline=time.time() + self.settings.task_timeout_s)
+        await bus.publish(
+            self.js, subjects.task_subject(event.task_id, "assigned"), assigned, msg_id=f"{event.task_id}:assigned"
+        )
+        del self.queue[event.task_id]
+        self.index.assigned(nodes)
+        self.inflight[event.task_id] = set(nodes)
+        self.running[event.task_id] = event
+        self.members[event.task_id] = list(nodes)
+        for node in nodes:
+            self.accepting[(event.task_id, node)] = now
+        await self.send_work(event, assigned)
+        await self._ack(queued)
+        self.dispatched.labels("assigned").inc()
+        self.wait_seconds.observe(max(0.0, time.time() - event.submitted_at))
+        log.info("task_assigned", task_id=event.task_id, nodes=nodes)
 
     async def _ack(self, queued: Queued) -> None:
         if queued.msg is not None:
@@ -410,7 +428,9 @@ class Dispatcher:
                             try:
                                 await queued.msg.in_progress()
                             except Exception as exc:
-                                log.warning("in_progress_failed", task_id=queued.event.task_id, error=str(exc))
+                                task_id = queued.event.task_id
+                                with tracing.task_logs(task_id, self.traces.get(task_id)):
+                                    log.warning("in_progress_failed", error=str(exc))
 
     def status(self, task_id: str) -> QueueStatus:
         """Where a task stands in the queue: position among the tasks that compete for

@@ -15,6 +15,7 @@ import re
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from stipple_common import bus, subjects
+from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import Task, replay
 from stipple_common.blobstore import BlobNotFound, BlobStore
 from stipple_common.errors import InvalidInput, StippleError
@@ -74,6 +76,7 @@ __all__ = ["ApiError", "Gateway", "GatewaySettings", "create_app", "new_task_id"
 log = structlog.get_logger("stipple.gateway")
 
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_TIMED_TASKS = 100_000  # accepted tasks whose outcome the gateway waits for, to time them (oldest dropped)
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -156,12 +159,22 @@ class Gateway:
         self.cancelled = Counter(
             "stipple_gateway_tasks_cancelled_total", "Tasks cancelled by apps", registry=self.metrics.registry
         )
+        self.task_seconds = Histogram(
+            "stipple_gateway_task_seconds",
+            "End to end: submission to outcome of the tasks this gateway accepted, by outcome",
+            ["outcome"],
+            registry=self.metrics.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
+        )
+        self._accepted: OrderedDict[str, float] = OrderedDict()  # task -> submitted_at, until its outcome
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Follow step progress, and deliver webhooks when a secret is set."""
         self._subs = await self.progress.follow(self.nc)
+        for outcome in OUTCOME_EVENTS:  # end-to-end latency (core NATS: a lost one is one lost sample)
+            self._subs.append(await self.nc.subscribe(subjects.all_tasks(outcome), cb=self._on_outcome))
         if self.webhooks is not None:
             run = self.webhooks.run(self.closing, concurrency=self.settings.webhook_concurrency, metrics=self.metrics)
             self._workers.append(asyncio.create_task(run, name="webhooks"))
@@ -228,6 +241,7 @@ class Gateway:
     async def submit(
         self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "", webhook_url: str = "", fee: int = 0
     ) -> TaskSubmitted:
+        tracing.bind_task(task_id)  # the request's span and log lines are about this task
         self.check_capacity(spec)
         await self.wallet.charge(task_id, fee)  # 402 when the deposit cannot pay
         event = TaskSubmitted(
@@ -241,8 +255,18 @@ class Gateway:
         )
         await bus.publish(self.js, subjects.task_subject(task_id, "submitted"), event, msg_id=f"{task_id}:submitted")
         self.submitted.labels(source).inc()
+        self._accepted[task_id] = event.submitted_at
+        while len(self._accepted) > MAX_TIMED_TASKS:
+            self._accepted.popitem(last=False)
         log.info("task_submitted", task_id=task_id, source=source, model=spec.model_name, owner=owner)
         return event
+
+    async def _on_outcome(self, msg: Any) -> None:
+        """Observe the end-to-end latency of a task this gateway accepted."""
+        task_id, outcome = subjects.subject_token(msg.subject, 1), subjects.subject_token(msg.subject, 2)
+        submitted_at = self._accepted.pop(task_id, None)
+        if submitted_at is not None:
+            self.task_seconds.labels(outcome).observe(max(0.0, time.time() - submitted_at))
 
     def check_task_id(self, task_id: str) -> None:
         if not TASK_ID.match(task_id):
@@ -509,6 +533,8 @@ def new_task_id(idempotency_key: str | None, owner: str = "") -> str:
 
 
 def create_app(gw: Gateway) -> Starlette:
+    tracer = trace.get_tracer("stipple.gateway")
+
     def route(path: str, endpoint: Any, methods: list[str], *, sdcn: bool = False, public: bool = False) -> Route:
         async def wrapped(request: Request) -> Response:
             started = time.perf_counter()
@@ -532,7 +558,23 @@ def create_app(gw: Gateway) -> Starlette:
             gw.request_seconds.labels(path).observe(time.perf_counter() - started)
             return response
 
-        return Route(path, wrapped, methods=methods)
+        async def traced(request: Request) -> Response:
+            """The request's span: the root of a submitted task's trace (it continues the
+            caller's W3C traceparent when the request carries one)."""
+            with tracer.start_as_current_span(
+                f"{request.method} {path}",
+                context=tracing.extract(request.headers),
+                kind=trace.SpanKind.SERVER,
+                attributes={"http.request.method": request.method, "http.route": path, "url.path": request.url.path},
+            ) as span:
+                with structlog.contextvars.bound_contextvars(trace_id=tracing.current_trace_id()):
+                    response = await wrapped(request)
+                span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code >= 500:
+                    span.set_status(trace.StatusCode.ERROR)
+            return response
+
+        return Route(path, traced, methods=methods)
 
     async def no_route(request: Request, exc: Exception) -> Response:
         """Starlette's own 404 (no such path) and 405 (wrong method), in the native error shape."""

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter
 
-from stipple_common import bus, subjects
+from stipple_common import bus, subjects, tracing
 from stipple_common.errors import InvalidInput
 from stipple_common.messages import OUTCOME_EVENTS
 from stipple_common.metrics import Metrics
@@ -162,6 +162,7 @@ class Webhooks:
             "X-Stipple-Event": view.status,
             "X-Stipple-Delivery": str(attempt),
         }
+        tracing.inject(headers)  # the receiver can continue the task's trace
         try:
             response = await self.http.post(view.webhook_url, content=body, headers=headers)
             failure = "" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import imagehash
 import msgspec
 import torch
+from opentelemetry import trace
 from PIL import Image
 
 from stipple_common.errors import InvalidInput, StippleError
@@ -41,6 +43,7 @@ from stipple_common.taskspec import ModelRef, TaskSpec, canonical, check_spec, v
 
 from .annotators import Annotators
 from .images import load_image, preprocess
+from .metrics import RunnerMetrics
 from .prompts import prompt_kwargs
 from .schedulers import make_scheduler
 
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 Progress = Callable[[int, int], None]
+
+_tracer = trace.get_tracer("stipple.node")  # the stage spans of a task (docs/observability.md)
 
 
 class ModelResolver(Protocol):
@@ -196,6 +201,7 @@ class PipelineRunner:
         self._lock = threading.RLock()
         resolve = (lambda ref: self._resolve(ref, None, "controlnet.preprocess", kind="annotator")) if store else None
         self._annotators = Annotators(resolve, annotator_weights)
+        self.metrics = RunnerMetrics(loaded=lambda: len(self._cache))
 
     # ------------------------------------------------------------------ models
 
@@ -239,10 +245,19 @@ class PipelineRunner:
         key = (model.name, model.variant, str(dtype), vae, unet)
         with self._lock:
             if key in self._cache:
+                self.metrics.pipeline_cache.labels("hit").inc()
                 self._cache.move_to_end(key)
                 return self._cache[key]
+            self.metrics.pipeline_cache.labels("miss").inc()
             path = self._resolve(model.name, model.variant, "base_model")
-            loaded = self._load(path, model.variant, vae=vae, unet=unet, dtype=dtype)
+            started = time.perf_counter()
+            try:
+                loaded = self._load(path, model.variant, vae=vae, unet=unet, dtype=dtype)
+            except BaseException:
+                self.metrics.model_loads.labels("failed").inc()
+                raise
+            self.metrics.model_loads.labels("loaded").inc()
+            self.metrics.model_load_seconds.observe(time.perf_counter() - started)
             self._cache[key] = loaded
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -375,11 +390,15 @@ class PipelineRunner:
     def _run(self, spec: TaskSpec, progress: Progress | None) -> list[GeneratedImage]:
         config = spec.task_config
         dtype = self._dtype_for(spec)
-        base = self._base(spec.model, vae=spec.vae, unet=spec.unet, dtype=dtype)
-        if base.family == "sdxl_refiner" and spec.kind == "txt2img":
-            raise InvalidInput("base_model", spec.model_name, "is an SDXL refiner: use kind img2img to refine an image")
-        pipe = self._task_pipeline(base, spec, dtype)
-        refiner = self._refiner(spec, base, dtype) if spec.refiner else None
+        with _tracer.start_as_current_span("node.load_model", attributes={"stipple.model": spec.model_name}) as span:
+            base = self._base(spec.model, vae=spec.vae, unet=spec.unet, dtype=dtype)
+            if base.family == "sdxl_refiner" and spec.kind == "txt2img":
+                raise InvalidInput(
+                    "base_model", spec.model_name, "is an SDXL refiner: use kind img2img to refine an image"
+                )
+            pipe = self._task_pipeline(base, spec, dtype)
+            refiner = self._refiner(spec, base, dtype) if spec.refiner else None
+            span.set_attribute("stipple.model_family", base.family)
         size = (config.image_width, config.image_height)
         inputs: dict[str, Any] = {}
         if spec.kind != "txt2img":
@@ -398,15 +417,19 @@ class PipelineRunner:
             inputs["controlnet_conditioning_scale"] = spec.controlnet.weight
         tracker = _ProgressTracker(progress, config.num_images)
         images = []
-        with self._adapters(pipe, spec):
+        with self.metrics.denoise_seconds.time(), self._adapters(pipe, spec):
             prompts = prompt_kwargs(pipe, base.family, spec.prompt, spec.negative_prompt)
             for index in range(config.num_images):
                 seed = config.seed + index
-                image = self._one_image(pipe, spec, prompts, inputs, refiner, seed, tracker.for_image(index))
+                attributes = {"stipple.image": index, "stipple.seed": seed, "stipple.steps": config.steps}
+                with _tracer.start_as_current_span("node.denoise", attributes=attributes):
+                    image = self._one_image(pipe, spec, prompts, inputs, refiner, seed, tracker.for_image(index))
                 images.append(image)
         if config.safety_checker:
-            images = self._safety_check(images)
-        return [_encode(image, config.seed + i) for i, image in enumerate(images)]
+            with _tracer.start_as_current_span("node.safety_check"):
+                images = self._safety_check(images)
+        with _tracer.start_as_current_span("node.encode", attributes={"stipple.images": len(images)}):
+            return [_encode(image, config.seed + i) for i, image in enumerate(images)]
 
     def _task_pipeline(self, base: _Loaded, spec: TaskSpec, dtype: torch.dtype) -> Any:
         """The pipeline for the task's kind, sharing the base's weights, with a fresh scheduler."""

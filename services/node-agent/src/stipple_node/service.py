@@ -31,9 +31,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import __version__, bus, commitment, subjects
+from stipple_common import __version__, bus, commitment, subjects, tracing
 from stipple_common.blobstore import BlobStore
 from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
@@ -64,6 +64,7 @@ from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import canonical
 
 from .annotators import parse_weights
+from .metrics import GpuCollector, RunnerMetrics, StoreMetrics
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
 from .staking import ensure_stake
 from .store import ModelStore, ProgressEvent
@@ -198,6 +199,18 @@ class NodeAgent:
             registry=metrics.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
         )
+        self.upload_seconds = Histogram(
+            "stipple_node_upload_seconds",
+            "Time to upload one task's images to the blob store",
+            registry=metrics.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        busy = Gauge("stipple_node_busy", "1 while the node runs a task, else 0", registry=metrics.registry)
+        busy.set_function(lambda: 1.0 if self.busy else 0.0)
+        for part in (runner, store):  # made before the registry (metrics.py)
+            if isinstance(getattr(part, "metrics", None), RunnerMetrics | StoreMetrics):
+                metrics.register(part.metrics.collectors())  # type: ignore[union-attr]
+        metrics.register([GpuCollector(settings.device)])
 
     def announcement(self) -> NodeJoined:
         device, memory = device_description(self.settings.device)
@@ -259,7 +272,7 @@ class NodeAgent:
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         work = assignment_decoder.decode(msg.data)
-        structlog.contextvars.bind_contextvars(task_id=work.task_id, node_id=self.node_id)
+        tracing.bind_task(work.task_id, self.node_id)
         if work.task_id in self.cancelled:
             log.info("task_skipped_cancelled")
             return None
@@ -287,7 +300,8 @@ class NodeAgent:
         keep_alive = asyncio.create_task(self._keep_alive(msg))
         failure: tuple[str, str] | None = None
         try:
-            images = await self._generate(work)
+            with tracing.task_span("node.generate", task_id=work.task_id, node_id=self.node_id):
+                images = await self._generate(work)
         except TaskCancelledError:
             self.tasks.labels("cancelled").inc()
             log.info("task_cancelled")
@@ -344,13 +358,23 @@ class NodeAgent:
     async def _deliver(self, task_id: str, pending: _Committed) -> None:
         """Upload the images and publish the commitment at the same time: the commitment
         needs only the hashes and keys, and the reveal waits for the upload."""
-        await asyncio.gather(self._upload(pending), self._publish_event(pending.event, "committed", task_id))
+        await asyncio.gather(self._upload(pending), self._commit(task_id, pending))
+
+    async def _commit(self, task_id: str, pending: _Committed) -> None:
+        with tracing.task_span("node.commit", task_id=task_id, node_id=self.node_id):
+            await self._publish_event(pending.event, "committed", task_id)
 
     async def _upload(self, pending: _Committed) -> None:
         if pending.uploaded.is_set():
             return
-        for result, png in zip(pending.images, pending.pngs, strict=True):
-            await self.blobs.put(result.key, png, content_type="image/png")
+        with (
+            tracing.task_span(
+                "node.upload", task_id=pending.event.task_id, node_id=self.node_id, images=len(pending.pngs)
+            ),
+            self.upload_seconds.time(),
+        ):
+            for result, png in zip(pending.images, pending.pngs, strict=True):
+                await self.blobs.put(result.key, png, content_type="image/png")
         pending.pngs.clear()  # stored: the reveal needs only the keys
         pending.uploaded.set()
 
@@ -379,7 +403,7 @@ class NodeAgent:
     async def handle_control(self, msg: Msg) -> bus.Redeliver | None:
         """Reveal requests and cancellations; they arrive while a task may be running."""
         message = control_decoder.decode(msg.data)
-        structlog.contextvars.bind_contextvars(task_id=message.task_id, node_id=self.node_id)
+        tracing.bind_task(message.task_id, self.node_id)
         if isinstance(message, PrefetchRequest):
             if message.ref not in self.prefetching:  # a download must not hold up reveals: run it aside
                 self.prefetching[message.ref] = asyncio.create_task(self.prefetch(message))
@@ -413,7 +437,8 @@ class NodeAgent:
             elapsed_s=pending.elapsed_s,
             nonce=pending.nonce,
         )
-        await self._publish_event(revealed, "revealed", message.task_id)
+        with tracing.task_span("node.reveal", task_id=message.task_id, node_id=self.node_id):
+            await self._publish_event(revealed, "revealed", message.task_id)
         self.tasks.labels("revealed").inc()
         return None
 

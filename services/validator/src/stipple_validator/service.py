@@ -38,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig
 from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import bus, subjects
+from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
@@ -136,7 +136,7 @@ class Validator:
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         task_id = subjects.subject_token(msg.subject, 1)
         event_name = subjects.subject_token(msg.subject, 2)
-        structlog.contextvars.bind_contextvars(task_id=task_id)
+        tracing.bind_task(task_id)
         task = await self.fold(task_id, msg)
         if task is None:
             return None
@@ -168,8 +168,9 @@ class Validator:
             if len(committed) * 2 <= len(task.active):  # too few for a majority: decide now
                 return await self.publish_outcome(task)
             opened = TaskRevealOpened(task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s)
-            await bus.publish(self.js, subjects.task_subject(task_id, "reveal"), opened, msg_id=f"{task_id}:reveal")
-            await self.request_reveals(apply(task, opened))  # at once: not after reading our own event back
+            with tracing.task_span("validator.open_reveal", task_id=task_id, committed=len(committed)):
+                await bus.publish(self.js, subjects.task_subject(task_id, "reveal"), opened, msg_id=f"{task_id}:reveal")
+                await self.request_reveals(apply(task, opened))  # at once: not after reading our own event back
         elif event_name == "assigned":
             return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
         return None
@@ -230,9 +231,12 @@ class Validator:
         if not self.directory.caught_up.is_set():
             return bus.Redeliver(delay=1.0)  # node addresses are still loading
         addresses = {node: self.directory.address(node) or "" for node in task.nodes}
-        outcome = decide(task, self.settings.phash_threshold, addresses)
-        kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
-        await bus.publish(self.js, subjects.task_subject(task.task_id, kind), outcome, msg_id=f"{task.task_id}:outcome")
+        with tracing.task_span("validator.decide", task_id=task.task_id) as span:
+            outcome = decide(task, self.settings.phash_threshold, addresses)
+            kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
+            span.set_attributes({"stipple.outcome": kind, "stipple.reason": outcome.reason})
+            subject = subjects.task_subject(task.task_id, kind)
+            await bus.publish(self.js, subject, outcome, msg_id=f"{task.task_id}:outcome")
         self.outcomes.labels(kind, outcome.reason).inc()
         for verdict in outcome.verdicts.values():
             self.verdicts.labels(verdict).inc()
@@ -258,6 +262,10 @@ class Validator:
         )
 
     async def _score(self, task_id: str, node_id: str, verdict: str, score: int) -> None:
+        with tracing.task_span("validator.qos", task_id=task_id, node_id=node_id, verdict=verdict, score=score):
+            await self._score_node(task_id, node_id, verdict, score)
+
+    async def _score_node(self, task_id: str, node_id: str, verdict: str, score: int) -> None:
         window = await self.windows.add(node_id, Sample(task_id=task_id, score=score, verdict=verdict))
         if window is None:
             return  # already counted
