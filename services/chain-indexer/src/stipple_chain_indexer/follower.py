@@ -104,6 +104,20 @@ class ChainFollower:
             "stipple_chain_indexer_lag_blocks", "Chain head minus the last indexed block", registry=registry
         )
         self.head = Gauge("stipple_chain_indexer_head_block", "The chain head seen last", registry=registry)
+        self.indexed = Gauge(
+            "stipple_chain_indexer_indexed_block", "The last block whose events are published", registry=registry
+        )
+        self.last_step = Gauge(
+            "stipple_chain_indexer_last_step_timestamp_seconds",
+            "When the follower last read the chain successfully (Unix time)",
+            registry=registry,
+        )
+        self.step_errors = Counter(
+            "stipple_chain_indexer_step_errors_total",
+            "Failed reads of the chain, by error code",
+            ["code"],
+            registry=registry,
+        )
         self.addresses = [self.chain.deployment.token, self.chain.deployment.staking, self.chain.deployment.payment]
 
     async def load(self) -> None:
@@ -119,6 +133,7 @@ class ChainFollower:
             try:
                 done = await self.step()
             except ChainError as exc:  # the node is away, or a reorg too deep: say so, try again
+                self.step_errors.labels(exc.code).inc()
                 log.warning("chain_step_failed", code=exc.code, error=exc.message)
                 done = 0
             if not done:
@@ -166,6 +181,8 @@ class ChainFollower:
         if taken:
             await self.kv.put(CURSOR_KEY, msgspec.json.encode(self.cursor))
         self.lag.set(max(0, head - self.cursor.number))
+        self.indexed.set(self.cursor.number)
+        self.last_step.set(time.time())
         return taken
 
     async def _publish(self, event: ChainLog) -> None:

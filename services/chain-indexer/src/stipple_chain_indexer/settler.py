@@ -113,6 +113,17 @@ class Settler:
             registry=registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
         )
+        self.slashes = Counter(
+            "stipple_chain_indexer_slashes_total",
+            "Nodes slashed on chain, by verdict (mismatch, bad_commitment)",
+            ["verdict"],
+            registry=registry,
+        )
+        self.slashed_tokens = Counter(
+            "stipple_chain_indexer_slashed_tokens_total",
+            "Stake slashed, in whole tokens (1e18 units)",
+            registry=registry,
+        )
 
     async def handle(self, msg: Msg) -> bus.Hold | None:
         event = decode_task_event(msg.subject, msg.data)
@@ -291,6 +302,8 @@ class Settler:
                     raise
                 continue
             self.sent.labels("slash").inc()
+            self.slashes.labels(verdict).inc()
+            self.slashed_tokens.inc(amount / 1e18)
             log.warning("node_slashed", node_id=node_id, task_id=outcome.task_id, amount=amount, verdict=verdict)
 
     async def _state(self, task_id: str) -> TaskState:

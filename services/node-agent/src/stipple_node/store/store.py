@@ -34,6 +34,7 @@ import structlog
 
 from stipple_common.errors import InvalidInput, StippleError
 
+from ..metrics import StoreMetrics
 from . import hf
 from .download import ProgressCallback, download, make_client
 from .errors import ChecksumMismatch, DiskBudgetExceeded, DownloadFailed, ModelNotAvailable, StoreError, StoreLocked
@@ -107,6 +108,7 @@ class ModelStore:
         self._local_sums: dict[tuple[str, int, int], str] = {}
         self._last_touch = 0.0
         self._closed = False
+        self.metrics = StoreMetrics(used_bytes=lambda: self.used_bytes)
         log.info("store_opened", root=str(self.root), entries=len(self._entries), used_bytes=self.used_bytes)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -195,6 +197,19 @@ class ModelStore:
     # -- resolution ------------------------------------------------------------------
 
     def _resolve(self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool) -> Path:
+        """`_lookup`, counted in the store's metrics (hit, download, local, error)."""
+        source = "url"
+        self.metrics.begin()
+        try:
+            source = {"local_dir": "local", "local_file": "local", "hf": "hf"}.get(classify(ref), "url")
+            path = self._lookup(ref, variant=variant, kind=kind, sha256=sha256, pin=pin)
+        except BaseException:
+            self.metrics.finish(source, error=True)
+            raise
+        self.metrics.finish(source)
+        return path
+
+    def _lookup(self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool) -> Path:
         if self._closed:
             raise StoreError(f"model store {self.root} is closed (resolving {ref!r})")
         ref_kind = classify(ref)
@@ -264,6 +279,7 @@ class ModelStore:
                     progress=self._progress,
                     reserve=lambda size: self._reserve(key, shown, size),
                 )
+                self.metrics.downloaded("url", done.size_bytes)
                 with self._lock:
                     for other in folder.iterdir():  # an older file of this URL under another name
                         if other.is_file() and other != done.path and not other.name.startswith("."):
@@ -345,6 +361,8 @@ class ModelStore:
                 self._reserve(key, repo_id, needed)
             log.info("hf_download_started", repo=repo_id, variant=variant, files=len(files), bytes=needed)
             folder = snapshot_download(repo_id, cache_dir=cache, allow_patterns=files, etag_timeout=self.http_timeout_s)
+            if needed:
+                self.metrics.downloaded("hf", needed)
         except StippleError:
             raise
         except Exception as exc:
@@ -399,6 +417,7 @@ class ModelStore:
                 break
             log.info("store_evicting", ref=entry.ref, size_bytes=entry.size_bytes, for_ref=ref)
             self._remove(entry)
+            self.metrics.evictions.inc()
             used -= entry.size_bytes
 
     def _evictable(self, entry: Entry, for_key: str) -> bool:
