@@ -207,6 +207,13 @@ class NodeAgent:
         )
         busy = Gauge("stipple_node_busy", "1 while the node runs a task, else 0", registry=metrics.registry)
         busy.set_function(lambda: 1.0 if self.busy else 0.0)
+        info = Gauge(
+            "stipple_node_info",
+            "1, labelled with the node's id, operator, version and device (join on instance)",
+            ["node_id", "operator", "version", "device"],
+            registry=metrics.registry,
+        )
+        info.labels(node_id, settings.operator or node_id, __version__, settings.device).set(1)
         for part in (runner, store):  # made before the registry (metrics.py)
             if isinstance(getattr(part, "metrics", None), RunnerMetrics | StoreMetrics):
                 metrics.register(part.metrics.collectors())  # type: ignore[union-attr]
