@@ -140,6 +140,26 @@ def task_span(
 
 
 @contextlib.contextmanager
+def batch_span(
+    name: str, carriers: list[Mapping[str, str] | None], tracer: trace.Tracer | None = None, **attributes: Any
+) -> Iterator[trace.Span]:
+    """A span for work on many tasks at once (the chain-indexer's settlement batches): a
+    root of its own, with a span link to each task's trace (the carriers of its messages)."""
+    tracer = tracer or trace.get_tracer("stipple")
+    links = []
+    for headers in carriers:
+        context = trace.get_current_span(extract(headers)).get_span_context()
+        if context.is_valid:
+            links.append(trace.Link(context))
+    attributes = {f"stipple.{key}": value for key, value in attributes.items()}
+    with (
+        tracer.start_as_current_span(name, context=Context(), links=links, attributes=attributes) as span,
+        structlog.contextvars.bound_contextvars(trace_id=current_trace_id()),  # (inside the span)
+    ):
+        yield span
+
+
+@contextlib.contextmanager
 def task_logs(task_id: str, parent: Mapping[str, str] | None) -> Iterator[None]:
     """Log lines about a task written outside its spans (no span of their own): task_id
     and the task's trace_id from its stored carrier."""

@@ -36,7 +36,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import bus, subjects
+from stipple_common import bus, subjects, tracing
 from stipple_common.chain import ChainUnavailable, ContractReverted, Sender, Settlement, StippleChain, TaskState
 from stipple_common.messages import (
     TaskAborted,
@@ -153,7 +153,8 @@ class Settler:
         batch, self.held = self.held[: self.batch_max * 2], self.held[self.batch_max * 2 :]
         self.backlog.set(len(self.held))
         try:
-            await self._settle(batch)
+            with tracing.batch_span("chain.settle", [h.msg.headers for h in batch], events=len(batch)):
+                await self._settle(batch)
         except ChainUnavailable as exc:  # the chain node is away: everything again, later
             log.warning("settlement_postponed", error=exc.message, tasks=len(batch))
             await self._nak(batch, 5.0)
@@ -192,9 +193,11 @@ class Settler:
         skipped = len(outcomes) - len(settlements) - len(back_ids)
         if skipped:
             self.tasks.labels("nothing_escrowed_or_done").inc(skipped)
+        carriers = {h.event.task_id: h.msg.headers for h in batch}
         for outcome in outcomes:
             if not isinstance(outcome, TaskCancelled):
-                await self._slash(outcome)
+                with tracing.task_logs(outcome.task_id, carriers.get(outcome.task_id)):
+                    await self._slash(outcome)
 
     def _settlement(self, outcome: TaskSucceeded) -> Settlement | None:
         agreeing = [n for n, v in outcome.verdicts.items() if v == "agree" and self.directory.address(n)]
