@@ -143,6 +143,8 @@ def serve(registry: CollectorRegistry, health: Health, port: int, host: str = "1
     server = make_server(
         host, max(port, 0), make_app(registry, health), server_class=server_class, handler_class=_QuietHandler
     )
-    thread = threading.Thread(target=server.serve_forever, name="stipple-metrics", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="stipple-metrics", daemon=True
+    )
     thread.start()
     return HealthServer(server, thread)

@@ -96,7 +96,7 @@ async def open_service(
         port = 0
         if settings.metrics_port:  # /metrics, /healthz, /readyz; closed last, after NATS drained
             server = serve_metrics_port(metrics.registry, ready, settings.metrics_port, settings.metrics_host)
-            stack.callback(server.close)
+            stack.push_async_callback(asyncio.to_thread, server.close)  # shutdown() waits a poll
             port = server.port
         options = {"inbox_prefix": settings.nats_inbox_prefix} if settings.nats_inbox_prefix else {}
         nc = await bus.connect(settings.nats_url, f"stipple-{name}", **options)
