@@ -276,3 +276,69 @@ async def test_a_wanted_model_that_too_few_nodes_hold_is_prefetched_by_others(fr
         await asyncio.wait_for(runner, 10)
     assert len(asked) == 2  # one node holds it: two more make three
     assert "has-it" not in asked
+
+
+# ------------------------------------------------------------------ traces
+
+
+async def trace_of(js, stream, subject):
+    from stipple_common import tracing
+
+    raw = await js.get_last_msg(stream, subject)
+    return tracing.trace_id_of(raw.headers)
+
+
+async def test_assignments_made_later_continue_the_tasks_own_trace(three_nodes):
+    """A queued task is assigned while the dispatcher handles another task's events (or on
+    its clock): the assignment and the work still belong to the queued task's trace."""
+    from opentelemetry import trace
+
+    from stipple_common import tracing
+
+    js = three_nodes
+    tracer = trace.get_tracer("test")
+    first, second = submitted(), submitted()
+    with tracer.start_as_current_span("first"):
+        first_trace = tracing.current_trace_id()
+        await submit(js, first)
+    (running,) = await wait_for_event(js, first.task_id, TaskAssigned)
+    with tracer.start_as_current_span("second"):
+        second_trace = tracing.current_trace_id()
+        await submit(js, second)
+    await asyncio.sleep(0.3)  # queued: every node is busy with the first task
+    with tracer.start_as_current_span("nodes done"):  # a third trace: the first task's nodes
+        other_trace = tracing.current_trace_id()
+        await commit_all(js, running)
+    (assigned,) = await wait_for_event(js, second.task_id, TaskAssigned)
+    assert len({first_trace, second_trace, other_trace}) == 3
+    assert await trace_of(js, subjects.TASKS_STREAM, subjects.task_subject(first.task_id, "assigned")) == first_trace
+    assert await trace_of(js, subjects.TASKS_STREAM, subjects.task_subject(second.task_id, "assigned")) == second_trace
+    for node in assigned.nodes:
+        assert await trace_of(js, subjects.WORK_STREAM, subjects.work_subject(node)) == second_trace
+
+
+async def test_a_replacement_on_the_clock_continues_the_tasks_trace(fresh_nats_url):
+    from opentelemetry import trace
+
+    from stipple_common import tracing
+
+    settings = DispatcherSettings(nats_url=fresh_nats_url, accept_timeout_s=0.3, task_timeout_s=60)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        for i in range(4):
+            await announce(ctx.js, f"n{i}", f"op{i}")
+        runner = asyncio.create_task(serve(ctx, settings))
+        event = submitted()
+        with trace.get_tracer("test").start_as_current_span("submit"):
+            task_trace = tracing.current_trace_id()
+            await submit(ctx.js, event)
+        (assigned,) = await wait_for_event(ctx.js, event.task_id, TaskAssigned)
+        for node in assigned.nodes[1:]:  # these start; the first stays silent
+            started = TaskStarted(task_id=event.task_id, node_id=node)
+            await bus.publish(ctx.js, subjects.task_subject(event.task_id, "started", node), started, msg_id=node)
+        (reassigned,) = await wait_for_event(ctx.js, event.task_id, TaskReassigned)
+        subject = subjects.task_subject(event.task_id, "reassigned")
+        assert await trace_of(ctx.js, subjects.TASKS_STREAM, subject) == task_trace
+        assert await trace_of(ctx.js, subjects.WORK_STREAM, subjects.work_subject(reassigned.by)) == task_trace
+        stop.set()
+        await asyncio.wait_for(runner, 10)
