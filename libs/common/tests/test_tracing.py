@@ -1,0 +1,78 @@
+"""tracing.py: the OTLP URL, spans about a task (their parent, attributes and the log
+context they bind), and batch spans linked to many tasks' traces."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from stipple_common import tracing
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    tracing.setup_tracing("test")
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "url"),
+    [
+        ("http://collector:4318", "http://collector:4318/v1/traces"),
+        ("http://collector:4318/", "http://collector:4318/v1/traces"),
+        ("collector:4318", "http://collector:4318/v1/traces"),
+        ("https://tempo.example/otlp/v1/traces", "https://tempo.example/otlp/v1/traces"),
+    ],
+)
+def test_otlp_traces_url(endpoint: str, url: str) -> None:
+    assert tracing.otlp_traces_url(endpoint) == url
+
+
+def test_a_task_span_continues_a_stored_carrier_and_binds_the_log_context(spans: InMemorySpanExporter) -> None:
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("request"):
+        stored = tracing.carrier()
+        request_trace = tracing.current_trace_id()
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id="other", trace_id="0" * 32)
+    with tracing.task_span("dispatch.assign", task_id="t1", node_id="n1", parent=stored, attempt=2) as span:
+        bound = structlog.contextvars.get_contextvars()
+        assert bound == {"task_id": "t1", "node_id": "n1", "trace_id": request_trace}
+        assert tracing.current_trace_id() == request_trace
+        with tracing.task_span("inner"):  # no parent given: a child of the current span
+            assert tracing.current_trace_id() == request_trace
+    assert structlog.contextvars.get_contextvars() == {"task_id": "other", "trace_id": "0" * 32}  # restored
+    structlog.contextvars.clear_contextvars()
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    assert finished["dispatch.assign"].attributes == {
+        "stipple.task_id": "t1",
+        "stipple.node_id": "n1",
+        "stipple.attempt": 2,
+    }
+    assert finished["dispatch.assign"].parent.span_id == finished["request"].context.span_id
+    assert finished["inner"].parent.span_id == span.get_span_context().span_id
+    assert tracing.trace_id_of(stored) == request_trace
+    assert tracing.trace_id_of({}) == ""
+
+
+def test_a_batch_span_is_a_root_linked_to_each_task(spans: InMemorySpanExporter) -> None:
+    tracer = trace.get_tracer("test")
+    carriers = []
+    for name in ("a", "b"):
+        with tracer.start_as_current_span(name):
+            carriers.append(tracing.carrier())
+    with tracer.start_as_current_span("outer"), tracing.batch_span("chain.settle", [*carriers, None], events=3):
+        batch_trace = tracing.current_trace_id()
+    batch = next(s for s in spans.get_finished_spans() if s.name == "chain.settle")
+    assert batch.parent is None
+    assert batch_trace not in {tracing.trace_id_of(c) for c in carriers}
+    assert [format(link.context.trace_id, "032x") for link in batch.links] == [tracing.trace_id_of(c) for c in carriers]
+    assert batch.attributes == {"stipple.events": 3}
