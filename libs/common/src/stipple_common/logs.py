@@ -1,7 +1,12 @@
 """structlog set-up: a console renderer on a terminal, JSON lines otherwise.
 
-Bind task_id, node_id, subject and trace_id at the consumer boundary
-(`structlog.contextvars.bind_contextvars`); every line about a message then carries them.
+Context variables make every line about a task carry task_id, node_id and trace_id:
+the consumer loop (`bus.consume`) binds subject, delivered and trace_id for each
+message, and task_id / node_id from the subject (``tasks.<id>.<event>[.<node>]``,
+``work.<node>.*``); handlers add theirs with `tracing.bind_task`; the gateway binds
+trace_id per request and task_id when it submits; work done outside a handler (the
+dispatcher's queue pump and timers) binds its task's in `tracing.task_span`.
+docs/observability.md lists the fields.
 """
 
 from __future__ import annotations
