@@ -201,9 +201,9 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
     return out
 
 
-def check_renders(renders: dict[str, list[dict[str, Any]]]) -> list[Failure]:
-    """Schema validation (core, and monitoring.coreos.com in one node process) and the
-    rules, for renders keyed by target label."""
+def validate_renders(renders: dict[str, list[dict[str, Any]]]) -> list[Failure]:
+    """Schema validation only: core objects here, monitoring.coreos.com ones in one node
+    process, for renders keyed by target label."""
     failures: list[Failure] = []
     crds = []
     for target, objects in renders.items():
@@ -212,14 +212,20 @@ def check_renders(renders: dict[str, list[dict[str, Any]]]) -> list[Failure]:
                 crds.append((target, obj))
             else:
                 failures += validate_core(target, obj)
-    failures += validate_crds(crds)
-    for target, objects in renders.items():
-        failures += rule_failures(target, objects)
-    return failures
+    return failures + validate_crds(crds)
 
 
 def check_objects(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
-    return check_renders({target: objects})
+    """Schema validation of some objects (not necessarily a whole render)."""
+    return validate_renders({target: objects})
+
+
+def check_renders(renders: dict[str, list[dict[str, Any]]]) -> list[Failure]:
+    """Everything k8s-check checks in whole renders: schemas, then the rules."""
+    failures = validate_renders(renders)
+    for target, objects in renders.items():
+        failures += rule_failures(target, objects)
+    return failures
 
 
 def nats_auth_failures() -> list[Failure]:
