@@ -18,13 +18,18 @@ make-tiny-model dir=".stipple/models/tiny-sd":
 
 # Lint, then every test (what CI runs)
 [group('test')]
-test *args: lint
+test *args: lint k8s-check
     python -m pytest {{ args }}
 
 # Only the fast unit tests (no servers)
 [group('test')]
 unit *args:
     python -m pytest -m "not integration and not slow" {{ args }}
+
+# Render deploy/k8s (kustomize) and validate every object offline, strictly
+[group('test')]
+k8s-check:
+    python deploy/tools/k8s_check.py
 
 # ruff lint and format check
 [group('test')]
