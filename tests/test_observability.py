@@ -231,6 +231,8 @@ def test_every_log_line_about_the_task_carries_its_trace_id(ran: Ran) -> None:
     trace_id = tagged[0].trace_id
     about: dict[str, list[dict[str, object]]] = {}
     for service, lines in ran.logs.items():
+        expected = "node-agent" if service.startswith("node-") else service
+        assert all(line.get("service") == expected for line in lines), f"{service}: lines without service"
         about[service] = [line for line in lines if line.get("task_id") == ran.task_id]
         for line in about[service]:
             assert line.get("trace_id") == trace_id, f"{service}: {line}"
