@@ -245,8 +245,13 @@ def test_every_log_line_about_the_task_carries_its_trace_id(ran: Ran) -> None:
     assert "task_assigned" in events["dispatcher"]
     assert "task_decided" in events["validator"]
     assert all("task_committed" in events[node] for node in NODES)
-    # every line anywhere that names any task carries a trace id
+    # every line anywhere that names any task carries a trace id; lines about no task name none
+    not_about_a_task = {"service_ready", "node_joined", "node_quit", "nats_disconnected", "nats_error"}
     for service, lines in ran.logs.items():
         for line in lines:
             if line.get("task_id"):
                 assert line.get("trace_id"), f"{service}: {line}"
+            if line.get("event") in not_about_a_task:
+                assert "task_id" not in line, f"{service}: a handler's context leaked: {line}"
+                assert "trace_id" not in line, f"{service}: a handler's context leaked: {line}"
+    assert any(line.get("event") == "node_quit" for line in ran.logs["node-1"])

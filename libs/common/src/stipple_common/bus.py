@@ -172,6 +172,7 @@ async def consume(
     await js.add_consumer(stream, config)
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
     tracer = tracer or trace.get_tracer("stipple.bus")
+    outside = structlog.contextvars.get_contextvars()
     lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop)) if metrics is not None else None
     try:
         while not stop.is_set():
@@ -183,8 +184,12 @@ async def consume(
                 log.warning("consumer_missing_recreating", stream=stream, durable=durable)
                 await js.add_consumer(stream, config)
                 continue
-            for msg in msgs:
-                await _handle_one(msg, handler, stream, metrics, tracer)
+            try:
+                for msg in msgs:
+                    await _handle_one(msg, handler, stream, metrics, tracer)
+            finally:  # what a message bound (task_id, trace_id, ...) is not left on the lines after it
+                structlog.contextvars.clear_contextvars()
+                structlog.contextvars.bind_contextvars(**outside)
     finally:
         if lag is not None:
             lag.cancel()
