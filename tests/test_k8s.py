@@ -254,10 +254,11 @@ def test_every_service_has_a_metrics_port_probes_and_a_podmonitor(
         deployment = _get(objects, "Deployment", service)
         container = _containers(deployment)[0]
         assert "metrics" in [p["name"] for p in container["ports"]]
-        probe_port = "http" if service == "gateway" else "metrics"
-        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": probe_port}
-        ready = "/healthz" if service == "gateway" else "/readyz"
-        assert container["readinessProbe"]["httpGet"] == {"path": ready, "port": probe_port}
+        # liveness on the metrics port (the process answers); readiness includes NATS
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        ready = {"path": "/healthz", "port": "http"} if service == "gateway" else {"path": "/readyz", "port": "metrics"}
+        assert container["readinessProbe"]["httpGet"] == ready
         assert container["image"].startswith(f"ghcr.io/stipple/{service}:")
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["STIPPLE_NATS_URL"] == f"nats://{service}:$(NATS_PASSWORD)@nats:4222"
@@ -347,3 +348,16 @@ def test_network_policies_open_exactly_the_needed_ports(renders: dict[str, list[
     node_policies = [o for o in renders["node/example"] if o["kind"] == "NetworkPolicy"]
     egress = {p["port"] for o in node_policies for rule in o["spec"].get("egress", []) for p in rule["ports"]}
     assert {4222, 9000} <= egress
+
+
+def test_minio_node_policy_writes_only_under_the_nodes_own_id() -> None:
+    import json
+
+    services = json.loads((K8S / "base/minio/policies/services.json").read_text())
+    nodes = json.loads((K8S / "base/minio/policies/nodes.json").read_text())
+    assert services["Statement"][0]["Resource"] == ["arn:aws:s3:::stipple-images", "arn:aws:s3:::stipple-images/*"]
+    actions = {a for s in nodes["Statement"] for a in s["Action"]}
+    assert not any("Get" in a and a != "s3:GetBucketLocation" for a in actions), actions
+    assert "s3:DeleteObject" not in actions
+    put = next(s for s in nodes["Statement"] if "s3:PutObject" in s["Action"])
+    assert put["Resource"] == ["arn:aws:s3:::stipple-images/tasks/*/${aws:username}/*"]
