@@ -154,7 +154,8 @@ async def _submit_and_wait(net: LocalNetwork, task_id: str, key: str) -> str:
 def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]) -> Ran:
     collected, endpoint = receiver
     data = tmp_path_factory.mktemp("observed")
-    env = {"STIPPLE_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    # no timed export (10 minutes): the spans arrive only because each service flushes at shutdown
+    env = {"STIPPLE_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
     net = LocalNetwork(data_dir=data, port=0, nodes=len(NODES), chain=False, extra_env=env)
     key = uuid.uuid4().hex
     task_id = new_task_id(key)
@@ -162,6 +163,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
     try:
         status = asyncio.run(_submit_and_wait(net, task_id, key))
         time.sleep(1.5)  # the outcome's own handlers (QoS updates, slot releases) finish
+        assert not collected.spans, "exported before shutdown: the flush is not what is tested"
     finally:
         net.stop()  # SIGTERM: each service flushes its spans as it closes
     logs: dict[str, list[dict[str, object]]] = {}
