@@ -52,8 +52,8 @@ def registries() -> dict[str, CollectorRegistry]:
     out = {}
 
     # gateway (with webhooks on, as production runs it)
-    from stipple_gateway.app import Gateway, GatewaySettings
     from stipple_common.nodes import NodeDirectory
+    from stipple_gateway.app import Gateway, GatewaySettings
 
     metrics = Metrics("gateway")
     Gateway(None, None, None, NodeDirectory(ttl_s=10), GatewaySettings(webhook_secret="x"), metrics)  # type: ignore[arg-type]

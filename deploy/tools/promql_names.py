@@ -16,19 +16,120 @@ import re
 from collections.abc import Iterable
 
 FUNCTIONS = frozenset(
-    """
-    abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes clamp clamp_max
-    clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year days_in_month deg delta deriv exp
-    floor histogram_avg histogram_count histogram_fraction histogram_quantile histogram_stddev histogram_stdvar
-    histogram_sum holt_winters double_exponential_smoothing hour idelta increase irate label_join label_replace
-    last_over_time ln log10 log2 mad_over_time max_over_time min_over_time minute month pi predict_linear
-    present_over_time quantile_over_time rad rate resets round scalar sgn sin sinh sort sort_desc sort_by_label
-    sort_by_label_desc sqrt stddev_over_time stdvar_over_time sum_over_time tan tanh time timestamp vector year
-    sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk limit_ratio
-    """.split()
+    [
+        "abs",
+        "absent",
+        "absent_over_time",
+        "acos",
+        "acosh",
+        "asin",
+        "asinh",
+        "atan",
+        "atanh",
+        "avg_over_time",
+        "ceil",
+        "changes",
+        "clamp",
+        "clamp_max",
+        "clamp_min",
+        "cos",
+        "cosh",
+        "count_over_time",
+        "day_of_month",
+        "day_of_week",
+        "day_of_year",
+        "days_in_month",
+        "deg",
+        "delta",
+        "deriv",
+        "exp",
+        "floor",
+        "histogram_avg",
+        "histogram_count",
+        "histogram_fraction",
+        "histogram_quantile",
+        "histogram_stddev",
+        "histogram_stdvar",
+        "histogram_sum",
+        "holt_winters",
+        "double_exponential_smoothing",
+        "hour",
+        "idelta",
+        "increase",
+        "irate",
+        "label_join",
+        "label_replace",
+        "last_over_time",
+        "ln",
+        "log10",
+        "log2",
+        "mad_over_time",
+        "max_over_time",
+        "min_over_time",
+        "minute",
+        "month",
+        "pi",
+        "predict_linear",
+        "present_over_time",
+        "quantile_over_time",
+        "rad",
+        "rate",
+        "resets",
+        "round",
+        "scalar",
+        "sgn",
+        "sin",
+        "sinh",
+        "sort",
+        "sort_desc",
+        "sort_by_label",
+        "sort_by_label_desc",
+        "sqrt",
+        "stddev_over_time",
+        "stdvar_over_time",
+        "sum_over_time",
+        "tan",
+        "tanh",
+        "time",
+        "timestamp",
+        "vector",
+        "year",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ]
 )
-KEYWORDS = frozenset("and or unless bool offset atan2 start end inf nan".split())
-LABEL_LIST_KEYWORDS = frozenset("by without on ignoring group_left group_right".split())
+KEYWORDS = frozenset(["and", "or", "unless", "bool", "offset", "atan2", "start", "end", "inf", "nan"])
+AGGREGATIONS = frozenset(
+    [
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+        "limitk",
+        "limit_ratio",
+    ]
+)
+LABEL_LIST_KEYWORDS = frozenset(["by", "without", "on", "ignoring", "group_left", "group_right"])
 
 _IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -91,14 +192,14 @@ def metric_names(expr: str) -> set[str]:
                     m2 = _DURATION.match(expr, k) or _VARIABLE.match(expr, k)
                     if m2:
                         i = m2.end()
+            elif word in AGGREGATIONS:  # sum (...), sum by (x) (...), sum without (x) (...)
+                pass
             elif followed_by_paren:
                 if word not in FUNCTIONS:
                     raise PromQLError(f"unknown function {word!r}")
             else:
                 names.add(word)
-        elif c == "@":  # @ <timestamp> | @ start() | @ end()
-            i += 1
-        elif c in "()+-*/%^=!<>,~":
+        elif c == "@" or c in "()+-*/%^=!<>,~":  # @ <timestamp> | @ start() | @ end()
             i += 1
         else:
             raise PromQLError(f"unexpected {c!r} at {i} in {expr!r}")
