@@ -4,6 +4,7 @@ agents on the built-in tiny model) on a real nats-server, driven over HTTP as an
 
 import base64
 import io
+import re
 import time
 
 import httpx
@@ -149,10 +150,38 @@ def test_every_service_serves_prometheus_metrics(http, network):
         "validator": "stipple_validator_outcomes_total",
         "chain-indexer": "stipple_chain_indexer_transactions_total",
     }
+    catalog = metric_catalog()  # what docs/metrics.md, the dashboards and the alerts are checked against
     for name, url in urls.items():
         body = httpx.get(url, timeout=10).text
         metric = expected.get(name, "stipple_node_tasks_total")
         assert f"# TYPE {metric} counter" in body, f"{name} at {url} lacks {metric}"
+        served = {m[0] for m in re.findall(r"^# TYPE (\S+) (\S+)$", body, re.M) if not m[0].endswith("_created")}
+        listed = catalog["node-agent" if name.startswith("node-") else name]
+        assert served <= listed, f"{name} serves metrics the catalog lacks: {sorted(served - listed)}"
+        optional = {"stipple_gateway_webhooks_total"}  # only with STIPPLE_WEBHOOK_SECRET
+        assert listed - optional <= served, f"{name} lacks {sorted(listed - optional - served)}"
+
+
+def metric_catalog() -> dict[str, set[str]]:
+    """Service -> the names its registries declare (deploy/tools/exported_metrics.py), as
+    `# TYPE` lines name them (a counter with _total)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    module = sys.modules.get("exported_metrics")
+    if module is None:
+        path = Path(__file__).resolve().parents[1] / "deploy" / "tools" / "exported_metrics.py"
+        spec = importlib.util.spec_from_file_location("exported_metrics", path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["exported_metrics"] = module  # before running it: its dataclass looks itself up
+        spec.loader.exec_module(module)
+    out: dict[str, set[str]] = {}
+    for family in module.families():
+        out.setdefault(family.service, set()).add(family.name + ("_total" if family.type == "counter" else ""))
+    return out
 
 
 async def chain_events(nats_url: str, subject: str, want, timeout: float = 60.0):
