@@ -160,6 +160,29 @@ def test_every_service_serves_prometheus_metrics(http, network):
         assert served <= listed, f"{name} serves metrics the catalog lacks: {sorted(served - listed)}"
         optional = {"stipple_gateway_webhooks_total"}  # only with STIPPLE_WEBHOOK_SECRET
         assert listed - optional <= served, f"{name} lacks {sorted(listed - optional - served)}"
+    # and they say what happened: the tasks of the tests above, three live nodes, lag read
+    gateway, dispatcher, validator = (scrape(urls[name]) for name in ("gateway", "dispatcher", "validator"))
+    assert gateway[("stipple_gateway_task_seconds_count", (("outcome", "succeeded"),))] >= 1
+    live = sum(dispatcher[("stipple_dispatcher_nodes", (("state", s),))] for s in ("idle", "busy"))
+    assert live == 3
+    assert validator[("stipple_validator_verdicts_total", (("verdict", "agree"),))] >= 3
+    lag = ("stipple_validator_consumer_pending_messages", (("consumer", "validator"), ("stream", "TASKS")))
+    assert lag in validator
+    node = scrape(urls["node-1"])
+    assert node[("stipple_node_model_loads_total", (("result", "loaded"),))] >= 1
+    assert node[("stipple_node_gpu_devices", ())] >= 0
+    assert node[("stipple_node_denoise_seconds_count", ())] >= 1
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = httpx.get(url, timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
 
 
 def metric_catalog() -> dict[str, set[str]]:
