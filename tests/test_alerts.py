@@ -44,8 +44,11 @@ def tool(name: str) -> ModuleType:
 promql = tool("promql_names")
 
 
+DEBIAN_PROMTOOL = Path("/usr/bin/promtool")
+
+
 def promtool() -> str:
-    found = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").is_file() else None)
+    found = shutil.which("promtool") or (str(DEBIAN_PROMTOOL) if DEBIAN_PROMTOOL.is_file() else None)
     if found is None:
         if os.environ.get("CI"):
             pytest.fail("promtool is not installed (./dev installs Debian's prometheus package, which has it)")
@@ -72,6 +75,17 @@ def write_rules(directory: Path, groups: list[dict] | None = None) -> Path:
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_promtool_fails_under_ci_and_skips_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(sys.modules[__name__], "DEBIAN_PROMTOOL", tmp_path / "promtool")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="promtool is not installed"):
+        promtool()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        promtool()
 
 
 def test_it_is_a_prometheus_rule():

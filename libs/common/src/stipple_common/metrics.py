@@ -80,13 +80,16 @@ class Metrics:
             registry=self.registry,
         )
         self._watched: dict[tuple[str, str], int] = {}
+        self._registered: list[Collector] = []
 
     def register(self, collectors: Iterable[Collector]) -> None:
         """Add collectors made without a registry (a node's runner and store are built
-        before its service opens); one already in this registry is left as it is."""
+        before its service opens). One already in this registry (a runner reused by a
+        test) is left as it is; another collector of the same name raises ValueError."""
         for collector in collectors:
-            with contextlib.suppress(ValueError):  # registered already (a runner reused by a test)
+            if collector not in self._registered:
                 self.registry.register(collector)
+                self._registered.append(collector)
 
     def set_consumer_lag(self, stream: str, consumer: str, info: Any) -> None:
         """The lag gauges from a ``ConsumerInfo``."""
