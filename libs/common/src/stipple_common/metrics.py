@@ -1,4 +1,5 @@
-"""Prometheus metrics: one registry per process, served on the port named `metrics`.
+"""Prometheus metrics: one registry per process, served beside /healthz and /readyz on the
+port named `metrics` (health.py).
 
 Names follow ``stipple_<service>_<what>_<unit>`` (the node agent's prefix is
 ``stipple_node``). The consumer loop counts every message it handles by outcome and
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.registry import Collector
 
 log = structlog.get_logger("stipple.metrics")
@@ -117,8 +118,3 @@ class Metrics:
                     await asyncio.wait_for(stop.wait(), self.lag_poll_s)
         finally:
             self._watched.pop(key, None)
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics in a thread; returns the bound port (port -1: any free port)."""
-        server, _thread = start_http_server(max(port, 0), addr=host, registry=self.registry)
-        return int(server.server_port)
