@@ -222,8 +222,8 @@ async def _handle_one(msg: Msg, handler: Handler, stream: str, metrics: Metrics 
             tracing.bind_task()
         try:
             result = await handler(msg)
-            if isinstance(result, Redeliver):
-                outcome = "nak"
+            if isinstance(result, Redeliver):  # a timer the handler set, not a failure
+                outcome = "redeliver"
                 await msg.nak(delay=result.delay)
             elif isinstance(result, Hold):
                 outcome = "hold"

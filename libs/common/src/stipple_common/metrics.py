@@ -45,7 +45,7 @@ class Metrics:
         self.prefix = prefix
         self.messages = Counter(
             f"{prefix}_messages_total",
-            "JetStream messages handled, by stream and outcome (ack, nak, term, hold)",
+            "JetStream messages handled, by stream and outcome (ack, nak, term, hold, redeliver)",
             ["stream", "outcome"],
             registry=self.registry,
         )
