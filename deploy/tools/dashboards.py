@@ -42,7 +42,12 @@ def quantile(q: float, histogram: str, by: str = "", matchers: str = "") -> str:
     return f"histogram_quantile({q}, sum by ({labels}) (rate({selector}[{RATE}])))"
 
 
-def ratio(numerator: str, denominator: str) -> str:
+def ratio(numerator: str, denominator: str, *, none_is_zero: bool = False) -> str:
+    """numerator / denominator; with `none_is_zero` (label-less sums only) a numerator with
+    no series (no 5xx, no mismatch yet) counts as 0, so the share reads 0 rather than
+    "no data" while there is traffic (no traffic still reads "no data")."""
+    if none_is_zero:
+        numerator = f"{numerator} or vector(0)"
     return f"({numerator}) / clamp_min({denominator}, 1e-9)"
 
 
@@ -256,13 +261,13 @@ def overview() -> dict:
                     stat("Tasks accepted / s", rate("stipple_gateway_tasks_submitted_total"), unit="reqps"),
                     stat(
                         "Succeeded (share)",
-                        ratio(rate(outcomes, matchers='outcome="succeeded"'), rate(outcomes)),
+                        ratio(rate(outcomes, matchers='outcome="succeeded"'), rate(outcomes), none_is_zero=True),
                         unit="percentunit",
                         thresholds=[(None, "red"), (0.9, "orange"), (0.98, "green")],
                     ),
                     stat(
                         "Gateway 5xx (share)",
-                        ratio(rate(requests, matchers='status=~"5.."'), rate(requests)),
+                        ratio(rate(requests, matchers='status=~"5.."'), rate(requests), none_is_zero=True),
                         unit="percentunit",
                         thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")],
                     ),
@@ -589,9 +594,20 @@ def validation() -> dict:
                     ts("Verdicts / s", (rate(verdicts, "verdict"), "{{verdict}}"), unit="ops", stack=True),
                     ts(
                         "Mismatch share of verdicts",
-                        (ratio(rate(verdicts, matchers='verdict="mismatch"'), rate(verdicts)), "mismatch"),
-                        (ratio(rate(verdicts, matchers='verdict="bad_commitment"'), rate(verdicts)), "bad_commitment"),
-                        (ratio(rate(verdicts, matchers='verdict="timeout"'), rate(verdicts)), "timeout"),
+                        (
+                            ratio(rate(verdicts, matchers='verdict="mismatch"'), rate(verdicts), none_is_zero=True),
+                            "mismatch",
+                        ),
+                        (
+                            ratio(
+                                rate(verdicts, matchers='verdict="bad_commitment"'), rate(verdicts), none_is_zero=True
+                            ),
+                            "bad_commitment",
+                        ),
+                        (
+                            ratio(rate(verdicts, matchers='verdict="timeout"'), rate(verdicts), none_is_zero=True),
+                            "timeout",
+                        ),
                         unit="percentunit",
                     ),
                     ts(
