@@ -16,7 +16,7 @@ up *args:
 make-tiny-model dir=".stipple/models/tiny-sd":
     stipple-node make-tiny-model {{ dir }}
 
-# Lint, then every test (what CI runs)
+# Lint, check deploy/k8s, then every test (what CI runs)
 [group('test')]
 test *args: lint k8s-check
     python -m pytest {{ args }}
@@ -41,6 +41,21 @@ lint:
 [group('dev')]
 openapi:
     python -m stipple_gateway.openapi docs/openapi.json
+
+# Write the Grafana dashboards' JSON from deploy/tools/dashboards.py (a test fails while it is out of date)
+[group('dev')]
+dashboards:
+    python deploy/tools/dashboards.py
+
+# Write an overlay's nats-auth.conf (NATS users and permissions) after editing its nats-nodes.txt
+[group('dev')]
+nats-auth overlay="deploy/k8s/overlays/production":
+    python deploy/tools/render_nats.py {{ overlay }}
+
+# Draw docs/img/dashboard-*.png: a real Prometheus scraping `stipple up` under load (~6 min)
+[group('dev')]
+dashboard-pictures minutes="4":
+    python deploy/tools/dashboard_snapshot.py --minutes {{ minutes }} --out docs/img
 
 # Format the code
 [group('dev')]
