@@ -119,6 +119,8 @@ class Settler:
             ["verdict"],
             registry=registry,
         )
+        for verdict in SLASHABLE:  # at 0 from the start, so increase() sees the first slash
+            self.slashes.labels(verdict)
         self.slashed_tokens = Counter(
             "stipple_chain_indexer_slashed_tokens_total",
             "Stake slashed, in whole tokens (1e18 units)",

@@ -30,6 +30,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import get_args
 
 import msgspec
 import structlog
@@ -48,6 +49,7 @@ from stipple_common.messages import (
     TaskEvent,
     TaskRevealOpened,
     TaskSubmitted,
+    Verdict,
     decode_task_event,
 )
 from stipple_common.metrics import Metrics
@@ -107,12 +109,16 @@ class Validator:
         self.verdicts = Counter(
             "stipple_validator_verdicts_total", "Per-node verdicts", ["verdict"], registry=metrics.registry
         )
+        for verdict in get_args(Verdict):  # every verdict's series exists at 0 from the start
+            self.verdicts.labels(verdict)
         self.slashes = Counter(
             "stipple_validator_slashes_total",
             "Per-node verdicts that cost the node its stake (mismatch, bad_commitment); the chain-indexer slashes",
             ["verdict"],
             registry=metrics.registry,
         )
+        for verdict in SLASHABLE:  # at 0 from the start, so increase() sees the first slash
+            self.slashes.labels(verdict)
         self.validation_seconds = Histogram(
             "stipple_validator_validation_seconds",
             "From the reveal opening to the decision (tasks decided after a reveal)",
