@@ -6,7 +6,8 @@ anything.
 
 Everything else is the real node agent (`stipple_node.service`): the announcement and
 heartbeats, the durable work and control consumers, `started`, the upload of each PNG
-to the blob store, the signed `committed`, and `revealed` on the validator's request.
+to the blob store, the signed `committed`, `revealed` on the validator's request, and
+with STIPPLE_CHAIN the stake at start.
 Only `_generate` differs: instead of running diffusers in a worker thread it returns at
 once one precomputed PNG per image (a flat grey picture of the task's size, its pHash
 computed once per size), with the seed (task seed + index), width and height a real
@@ -35,6 +36,7 @@ import imagehash
 import msgspec
 from PIL import Image
 
+from stipple_common import commitment
 from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
 from stipple_common.messages import Assignment
@@ -42,6 +44,7 @@ from stipple_common.service import open_service
 from stipple_common.settings import InvalidSettings, load_settings
 from stipple_node.pipeline import GeneratedImage
 from stipple_node.service import NodeAgent, NodeSettings, load_or_create_key, serve
+from stipple_node.staking import ensure_stake
 
 GREY = (128, 128, 128)
 
@@ -105,6 +108,10 @@ async def run(settings: NodeSettings) -> None:
     key = load_or_create_key(Path(key_file).expanduser()) if key_file else None  # None: a fresh key per start
     runner = FixedRunner(model_names(settings.models))
     async with open_service("node-agent", settings, blobs=True) as ctx:
+        if settings.chain and key is not None:  # stakes like the real node (STIPPLE_CHAIN)
+            account = commitment.account_from_key(key)
+            staked = await ensure_stake(ctx.nc, settings.node_id, account, settings.stake, wait_s=settings.chain_wait_s)
+            settings = msgspec.structs.replace(settings, stake=staked)
         await serve(ctx, settings, runner, None, key, agent_type=FixedImageNode)  # type: ignore[arg-type]
 
 
