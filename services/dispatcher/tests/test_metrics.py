@@ -6,13 +6,15 @@ import time
 from stipple_common import __version__
 from stipple_common.messages import NodeJoined, NodeQos
 from stipple_common.metrics import Metrics
+from stipple_dispatcher.metrics import NODE_STATES
 from stipple_dispatcher.selection import NodeIndex
 from stipple_dispatcher.service import Dispatcher, DispatcherSettings
 
 
-def joined(node_id: str, version: str = __version__) -> NodeJoined:
+def joined(node_id: str, version: str = __version__, stake: int = 1000) -> NodeJoined:
     return NodeJoined(
         node_id=node_id,
+        stake=stake,
         operator=node_id,
         device="cpu",
         memory_bytes=1,
@@ -27,6 +29,7 @@ def test_nodes_by_state_qos_and_held_tasks():
     index = NodeIndex(capacity=2)  # grows while the nodes join
     for node_id in ("idle", "busy", "paused", "old", "gone", "quit"):
         index.join(joined(node_id, version="0.0.1" if node_id == "old" else ""), seen_at=now)
+    index.join(joined("slashed", stake=0), seen_at=now)  # live, below the minimum stake
     index.last_seen[index.row["gone"]] = now - 100  # no heartbeat within the TTL
     index.leave("quit")
     index.assigned(["busy"])
@@ -34,7 +37,7 @@ def test_nodes_by_state_qos_and_held_tasks():
     index.score(NodeQos(node_id="idle", qos=9.0, samples=10, recent_timeouts=0))
     index.version_ok[index.row["old"]] = False  # what join() decides against the dispatcher's version
     metrics = Metrics("dispatcher")
-    dispatcher = Dispatcher(None, index, DispatcherSettings(node_ttl_s=10), metrics)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(None, index, DispatcherSettings(node_ttl_s=10, min_stake=100), metrics)  # type: ignore[arg-type]
     dispatcher.queue["t1"] = object()  # type: ignore[assignment]
     dispatcher.running["t2"] = object()  # type: ignore[assignment]
     dispatcher.running["t3"] = object()  # type: ignore[assignment]
@@ -42,9 +45,8 @@ def test_nodes_by_state_qos_and_held_tasks():
     def value(name, **labels):
         return metrics.registry.get_sample_value(name, labels)
 
-    states = {s: value("stipple_dispatcher_nodes", state=s) for s in ("idle", "busy", "paused", "incompatible")}
-    states |= {s: value("stipple_dispatcher_nodes", state=s) for s in ("offline", "quit")}
-    assert states == {"idle": 1, "busy": 1, "paused": 1, "incompatible": 1, "offline": 1, "quit": 1}
+    states = {s: value("stipple_dispatcher_nodes", state=s) for s in NODE_STATES}
+    assert states == {"idle": 1, "busy": 1, "paused": 1, "unstaked": 1, "incompatible": 1, "offline": 1, "quit": 1}
     assert value("stipple_dispatcher_node_qos", node_id="idle") == 9.0
     assert value("stipple_dispatcher_node_qos", node_id="paused") == 2.5
     assert value("stipple_dispatcher_node_qos", node_id="quit") is None  # gone for good: no series
