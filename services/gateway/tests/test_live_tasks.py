@@ -296,3 +296,40 @@ def test_progress_board_is_bounded():
     for i in range(MAX_NODES_PER_TASK + 5):
         board.update(Progress(task_id="t5", node_id=f"n{i}", step=1, total=2))
     assert len(board.of("t5")) == MAX_NODES_PER_TASK
+
+
+async def test_sync_wait_reads_again_when_it_woke_before_the_outcome_was_stored(make_gateway, asgi_client):
+    """nats-server hands a publish to core subscribers and to the stream at the same time,
+    so the gateway can wake on an outcome that its read of the stream does not show yet:
+    it reads again instead of answering 504 for a finished task."""
+    gw = await make_gateway(sync_timeout_s=10)
+    load = gw.load_task
+    outcome_published = asyncio.Event()
+    reads: list[str] = []
+
+    async def racing_load(task_id: str, owner: str = "") -> Any:
+        loaded = await load(task_id, owner)
+        if outcome_published.is_set():
+            reads.append(loaded.task.status)
+            if len(reads) == 1:  # the first read after the wake-up: the stream as it was before the outcome
+                before = [s for s in await read_task_events(gw.js, task_id) if not isinstance(s.event, TaskAborted)]
+                stale = gw.fold(task_id, before, owner)
+                reads[0] = stale.task.status
+                return stale
+        return loaded
+
+    async def decide(msg: Any) -> None:  # the network aborts the task as soon as it is submitted
+        task_id = msg.subject.split(".")[1]
+        await publish(gw, task_id, TaskAborted(task_id=task_id, reason="no_agreement"), "aborted", f"{task_id}:outcome")
+        outcome_published.set()
+
+    gw.load_task = racing_load  # type: ignore[method-assign]
+    sub = await gw.nc.subscribe(subjects.task_subject("*", "submitted"), cb=decide)
+    try:
+        async with asgi_client(gw) as http:
+            response = await http.post("/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2})
+    finally:
+        await sub.unsubscribe()
+    assert reads[:2] == ["pending", "aborted"]  # woken, read stale, read again
+    assert response.status_code == 502, response.text
+    assert "no_agreement" in response.json()["msg"]

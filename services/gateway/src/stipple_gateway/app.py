@@ -77,6 +77,7 @@ log = structlog.get_logger("stipple.gateway")
 
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_TIMED_TASKS = 100_000  # accepted tasks whose outcome the gateway waits for, to time them (oldest dropped)
+OUTCOME_READ_ATTEMPTS, OUTCOME_READ_PAUSE_S = 40, 0.05  # re-reads of a task whose outcome was seen, not stored yet
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -332,6 +333,13 @@ class Gateway:
             for sub in subs:
                 await sub.unsubscribe()
         task = (await self.load_task(task_id, owner)).task  # the stream is the truth, the core message a wake-up
+        # A core subscriber can get the outcome a moment before the stream has stored it (the
+        # server hands a publish to both at once): woken by one, read again until it is there.
+        for _ in range(OUTCOME_READ_ATTEMPTS):
+            if task.finished or not done.done():
+                break
+            await asyncio.sleep(OUTCOME_READ_PAUSE_S)
+            task = (await self.load_task(task_id, owner)).task
         if not task.finished:
             raise ApiError(
                 504,
