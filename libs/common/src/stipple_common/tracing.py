@@ -96,9 +96,8 @@ def trace_id_of(headers: Mapping[str, str] | None) -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
-def bind_task(task_id: str = "", node_id: str = "") -> None:
-    """Tag the current span and the log context with the task (and node) it is about."""
-    span = trace.get_current_span()
+def _tag(span: trace.Span, task_id: str, node_id: str) -> dict[str, str]:
+    """Set stipple.task_id / stipple.node_id on `span`; the log fields that go with them."""
     values: dict[str, str] = {"trace_id": current_trace_id()}
     if task_id:
         span.set_attribute(TASK_ID, task_id)
@@ -106,7 +105,12 @@ def bind_task(task_id: str = "", node_id: str = "") -> None:
     if node_id:
         span.set_attribute(NODE_ID, node_id)
         values["node_id"] = node_id
-    structlog.contextvars.bind_contextvars(**values)
+    return values
+
+
+def bind_task(task_id: str = "", node_id: str = "") -> None:
+    """Tag the current span and the log context with the task (and node) it is about."""
+    structlog.contextvars.bind_contextvars(**_tag(trace.get_current_span(), task_id, node_id))
 
 
 @contextlib.contextmanager
@@ -128,14 +132,7 @@ def task_span(
     with tracer.start_as_current_span(name, context=context) as span:
         for key, value in attributes.items():
             span.set_attribute(f"stipple.{key}", value)
-        values: dict[str, str] = {"trace_id": current_trace_id()}
-        if task_id:
-            span.set_attribute(TASK_ID, task_id)
-            values["task_id"] = task_id
-        if node_id:
-            span.set_attribute(NODE_ID, node_id)
-            values["node_id"] = node_id
-        with structlog.contextvars.bound_contextvars(**values):
+        with structlog.contextvars.bound_contextvars(**_tag(span, task_id, node_id)):
             yield span
 
 
