@@ -8,7 +8,10 @@ from the same queries, against a real Prometheus:
 2. starts Debian's `prometheus` scraping every service every 2 s, with the alert rules of
    deploy/k8s/base/monitoring loaded (so `ALERTS` is real too);
 3. puts load on the gateway for `--minutes`: closed-loop clients posting tasks of a few
-   sizes, a share of bad requests (they must be 4xx) and cancellations;
+   sizes, half of them paid (escrowed and settled on the embedded chain), a share of bad
+   requests (they must be 4xx) and cancellations; after `--cheater-after` seconds a
+   cheating node joins (bench/fixed_image_node.py: the real node agent returning a flat
+   grey picture), stakes, and is caught, slashed and paused;
 4. runs every panel's PromQL over the run with Prometheus's query_range and plots the
    results in the dashboard's own grid, one PNG per dashboard.
 
@@ -25,11 +28,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,18 +49,19 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "k8s" / "base" / "monitoring"
+STATS = ("stat", "gauge", "bargauge")  # one number each, drawn as text
 SIZES = [(64, 64, 4), (128, 128, 8), (128, 128, 12), (192, 192, 8)]
 
 
-def start_network(data_dir: Path, nodes: int, log: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
-    """`stipple up` as a user runs it; returns the process, the gateway URL and the metrics URLs."""
+def start_network(data_dir: Path, nodes: int, log: Path) -> tuple[subprocess.Popen, str, str, dict[str, str]]:
+    """`stipple up` as a user runs it; returns the process, the gateway and NATS URLs and the metrics URLs."""
     cmd = [sys.executable, "-m", "stipple_cli", "up", "--port", "0", "--no-demo", "--nodes", str(nodes)]
     cmd += ["--data-dir", str(data_dir)]
     out = log.open("w")
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=out, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
     )
-    gateway, metrics, in_metrics = "", {}, False
+    gateway, nats, metrics, in_metrics = "", "", {}, False
     deadline = time.monotonic() + 300
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -64,6 +70,8 @@ def start_network(data_dir: Path, nodes: int, log: Path) -> tuple[subprocess.Pop
             break
         if m := re.match(r"\s+gateway\s+(http://\S+)", line):
             gateway = m[1]
+        if m := re.match(r"\s+nats\s+(nats://\S+)", line):
+            nats = m[1]
         m = re.match(r"\s+(?:metrics\s+)?(\S+)\s+(http://\S+/metrics)$", line.rstrip())
         if m and ("metrics" in line or in_metrics):
             in_metrics = True
@@ -72,12 +80,35 @@ def start_network(data_dir: Path, nodes: int, log: Path) -> tuple[subprocess.Pop
             break
         if line.startswith("Try:"):
             break
-    if not gateway or not metrics:
+    if not gateway or not nats or not metrics:
         proc.terminate()
         raise SystemExit(f"stipple up did not come up; see {log}")
     # keep draining its output so it never blocks on a full pipe
     threading.Thread(target=lambda: [out.write(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-    return proc, gateway, metrics
+    return proc, gateway, nats, metrics
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_cheater(nats: str, work: Path, metrics_port: int, log: Path) -> subprocess.Popen:
+    """A node that stakes like any other and answers every task with a flat grey picture."""
+    env = {
+        **os.environ,
+        "STIPPLE_NATS_URL": nats,
+        "STIPPLE_NODE_ID": "node-cheat",
+        "STIPPLE_OPERATOR": "operator-cheat",
+        "STIPPLE_MODEL_CACHE": str(work / "node-cheat"),
+        "STIPPLE_CHAIN": "true",
+        "STIPPLE_METRICS_PORT": str(metrics_port),
+        "STIPPLE_LOG_FORMAT": "json",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = [sys.executable, str(ROOT / "bench" / "fixed_image_node.py")]
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
 def service_of(name: str) -> str:
@@ -146,6 +177,8 @@ async def load(gateway: str, minutes: float, concurrency: int, seed: int) -> dic
             roll = rng.random()
             w, h, steps = rng.choice(SIZES)
             body: dict = {"base_model": "tiny-sd", "prompt": f"a red fox {rng.randrange(10**6)}"}
+            if rng.random() < 0.5:  # paid: escrowed from the custodial deposit, settled to the nodes
+                body["fee"] = 10**16
             body["task_config"] = {"image_width": w, "image_height": h, "steps": steps, "seed": rng.randrange(2**31)}
             if roll < 0.07:  # a bad value: the gateway must name it and answer 4xx
                 body["task_config"]["steps"] = -3
@@ -243,8 +276,10 @@ def draw(dashboard: dict, prom: str, start: float, end: float, rate_window: str,
             for result in query_range(prom, expr, start, end, step):
                 xs = [float(t) - start for t, _ in result["values"]]
                 ys = [float(v) for _, v in result["values"]]
+                if all(math.isnan(y) for y in ys):  # histogram_quantile of no observations
+                    continue
                 label = legend(target.get("legendFormat", ""), result["metric"])
-                if panel.get("type") in ("stat", "gauge", "bargauge"):
+                if panel.get("type") in STATS:
                     ax.text(0.5, 0.5 - 0.25 * series, f"{ys[-1]:.3g}", ha="center", va="center", fontsize=18)
                     ax.set_axis_off()
                 else:
@@ -252,8 +287,10 @@ def draw(dashboard: dict, prom: str, start: float, end: float, rate_window: str,
                 series += 1
         if series == 0:
             empty.append(panel.get("title", "?"))
+            if panel.get("type") in STATS:
+                ax.set_axis_off()
             ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=10, color="grey", transform=ax.transAxes)
-        elif panel.get("type") not in ("stat", "gauge", "bargauge"):
+        elif panel.get("type") not in STATS:
             ax.set_xlabel("seconds into the run", fontsize=7)
             if series <= 8:
                 ax.legend(fontsize=6, loc="upper left")
@@ -269,6 +306,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=3, help="node agents for stipple up (default 3)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img", help="where the PNGs go")
     parser.add_argument("--rate-window", default="30s", help="what $__rate_interval becomes (default 30s)")
+    parser.add_argument("--cheater-after", type=float, default=60, help="seconds until a cheating node joins (0: none)")
     parser.add_argument("--prometheus-port", type=int, default=19090)
     parser.add_argument("--dashboards", type=Path, default=MONITORING / "dashboards", help="the dashboards' JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, TSDB)")
@@ -278,15 +316,26 @@ def main() -> int:
         raise SystemExit(f"no dashboards in {args.dashboards}")
     work = Path(tempfile.mkdtemp(prefix="stipple-snapshot-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    network, gateway, metrics = start_network(work / "network", args.nodes, work / "stipple-up.log")
+    network, gateway, nats, metrics = start_network(work / "network", args.nodes, work / "stipple-up.log")
     prometheus = None
+    cheaters: list[subprocess.Popen] = []
+    timer: threading.Timer | None = None
     try:
+        if args.cheater_after:
+            cheat_port = free_port()
+            metrics = {**metrics, "node-cheat": f"http://127.0.0.1:{cheat_port}/metrics"}
         config = prometheus_config(metrics, alert_rules(work / "rules.yml"), "2s")
         prometheus = start_prometheus(work, config, args.prometheus_port, work / "prometheus.log")
         prom = f"http://127.0.0.1:{args.prometheus_port}"
         print(f"stipple up: {gateway}, {len(metrics)} metrics endpoints; prometheus {prom}", flush=True)
         start = time.time()
         time.sleep(10)  # an idle stretch first: the panels show the step up
+        if args.cheater_after:
+            timer = threading.Timer(
+                args.cheater_after,
+                lambda: cheaters.append(start_cheater(nats, work, cheat_port, work / "node-cheat.log")),
+            )
+            timer.start()
         counts = asyncio.run(load(gateway, args.minutes, args.concurrency, seed=7))
         time.sleep(15)  # and the quiet after
         end = time.time()
@@ -303,6 +352,11 @@ def main() -> int:
             )
         return 0
     finally:
+        if timer is not None:
+            timer.cancel()
+        for cheater in cheaters:
+            cheater.terminate()
+            cheater.wait(30)
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(30)
