@@ -54,7 +54,14 @@ from stipple_common.taskspec import SEED_MAX, TaskSpec, parse_task, resolve_seed
 from . import openapi
 from .auth import KeyRing, parse_api_keys
 from .errors import ApiError
-from .events import EventStreamResponse, StoredEvent, TaskEventStream, read_task_events
+from .events import (
+    OUTCOME_CONFIRM_PAUSE_S,
+    OUTCOME_CONFIRM_TRIES,
+    EventStreamResponse,
+    StoredEvent,
+    TaskEventStream,
+    read_task_events,
+)
 from .payment import CustodialWallet
 from .progress import ProgressBoard
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
@@ -77,7 +84,6 @@ log = structlog.get_logger("stipple.gateway")
 
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_TIMED_TASKS = 100_000  # accepted tasks whose outcome the gateway waits for, to time them (oldest dropped)
-OUTCOME_READ_ATTEMPTS, OUTCOME_READ_PAUSE_S = 40, 0.05  # re-reads of a task whose outcome was seen, not stored yet
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -333,12 +339,10 @@ class Gateway:
             for sub in subs:
                 await sub.unsubscribe()
         task = (await self.load_task(task_id, owner)).task  # the stream is the truth, the core message a wake-up
-        # A core subscriber can get the outcome a moment before the stream has stored it (the
-        # server hands a publish to both at once): woken by one, read again until it is there.
-        for _ in range(OUTCOME_READ_ATTEMPTS):
+        for _ in range(OUTCOME_CONFIRM_TRIES):  # woken by an outcome the stream may not hold yet
             if task.finished or not done.done():
                 break
-            await asyncio.sleep(OUTCOME_READ_PAUSE_S)
+            await asyncio.sleep(OUTCOME_CONFIRM_PAUSE_S)
             task = (await self.load_task(task_id, owner)).task
         if not task.finished:
             raise ApiError(

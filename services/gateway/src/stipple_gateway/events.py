@@ -42,7 +42,9 @@ log = structlog.get_logger("stipple.gateway")
 
 KEEPALIVE = b": keep-alive\n\n"
 MAX_QUEUED_PROGRESS = 1000  # progress is lossy anyway; task events are never dropped
-OUTCOME_CONFIRM_TRIES = 20  # x 50 ms: how long a live outcome may take to show up in the stream
+# A core subscriber can get an outcome a moment before the stream has stored it (the server
+# hands a publish to both at once): readers woken by one read again, this often, this long.
+OUTCOME_CONFIRM_TRIES, OUTCOME_CONFIRM_PAUSE_S = 20, 0.05
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class TaskEventStream:
                     yield self._send(s)
                 if event_name(s.event) in OUTCOME_EVENTS:
                     return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(OUTCOME_CONFIRM_PAUSE_S)
         else:
             log.warning("outcome_not_stored_yet", task_id=self.task_id, event_type=event_name(live.event))
         yield self._send(live)
