@@ -100,6 +100,7 @@ class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_
 # agree: paid by QoS share. mismatch, bad_commitment: slashable. error, timeout: QoS 0.
 # undecided: no majority (the task is refunded). cancelled: the app cancelled first.
 Verdict = Literal["agree", "mismatch", "bad_commitment", "undecided", "error", "timeout", "cancelled"]
+SLASHABLE: tuple[Verdict, ...] = ("mismatch", "bad_commitment")  # the verdicts that cost a node its stake
 
 
 class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", tag_field="type"):

@@ -39,6 +39,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from stipple_common import bus, subjects, tracing
 from stipple_common.chain import ChainUnavailable, ContractReverted, Sender, Settlement, StippleChain, TaskState
 from stipple_common.messages import (
+    SLASHABLE,
     TaskAborted,
     TaskCancelled,
     TaskSubmitted,
@@ -51,7 +52,6 @@ from stipple_common.nodes import NodeDirectory
 
 log = structlog.get_logger("stipple.chain.settler")
 
-SLASHABLE = ("mismatch", "bad_commitment")
 RESERVATION_TTL_S = 600.0
 Outcome = TaskSucceeded | TaskAborted | TaskCancelled
 

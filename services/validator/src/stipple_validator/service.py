@@ -44,6 +44,7 @@ from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
+    SLASHABLE,
     RevealRequest,
     TaskAborted,
     TaskEvent,
@@ -64,7 +65,6 @@ from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
 log = structlog.get_logger("stipple.validator")
 
 NO_SAMPLE = ("undecided", "cancelled")  # verdicts that say nothing about the node
-SLASHABLE = ("mismatch", "bad_commitment")  # verdicts the chain-indexer slashes (its settler.SLASHABLE)
 
 
 class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
