@@ -303,7 +303,16 @@ async def test_what_the_stopped_indexer_missed_is_reported_until_it_catches_up(n
 
     status, out = await network.cli()
     assert status == 1
-    assert {d.line() for d in report.differences} <= set(out.splitlines())
+    if not {d.line() for d in report.differences} <= set(out.splitlines()):  # once in CI: say what differed
+        again = await network.reconcile()
+        raise AssertionError(
+            "the CLI printed:\n"
+            + out
+            + "\nthe report before it:\n"
+            + "\n".join(d.line() for d in report.differences)
+            + "\nand a report right after it:\n"
+            + "\n".join(d.line() for d in again.differences)
+        )
 
     await network.start()  # it catches up: stakes indexed, the task settled; the forged event stays
     await network.until("settled", lambda: _is(network.state(task_id), ch.TaskState.SETTLED))
