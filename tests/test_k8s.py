@@ -196,6 +196,70 @@ def test_kind_without_a_schema_fails() -> None:
 
 
 @pytest.mark.slow
+def test_rules_catch_a_scrape_the_network_policies_or_the_ports_would_drop(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    assert k8s_check.rule_failures("overlays/production", renders["overlays/production"]) == []
+    objects = copy.deepcopy(renders["overlays/production"])
+    objects = [
+        o for o in objects if not (o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "prometheus-scrape")
+    ]
+    _get(objects, "PodMonitor", "minio")["spec"]["podMetricsEndpoints"][0]["port"] = "console-metrics"
+    _get(objects, "PodMonitor", "nats")["spec"]["selector"]["matchLabels"] = {"app.kubernetes.io/name": "natz"}
+    failures = {(f.kind, f.name, f.message) for f in k8s_check.rule_failures("overlays/production", objects)}
+    for service in SERVICES:
+        blocked = f"no NetworkPolicy lets the monitoring namespace reach {service} on 9090"
+        assert ("PodMonitor", service, blocked) in failures
+    assert ("PodMonitor", "minio", "StatefulSet/minio has no such port") in failures
+    assert ("PodMonitor", "nats", "selects no workload's pods") in failures
+    assert ("StatefulSet", "nats", "a metrics port no PodMonitor scrapes") in failures
+
+
+@pytest.mark.slow
+def test_nats_servers_and_minio_are_scraped_too(renders: dict[str, list[dict[str, Any]]]) -> None:
+    objects = renders["overlays/production"]
+    nats_set = _get(objects, "StatefulSet", "nats")
+    server, exporter = _containers(nats_set)
+    assert server["name"] == "nats"
+    assert {"name": "monitor", "containerPort": 8222} in server["ports"]
+    assert exporter["image"].startswith("natsio/prometheus-nats-exporter:")
+    assert exporter["args"][-1] == "http://localhost:8222"  # the server's monitor port, in the same pod
+    assert {"-jsz=all", "-varz", "-routez"} <= set(exporter["args"])
+    assert {"name": "metrics", "containerPort": 7777} in exporter["ports"]
+    assert "http: 0.0.0.0:8222" in _get(objects, "ConfigMap", "nats-config")["data"]["nats.conf"]
+    monitor = _get(objects, "PodMonitor", "nats")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+    minio = _containers(_get(objects, "StatefulSet", "minio"))[0]
+    env = {e["name"]: e.get("value") for e in minio["env"]}
+    assert env["MINIO_PROMETHEUS_AUTH_TYPE"] == "public"
+    endpoint = _get(objects, "PodMonitor", "minio")["spec"]["podMetricsEndpoints"][0]
+    assert (endpoint["port"], endpoint["path"]) == ("s3", "/minio/v2/metrics/cluster")
+
+
+@pytest.mark.slow
+def test_production_ingress_fits_the_gateways_limits(renders: dict[str, list[dict[str, Any]]]) -> None:
+    from stipple_gateway.app import GatewaySettings
+
+    objects = renders["overlays/production"]
+    ingress = _get(objects, "Ingress", "gateway")
+    (rule,) = ingress["spec"]["rules"]
+    assert ingress["spec"]["tls"][0]["hosts"] == [rule["host"]]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == backend["name"])
+    assert backend["port"]["name"] in [p["name"] for p in service["spec"]["ports"]]
+    notes = ingress["metadata"]["annotations"]
+    settings = GatewaySettings()
+    body = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert body.endswith("m")  # nginx's m: MiB
+    assert int(body[:-1]) * 2**20 >= settings.max_body_bytes
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > settings.sync_timeout_s
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # the events stream
+    policy = _get(objects, "NetworkPolicy", "gateway-ingress")["spec"]["ingress"][0]
+    assert policy["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "ingress-nginx"}
+
+
+@pytest.mark.slow
 def test_rules_catch_a_missing_probe_resources_and_podmonitor(renders: dict[str, list[dict[str, Any]]]) -> None:
     objects = copy.deepcopy(renders["overlays/dev"])
     dispatcher = _get(objects, "Deployment", "dispatcher")
@@ -343,6 +407,8 @@ def test_network_policies_open_exactly_the_needed_ports(renders: dict[str, list[
     assert ingress_ports("minio-clients") == {9000}
     assert ingress_ports("gateway-ingress") == {8080}
     assert ingress_ports("prometheus-scrape") == {9090}
+    assert ingress_ports("prometheus-scrape-nats") == {7777}
+    assert ingress_ports("prometheus-scrape-minio") == {9000}
     selectors = [f.get("namespaceSelector") for f in policies["nats-clients"]["ingress"][0]["from"]]
     assert {"matchLabels": {"stipple.io/nodes": "true"}} in selectors
     node_policies = [o for o in renders["node/example"] if o["kind"] == "NetworkPolicy"]

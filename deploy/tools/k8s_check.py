@@ -183,6 +183,7 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
             )
             if not scraped:
                 fail(obj, "metadata.labels", "no PodMonitor selects these pods on the metrics port")
+    out += _scrape_failures(target, objects, monitors)
     if not any(
         o.get("kind") == "NetworkPolicy"
         and o["spec"].get("podSelector") == {}
@@ -198,6 +199,82 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
             for o in objects
             if o.get("kind") == "Secret"
         ]
+    return out
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, and matchExpressions with In) selects `labels`."""
+    if not all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        if expr.get("operator") == "In" and labels.get(expr["key"]) not in expr.get("values", []):
+            return False
+        if expr.get("operator") == "NotIn" and labels.get(expr["key"]) in expr.get("values", []):
+            return False
+        if expr.get("operator") == "Exists" and expr["key"] not in labels:
+            return False
+        if expr.get("operator") == "DoesNotExist" and expr["key"] in labels:
+            return False
+    return True
+
+
+def _scrape_failures(target: str, objects: list[dict[str, Any]], monitors: list[dict[str, Any]]) -> list[Failure]:
+    """Every port named `metrics` is scraped by a PodMonitor, and every PodMonitor endpoint
+    selects pods that name its port and that a NetworkPolicy opens to the monitoring
+    namespace on that port (default-deny would otherwise drop the scrape silently)."""
+    out: list[Failure] = []
+    pods = [
+        (obj, obj["spec"]["template"]["metadata"].get("labels", {})) for obj in objects if obj.get("kind") in WORKLOADS
+    ]
+    policies = [o["spec"] for o in objects if o.get("kind") == "NetworkPolicy"]
+
+    def scrape_open(labels: dict[str, str], number: int) -> bool:
+        for spec in policies:
+            if not _matches(spec.get("podSelector", {}), labels):
+                continue
+            for rule in spec.get("ingress", []):
+                from_monitoring = any(
+                    peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                    == "monitoring"
+                    for peer in rule.get("from", [])
+                )
+                if from_monitoring and any(p.get("port") in (number, None) for p in rule.get("ports", [{}])):
+                    return True
+        return False
+
+    for obj, labels in pods:
+        ports = {p.get("name"): p.get("containerPort") for _, c in _containers(obj) for p in c.get("ports", [])}
+        if "metrics" in ports and not any(
+            _matches(m["spec"].get("selector", {}), labels)
+            and any(e.get("port") == "metrics" for e in m["spec"].get("podMetricsEndpoints", []))
+            for m in monitors
+        ):
+            out.append(
+                Failure(target, str(obj["kind"]), _name(obj), "metadata.labels", "a metrics port no PodMonitor scrapes")
+            )
+    for m in monitors:
+        selected = [(obj, labels) for obj, labels in pods if _matches(m["spec"].get("selector", {}), labels)]
+        if not selected:
+            out.append(Failure(target, "PodMonitor", _name(m), "spec.selector", "selects no workload's pods"))
+        for i, endpoint in enumerate(m["spec"].get("podMetricsEndpoints", [])):
+            for obj, labels in selected:
+                ports = {p.get("name"): p.get("containerPort") for _, c in _containers(obj) for p in c.get("ports", [])}
+                number = ports.get(endpoint.get("port"))
+                where = f"spec.podMetricsEndpoints[{i}].port"
+                if number is None:
+                    out.append(
+                        Failure(target, "PodMonitor", _name(m), where, f"{obj['kind']}/{_name(obj)} has no such port")
+                    )
+                elif not scrape_open(labels, number):
+                    out.append(
+                        Failure(
+                            target,
+                            "PodMonitor",
+                            _name(m),
+                            where,
+                            f"no NetworkPolicy lets the monitoring namespace reach {_name(obj)} on {number}",
+                        )
+                    )
     return out
 
 
