@@ -393,6 +393,48 @@ def test_node_agent_gets_a_gpu_its_own_credentials_and_a_model_cache(renders: di
 
 
 @pytest.mark.slow
+def test_the_cpu_dev_nodes_join_the_dev_network_with_its_credentials(renders: dict[str, list[dict[str, Any]]]) -> None:
+    import base64
+
+    dev = renders["overlays/dev"]
+    namespace_of = {o["metadata"]["name"]: o["metadata"]["namespace"] for o in dev if o["kind"] == "Service"}
+
+    def secret(objs: list[dict[str, Any]], name: str) -> dict[str, str]:
+        return {k: base64.b64decode(v).decode() for k, v in _get(objs, "Secret", name)["data"].items()}
+
+    by_namespace: dict[str, list[dict[str, Any]]] = {}
+    for o in renders["node/dev-cpu"]:
+        by_namespace.setdefault(o["metadata"].get("namespace") or o["metadata"]["name"], []).append(o)
+    nodes = []
+    for namespace, objects in sorted(by_namespace.items()):
+        assert _get(objects, "Namespace", namespace)["metadata"]["labels"]["stipple.io/nodes"] == "true"
+        pod = _get(objects, "Deployment", "node-agent")["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert "nodeSelector" not in pod
+        assert "tolerations" not in pod
+        assert not any("nvidia.com/gpu" in part for part in container["resources"].values())
+        config = _get(objects, "ConfigMap", "node-config")["data"]
+        assert config["STIPPLE_DEVICE"] == "cpu"
+        assert config["NATS_ADDRESS"] == f"nats.{namespace_of['nats']}.svc:4222"
+        assert config["STIPPLE_S3_ENDPOINT"] == f"minio.{namespace_of['minio']}.svc:9000"
+        node = config["STIPPLE_NODE_ID"]
+        nodes.append(node)
+        mine = secret(objects, "stipple-node")
+        assert set(mine) == {"nats-password", "s3-secret-key"}  # no chain-key: made at first start
+        assert mine["nats-password"] == secret(dev, "stipple-nats-users")[render_nats.password_var("node", node)]
+        assert mine["s3-secret-key"] == secret(dev, "stipple-s3-nodes")[node]
+        assert all("dev-only" in v for v in mine.values())
+        assert "STIPPLE_KEY_FILE" not in {e["name"] for e in container["env"]}
+        assert {v["name"] for v in pod["volumes"]} == {"models", "tmp"}
+        refs = {
+            e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        assert refs == {_get(objects, "Secret", "stipple-node")["metadata"]["name"]}
+    # every node the dev network admits, each once: a task runs on three
+    assert sorted(nodes) == render_nats.read_nodes(K8S / "overlays/dev" / render_nats.NODES_FILE)
+
+
+@pytest.mark.slow
 def test_network_policies_open_exactly_the_needed_ports(renders: dict[str, list[dict[str, Any]]]) -> None:
     policies = {
         o["metadata"]["name"]: o["spec"] for o in renders["overlays/production"] if o["kind"] == "NetworkPolicy"
