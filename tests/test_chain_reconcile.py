@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats
@@ -348,3 +350,18 @@ def test_the_embedded_chain_and_a_bad_deployment_cannot_be_reconciled(
     assert "cannot be reached from outside" in capsys.readouterr().err
     assert rc.main(["reconcile", "--nats-url", fresh_nats_url, "--deployment", "token=0x1"]) == 2
     assert "--deployment 'token=0x1'" in capsys.readouterr().err
+
+
+def test_a_missing_ca_file_or_a_silent_nats_is_exit_2_without_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    missing = tmp_path / "ca.pem"
+    assert rc.main(["reconcile", "--nats-url", "tls://127.0.0.1:1", "--nats-ca-file", str(missing)]) == 2
+    assert f"STIPPLE_NATS_CA_FILE={str(missing)!r}: no such file" in capsys.readouterr().err
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert rc.main(["reconcile", "--nats-url", f"nats://ops:pw-secret@127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert f"NATS at 'nats://ops:***@127.0.0.1:{port}' does not answer" in err
+    assert "pw-secret" not in err

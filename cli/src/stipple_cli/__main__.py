@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from stipple_common.logs import redact
+
 from .network import LocalNetwork, NetworkError
 
 DEMO_REQUEST = {
@@ -69,7 +71,7 @@ def up(args: argparse.Namespace) -> int:
         return 1
     try:
         nodes = ", ".join(s.name for s in network.services if s.name.startswith("node-"))
-        print(f"Stipple is up.\n  gateway  {network.gateway_url}\n  nats     {network.nats_url}")
+        print(f"Stipple is up.\n  gateway  {network.gateway_url}\n  nats     {redact(network.nats_url or '')}")
         print(f"  nodes    {nodes} (model tiny-sd)\n  logs     {args.data_dir / 'logs'}/")
         metrics = network.metrics_urls().items()
         print("  metrics  " + "\n           ".join(f"{name:<14}{url}" for name, url in metrics))

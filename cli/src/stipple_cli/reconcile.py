@@ -46,6 +46,7 @@ from web3.exceptions import Web3Exception
 
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
+from stipple_common.logs import redact
 from stipple_common.messages import (
     ChainLog,
     ChainReorg,
@@ -58,6 +59,7 @@ from stipple_common.messages import (
     node_event_decoder,
     task_event_decoder,
 )
+from stipple_common.settings import InvalidSettings
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 OUTCOMES = ("succeeded", "aborted", "cancelled")
@@ -388,6 +390,11 @@ def parser() -> argparse.ArgumentParser:
         help=f"NATS server (env STIPPLE_NATS_URL; default {DEFAULT_NATS_URL})",
     )
     r.add_argument(
+        "--nats-ca-file",
+        default=os.environ.get("STIPPLE_NATS_CA_FILE", ""),
+        help="PEM CA bundle of the NATS servers' certificates, for tls:// (env STIPPLE_NATS_CA_FILE)",
+    )
+    r.add_argument(
         "--chain-url",
         default=os.environ.get("STIPPLE_CHAIN_URL", ""),
         help="the chain's JSON-RPC URL (env STIPPLE_CHAIN_URL; default: the URL the indexer put in the chain bucket)",
@@ -460,8 +467,14 @@ async def run(args: argparse.Namespace, out: Any = None) -> int:
         errors.append(exc)
 
     try:
+        tls = bus.tls_context(args.nats_url, args.nats_ca_file)
+    except InvalidSettings as exc:
+        print(f"stipple chain reconcile: {exc}", file=sys.stderr)
+        return 2
+    try:
         nc = await nats.connect(
             args.nats_url,
+            tls=tls,
             connect_timeout=5,
             allow_reconnect=False,
             max_reconnect_attempts=1,  # two tries, then NoServersError (0 would mean: forever)
@@ -470,7 +483,8 @@ async def run(args: argparse.Namespace, out: Any = None) -> int:
         )
     except (OSError, nats.errors.Error) as exc:
         cause = errors[-1] if errors else exc
-        print(f"stipple chain reconcile: NATS at {args.nats_url!r} does not answer: {cause}", file=sys.stderr)
+        where = redact(args.nats_url)
+        print(f"stipple chain reconcile: NATS at {where!r} does not answer: {redact(str(cause))}", file=sys.stderr)
         return 2
     try:
         js = nc.jetstream()
@@ -483,7 +497,7 @@ async def run(args: argparse.Namespace, out: Any = None) -> int:
                 f"{target.chain_id}"
             )
         chain = ch.StippleChain(w3, target.deployment)
-        print(f"reconciling chain {chain_id} at {target.url} ({_deployment_text(target.deployment)})", file=out)
+        print(f"reconciling chain {chain_id} at {redact(target.url)} ({_deployment_text(target.deployment)})", file=out)
         report = await reconcile(js, chain, grace_s=args.grace_s)
     except (ReconcileError, ch.ChainError) as exc:
         print(f"stipple chain reconcile: {exc}", file=sys.stderr)

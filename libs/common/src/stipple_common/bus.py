@@ -6,10 +6,14 @@ ack / nak / term in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
@@ -23,18 +27,52 @@ from opentelemetry import trace
 
 from . import tracing
 from .errors import StippleError
+from .logs import redact
 from .metrics import Metrics
+from .settings import InvalidSettings
 
 log = structlog.get_logger("stipple.bus")
 
 T = TypeVar("T")
 
 
-async def connect(url: str, name: str, **options: Any) -> NATS:
-    """Connect with reconnects on, and connection errors logged instead of swallowed."""
+def tls_context(url: str, ca_file: str = "") -> ssl.SSLContext | None:
+    """The TLS context for NATS at `url` (one URL or several, comma-separated): one that
+    verifies the servers against `ca_file` (PEM), or against the system's CAs when it is
+    empty. None for plain ``nats://`` URLs and no CA file: nats-py still upgrades to TLS
+    with a default context if a server requires it."""
+    schemes = {urlsplit(u.strip()).scheme for u in url.split(",") if u.strip()}
+    if not ca_file and "tls" not in schemes:
+        return None
+    if ca_file and not Path(ca_file).is_file():
+        raise InvalidSettings(f"STIPPLE_NATS_CA_FILE={ca_file!r}: no such file")
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except ssl.SSLError as exc:
+        raise InvalidSettings(f"STIPPLE_NATS_CA_FILE={ca_file!r}: not a PEM CA bundle ({exc})") from None
+
+
+class NatsTlsError(StippleError):
+    """The NATS server's certificate does not verify: retrying cannot help, so the first
+    connection gives up (a wrong or missing STIPPLE_NATS_CA_FILE, a wrong host name)."""
+
+    code = "nats_tls"
+
+
+async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> NATS:
+    """Connect with reconnects on, and connection errors logged instead of swallowed;
+    over TLS for ``tls://`` URLs or when `ca_file` is given (`tls_context`). A server
+    certificate that does not verify ends the first connection with NatsTlsError instead
+    of retrying forever; any other failure (a server not up yet) is retried."""
+    tls = tls_context(url, ca_file)
+    if tls is not None:
+        options.setdefault("tls", tls)
+    untrusted: asyncio.Future[ssl.SSLCertVerificationError] = asyncio.get_running_loop().create_future()
 
     async def error_cb(exc: Exception) -> None:
         log.warning("nats_error", error=str(exc), client=name)
+        if isinstance(exc, ssl.SSLCertVerificationError) and not untrusted.done():
+            untrusted.set_result(exc)
 
     async def disconnected_cb() -> None:
         log.warning("nats_disconnected", client=name)
@@ -42,15 +80,34 @@ async def connect(url: str, name: str, **options: Any) -> NATS:
     async def reconnected_cb() -> None:
         log.info("nats_reconnected", client=name)
 
-    return await nats.connect(
-        url,
-        name=name,
-        error_cb=error_cb,
-        disconnected_cb=disconnected_cb,
-        reconnected_cb=reconnected_cb,
-        max_reconnect_attempts=-1,
-        connect_timeout=5,
-        **options,
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            url,
+            name=name,
+            error_cb=error_cb,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            max_reconnect_attempts=-1,
+            connect_timeout=5,
+            **options,
+        )
+    )
+    try:
+        await asyncio.wait({connecting, untrusted}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        connecting.cancel()
+        raise
+    if connecting.done():
+        untrusted.cancel()
+        return connecting.result()
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await connecting
+    exc = untrusted.result()
+    trusted = f"STIPPLE_NATS_CA_FILE={ca_file!r}" if ca_file else "the system's CAs (STIPPLE_NATS_CA_FILE is not set)"
+    raise NatsTlsError(
+        f"NATS at {redact(url)}: the server's certificate does not verify against {trusted}: "
+        f"{exc.verify_message or exc}. Set STIPPLE_NATS_CA_FILE to the CA that signed it."
     )
 
 

@@ -99,7 +99,7 @@ async def open_service(
             stack.push_async_callback(asyncio.to_thread, server.close)  # shutdown() waits a poll
             port = server.port
         options = {"inbox_prefix": settings.nats_inbox_prefix} if settings.nats_inbox_prefix else {}
-        nc = await bus.connect(settings.nats_url, f"stipple-{name}", **options)
+        nc = await bus.connect(settings.nats_url, f"stipple-{name}", ca_file=settings.nats_ca_file, **options)
         stack.push_async_callback(nc.drain)
         ready.watch(nc=nc)
         js = nc.jetstream()

@@ -26,7 +26,8 @@ class InvalidSettings(StippleError):
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     """What every service reads."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats_url: str = "nats://127.0.0.1:4222"  # tls://host:4222 for TLS (nats:// also upgrades when the server asks)
+    nats_ca_file: str = ""  # PEM CA bundle that signed the NATS servers' certificates; empty: the system's
     log_level: str = "info"
     log_format: str = "auto"  # auto (console on a terminal, JSON otherwise) | json | console
     metrics_port: int = 0  # 0: no metrics server; -1: any free port
