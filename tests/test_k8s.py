@@ -6,8 +6,10 @@ stipple_common.permissions renders, and a real nats-server accepts them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -73,9 +75,20 @@ def test_node_permissions_come_from_stipple_common() -> None:
     assert '"tasks.>"' not in text
 
 
-def _server_config(tmp_path: Path, overlay: str) -> Path:
+def _tls_conf(overlay: str, pki: Any) -> str:
+    """The overlay's tls.conf, with the Secret's mount replaced by the test PKI's files."""
+    own = K8S / overlay / "nats-tls.conf"
+    if not own.exists():
+        return (K8S / "base/nats/tls.conf").read_text()
+    text = own.read_text()
+    assert "/etc/nats-tls/tls.crt" in text
+    return text.replace("/etc/nats-tls/tls.crt", str(pki.cert)).replace("/etc/nats-tls/tls.key", str(pki.key))
+
+
+def _server_config(tmp_path: Path, overlay: str, pki: Any) -> Path:
     (tmp_path / "nats.conf").write_text((K8S / "base/nats/nats.conf").read_text())
     (tmp_path / "auth.conf").write_text((K8S / overlay / render_nats.AUTH_FILE).read_text())
+    (tmp_path / "tls.conf").write_text(_tls_conf(overlay, pki))
     return tmp_path / "nats.conf"
 
 
@@ -85,8 +98,8 @@ def _password_env(overlay: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("overlay", k8s_check.NATS_OVERLAYS)
-def test_nats_server_accepts_the_rendered_config(tmp_path: Path, overlay: str) -> None:
-    config = _server_config(tmp_path, overlay)
+def test_nats_server_accepts_the_rendered_config(tmp_path: Path, overlay: str, pki: Any) -> None:
+    config = _server_config(tmp_path, overlay, pki)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
     env = {**base_env, "POD_NAME": "nats-0", **_password_env(overlay)}
     ok = subprocess.run([nats_server_binary(), "-t", "-c", str(config)], env=env, capture_output=True, text=True)
@@ -115,6 +128,37 @@ async def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
                 max_reconnect_attempts=0,
                 allow_reconnect=False,
             )
+
+
+@pytest.mark.integration
+async def test_production_nats_takes_only_tls_and_the_services_verify_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pki: Any
+) -> None:
+    """The production overlay's tls.conf and users on a real nats-server: a service with
+    its Deployment's URL (nats://, upgraded) and STIPPLE_NATS_CA_FILE gets in; without the
+    CA it is refused at once; a client that will not do TLS is refused too."""
+    from stipple_common import bus
+
+    for var, value in _password_env("overlays/production").items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("NATS_GATEWAY_PASSWORD", "gw-pass")
+    auth = (K8S / "overlays/production" / render_nats.AUTH_FILE).read_text()
+    with NatsServer.start(tmp_path, config=_tls_conf("overlays/production", pki) + "\n" + auth) as server:
+        url = f"nats://gateway:gw-pass@127.0.0.1:{server.port}"
+        nc = await bus.connect(url, "gateway", ca_file=str(pki.ca))
+        await nc.flush(timeout=2)
+        await nc.close()
+        with pytest.raises(bus.NatsTlsError, match="STIPPLE_NATS_CA_FILE"):
+            await asyncio.wait_for(bus.connect(url, "gateway"), 10)
+        # a client that speaks plain NATS: told TLS is required, and never answered
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        info = json.loads((await asyncio.wait_for(reader.readline(), 5)).decode().removeprefix("INFO "))
+        assert info["tls_required"] is True
+        writer.write(b'CONNECT {"user":"gateway","pass":"gw-pass"}\r\nPING\r\n')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(200), 5)
+        assert b"PONG" not in answer
+        writer.close()
 
 
 # --- rendered overlays ----------------------------------------------------------------
@@ -352,6 +396,28 @@ def test_production_runs_r3_streams_on_three_nats_servers(renders: dict[str, lis
         None,
         "None",
     }
+
+
+@pytest.mark.slow
+def test_production_services_trust_the_ca_of_the_nats_certificate(renders: dict[str, list[dict[str, Any]]]) -> None:
+    objects = renders["overlays/production"]
+    ca_file = Path(_get(objects, "ConfigMap", "stipple-config")["data"]["STIPPLE_NATS_CA_FILE"])
+    for service in SERVICES:
+        pod = _get(objects, "Deployment", service)["spec"]["template"]["spec"]
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == str(ca_file.parent))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == "stipple-nats-tls", service
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": ca_file.name}], service
+    nats_config = _get(objects, "ConfigMap", "nats-config")["data"]
+    assert "include ./tls.conf" in nats_config["nats.conf"]
+    assert nats_config["tls.conf"] == (K8S / "overlays/production/nats-tls.conf").read_text()
+    server = _get(objects, "StatefulSet", "nats")["spec"]["template"]["spec"]
+    mount = next(m for m in server["containers"][0]["volumeMounts"] if m["name"] == "tls")
+    assert f"cert_file: {mount['mountPath']}/tls.crt" in nats_config["tls.conf"]
+    assert next(v for v in server["volumes"] if v["name"] == "tls")["secret"]["secretName"] == "stipple-nats-tls"
+    dev = renders["overlays/dev"]  # dev: no TLS, no CA
+    assert "tls {" not in _get(dev, "ConfigMap", "nats-config")["data"]["tls.conf"]
+    assert "STIPPLE_NATS_CA_FILE" not in _get(dev, "ConfigMap", "stipple-config")["data"]
 
 
 @pytest.mark.slow

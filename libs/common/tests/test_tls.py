@@ -6,19 +6,13 @@ file is an invalid setting; and no log line carries the NATS password."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from stipple_common import bus, subjects
 from stipple_common.logs import redact
@@ -29,69 +23,8 @@ from stipple_common.settings import CommonSettings, InvalidSettings, load_settin
 PASSWORD = "hunter2-not-in-logs"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path  # the CA that signed the server's certificate
-    other_ca: Path  # a CA that did not
-    cert: Path
-    key: Path
-
-
-def _ca(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _ca("stipple test CA")
-    _, other = _ca("someone else's CA")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = Pki(folder / "ca.pem", folder / "other-ca.pem", folder / "server.pem", folder / "server-key.pem")
-    paths.ca.write_bytes(_pem(ca))
-    paths.other_ca.write_bytes(_pem(other))
-    paths.cert.write_bytes(_pem(cert))
-    paths.key.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return paths
-
-
 @pytest.fixture
-def tls_server(pki: Pki, tmp_path: Path):
+def tls_server(pki: Any, tmp_path: Path):
     config = (
         f'tls {{\n  cert_file: "{pki.cert}"\n  key_file: "{pki.key}"\n}}\n'
         f'authorization {{\n  user: svc\n  password: "{PASSWORD}"\n}}\n'
@@ -105,7 +38,7 @@ def _url(server: NatsServer, scheme: str = "tls") -> str:
 
 
 @pytest.mark.integration
-async def test_a_service_works_over_tls_with_the_ca_of_its_settings(tls_server: NatsServer, pki: Pki) -> None:
+async def test_a_service_works_over_tls_with_the_ca_of_its_settings(tls_server: NatsServer, pki: Any) -> None:
     settings = load_settings(
         CommonSettings, {"STIPPLE_NATS_URL": _url(tls_server), "STIPPLE_NATS_CA_FILE": str(pki.ca)}
     )
@@ -121,7 +54,7 @@ async def test_a_service_works_over_tls_with_the_ca_of_its_settings(tls_server: 
 
 
 @pytest.mark.integration
-async def test_a_plain_url_upgrades_when_the_server_requires_tls(tls_server: NatsServer, pki: Pki) -> None:
+async def test_a_plain_url_upgrades_when_the_server_requires_tls(tls_server: NatsServer, pki: Any) -> None:
     nc = await bus.connect(_url(tls_server, "nats"), "upgrade", ca_file=str(pki.ca))
     try:
         assert nc.is_connected  # the server takes no plain connection: this one is TLS
@@ -135,7 +68,7 @@ async def test_a_plain_url_upgrades_when_the_server_requires_tls(tls_server: Nat
 @pytest.mark.integration
 @pytest.mark.parametrize("scheme", ["tls", "nats"])
 async def test_a_certificate_that_does_not_verify_fails_at_once_naming_the_setting(
-    tls_server: NatsServer, pki: Pki, scheme: str
+    tls_server: NatsServer, pki: Any, scheme: str
 ) -> None:
     with pytest.raises(bus.NatsTlsError) as untrusted:  # the system's CAs never signed the test CA
         await asyncio.wait_for(bus.connect(_url(tls_server, scheme), "no-ca"), 10)
@@ -161,7 +94,7 @@ async def test_a_missing_or_bad_ca_file_is_an_invalid_setting(tmp_path: Path) ->
         bus.tls_context("tls://127.0.0.1:1", str(garbage))
 
 
-def test_tls_is_on_for_tls_urls_or_a_ca_file_only(pki: Pki) -> None:
+def test_tls_is_on_for_tls_urls_or_a_ca_file_only(pki: Any) -> None:
     assert bus.tls_context("nats://127.0.0.1:4222") is None
     assert bus.tls_context("nats://a:4222, tls://b:4222") is not None
     with_ca = bus.tls_context("nats://a:4222", str(pki.ca))
