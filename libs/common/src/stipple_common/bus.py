@@ -107,7 +107,8 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
     trusted = f"STIPPLE_NATS_CA_FILE={ca_file!r}" if ca_file else "the system's CAs (STIPPLE_NATS_CA_FILE is not set)"
     raise NatsTlsError(
         f"NATS at {redact(url)}: the server's certificate does not verify against {trusted}: "
-        f"{exc.verify_message or exc}. Set STIPPLE_NATS_CA_FILE to the CA that signed it."
+        f"{exc.verify_message or exc}. Set STIPPLE_NATS_CA_FILE to the CA that signed it, and dial a host name "
+        "the certificate names."
     )
 
 

@@ -32,7 +32,7 @@ def redact(text: str) -> str:
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return redact(value)
+        return redact(value) if "://" in value else value
     if isinstance(value, list | tuple):
         return type(value)(_redact_value(v) for v in value)
     if isinstance(value, dict):
