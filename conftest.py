@@ -63,7 +63,9 @@ class Pki:
     key: Path
 
 
-def _ca(name: str) -> tuple[Any, Any]:
+def _certificate(name: str, signer: tuple[Any, Any] | None = None, *, hosts: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """(key, certificate) for `name`, valid a day: a self-signed CA without `signer`, else
+    signed by that (key, certificate) CA for `hosts` (DNS names or IP addresses)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -71,59 +73,38 @@ def _ca(name: str) -> tuple[Any, Any]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_key, issuer = signer if signer else (key, None)
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
     )
-    return key, cert
-
-
-def _pem(cert: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return cert.public_bytes(serialization.Encoding.PEM)
+    if signer is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    else:
+        names = [x509.IPAddress(ipaddress.ip_address(h)) if h[0].isdigit() else x509.DNSName(h) for h in hosts]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(issuer_key, hashes.SHA256())
 
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA, a server certificate it signed for localhost and 127.0.0.1 (valid a day) and
     its key, and another CA that signed nothing: PEM files, for TLS tests."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
+    ca = _certificate("stipple test CA")
+    _, other = _certificate("someone else's CA")
+    key, cert = _certificate("nats", ca, hosts=("localhost", "127.0.0.1"))
     folder = tmp_path_factory.mktemp("pki")
-    ca_key, ca = _ca("stipple test CA")
-    _, other = _ca("someone else's CA")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nats")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
     paths = Pki(folder / "ca.pem", folder / "other-ca.pem", folder / "server.pem", folder / "server-key.pem")
-    paths.ca.write_bytes(_pem(ca))
-    paths.other_ca.write_bytes(_pem(other))
-    paths.cert.write_bytes(_pem(cert))
+    for path, certificate in ((paths.ca, ca[1]), (paths.other_ca, other), (paths.cert, cert)):
+        path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )

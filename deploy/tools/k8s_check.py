@@ -136,7 +136,6 @@ def _containers(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
     """What every Stipple deployment must have, beyond schema validity."""
     out: list[Failure] = []
-    monitors = [o for o in objects if o.get("kind") == "PodMonitor"]
 
     def fail(obj: dict[str, Any], path: str, message: str) -> None:
         out.append(Failure(target, str(obj.get("kind")), _name(obj), path, message))
@@ -166,24 +165,13 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
                 for probe in ("livenessProbe", "readinessProbe"):
                     if probe not in c:
                         fail(obj, f"{path}.{probe}", "missing")
-        if kind in WORKLOADS and obj["spec"]["template"]["metadata"].get("labels", {}).get(
-            "app.kubernetes.io/component"
-        ) in (
-            "control-plane",
-            "node",
-        ):
-            labels = obj["spec"]["template"]["metadata"]["labels"]
-            ports = [p.get("name") for _, c in _containers(obj) for p in c.get("ports", [])]
-            if "metrics" not in ports:
-                fail(obj, "spec.template.spec.containers[*].ports", "a Stipple service needs a port named metrics")
-            scraped = any(
-                all(labels.get(k) == v for k, v in m["spec"].get("selector", {}).get("matchLabels", {}).items())
-                and any(e.get("port") == "metrics" for e in m["spec"].get("podMetricsEndpoints", []))
-                for m in monitors
-            )
-            if not scraped:
-                fail(obj, "metadata.labels", "no PodMonitor selects these pods on the metrics port")
-    out += _scrape_failures(target, objects, monitors)
+        component = (
+            obj["spec"].get("template", {}).get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component")
+        )
+        if kind in WORKLOADS and component in ("control-plane", "node") and "metrics" not in _ports(obj):
+            # a Stipple service's metrics port; _scrape_failures checks that a PodMonitor scrapes it
+            fail(obj, "spec.template.spec.containers[*].ports", "a Stipple service needs a port named metrics")
+    out += _scrape_failures(target, objects)
     if not any(
         o.get("kind") == "NetworkPolicy"
         and o["spec"].get("podSelector") == {}
@@ -202,8 +190,13 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
     return out
 
 
+def _ports(obj: dict[str, Any]) -> dict[str, int]:
+    """A workload's container ports by name."""
+    return {p.get("name"): p.get("containerPort") for _, c in _containers(obj) for p in c.get("ports", [])}
+
+
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Whether a label selector (matchLabels, and matchExpressions with In) selects `labels`."""
+    """Whether a label selector (matchLabels, matchExpressions) selects `labels`."""
     if not all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()):
         return False
     for expr in selector.get("matchExpressions", []):
@@ -218,15 +211,18 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
-def _scrape_failures(target: str, objects: list[dict[str, Any]], monitors: list[dict[str, Any]]) -> list[Failure]:
+def _scrape_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
     """Every port named `metrics` is scraped by a PodMonitor, and every PodMonitor endpoint
     selects pods that name its port and that a NetworkPolicy opens to the monitoring
     namespace on that port (default-deny would otherwise drop the scrape silently)."""
     out: list[Failure] = []
     pods = [
-        (obj, obj["spec"]["template"]["metadata"].get("labels", {})) for obj in objects if obj.get("kind") in WORKLOADS
+        (obj, obj["spec"]["template"]["metadata"].get("labels", {}), _ports(obj))
+        for obj in objects
+        if obj.get("kind") in WORKLOADS
     ]
     policies = [o["spec"] for o in objects if o.get("kind") == "NetworkPolicy"]
+    monitors = [o for o in objects if o.get("kind") == "PodMonitor"]
 
     def scrape_open(labels: dict[str, str], number: int) -> bool:
         for spec in policies:
@@ -242,8 +238,7 @@ def _scrape_failures(target: str, objects: list[dict[str, Any]], monitors: list[
                     return True
         return False
 
-    for obj, labels in pods:
-        ports = {p.get("name"): p.get("containerPort") for _, c in _containers(obj) for p in c.get("ports", [])}
+    for obj, labels, ports in pods:
         if "metrics" in ports and not any(
             _matches(m["spec"].get("selector", {}), labels)
             and any(e.get("port") == "metrics" for e in m["spec"].get("podMetricsEndpoints", []))
@@ -253,12 +248,11 @@ def _scrape_failures(target: str, objects: list[dict[str, Any]], monitors: list[
                 Failure(target, str(obj["kind"]), _name(obj), "metadata.labels", "a metrics port no PodMonitor scrapes")
             )
     for m in monitors:
-        selected = [(obj, labels) for obj, labels in pods if _matches(m["spec"].get("selector", {}), labels)]
+        selected = [pod for pod in pods if _matches(m["spec"].get("selector", {}), pod[1])]
         if not selected:
             out.append(Failure(target, "PodMonitor", _name(m), "spec.selector", "selects no workload's pods"))
         for i, endpoint in enumerate(m["spec"].get("podMetricsEndpoints", [])):
-            for obj, labels in selected:
-                ports = {p.get("name"): p.get("containerPort") for _, c in _containers(obj) for p in c.get("ports", [])}
+            for obj, labels, ports in selected:
                 number = ports.get(endpoint.get("port"))
                 where = f"spec.podMetricsEndpoints[{i}].port"
                 if number is None:
