@@ -26,7 +26,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry import trace
 
 from . import tracing
-from .errors import StippleError
+from .errors import Rejected, StippleError
 from .logs import redact
 from .metrics import Metrics
 from .settings import InvalidSettings
@@ -194,6 +194,7 @@ class Hold:
 
 
 Handler = Callable[[Msg], Awaitable[Redeliver | Hold | None]]
+OnRejected = Callable[[Rejected, Msg], Awaitable[None]]
 
 
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
@@ -211,23 +212,32 @@ async def consume(
     tracer: trace.Tracer | None = None,
     batch: int = 16,
     fetch_timeout: float = 1.0,
+    on_rejected: OnRejected | None = None,
+    create: bool = True,
 ) -> None:
     """Run `handler` on every message of a durable pull consumer until `stop` is set.
 
     The one place where an outcome becomes an acknowledgement:
     - returns None -> ack; returns Redeliver(d) -> nak(delay=d); returns Hold() -> nothing
       (the handler acks later)
+    - Rejected (a payload its subject does not allow, a sender without the right) -> term,
+      logged with the sender, counted by reason, and passed to `on_rejected`
     - undecodable message -> term (a poison message is never retried)
     - StippleError: retryable -> nak with back-off, else term
     - any other exception -> logged with its traceback once, nak with back-off
       (bounded by the consumer's max_deliver)
 
     With `metrics`, the consumer's lag (num_pending, num_ack_pending) is read every few
-    seconds into ``<prefix>_consumer_*_messages`` while the loop runs.
+    seconds into ``<prefix>_consumer_*_messages`` while the loop runs. Without `create`
+    (a node: the gatekeeper makes its consumers), the consumer is only bound to, and made
+    here only when it is missing and the server allows it (one without authentication).
     """
     durable = config.durable_name
     assert durable, "consume() needs a durable consumer"
-    await js.add_consumer(stream, config)
+    if create:
+        await js.add_consumer(stream, config)
+    else:
+        await ensure_consumer(js, stream, config)
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
     tracer = tracer or trace.get_tracer("stipple.bus")
     outside = structlog.contextvars.get_contextvars()
@@ -240,11 +250,15 @@ async def consume(
                 continue
             except NotFoundError:
                 log.warning("consumer_missing_recreating", stream=stream, durable=durable)
-                await js.add_consumer(stream, config)
+                if create:
+                    await js.add_consumer(stream, config)
+                else:
+                    await asyncio.sleep(1.0)
+                    await ensure_consumer(js, stream, config)
                 continue
             try:
                 for msg in msgs:
-                    await _handle_one(msg, handler, stream, metrics, tracer)
+                    await _handle_one(msg, handler, stream, metrics, tracer, on_rejected)
             finally:  # what a message bound (task_id, trace_id, ...) is not left on the lines after it
                 structlog.contextvars.clear_contextvars()
                 structlog.contextvars.bind_contextvars(**outside)
@@ -255,7 +269,22 @@ async def consume(
     await sub.unsubscribe()
 
 
-async def _handle_one(msg: Msg, handler: Handler, stream: str, metrics: Metrics | None, tracer: trace.Tracer) -> None:
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    """Bind to a durable consumer someone else made; make it only when it is missing."""
+    try:
+        await js.consumer_info(stream, config.durable_name or "", timeout=2.0)
+    except NotFoundError:
+        await js.add_consumer(stream, config, timeout=2.0)
+
+
+async def _handle_one(
+    msg: Msg,
+    handler: Handler,
+    stream: str,
+    metrics: Metrics | None,
+    tracer: trace.Tracer,
+    on_rejected: OnRejected | None = None,
+) -> None:
     started = time.perf_counter()
     delivered = msg.metadata.num_delivered if msg.reply else 1
     structlog.contextvars.clear_contextvars()
@@ -287,6 +316,14 @@ async def _handle_one(msg: Msg, handler: Handler, stream: str, metrics: Metrics 
                 outcome = "hold"
             else:
                 await msg.ack()
+        except Rejected as exc:
+            outcome = "term"
+            log.warning("message_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
+            await msg.term()
+            if metrics is not None:
+                metrics.rejected.labels(stream, exc.reason).inc()
+            if on_rejected is not None:
+                await on_rejected(exc, msg)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             outcome = "term"
             log.error("poison_message", error=str(exc))

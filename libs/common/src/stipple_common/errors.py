@@ -63,3 +63,17 @@ class Transient(StippleError):
 
     code = "transient"
     retryable = True
+
+
+class Rejected(StippleError):
+    """A message the network does not believe: its payload disagrees with the subject the
+    server delivered it on, it is malformed, or its sender had no right to say it. Never
+    retried (the consumer terminates it), counted by `reason` and logged with `sender`
+    (the node id from the subject, or "" for the control plane)."""
+
+    code = "rejected"
+
+    def __init__(self, message: str, *, reason: str, sender: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.sender = sender

@@ -12,20 +12,26 @@ from typing import Literal
 
 import msgspec
 
+from . import subjects
+from .errors import Rejected
 from .taskspec import TaskSpec
 
 # --------------------------------------------------------------------------- tasks
 
 
 class ImageResult(msgspec.Struct, frozen=True, kw_only=True):
-    """One image a node computed: where it is stored and its perceptual hash."""
+    """One image a node computed: where it is stored, its perceptual hash and the
+    SHA-256 of its PNG bytes. A node's claims: the validator recomputes both hashes from
+    the stored blob before it hands an image to an app, and the gateway checks the
+    SHA-256 again when it serves the image."""
 
     index: int
-    key: str  # blob-store key
+    key: str  # blob-store key, under tasks/<task_id>/<node_id>/
     phash: str  # 64-bit pHash as 16 hex digits
     seed: int
     width: int
     height: int
+    sha256: str = ""  # of the PNG bytes, 64 hex digits
 
 
 class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", tag_field="type"):
@@ -97,10 +103,12 @@ class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_
     message: str
 
 
-# agree: paid by QoS share. mismatch, bad_commitment: slashable. error, timeout: QoS 0.
+# agree: paid by QoS share. mismatch, bad_commitment, bad_result: slashable. error, timeout: QoS 0.
+# bad_result: what the node revealed is malformed or does not match what it stored (a blob
+# whose hashes differ from the reported ones, a key outside its own prefix, a blob too big).
 # undecided: no majority (the task is refunded). cancelled: the app cancelled first.
-Verdict = Literal["agree", "mismatch", "bad_commitment", "undecided", "error", "timeout", "cancelled"]
-SLASHABLE: tuple[Verdict, ...] = ("mismatch", "bad_commitment")  # the verdicts that cost a node its stake
+Verdict = Literal["agree", "mismatch", "bad_commitment", "bad_result", "undecided", "error", "timeout", "cancelled"]
+SLASHABLE: tuple[Verdict, ...] = ("mismatch", "bad_commitment", "bad_result")  # the verdicts that cost stake
 
 
 class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", tag_field="type"):
@@ -203,8 +211,11 @@ ControlMessage = RevealRequest | CancelWork | PrefetchRequest | ProbeRequest
 
 
 class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_field="type"):
+    """A node's announcement of itself. Believed only as far as it can be checked: the
+    node id (its address) comes from the subject, the address in it must be that id, and
+    its stake and operator (the stake's owner) come from the chain, never from here."""
+
     node_id: str
-    operator: str
     device: str  # e.g. "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC ..."
     memory_bytes: int  # VRAM (or RAM for CPU nodes)
     models: list[str]
@@ -212,8 +223,7 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     started_at: float
     models_on_disk: list[str] = []  # in the node's model store (the dispatcher prefers nodes that have a model)
     models_loaded: list[str] = []  # in memory
-    address: str = ""  # the node's Ethereum address: it signs commitments (and, later, stakes)
-    stake: int = 0  # announced stake until the chain-indexer provides it (smallest token unit)
+    address: str = ""  # the node's Ethereum address (its id, checksummed): it signs commitments and stakes
 
     def serves(self, model: str) -> bool:
         """The node can run `model` without a download: it serves it by name or has it on disk."""
@@ -252,7 +262,19 @@ class NodeProbed(msgspec.Struct, frozen=True, kw_only=True, tag="probed", tag_fi
     error: str = ""  # the error code when the probe failed
 
 
-NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos | NodeProbed
+class NodeBanned(msgspec.Struct, frozen=True, kw_only=True, tag="banned", tag_field="type"):
+    """The control plane's (the validator's sentinel) word that a node may not take part
+    until `until`: it flooded the network with messages it had no business sending. The
+    gatekeeper refuses it at connect and closes its connections; the dispatcher skips it."""
+
+    node_id: str
+    reason: str  # the rejection reason that tripped the sentinel (not_assigned, bad_subject, ...)
+    detail: str
+    until: float  # epoch seconds
+    at: float
+
+
+NodeEvent = NodeJoined | NodeHeartbeat | NodeQuit | NodeQos | NodeProbed | NodeBanned
 
 
 # --------------------------------------------------------------------------- chain
@@ -342,6 +364,64 @@ class ChainReply(msgspec.Struct, frozen=True, kw_only=True):
 chain_reply_decoder = msgspec.json.Decoder(ChainReply)
 
 
+# --------------------------------------------------------------------------- joining
+
+
+class IndexedStake(msgspec.Struct, frozen=True, kw_only=True):
+    """A node's stake as the chain says it, in the `stakes` KV bucket under its node id
+    (the chain-indexer's projection of NodeStaking's events)."""
+
+    stake: int = 0  # tokens staked (still counted while leaving)
+    leaving: bool = False  # asked to unstake: no longer active
+    owner: str = ""  # who staked for the node: its operator (node id form); "" = the node itself
+    block: int = 0  # the block of the event that set it
+
+
+class Ban(msgspec.Struct, frozen=True, kw_only=True):
+    """The `bans` KV bucket's value under a node id (NodeBanned, kept for the gatekeeper)."""
+
+    reason: str
+    detail: str
+    until: float
+    at: float
+
+
+AdmissionLevel = Literal["node", "applicant"]
+
+
+class JoinStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The gatekeeper's answer on ``rpc.join.<node_id>``: how this key is admitted, and why.
+    `reason`: ok | no_stake | below_minimum | leaving | banned."""
+
+    node_id: str
+    level: AdmissionLevel
+    reason: str
+    detail: str = ""
+    stake: int = 0
+    min_stake: int = 0
+    owner: str = ""
+    banned_until: float = 0.0
+
+
+class UploadReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The blob intake's answer to one part of an upload on ``rpc.blobs.<node_id>``.
+    `continue_on`: where the next parts of this upload go (the instance that holds it)."""
+
+    ok: bool
+    error: str = ""  # bad_key | not_assigned | too_large | exists | bad_part | store_unavailable
+    message: str = ""
+    key: str = ""
+    size: int = 0
+    sha256: str = ""
+    continue_on: str = ""
+
+
+join_status_decoder = msgspec.json.Decoder(JoinStatus)
+upload_reply_decoder = msgspec.json.Decoder(UploadReply)
+indexed_stake_decoder = msgspec.json.Decoder(IndexedStake)
+ban_decoder = msgspec.json.Decoder(Ban)
+
+
 # --------------------------------------------------------------------------- queue
 
 
@@ -359,7 +439,8 @@ class QueueStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True):
-    """Ephemeral step progress on ``progress.<task_id>`` (core NATS, may be lost)."""
+    """Ephemeral step progress on ``progress.<task_id>.<node_id>`` (core NATS, may be lost);
+    shown only for a node the task is assigned to."""
 
     task_id: str
     node_id: str
@@ -387,18 +468,78 @@ queue_status_decoder = msgspec.json.Decoder(QueueStatus)
 progress_decoder = msgspec.json.Decoder(Progress)
 
 
+def sender_of(subject: str) -> str:
+    """The node a message on `subject` came from, if a node may publish there ("" for a
+    control-plane subject): what a rejection is logged and counted against."""
+    parts = subject.split(".")
+    if parts[0] == "tasks" and len(parts) == 4:
+        return parts[3]
+    if parts[0] == "nodes" and len(parts) == 3 and parts[2] in subjects.NODE_SELF_EVENTS:
+        return parts[1]
+    if parts[0] == "progress" and len(parts) == 3:
+        return parts[2]
+    return ""
+
+
+def _reject(subject: str, reason: str, text: str) -> Rejected:
+    return Rejected(f"{text} (on {subject!r})", reason=reason, sender=sender_of(subject))
+
+
 def decode_task_event(subject: str, data: bytes) -> TaskEvent:
-    """A task event, checked against its subject: a node's event must be on that node's
-    subject (``tasks.<id>.<event>.<node_id>``), the only one NATS lets the node publish
-    on, so no node can speak for another. A mismatch is a ValidationError (a poison
-    message for a consumer; left out of a fold)."""
-    event = task_event_decoder.decode(data)
-    node_id = getattr(event, "node_id", None)
-    if node_id is not None:
-        parts = subject.split(".")
-        if len(parts) != 4 or parts[3] != node_id:
-            raise msgspec.ValidationError(f"{event_name(event)} of node {node_id!r} published on {subject!r}")
+    """A task event, believed only as far as its subject allows: the event type, the task
+    id and (for a node's event) the node id are the subject's, and the payload must agree.
+    Only the control plane may publish on ``tasks.<id>.<event>``; a node only on
+    ``tasks.<id>.<event>.<its id>`` with a node event (NATS permissions). Anything else is
+    Rejected (a consumer terminates it and counts it; a fold leaves it out)."""
+    try:
+        task_id, name, node_id = subjects.parse_task_subject(subject)
+    except subjects.SubjectError as exc:
+        raise _reject(subject, "bad_subject", str(exc)) from None
+    try:
+        event = task_event_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _reject(subject, "undecodable", f"undecodable {name} event: {exc}") from None
+    if event_name(event) != name:
+        raise _reject(subject, "type_mismatch", f"a {event_name(event)!r} payload on a {name!r} subject")
+    if event.task_id != task_id:
+        raise _reject(subject, "task_mismatch", f"an event of task {event.task_id!r} on task {task_id!r}'s subject")
+    if node_id and getattr(event, "node_id", None) != node_id:
+        raise _reject(subject, "node_mismatch", f"an event of node {getattr(event, 'node_id', None)!r}")
     return event
+
+
+def decode_node_event(subject: str, data: bytes) -> NodeEvent:
+    """A node event, checked like `decode_task_event`: type and node id from the subject
+    (``nodes.<node_id>.<event>``), and an announcement's address must be its node id."""
+    try:
+        node_id, name = subjects.parse_node_subject(subject)
+    except subjects.SubjectError as exc:
+        raise _reject(subject, "bad_subject", str(exc)) from None
+    try:
+        event = node_event_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _reject(subject, "undecodable", f"undecodable {name} event: {exc}") from None
+    if type(event).__struct_config__.tag != name:
+        raise _reject(subject, "type_mismatch", f"a {type(event).__struct_config__.tag!r} payload")
+    if event.node_id != node_id:
+        raise _reject(subject, "node_mismatch", f"an event of node {event.node_id!r}")
+    if isinstance(event, NodeJoined) and event.address.lower() != node_id:
+        raise _reject(subject, "address_mismatch", f"an announcement with address {event.address!r}")
+    return event
+
+
+def decode_progress(subject: str, data: bytes) -> Progress:
+    """Step progress from ``progress.<task_id>.<node_id>``, checked against its subject."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "progress":
+        raise _reject(subject, "bad_subject", "not a progress subject")
+    try:
+        progress = progress_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _reject(subject, "undecodable", f"undecodable progress: {exc}") from None
+    if progress.task_id != parts[1] or progress.node_id != parts[2]:
+        raise _reject(subject, "node_mismatch", f"progress of {progress.node_id!r} in {progress.task_id!r}")
+    return progress
 
 
 def encode(message: msgspec.Struct) -> bytes:

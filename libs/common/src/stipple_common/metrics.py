@@ -56,6 +56,13 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.rejected = Counter(
+            f"{prefix}_rejected_messages_total",
+            "Messages not believed (terminated): a payload its subject does not allow, a sender without the right, "
+            "by stream and reason",
+            ["stream", "reason"],
+            registry=self.registry,
+        )
         self.consumer_pending = Gauge(
             f"{prefix}_consumer_pending_messages",
             "Messages of a durable consumer's stream not yet delivered to it (num_pending)",

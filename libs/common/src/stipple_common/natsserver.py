@@ -113,3 +113,74 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class NetworkCredentials:
+    """What a secured server (`start_secured`) gives each party: a user and password per
+    control-plane service, the system account's password, and the gatekeeper's keys."""
+
+    passwords: dict[str, str]  # service name -> password (user name = service name)
+    system_password: str
+    issuer_seed: str  # SA...: signs the callout's answers and the nodes' identities
+    callout_seed: str  # SU...: the gatekeeper's user in the AUTH account
+
+    def service_url(self, server_url: str, service: str) -> str:
+        scheme, _, rest = server_url.partition("://")
+        return f"{scheme}://{service}:{self.passwords[service]}@{rest}"
+
+    def system_url(self, server_url: str) -> str:
+        scheme, _, rest = server_url.partition("://")
+        return f"{scheme}://sys:{self.system_password}@{rest}"
+
+    def gatekeeper_env(self, server_url: str) -> dict[str, str]:
+        """The gatekeeper's STIPPLE_* settings for these credentials."""
+        return {
+            "STIPPLE_NATS_URL": self.service_url(server_url, "gatekeeper"),
+            "STIPPLE_ISSUER_SEED": self.issuer_seed,
+            "STIPPLE_CALLOUT_SEED": self.callout_seed,
+            "STIPPLE_SYSTEM_URL": self.system_url(server_url),
+        }
+
+
+def new_credentials(services: tuple[str, ...] | None = None) -> NetworkCredentials:
+    """Fresh credentials for a network: random passwords and new nkeys."""
+    import secrets
+
+    import nkeys
+
+    from .permissions import SERVICES
+
+    def seed(prefix: int) -> str:
+        return nkeys.encode_seed(secrets.token_bytes(32), prefix).decode()
+
+    return NetworkCredentials(
+        passwords={name: secrets.token_urlsafe(18) for name in (services or SERVICES)},
+        system_password=secrets.token_urlsafe(18),
+        issuer_seed=seed(nkeys.PREFIX_BYTE_ACCOUNT),
+        callout_seed=seed(nkeys.PREFIX_BYTE_USER),
+    )
+
+
+def secured_config(credentials: NetworkCredentials, *, extra: str = "") -> str:
+    """A nats-server configuration with authentication on: the accounts, the services'
+    users, and the gatekeeper's auth callout (stipple_common.permissions)."""
+    import nkeys
+
+    from .permissions import CalloutKeys, render_accounts, service_user
+
+    def public(seed: str) -> str:
+        return nkeys.from_seed(seed.encode()).public_key.decode()
+
+    services = [service_user(name, password) for name, password in credentials.passwords.items()]
+    callout = CalloutKeys(issuer=public(credentials.issuer_seed), callout_user=public(credentials.callout_seed))
+    return render_accounts(services, callout, system_password=credentials.system_password) + extra
+
+
+def start_secured(
+    store_dir: Path | None = None, *, credentials: NetworkCredentials | None = None, host: str = "127.0.0.1"
+) -> tuple[NatsServer, NetworkCredentials]:
+    """A nats-server with authentication on (no anonymous client; nodes through the
+    gatekeeper's callout, which must be started next, else every node is refused)."""
+    credentials = credentials or new_credentials()
+    return NatsServer.start(store_dir, host=host, config=secured_config(credentials)), credentials

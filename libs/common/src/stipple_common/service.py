@@ -11,8 +11,10 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
+from eth_account.signers.local import LocalAccount
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
@@ -22,7 +24,9 @@ from . import bus, subjects, tracing
 from .blobstore import BlobStore, open_blob_store
 from .health import Health
 from .health import serve as serve_metrics_port
+from .identity import node_id_of, sign_nonce
 from .metrics import Metrics
+from .permissions import node_inbox_prefix
 from .settings import CommonSettings
 
 log = structlog.get_logger("stipple.service")
@@ -40,7 +44,16 @@ class ServiceContext:
     metrics_port: int = 0
     health: Health | None = None  # what /readyz on the metrics port answers from
 
-    async def consume(self, stream: str, config: ConsumerConfig, handler: bus.Handler, *, batch: int = 16) -> None:
+    async def consume(
+        self,
+        stream: str,
+        config: ConsumerConfig,
+        handler: bus.Handler,
+        *,
+        batch: int = 16,
+        on_rejected: bus.OnRejected | None = None,
+        create: bool = True,
+    ) -> None:
         """Run `handler` on a durable consumer until the service is asked to stop."""
         await bus.consume(
             self.js,
@@ -51,7 +64,21 @@ class ServiceContext:
             metrics=self.metrics,
             tracer=self.tracer,
             batch=batch,
+            on_rejected=on_rejected,
+            create=create,
         )
+
+
+def nats_identity(account: LocalAccount) -> dict[str, Any]:
+    """nats-py connect options that join as the node of `account`: its address as the
+    token and, when the server sends a nonce, the EIP-191 signature of that nonce (a new
+    one at every connection and reconnection); replies on the node's own inbox prefix."""
+    node_id = node_id_of(account.address)
+
+    def signature(nonce: str) -> bytes:
+        return sign_nonce(account, nonce)
+
+    return {"token": node_id, "signature_cb": signature, "inbox_prefix": node_inbox_prefix(node_id)}
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -79,10 +106,13 @@ async def open_service(
     *,
     blobs: bool = False,
     stop: asyncio.Event | None = None,
+    identity: LocalAccount | None = None,
 ) -> AsyncIterator[ServiceContext]:
     """Open what a service needs. With `stop` given, the caller owns shutdown (tests run
     services as tasks in one process); otherwise SIGTERM/SIGINT set a new stop Event, and
-    the process's start-up heap is frozen (`freeze_startup_heap`)."""
+    the process's start-up heap is frozen (`freeze_startup_heap`). With `identity` (a
+    node's key), NATS is joined as that node: the address as the token, the server's
+    nonce signed (`nats_identity`), replies on the node's own inbox prefix."""
     async with AsyncExitStack() as stack:
         own_process = stop is None
         if stop is None:
@@ -98,7 +128,9 @@ async def open_service(
             server = serve_metrics_port(metrics.registry, ready, settings.metrics_port, settings.metrics_host)
             stack.push_async_callback(asyncio.to_thread, server.close)  # shutdown() waits a poll
             port = server.port
-        options = {"inbox_prefix": settings.nats_inbox_prefix} if settings.nats_inbox_prefix else {}
+        options = nats_identity(identity) if identity is not None else {}
+        if settings.nats_inbox_prefix:
+            options["inbox_prefix"] = settings.nats_inbox_prefix
         nc = await bus.connect(settings.nats_url, f"stipple-{name}", ca_file=settings.nats_ca_file, **options)
         stack.push_async_callback(nc.drain)
         ready.watch(nc=nc)

@@ -1,21 +1,35 @@
 """Subject names, stream names and consumer names: the whole NATS contract in one place.
 
+The subject is the authority (docs/security.md): who wrote a message, about which task
+and which node, and what kind of event it is, are read from the subject the server
+delivered it on, because NATS permissions decide who may publish where. A payload that
+disagrees with its subject is rejected (`parse_task_subject`, `parse_node_subject`,
+`messages.decode_task_event`).
+
 Streams
-- TASKS  ``tasks.<task_id>.<event>``: every task event; the task is the fold of ``tasks.<id>.>``.
-  A node's events carry its id as a fourth token, ``tasks.<task_id>.<event>.<node_id>``,
-  so NATS permissions can let a node publish only its own.
+- TASKS  ``tasks.<task_id>.<event>``: the control plane's task events (CONTROL_TASK_EVENTS);
+  ``tasks.<task_id>.<event>.<node_id>``: a node's (NODE_TASK_EVENTS), the only task
+  subjects a node may publish on, and only with its own id. The task is the fold of
+  ``tasks.<id>.>``.
 - WORK   ``work.<node_id>.task``: assignments for one node; ``work.<node_id>.control``: reveal
-  requests and cancellations for it (work-queue retention, one consumer each).
-- NODES  ``nodes.<node_id>.<event>``: announcements, heartbeats, quits (last per subject kept).
+  requests and cancellations for it (work-queue retention, one consumer each, created by
+  the gatekeeper when the node is admitted; nodes cannot create or change consumers).
+- NODES  ``nodes.<node_id>.<event>``: what a node says of itself (NODE_SELF_EVENTS:
+  announcements, heartbeats, quits, probe answers) and what the control plane says of it
+  (NODE_CONTROL_EVENTS: QoS, bans); the last message per subject is kept.
 Core NATS (not stored)
-- ``progress.<task_id>``: per-step progress from nodes; lossy by design.
+- ``progress.<task_id>.<node_id>``: per-step progress from nodes; lossy by design.
 - ``downloads.<node_id>``: model-download progress from a node's store.
 - ``dispatch.queue``: request-reply, a task id -> its QueueStatus (the dispatcher answers).
+- ``rpc.chain.<node_id>``: a node's requests to the chain relay; ``rpc.chain.gateway``: the
+  gateway's fee reservations (no node may publish there).
+- ``rpc.blobs.<node_id>[.>]``: a node's uploads, to the gatekeeper's blob intake.
+- ``rpc.join.<node_id>``: "am I admitted, and if not, why?" (the gatekeeper answers).
 """
 
 from __future__ import annotations
 
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 TASKS_STREAM = "TASKS"
 WORK_STREAM = "WORK"
@@ -34,15 +48,63 @@ SETTLER_DURABLE = "chain-settler"
 CHAIN_REORG = "chain.reorg"
 
 
-NODE_EVENTS = ("started", "committed", "revealed", "errored")  # published by a node, about itself
+BANS_BUCKET = "bans"  # KV: node id -> why and until when it may not join (the validator's sentinel writes it)
+GATEKEEPER_QUEUE = "gatekeeper"
+
+# tasks.<task_id>.<event>.<node_id>: published by a node, about its own part in a task
+NODE_TASK_EVENTS = ("started", "committed", "revealed", "errored")
+# tasks.<task_id>.<event>: published by the control plane only
+CONTROL_TASK_EVENTS = ("submitted", "assigned", "reassigned", "reveal", "succeeded", "aborted", "cancelled")
+# nodes.<node_id>.<event>: what a node may say of itself ...
+NODE_SELF_EVENTS = ("joined", "heartbeat", "quit", "probed")
+# ... and what only the control plane says of a node
+NODE_CONTROL_EVENTS = ("qos", "banned")
+
+# Stream limits (docs/security.md, "bounded reach"). A task subject holds at most this many
+# messages and the first ones win (the server refuses more: discard-new per subject), so a
+# node cannot store more than this on any subject it may use, nor replace what it said.
+# `reassigned` is the one control-plane subject written more than once (max_reassignments).
+MAX_MSGS_PER_TASK_SUBJECT = 4
+MAX_TASK_MESSAGE_BYTES = 1024 * 1024  # a `submitted` event carries the app's input images
+MAX_NODE_MESSAGE_BYTES = 64 * 1024  # an announcement with its model lists
+
+
+class SubjectError(ValueError):
+    """A subject that does not have the shape its stream's contract gives it."""
 
 
 def task_subject(task_id: str, event: str, node_id: str = "") -> str:
-    if event in NODE_EVENTS:
+    if event in NODE_TASK_EVENTS:
         if not node_id:
             raise ValueError(f"a node's {event!r} event needs the node id in its subject")
         return f"tasks.{task_id}.{event}.{node_id}"
+    if node_id:
+        raise ValueError(f"{event!r} is a control-plane event: its subject has no node id")
     return f"tasks.{task_id}.{event}"
+
+
+def parse_task_subject(subject: str) -> tuple[str, str, str]:
+    """(task id, event, node id or "") of a TASKS subject; SubjectError when the event
+    is not one that may be published on a subject of that shape."""
+    parts = subject.split(".")
+    if parts[0] != "tasks" or len(parts) not in (3, 4) or not all(parts[1:]):
+        raise SubjectError(f"not a task event subject: {subject!r}")
+    event = parts[2]
+    if len(parts) == 4:
+        if event not in NODE_TASK_EVENTS:
+            raise SubjectError(f"{event!r} is not a node's event (on {subject!r})")
+        return parts[1], event, parts[3]
+    if event not in CONTROL_TASK_EVENTS:
+        raise SubjectError(f"{event!r} is not a control-plane event (on {subject!r})")
+    return parts[1], event, ""
+
+
+def parse_node_subject(subject: str) -> tuple[str, str]:
+    """(node id, event) of a NODES subject."""
+    parts = subject.split(".")
+    if len(parts) != 3 or parts[0] != "nodes" or parts[2] not in (*NODE_SELF_EVENTS, *NODE_CONTROL_EVENTS):
+        raise SubjectError(f"not a node event subject: {subject!r}")
+    return parts[1], parts[2]
 
 
 def task_events(task_id: str) -> str:
@@ -52,7 +114,7 @@ def task_events(task_id: str) -> str:
 
 def all_tasks(event: str) -> str:
     """One event type across all tasks (and all nodes, for a node's event)."""
-    return f"tasks.*.{event}.*" if event in NODE_EVENTS else f"tasks.*.{event}"
+    return f"tasks.*.{event}.*" if event in NODE_TASK_EVENTS else f"tasks.*.{event}"
 
 
 def work_subject(node_id: str) -> str:
@@ -77,6 +139,19 @@ def chain_rpc_subject(node_id: str) -> str:
     return f"rpc.chain.{node_id}"
 
 
+RESERVE_SUBJECT = "rpc.chain.gateway"  # fee reservations: only the gateway may publish here
+
+
+def blob_rpc_subject(node_id: str) -> str:
+    """Where a node hands its images to the gatekeeper's blob intake."""
+    return f"rpc.blobs.{node_id}"
+
+
+def join_rpc_subject(node_id: str) -> str:
+    """Where a connected key asks the gatekeeper whether it is admitted as a node, and why not."""
+    return f"rpc.join.{node_id}"
+
+
 def node_durable(node_id: str) -> str:
     return f"node-{node_id}"
 
@@ -85,8 +160,42 @@ def node_control_durable(node_id: str) -> str:
     return f"node-{node_id}-control"
 
 
-def progress_subject(task_id: str) -> str:
-    return f"progress.{task_id}"
+def node_work_consumer(node_id: str) -> ConsumerConfig:
+    """A node's assignments. Created by the gatekeeper when it admits the node (a node may
+    only fetch and ack: it cannot choose the filter or make it a push consumer)."""
+    return ConsumerConfig(
+        durable_name=node_durable(node_id),
+        filter_subject=work_subject(node_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        # short, so a node that restarts after a crash gets its next work within seconds
+        # (the crashed delivery blocks the consumer until then); in_progress() keeps a
+        # running task's delivery alive
+        ack_wait=15.0,
+        max_deliver=3,
+        max_ack_pending=1,
+        inactive_threshold=24 * 3600.0,  # a node id that never comes back leaves no consumer behind
+    )
+
+
+def node_control_consumer(node_id: str) -> ConsumerConfig:
+    """A node's reveal requests, cancellations, pre-fetches and probes (created like `node_work_consumer`)."""
+    return ConsumerConfig(
+        durable_name=node_control_durable(node_id),
+        filter_subject=control_subject(node_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=5,
+        max_ack_pending=1_000,
+        inactive_threshold=24 * 3600.0,
+    )
+
+
+def progress_subject(task_id: str, node_id: str = "*") -> str:
+    """``progress.<task_id>.<node_id>``: one node's step progress in a task (``*``: every node's)."""
+    return f"progress.{task_id}.{node_id}"
+
+
+ALL_PROGRESS = "progress.*.*"
 
 
 def download_subject(node_id: str) -> str:
@@ -97,8 +206,11 @@ def subject_token(subject: str, index: int) -> str:
     return subject.split(".")[index]
 
 
-def stream_configs(*, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600) -> list[StreamConfig]:
-    """The streams every service may declare at start (declaring is idempotent)."""
+def stream_configs(
+    *, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600, max_bytes: int = -1
+) -> list[StreamConfig]:
+    """The streams every service may declare at start (declaring is idempotent).
+    `max_bytes` caps TASKS and NODES each (-1: only the server's disk)."""
     return [
         StreamConfig(
             name=TASKS_STREAM,
@@ -108,6 +220,11 @@ def stream_configs(*, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600) 
             max_age=task_max_age_s,
             duplicate_window=120.0,
             num_replicas=replicas,
+            max_bytes=max_bytes,
+            max_msg_size=MAX_TASK_MESSAGE_BYTES,
+            max_msgs_per_subject=MAX_MSGS_PER_TASK_SUBJECT,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
         ),
         StreamConfig(
             name=WORK_STREAM,
@@ -127,6 +244,8 @@ def stream_configs(*, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600) 
             discard=DiscardPolicy.OLD,
             duplicate_window=30.0,
             num_replicas=replicas,
+            max_bytes=max_bytes,
+            max_msg_size=MAX_NODE_MESSAGE_BYTES,
         ),
         StreamConfig(
             name=CHAIN_STREAM,

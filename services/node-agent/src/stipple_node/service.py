@@ -1,6 +1,11 @@
 """Node-agent wiring: announce, heartbeat, pull assignments from ``work.<node_id>.task``
 and control messages (reveal, cancel, pre-fetch, probe) from ``work.<node_id>.control``.
 
+A node is its Ethereum key: its id is its address (stipple_common.identity), it joins
+NATS by signing the server's nonce (the gatekeeper admits it as a node only while the
+chain says it holds the minimum stake), and it stores its images through the
+gatekeeper's blob intake (it holds no blob-store credentials).
+
 One task at a time (a GPU runs one diffusion at a time); the diffusion runs in a worker
 thread so heartbeats, progress, control messages and `in_progress()` keep flowing. A
 finished task is uploaded and *committed* (a signed hash of the result and a secret
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import platform
 import secrets
@@ -23,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import msgspec
 import nats.errors
@@ -30,18 +37,19 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import __version__, bus, commitment, subjects, tracing
-from stipple_common.blobstore import BlobStore
+from stipple_common.blobstore.intake import IntakeClient
 from stipple_common.errors import StippleError
+from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     Assignment,
     CancelWork,
     DownloadProgress,
     ImageResult,
+    JoinStatus,
     NodeErrored,
     NodeHeartbeat,
     NodeJoined,
@@ -57,6 +65,7 @@ from stipple_common.messages import (
     assignment_decoder,
     control_decoder,
     encode,
+    join_status_decoder,
 )
 from stipple_common.metrics import Metrics
 from stipple_common.service import ServiceContext, open_service
@@ -76,8 +85,7 @@ MAX_UNREVEALED = 1_000  # committed results kept for a reveal; the oldest go fir
 
 
 class NodeSettings(CommonSettings, frozen=True, kw_only=True):
-    node_id: str = ""  # empty: a random id, new at each start
-    operator: str = ""  # who runs this node (distinct operators are picked per task); empty: the node id
+    node_id: str = ""  # optional: the node's address (its id); a check that the key file is the expected one
     models: str = f"{TINY_MODEL_NAME}=builtin"  # name=folder[,name=folder...]; "builtin" builds the tiny model
     model_cache: str = ""  # the model store (downloads, builtin models); empty: ~/.cache/stipple/models
     disk_budget_gb: float = 0.0  # how much the store may download; 0: no limit
@@ -88,13 +96,14 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
         ""  # name=ref[,...]: where an annotator's weights come from (default lllyasviel/Annotators)
     )
     key_file: str = ""  # the node's Ethereum key (hex); empty: <model_cache>/node.key, created at first start
-    stake: int = 0  # what to stake (smallest token unit); with `chain` off, only announced
-    chain: bool = False  # stake on chain at start with the node's key, through the chain-indexer (0: the minimum)
+    stake: int = 0  # what to stake with `chain` on (smallest token unit; 0: the network's minimum)
+    chain: bool = False  # stake on chain at start with the node's key, through the chain-indexer's relay
     chain_wait_s: float = 60.0  # how long to wait for the chain-indexer at start
     device: str = "cpu"
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
     in_progress_s: float = 5.0  # how often a running task tells JetStream it is still alive
+    declare_streams: bool = False  # a node has no right to (the control plane declares them)
 
 
 def parse_models(spec: str, cache: Path) -> dict[str, Path]:
@@ -138,6 +147,18 @@ class TaskCancelledError(StippleError):
     code = "cancelled"
 
 
+class NotAdmitted(InvalidSettings):
+    """The network admits this key only as an applicant (no or too little stake, leaving,
+    banned): the node does not start, and says why."""
+
+
+class Uploads(Protocol):
+    """Where a node's images go: the gatekeeper's blob intake (IntakeClient), or in tests
+    of the node alone a BlobStore."""
+
+    async def put(self, key: str, data: bytes, *, content_type: str = ...) -> object: ...
+
+
 @dataclass
 class _Committed:
     """A result committed but not yet revealed. Kept from before the commitment is
@@ -168,17 +189,17 @@ class NodeAgent:
     def __init__(
         self,
         *,
-        node_id: str,
         nc: NATS,
         js: JetStreamContext,
-        blobs: BlobStore,
         runner: PipelineRunner,
         settings: NodeSettings,
         metrics: Metrics,
         store: ModelStore | None = None,
         key: str | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.account = commitment.account_from_key(key) if key else commitment.new_account()
+        node_id = node_id_of(self.account.address)
         self.committed: OrderedDict[str, _Committed] = OrderedDict()  # task id -> result awaiting its reveal
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
         self.prefetching: dict[str, asyncio.Task[None]] = {}
@@ -188,7 +209,7 @@ class NodeAgent:
         self.store = store
         self.nc = nc
         self.js = js
-        self.blobs = blobs
+        self.blobs: Uploads = uploads if uploads is not None else IntakeClient(nc, node_id)
         self.runner = runner
         self.settings = settings
         self.busy = False
@@ -209,11 +230,11 @@ class NodeAgent:
         busy.set_function(lambda: 1.0 if self.busy else 0.0)
         info = Gauge(
             "stipple_node_info",
-            "1, labelled with the node's id, operator, version and device (join on instance)",
-            ["node_id", "operator", "version", "device"],
+            "1, labelled with the node's id (its address), version and device (join on instance)",
+            ["node_id", "version", "device"],
             registry=metrics.registry,
         )
-        info.labels(node_id, settings.operator or node_id, __version__, settings.device).set(1)
+        info.labels(node_id, __version__, settings.device).set(1)
         for part in (runner, store):  # made before the registry (metrics.py)
             if isinstance(getattr(part, "metrics", None), RunnerMetrics | StoreMetrics):
                 metrics.register(part.metrics.collectors())  # type: ignore[union-attr]
@@ -223,7 +244,6 @@ class NodeAgent:
         device, memory = device_description(self.settings.device)
         return NodeJoined(
             node_id=self.node_id,
-            operator=self.settings.operator or self.node_id,
             device=device,
             memory_bytes=memory,
             models=self.runner.model_names,
@@ -232,7 +252,6 @@ class NodeAgent:
             models_on_disk=[m.ref for m in self.store.inventory()] if self.store else [],
             models_loaded=self.runner.loaded(),
             address=self.account.address,
-            stake=self.settings.stake,
         )
 
     async def heartbeat(self, stop: asyncio.Event) -> None:
@@ -262,7 +281,7 @@ class NodeAgent:
         )
 
     def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str) -> Callable[[int, int], None]:
-        subject = subjects.progress_subject(task_id)
+        subject = subjects.progress_subject(task_id, self.node_id)
 
         def report(step: int, total: int) -> None:  # called from the diffusion thread
             if task_id in self.cancelled:
@@ -342,6 +361,7 @@ class NodeAgent:
                 seed=image.seed,
                 width=image.width,
                 height=image.height,
+                sha256=hashlib.sha256(image.png).hexdigest(),
             )
             for index, image in enumerate(images)
         ]
@@ -489,41 +509,14 @@ class NodeAgent:
         log.warning("task_failed", code=code, error=message)
 
 
-def consumer_config(node_id: str) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=subjects.node_durable(node_id),
-        filter_subject=subjects.work_subject(node_id),
-        ack_policy=AckPolicy.EXPLICIT,
-        # short, so a node that restarts after a crash gets its next work within seconds
-        # (the crashed delivery blocks the consumer until then); in_progress() keeps a
-        # running task's delivery alive
-        ack_wait=15.0,
-        max_deliver=3,
-        max_ack_pending=1,
-        inactive_threshold=24 * 3600.0,  # a node id that never comes back leaves no consumer behind
-    )
-
-
-def control_consumer_config(node_id: str) -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=subjects.node_control_durable(node_id),
-        filter_subject=subjects.control_subject(node_id),
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30.0,
-        max_deliver=5,
-        max_ack_pending=1_000,
-        inactive_threshold=24 * 3600.0,
-    )
-
-
 async def run(settings: NodeSettings) -> None:
     setup_logging("node-agent", level=settings.log_level, fmt=settings.log_format)
     configure_determinism(settings.torch_threads)
-    if not settings.node_id:
-        settings = msgspec.structs.replace(settings, node_id=f"node-{secrets.token_hex(4)}")
     cache = Path(settings.model_cache).expanduser() if settings.model_cache else Path.home() / ".cache/stipple/models"
     models = parse_models(settings.models, cache)
     key = load_or_create_key(Path(settings.key_file).expanduser() if settings.key_file else cache / "node.key")
+    account = commitment.account_from_key(key)
+    node_id = check_node_id(settings, account.address)
     downloads = DownloadReporter()
     budget = int(settings.disk_budget_gb * 1024**3) or None
     with ModelStore(cache / "store", budget_bytes=budget, hf_offline=settings.hf_offline, progress=downloads) as store:
@@ -537,14 +530,63 @@ async def run(settings: NodeSettings) -> None:
         )
         for name in runner.model_names:
             runner.load(name)  # load before announcing: a live node is a ready node
-        async with open_service("node-agent", settings, blobs=True) as ctx:
-            if settings.chain:  # refuses to start (StakeError) when the stake cannot reach the minimum
-                account = commitment.account_from_key(key)
-                wait_s = settings.chain_wait_s
-                staked = await ensure_stake(ctx.nc, settings.node_id, account, settings.stake, wait_s=wait_s)
-                settings = msgspec.structs.replace(settings, stake=staked)
-            downloads.attach(ctx, asyncio.get_running_loop(), settings.node_id)
-            await serve(ctx, settings, runner, store, key)
+        log.info("node_identity", node_id=node_id)
+        staked = False
+        while True:  # at most twice: as an applicant that stakes, then as a node
+            async with open_service("node-agent", settings, identity=account) as ctx:
+                status = await join_status(ctx.nc, node_id)
+                if status is None or status.level == "node":
+                    if settings.chain and not staked:  # tops the stake up to STIPPLE_STAKE if asked
+                        await ensure_stake(ctx.nc, node_id, account, settings.stake, wait_s=settings.chain_wait_s)
+                    downloads.attach(ctx, asyncio.get_running_loop(), node_id)
+                    await serve(ctx, settings, runner, store, key)
+                    return
+                if not settings.chain or staked or status.reason not in ("no_stake", "below_minimum"):
+                    raise NotAdmitted(
+                        f"the network admits {node_id} only as an applicant: {status.reason}: {status.detail}"
+                    )
+                log.info("staking_to_join", node_id=node_id, reason=status.reason, detail=status.detail)
+                await ensure_stake(ctx.nc, node_id, account, settings.stake, wait_s=settings.chain_wait_s)
+                staked = True
+                await wait_admitted(ctx.nc, node_id, settings.chain_wait_s)
+            # reconnect: the gatekeeper admits the key as a node now
+
+
+def check_node_id(settings: NodeSettings, address: str) -> str:
+    """The node's id is its key's address; STIPPLE_NODE_ID, if set, must be that address."""
+    node_id = node_id_of(address)
+    if settings.node_id and settings.node_id.lower() != node_id:
+        raise InvalidSettings(
+            f"STIPPLE_NODE_ID={settings.node_id!r}: a node's id is its key's address, {node_id} "
+            f"(the key in STIPPLE_KEY_FILE); leave STIPPLE_NODE_ID empty or set it to that"
+        )
+    return node_id
+
+
+async def join_status(nc: NATS, node_id: str, timeout: float = 5.0) -> JoinStatus | None:
+    """How the gatekeeper admitted this key (None: no gatekeeper answers, a network whose
+    NATS has no authentication)."""
+    try:
+        msg = await nc.request(subjects.join_rpc_subject(node_id), b"", timeout=timeout)
+    except nats.errors.NoRespondersError:
+        return None
+    except nats.errors.TimeoutError:
+        log.warning("join_status_unanswered", node_id=node_id)
+        return None
+    return join_status_decoder.decode(msg.data)
+
+
+async def wait_admitted(nc: NATS, node_id: str, wait_s: float) -> None:
+    """Wait until the gatekeeper would admit this key as a node (its stake indexed)."""
+    deadline = time.monotonic() + wait_s
+    status = None
+    while time.monotonic() < deadline:
+        status = await join_status(nc, node_id)
+        if status is None or status.level == "node":
+            return
+        await asyncio.sleep(0.5)
+    detail = f"{status.reason}: {status.detail}" if status else "no answer"
+    raise NotAdmitted(f"staked, yet not admitted as a node within {wait_s:g} s ({detail})")
 
 
 class DownloadReporter:
@@ -578,22 +620,23 @@ async def serve(
     store: ModelStore | None = None,
     key: str | None = None,
     agent_type: type[NodeAgent] | None = None,
+    uploads: Uploads | None = None,
 ) -> None:
-    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one).
-    `agent_type` lets tests run a NodeAgent subclass with one behaviour changed."""
-    assert ctx.blobs is not None
-    node_id = settings.node_id or f"node-{secrets.token_hex(4)}"
+    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one),
+    and its address is the node's id. `agent_type` lets tests run a NodeAgent subclass
+    with one behaviour changed; `uploads` replaces the blob intake (tests of a node alone)."""
     agent = (agent_type or NodeAgent)(
-        node_id=node_id,
         nc=ctx.nc,
         js=ctx.js,
-        blobs=ctx.blobs,
         runner=runner,
         settings=settings,
         metrics=ctx.metrics,
         store=store,
         key=key,
+        uploads=uploads,
     )
+    node_id = agent.node_id
+    check_node_id(settings, agent.account.address)
     joined = agent.announcement()
     await bus.publish(
         ctx.js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:joined:{joined.started_at}"
@@ -601,10 +644,12 @@ async def serve(
     log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
     beats = asyncio.create_task(agent.heartbeat(ctx.stop))
     control = asyncio.create_task(
-        ctx.consume(subjects.WORK_STREAM, control_consumer_config(node_id), agent.handle_control)
+        ctx.consume(subjects.WORK_STREAM, subjects.node_control_consumer(node_id), agent.handle_control, create=False)
     )
     try:
-        await ctx.consume(subjects.WORK_STREAM, consumer_config(node_id), agent.handle, batch=1)
+        await ctx.consume(
+            subjects.WORK_STREAM, subjects.node_work_consumer(node_id), agent.handle, batch=1, create=False
+        )
     finally:
         ctx.stop.set()
         await beats

@@ -54,6 +54,10 @@ class BlobStore(Protocol):
         """The whole blob under ``key``; raises `BlobNotFound` naming the key if there is none."""
         ...
 
+    async def size(self, key: str) -> int | None:
+        """The size of the blob under ``key`` without reading it; None when there is none."""
+        ...
+
     async def delete(self, key: str) -> None:
         """Remove the blob under ``key``; a missing key is not an error (deletes are idempotent)."""
         ...

@@ -149,6 +149,17 @@ class JetStreamBlobStore:
                 raise BlobNotFound(key, bucket=self.bucket) from None
         return bytes(result.data or b"")
 
+    async def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when there is none (its meta message only)."""
+        check_key(key)
+        with _nats_errors(f"stat {key!r} in object store {self.bucket!r}"):
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    info = await self._obs.get_info(key)
+            except js_errors.ObjectNotFoundError:
+                return None
+        return None if info.deleted else int(info.size or 0)
+
     async def delete(self, key: str) -> None:
         """Delete the object (leaves a small tombstone meta message); missing keys are ignored."""
         check_key(key)

@@ -131,6 +131,15 @@ class S3BlobStore:
             response.close()
             response.release_conn()
 
+    async def size(self, key: str) -> int | None:
+        """The object's size in bytes, or None when there is none (HEAD, no download)."""
+        check_key(key)
+        try:
+            stat = await self._call(f"stat {key!r}", lambda: self._client.stat_object(self.bucket, key), key=key)
+        except BlobNotFound:
+            return None
+        return int(stat.size or 0)
+
     async def delete(self, key: str) -> None:
         """Delete the object; S3 answers 204 for missing keys too, so this is idempotent."""
         check_key(key)

@@ -1,0 +1,229 @@
+"""The blob intake: nodes' images into the blob store, for nodes that hold no credentials.
+
+A node sends each image on ``rpc.blobs.<node_id>`` in parts (the protocol is in
+stipple_common.blobstore.intake). Before anything is kept in memory, the first part is
+checked:
+
+- the key lies under ``tasks/<task_id>/<node_id>/`` with the node id of the subject (the
+  server's word, not the node's), and has no ``..`` or empty segment;
+- the node is assigned to that task (the task's ``assigned`` and ``reassigned`` events);
+- nothing is stored under the key yet: a blob is written once, so what the validator
+  checked cannot be swapped afterwards.
+
+The size is checked as parts arrive (`max_blob_bytes`); an upload left unfinished is
+dropped after `upload_timeout_s`; each node may have `max_uploads_per_node` uploads open
+and all of them together at most `max_buffered_bytes` in memory. Parts after the first go
+to this instance's own subject (``rpc.blobs.<node_id>.<instance>``), so several intakes
+can share the queue group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter
+
+from stipple_common import subjects
+from stipple_common.blobstore import BlobStore
+from stipple_common.blobstore.intake import CONTENT_TYPE, KEY, LAST, PART, UPLOAD, blob_prefix
+from stipple_common.errors import StippleError
+from stipple_common.messages import TaskAssigned, TaskReassigned, UploadReply, encode, task_event_decoder
+from stipple_common.metrics import Metrics
+
+log = structlog.get_logger("stipple.gatekeeper.intake")
+
+
+@dataclass
+class _Upload:
+    key: str
+    content_type: str
+    started: float
+    parts: list[bytes] = field(default_factory=list)
+    size: int = 0
+    next_part: int = 1
+
+
+class Refused(StippleError):
+    """An upload the intake will not take; `code` is the UploadReply error."""
+
+
+class Intake:
+    def __init__(
+        self,
+        *,
+        nc: NATS,
+        js: JetStreamContext,
+        blobs: BlobStore,
+        metrics: Metrics,
+        max_blob_bytes: int,
+        upload_timeout_s: float = 60.0,
+        max_uploads_per_node: int = 8,
+        max_buffered_bytes: int = 512 * 1024 * 1024,
+        check_assignment: bool = True,
+    ) -> None:
+        self.nc = nc
+        self.js = js
+        self.blobs = blobs
+        self.max_blob_bytes = max_blob_bytes
+        self.upload_timeout_s = upload_timeout_s
+        self.max_uploads_per_node = max_uploads_per_node
+        self.max_buffered_bytes = max_buffered_bytes
+        self.check_assignment = check_assignment
+        self.instance = secrets.token_hex(6)
+        self.uploads: dict[tuple[str, str], _Upload] = {}
+        self.buffered = 0
+        self._assigned: OrderedDict[tuple[str, str], None] = OrderedDict()  # (task, node) known assigned
+        self.results = Counter(
+            "stipple_gatekeeper_uploads_total",
+            "Uploads finished or refused, by outcome (stored, bad_key, not_assigned, too_large, exists, bad_part, "
+            "busy, store_unavailable)",
+            ["outcome"],
+            registry=metrics.registry,
+        )
+        for outcome in ("stored", "bad_key", "not_assigned", "too_large", "exists", "bad_part", "busy"):
+            self.results.labels(outcome)
+        self.stored_bytes = Counter(
+            "stipple_gatekeeper_upload_bytes_total", "Bytes stored for nodes", registry=metrics.registry
+        )
+
+    async def serve(self) -> list[object]:
+        return [
+            await self.nc.subscribe(subjects.blob_rpc_subject("*"), queue=subjects.GATEKEEPER_QUEUE, cb=self.on_part),
+            await self.nc.subscribe(subjects.blob_rpc_subject("*") + f".{self.instance}", cb=self.on_part),
+        ]
+
+    async def on_part(self, msg: Msg) -> None:
+        node_id = subjects.subject_token(msg.subject, 2)
+        try:
+            reply = await self.take(node_id, msg.headers or {}, msg.data)
+        except Refused as exc:
+            self.results.labels(exc.code).inc()
+            log.warning("upload_refused", node_id=node_id, reason=exc.code, error=exc.message)
+            reply = UploadReply(ok=False, error=exc.code, message=exc.message)
+        except StippleError as exc:  # the store is down: the node retries later
+            self.results.labels("store_unavailable").inc()
+            log.warning("upload_not_stored", node_id=node_id, error=exc.message)
+            reply = UploadReply(ok=False, error="store_unavailable", message=exc.message)
+        if msg.reply:
+            await msg.respond(encode(reply))
+
+    async def take(self, node_id: str, headers: dict[str, str], data: bytes) -> UploadReply:
+        self._expire()
+        upload_id = headers.get(UPLOAD, "")
+        try:
+            part = int(headers.get(PART, ""))
+        except ValueError:
+            raise Refused(f"{PART}: not a number (got {headers.get(PART)!r})", code="bad_part") from None
+        last = headers.get(LAST) == "1"
+        if not upload_id or len(upload_id) > 64:
+            raise Refused(f"{UPLOAD}: missing or too long", code="bad_part")
+        slot = (node_id, upload_id)
+        if part == 0:
+            if slot in self.uploads:
+                raise Refused(f"upload {upload_id!r} was started already", code="bad_part")
+            key = headers.get(KEY, "")
+            await self._check_key(node_id, key)
+            upload = _Upload(
+                key=key,
+                content_type=headers.get(CONTENT_TYPE, "application/octet-stream")[:100],
+                started=time.monotonic(),
+            )
+        else:
+            upload = self.uploads.get(slot)  # type: ignore[assignment]
+            if upload is None or part != upload.next_part:
+                raise Refused(f"part {part} of an unknown, finished or out-of-order upload", code="bad_part")
+            upload.next_part += 1
+        if upload.size + len(data) > self.max_blob_bytes:
+            self._drop(slot)
+            raise Refused(f"{upload.key!r} is larger than {self.max_blob_bytes} bytes", code="too_large")
+        if last:
+            self._drop(slot)
+            blob = b"".join([*upload.parts, data])
+            return await self._store(node_id, upload, blob)
+        if part == 0:
+            open_uploads = sum(1 for node, _ in self.uploads if node == node_id)
+            if open_uploads >= self.max_uploads_per_node or self.buffered + len(data) > self.max_buffered_bytes:
+                raise Refused("too many uploads in progress; try again", code="busy")
+            self.uploads[slot] = upload
+        upload.parts.append(data)
+        upload.size += len(data)
+        self.buffered += len(data)
+        continue_on = subjects.blob_rpc_subject(node_id) + f".{self.instance}"
+        return UploadReply(ok=True, key=upload.key, size=upload.size, continue_on=continue_on)
+
+    async def _store(self, node_id: str, upload: _Upload, blob: bytes) -> UploadReply:
+        if await self.blobs.size(upload.key) is not None:  # write once
+            raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists")
+        await self.blobs.put(upload.key, blob, content_type=upload.content_type)
+        digest = hashlib.sha256(blob).hexdigest()
+        self.results.labels("stored").inc()
+        self.stored_bytes.inc(len(blob))
+        log.info("upload_stored", node_id=node_id, key=upload.key, size=len(blob))
+        return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=digest)
+
+    async def _check_key(self, node_id: str, key: str) -> None:
+        segments = key.split("/")
+        if len(segments) < 4 or segments[0] != "tasks" or any(s in ("", ".", "..") for s in segments):
+            raise Refused(f"key {key[:200]!r}: expected tasks/<task_id>/<node_id>/...", code="bad_key")
+        task_id = segments[1]
+        if not key.startswith(blob_prefix(task_id, node_id)) or len(key) > 512:
+            raise Refused(f"key {key[:200]!r}: a node writes only under tasks/<task_id>/{node_id}/", code="bad_key")
+        if self.check_assignment and not await self._assigned_to(task_id, node_id):
+            raise Refused(f"node {node_id} is not assigned to task {task_id!r}", code="not_assigned")
+
+    async def _assigned_to(self, task_id: str, node_id: str) -> bool:
+        if (task_id, node_id) in self._assigned:
+            return True
+        nodes: set[str] = set()
+        try:
+            raw = await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, "assigned"))
+            event = task_event_decoder.decode(raw.data)
+            if isinstance(event, TaskAssigned):
+                nodes.update(event.nodes)
+            seq = 0
+            subject = subjects.task_subject(task_id, "reassigned")
+            for _ in range(subjects.MAX_MSGS_PER_TASK_SUBJECT):
+                raw = await self.js.get_msg(subjects.TASKS_STREAM, seq=seq + 1, subject=subject, next=True)
+                seq = raw.seq or seq + 1
+                event = task_event_decoder.decode(raw.data)
+                if isinstance(event, TaskReassigned):
+                    nodes.add(event.by)
+        except NotFoundError:
+            pass
+        if node_id not in nodes:
+            return False
+        self._assigned[(task_id, node_id)] = None
+        while len(self._assigned) > 100_000:
+            self._assigned.popitem(last=False)
+        return True
+
+    def _drop(self, slot: tuple[str, str]) -> None:
+        upload = self.uploads.pop(slot, None)
+        if upload is not None:
+            self.buffered -= upload.size
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for slot, upload in list(self.uploads.items()):
+            if now - upload.started > self.upload_timeout_s:
+                self._drop(slot)
+                log.warning("upload_abandoned", node_id=slot[0], key=upload.key, size=upload.size)
+
+
+async def expire_loop(intake: Intake, stop: asyncio.Event, every_s: float = 10.0) -> None:
+    """Drop abandoned uploads even when no new part arrives."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except TimeoutError:
+            intake._expire()
