@@ -17,13 +17,13 @@ import nats
 import nats.errors
 import pytest
 from eth_account import Account
+from stipple_gatekeeper.service import GatekeeperSettings, serve
 
 from stipple_common import subjects
 from stipple_common.identity import node_id_of
 from stipple_common.messages import Ban, IndexedStake, JoinStatus, join_status_decoder
 from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
 from stipple_common.service import nats_identity, open_service
-from stipple_gatekeeper.service import GatekeeperSettings, serve
 
 pytestmark = [pytest.mark.integration]
 

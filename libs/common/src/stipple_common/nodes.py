@@ -4,7 +4,8 @@ Nodes publish ``nodes.<id>.joined`` once and ``nodes.<id>.heartbeat`` every few 
 the validator publishes ``nodes.<id>.qos`` after each task. The stream keeps the last
 message per subject, so replaying it from the start rebuilds the directory. A node is
 live while its last heartbeat (stamped by the NATS server, so node clocks do not matter)
-is younger than the TTL and it has not quit.
+is younger than the TTL and it has not quit. Everything is keyed by the node id of the
+subject (`messages.decode_node_event`): a node can speak only of itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from .messages import NodeEvent, NodeHeartbeat, NodeJoined, NodeQos, NodeQuit, node_event_decoder
+from .errors import Rejected
+from .messages import NodeBanned, NodeEvent, NodeHeartbeat, NodeJoined, NodeQos, NodeQuit, decode_node_event
 from .subjects import NODES_STREAM
 
 log = structlog.get_logger("stipple.nodes")
@@ -31,6 +33,7 @@ class NodeEntry:
     quit: bool = False
     qos: NodeQos | None = None
     busy: bool = False
+    banned_until: float = 0.0
 
 
 class NodeDirectory:
@@ -40,6 +43,7 @@ class NodeDirectory:
         self.ttl_s = ttl_s
         self.entries: dict[str, NodeEntry] = {}
         self._qos: dict[str, NodeQos] = {}
+        self._bans: dict[str, float] = {}
         self._changed = asyncio.Event()
         self.caught_up = asyncio.Event()  # set once the stream's backlog has been folded
 
@@ -49,10 +53,17 @@ class NodeDirectory:
             self._qos[event.node_id] = event  # may come before the announcement in a replay
             if entry is not None:
                 entry.qos = event
+        elif isinstance(event, NodeBanned):
+            self._bans[event.node_id] = event.until
+            if entry is not None:
+                entry.banned_until = event.until
         elif isinstance(event, NodeJoined):
             if entry is None or seen_at >= entry.last_seen:
                 self.entries[event.node_id] = NodeEntry(
-                    joined=event, last_seen=seen_at, qos=self._qos.get(event.node_id)
+                    joined=event,
+                    last_seen=seen_at,
+                    qos=self._qos.get(event.node_id),
+                    banned_until=self._bans.get(event.node_id, 0.0),
                 )
         elif entry is None:
             return  # a heartbeat before (or without) an announcement tells us nothing usable
@@ -94,9 +105,9 @@ class NodeDirectory:
 
         async def on_msg(msg: Msg) -> None:
             try:
-                event = node_event_decoder.decode(msg.data)
-            except Exception as exc:
-                log.warning("bad_node_event", subject=msg.subject, error=str(exc))
+                event = decode_node_event(msg.subject, msg.data)
+            except Rejected as exc:
+                log.warning("node_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
             else:
                 self.apply(event, msg.metadata.timestamp.timestamp())
             if msg.metadata.num_pending == 0:

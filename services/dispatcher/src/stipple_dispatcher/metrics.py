@@ -14,12 +14,13 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from .service import Dispatcher
 
-NODE_STATES = ("idle", "busy", "paused", "unstaked", "incompatible", "offline", "quit")
+NODE_STATES = ("idle", "busy", "paused", "banned", "unstaked", "incompatible", "offline", "quit")
 """Every registered node is in exactly one: live nodes are idle (nothing in flight), busy,
-paused (the validator saw timeouts; it is probed), unstaked (its stake is below
-STIPPLE_MIN_STAKE: never staked, leaving, or slashed), or incompatible (protocol
-version); the others are offline (no heartbeat within the TTL) or quit (said goodbye).
-Only idle and busy nodes can be given work."""
+paused (the validator saw timeouts; it is probed), banned (the sentinel caught it sending
+what it had no business sending), unstaked (its stake is below STIPPLE_MIN_STAKE: never
+staked, leaving, or slashed), or incompatible (protocol version); the others are offline
+(no heartbeat within the TTL) or quit (said goodbye). Only idle and busy nodes can be
+given work."""
 
 TASK_STATES = ("queued", "running")
 
@@ -31,14 +32,16 @@ def node_states(dispatcher: Dispatcher, now: float) -> dict[str, int]:
     live = ~quit & (now - index.last_seen[:n] <= dispatcher.settings.node_ttl_s)
     ok = live & index.version_ok[:n]
     staked = index.stake[:n] >= dispatcher.settings.min_stake
-    paused = ok & staked & index.paused[:n]
-    unstaked = ok & ~staked
-    working = ok & staked & ~index.paused[:n]
+    banned = ok & (index.banned_until[:n] > now)
+    paused = ok & staked & ~banned & index.paused[:n]
+    unstaked = ok & ~banned & ~staked
+    working = ok & staked & ~banned & ~index.paused[:n]
     busy = working & (index.inflight[:n] > 0)
     return {
         "idle": int(np.count_nonzero(working & ~busy)),
         "busy": int(np.count_nonzero(busy)),
         "paused": int(np.count_nonzero(paused)),
+        "banned": int(np.count_nonzero(banned)),
         "unstaked": int(np.count_nonzero(unstaked)),
         "incompatible": int(np.count_nonzero(live & ~index.version_ok[:n])),
         "offline": int(np.count_nonzero(~quit & ~live)),

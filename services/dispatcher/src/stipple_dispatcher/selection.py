@@ -4,10 +4,15 @@
 place, so one decision over 10,000 registered nodes is a handful of vector operations.
 
 Eligible: live (a heartbeat within the TTL, not quit), not paused (2 timeouts in its last
-3 tasks, until it passes the validator's check: a probe task answered in time), stake
-at least the minimum, memory at least what the task's model needs, a compatible
-version, serving the base model (by name or on disk), and a free slot (fewer tasks in
-flight than `slots`).
+3 tasks, until it passes the validator's check: a probe task answered in time), not
+banned, stake at least the minimum, memory at least what the task's model needs, a
+compatible version, serving the base model (by name or on disk), and a free slot (fewer
+tasks in flight than `slots`).
+
+Stake and operator come from the chain (the chain-indexer's `stakes` bucket, `set_stake`),
+never from what a node announces: a node the chain knows nothing of has stake 0, and its
+operator is the stake's owner, or the node itself when it staked for itself. Nodes of one
+operator never share a task.
 
 Weight: S·Q/(S+Q) with S = sqrt(stake / the largest eligible stake) (1 when nobody
 stakes) and Q = qos/10 (0.5 for a node without a score yet), times a locality boost: 2
@@ -78,10 +83,8 @@ class NodeIndex:
     """The node directory as columns. Rows are never removed (a node that quits is
     marked); a node that joins again keeps its row."""
 
-    def __init__(self, capacity: int = 64, *, indexed_stakes: bool = False) -> None:
-        # indexed_stakes: stakes come from the chain (set_stake, by address), not from
-        # what nodes announce; a node the chain knows nothing of has stake 0
-        self.indexed: dict[str, int] | None = {} if indexed_stakes else None
+    def __init__(self, capacity: int = 64) -> None:
+        self.indexed: dict[str, tuple[int, str]] = {}  # node id -> (stake, operator) as the chain says
         self.row: dict[str, int] = {}
         self.ids: list[str] = []
         self.joined: list[NodeJoined] = []
@@ -94,6 +97,7 @@ class NodeIndex:
         self.last_seen = np.zeros(capacity, dtype=np.float64)
         self.quit = np.zeros(capacity, dtype=bool)
         self.paused = np.zeros(capacity, dtype=bool)
+        self.banned_until = np.zeros(capacity, dtype=np.float64)
         self.inflight = np.zeros(capacity, dtype=np.int64)
         self.version_ok = np.ones(capacity, dtype=bool)
         self.serves: dict[str, np.ndarray] = {}  # model -> bool column (by name or on disk)
@@ -104,7 +108,8 @@ class NodeIndex:
 
     def _grow(self) -> None:
         capacity = len(self.operator) * 2
-        for name in ("operator", "stake", "qos", "memory", "last_seen", "quit", "paused", "inflight", "version_ok"):
+        columns = ("operator", "stake", "qos", "memory", "last_seen", "quit", "paused", "banned_until", "inflight")
+        for name in (*columns, "version_ok"):
             old = getattr(self, name)
             new = np.zeros(capacity, dtype=old.dtype)
             if name == "qos":
@@ -143,11 +148,9 @@ class NodeIndex:
             self.joined.append(node)
         else:
             self.joined[row] = node  # a restart alone does not lift a pause: the check does
-        self.operator[row] = self._operators.setdefault(node.operator, len(self._operators))
-        if self.indexed is None:
-            self.stake[row] = node.stake
-        else:
-            self.stake[row] = self.indexed.get(node.address.lower(), 0)
+        stake, operator = self.indexed.get(node.node_id, (0, node.node_id))
+        self.operator[row] = self._operators.setdefault(operator, len(self._operators))
+        self.stake[row] = stake
         self.memory[row] = node.memory_bytes
         self.last_seen[row] = max(seen_at, self.last_seen[row])
         self.quit[row] = False
@@ -156,15 +159,20 @@ class NodeIndex:
         self._set_models(self.on_disk, row, (*node.models, *node.models_on_disk))
         self._set_models(self.loaded, row, node.models_loaded)
 
-    def set_stake(self, address: str, stake: int) -> None:
-        """A node address's stake as the chain-indexer indexed it (0 while it is leaving)."""
-        if self.indexed is None:
-            return
-        key = address.lower()
-        self.indexed[key] = stake
-        for row, node in enumerate(self.joined):
-            if node.address.lower() == key:
-                self.stake[row] = stake
+    def set_stake(self, node_id: str, stake: int, owner: str = "") -> None:
+        """A node's stake as the chain-indexer indexed it (0 while it is leaving), and its
+        operator: the stake's owner ("" or the node itself: a node that staked alone)."""
+        operator = (owner or node_id).lower()
+        self.indexed[node_id] = (stake, operator)
+        row = self.row.get(node_id)
+        if row is not None:
+            self.stake[row] = stake
+            self.operator[row] = self._operators.setdefault(operator, len(self._operators))
+
+    def ban(self, node_id: str, until: float) -> None:
+        row = self.row.get(node_id)
+        if row is not None:
+            self.banned_until[row] = until
 
     def heartbeat(self, node_id: str, seen_at: float, models_loaded: Sequence[str] | None = None) -> None:
         row = self.row.get(node_id)
@@ -221,6 +229,7 @@ class NodeIndex:
             return np.empty(0, dtype=np.int64)
         mask = serves[:n] & ~self.quit[:n] & ~self.paused[:n] & self.version_ok[:n]
         mask &= now - self.last_seen[:n] <= ttl_s
+        mask &= self.banned_until[:n] <= now
         mask &= self.inflight[:n] < req.slots
         if req.min_stake:
             mask &= self.stake[:n] >= req.min_stake

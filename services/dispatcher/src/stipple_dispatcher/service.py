@@ -45,11 +45,13 @@ from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import __version__, bus, subjects, tracing
+from stipple_common.errors import Rejected
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
     Assignment,
     CancelWork,
+    NodeBanned,
     NodeErrored,
     NodeHeartbeat,
     NodeJoined,
@@ -65,9 +67,9 @@ from stipple_common.messages import (
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    decode_node_event,
     decode_task_event,
-    node_event_decoder,
-    task_event_decoder,
+    indexed_stake_decoder,
 )
 from stipple_common.metrics import Metrics
 from stipple_common.service import ServiceContext, open_service
@@ -86,8 +88,7 @@ class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     dispatch_timeout_s: float = 30.0  # how long a task may wait in the queue for free nodes
     node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
     node_slots: int = 1  # tasks in flight per node
-    min_stake: int = 0  # smallest stake a node needs
-    stake_source: str = "announced"  # announced (what nodes say) | chain (the chain-indexer's `stakes` bucket)
+    min_stake: int = 0  # smallest stake a node needs (the chain-indexer's `stakes` bucket says what each holds)
     model_memory_gb: str = ""  # name=GB[,...]: the (V)RAM a model's tasks need on a node
     seconds_per_step: float = 0.05  # GPU seconds per step at 512x512, for queue order and ETA
     accept_timeout_s: float = 10.0  # from assignment to the node's `started`; later, it is replaced
@@ -465,7 +466,7 @@ class Dispatcher:
             raw = await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, "assigned"))
         except NotFoundError:
             return None
-        event = task_event_decoder.decode(raw.data)
+        event = decode_task_event(raw.subject, raw.data)
         return event if isinstance(event, TaskAssigned) else None
 
     async def ended(self, task_id: str) -> bool:
@@ -510,9 +511,9 @@ async def follow_nodes(js: JetStreamContext, index: NodeIndex, catch_up_s: float
 
     async def on_msg(msg: Msg) -> None:
         try:
-            event = node_event_decoder.decode(msg.data)
-        except msgspec.DecodeError as exc:
-            log.warning("bad_node_event", subject=msg.subject, error=str(exc))
+            event = decode_node_event(msg.subject, msg.data)
+        except Rejected as exc:
+            log.warning("node_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
         else:
             seen = msg.metadata.timestamp.timestamp()
             if isinstance(event, NodeJoined):
@@ -523,6 +524,8 @@ async def follow_nodes(js: JetStreamContext, index: NodeIndex, catch_up_s: float
                 index.leave(event.node_id)
             elif isinstance(event, NodeQos):
                 index.score(event)
+            elif isinstance(event, NodeBanned):
+                index.ban(event.node_id, event.until)
         if msg.metadata.num_pending == 0:
             caught_up.set()
 
@@ -556,12 +559,15 @@ async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: Dispatc
             if entry is None:  # the initial values are all in
                 caught_up.set()
                 continue
+            if entry.operation in ("DEL", "PURGE"):
+                index.set_stake(entry.key.lower(), 0)
+                continue
             try:
-                stake = _stake_decoder.decode(entry.value or b"{}")
+                stake = indexed_stake_decoder.decode(entry.value or b"{}")
             except msgspec.DecodeError as exc:
                 log.warning("bad_stake_entry", key=entry.key, error=str(exc))
                 continue
-            index.set_stake(entry.key, 0 if stake.leaving else stake.stake)
+            index.set_stake(entry.key.lower(), 0 if stake.leaving else stake.stake, stake.owner)
 
     task = asyncio.create_task(fold())
     try:
@@ -571,14 +577,6 @@ async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: Dispatc
     return task
 
 
-class _IndexedStake(msgspec.Struct):
-    stake: int = 0
-    leaving: bool = False
-
-
-_stake_decoder = msgspec.json.Decoder(_IndexedStake)
-
-
 async def run(settings: DispatcherSettings) -> None:
     setup_logging("dispatcher", level=settings.log_level, fmt=settings.log_format)
     async with open_service("dispatcher", settings) as ctx:
@@ -586,10 +584,13 @@ async def run(settings: DispatcherSettings) -> None:
 
 
 async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
-    if settings.stake_source not in ("announced", "chain"):
-        raise InvalidSettings(f"STIPPLE_STAKE_SOURCE={settings.stake_source!r}: expected announced or chain")
-    index = NodeIndex(indexed_stakes=settings.stake_source == "chain")
-    stakes_watch = await follow_stakes(ctx, index, settings) if settings.stake_source == "chain" else None
+    if not 0 <= settings.max_reassignments <= subjects.MAX_MSGS_PER_TASK_SUBJECT:
+        raise InvalidSettings(
+            f"STIPPLE_MAX_REASSIGNMENTS={settings.max_reassignments}: from 0 to {subjects.MAX_MSGS_PER_TASK_SUBJECT} "
+            "(the messages a task subject holds)"
+        )
+    index = NodeIndex()
+    stakes_watch = await follow_stakes(ctx, index, settings)
     nodes_sub = await follow_nodes(ctx.js, index)
     dispatcher = Dispatcher(ctx.js, index, settings, ctx.metrics)
 
@@ -606,5 +607,4 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
         await clock
         await status_sub.unsubscribe()
         await nodes_sub.unsubscribe()  # type: ignore[attr-defined]
-        if stakes_watch is not None:
-            stakes_watch.cancel()
+        stakes_watch.cancel()

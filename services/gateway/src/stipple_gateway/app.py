@@ -295,7 +295,7 @@ class Gateway:
     def view(self, loaded: Loaded, queue: QueueStatus | None = None) -> TaskView:
         return task_view(
             loaded.task,
-            progress=self.progress.of(loaded.task.task_id),
+            progress=self.progress.of(loaded.task.task_id, loaded.task.nodes),
             finished_at=loaded.finished_at,
             result_ttl_s=self.settings.result_ttl_s,
             queue=queue,

@@ -34,7 +34,16 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from stipple_common import bus, subjects
-from stipple_common.messages import OUTCOME_EVENTS, TaskEvent, decode_task_event, event_name, progress_decoder
+from stipple_common.errors import Rejected
+from stipple_common.messages import (
+    OUTCOME_EVENTS,
+    TaskAssigned,
+    TaskEvent,
+    TaskReassigned,
+    decode_progress,
+    decode_task_event,
+    event_name,
+)
 
 from .views import event_data
 
@@ -67,8 +76,8 @@ async def read_task_events(js: JetStreamContext, task_id: str) -> list[StoredEve
         meta = m.metadata
         try:
             event = decode_task_event(m.subject, m.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("undecodable_task_event", subject=m.subject, error=str(exc))
+        except Rejected as exc:
+            log.warning("task_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
             continue
         msg_id = _msg_id(m.headers, m.data, f"seq:{meta.sequence.stream}")
         out.append(StoredEvent(msg_id, event, meta.timestamp.timestamp()))
@@ -90,6 +99,7 @@ class TaskEventStream:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.subs: list[Any] = []
         self.seen: set[str] = set()
+        self.nodes: set[str] = set()  # the task's nodes: the only ones whose progress is shown
 
     async def _on_message(self, msg: Any) -> None:
         if msg.subject.startswith("progress.") and self.queue.qsize() >= MAX_QUEUED_PROGRESS:
@@ -117,6 +127,10 @@ class TaskEventStream:
 
     def _send(self, stored: StoredEvent) -> bytes:
         self.seen.add(stored.msg_id)
+        if isinstance(stored.event, TaskAssigned):
+            self.nodes.update(stored.event.nodes)
+        elif isinstance(stored.event, TaskReassigned):
+            self.nodes.add(stored.event.by)
         return frame(event_name(stored.event), event_data(stored.event), stored.msg_id)
 
     async def frames(self, stored: list[StoredEvent], last_event_id: str | None = None) -> AsyncIterator[bytes]:
@@ -147,18 +161,19 @@ class TaskEventStream:
                 msg = getter.result()
                 if msg.subject.startswith("progress."):
                     try:
-                        progress = progress_decoder.decode(msg.data)
-                    except msgspec.DecodeError:
+                        progress = decode_progress(msg.subject, msg.data)
+                    except Rejected:
                         continue
-                    yield frame("progress", progress)
+                    if progress.node_id in self.nodes:  # any node may claim progress in any task
+                        yield frame("progress", progress)
                     continue
                 msg_id = _msg_id(msg.headers, msg.data)
                 if msg_id in self.seen:
                     continue
                 try:
                     event = decode_task_event(msg.subject, msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning("undecodable_task_event", subject=msg.subject, error=str(exc))
+                except Rejected as exc:
+                    log.warning("task_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
                     continue
                 if event_name(event) not in OUTCOME_EVENTS:
                     yield self._send(StoredEvent(msg_id, event, 0.0))

@@ -3,7 +3,7 @@ holds one deposit for the gateway's apps and escrows each paid task's fee from i
 gateway refuses a task that deposit cannot pay, with 402, what is left and the price.
 
 Before a paid task is accepted, the gateway asks the chain-indexer to reserve its fee
-(``rpc.chain.gateway``, a ReserveRequest). The indexer keeps the ledger of fees reserved
+(``rpc.chain.gateway``, `subjects.RESERVE_SUBJECT`, which no node may publish on; a ReserveRequest). The indexer keeps the ledger of fees reserved
 but not yet escrowed, beside the balance on chain, in one place and one at a time, so
 concurrent requests (from any number of gateways) cannot spend one balance twice.
 Without a chain (no `chain` bucket: no chain-indexer in this network), fees only order
@@ -37,7 +37,7 @@ class CustodialWallet:
             return
         try:
             msg = await self.nc.request(
-                subjects.chain_rpc_subject("gateway"), encode(ReserveRequest(task_id=task_id, fee=fee)), timeout=5.0
+                subjects.RESERVE_SUBJECT, encode(ReserveRequest(task_id=task_id, fee=fee)), timeout=5.0
             )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
             raise ApiError(

@@ -10,14 +10,15 @@ missed.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
-import msgspec
 import structlog
 from nats.aio.client import Client as NATS
 
 from stipple_common import subjects
-from stipple_common.messages import OUTCOME_EVENTS, Progress, progress_decoder
+from stipple_common.errors import Rejected
+from stipple_common.messages import OUTCOME_EVENTS, Progress, decode_progress
 
 log = structlog.get_logger("stipple.gateway")
 
@@ -53,23 +54,26 @@ class ProgressBoard:
         while len(self._finished) > self.max_tasks:
             self._finished.popitem(last=False)
 
-    def of(self, task_id: str) -> dict[str, Progress]:
-        """node id -> its latest progress in this task."""
-        return dict(self._tasks.get(task_id, {}))
+    def of(self, task_id: str, nodes: Iterable[str]) -> dict[str, Progress]:
+        """node id -> its latest progress in this task, for the task's `nodes` only (any
+        node may publish progress on its own subject for any task: only an assigned
+        node's is shown)."""
+        assigned = set(nodes)
+        return {node: p for node, p in self._tasks.get(task_id, {}).items() if node in assigned}
 
     async def follow(self, nc: NATS) -> list[Any]:
         """Subscribe to every task's progress and outcome; returns the subscriptions."""
 
         async def on_progress(msg: Any) -> None:
             try:
-                self.update(progress_decoder.decode(msg.data))
-            except msgspec.DecodeError as exc:
-                log.debug("bad_progress_message", subject=msg.subject, error=str(exc))
+                self.update(decode_progress(msg.subject, msg.data))
+            except Rejected as exc:
+                log.debug("progress_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
 
         async def on_outcome(msg: Any) -> None:
             self.finish(subjects.subject_token(msg.subject, 1))
 
-        subs = [await nc.subscribe(subjects.progress_subject("*"), cb=on_progress)]
+        subs = [await nc.subscribe(subjects.ALL_PROGRESS, cb=on_progress)]
         for event in OUTCOME_EVENTS:
             subs.append(await nc.subscribe(subjects.all_tasks(event), cb=on_outcome))
         return subs

@@ -32,7 +32,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import get_args
 
-import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -41,6 +40,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
+from stipple_common.errors import Rejected
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
@@ -234,9 +234,7 @@ class Validator:
     async def publish_outcome(self, task: Task | None) -> bus.Redeliver | None:
         if task is None or task.finished:
             return None
-        if not self.directory.caught_up.is_set():
-            return bus.Redeliver(delay=1.0)  # node addresses are still loading
-        addresses = {node: self.directory.address(node) or "" for node in task.nodes}
+        addresses = {node: node for node in task.nodes}  # a node's id is its address (identity.py)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
             outcome = decide(task, self.settings.phash_threshold, addresses)
             kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
@@ -288,8 +286,8 @@ def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
     for m in msgs:
         try:
             events.append(decode_task_event(m.subject, m.data))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("event_ignored", subject=m.subject, error=str(exc))
+        except Rejected as exc:
+            log.warning("event_ignored", reason=exc.reason, sender=exc.sender, error=exc.message)
     return events
 
 
