@@ -70,9 +70,15 @@ def up(args: argparse.Namespace) -> int:
         print(f"stipple up: {exc}", file=sys.stderr)
         return 1
     try:
-        nodes = ", ".join(s.name for s in network.services if s.name.startswith("node-"))
-        print(f"Stipple is up.\n  gateway  {network.gateway_url}\n  nats     {redact(network.nats_url or '')}")
-        print(f"  nodes    {nodes} (model tiny-sd)\n  logs     {args.data_dir / 'logs'}/")
+        ids = network.node_ids()
+        nodes = "\n           ".join(f"{name} {ids.get(name, '')}" for name in sorted(ids))
+        auth = (
+            "authentication on: services with their own passwords, nodes with their keys (gatekeeper)"
+            if network.credentials is not None
+            else "as given (its authentication is not ours)"
+        )
+        print(f"Stipple is up.\n  gateway  {network.gateway_url}\n  nats     {redact(network.nats_url or '')} ({auth})")
+        print(f"  nodes    {nodes}\n           (model tiny-sd)\n  logs     {args.data_dir / 'logs'}/")
         metrics = network.metrics_urls().items()
         print("  metrics  " + "\n           ".join(f"{name:<14}{url}" for name, url in metrics))
         if not args.no_demo:

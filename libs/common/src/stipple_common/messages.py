@@ -120,6 +120,7 @@ class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", 
     images: list[ImageResult]  # the accepted images (from an agreeing node)
     verdicts: dict[str, Verdict]
     qos: dict[str, int] = {}  # this task's QoS score per node: 10/5/2 by commit order if agreeing, else 0
+    verdict_details: dict[str, str] = {}  # why, for a node judged bad_result or bad_commitment
 
 
 class TaskAborted(msgspec.Struct, frozen=True, kw_only=True, tag="aborted", tag_field="type"):
@@ -128,6 +129,7 @@ class TaskAborted(msgspec.Struct, frozen=True, kw_only=True, tag="aborted", tag_
     detail: str = ""
     verdicts: dict[str, Verdict] = {}
     qos: dict[str, int] = {}
+    verdict_details: dict[str, str] = {}  # why, for a node judged bad_result or bad_commitment
 
 
 class TaskCancelled(msgspec.Struct, frozen=True, kw_only=True, tag="cancelled", tag_field="type"):
@@ -359,6 +361,7 @@ class ChainReply(msgspec.Struct, frozen=True, kw_only=True):
     leaving: bool = False
     min_stake: int = 0
     tx_hash: str = ""
+    owner: str = ""  # who owns its stake (its operator, node id form); "": the address itself, or nobody
 
 
 chain_reply_decoder = msgspec.json.Decoder(ChainReply)

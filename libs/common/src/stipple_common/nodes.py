@@ -19,9 +19,21 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
+from nats.js.api import KeyValueConfig
+
 from .errors import Rejected
-from .messages import NodeBanned, NodeEvent, NodeHeartbeat, NodeJoined, NodeQos, NodeQuit, decode_node_event
-from .subjects import NODES_STREAM
+from .messages import (
+    IndexedStake,
+    NodeBanned,
+    NodeEvent,
+    NodeHeartbeat,
+    NodeJoined,
+    NodeQos,
+    NodeQuit,
+    decode_node_event,
+    indexed_stake_decoder,
+)
+from .subjects import NODES_STREAM, STAKES_BUCKET
 
 log = structlog.get_logger("stipple.nodes")
 
@@ -44,6 +56,7 @@ class NodeDirectory:
         self.entries: dict[str, NodeEntry] = {}
         self._qos: dict[str, NodeQos] = {}
         self._bans: dict[str, float] = {}
+        self.stakes: dict[str, IndexedStake] = {}  # node id -> the chain's word (follow_stakes)
         self._changed = asyncio.Event()
         self.caught_up = asyncio.Event()  # set once the stream's backlog has been folded
 
@@ -80,9 +93,24 @@ class NodeDirectory:
         entry = self.entries.get(node_id)
         return entry.joined.address if entry else None
 
+    def operator(self, node_id: str) -> str:
+        """Who runs the node: the owner of its stake, as the chain says (the node itself
+        when it staked alone, or when the chain knows nothing of it)."""
+        stake = self.stakes.get(node_id)
+        return (stake.owner if stake and stake.owner else node_id).lower()
+
+    def stake(self, node_id: str) -> int:
+        stake = self.stakes.get(node_id)
+        return 0 if stake is None or stake.leaving else stake.stake
+
     def live(self, now: float | None = None) -> list[NodeJoined]:
+        """Nodes with a fresh heartbeat that have not quit and are not banned."""
         now = time.time() if now is None else now
-        return [e.joined for e in self.entries.values() if not e.quit and now - e.last_seen <= self.ttl_s]
+        return [
+            e.joined
+            for e in self.entries.values()
+            if not e.quit and now - e.last_seen <= self.ttl_s and e.banned_until <= now
+        ]
 
     async def wait_for(self, count: int, timeout: float) -> list[NodeJoined]:
         """Wait until at least `count` nodes are live (used at start-up)."""
@@ -97,6 +125,25 @@ class NodeDirectory:
             except TimeoutError:
                 break
         return self.live()
+
+    async def follow_stakes(self, js: JetStreamContext, replicas: int = 1) -> asyncio.Task[None]:
+        """Keep `stakes` from the chain-indexer's `stakes` bucket (created if missing)."""
+        kv = await js.create_key_value(KeyValueConfig(bucket=STAKES_BUCKET, history=1, replicas=replicas))
+        watcher = await kv.watchall()
+
+        async def fold() -> None:
+            async for entry in watcher:
+                if entry is None:
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self.stakes.pop(entry.key.lower(), None)
+                    continue
+                try:
+                    self.stakes[entry.key.lower()] = indexed_stake_decoder.decode(entry.value)
+                except Exception as exc:  # one bad record must not stop the watch
+                    log.warning("bad_stake_entry", key=entry.key, error=str(exc))
+
+        return asyncio.create_task(fold())
 
     async def follow(self, js: JetStreamContext, catch_up_s: float = 10.0) -> object:
         """Subscribe to the NODES stream from its start (last message per subject) and

@@ -40,6 +40,7 @@ from stipple_common.blobstore import BlobNotFound, BlobStore
 from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.messages import (
     OUTCOME_EVENTS,
+    ImageResult,
     QueueStatus,
     TaskCancelled,
     TaskSubmitted,
@@ -173,6 +174,11 @@ class Gateway:
             registry=self.metrics.registry,
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
         )
+        self.integrity_failures = Counter(
+            "stipple_gateway_image_integrity_failures_total",
+            "Accepted images not served: the stored bytes' SHA-256 is not the validated one",
+            registry=self.metrics.registry,
+        )
         self._accepted: OrderedDict[str, float] = OrderedDict()  # task -> submitted_at, until its outcome
 
     # ------------------------------------------------------------------ lifecycle
@@ -235,7 +241,7 @@ class Gateway:
                 value=spec.model_name,
             )
         live = [n for n in self.directory.live() if n.serves(spec.model_name)]
-        operators = {n.operator for n in live}
+        operators = {self.directory.operator(n.node_id) for n in live}
         need = self.settings.replication
         if len(operators) < need:
             raise ApiError(
@@ -300,6 +306,35 @@ class Gateway:
             result_ttl_s=self.settings.result_ttl_s,
             queue=queue,
         )
+
+    async def image_bytes(self, task: Task, image: ImageResult) -> bytes:
+        """An accepted image's PNG, only if it is the one the validator checked: the bytes
+        read from the blob store must hash to the outcome's SHA-256 (when it has one; older
+        outcomes do not). Otherwise 502 `image_integrity`, logged, and nothing served."""
+        try:
+            png = await self.blobs.get(image.key)
+        except BlobNotFound:
+            raise ApiError(410, "expired", f"image {image.index} of task {task.task_id} is no longer stored") from None
+        if image.sha256:
+            digest = (await asyncio.to_thread(hashlib.sha256, png)).hexdigest()
+            if digest != image.sha256:
+                self.integrity_failures.inc()
+                log.error(
+                    "image_integrity_failed",
+                    task_id=task.task_id,
+                    index=image.index,
+                    key=image.key,
+                    expected=image.sha256,
+                    got=digest,
+                    size=len(png),
+                )
+                raise ApiError(
+                    502,
+                    "image_integrity",
+                    f"image {image.index} of task {task.task_id}: the stored bytes are not the validated image "
+                    "(SHA-256 mismatch); it is not served",
+                )
+        return png
 
     async def queue_status(self, task: Task) -> QueueStatus | None:
         """A pending task's place in the dispatcher's queue (None when nobody answers fast)."""
@@ -453,10 +488,7 @@ class Gateway:
                     f"image {index} of task {task.task_id} expired at {when} (results are kept {ttl:g} s)",
                 )
             max_age = min(max_age, int(left))
-        try:
-            png = await self.blobs.get(task.images[index].key)
-        except BlobNotFound:
-            raise ApiError(410, "expired", f"image {index} of task {task.task_id} is no longer stored") from None
+        png = await self.image_bytes(task, task.images[index])
         scope = "private" if self.keys.enabled else "public"
         return Response(png, media_type="image/png", headers={"Cache-Control": f"{scope}, max-age={max_age}"})
 
@@ -478,7 +510,7 @@ class Gateway:
         if task.status != "succeeded":
             detail = f"task {task_id} was {task.status}: {task.reason} {task.detail}".strip()
             raise ApiError(502, task.reason or task.status, detail)
-        pngs = [await self.blobs.get(image.key) for image in task.images]
+        pngs = await asyncio.gather(*(self.image_bytes(task, image) for image in task.images))
         images = [base64.b64encode(png).decode() for png in pngs]
         return json_response(SdcnResult(images=images, task_id=task_id, seeds=[image.seed for image in task.images]))
 
@@ -488,13 +520,13 @@ class Gateway:
         nodes = [
             NodeInfo(
                 node_id=e.joined.node_id,
-                operator=e.joined.operator,
+                operator=self.directory.operator(e.joined.node_id),
                 device=e.joined.device,
                 models=e.joined.models,
                 live=e.joined.node_id in live,
                 last_seen_s_ago=round(now - e.last_seen, 3),
                 address=e.joined.address,
-                stake=e.joined.stake,
+                stake=self.directory.stake(e.joined.node_id),
             )
             for e in self.directory.entries.values()
         ]

@@ -60,6 +60,7 @@ async def apply_result_ttl(ctx: ServiceContext, settings: GatewaySettings) -> No
 async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
     assert ctx.blobs is not None
     directory = NodeDirectory(ttl_s=settings.node_ttl_s)
+    stakes = await directory.follow_stakes(ctx.js, settings.stream_replicas)
     sub = await directory.follow(ctx.js)
     gateway = Gateway(ctx.nc, ctx.js, ctx.blobs, directory, settings, ctx.metrics)
     await apply_result_ttl(ctx, settings)
@@ -85,5 +86,6 @@ async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
         await server.serve()
     finally:
         watcher.cancel()
+        stakes.cancel()
         await gateway.stop()
         await sub.unsubscribe()  # type: ignore[attr-defined]

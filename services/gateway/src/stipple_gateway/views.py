@@ -112,14 +112,14 @@ class TaskAccepted(msgspec.Struct, kw_only=True):
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
-    node_id: str
-    operator: str
+    node_id: str  # the node's Ethereum address in lower case
+    operator: str  # who owns its stake on chain (the node itself when it staked alone)
     device: str
     models: list[str]
     live: bool
     last_seen_s_ago: float
-    address: str = ""  # the node's Ethereum address: it signs commitments, stakes and is paid
-    stake: int = 0  # what the node staked on chain when it joined (smallest token unit)
+    address: str = ""  # the node's Ethereum address, checksummed: it signs commitments, stakes and is paid
+    stake: int = 0  # its stake as the chain says (smallest token unit; 0 while leaving)
 
 
 class NodesView(msgspec.Struct, kw_only=True):
