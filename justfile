@@ -47,10 +47,10 @@ openapi:
 dashboards:
     python deploy/tools/dashboards.py
 
-# Write an overlay's nats-auth.conf (NATS users and permissions) after editing its nats-nodes.txt
+# Write deploy/k8s/base/nats/auth.conf (accounts, service users, the auth callout) from stipple_common.permissions
 [group('dev')]
-nats-auth overlay="deploy/k8s/overlays/production":
-    python deploy/tools/render_nats.py {{ overlay }}
+nats-auth:
+    python deploy/tools/render_nats.py
 
 # Draw docs/img/dashboard-*.png: a real Prometheus scraping `stipple up` under load (~6 min)
 [group('dev')]

@@ -48,6 +48,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
+from stipple_common.identity import node_id_of
 from stipple_common.messages import ChainLog, NodeJoined, TaskSubmitted, TaskSucceeded, chain_decoder
 from stipple_common.natsserver import NatsServer, nats_server_binary
 from stipple_common.taskspec import parse_task
@@ -326,13 +327,14 @@ async def final_run(
         sub = await nc.subscribe(subjects.chain_subject("TaskPayment", "Settled"), cb=on_settled)
         await asyncio.sleep(1.0)
         published: dict[str, float] = {}
+        n1, n2, n3 = (node_id_of(w3.eth.accounts[7 + i]) for i in range(3))  # the nodes' ids are their addresses
         for task_id in tasks:
             outcome = TaskSucceeded(
                 task_id=task_id,
                 reason="unanimous",
                 images=[],
-                verdicts={"n1": "agree", "n2": "agree", "n3": "agree"},
-                qos={"n1": 10, "n2": 5, "n3": 2},
+                verdicts={n1: "agree", n2: "agree", n3: "agree"},
+                qos={n1: 10, n2: 5, n3: 2},
             )
             published[task_id] = time.time()
             await bus.publish(js, subjects.task_subject(task_id, "succeeded"), outcome, msg_id=f"{task_id}:o")
@@ -399,10 +401,10 @@ async def bench(args: Any, nats_url: str, anvil_url: str, tmp: Path) -> dict[str
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await bus.ensure_streams(js, subjects.stream_configs())
-    for i, node in enumerate(("n1", "n2", "n3")):
+    for i in range(3):
+        node = node_id_of(accounts[7 + i])
         joined = NodeJoined(
             node_id=node,
-            operator=node,
             device="cpu",
             memory_bytes=1,
             models=["tiny-sd"],

@@ -1,8 +1,9 @@
 """`stipple chain reconcile` against anvil and a chain-indexer that ran on it: the
 projections agree with the chain after paid tasks went through, and each thing broken on
-purpose is reported with both values: a `stakes` entry overwritten by hand, stakes changed
-on chain while the indexer was stopped, an outcome never settled, a settlement event the
-chain does not hold. The command exits 0, 1, or 2 when it cannot compare at all."""
+purpose is reported with both values: a `stakes` entry overwritten by hand (its stake, its
+operator, a key that is no node id), stakes changed on chain while the indexer was stopped
+(one staked by an operator), an outcome never settled, a settlement event the chain does
+not hold. The command exits 0, 1, or 2 when it cannot compare at all."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from stipple_chain_indexer.service import IndexerSettings, serve
 from stipple_cli import reconcile as rc
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
+from stipple_common.identity import node_id_of
 from stipple_common.messages import (
     ChainLog,
     NodeJoined,
@@ -62,6 +64,8 @@ class Network:
             accounts = w3.eth.accounts
             self.admin = accounts[0]
             self.nodes = dict(zip("abcd", accounts[2:6], strict=True))
+            self.ids = {name: node_id_of(address) for name, address in self.nodes.items()}
+            self.operator = accounts[6]  # stakes for d later
             self.deployment = ch.deploy_all(
                 w3,
                 self.admin,
@@ -75,7 +79,7 @@ class Network:
             self.chain = ch.StippleChain(w3, self.deployment)
             self.chain.mint(self.admin, self.admin, 100_000)
             self.chain.deposit(self.admin, 100_000)
-            for address in self.nodes.values():
+            for address in [*self.nodes.values(), self.operator]:
                 self.chain.mint(self.admin, address, MIN_STAKE)
             for node in "abc":
                 self.chain.stake(self.nodes[node], MIN_STAKE)
@@ -95,10 +99,10 @@ class Network:
         self.nc = await nats.connect(self.nats_url)
         self.js = self.nc.jetstream()
         await bus.ensure_streams(self.js, subjects.stream_configs())
-        for node, address in self.nodes.items():  # d announces itself but has not staked
+        for address in self.nodes.values():  # d announces itself but has not staked
+            node = node_id_of(address)
             joined = NodeJoined(
                 node_id=node,
-                operator=node,
                 device="cpu",
                 memory_bytes=1,
                 models=["tiny-sd"],
@@ -196,13 +200,14 @@ def submitted(task_id: str, fee: int) -> TaskSubmitted:
     return TaskSubmitted(task_id=task_id, spec=SPEC, submitted_at=time.time(), fee=fee)
 
 
-def succeeded(task_id: str) -> TaskSucceeded:
+def succeeded(network: Network, task_id: str) -> TaskSucceeded:
+    a, b, c = (network.ids[n] for n in "abc")
     return TaskSucceeded(
         task_id=task_id,
         reason="unanimous",
         images=[],
-        verdicts=dict.fromkeys("abc", "agree"),
-        qos={"a": 10, "b": 5, "c": 2},
+        verdicts=dict.fromkeys((a, b, c), "agree"),
+        qos={a: 10, b: 5, c: 2},
     )
 
 
@@ -211,9 +216,9 @@ async def test_all_agree_after_paid_tasks_then_a_wrong_stake_entry_is_reported(n
     await network.publish(submitted(paid, 1_700), "submitted")
     await network.publish(submitted(aborted, 300), "submitted")
     await network.publish(submitted(free, 0), "submitted")
-    await network.publish(succeeded(paid), "succeeded")
+    await network.publish(succeeded(network, paid), "succeeded")
     await network.publish(TaskAborted(task_id=aborted, reason="no_agreement"), "aborted")
-    await network.publish(succeeded(free), "succeeded")
+    await network.publish(succeeded(network, free), "succeeded")
     await network.until("paid task settled", lambda: _is(network.state(paid), ch.TaskState.SETTLED))
     await network.until("aborted task refunded", lambda: _is(network.state(aborted), ch.TaskState.REFUNDED))
     await network.indexed(stakes=3, settled=1, refunded=1)
@@ -225,22 +230,36 @@ async def test_all_agree_after_paid_tasks_then_a_wrong_stake_entry_is_reported(n
     assert status == 0, out
     assert "all agree: 4 stakes, 2 paid tasks, 2 settlement events checked" in out
 
-    a = network.nodes["a"]
+    a = network.ids["a"]
     stakes = await network.js.key_value(subjects.STAKES_BUCKET)
     await stakes.put(a, json.dumps({"stake": 1, "leaving": False, "block": 5}).encode())
     report = await network.reconcile()
     (wrong,) = report.differences
     assert wrong == rc.Difference(
         kind="stake",
-        thing=f"node {a} (a)",
-        projection="stake=1 leaving=no (block 5)",
-        chain=f"stake={MIN_STAKE} leaving=no",
+        thing=f"node {a}",
+        projection="stake=1 leaving=no owner=self (block 5)",
+        chain=f"stake={MIN_STAKE} leaving=no owner=self",
         note=f"wrong at block {report.cursor}, the indexer's cursor, which is the chain head",
     )
     status, out = await network.cli()
     assert status == 1
     assert wrong.line() in out.splitlines()
     assert "1 differences" in out
+
+    # the right stake under another operator; and an entry under a checksummed address
+    stranger = node_id_of(network.operator)
+    entry = {"stake": MIN_STAKE, "leaving": False, "owner": stranger, "block": 5}
+    await stakes.put(a, json.dumps(entry).encode())
+    await stakes.put(network.nodes["b"], json.dumps({"stake": MIN_STAKE}).encode())
+    key, owner = (await network.reconcile()).differences
+    assert (owner.thing, owner.projection, owner.chain) == (
+        f"node {a}",
+        f"stake={MIN_STAKE} leaving=no owner={stranger} (block 5)",
+        f"stake={MIN_STAKE} leaving=no owner=self",
+    )
+    assert (key.thing, key.chain) == (f"stakes key {network.nodes['b']!r}", "-")
+    assert key.note.startswith("not a node id")
 
 
 async def test_what_the_stopped_indexer_missed_is_reported_until_it_catches_up(network: Network):
@@ -252,13 +271,14 @@ async def test_what_the_stopped_indexer_missed_is_reported_until_it_catches_up(n
     await network.halt()
     cursor = (await network.reconcile()).cursor
     stakes = await network.js.key_value(subjects.STAKES_BUCKET)
-    b_block = json.loads((await stakes.get(network.nodes["b"])).value or b"{}")["block"]
+    ids = network.ids
+    b_block = json.loads((await stakes.get(ids["b"])).value or b"{}")["block"]
 
     n = network.nodes
     await network.on_chain(lambda c: c.slash(network.admin, n["b"], 400, "by-hand"))
     await network.on_chain(lambda c: c.request_unstake(n["c"]))
-    await network.on_chain(lambda c: c.stake(n["d"], MIN_STAKE))
-    await network.publish(succeeded(task_id), "succeeded")
+    await network.on_chain(lambda c: c.stake_for(network.operator, n["d"], MIN_STAKE))  # d's operator pays
+    await network.publish(succeeded(network, task_id), "succeeded")
     block = await network.on_chain(lambda c: int(c.w3.eth.block_number))
     forged = ChainLog(  # a settlement event the chain never emitted (a bug, or a reorg nobody saw)
         contract="TaskPayment",
@@ -275,21 +295,26 @@ async def test_what_the_stopped_indexer_missed_is_reported_until_it_catches_up(n
     behind = f"changed on chain after block {cursor}, the indexer's cursor: it is behind or stopped"
     assert report.cursor == cursor
     by_thing = {d.thing: d for d in report.differences}
-    assert by_thing.pop(f"node {n['b']} (b)") == rc.Difference(
+    assert by_thing.pop(f"node {ids['b']}") == rc.Difference(
         kind="stake",
-        thing=f"node {n['b']} (b)",
-        projection=f"stake={MIN_STAKE} leaving=no (block {b_block})",
-        chain=f"stake={MIN_STAKE - 400} leaving=no",
+        thing=f"node {ids['b']}",
+        projection=f"stake={MIN_STAKE} leaving=no owner=self (block {b_block})",
+        chain=f"stake={MIN_STAKE - 400} leaving=no owner=self",
         note=behind,
     )
-    leaving = by_thing.pop(f"node {n['c']} (c)")
+    leaving = by_thing.pop(f"node {ids['c']}")
     assert (leaving.projection.split(" (")[0], leaving.chain, leaving.note) == (
-        f"stake={MIN_STAKE} leaving=no",
-        f"stake={MIN_STAKE} leaving=yes",
+        f"stake={MIN_STAKE} leaving=no owner=self",
+        f"stake={MIN_STAKE} leaving=yes owner=self",
         behind,
     )
-    joined = by_thing.pop(f"node {n['d']} (d)")
-    assert (joined.projection, joined.chain, joined.note) == ("none", f"stake={MIN_STAKE} leaving=no", behind)
+    joined = by_thing.pop(f"node {ids['d']}")
+    operator = node_id_of(network.operator)
+    assert (joined.projection, joined.chain, joined.note) == (
+        "none",
+        f"stake={MIN_STAKE} leaving=no owner={operator}",
+        behind,
+    )
     unsettled = by_thing.pop(f"task {task_id}")
     assert (unsettled.kind, unsettled.projection) == ("task", "succeeded (fee 1500) -> SETTLED")
     assert unsettled.chain == f"ESCROWED fee=1500 app={network.admin}"

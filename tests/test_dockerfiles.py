@@ -153,7 +153,7 @@ def dev_torch_pin() -> str:
 
 
 def test_every_service_has_a_dockerfile() -> None:
-    assert set(SERVICES) == {"chain-indexer", "dispatcher", "gateway", "node-agent", "validator"}
+    assert set(SERVICES) == {"chain-indexer", "dispatcher", "gatekeeper", "gateway", "node-agent", "validator"}
     for service in SERVICES:
         assert (ROOT / "services" / service / "Dockerfile").is_file(), service
 

@@ -1,18 +1,23 @@
 """deploy/k8s: the overlays render and pass `just k8s-check`; the checker fails on what it
 must (an unknown field in a Deployment's container, an unknown nested field in a
-PodMonitor, a missing required field, a kind without a schema); the rendered objects
-keep the deployment's invariants; the NATS authorization files are what
-stipple_common.permissions renders, and a real nats-server accepts them."""
+PodMonitor, a missing required field, a kind without a schema, a secret in plain sight, a
+credential given to a node); the rendered objects keep the deployment's invariants; the
+NATS accounts file is what stipple_common.permissions renders, a real nats-server (the
+release the StatefulSet runs) loads it, and with the dev overlay's Secrets the gatekeeper's
+Deployment settings admit a node that has nothing but its key."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,12 +26,21 @@ import nats
 import nats.errors
 import pytest
 
+from stipple_common import permissions
 from stipple_common.natsserver import NatsServer, nats_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "deploy" / "tools"
 K8S = ROOT / "deploy" / "k8s"
-SERVICES = ("gateway", "dispatcher", "validator", "chain-indexer")
+SERVICES = permissions.SERVICES
+NATS_OVERLAYS = ("overlays/dev", "overlays/production")
+# nkeys (not marked dev-only: they are keys) in the dev overlay's Secrets
+NKEY_VARS = {
+    "NATS_CALLOUT_ISSUER": "A",
+    "NATS_CALLOUT_USER": "U",
+    "STIPPLE_ISSUER_SEED": "SA",
+    "STIPPLE_CALLOUT_SEED": "SU",
+}
 
 
 def _load(name: str) -> ModuleType:
@@ -43,36 +57,52 @@ render_nats = _load("render_nats")
 k8s_check = _load("k8s_check")
 
 
-# --- NATS authorization -------------------------------------------------------------
+# --- NATS accounts ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", k8s_check.NATS_OVERLAYS)
-def test_committed_nats_auth_is_the_generators_output(overlay: str) -> None:
-    folder = K8S / overlay
-    nodes = render_nats.read_nodes(folder / render_nats.NODES_FILE)
-    assert nodes, "an overlay lists at least one node"
-    assert (folder / render_nats.AUTH_FILE).read_text() == render_nats.render(nodes)
-    assert render_nats.main(["--check", str(folder)]) == 0
+def test_committed_nats_auth_is_the_generators_output() -> None:
+    assert render_nats.AUTH_FILE == K8S / "base/nats/auth.conf"
+    assert render_nats.AUTH_FILE.read_text() == render_nats.render()
+    assert render_nats.main(["--check"]) == 0
+    assert k8s_check.nats_auth_failures() == []
+    assert not list(K8S.rglob("nats-nodes.txt")), "no list of nodes: joining is permissionless"
 
 
 def test_generator_check_fails_on_a_stale_file(tmp_path: Path) -> None:
-    (tmp_path / render_nats.NODES_FILE).write_text("gpu-a\n")
-    assert render_nats.main([str(tmp_path)]) == 0
-    (tmp_path / render_nats.NODES_FILE).write_text("gpu-a\ngpu-b\n")
-    assert render_nats.main(["--check", str(tmp_path)]) == 1
+    target = tmp_path / "auth.conf"
+    assert render_nats.main(["--check", "--output", str(target)]) == 1  # missing
+    assert render_nats.main(["--output", str(target)]) == 0
+    assert render_nats.main(["--check", "--output", str(target)]) == 0
+    target.write_text(target.read_text().replace("gatekeeper", "gatekeeper2"))
+    assert render_nats.main(["--check", "--output", str(target)]) == 1
 
 
-def test_node_permissions_come_from_stipple_common() -> None:
-    from stipple_common.permissions import SERVICE_PERMISSIONS, node_permissions
+def test_accounts_come_from_stipple_common(capsys: pytest.CaptureFixture[str]) -> None:
+    from stipple_common.permissions import SERVICE_PERMISSIONS, CalloutKeys, render_accounts, service_user
 
-    text = render_nats.render(["gpu-a"])
-    assert '"password": $NATS_NODE_GPU_A_PASSWORD' in text
-    assert '"password": $NATS_CHAIN_INDEXER_PASSWORD' in text
-    for subject in node_permissions("gpu-a")["publish"]["allow"] + node_permissions("gpu-a")["subscribe"]["allow"]:
-        assert f'"{subject}"' in text
-    assert SERVICE_PERMISSIONS["subscribe"]["allow"] == [">"]
-    # a node may not subscribe to the task events
-    assert '"tasks.>"' not in text
+    text = render_nats.render()
+    # exactly render_accounts' output, with every `$VAR` unquoted (nats-server reads a
+    # quoted "$VAR" as the literal string)
+    users = [service_user(s, "$" + render_nats.password_var(s)) for s in SERVICES]
+    callout = CalloutKeys("$NATS_CALLOUT_ISSUER", "$NATS_CALLOUT_USER")
+    rendered = render_accounts(users, callout, system_password="$NATS_SYS_PASSWORD", raw_passwords=True)
+    assert text == render_nats.HEADER + re.sub(r'"\$([A-Z0-9_]+)"', r"$\1", rendered)
+    assert '"$' not in text
+    rights = json.dumps(SERVICE_PERMISSIONS)
+    for service in SERVICES:
+        user = f'"user": "{service}", "password": ${render_nats.password_var(service)}, "permissions": {rights}'
+        assert user in text, service
+    assert "NATS_CHAIN_INDEXER_PASSWORD" in text
+    assert "issuer: $NATS_CALLOUT_ISSUER" in text
+    assert "users: [ { nkey: $NATS_CALLOUT_USER } ]" in text
+    assert "auth_users: [$NATS_CALLOUT_USER, " in text  # the gatekeeper's own login skips the callout
+    assert 'user: "sys", password: $NATS_SYS_PASSWORD' in text
+    assert re.search(r"APP \{\n    jetstream: enabled", text)
+    assert "system_account: SYS" in text  # a cluster needs one
+    assert "node" not in text.split("accounts {", 1)[1]  # no node user: the callout admits nodes
+    assert render_nats.main(["--print-vars"]) == 0
+    assert capsys.readouterr().out.split() == render_nats.env_vars()
+    assert set(render_nats.env_vars()) == set(re.findall(r"\$(NATS_[A-Z0-9_]+)", text))
 
 
 def _tls_conf(overlay: str, pki: Any) -> str:
@@ -87,38 +117,61 @@ def _tls_conf(overlay: str, pki: Any) -> str:
 
 def _server_config(tmp_path: Path, overlay: str, pki: Any) -> Path:
     (tmp_path / "nats.conf").write_text((K8S / "base/nats/nats.conf").read_text())
-    (tmp_path / "auth.conf").write_text((K8S / overlay / render_nats.AUTH_FILE).read_text())
+    (tmp_path / "auth.conf").write_text(render_nats.AUTH_FILE.read_text())
     (tmp_path / "tls.conf").write_text(_tls_conf(overlay, pki))
     return tmp_path / "nats.conf"
 
 
-def _password_env(overlay: str) -> dict[str, str]:
-    nodes = render_nats.read_nodes(K8S / overlay / render_nats.NODES_FILE)
-    return {var: f"pw-{i}" for i, var in enumerate(render_nats.env_vars(nodes))}
+def _nats_env() -> dict[str, str]:
+    """Values for every variable auth.conf reads, as the stipple-nats-users Secret gives them
+    (the public keys of a new pair of gatekeeper keys)."""
+    from stipple_gatekeeper.jwt import new_keys
+
+    keys = new_keys()
+    env = {var: f"pw-{i}" for i, var in enumerate(render_nats.env_vars())}
+    env["NATS_CALLOUT_ISSUER"] = keys["ISSUER_PUBLIC"]
+    env["NATS_CALLOUT_USER"] = keys["CALLOUT_PUBLIC"]
+    return env
 
 
-@pytest.mark.parametrize("overlay", k8s_check.NATS_OVERLAYS)
+def test_the_statefulset_runs_the_nats_release_the_tests_run() -> None:
+    import yaml
+
+    docs = yaml.safe_load_all((K8S / "base/nats/nats.yaml").read_text())
+    nats_set = next(d for d in docs if d["kind"] == "StatefulSet")
+    image = nats_set["spec"]["template"]["spec"]["containers"][0]["image"]
+    version = subprocess.run([nats_server_binary(), "--version"], capture_output=True, text=True, check=True).stdout
+    major_minor = re.search(r"v(\d+\.\d+)\.", version)
+    assert major_minor, version
+    assert image == f"nats:{major_minor.group(1)}-alpine", (image, version)
+
+
+@pytest.mark.parametrize("overlay", NATS_OVERLAYS)
 def test_nats_server_accepts_the_rendered_config(tmp_path: Path, overlay: str, pki: Any) -> None:
     config = _server_config(tmp_path, overlay, pki)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
-    env = {**base_env, "POD_NAME": "nats-0", **_password_env(overlay)}
+    env = {**base_env, "POD_NAME": "nats-0", **_nats_env()}
     ok = subprocess.run([nats_server_binary(), "-t", "-c", str(config)], env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "is valid" in ok.stdout + ok.stderr
-    # The passwords really are variable references: without them the server refuses.
-    env.pop("NATS_GATEWAY_PASSWORD")
-    bad = subprocess.run([nats_server_binary(), "-t", "-c", str(config)], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0
-    assert "NATS_GATEWAY_PASSWORD" in bad.stderr
+    # The passwords and keys really are variable references: without one the server refuses.
+    for var in ("NATS_GATEWAY_PASSWORD", "NATS_CALLOUT_USER", "NATS_CALLOUT_ISSUER"):
+        bad = subprocess.run(
+            [nats_server_binary(), "-t", "-c", str(config)],
+            env={k: v for k, v in env.items() if k != var},
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode != 0, var
+        assert var in bad.stderr
 
 
 @pytest.mark.integration
 async def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var, value in _password_env("overlays/production").items():
+    for var, value in _nats_env().items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("NATS_GATEWAY_PASSWORD", "s3cret-from-env")
-    auth = (K8S / "overlays/production" / render_nats.AUTH_FILE).read_text()
-    with NatsServer.start(tmp_path, config=auth) as server:
+    with NatsServer.start(tmp_path, config=render_nats.AUTH_FILE.read_text()) as server:
         nc = await nats.connect(f"nats://gateway:s3cret-from-env@{server.host}:{server.port}", connect_timeout=2)
         await nc.close()
         with pytest.raises((nats.errors.Error, OSError)):
@@ -134,15 +187,15 @@ async def test_password_comes_from_the_environment(monkeypatch: pytest.MonkeyPat
 async def test_production_nats_takes_only_tls_and_the_services_verify_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pki: Any
 ) -> None:
-    """The production overlay's tls.conf and users on a real nats-server: a service with
-    its Deployment's URL (nats://, upgraded) and STIPPLE_NATS_CA_FILE gets in; without the
-    CA it is refused at once; a client that will not do TLS is refused too."""
+    """The production overlay's tls.conf and the accounts on a real nats-server: a service
+    with its Deployment's URL (nats://, upgraded) and STIPPLE_NATS_CA_FILE gets in; without
+    the CA it is refused at once; a client that will not do TLS is refused too."""
     from stipple_common import bus
 
-    for var, value in _password_env("overlays/production").items():
+    for var, value in _nats_env().items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("NATS_GATEWAY_PASSWORD", "gw-pass")
-    auth = (K8S / "overlays/production" / render_nats.AUTH_FILE).read_text()
+    auth = render_nats.AUTH_FILE.read_text()
     with NatsServer.start(tmp_path, config=_tls_conf("overlays/production", pki) + "\n" + auth) as server:
         url = f"nats://gateway:gw-pass@127.0.0.1:{server.port}"
         nc = await bus.connect(url, "gateway", ca_file=str(pki.ca))
@@ -177,6 +230,103 @@ def _get(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return obj["spec"]["template"]["spec"]["containers"]
+
+
+def _unhashed(ref: dict[str, str]) -> dict[str, str]:
+    """A secretKeyRef / secretRef as written in the base (kustomize appends a hash to the
+    names of the Secrets an overlay generates)."""
+    return {**ref, "name": re.sub(r"-[a-z0-9]{10}$", "", ref["name"])}
+
+
+def _secret(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in _get(objects, "Secret", name)["data"].items()}
+
+
+def _container_env(objects: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """A container's variables as the kubelet sets them: literal values and secretKeyRefs
+    (from the Secrets in `objects`), then `$(VAR)` references resolved; envFrom left out."""
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), entry["value"])
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = _secret(objects, ref["name"])[ref["key"]]
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+async def test_the_dev_secrets_load_in_nats_and_the_gatekeeper_admits_a_bare_key(
+    renders: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What the dev overlay runs, on a real nats-server: the NATS pods' variables from
+    stipple-nats-users, the gatekeeper with its Deployment's STIPPLE_* settings (Secrets
+    resolved, `nats:4222` pointed at the test server). Every service logs in with its
+    password; the gatekeeper's three connections (APP, AUTH with the callout seed, SYS)
+    come up, it declares the streams (JetStream in APP); a client with nothing but a new
+    key is admitted as a node; a client with nothing at all is refused."""
+    from eth_account import Account
+    from stipple_gatekeeper.service import GatekeeperSettings, serve
+
+    from stipple_common import subjects
+    from stipple_common.identity import node_id_of
+    from stipple_common.messages import join_status_decoder
+    from stipple_common.service import nats_identity, open_service
+    from stipple_common.settings import load_settings
+
+    dev = renders["overlays/dev"]
+    for var, value in _secret(dev, "stipple-nats-users").items():
+        monkeypatch.setenv(var, value)
+    with NatsServer.start(tmp_path, config=render_nats.AUTH_FILE.read_text()) as server:
+        address = f"{server.host}:{server.port}"
+        passwords = _secret(dev, "stipple-nats-users")
+        for service in SERVICES:
+            nc = await nats.connect(f"nats://{service}:{passwords[render_nats.password_var(service)]}@{address}")
+            await nc.close()
+        gatekeeper = _containers(_get(dev, "Deployment", "gatekeeper"))[0]
+        env = {
+            k: v.replace("@nats:4222", f"@{address}")
+            for k, v in _container_env(dev, gatekeeper).items()
+            if k.startswith("STIPPLE_")
+        }
+        assert {"STIPPLE_NATS_URL", "STIPPLE_SYSTEM_URL", "STIPPLE_ISSUER_SEED", "STIPPLE_CALLOUT_SEED"} <= set(env)
+        settings = load_settings(GatekeeperSettings, {**env, "STIPPLE_LOG_LEVEL": "warning"})
+        stop = asyncio.Event()
+        async with open_service("gatekeeper", settings, blobs=settings.intake, stop=stop) as ctx:
+            task = asyncio.create_task(serve(ctx, settings))
+            try:
+                account = Account.create()
+                node_id = node_id_of(account.address)
+                deadline = time.monotonic() + 15
+                while True:  # until the gatekeeper answers the callout, then rpc.join
+                    node = None
+                    try:
+                        node = await nats.connect(
+                            server.url,
+                            connect_timeout=3,
+                            max_reconnect_attempts=0,
+                            allow_reconnect=False,
+                            **nats_identity(account),
+                        )
+                        reply = await node.request(subjects.join_rpc_subject(node_id), b"", timeout=2)
+                        break
+                    except (nats.errors.Error, OSError):
+                        if node is not None:
+                            await node.close()
+                        assert time.monotonic() < deadline, "the gatekeeper never admitted the key"
+                        await asyncio.sleep(0.2)
+                status = join_status_decoder.decode(reply.data)
+                assert status.node_id == node_id
+                assert status.level == ("node" if status.min_stake == 0 else "applicant"), status
+                await node.close()
+                with pytest.raises((nats.errors.Error, OSError)):
+                    await nats.connect(server.url, connect_timeout=3, max_reconnect_attempts=0, allow_reconnect=False)
+            finally:
+                stop.set()
+                await asyncio.wait({task}, timeout=10)
+                task.cancel()  # still connecting, when its NATS logins failed
+                await asyncio.gather(task, return_exceptions=True)
 
 
 @pytest.mark.slow
@@ -370,6 +520,8 @@ def test_every_service_has_a_metrics_port_probes_and_a_podmonitor(
         assert container["image"].startswith(f"ghcr.io/stipple/{service}:")
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["STIPPLE_NATS_URL"] == f"nats://{service}:$(NATS_PASSWORD)@nats:4222"
+        password = next(e for e in container["env"] if e["name"] == "NATS_PASSWORD")["valueFrom"]["secretKeyRef"]
+        assert _unhashed(password) == {"name": "stipple-nats-users", "key": render_nats.password_var(service)}
         monitor = _get(objects, "PodMonitor", service)
         assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": service}
         assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
@@ -384,12 +536,13 @@ def test_production_runs_r3_streams_on_three_nats_servers(renders: dict[str, lis
     assert _get(objects, "ConfigMap", "stipple-config")["data"]["STIPPLE_STREAM_REPLICAS"] == "3"
     nats_set = _get(objects, "StatefulSet", "nats")
     assert nats_set["spec"]["replicas"] == 3
-    assert _containers(nats_set)[0]["image"] == "nats:2.11-alpine"
+    assert _containers(nats_set)[0]["image"].startswith("nats:2.")  # the release: test_the_statefulset_runs_...
     assert nats_set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     config = _get(objects, "ConfigMap", "nats-config")["data"]
     for n in range(3):
         assert f"nats://nats-{n}.nats-headless:6222" in config["nats.conf"]
-    assert config["auth.conf"] == (K8S / "overlays/production" / render_nats.AUTH_FILE).read_text()
+    assert config["auth.conf"] == render_nats.AUTH_FILE.read_text()
+    assert "include ./auth.conf" in config["nats.conf"]
     assert {
         s["spec"].get("clusterIP") for s in objects if s["kind"] == "Service" and "nats" in s["metadata"]["name"]
     } == {
@@ -423,18 +576,90 @@ def test_production_services_trust_the_ca_of_the_nats_certificate(renders: dict[
 @pytest.mark.slow
 def test_production_commits_no_secret_and_dev_secrets_are_marked(renders: dict[str, list[dict[str, Any]]]) -> None:
     assert [o for o in renders["overlays/production"] if o["kind"] == "Secret"] == []
-    import base64
+    from stipple_gatekeeper.jwt import public_key
 
     dev_secrets = [o for o in renders["overlays/dev"] if o["kind"] == "Secret"]
     assert dev_secrets
     for secret in dev_secrets:
         for key, value in secret["data"].items():
             text = base64.b64decode(value).decode()
+            if key in NKEY_VARS:  # keys: marked DEV-ONLY in the kustomization
+                assert text.startswith(NKEY_VARS[key]), key
+                continue
             assert text == "" or "dev-only" in text or key.endswith("ACCESS_KEY") or key == "MINIO_ROOT_USER", key
+    kustomization = (K8S / "overlays/dev/kustomization.yaml").read_text()
+    assert kustomization.count("DEV-ONLY") >= 3
+    # the gatekeeper's seeds and the public keys the NATS servers trust are one pair
+    seeds = _secret(renders["overlays/dev"], "stipple-gatekeeper-keys")
+    nats_users = _secret(renders["overlays/dev"], "stipple-nats-users")
+    assert public_key(seeds["STIPPLE_ISSUER_SEED"]) == nats_users["NATS_CALLOUT_ISSUER"]
+    assert public_key(seeds["STIPPLE_CALLOUT_SEED"]) == nats_users["NATS_CALLOUT_USER"]
 
 
 @pytest.mark.slow
-def test_node_agent_gets_a_gpu_its_own_credentials_and_a_model_cache(renders: dict[str, list[dict[str, Any]]]) -> None:
+@pytest.mark.parametrize("target", NATS_OVERLAYS)
+def test_the_nats_pods_get_every_variable_the_accounts_file_reads(
+    renders: dict[str, list[dict[str, Any]]], target: str
+) -> None:
+    objects = renders[target]
+    server = _containers(_get(objects, "StatefulSet", "nats"))[0]
+    assert [_unhashed(r["secretRef"])["name"] for r in server["envFrom"] if "secretRef" in r] == ["stipple-nats-users"]
+    if target == "overlays/dev":  # production's Secret is made by hand (README), from --print-vars
+        assert set(_secret(objects, "stipple-nats-users")) == set(render_nats.env_vars())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", NATS_OVERLAYS)
+def test_the_gatekeeper_takes_its_keys_from_secrets_and_reaches_nats_and_minio_only(
+    renders: dict[str, list[dict[str, Any]]], target: str
+) -> None:
+    objects = renders[target]
+    deployment = _get(objects, "Deployment", "gatekeeper")
+    assert deployment["spec"]["replicas"] == 2  # stateless: queue groups
+    assert _get(objects, "PodDisruptionBudget", "gatekeeper")["spec"]["minAvailable"] == 1
+    container = _containers(deployment)[0]
+    env = {e["name"]: e for e in container["env"]}
+    for seed in ("STIPPLE_ISSUER_SEED", "STIPPLE_CALLOUT_SEED"):
+        assert _unhashed(env[seed]["valueFrom"]["secretKeyRef"]) == {"name": "stipple-gatekeeper-keys", "key": seed}
+    assert _unhashed(env["NATS_SYS_PASSWORD"]["valueFrom"]["secretKeyRef"]) == {
+        "name": "stipple-nats-users",
+        "key": render_nats.SYSTEM_PASSWORD_VAR,
+    }
+    assert env["STIPPLE_SYSTEM_URL"]["value"] == "nats://sys:$(NATS_SYS_PASSWORD)@nats:4222"
+    # the nodes' images go to MinIO with the services' key
+    assert {"name": "stipple-s3-services"} in [
+        _unhashed(r["secretRef"]) for r in container["envFrom"] if "secretRef" in r
+    ]
+    assert {"configMapRef": {"name": _get(objects, "ConfigMap", "stipple-config")["metadata"]["name"]}} in container[
+        "envFrom"
+    ]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    egress: set[tuple[str, int]] = set()
+    ingress: set[tuple[str, int]] = set()
+    for policy in (o["spec"] for o in objects if o["kind"] == "NetworkPolicy"):
+        if not k8s_check._matches(policy["podSelector"], labels):
+            continue
+        for rule in policy.get("egress", []):
+            peers = [
+                (p.get("podSelector") or {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+                or (p.get("podSelector") or {}).get("matchLabels", {}).get("k8s-app")
+                for p in rule.get("to", [{}])
+            ]
+            egress |= {(str(peer), port["port"]) for peer in peers for port in rule["ports"]}
+        for rule in policy.get("ingress", []):
+            peers = [
+                (p.get("namespaceSelector") or {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                for p in rule["from"]
+            ]
+            ingress |= {(str(peer), port["port"]) for peer in peers for port in rule["ports"]}
+    assert egress == {("kube-dns", 53), ("nats", 4222), ("minio", 9000)}
+    assert ingress == {("monitoring", 9090)}
+    minio = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}["minio-clients"]
+    assert any(k8s_check._matches(p["podSelector"], labels) for p in minio["ingress"][0]["from"])
+
+
+@pytest.mark.slow
+def test_node_agent_gets_a_gpu_its_key_and_a_model_cache(renders: dict[str, list[dict[str, Any]]]) -> None:
     objects = renders["node/example"]
     agent = _get(objects, "Deployment", "node-agent")
     pod = agent["spec"]["template"]["spec"]
@@ -444,34 +669,76 @@ def test_node_agent_gets_a_gpu_its_own_credentials_and_a_model_cache(renders: di
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     assert agent["spec"]["replicas"] == 1
     env = {e["name"]: e for e in container["env"]}
-    assert env["STIPPLE_NATS_URL"]["value"] == "nats://$(STIPPLE_NODE_ID):$(NATS_PASSWORD)@$(NATS_ADDRESS)"
-    assert env["STIPPLE_NATS_INBOX_PREFIX"]["value"] == "_INBOX_$(STIPPLE_NODE_ID)"
-    assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "stipple-node", "key": "nats-password"}
     key_volume = next(v for v in pod["volumes"] if v["name"] == "key")
-    assert key_volume["secret"]["secretName"] == "stipple-node"
+    assert key_volume["secret"]["secretName"] == "stipple-node-key"
+    assert key_volume["secret"]["items"] == [{"key": "node.key", "path": "node.key"}]
     assert env["STIPPLE_KEY_FILE"]["value"] == "/var/run/stipple/key/node.key"
     cache = next(v for v in pod["volumes"] if v["name"] == "models")
     assert _get(objects, "PersistentVolumeClaim", cache["persistentVolumeClaim"]["claimName"])
     config = _get(objects, "ConfigMap", "node-config")["data"]
+    assert config["STIPPLE_NATS_URL"] == "nats://nats.stipple.svc:4222"  # no user, no password
+    assert config["STIPPLE_CHAIN"] == "true"  # stakes the minimum at start through the chain relay
     assert config["STIPPLE_DECLARE_STREAMS"] == "false"
-    assert config["STIPPLE_NODE_ID"] in render_nats.read_nodes(K8S / "overlays/production" / render_nats.NODES_FILE)
     assert _get(objects, "PodMonitor", "node-agent")["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
 
 
 @pytest.mark.slow
-def test_the_cpu_dev_nodes_join_the_dev_network_with_its_credentials(renders: dict[str, list[dict[str, Any]]]) -> None:
-    import base64
+@pytest.mark.parametrize("target", ["node/example", "node/dev-cpu"])
+def test_no_node_manifest_carries_a_credential(renders: dict[str, list[dict[str, Any]]], target: str) -> None:
+    objects = renders[target]
+    assert [o for o in objects if o["kind"] == "Secret"] == []  # node/example's key Secret is made by hand
+    for obj in objects:
+        if obj["kind"] == "ConfigMap":
+            for key, value in obj["data"].items():
+                assert not re.search(r"PASSWORD|S3_|SECRET|NODE_ID|OPERATOR|INBOX", key), key
+                assert "@" not in value, key
+        if obj["kind"] == "Deployment":
+            for container in _containers(obj):
+                assert [e for e in container["env"] if "valueFrom" in e] == []
+                assert all("secretRef" not in r for r in container["envFrom"])
+                assert all("value" in e and "@" not in e["value"] for e in container["env"])
+                assert not any(re.search(r"PASSWORD|S3_|SECRET|NODE_ID|OPERATOR", e["name"]) for e in container["env"])
 
+
+@pytest.mark.slow
+def test_rules_catch_a_secret_in_plain_sight_and_a_credential_given_to_a_node(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = copy.deepcopy(renders["node/example"])
+    node = _containers(_get(objects, "Deployment", "node-agent"))[0]
+    node["env"] += [
+        {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "stipple-node", "key": "nats-password"}}},
+        {"name": "STIPPLE_S3_SECRET_KEY", "value": "literal"},
+    ]
+    _get(objects, "ConfigMap", "node-config")["data"]["STIPPLE_NATS_URL"] = "nats://gpu-a:pw@nats:4222"
+    messages = {(f.name, f.message.split(":")[0]) for f in k8s_check.rule_failures("node/example", objects)}
+    assert ("node-agent", "NATS_PASSWORD comes from a Secret") in messages
+    assert ("node-agent", "NATS_PASSWORD") in messages
+    assert ("node-agent", "STIPPLE_S3_SECRET_KEY has a literal value") in messages
+    assert ("node-agent", "STIPPLE_NATS_URL carries a user or password") in messages
+
+    objects = copy.deepcopy(renders["overlays/production"])
+    gatekeeper = _containers(_get(objects, "Deployment", "gatekeeper"))[0]
+    seed = next(e for e in gatekeeper["env"] if e["name"] == "STIPPLE_ISSUER_SEED")
+    del seed["valueFrom"]
+    seed["value"] = "SA..."
+    _get(objects, "ConfigMap", "stipple-config")["data"]["STIPPLE_WEBHOOK_SECRET"] = "x"
+    failures = {(f.kind, f.name, f.path) for f in k8s_check.rule_failures("overlays/production", objects)}
+    index = gatekeeper["env"].index(seed)
+    assert ("Deployment", "gatekeeper", f"spec.template.spec.containers[0].env[{index}]") in failures
+    assert any(kind == "ConfigMap" and path == "data.STIPPLE_WEBHOOK_SECRET" for kind, _, path in failures)
+
+
+@pytest.mark.slow
+def test_the_cpu_dev_nodes_join_the_dev_network_with_their_keys_alone(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
     dev = renders["overlays/dev"]
     namespace_of = {o["metadata"]["name"]: o["metadata"]["namespace"] for o in dev if o["kind"] == "Service"}
-
-    def secret(objs: list[dict[str, Any]], name: str) -> dict[str, str]:
-        return {k: base64.b64decode(v).decode() for k, v in _get(objs, "Secret", name)["data"].items()}
-
     by_namespace: dict[str, list[dict[str, Any]]] = {}
     for o in renders["node/dev-cpu"]:
         by_namespace.setdefault(o["metadata"].get("namespace") or o["metadata"]["name"], []).append(o)
-    nodes = []
+    assert len(by_namespace) == 3  # a task runs on three nodes
     for namespace, objects in sorted(by_namespace.items()):
         assert _get(objects, "Namespace", namespace)["metadata"]["labels"]["stipple.io/nodes"] == "true"
         pod = _get(objects, "Deployment", "node-agent")["spec"]["template"]["spec"]
@@ -481,23 +748,11 @@ def test_the_cpu_dev_nodes_join_the_dev_network_with_its_credentials(renders: di
         assert not any("nvidia.com/gpu" in part for part in container["resources"].values())
         config = _get(objects, "ConfigMap", "node-config")["data"]
         assert config["STIPPLE_DEVICE"] == "cpu"
-        assert config["NATS_ADDRESS"] == f"nats.{namespace_of['nats']}.svc:4222"
-        assert config["STIPPLE_S3_ENDPOINT"] == f"minio.{namespace_of['minio']}.svc:9000"
-        node = config["STIPPLE_NODE_ID"]
-        nodes.append(node)
-        mine = secret(objects, "stipple-node")
-        assert set(mine) == {"nats-password", "s3-secret-key"}  # no chain-key: made at first start
-        assert mine["nats-password"] == secret(dev, "stipple-nats-users")[render_nats.password_var("node", node)]
-        assert mine["s3-secret-key"] == secret(dev, "stipple-s3-nodes")[node]
-        assert all("dev-only" in v for v in mine.values())
+        assert config["STIPPLE_NATS_URL"] == f"nats://nats.{namespace_of['nats']}.svc:4222"
+        assert config["STIPPLE_CHAIN"] == "true"  # the dev chain's faucet funds the new key, which stakes
+        # no key Secret: the node makes its key on the model cache at first start
         assert "STIPPLE_KEY_FILE" not in {e["name"] for e in container["env"]}
         assert {v["name"] for v in pod["volumes"]} == {"models", "tmp"}
-        refs = {
-            e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})
-        }
-        assert refs == {_get(objects, "Secret", "stipple-node")["metadata"]["name"]}
-    # every node the dev network admits, each once: a task runs on three
-    assert sorted(nodes) == render_nats.read_nodes(K8S / "overlays/dev" / render_nats.NODES_FILE)
 
 
 @pytest.mark.slow
@@ -519,19 +774,45 @@ def test_network_policies_open_exactly_the_needed_ports(renders: dict[str, list[
     assert ingress_ports("prometheus-scrape-minio") == {9000}
     selectors = [f.get("namespaceSelector") for f in policies["nats-clients"]["ingress"][0]["from"]]
     assert {"matchLabels": {"stipple.io/nodes": "true"}} in selectors
+    # nodes reach NATS only: their images go through the gatekeeper
+    selectors = [f.get("namespaceSelector") for f in policies["minio-clients"]["ingress"][0]["from"]]
+    assert selectors == [None, None]
     node_policies = [o for o in renders["node/example"] if o["kind"] == "NetworkPolicy"]
     egress = {p["port"] for o in node_policies for rule in o["spec"].get("egress", []) for p in rule["ports"]}
-    assert {4222, 9000} <= egress
+    assert egress == {53, 4222, 443}
 
 
-def test_minio_node_policy_writes_only_under_the_nodes_own_id() -> None:
-    import json
+def test_minio_has_the_services_user_only() -> None:
+    import yaml
 
     services = json.loads((K8S / "base/minio/policies/services.json").read_text())
-    nodes = json.loads((K8S / "base/minio/policies/nodes.json").read_text())
     assert services["Statement"][0]["Resource"] == ["arn:aws:s3:::stipple-images", "arn:aws:s3:::stipple-images/*"]
-    actions = {a for s in nodes["Statement"] for a in s["Action"]}
-    assert not any("Get" in a and a != "s3:GetBucketLocation" for a in actions), actions
-    assert "s3:DeleteObject" not in actions
-    put = next(s for s in nodes["Statement"] if "s3:PutObject" in s["Action"])
-    assert put["Resource"] == ["arn:aws:s3:::stipple-images/tasks/*/${aws:username}/*"]
+    assert not (K8S / "base/minio/policies/nodes.json").exists()
+    job = yaml.safe_load((K8S / "base/minio/setup-job.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"] for v in pod["volumes"]} == {"policies", "tmp"}
+    script = pod["containers"][0]["args"][0]
+    assert script.count("mc admin user add") == 1
+    assert "nodes" not in script
+
+
+@pytest.mark.slow
+def test_every_stipple_image_has_a_dockerfile_and_a_tag_in_each_overlay(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    import yaml
+
+    for target in ("overlays/dev", "overlays/production"):
+        images = {
+            c["image"]
+            for o in renders[target]
+            if o["kind"] in WORKLOADS
+            for c in o["spec"]["template"]["spec"]["containers"]
+            if c["image"].startswith(k8s_check.STIPPLE_IMAGE)
+        }
+        names = {image.rpartition(":")[0].removeprefix(k8s_check.STIPPLE_IMAGE) for image in images}
+        assert names == set(SERVICES), target
+        for name in names:
+            assert (ROOT / "services" / name / "Dockerfile").is_file(), name
+        tagged = yaml.safe_load((K8S / target / "kustomization.yaml").read_text())["images"]
+        assert {i["name"].removeprefix(k8s_check.STIPPLE_IMAGE) for i in tagged} == names, target

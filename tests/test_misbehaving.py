@@ -18,7 +18,6 @@ import asyncio
 import io
 import time
 import uuid
-from contextlib import AsyncExitStack
 from pathlib import Path
 
 import imagehash
@@ -30,6 +29,7 @@ from PIL import Image
 
 from stipple_common import bus, subjects
 from stipple_common.commitment import make_commitment, new_nonce
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import (
     Assignment,
     ImageResult,
@@ -40,15 +40,11 @@ from stipple_common.messages import (
     TaskSucceeded,
     task_event_decoder,
 )
-from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
-from stipple_dispatcher.service import DispatcherSettings
-from stipple_dispatcher.service import serve as serve_dispatcher
 from stipple_node.pipeline import GeneratedImage, PipelineRunner
-from stipple_node.service import NodeAgent, NodeSettings
-from stipple_node.service import serve as serve_node
-from stipple_validator.service import ValidatorSettings
-from stipple_validator.service import serve as serve_validator
+from stipple_node.service import NodeAgent
+
+from .kit import Network, tiny_runner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -166,49 +162,37 @@ class Replays(NodeAgent):
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
-    from stipple_node.pipeline import configure_determinism
-    from stipple_node.tinymodel import make_tiny_model
-
-    configure_determinism(1)  # as a node runs (and three nodes share two cores here)
-    runner = PipelineRunner({"tiny-sd": make_tiny_model(Path(tmp_path_factory.mktemp("tiny")))})
-    runner.load("tiny-sd")
-    return runner
+    return tiny_runner(Path(tmp_path_factory.mktemp("tiny")))
 
 
 async def start_services(
-    stack: AsyncExitStack,
-    stop: asyncio.Event,
+    net: Network,
     runner: PipelineRunner,
-    dispatcher_settings: DispatcherSettings,
-    validator_settings: ValidatorSettings,
+    dispatcher_settings: dict,
+    validator_settings: dict,
     agents: list[tuple[str, type[NodeAgent]]],
-) -> list[asyncio.Task[None]]:
-    """The real dispatcher, validator and one node agent per (node id, NodeAgent type) as
-    tasks of this process, each on its own connection; they stop when `stop` is set."""
-    nats_url = dispatcher_settings.nats_url
-    services = []
-    ctx = await stack.enter_async_context(open_service("dispatcher", dispatcher_settings, stop=stop))
-    services.append(asyncio.create_task(serve_dispatcher(ctx, dispatcher_settings)))
-    ctx = await stack.enter_async_context(open_service("validator", validator_settings, stop=stop))
-    services.append(asyncio.create_task(serve_validator(ctx, validator_settings)))
-    for node_id, agent_type in agents:
-        settings = NodeSettings(nats_url=nats_url, node_id=node_id, operator=node_id, heartbeat_s=0.5)
-        ctx = await stack.enter_async_context(open_service("node-agent", settings, blobs=True, stop=stop))
-        services.append(asyncio.create_task(serve_node(ctx, settings, runner, agent_type=agent_type)))
-    return services
+) -> None:
+    """The real gatekeeper (uploads), dispatcher, validator and one node agent per (name,
+    NodeAgent type) as tasks of this process, each on its own connection."""
+    await net.gatekeeper()
+    await net.dispatcher(**dispatcher_settings)
+    await net.validator(**validator_settings)
+    for name, agent_type in agents:
+        await net.node(runner, name, agent_type)
 
 
 async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeAgent]) -> TaskSucceeded | TaskAborted:
     """Start the services, submit one task, return its outcome."""
-    stop = asyncio.Event()
-    async with AsyncExitStack() as stack:
-        dispatcher_settings = DispatcherSettings(nats_url=nats_url, task_timeout_s=COMMIT_TIMEOUT_S)
-        validator_settings = ValidatorSettings(
-            nats_url=nats_url, phash_threshold=2, reveal_timeout_s=3.0, deadline_grace_s=0.1
-        )
+    async with Network.plain(nats_url) as net:
         agents = [(HONEST[0], NodeAgent), (SUSPECT, suspect), (HONEST[1], NodeAgent)]
-        services = await start_services(stack, stop, runner, dispatcher_settings, validator_settings, agents)
-        client = await stack.enter_async_context(open_service("test-app", dispatcher_settings, stop=stop))
+        await start_services(
+            net,
+            runner,
+            {"task_timeout_s": COMMIT_TIMEOUT_S},
+            {"phash_threshold": 2, "reveal_timeout_s": 3.0, "deadline_grace_s": 0.1},
+            agents,
+        )
+        client = await net.client()
         await asyncio.sleep(1.0)  # nodes announce themselves
         task_id = uuid.uuid4().hex
         spec = parse_task(
@@ -220,11 +204,7 @@ async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeA
         )
         submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
         await bus.publish(client.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
-        try:
-            return await wait_for_outcome(client.js, task_id, timeout=60)
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*services), 30)
+        return await wait_for_outcome(client.js, task_id, timeout=60)
 
 
 async def wait_for_outcome(js, task_id: str, timeout: float) -> TaskSucceeded | TaskAborted:
@@ -252,7 +232,7 @@ async def wait_for_outcome(js, task_id: str, timeout: float) -> TaskSucceeded | 
         pytest.param(NodeAgent, "agree", id="control: three honest nodes"),
         pytest.param(RandomImage, "mismatch", id="returns a random image"),
         pytest.param(FewerSteps, "mismatch", id="uses fewer steps"),
-        pytest.param(OtherSeed, "mismatch", id="uses another seed"),
+        pytest.param(OtherSeed, "bad_result", id="uses another seed (and says so: the seed is checked)"),
         pytest.param(Replays, "bad_commitment", id="replays another node's result"),
         pytest.param(NeverAnswers, "timeout", id="never answers"),
         pytest.param(AnswersTwice, "agree", id="answers twice: the second answer is ignored"),
@@ -262,13 +242,14 @@ async def test_a_misbehaving_node_is_caught_and_honest_nodes_are_not_penalized(
     fresh_nats_url: str, runner: PipelineRunner, suspect: type[NodeAgent], verdict: str
 ) -> None:
     outcome = await run_network(fresh_nats_url, runner, suspect)
+    honest = [dev_node_id(name) for name in HONEST]
+    suspect_id = dev_node_id(SUSPECT)
     assert isinstance(outcome, TaskSucceeded), outcome
     assert outcome.reason == ("unanimous" if verdict == "agree" else "majority")
-    assert outcome.verdicts == {HONEST[0]: "agree", SUSPECT: verdict, HONEST[1]: "agree"}
-    assert {outcome.qos[node] for node in HONEST} <= {10, 5, 2}
-    assert all(outcome.qos[node] > 0 for node in HONEST)
+    assert outcome.verdicts == {honest[0]: "agree", suspect_id: verdict, honest[1]: "agree"}
+    assert {outcome.qos[node] for node in honest} <= {10, 5, 2}
+    assert all(outcome.qos[node] > 0 for node in honest)
     if verdict != "agree":
-        assert outcome.qos[SUSPECT] == 0
-    assert all(
-        image.key.split("/")[2] in HONEST + ((SUSPECT,) if verdict == "agree" else ()) for image in outcome.images
-    )
+        assert outcome.qos[suspect_id] == 0
+    paid = [*honest, *((suspect_id,) if verdict == "agree" else ())]
+    assert all(image.key.split("/")[2] in paid for image in outcome.images)

@@ -13,20 +13,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from contextlib import AsyncExitStack
 
 import pytest
 from nats.aio.msg import Msg
 
 from stipple_common import bus, subjects
-from stipple_common.messages import NodeQos, TaskAborted, TaskSubmitted, TaskSucceeded, node_event_decoder
-from stipple_common.service import open_service
+from stipple_common.identity import dev_node_id
+from stipple_common.messages import NodeQos, TaskAborted, TaskSubmitted, TaskSucceeded, decode_node_event
 from stipple_common.taskspec import parse_task
-from stipple_dispatcher.service import DispatcherSettings
 from stipple_node.pipeline import PipelineRunner
 from stipple_node.service import NodeAgent
-from stipple_validator.service import ValidatorSettings
 
+from .kit import Network
 from .test_misbehaving import runner, start_services, wait_for_outcome
 
 __all__ = ["runner"]  # the module-scoped fixture, shared with test_misbehaving
@@ -54,22 +52,24 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
     fresh_nats_url: str, runner: PipelineRunner
 ) -> None:
     qos_events: list[NodeQos] = []
-    stop = asyncio.Event()
-    async with AsyncExitStack() as stack:
-        dispatcher_settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=COMMIT_TIMEOUT_S)
-        validator_settings = ValidatorSettings(
-            nats_url=fresh_nats_url, phash_threshold=2, deadline_grace_s=0.1, probe_every_s=0.3
-        )
+    suspect, honest = dev_node_id(SUSPECT), [dev_node_id(name) for name in HONEST]
+    async with Network.plain(fresh_nats_url) as net:
         agents = [(HONEST[0], NodeAgent), (SUSPECT, StuckTwice), (HONEST[1], NodeAgent)]
-        services = await start_services(stack, stop, runner, dispatcher_settings, validator_settings, agents)
-        app = await stack.enter_async_context(open_service("test-app", dispatcher_settings, stop=stop))
+        await start_services(
+            net,
+            runner,
+            {"task_timeout_s": COMMIT_TIMEOUT_S},
+            {"phash_threshold": 2, "deadline_grace_s": 0.1, "probe_every_s": 0.3},
+            agents,
+        )
+        app = await net.client()
 
         async def on_qos(msg: Msg) -> None:
-            event = node_event_decoder.decode(msg.data)
-            if isinstance(event, NodeQos) and event.node_id == SUSPECT:
+            event = decode_node_event(msg.subject, msg.data)
+            if isinstance(event, NodeQos) and event.node_id == suspect:
                 qos_events.append(event)
 
-        await app.nc.subscribe(subjects.node_subject(SUSPECT, "qos"), cb=on_qos)
+        await app.nc.subscribe(subjects.node_subject(suspect, "qos"), cb=on_qos)
         await asyncio.sleep(1.0)  # nodes announce themselves
 
         async def run_task(seed: int) -> TaskSucceeded | TaskAborted:
@@ -85,18 +85,14 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
             await bus.publish(app.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
             return await wait_for_outcome(app.js, task_id, timeout=30)
 
-        try:
-            for seed in (1, 2):
-                outcome = await run_task(seed)
-                assert isinstance(outcome, TaskSucceeded), outcome
-                assert outcome.verdicts[SUSPECT] == "timeout"
-            third = await run_task(3)
-        finally:
-            stop.set()
-            await asyncio.wait_for(asyncio.gather(*services), 30)
+        for seed in (1, 2):
+            outcome = await run_task(seed)
+            assert isinstance(outcome, TaskSucceeded), outcome
+            assert outcome.verdicts[suspect] == "timeout"
+        third = await run_task(3)
 
     assert isinstance(third, TaskSucceeded), third
-    assert third.verdicts == {HONEST[0]: "agree", SUSPECT: "agree", HONEST[1]: "agree"}
+    assert third.verdicts == {honest[0]: "agree", suspect: "agree", honest[1]: "agree"}
     # paused after the second timeout, cleared by a probe, then scored on the third task
     paused = next(i for i, e in enumerate(qos_events) if e.recent_timeouts >= 2)
     cleared = next(i for i, e in enumerate(qos_events) if e.task_id.startswith("probe:"))

@@ -99,8 +99,6 @@ def start_cheater(nats: str, work: Path, metrics_port: int, log: Path) -> subpro
     env = {
         **os.environ,
         "STIPPLE_NATS_URL": nats,
-        "STIPPLE_NODE_ID": "node-cheat",
-        "STIPPLE_OPERATOR": "operator-cheat",
         "STIPPLE_MODEL_CACHE": str(work / "node-cheat"),
         "STIPPLE_CHAIN": "true",
         "STIPPLE_METRICS_PORT": str(metrics_port),

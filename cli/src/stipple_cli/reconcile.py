@@ -5,11 +5,13 @@ on them: the dispatcher trusts the `stakes` bucket, apps trust that a task that 
 paid or refunded. A bug, a lost message or a hand-edited bucket would make the two drift
 apart silently; this command reads both sides and prints every difference:
 
-- stakes: every node address in the `stakes` KV projection, and every address a node
-  announced in the NODES stream (``nodes.<id>.joined``), against ``NodeStaking.stakeOf`` and
-  ``unstakeAvailableAt`` (leaving when not 0). A difference says whether the chain changed
-  after the indexer's cursor (the indexer is behind or stopped) or the projection is wrong
-  at the cursor's block too (a bug, or a bucket edited by hand).
+- stakes: every node id (lower-case address) in the `stakes` KV projection, and every node
+  that announced itself in the NODES stream (``nodes.<id>.joined``), against
+  ``NodeStaking.stakeOf``, ``unstakeAvailableAt`` (leaving when not 0) and ``ownerOf`` (the
+  operator: "self" when the node owns its own stake or nobody holds one). A difference says
+  whether the chain changed after the indexer's cursor (the indexer is behind or stopped) or
+  the projection is wrong at the cursor's block too (a bug, or a bucket edited by hand). A
+  key that is not a node id is a difference of its own (the indexer writes none such).
 - tasks: every task of the TASKS stream submitted with a fee and ended (its first
   ``succeeded``, ``aborted`` or ``cancelled``) must be SETTLED on TaskPayment (succeeded,
   with an agreeing node whose address is known) or REFUNDED (otherwise), with the fee of
@@ -46,17 +48,21 @@ from web3.exceptions import Web3Exception
 
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
+from stipple_common.errors import Rejected
+from stipple_common.identity import is_node_id, node_id_of
 from stipple_common.logs import redact
 from stipple_common.messages import (
     ChainLog,
     ChainReorg,
+    IndexedStake,
     NodeJoined,
     TaskAborted,
     TaskCancelled,
     TaskSubmitted,
     TaskSucceeded,
     chain_decoder,
-    node_event_decoder,
+    decode_node_event,
+    indexed_stake_decoder,
     task_event_decoder,
 )
 from stipple_common.settings import InvalidSettings
@@ -76,7 +82,7 @@ class Difference:
     """One thing on which the projections and the chain disagree, with both values as text."""
 
     kind: Kind
-    thing: str  # what disagrees: "node 0x… (a)", "task 3f2a…", "chain.TaskPayment.Settled 0x…:2"
+    thing: str  # what disagrees: "node 0x…", "task 3f2a…", "chain.TaskPayment.Settled 0x…:2"
     projection: str  # the value the network holds (its projection, stream or bucket)
     chain: str  # the value on chain
     note: str = ""  # why it may differ, when that can be told
@@ -111,15 +117,24 @@ class Report:
 
 
 @dataclass(frozen=True)
-class IndexedStake:
-    """A `stakes` bucket entry (written by the chain-indexer's StakeProjection)."""
+class StakeState:
+    """A node's stake as the comparison sees it, from the projection or from the chain;
+    `owner` in node-id form, "" when the node owns its own stake or nobody holds one."""
 
     stake: int
     leaving: bool
-    block: int
+    owner: str
+
+    @classmethod
+    def indexed(cls, node_id: str, entry: IndexedStake) -> StakeState:
+        return cls(entry.stake, entry.leaving, "" if entry.owner in ("", node_id) else entry.owner)
 
     def show(self) -> str:
-        return f"stake={self.stake} leaving={_yes(self.leaving)} (block {self.block})"
+        return f"stake={self.stake} leaving={_yes(self.leaving)} owner={self.owner or 'self'}"
+
+
+def _show_indexed(node_id: str, entry: IndexedStake) -> str:
+    return f"{StakeState.indexed(node_id, entry).show()} (block {entry.block})"
 
 
 @dataclass(frozen=True)
@@ -136,9 +151,9 @@ class Ended:
 class Snapshot:
     """What the network holds, read from NATS once; compare() holds it against the chain."""
 
-    stakes: dict[str, IndexedStake] = field(default_factory=dict)  # checksummed address -> entry
-    node_ids: dict[str, list[str]] = field(default_factory=dict)  # checksummed address -> announced node ids
-    addresses: dict[str, str] = field(default_factory=dict)  # node id -> checksummed address
+    stakes: dict[str, IndexedStake] = field(default_factory=dict)  # node id -> entry
+    bad_keys: dict[str, bytes] = field(default_factory=dict)  # `stakes` keys that are not node ids -> value
+    addresses: dict[str, str] = field(default_factory=dict)  # announced node id -> checksummed address
     paid: dict[str, TaskSubmitted] = field(default_factory=dict)  # task id -> its submission, fee > 0
     ended: dict[str, Ended] = field(default_factory=dict)  # task id -> its first outcome
     payment_events: list[ChainLog] = field(default_factory=list)  # Settled / Refunded, reorgs removed
@@ -169,17 +184,20 @@ async def read_snapshot(js: JetStreamContext) -> Snapshot:
             entry = await stakes_kv.get(key)
         except KeyNotFoundError:  # deleted between the listing and the read
             continue
-        raw = json.loads(entry.value or b"{}")
-        snap.stakes[to_checksum_address(key)] = IndexedStake(
-            stake=int(raw.get("stake", 0)), leaving=bool(raw.get("leaving", False)), block=int(raw.get("block", 0))
-        )
+        value = entry.value or b"{}"
+        indexed = _decode(indexed_stake_decoder, value)
+        if is_node_id(key) and indexed is not None:
+            snap.stakes[key] = indexed
+        else:
+            snap.bad_keys[key] = value
 
     for msg in await _read(js, subjects.NODES_STREAM, subjects.node_subject("*", "joined")):
-        event = _decode(node_event_decoder, msg.data)
+        try:
+            event = decode_node_event(msg.subject, msg.data)  # the node id from the subject, checked
+        except Rejected:
+            continue
         if isinstance(event, NodeJoined) and event.address:
-            address = to_checksum_address(event.address)
-            snap.addresses[event.node_id] = address
-            snap.node_ids.setdefault(address, []).append(event.node_id)
+            snap.addresses[event.node_id] = to_checksum_address(event.address)
 
     for msg in await _read(js, subjects.TASKS_STREAM, subjects.all_tasks("submitted")):
         event = _decode(task_event_decoder, msg.data)
@@ -210,7 +228,7 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes) -> Any:
     """A message, or None for one no service could read either (the consumers term those)."""
     try:
         return decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
@@ -240,22 +258,33 @@ async def reconcile(
 
 
 def _compare_stakes(snap: Snapshot, chain: ch.StippleChain, report: Report) -> None:
-    for address in sorted(set(snap.stakes) | set(snap.node_ids)):
-        indexed = snap.stakes.get(address)
-        stake, leaving = _stake_at(chain, address, "latest")
+    for key, value in sorted(snap.bad_keys.items()):
+        report.differences.append(
+            Difference(
+                kind="stake",
+                thing=f"stakes key {key!r}",
+                projection=value.decode(errors="replace")[:200],
+                chain="-",
+                note="not a node id (a lower-case address) with an IndexedStake: the chain-indexer writes none such",
+            )
+        )
+    for node_id in sorted(set(snap.stakes) | set(snap.addresses)):
+        entry = snap.stakes.get(node_id)
+        indexed = StakeState.indexed(node_id, entry) if entry is not None else None
+        on_chain = _stake_at(chain, node_id, "latest")
         report.stakes_checked += 1
-        if indexed is None and stake == 0 and not leaving:
+        if indexed is None and on_chain == StakeState(0, False, ""):
             continue  # announced, never staked: nothing to index
-        if indexed is not None and indexed.stake == stake and indexed.leaving == leaving:
+        if indexed == on_chain:
             continue
         note = ""
         if report.cursor >= 0 and report.cursor < report.head:
             try:
-                at_cursor = _stake_at(chain, address, report.cursor)
+                at_cursor = _stake_at(chain, node_id, report.cursor)
             except ch.ChainError:  # a node that keeps no history of old states
                 at_cursor = None
             if at_cursor is not None:
-                seen = (indexed.stake, indexed.leaving) if indexed else (0, False)
+                seen = indexed or StakeState(0, False, "")
                 note = (
                     f"changed on chain after block {report.cursor}, the indexer's cursor: it is behind or stopped"
                     if seen == at_cursor
@@ -263,26 +292,28 @@ def _compare_stakes(snap: Snapshot, chain: ch.StippleChain, report: Report) -> N
                 )
         elif report.cursor >= 0:
             note = f"wrong at block {report.cursor}, the indexer's cursor, which is the chain head"
-        ids = ", ".join(snap.node_ids.get(address, []))
         report.differences.append(
             Difference(
                 kind="stake",
-                thing=f"node {address}" + (f" ({ids})" if ids else ""),
-                projection=indexed.show() if indexed else "none",
-                chain=f"stake={stake} leaving={_yes(leaving)}",
+                thing=f"node {node_id}",
+                projection=_show_indexed(node_id, entry) if entry is not None else "none",
+                chain=on_chain.show(),
                 note=note,
             )
         )
 
 
-def _stake_at(chain: ch.StippleChain, address: str, block: int | str) -> tuple[int, bool]:
-    """(stake, leaving) of `address` at `block`: NodeStaking's views read at that block."""
+def _stake_at(chain: ch.StippleChain, node_id: str, block: int | str) -> StakeState:
+    """`node_id`'s stake, leaving and owner at `block`: NodeStaking's views read at that block."""
+    address = to_checksum_address(node_id)
+    views = chain.staking.functions
     try:
-        stake = int(chain.staking.functions.stakeOf(address).call(block_identifier=block))
-        available_at = int(chain.staking.functions.unstakeAvailableAt(address).call(block_identifier=block))
+        stake = int(views.stakeOf(address).call(block_identifier=block))
+        available_at = int(views.unstakeAvailableAt(address).call(block_identifier=block))
+        owner = node_id_of(str(views.ownerOf(address).call(block_identifier=block)))
     except (OSError, ValueError, Web3Exception) as exc:  # connection errors; a pruned or missing block
         raise ch.ChainError(f"NodeStaking views of {address} at block {block}: {exc}") from exc
-    return stake, available_at != 0
+    return StakeState(stake, available_at != 0, "" if owner in (node_id, "0x" + "00" * 20) else owner)
 
 
 def _compare_tasks(snap: Snapshot, chain: ch.StippleChain, report: Report, *, grace_s: float, now: float) -> None:

@@ -17,7 +17,8 @@ from stipple_chain_indexer.follower import ChainFollower
 from stipple_chain_indexer.service import ChainThread, StakeProjection
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
-from stipple_common.messages import ChainLog, ChainReorg, chain_decoder
+from stipple_common.identity import node_id_of
+from stipple_common.messages import ChainLog, ChainReorg, IndexedStake, chain_decoder, indexed_stake_decoder
 from stipple_common.metrics import Metrics
 
 pytestmark = pytest.mark.integration
@@ -96,11 +97,12 @@ async def test_events_of_confirmed_blocks_are_published_once_across_restarts(js,
     assert len(staked) == 1
     subject, event, msg_id = staked[0]
     assert subject == "chain.NodeStaking.Staked"
-    assert event.args == {"node": embedded.node, "amount": 150, "total": 150}
+    assert event.args == {"node": embedded.node, "owner": embedded.node, "amount": 150, "total": 150}
     assert event.block_hash == "0x" + bytes(receipt["blockHash"]).hex()
     assert msg_id == f"{event.block_hash}:{event.log_index}"
     stakes = StakeProjection(await js.key_value(subjects.STAKES_BUCKET))
     assert (await stakes.get(embedded.node)).stake == 150
+    assert await stakes.kv.keys() == [node_id_of(embedded.node)]  # keyed by node id
 
     # a restarted follower goes on from its cursor; an older cursor re-publishes nothing new
     again, _ = await follower(js, embedded, confirmations=2)
@@ -109,6 +111,47 @@ async def test_events_of_confirmed_blocks_are_published_once_across_restarts(js,
     again.cursor.hashes = {n: h for n, h in again.cursor.hashes.items() if n <= again.cursor.number}
     await again.step()
     assert len(await chain_messages(js)) == len(published)  # deduplicated by message id
+    call.close()
+
+
+async def test_the_stakes_projection_keys_nodes_by_id_and_names_the_operator(js, embedded: Env):
+    """An operator stakes for a node; another node stakes for itself. The `stakes` bucket holds
+    each under its node id with the owner (node-id form; "" when the node is its own), and
+    follows unstaking, slashing and withdrawing."""
+    w3, c = embedded.w3, embedded.chain
+    operator, own = w3.eth.accounts[3], w3.eth.accounts[4]
+    f, call = await follower(js, embedded, confirmations=0)
+
+    def setup() -> None:
+        c.mint(embedded.admin, operator, 1_000)
+        c.mint(embedded.admin, own, 1_000)
+        c.stake_for(operator, embedded.node, 300)
+        c.stake(own, 200)
+
+    await call(setup)
+    await f.step()
+    kv = await js.key_value(subjects.STAKES_BUCKET)
+    node, own_id = node_id_of(embedded.node), node_id_of(own)
+    assert sorted(await kv.keys()) == sorted([node, own_id])
+
+    async def entry(key: str) -> IndexedStake:
+        return indexed_stake_decoder.decode((await kv.get(key)).value or b"")
+
+    run = (await entry(node)).block
+    assert await entry(node) == IndexedStake(stake=300, leaving=False, owner=node_id_of(operator), block=run)
+    assert (await entry(own_id)).owner == ""  # its own operator
+
+    await call(lambda: c.request_unstake(operator, embedded.node))
+    await call(lambda: c.slash(embedded.admin, embedded.node, 100, "t-1"))
+    await f.step()
+    left = await entry(node)
+    assert (left.stake, left.leaving, left.owner) == (200, True, node_id_of(operator))
+    await call(lambda: ch.increase_time(w3, 61))
+    await call(lambda: c.withdraw_stake(operator, embedded.node))
+    await f.step()
+    gone = await entry(node)
+    assert (gone.stake, gone.leaving, gone.owner) == (0, False, "")
+    assert await call(lambda: c.token_balance(operator)) == 1_000 - 100  # the rest came back to the operator
     call.close()
 
 

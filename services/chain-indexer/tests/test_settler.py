@@ -16,6 +16,7 @@ import pytest
 from stipple_chain_indexer.service import ChainThread, IndexerSettings, serve
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
+from stipple_common.identity import node_id_of
 from stipple_common.messages import (
     ChainLog,
     NodeJoined,
@@ -47,6 +48,7 @@ class Network:
             self.w3 = w3
             self.admin, treasury = w3.eth.accounts[0], w3.eth.accounts[1]
             self.nodes = dict(zip("abc", w3.eth.accounts[2:5], strict=True))
+            self.ids = {name: node_id_of(address) for name, address in self.nodes.items()}
             self.deployment = ch.deploy_all(
                 w3,
                 self.admin,
@@ -80,10 +82,10 @@ class Network:
         self.stop = asyncio.Event()
         self.ctx_cm = open_service("chain-indexer", self.settings, stop=self.stop)
         self.ctx = await self.ctx_cm.__aenter__()
-        for node, address in self.nodes.items():
+        for address in self.nodes.values():
+            node = node_id_of(address)
             joined = NodeJoined(
                 node_id=node,
-                operator=node,
                 device="cpu",
                 memory_bytes=1,
                 models=["tiny-sd"],
@@ -146,12 +148,13 @@ async def test_a_task_is_escrowed_paid_by_share_and_the_cheat_slashed_once(netwo
     await network.publish(submitted(task_id, 1_500), "submitted")
     await network.wait_state(task_id, ch.TaskState.ESCROWED)
     assert await network.view(lambda c: c.balance_of(network.admin)) == 100_000 - 1_500
+    a, b, c = (network.ids[n] for n in "abc")
     outcome = TaskSucceeded(
         task_id=task_id,
         reason="majority",
         images=[],
-        verdicts={"a": "agree", "b": "agree", "c": "mismatch"},
-        qos={"a": 10, "b": 5, "c": 0},
+        verdicts={a: "agree", b: "agree", c: "mismatch"},
+        qos={a: 10, b: 5, c: 0},
     )
     await network.publish(outcome, "succeeded")
     await network.wait_state(task_id, ch.TaskState.SETTLED)
@@ -208,7 +211,11 @@ async def test_an_outcome_without_its_submission_nearby_still_settles(network: N
     async with open_service("app", network.settings, stop=network.stop) as app:
         await bus.publish(app.js, subjects.task_subject(task_id, "submitted"), submitted(task_id, 300), msg_id="s")
         outcome = TaskSucceeded(
-            task_id=task_id, reason="unanimous", images=[], verdicts=dict.fromkeys("abc", "agree"), qos={}
+            task_id=task_id,
+            reason="unanimous",
+            images=[],
+            verdicts=dict.fromkeys(network.ids.values(), "agree"),
+            qos={},
         )
         await bus.publish(app.js, subjects.task_subject(task_id, "succeeded"), outcome, msg_id="o")
     await network.start()

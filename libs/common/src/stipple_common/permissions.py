@@ -129,7 +129,7 @@ def render_accounts(
         return f'{{"user": {json.dumps(u.name)}, "password": {value(u.password)}, "permissions": {permissions}}}'
 
     app_users = ",\n      ".join(user(u) for u in services)
-    auth_users = [callout.callout_user, *(u.name for u in services), "sys"]
+    auth_users = ", ".join(value(name) for name in [callout.callout_user, *(u.name for u in services), "sys"])
     return f"""accounts {{
   {AUTH_ACCOUNT} {{
     users: [ {{ nkey: {callout.callout_user} }} ]
@@ -149,7 +149,7 @@ authorization {{
   auth_callout {{
     issuer: {callout.issuer}
     account: {AUTH_ACCOUNT}
-    auth_users: {json.dumps(auth_users)}
+    auth_users: [{auth_users}]
   }}
 }}
 """

@@ -136,7 +136,8 @@ async def open_service(
         ready.watch(nc=nc)
         js = nc.jetstream()
         if settings.declare_streams:
-            await bus.ensure_streams(js, subjects.stream_configs(replicas=settings.stream_replicas))
+            configs = subjects.stream_configs(replicas=settings.stream_replicas, max_bytes=settings.stream_max_bytes)
+            await bus.ensure_streams(js, configs)
         store = None
         if blobs:
             store = await open_blob_store(

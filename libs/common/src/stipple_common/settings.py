@@ -33,6 +33,7 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_port: int = 0  # 0: no metrics server; -1: any free port
     metrics_host: str = "127.0.0.1"
     stream_replicas: int = 1  # 3 in production (R3 streams)
+    stream_max_bytes: int = -1  # caps the TASKS and NODES streams each (-1: the server's disk); set it in production
     declare_streams: bool = True  # create/update the streams at start (off for clients without the right)
     nats_inbox_prefix: str = ""  # reply subjects' prefix; nodes get their own (see permissions.py)
     blob_backend: str = "jetstream"  # jetstream | s3

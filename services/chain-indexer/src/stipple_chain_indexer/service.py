@@ -6,27 +6,30 @@
   chain, and the custodial account funded. The deployment (addresses, chain id) is put
   in the `chain` KV bucket for the other services.
 - follower.py: contract events from confirmed blocks to ``chain.<contract>.<event>``,
-  reorgs survived; the `stakes` KV bucket (node address -> indexed stake) is kept from
-  the staking events as they pass.
+  reorgs survived; the `stakes` KV bucket (node id -> `IndexedStake`: stake, leaving,
+  owner) is kept from the staking events as they pass.
 - settler.py: escrow, settle, refund and slash transactions from the task events.
 - relay.py: nodes reach the chain through the indexer (``rpc.chain.<node_id>``): what
   they need to sign their own transactions, the transactions they signed, and on the
-  embedded chain a faucet.
+  embedded chain a faucet; each node only for itself, and rate-limited.
 - At start it refuses to run when the slash, the largest fee and the validation rate
   would let cheating pay (stipple_common.economics), naming the number to change.
 
 web3.py is synchronous, and the in-process EVM is not thread-safe: every chain call runs
-on one worker thread, in order (which is also what keeps the nonces in order).
+on one worker thread (which is also what keeps the nonces in order). The settler's and
+the follower's calls go first; the relay's wait behind them (`ChainThread`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import structlog
@@ -39,14 +42,15 @@ from stipple_common import chain as ch
 from stipple_common import subjects
 from stipple_common.economics import Economics
 from stipple_common.economics import check as check_economics
+from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
-from stipple_common.messages import ChainLog
+from stipple_common.messages import ChainLog, IndexedStake, indexed_stake_decoder
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .follower import ChainFollower
-from .relay import Relay
+from .relay import Relay, RelayLimits
 from .settler import Settler, consumer_config
 
 log = structlog.get_logger("stipple.chain")
@@ -73,19 +77,85 @@ class IndexerSettings(CommonSettings, frozen=True, kw_only=True):
     unstake_cooldown_s: int = 7 * 24 * 3600
     embedded_deposit: int = 1_000_000 * TOKEN  # what the custodial account deposits at start
     faucet_max_tokens: int = 10_000 * TOKEN  # the most one faucet request gives (embedded chain only)
+    # the relay (rpc.chain.<node_id>): per node, a token bucket and a cap on requests being answered
+    relay_burst: Annotated[int, msgspec.Meta(ge=1)] = 10  # requests a node may make at once
+    relay_per_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # then this many a second
+    relay_in_flight: Annotated[int, msgspec.Meta(ge=1)] = 64  # requests answered at once, all nodes
+    relay_in_flight_per_node: Annotated[int, msgspec.Meta(ge=1)] = 2
+    relay_receipt_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 20.0  # then `pending` (nodes ask with 30 s)
+    relay_receipt_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 0.25
+
+    def relay_limits(self) -> RelayLimits:
+        return RelayLimits(
+            burst=self.relay_burst,
+            per_s=self.relay_per_s,
+            in_flight=self.relay_in_flight,
+            in_flight_per_node=self.relay_in_flight_per_node,
+            receipt_wait_s=self.relay_receipt_wait_s,
+            receipt_poll_s=self.relay_receipt_poll_s,
+        )
 
 
 class ChainThread:
-    """Runs blocking web3 calls on one thread, in the order they are asked for."""
+    """Runs blocking web3 calls on one thread, from two queues: the control plane's
+    (`await call(fn)`: the settler, the follower, block mining) always before the relay's
+    (`await call.relay(fn)`: nodes' requests), each in the order asked. A settlement waits
+    at most for the one relay call running, never behind a queue of nodes' requests; relay
+    calls must therefore be short (no waiting for receipts inside them)."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain")
+        self._queues: tuple[deque[tuple[Callable[[], Any], Future[Any]]], ...] = (deque(), deque())
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="chain", daemon=True)
+        self._thread.start()
 
     async def __call__(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        """Runs `fn` on the chain thread before any waiting relay call."""
+        return await self._submit(0, fn)
+
+    async def relay(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` on the chain thread once no control-plane call waits."""
+        return await self._submit(1, fn)
+
+    async def _submit(self, queue: int, fn: Callable[[], T]) -> T:
+        future: Future[T] = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the chain thread is closed")
+            self._queues[queue].append((fn, future))
+            self._ready.notify()
+        return await asyncio.wrap_future(future)
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._closed and not any(self._queues):
+                    self._ready.wait()
+                if self._closed:
+                    return
+                fn, future = (self._queues[0] or self._queues[1]).popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up waiting
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the caller, as an executor does
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Cancels the calls still waiting and waits for the running one."""
+        with self._ready:
+            self._closed = True
+            waiting = [future for queue in self._queues for _, future in queue]
+            for queue in self._queues:
+                queue.clear()
+            self._ready.notify()
+        for future in waiting:
+            future.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
 
 def parse_deployment(spec: str) -> ch.Deployment:
@@ -172,11 +242,13 @@ async def serve(
             KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
         )
         custodial = settings.custodial_account or address
+        min_stake = await call(chain.minimum_stake)
         info = {
             "chain_id": chain_id,
             "url": settings.chain_url,
             "account": address,
             "custodial": custodial,
+            "min_stake": min_stake,  # the gatekeeper admits nodes by it
             **deployment.to_dict(),
         }
         await kv.put("deployment", json.dumps(info).encode())
@@ -205,11 +277,13 @@ async def serve(
         )
         relay = Relay(
             chain=chain,
-            call=call,
+            call=call.relay,
             sender=sender,
             faucet=ch.is_embedded(w3),
             max_faucet_tokens=settings.faucet_max_tokens,
+            metrics=ctx.metrics,
             reserve=settler.reserve,
+            limits=settings.relay_limits(),
         )
         relay_sub = await relay.serve(ctx.nc)
         log.info("chain_indexer_started", chain_id=chain_id, url=settings.chain_url, **deployment.to_dict())
@@ -226,6 +300,7 @@ async def serve(
             await asyncio.gather(*background)
             await nodes_sub.unsubscribe()  # type: ignore[attr-defined]
             await relay_sub.unsubscribe()
+            await relay.close()
     finally:
         if own_thread:
             call.close()
@@ -240,18 +315,12 @@ async def mine_blocks(w3: Any, call: ChainThread, stop: asyncio.Event, every_s: 
             await call(lambda: w3.provider.ethereum_tester.mine_blocks(1))
 
 
-class Stake(msgspec.Struct):
-    stake: int = 0  # tokens staked (still counted while leaving)
-    leaving: bool = False  # asked to unstake: no longer active
-    block: int = 0  # the block of the event that set it
-
-
-_stake_decoder = msgspec.json.Decoder(Stake)
-
-
 class StakeProjection:
-    """The `stakes` bucket: each node's stake as the staking events leave it (the events
-    carry the new totals, so the last one seen is the state)."""
+    """The `stakes` bucket: each node's `IndexedStake` under its node id (the lower-case
+    address), as the staking events leave it (they carry the new totals and the owner, so
+    the last one seen is the state). `owner` is the stake's owner in node-id form when an
+    operator staked for the node, and "" when the node staked for itself (it is its own
+    operator) or nobody holds a stake for it any more (withdrawn)."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -259,21 +328,31 @@ class StakeProjection:
     async def apply(self, event: ChainLog) -> None:
         if event.contract != "NodeStaking" or event.event not in ("Staked", "UnstakeRequested", "Withdrawn", "Slashed"):
             return
-        node = str(event.args["node"])
-        current = await self.get(node) or Stake()
+        node = node_id_of(str(event.args["node"]))
+        current = await self.get(node) or IndexedStake()
+        block = event.block_number
         if event.event == "Staked":
-            new = Stake(stake=int(str(event.args["total"])), leaving=False, block=event.block_number)
+            owner = _owner(node, event)
+            new = IndexedStake(stake=int(str(event.args["total"])), leaving=False, owner=owner, block=block)
         elif event.event == "UnstakeRequested":
-            new = Stake(stake=current.stake, leaving=True, block=event.block_number)
+            new = IndexedStake(stake=current.stake, leaving=True, owner=_owner(node, event), block=block)
         elif event.event == "Withdrawn":
-            new = Stake(stake=0, leaving=False, block=event.block_number)
+            new = IndexedStake(stake=0, leaving=False, owner="", block=block)
         else:
-            new = Stake(stake=int(str(event.args["remaining"])), leaving=current.leaving, block=event.block_number)
+            remaining = int(str(event.args["remaining"]))
+            new = IndexedStake(stake=remaining, leaving=current.leaving, owner=current.owner, block=block)
         await self.kv.put(node, msgspec.json.encode(new))
 
-    async def get(self, node: str) -> Stake | None:
+    async def get(self, node: str) -> IndexedStake | None:
+        """The entry of `node` (a node id or an address in any case); None when there is none."""
         try:
-            entry = await self.kv.get(node)
+            entry = await self.kv.get(node_id_of(node))
         except KeyNotFoundError:
             return None
-        return _stake_decoder.decode(entry.value or b"{}")
+        return indexed_stake_decoder.decode(entry.value or b"{}")
+
+
+def _owner(node: str, event: ChainLog) -> str:
+    """The event's `owner` in node-id form, "" when the node owns its own stake."""
+    owner = node_id_of(str(event.args["owner"]))
+    return "" if owner == node else owner

@@ -1,0 +1,168 @@
+"""The subject is the authority: every event type on every subject a node may use.
+
+NATS permissions decide who may publish on which subject (permissions.py); the decoders
+believe a payload only as far as its subject allows. These tests try every task event
+and node event on every subject form, with every field that could disagree."""
+
+from __future__ import annotations
+
+import itertools
+
+import msgspec
+import pytest
+
+from stipple_common import subjects
+from stipple_common.errors import Rejected
+from stipple_common.identity import dev_node_id
+from stipple_common.messages import (
+    ImageResult,
+    NodeBanned,
+    NodeErrored,
+    NodeHeartbeat,
+    NodeJoined,
+    NodeProbed,
+    NodeQos,
+    NodeQuit,
+    Progress,
+    ResultRevealed,
+    TaskAborted,
+    TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
+    TaskReassigned,
+    TaskRevealOpened,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+    decode_node_event,
+    decode_progress,
+    decode_task_event,
+    encode,
+    event_name,
+)
+from stipple_common.taskspec import parse_task
+
+A, B = dev_node_id("a"), dev_node_id("b")
+SPEC = parse_task({"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"seed": 3}})
+IMG = ImageResult(index=0, key=f"tasks/t/{A}/0.png", phash="00ff00ff00ff00ff", seed=3, width=64, height=64)
+
+CONTROL = [
+    TaskSubmitted(task_id="t", spec=SPEC, submitted_at=1.5),
+    TaskAssigned(task_id="t", nodes=[A, B], deadline=10.0),
+    TaskReassigned(task_id="t", replaced=A, by=B, deadline=11.0),
+    TaskRevealOpened(task_id="t", nodes=[A], deadline=12.0),
+    TaskSucceeded(task_id="t", reason="unanimous", images=[IMG], verdicts={A: "agree"}),
+    TaskAborted(task_id="t", reason="no_agreement"),
+    TaskCancelled(task_id="t"),
+]
+NODE = [
+    TaskStarted(task_id="t", node_id=A),
+    TaskCommitted(task_id="t", node_id=A, commitment="0x00", signature="0x00"),
+    ResultRevealed(task_id="t", node_id=A, images=[IMG]),
+    NodeErrored(task_id="t", node_id=A, code="internal", message="x"),
+]
+
+
+def test_the_event_sets_cover_every_task_event():
+    assert {event_name(e) for e in CONTROL} == set(subjects.CONTROL_TASK_EVENTS)
+    assert {event_name(e) for e in NODE} == set(subjects.NODE_TASK_EVENTS)
+
+
+@pytest.mark.parametrize("event", CONTROL + NODE, ids=lambda e: type(e).__name__)
+def test_each_event_is_believed_on_its_own_subject(event):
+    node = getattr(event, "node_id", "")
+    assert decode_task_event(subjects.task_subject("t", event_name(event), node), encode(event)) == event
+
+
+@pytest.mark.parametrize(
+    ("event", "subject"),
+    [
+        # a node may publish only tasks.*.<node event>.<its id>: every other event there is refused
+        *(
+            (e, f"tasks.t.{name}.{A}")
+            for e, name in itertools.product(CONTROL + NODE, subjects.NODE_TASK_EVENTS)
+            if event_name(e) != name
+        ),
+        *((e, f"tasks.t.{event_name(e)}.{A}") for e in CONTROL),  # a control event on a node-shaped subject
+        *((e, f"tasks.t.{event_name(e)}") for e in NODE),  # a node event without the node in the subject
+        *((e, f"tasks.t.{event_name(e)}.{B}") for e in NODE),  # another node's subject
+        *((e, f"tasks.other.{event_name(e)}" + (f".{A}" if e in NODE else "")) for e in CONTROL + NODE),
+        (CONTROL[0], "tasks.t"),
+        (CONTROL[0], "tasks.t.submitted.x.y"),
+        (CONTROL[0], "tasks..submitted"),
+        (NODE[0], "tasks.t.exploded.0x1"),
+    ],
+)
+def test_a_payload_that_disagrees_with_its_subject_is_rejected(event, subject):
+    with pytest.raises(Rejected) as caught:
+        decode_task_event(subject, encode(event))
+    parts = subject.split(".")
+    assert caught.value.sender == (parts[3] if len(parts) == 4 else "")  # counted against who could send it
+
+
+def test_garbage_on_a_node_subject_is_rejected_and_blamed_on_that_node():
+    for data in (b"", b"not json", b'{"type": "started"}', b"[1,2]", b'{"type":"started","task_id":5}'):
+        with pytest.raises(Rejected) as caught:
+            decode_task_event(f"tasks.t.started.{A}", data)
+        assert (caught.value.reason, caught.value.sender) == ("undecodable", A)
+
+
+def test_rejections_are_not_decode_errors_but_carry_a_reason():
+    with pytest.raises(Rejected) as caught:
+        decode_task_event(
+            f"tasks.t.started.{A}", encode(TaskSucceeded(task_id="t", reason="x", images=[], verdicts={}))
+        )
+    assert caught.value.reason == "type_mismatch"
+    assert not isinstance(caught.value, msgspec.ValidationError)
+
+
+JOINED = NodeJoined(
+    node_id=A, device="cpu", memory_bytes=1, models=["tiny-sd"], version="0.1", started_at=1.0, address=A.upper()
+)
+SELF = [
+    JOINED,
+    NodeHeartbeat(node_id=A, at=2.0),
+    NodeQuit(node_id=A, at=3.0),
+    NodeProbed(node_id=A, probe_id="p", elapsed_s=0.1),
+]
+ABOUT = [
+    NodeQos(node_id=A, qos=9.0, samples=3, recent_timeouts=0),
+    NodeBanned(node_id=A, reason="not_assigned", detail="x", until=5.0, at=1.0),
+]
+
+
+@pytest.mark.parametrize("event", SELF + ABOUT, ids=lambda e: type(e).__name__)
+def test_node_events_are_keyed_by_the_subject(event):
+    name = type(event).__struct_config__.tag
+    assert decode_node_event(subjects.node_subject(A, name), encode(event)) == event
+    with pytest.raises(Rejected, match="node_mismatch|an event of node"):
+        decode_node_event(subjects.node_subject(B, name), encode(event))  # speaking of another node
+
+
+def test_a_node_cannot_pass_one_event_for_another():
+    for event, name in itertools.product(SELF + ABOUT, [*subjects.NODE_SELF_EVENTS, *subjects.NODE_CONTROL_EVENTS]):
+        if type(event).__struct_config__.tag != name:
+            with pytest.raises(Rejected):
+                decode_node_event(subjects.node_subject(A, name), encode(event))
+
+
+def test_the_qos_and_ban_subjects_are_not_a_nodes():
+    allowed = {subjects.node_subject(A, e) for e in subjects.NODE_SELF_EVENTS}
+    assert not allowed & {subjects.node_subject(A, e) for e in subjects.NODE_CONTROL_EVENTS}
+
+
+def test_an_announcement_must_carry_the_nodes_own_address():
+    other = msgspec.structs.replace(JOINED, address=B)
+    with pytest.raises(Rejected) as caught:
+        decode_node_event(subjects.node_subject(A, "joined"), encode(other))
+    assert caught.value.reason == "address_mismatch"
+    with pytest.raises(Rejected):
+        decode_node_event("nodes.x.joined.y", encode(JOINED))
+
+
+def test_progress_is_believed_only_on_the_nodes_own_subject():
+    progress = Progress(task_id="t", node_id=A, step=1, total=4)
+    assert decode_progress(subjects.progress_subject("t", A), encode(progress)) == progress
+    for subject in (subjects.progress_subject("t", B), subjects.progress_subject("u", A), "progress.t"):
+        with pytest.raises(Rejected):
+            decode_progress(subject, encode(progress))

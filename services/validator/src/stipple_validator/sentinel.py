@@ -1,0 +1,105 @@
+"""The sentinel: a node that keeps sending what it has no business sending is banned.
+
+NATS has no per-client rate limit, and a node may publish on its own subjects for any task
+id (permissions cannot name the tasks it is assigned to). What it sends is checked where
+it is read: an event whose payload disagrees with its subject is `Rejected`, an event
+for a task that does not exist or that the node is not assigned to is refused by the
+fold. Each of these is a *strike* against the node named by the subject. An honest node
+never earns one: it speaks only of tasks it was given, on its own subjects (a late answer
+to a task it was replaced in, or one decided without it, is not a strike).
+
+`strikes` strikes within `window_s` ban the node for `ban_s`: a `Ban` in the `bans` KV
+bucket (the gatekeeper refuses it at connect and closes its connections) and a
+``nodes.<id>.banned`` event (the dispatcher stops picking it). A ban ends by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from prometheus_client import Counter
+
+from stipple_common import bus, subjects
+from stipple_common.identity import is_node_id
+from stipple_common.messages import Ban, NodeBanned
+from stipple_common.metrics import Metrics
+
+log = structlog.get_logger("stipple.validator.sentinel")
+
+REASONS = (
+    "bad_subject",
+    "undecodable",
+    "type_mismatch",
+    "task_mismatch",
+    "node_mismatch",
+    "unknown_task",
+    "not_assigned",
+)
+
+
+class Sentinel:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        bans: KeyValue,
+        metrics: Metrics,
+        *,
+        strikes: int,
+        window_s: float,
+        ban_s: float,
+    ) -> None:
+        self.js = js
+        self.bans = bans
+        self.limit = strikes
+        self.window_s = window_s
+        self.ban_s = ban_s
+        self.recent: dict[str, deque[float]] = {}
+        self.banned_until: dict[str, float] = {}
+        self.strikes = Counter(
+            "stipple_validator_strikes_total",
+            "Messages a node had no business sending (refused by the subject check or the fold), by reason",
+            ["reason"],
+            registry=metrics.registry,
+        )
+        for reason in REASONS:
+            self.strikes.labels(reason)
+        self.bans_total = Counter(
+            "stipple_validator_bans_total",
+            "Nodes banned for repeated strikes, by the reason of the last strike",
+            ["reason"],
+            registry=metrics.registry,
+        )
+        for reason in REASONS:
+            self.bans_total.labels(reason)
+
+    async def strike(self, node_id: str, reason: str, detail: str) -> bool:
+        """Count a strike against `node_id`; returns True when it banned the node."""
+        if not is_node_id(node_id):  # a control-plane subject: nobody to blame
+            return False
+        now = time.time()
+        self.strikes.labels(reason).inc()
+        window = self.recent.setdefault(node_id, deque())
+        window.append(now)
+        while window and now - window[0] > self.window_s:
+            window.popleft()
+        if len(self.recent) > 100_000:  # forget the quiet ones
+            self.recent = {node: w for node, w in self.recent.items() if w and now - w[-1] <= self.window_s}
+        if len(window) < self.limit or self.banned_until.get(node_id, 0.0) > now:
+            return False
+        until = now + self.ban_s
+        text = f"{len(window)} refused messages within {self.window_s:g} s; the last: {reason}: {detail[:300]}"
+        await self.bans.put(node_id, msgspec.json.encode(Ban(reason=reason, detail=text, until=until, at=now)))
+        event = NodeBanned(node_id=node_id, reason=reason, detail=text, until=until, at=now)
+        await bus.publish(
+            self.js, subjects.node_subject(node_id, "banned"), event, msg_id=f"{node_id}:banned:{int(now)}"
+        )
+        self.banned_until[node_id] = until
+        window.clear()
+        self.bans_total.labels(reason).inc()
+        log.warning("node_banned", node_id=node_id, reason=reason, until=until, detail=text)
+        return True

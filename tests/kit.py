@@ -1,0 +1,185 @@
+"""A Stipple network inside the test process, made of the real services.
+
+Each service runs its real `serve` as an asyncio task on its own NATS connection (its own
+user on a secured server); nodes join through the real join protocol (`join_network`:
+the server's nonce signed with the node's key, the gatekeeper's callout, staking through
+the chain relay when the chain runs). A test picks the parts it needs:
+
+    async with Network.secured(tmp_path) as net:          # authentication on, like production
+        await net.gatekeeper(min_stake=MIN_STAKE)
+        await net.chain_indexer(min_stake=MIN_STAKE)
+        await net.dispatcher(); await net.validator()
+        honest = await net.node(runner, "honest-1")       # its node id: dev_node_id("honest-1")
+
+`Network.plain(url)` is the same on a server without authentication (the gatekeeper then
+only takes uploads). Everything stops when the block ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+
+from stipple_common.identity import key_for, node_id_of
+from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
+from stipple_common.service import ServiceContext, open_service
+from stipple_dispatcher.service import DispatcherSettings
+from stipple_dispatcher.service import serve as serve_dispatcher
+from stipple_gatekeeper.service import GatekeeperSettings
+from stipple_gatekeeper.service import serve as serve_gatekeeper
+from stipple_node.pipeline import PipelineRunner
+from stipple_node.service import NodeAgent, NodeSettings, join_network
+from stipple_node.service import serve as serve_node
+from stipple_validator.service import ValidatorSettings
+from stipple_validator.service import serve as serve_validator
+
+
+@dataclass
+class NodeHandle:
+    name: str
+    node_id: str
+    key: str
+    agent: asyncio.Task[None]
+    ctx: ServiceContext
+
+
+@dataclass
+class Network:
+    url: str  # the server's URL without credentials (what nodes dial)
+    credentials: NetworkCredentials | None = None
+    server: NatsServer | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stack: AsyncExitStack = field(default_factory=AsyncExitStack)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    nodes: dict[str, NodeHandle] = field(default_factory=dict)
+    contexts: dict[str, ServiceContext] = field(default_factory=dict)  # service name -> its context (metrics)
+    gateway_url: str = ""  # once `gateway()` ran
+
+    @classmethod
+    def plain(cls, url: str) -> Network:
+        return cls(url=url)
+
+    @classmethod
+    def secured(cls, store_dir: Path) -> Network:
+        server, credentials = start_secured(store_dir)
+        return cls(url=server.url, credentials=credentials, server=server)
+
+    def service_url(self, service: str) -> str:
+        return self.credentials.service_url(self.url, service) if self.credentials else self.url
+
+    async def __aenter__(self) -> Network:
+        await self.stack.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
+        finally:
+            await self.stack.__aexit__(None, None, None)
+            if self.server is not None:
+                self.server.stop()
+
+    async def _run(self, name: str, settings: Any, serve: Any, *, blobs: bool = False) -> ServiceContext:
+        ctx = await self.stack.enter_async_context(open_service(name, settings, blobs=blobs, stop=self.stop))
+        self.tasks.append(asyncio.create_task(serve(ctx, settings)))
+        self.contexts[name] = ctx
+        return ctx
+
+    def metric(self, service: str, name: str, **labels: str) -> float:
+        """A metric's current value in a service of this network (0 when not there yet)."""
+        value = self.contexts[service].metrics.registry.get_sample_value(name, labels or None)
+        return value or 0.0
+
+    async def gatekeeper(self, **overrides: Any) -> GatekeeperSettings:
+        options: dict[str, Any] = {"nats_url": self.service_url("gatekeeper"), "reconcile_s": 2.0}
+        if self.credentials is not None:
+            options.update(
+                issuer_seed=self.credentials.issuer_seed,
+                callout_seed=self.credentials.callout_seed,
+                system_url=self.credentials.system_url(self.url),
+            )
+        else:
+            options["callout"] = False
+        settings = GatekeeperSettings(**{**options, **overrides})
+        await self._run("gatekeeper", settings, serve_gatekeeper, blobs=settings.intake)
+        return settings
+
+    async def dispatcher(self, **overrides: Any) -> DispatcherSettings:
+        settings = DispatcherSettings(**{"nats_url": self.service_url("dispatcher"), **overrides})
+        await self._run("dispatcher", settings, serve_dispatcher)
+        return settings
+
+    async def validator(self, **overrides: Any) -> ValidatorSettings:
+        settings = ValidatorSettings(**{"nats_url": self.service_url("validator"), **overrides})
+        await self._run("validator", settings, serve_validator, blobs=True)
+        return settings
+
+    async def chain_indexer(self, **overrides: Any) -> Any:
+        from stipple_chain_indexer.service import IndexerSettings
+        from stipple_chain_indexer.service import serve as serve_indexer
+
+        settings = IndexerSettings(**{"nats_url": self.service_url("chain-indexer"), **overrides})
+        await self._run("chain-indexer", settings, serve_indexer)
+        return settings
+
+    async def gateway(self, **overrides: Any) -> Any:
+        from stipple_gateway.service import GatewaySettings
+        from stipple_gateway.service import serve as serve_gateway
+
+        from stipple_cli.network import free_port
+
+        settings = GatewaySettings(**{"nats_url": self.service_url("gateway"), "port": free_port(), **overrides})
+        await self._run("gateway", settings, serve_gateway, blobs=True)
+        self.gateway_url = f"http://{settings.host}:{settings.port}"
+        for _ in range(100):  # until uvicorn listens
+            try:
+                _, writer = await asyncio.open_connection(settings.host, settings.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+            else:
+                writer.close()
+                break
+        return settings
+
+    async def client(self, service: str = "validator") -> ServiceContext:
+        """A control-plane connection (a service's user) for the test itself."""
+        settings = DispatcherSettings(nats_url=self.service_url(service), declare_streams=False)
+        return await self.stack.enter_async_context(open_service(f"test-{service}", settings, stop=self.stop))
+
+    async def node(
+        self,
+        runner: PipelineRunner,
+        name: str,
+        agent_type: type[NodeAgent] = NodeAgent,
+        *,
+        key: str | None = None,
+        **overrides: Any,
+    ) -> NodeHandle:
+        """A node agent (of `agent_type`) with the key `key_for(name)` unless given; it joins
+        through the gatekeeper and, with `chain=True`, stakes through the relay first."""
+        key = key or key_for(name)
+        account = Account.from_key(key)
+        settings = NodeSettings(**{"nats_url": self.url, "heartbeat_s": 0.5, **overrides})
+        ctx = await self.stack.enter_async_context(join_network(settings, account, stop=self.stop))
+        agent = asyncio.create_task(serve_node(ctx, settings, runner, key=key, agent_type=agent_type))
+        self.tasks.append(agent)
+        handle = NodeHandle(name, node_id_of(account.address), key, agent, ctx)
+        self.nodes[name] = handle
+        return handle
+
+
+def tiny_runner(folder: Path) -> PipelineRunner:
+    """The built-in tiny model, loaded once (bit-exact at one torch thread)."""
+    from stipple_node.pipeline import configure_determinism
+    from stipple_node.tinymodel import make_tiny_model
+
+    configure_determinism(1)
+    runner = PipelineRunner({"tiny-sd": make_tiny_model(folder)})
+    runner.load("tiny-sd")
+    return runner

@@ -1,0 +1,158 @@
+"""No node can read or list another node's uploads, on either blob-store backend.
+
+A secured network (authentication on, the gatekeeper's callout) runs a task end to end
+with the images in the JetStream object store, then in S3 (moto over real HTTP, with
+authentication enforced as MinIO does). The nodes hold no blob-store credentials: they
+hand their images to the gatekeeper's intake. Then a node tries to read and list what
+the others stored, with everything it has: its NATS connection (the object store's
+subjects and JetStream API) and, for S3, the endpoint itself (anonymous, or with keys
+it made up). Each is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+
+from stipple_common import bus, subjects
+from stipple_common.messages import TaskSubmitted, TaskSucceeded, decode_task_event
+from stipple_common.taskspec import parse_task
+
+from .kit import Network, tiny_runner
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+NODES = ("node-1", "node-2", "node-3")
+BUCKET = "no-peeking"
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory):
+    return tiny_runner(Path(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[dict[str, str]]:
+    """moto's S3 on loopback, with authentication enforced (as MinIO does): only the
+    services' key, made in moto's IAM, may do anything."""
+    import boto3
+    import requests
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    iam = boto3.client(
+        "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    iam.create_user(UserName="stipple-services")
+    policy = iam.create_policy(
+        PolicyName="s3-all",
+        PolicyDocument='{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:*","Resource":"*"}]}',
+    )
+    iam.attach_user_policy(UserName="stipple-services", PolicyArn=policy["Policy"]["Arn"])
+    key = iam.create_access_key(UserName="stipple-services")["AccessKey"]
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=5)  # every request must be signed from now on
+    yield {
+        "blob_backend": "s3",
+        "s3_endpoint": f"127.0.0.1:{port}",
+        "s3_access_key": key["AccessKeyId"],
+        "s3_secret_key": key["SecretAccessKey"],
+        "blob_bucket": BUCKET,
+    }
+    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"1000000", timeout=5)
+    moto.stop()
+
+
+async def run_a_task(net: Network) -> TaskSucceeded:
+    app = await net.client("gateway")
+    task_id = uuid.uuid4().hex
+    spec = parse_task(
+        {"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"image_width": 64, "image_height": 64, "steps": 4, "seed": 7}}
+    )
+    event = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
+    await bus.publish(app.js, subjects.task_subject(task_id, "submitted"), event, msg_id=task_id)
+    for _ in range(600):
+        msgs = await bus.read_messages(app.js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+        events = [decode_task_event(m.subject, m.data) for m in msgs]
+        done = next((e for e in events if isinstance(e, TaskSucceeded)), None)
+        if done:
+            return done
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not succeed: {events}")
+
+
+async def peek_over_nats(net: Network, node: str, bucket: str) -> list[str]:
+    """Everything a node could try on NATS to see the images; returns what the server refused."""
+    handle = net.nodes[node]
+    nc = handle.ctx.nc
+    refused: list[str] = []
+    original = nc._error_cb
+
+    async def record(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    nc._error_cb = record
+    try:
+        await nc.subscribe(f"$O.{bucket}.>")
+        for subject in (
+            f"$JS.API.STREAM.INFO.OBJ_{bucket}",
+            f"$JS.API.STREAM.MSG.GET.OBJ_{bucket}",
+            f"$JS.API.DIRECT.GET.OBJ_{bucket}",
+            f"$JS.API.CONSUMER.CREATE.OBJ_{bucket}",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.OBJ_{bucket}.peek",
+            "$JS.API.STREAM.LIST",
+        ):
+            await nc.publish(subject, b"{}", reply=nc.new_inbox())
+        await nc.flush(timeout=2)
+        await asyncio.sleep(0.3)
+    finally:
+        nc._error_cb = original
+    return refused
+
+
+def s3_request(endpoint: str, path: str, headers: dict[str, str] | None = None) -> int:
+    with urllib3.PoolManager() as http:
+        return http.request("GET", f"http://{endpoint}{path}", headers=headers or {}, retries=False).status
+
+
+@pytest.mark.parametrize("backend", ["jetstream", "s3"])
+async def test_nodes_cannot_read_or_list_each_others_uploads(tmp_path, runner, s3, backend: str) -> None:
+    blobs: dict[str, Any] = s3 if backend == "s3" else {"blob_bucket": BUCKET.replace("-", "_")}
+    async with Network.secured(tmp_path / "nats") as net:
+        await net.gatekeeper(**blobs)
+        await net.dispatcher()
+        await net.validator(phash_threshold=2, **blobs)
+        for name in NODES:
+            await net.node(runner, name)  # no blob settings at all: a node has none
+        await asyncio.sleep(1.0)
+        outcome = await run_a_task(net)
+        assert set(outcome.verdicts.values()) == {"agree"}
+        keys = [image.key for image in outcome.images]
+        owner = keys[0].split("/")[2]
+        peeker = next(name for name in NODES if net.nodes[name].node_id != owner)
+        bucket = blobs["blob_bucket"]
+        refused = " ".join(await peek_over_nats(net, peeker, bucket))
+        for subject in ("STREAM.INFO", "STREAM.MSG.GET", "DIRECT.GET", "CONSUMER.CREATE", "DURABLE.CREATE", "LIST"):
+            assert f"$JS.API.{subject}" in refused, subject
+        assert f'Subscription to "$O.{bucket}.>"' in refused
+        if backend == "s3":
+            endpoint = s3["s3_endpoint"]
+            assert s3_request(endpoint, f"/{bucket}/{keys[0]}") == 403  # anonymous read
+            assert s3_request(endpoint, f"/{bucket}?list-type=2") == 403  # anonymous list
+            forged = {
+                "Authorization": "AWS4-HMAC-SHA256 Credential=AKIANODE/20261206/us-east-1/s3/aws4_request, "
+                "SignedHeaders=host, Signature=00"
+            }
+            assert s3_request(endpoint, f"/{bucket}?list-type=2", forged) == 403  # a key it made up
