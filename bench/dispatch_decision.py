@@ -29,35 +29,46 @@ from stipple_dispatcher.selection import NodeIndex, Requirements
 MODELS = ["sd15", "sdxl", "sd21", "tiny-sd"]
 
 
-def build(n: int, rng: random.Random, now: float) -> tuple[NodeIndex, list[NodeJoined]]:
+def address(kind: int, i: int) -> str:
+    """A node id (kind 0) or an operator (kind 1) in the form of an address, without the
+    cost of deriving 10,000 keys."""
+    return f"0x{kind:x}{i:039x}"
+
+
+def build(n: int, rng: random.Random, now: float) -> tuple[NodeIndex, list[NodeJoined], dict[str, str]]:
+    """`n` nodes, three to an operator; stakes and operators as the chain says (`set_stake`)."""
     index = NodeIndex()
     nodes = []
+    operators = {}
     for i in range(n):
         models = rng.sample(MODELS, rng.randint(1, 3))
         node = NodeJoined(
-            node_id=f"node-{i}",
-            operator=f"op-{i % (n // 3 or 1)}",
+            node_id=address(0, i),
             device="gpu",
             memory_bytes=rng.choice([8, 16, 24, 80]) * 1024**3,
             models=models,
             version=__version__,
             started_at=0.0,
-            stake=rng.randint(0, 10_000),
             models_loaded=models[:1],
+            address=address(0, i),
         )
         nodes.append(node)
+        operators[node.node_id] = address(1, i % (n // 3 or 1))
+        index.set_stake(node.node_id, rng.randint(0, 10_000), operators[node.node_id])
         index.join(node, now - rng.random() * 5, __version__)
         if rng.random() < 0.8:
             index.score(NodeQos(node_id=node.node_id, qos=rng.random() * 10, samples=50, recent_timeouts=0))
-    return index, nodes
+    return index, nodes, operators
 
 
-def naive_pick(nodes: list[NodeJoined], live: set[str], model: str, rng: random.Random) -> list[str]:
+def naive_pick(
+    nodes: list[NodeJoined], operators: dict[str, str], live: set[str], model: str, rng: random.Random
+) -> list[str]:
     candidates = [n for n in nodes if n.node_id in live and model in n.models]
     rng.shuffle(candidates)
     chosen: dict[str, str] = {}
     for node in candidates:
-        chosen.setdefault(node.operator, node.node_id)
+        chosen.setdefault(operators[node.node_id], node.node_id)
         if len(chosen) == 3:
             break
     return list(chosen.values())
@@ -81,7 +92,7 @@ def main() -> None:
 
     now = time.time()
     rng = random.Random(1)
-    index, nodes = build(args.nodes, rng, now)
+    index, nodes, operators = build(args.nodes, rng, now)
     live = {n.node_id for n in nodes}
     spec = parse_task({"base_model": "sdxl", "prompt": "p", "loras": [{"model": "sd15", "weight": 0.5}]})
     req = Requirements(min_stake=100, memory_bytes=12 * 1024**3, version=__version__)
@@ -94,7 +105,7 @@ def main() -> None:
         ours.append(time.perf_counter() - started)
         assert len(chosen) == 3
         started = time.perf_counter()
-        naive_pick(nodes, live, "sdxl", rng)
+        naive_pick(nodes, operators, live, "sdxl", rng)
         naive.append(time.perf_counter() - started)
 
     def ms(samples: list[float], q: float) -> float:

@@ -4,10 +4,11 @@ For measuring the control plane alone (bench/control_plane.py). Never use it out
 bench/ and tests: a network of these nodes "agrees" on every task without computing
 anything.
 
-Everything else is the real node agent (`stipple_node.service`): the announcement and
+Everything else is the real node agent (`stipple_node.service`): joining as its key
+(`join_network`, with STIPPLE_CHAIN the stake at start), the announcement and
 heartbeats, the durable work and control consumers, `started`, the upload of each PNG
-to the blob store, the signed `committed`, `revealed` on the validator's request, and
-with STIPPLE_CHAIN the stake at start.
+through the gatekeeper's blob intake, the signed `committed`, and `revealed` on the
+validator's request.
 Only `_generate` differs: instead of running diffusers in a worker thread it returns at
 once one precomputed PNG per image (a flat grey picture of the task's size, its pHash
 computed once per size), with the seed (task seed + index), width and height a real
@@ -17,8 +18,10 @@ but never used.
 Run it as a process exactly like ``python -m stipple_node`` (settings from the same
 STIPPLE_* variables):
 
-    STIPPLE_NATS_URL=nats://127.0.0.1:4222 STIPPLE_NODE_ID=n1 STIPPLE_OPERATOR=op1 \\
-        python bench/fixed_image_node.py
+    STIPPLE_NATS_URL=nats://127.0.0.1:4222 STIPPLE_KEY_FILE=/tmp/n1.key python bench/fixed_image_node.py
+
+Its key (STIPPLE_KEY_FILE, else <STIPPLE_MODEL_CACHE>/node.key, made at first start;
+with neither, a new key at every start) is its identity: its address is its node id.
 
 STIPPLE_MODELS is read for the model *names* only (the folders are neither checked nor
 loaded); the default announces the built-in `tiny-sd`.
@@ -28,23 +31,24 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 import sys
 from functools import cache
 from pathlib import Path
 
 import imagehash
-import msgspec
+import structlog
 from PIL import Image
 
 from stipple_common import commitment
 from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
 from stipple_common.messages import Assignment
-from stipple_common.service import open_service
 from stipple_common.settings import InvalidSettings, load_settings
 from stipple_node.pipeline import GeneratedImage
-from stipple_node.service import NodeAgent, NodeSettings, load_or_create_key, serve
-from stipple_node.staking import ensure_stake
+from stipple_node.service import NodeAgent, NodeSettings, check_node_id, join_network, load_or_create_key, serve
+
+log = structlog.get_logger("stipple.node")
 
 GREY = (128, 128, 128)
 
@@ -100,18 +104,13 @@ def model_names(spec: str) -> list[str]:
 async def run(settings: NodeSettings) -> None:
     """`stipple_node.service.run` without the model store and the pipeline runner."""
     setup_logging("node-agent", level=settings.log_level, fmt=settings.log_format)
-    if not settings.node_id:  # as the real node: a random id, then the same id everywhere
-        import secrets
-
-        settings = msgspec.structs.replace(settings, node_id=f"node-{secrets.token_hex(4)}")
     key_file = settings.key_file or (str(Path(settings.model_cache) / "node.key") if settings.model_cache else "")
-    key = load_or_create_key(Path(key_file).expanduser()) if key_file else None  # None: a fresh key per start
+    key = load_or_create_key(Path(key_file).expanduser()) if key_file else "0x" + secrets.token_hex(32)
+    account = commitment.account_from_key(key)
+    node_id = check_node_id(settings, account.address)
     runner = FixedRunner(model_names(settings.models))
-    async with open_service("node-agent", settings, blobs=True) as ctx:
-        if settings.chain and key is not None:  # stakes like the real node (STIPPLE_CHAIN)
-            account = commitment.account_from_key(key)
-            staked = await ensure_stake(ctx.nc, settings.node_id, account, settings.stake, wait_s=settings.chain_wait_s)
-            settings = msgspec.structs.replace(settings, stake=staked)
+    log.info("node_identity", node_id=node_id)
+    async with join_network(settings, account) as ctx:
         await serve(ctx, settings, runner, None, key, agent_type=FixedImageNode)  # type: ignore[arg-type]
 
 

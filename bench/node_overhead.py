@@ -5,8 +5,8 @@ The same txt2img task (one image, fixed seed, one torch thread) is run
 - node: through the real node agent (its service code on a real nats-server), from
   publishing the assignment to receiving the node's `committed` event (its last word
   before the validator asks it to reveal), which includes compel prompt encoding, PNG
-  encoding, pHash, the upload to the JetStream object store, the signed commitment and
-  the events.
+  encoding, pHash, the upload through the gatekeeper's blob intake (in this process) to
+  the JetStream object store, the signed commitment and the events.
 Runs alternate (bare, node, bare, node, ...) so that machine noise hits both alike; the
 medians and their ratio are printed. Goal: ratio <= 1.03 on a task that takes >= 1 s.
 
@@ -25,14 +25,18 @@ import uuid
 from pathlib import Path
 
 import torch
+from eth_account import Account
 
 from stipple_common import bus, subjects
-from stipple_common.messages import Assignment, task_event_decoder
+from stipple_common.identity import dev_node_id, key_for
+from stipple_common.messages import Assignment, TaskAssigned, task_event_decoder
 from stipple_common.natsserver import NatsServer
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
+from stipple_gatekeeper.service import GatekeeperSettings
+from stipple_gatekeeper.service import serve as serve_gatekeeper
 from stipple_node.pipeline import PipelineRunner, configure_determinism
-from stipple_node.service import NodeSettings, serve
+from stipple_node.service import NodeSettings, join_network, serve
 from stipple_node.tinymodel import make_tiny_model
 from stipple_node.tinyzoo import build_zoo
 
@@ -62,13 +66,19 @@ def run_bare(pipe, size: int, steps: int, seed: int) -> float:
 
 async def node_runs(folder: Path, size: int, steps: int, seeds: list[int], bare, out: list[float]) -> list[float]:
     node_times: list[float] = []
+    key, node_id = key_for("bench"), dev_node_id("bench")
     with NatsServer.start() as server:
-        settings = NodeSettings(nats_url=server.url, node_id="bench", operator="bench", torch_threads=1)
+        control_settings = GatekeeperSettings(nats_url=server.url, callout=False)  # the blob intake only
+        settings = NodeSettings(nats_url=server.url, torch_threads=1)
         runner = PipelineRunner({"m": folder})
         runner.load("m")
         stop = asyncio.Event()
-        async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
-            task = asyncio.create_task(serve(ctx, settings, runner))
+        async with (
+            open_service("gatekeeper", control_settings, blobs=True, stop=stop) as control,
+            join_network(settings, Account.from_key(key), stop=stop) as ctx,
+        ):
+            gatekeeper = asyncio.create_task(serve_gatekeeper(control, control_settings))
+            task = asyncio.create_task(serve(ctx, settings, runner, key=key))
             await asyncio.sleep(0.5)
             for seed in seeds:
                 out.append(run_bare(bare, size, steps, seed))  # interleaved with the node runs
@@ -86,15 +96,20 @@ async def node_runs(folder: Path, size: int, steps: int, seeds: list[int], bare,
                     if not done.done():
                         done.set_result(task_event_decoder.decode(msg.data))
 
-                sub = await ctx.nc.subscribe(subjects.task_subject(task_id, "committed", "bench"), cb=on_event)
+                sub = await control.nc.subscribe(subjects.task_subject(task_id, "committed", node_id), cb=on_event)
                 started = time.perf_counter()
-                work = Assignment(task_id=task_id, spec=spec, deadline=time.time() + 600)
-                await bus.publish(ctx.js, subjects.work_subject("bench"), work, msg_id=task_id)
+                deadline = time.time() + 600
+                # as the dispatcher: the assignment (the intake takes an assigned node's uploads only), the work
+                assigned = TaskAssigned(task_id=task_id, nodes=[node_id], deadline=deadline)
+                await bus.publish(control.js, subjects.task_subject(task_id, "assigned"), assigned, msg_id=task_id)
+                work = Assignment(task_id=task_id, spec=spec, deadline=deadline)
+                await bus.publish(control.js, subjects.work_subject(node_id), work, msg_id=task_id)
                 await asyncio.wait_for(done, 600)
                 node_times.append(time.perf_counter() - started)
                 await sub.unsubscribe()
             stop.set()
             await task
+            await gatekeeper
     return node_times
 
 

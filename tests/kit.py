@@ -45,7 +45,12 @@ class NodeHandle:
     node_id: str
     key: str
     agent: asyncio.Task[None]
-    ctx: ServiceContext
+    ctx: ServiceContext  # its stop Event is its own: stopping one node stops only it
+
+    async def stop(self) -> None:
+        """Stop this node as SIGTERM would (it says goodbye), and wait for it."""
+        self.ctx.stop.set()
+        await asyncio.wait_for(asyncio.gather(self.agent, return_exceptions=True), 30)
 
 
 @dataclass
@@ -78,6 +83,8 @@ class Network:
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop.set()
+        for handle in self.nodes.values():
+            handle.ctx.stop.set()
         try:
             await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
         finally:
@@ -129,10 +136,9 @@ class Network:
         return settings
 
     async def gateway(self, **overrides: Any) -> Any:
+        from stipple_cli.network import free_port
         from stipple_gateway.service import GatewaySettings
         from stipple_gateway.service import serve as serve_gateway
-
-        from stipple_cli.network import free_port
 
         settings = GatewaySettings(**{"nats_url": self.service_url("gateway"), "port": free_port(), **overrides})
         await self._run("gateway", settings, serve_gateway, blobs=True)
@@ -166,7 +172,8 @@ class Network:
         key = key or key_for(name)
         account = Account.from_key(key)
         settings = NodeSettings(**{"nats_url": self.url, "heartbeat_s": 0.5, **overrides})
-        ctx = await self.stack.enter_async_context(join_network(settings, account, stop=self.stop))
+        stop = asyncio.Event()  # the node's own: a node's shutdown sets it (serve's finally)
+        ctx = await self.stack.enter_async_context(join_network(settings, account, stop=stop))
         agent = asyncio.create_task(serve_node(ctx, settings, runner, key=key, agent_type=agent_type))
         self.tasks.append(agent)
         handle = NodeHandle(name, node_id_of(account.address), key, agent, ctx)

@@ -267,13 +267,13 @@ async def test_the_dev_secrets_load_in_nats_and_the_gatekeeper_admits_a_bare_key
     come up, it declares the streams (JetStream in APP); a client with nothing but a new
     key is admitted as a node; a client with nothing at all is refused."""
     from eth_account import Account
-    from stipple_gatekeeper.service import GatekeeperSettings, serve
 
     from stipple_common import subjects
     from stipple_common.identity import node_id_of
     from stipple_common.messages import join_status_decoder
     from stipple_common.service import nats_identity, open_service
     from stipple_common.settings import load_settings
+    from stipple_gatekeeper.service import GatekeeperSettings, serve
 
     dev = renders["overlays/dev"]
     for var, value in _secret(dev, "stipple-nats-users").items():

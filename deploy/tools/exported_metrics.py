@@ -29,7 +29,7 @@ SUFFIXES = {
     "unknown": ("",),
 }
 
-SERVICES = ("gateway", "dispatcher", "validator", "chain-indexer", "node-agent")
+SERVICES = ("gateway", "dispatcher", "validator", "chain-indexer", "gatekeeper", "node-agent")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,10 @@ def registries() -> dict[str, CollectorRegistry]:
     metrics = Metrics("validator")
     directory = NodeDirectory(ttl_s=10)
     prober = Prober(None, directory, None, every_s=5, timeout_s=60)  # type: ignore[arg-type]
-    Validator(None, directory, None, prober, ValidatorSettings(), metrics)  # type: ignore[arg-type]
+    from stipple_validator.sentinel import Sentinel
+
+    sentinel = Sentinel(None, None, metrics, strikes=1, window_s=1, ban_s=1)  # type: ignore[arg-type]
+    Validator(None, directory, None, prober, ValidatorSettings(), metrics, None, sentinel)  # type: ignore[arg-type]
     out["validator"] = metrics.registry
 
     from stipple_chain_indexer.follower import ChainFollower
@@ -82,7 +85,22 @@ def registries() -> dict[str, CollectorRegistry]:
     chain = SimpleNamespace(deployment=SimpleNamespace(token="0x0", staking="0x0", payment="0x0"))
     ChainFollower(chain, None, None, None, 2, metrics)  # type: ignore[arg-type]
     Settler(chain, None, None, None, None, "", metrics)  # type: ignore[arg-type]
+    from stipple_chain_indexer.relay import Relay
+
+    Relay(chain, None, None, False, 0, metrics)  # type: ignore[arg-type]
     out["chain-indexer"] = metrics.registry
+
+    from stipple_gatekeeper.admission import Registry
+    from stipple_gatekeeper.callout import Callout
+    from stipple_gatekeeper.enforcer import Enforcer
+    from stipple_gatekeeper.intake import Intake
+
+    metrics = Metrics("gatekeeper")
+    registry = Registry(min_stake=0)
+    Callout(js=None, registry=registry, issuer=None, metrics=metrics, node_ttl_s=1, applicant_ttl_s=1)  # type: ignore[arg-type]
+    Intake(nc=None, js=None, blobs=None, metrics=metrics, max_blob_bytes=1)  # type: ignore[arg-type]
+    Enforcer(None, registry, metrics)  # type: ignore[arg-type]
+    out["gatekeeper"] = metrics.registry
 
     from stipple_node.pipeline import PipelineRunner
     from stipple_node.service import NodeAgent, NodeSettings
@@ -91,10 +109,8 @@ def registries() -> dict[str, CollectorRegistry]:
     metrics = Metrics("node-agent")
     with tempfile.TemporaryDirectory() as tmp, ModelStore(Path(tmp), budget_bytes=None) as store:
         NodeAgent(
-            node_id="node-x",
             nc=None,  # type: ignore[arg-type]
             js=None,  # type: ignore[arg-type]
-            blobs=None,  # type: ignore[arg-type]
             runner=PipelineRunner({}, store=store),
             settings=NodeSettings(),
             metrics=metrics,

@@ -217,16 +217,3 @@ def test_a_node_that_has_not_committed_can_be_replaced():
 def test_invalid_reassignments_raise(history, event, why):
     with pytest.raises(InvalidTransition, match=why):
         apply(fold(*history), event)
-
-
-def test_a_nodes_event_must_be_on_that_nodes_subject():
-    import msgspec
-
-    from stipple_common.messages import decode_task_event, encode
-
-    event = errored("b")
-    assert decode_task_event("tasks.t.errored.b", encode(event)) == event
-    for subject in ("tasks.t.errored.a", "tasks.t.errored"):
-        with pytest.raises(msgspec.ValidationError, match="of node 'b' published on"):
-            decode_task_event(subject, encode(event))
-    assert decode_task_event("tasks.t.submitted", encode(SUBMITTED)) == SUBMITTED  # not a node's event

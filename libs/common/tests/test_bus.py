@@ -5,11 +5,22 @@ import uuid
 
 import msgspec
 import pytest
+import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from stipple_common import bus
 from stipple_common.errors import StippleError
-from stipple_common.messages import NodeHeartbeat, NodeJoined, NodeQuit, TaskStarted, encode, task_event_decoder
+from stipple_common.identity import dev_node_id
+from stipple_common.messages import (
+    IndexedStake,
+    NodeBanned,
+    NodeHeartbeat,
+    NodeJoined,
+    NodeQuit,
+    TaskStarted,
+    encode,
+    task_event_decoder,
+)
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 
@@ -132,23 +143,51 @@ def test_backoff_grows_and_caps():
     assert bus.backoff(50) == 30.0
 
 
-def joined(node_id, operator="op"):
+def joined(node_id, address=None):
     return NodeJoined(
-        node_id=node_id, operator=operator, device="cpu", memory_bytes=1, models=["m"], version="0", started_at=0.0
+        node_id=node_id,
+        device="cpu",
+        memory_bytes=1,
+        models=["m"],
+        version="0",
+        started_at=0.0,
+        address=node_id if address is None else address,
     )
+
+
+A, B, C = dev_node_id("a"), dev_node_id("b"), dev_node_id("c")
 
 
 def test_directory_liveness_by_ttl_and_quit():
     directory = NodeDirectory(ttl_s=5)
-    directory.apply(joined("a"), seen_at=100.0)
-    directory.apply(joined("b"), seen_at=100.0)
-    directory.apply(NodeHeartbeat(node_id="a", at=0.0), seen_at=104.0)
-    directory.apply(NodeHeartbeat(node_id="ghost", at=0.0), seen_at=104.0)  # never joined: ignored
-    assert {n.node_id for n in directory.live(now=106.0)} == {"a"}  # b's last sign is 6 s old
-    directory.apply(NodeQuit(node_id="a", at=0.0), seen_at=107.0)
+    directory.apply(joined(A), seen_at=100.0)
+    directory.apply(joined(B), seen_at=100.0)
+    directory.apply(NodeHeartbeat(node_id=A, at=0.0), seen_at=104.0)
+    directory.apply(NodeHeartbeat(node_id=dev_node_id("ghost"), at=0.0), seen_at=104.0)  # never joined: ignored
+    assert {n.node_id for n in directory.live(now=106.0)} == {A}  # b's last sign is 6 s old
+    directory.apply(NodeQuit(node_id=A, at=0.0), seen_at=107.0)
     assert directory.live(now=107.5) == []
-    directory.apply(NodeHeartbeat(node_id="a", at=0.0), seen_at=108.0)  # came back
-    assert [n.node_id for n in directory.live(now=108.5)] == ["a"]
+    directory.apply(NodeHeartbeat(node_id=A, at=0.0), seen_at=108.0)  # came back
+    assert [n.node_id for n in directory.live(now=108.5)] == [A]
+
+
+def test_directory_takes_stakes_and_operators_from_the_chain_and_leaves_banned_nodes_out():
+    directory = NodeDirectory(ttl_s=5)
+    owner = dev_node_id("operator")
+    directory.apply(joined(A), seen_at=100.0)
+    directory.apply(joined(B), seen_at=100.0)
+    directory.stakes[A] = IndexedStake(stake=10, owner="0x" + owner[2:].upper())  # any case
+    directory.stakes[B] = IndexedStake(stake=7, leaving=True)
+    assert (directory.operator(A), directory.stake(A)) == (owner, 10)
+    assert (directory.operator(B), directory.stake(B)) == (B, 0)  # staked alone, and leaving
+    assert (directory.operator(C), directory.stake(C)) == (C, 0)  # the chain knows nothing of it
+    directory.apply(NodeBanned(node_id=B, reason="not_assigned", detail="", until=110.0, at=100.0), seen_at=100.0)
+    directory.apply(NodeBanned(node_id=C, reason="bad_subject", detail="", until=110.0, at=100.0), seen_at=100.0)
+    directory.apply(joined(C), seen_at=101.0)  # a ban that came first still holds
+    assert {n.node_id for n in directory.live(now=102.0)} == {A}
+    for node_id in (A, B, C):
+        directory.apply(NodeHeartbeat(node_id=node_id, at=0.0), seen_at=110.0)
+    assert {n.node_id for n in directory.live(now=110.5)} == {A, B, C}  # the bans ran out
 
 
 async def test_directory_follows_the_nodes_stream(nc):
@@ -156,7 +195,7 @@ async def test_directory_follows_the_nodes_stream(nc):
 
     js = nc.jetstream()
     await bus.ensure_streams(js, stream_configs())
-    node_id = f"n{uuid.uuid4().hex[:8]}"
+    node_id = dev_node_id(uuid.uuid4().hex)
     await js.publish(f"nodes.{node_id}.joined", encode(joined(node_id)))
     await js.publish(f"nodes.{node_id}.heartbeat", encode(NodeHeartbeat(node_id=node_id, at=0.0)))
     directory = NodeDirectory(ttl_s=30)
@@ -173,3 +212,29 @@ async def test_directory_follows_the_nodes_stream(nc):
     finally:
         await sub.unsubscribe()
         await js.purge_stream(NODES_STREAM, subject=f"nodes.{node_id}.>")
+
+
+async def test_directory_ignores_and_logs_an_event_its_subject_does_not_allow(nc):
+    from stipple_common.subjects import NODES_STREAM, stream_configs
+
+    js = nc.jetstream()
+    await bus.ensure_streams(js, stream_configs())
+    honest, liar = dev_node_id(uuid.uuid4().hex), dev_node_id(uuid.uuid4().hex)
+    await js.publish(f"nodes.{honest}.joined", encode(joined(honest)))
+    await js.publish(f"nodes.{liar}.quit", encode(NodeQuit(node_id=honest, at=0.0)))  # speaks for another node
+    await js.publish(f"nodes.{liar}.joined", encode(joined(liar, address=honest)))  # with another's address
+    await js.publish(f"nodes.{liar}.heartbeat", encode(joined(liar)))  # an announcement as a heartbeat
+    directory = NodeDirectory(ttl_s=30)
+    with structlog.testing.capture_logs() as logs:
+        sub = await directory.follow(js)
+    try:
+        assert directory.caught_up.is_set()
+        assert honest in {n.node_id for n in directory.live()}  # the liar's quit did not count
+        assert liar not in directory.entries
+        rejected = [e for e in logs if e["event"] == "node_event_rejected" and e["sender"] == liar]
+        assert sorted(e["reason"] for e in rejected) == ["address_mismatch", "node_mismatch", "type_mismatch"]
+        assert all(e["log_level"] == "warning" for e in rejected)
+    finally:
+        await sub.unsubscribe()
+        for node_id in (honest, liar):
+            await js.purge_stream(NODES_STREAM, subject=f"nodes.{node_id}.>")

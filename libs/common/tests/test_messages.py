@@ -55,9 +55,7 @@ def test_event_names_are_the_subject_tokens():
 
 
 def test_node_events_and_assignment_round_trip():
-    joined = NodeJoined(
-        node_id="n", operator="o", device="cpu", memory_bytes=1, models=["tiny-sd"], version="0.1", started_at=1.0
-    )
+    joined = NodeJoined(node_id="n", device="cpu", memory_bytes=1, models=["tiny-sd"], version="0.1", started_at=1.0)
     beat = NodeHeartbeat(node_id="n", at=2.0, busy=True)
     assert node_event_decoder.decode(encode(joined)) == joined
     assert node_event_decoder.decode(encode(beat)) == beat

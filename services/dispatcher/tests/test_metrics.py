@@ -11,11 +11,9 @@ from stipple_dispatcher.selection import NodeIndex
 from stipple_dispatcher.service import Dispatcher, DispatcherSettings
 
 
-def joined(node_id: str, version: str = __version__, stake: int = 1000) -> NodeJoined:
+def joined(node_id: str, version: str = __version__) -> NodeJoined:
     return NodeJoined(
         node_id=node_id,
-        stake=stake,
-        operator=node_id,
         device="cpu",
         memory_bytes=1,
         models=["tiny-sd"],
@@ -27,9 +25,11 @@ def joined(node_id: str, version: str = __version__, stake: int = 1000) -> NodeJ
 def test_nodes_by_state_qos_and_held_tasks():
     now = time.time()
     index = NodeIndex(capacity=2)  # grows while the nodes join
-    for node_id in ("idle", "busy", "paused", "old", "gone", "quit"):
+    for node_id in ("idle", "busy", "paused", "banned", "old", "gone", "quit"):
+        index.set_stake(node_id, 1000)  # as the chain says
         index.join(joined(node_id, version="0.0.1" if node_id == "old" else ""), seen_at=now)
-    index.join(joined("slashed", stake=0), seen_at=now)  # live, below the minimum stake
+    index.join(joined("slashed"), seen_at=now)  # live, below the minimum stake (the chain knows no stake)
+    index.ban("banned", now + 60)
     index.last_seen[index.row["gone"]] = now - 100  # no heartbeat within the TTL
     index.leave("quit")
     index.assigned(["busy"])
@@ -46,7 +46,7 @@ def test_nodes_by_state_qos_and_held_tasks():
         return metrics.registry.get_sample_value(name, labels)
 
     states = {s: value("stipple_dispatcher_nodes", state=s) for s in NODE_STATES}
-    assert states == {"idle": 1, "busy": 1, "paused": 1, "unstaked": 1, "incompatible": 1, "offline": 1, "quit": 1}
+    assert states == {s: 1 for s in NODE_STATES}
     assert value("stipple_dispatcher_node_qos", node_id="idle") == 9.0
     assert value("stipple_dispatcher_node_qos", node_id="paused") == 2.5
     assert value("stipple_dispatcher_node_qos", node_id="quit") is None  # gone for good: no series

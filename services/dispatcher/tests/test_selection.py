@@ -16,22 +16,23 @@ NOW = 1000.0
 REQ = Requirements(version=__version__)
 
 
-def node(node_id, operator=None, models=("tiny-sd",), *, stake=0, memory=1, version=__version__, loaded=()):
+def node(node_id, models=("tiny-sd",), *, memory=1, version=__version__, loaded=()):
     return NodeJoined(
         node_id=node_id,
-        operator=operator or node_id,
         device="cpu",
         memory_bytes=memory,
         models=list(models),
         version=version,
         started_at=0.0,
-        stake=stake,
         models_loaded=list(loaded),
     )
 
 
-def index_of(*nodes, seen=NOW):
+def index_of(*nodes, seen=NOW, chain=None):
+    """An index of `nodes`; `chain`: node id -> (stake, owner) as the chain-indexer says."""
     index = NodeIndex(capacity=2)  # small, so growing is exercised
+    for node_id, (stake, owner) in (chain or {}).items():
+        index.set_stake(node_id, stake, owner)
     for n in nodes:
         index.join(n, seen, __version__)
     return index
@@ -48,13 +49,39 @@ def test_picks_distinct_nodes_serving_the_model():
     assert "other" not in chosen
 
 
+OWNERS = {"a1": "alice", "a2": "alice", "a3": "alice", "b1": "bob", "c1": ""}  # c1 staked for itself
+
+
 def test_never_two_nodes_of_one_operator():
-    index = index_of(
-        node("a1", "alice"), node("a2", "alice"), node("a3", "alice"), node("b1", "bob"), node("c1", "carol")
-    )
+    index = index_of(*map(node, OWNERS), chain={n: (100, owner) for n, owner in OWNERS.items()})
     for seed in range(30):
         chosen = pick(index, seed)
-        assert sorted(index.joined[index.row[n]].operator for n in chosen) == ["alice", "bob", "carol"]
+        assert sorted(OWNERS[n] or n for n in chosen) == ["alice", "bob", "c1"]
+
+
+def test_the_operator_is_the_owner_of_the_stake_as_the_chain_says():
+    index = index_of(node("n0"), node("n1"), node("n2"))  # the chain knows nothing yet: each its own operator
+    assert sorted(pick(index)) == ["n0", "n1", "n2"]
+    index.set_stake("n0", 100, "mallory")
+    index.set_stake("n1", 100, "MALLORY")  # one owner (any case) staked for both
+    for seed in range(10):
+        with pytest.raises(NotEnoughNodes, match="3 eligible nodes of 2 operators"):
+            pick(index, seed)
+    assert sorted(pick(index, count=2)) in (["n0", "n2"], ["n1", "n2"])
+    index.set_stake("n1", 100)  # the stake now its own (no owner: the node itself)
+    assert sorted(pick(index)) == ["n0", "n1", "n2"]
+    index.join(node("n3"), NOW, __version__)
+    index.set_stake("n3", 100, "n2")  # a node may own another's stake: they are one operator
+    for seed in range(30):
+        assert not {"n2", "n3"} <= set(pick(index, seed))
+
+
+def test_a_replacement_is_of_none_of_the_excluded_nodes_operators():
+    index = index_of(*map(node, OWNERS), chain={n: (100, owner) for n, owner in OWNERS.items()})
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        (chosen,) = index.pick(SPEC, 1, rng, now=NOW, ttl_s=10.0, req=REQ, exclude=["a2", "b1"])
+        assert chosen == "c1"
 
 
 def test_choice_is_random_across_tasks():
@@ -63,7 +90,8 @@ def test_choice_is_random_across_tasks():
 
 
 def test_too_few_says_how_many_there_are():
-    index = index_of(node("a1", "alice"), node("a2", "alice"), node("b1", "bob"), node("x", models=("sdxl",)))
+    chain = {"a1": (0, "alice"), "a2": (0, "alice"), "b1": (0, "bob")}
+    index = index_of(node("a1"), node("a2"), node("b1"), node("x", models=("sdxl",)), chain=chain)
     with pytest.raises(NotEnoughNodes, match="3 eligible nodes of 2 operators") as info:
         pick(index)
     assert info.value.retryable
@@ -76,16 +104,18 @@ def test_too_few_says_how_many_there_are():
         (lambda index: index.score(NodeQos(node_id="n0", qos=3.0, samples=3, recent_timeouts=2)), "paused"),
         (lambda index: index.assigned(["n0"]), "busy"),
         (lambda index: index.join(node("n0", version="9.0.0"), NOW, __version__), "incompatible version"),
-        (lambda index: index.join(node("n0", stake=5), NOW, __version__), "stake below the minimum"),
+        (lambda index: index.set_stake("n0", 5), "stake below the minimum"),
+        (lambda index: index.ban("n0", NOW + 60), "banned"),
         (lambda index: index.join(node("n0", memory=10), NOW, __version__), "too little memory"),
         (lambda index: index.heartbeat("n0", NOW - 11), "stale heartbeat (kept)"),
     ],
 )
 def test_ineligible_nodes_are_never_picked(change, why):
-    nodes = [node(f"n{i}", stake=100, memory=100) for i in range(4)]
-    index = index_of(*nodes)
+    nodes = [node(f"n{i}", memory=100) for i in range(4)]
+    chain = {f"n{i}": (100, "") for i in range(4)}
+    index = index_of(*nodes, chain=chain)
     if why == "stale heartbeat (kept)":
-        index = index_of(*nodes[1:])
+        index = index_of(*nodes[1:], chain=chain)
         index.join(nodes[0], NOW - 11, __version__)
     else:
         change(index)
@@ -110,6 +140,16 @@ def test_a_paused_node_comes_back_only_when_it_passes_the_check():
     assert "n0" in pick(index, now=NOW + 2)
 
 
+def test_a_ban_holds_until_its_time_through_restarts():
+    index = index_of(*[node(f"n{i}") for i in range(3)])
+    index.ban("n0", NOW + 5)
+    index.join(msgspec.structs.replace(node("n0"), started_at=NOW + 1), NOW + 1, __version__)  # restarting
+    for seed in range(10):
+        with pytest.raises(NotEnoughNodes, match="2 eligible nodes"):
+            pick(index, seed, now=NOW + 4)
+    assert sorted(pick(index, now=NOW + 5)) == ["n0", "n1", "n2"]
+
+
 def test_busy_nodes_free_up():
     index = index_of(*[node(f"n{i}") for i in range(3)])
     index.assigned(["n0", "n1", "n2"])
@@ -131,7 +171,9 @@ def frequencies(index, rounds=3000, count=1):
 
 
 def test_weights_follow_stake_qos_and_locality():
-    index = index_of(node("rich", stake=100), node("poor", stake=1), node("new", stake=100))
+    index = index_of(
+        node("rich"), node("poor"), node("new"), chain={"rich": (100, ""), "poor": (1, ""), "new": (100, "")}
+    )
     index.score(NodeQos(node_id="rich", qos=10.0, samples=50, recent_timeouts=0))
     index.score(NodeQos(node_id="poor", qos=10.0, samples=50, recent_timeouts=0))
     weights = dict(zip(index.ids, index.weights(np.arange(3), ["tiny-sd"]), strict=True))
@@ -173,25 +215,20 @@ def test_versions_are_compatible_within_a_major(node_version, ours, ok):
     assert compatible(node_version, ours) is ok
 
 
-def test_indexed_stakes_come_from_the_chain_not_from_announcements():
-    index = NodeIndex(capacity=2, indexed_stakes=True)
-    addresses = {f"n{i}": f"0x{i:040x}" for i in range(4)}
-    index.set_stake(addresses["n0"].upper().replace("0X", "0x"), 500)  # before it joins; any case
-    for node_id, address in addresses.items():
-        index.join(msgspec.structs.replace(node(node_id, stake=10**9), address=address), NOW, __version__)
-    assert [index.stake[index.row[n]] for n in addresses] == [500, 0, 0, 0]  # the announced 10**9 counts for nothing
+def test_stakes_come_from_the_chain_only():
+    index = NodeIndex(capacity=2)
+    index.set_stake("n0", 500)  # before it joins
+    for i in range(4):
+        index.join(node(f"n{i}"), NOW, __version__)
+    assert [index.stake[index.row[f"n{i}"]] for i in range(4)] == [500, 0, 0, 0]  # unknown to the chain: 0
     req = Requirements(min_stake=100, version=__version__)
     with pytest.raises(NotEnoughNodes):
         pick(index, req=req)
-    index.set_stake(addresses["n1"], 100)
-    index.set_stake(addresses["n2"], 300)
+    index.set_stake("n1", 100)
+    index.set_stake("n2", 300)
     assert sorted(pick(index, req=req)) == ["n0", "n1", "n2"]
-    index.set_stake(addresses["n2"], 0)  # slashed, or leaving
+    index.join(msgspec.structs.replace(node("n2"), started_at=NOW + 1), NOW + 1, __version__)  # a restart keeps it
+    assert index.stake[index.row["n2"]] == 300
+    index.set_stake("n2", 0)  # slashed, or leaving
     with pytest.raises(NotEnoughNodes):
         pick(index, req=req)
-
-
-def test_announced_stakes_are_used_without_the_chain():
-    index = index_of(node("n0", stake=7))
-    index.set_stake("0x" + "0" * 40, 99)  # ignored: stakes are announced here
-    assert index.stake[index.row["n0"]] == 7

@@ -7,10 +7,14 @@ import time
 import uuid
 
 import pytest
+from nats.js.api import KeyValueConfig
 
 from stipple_common import __version__, bus, subjects
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import (
     CancelWork,
+    IndexedStake,
+    NodeBanned,
     NodeHeartbeat,
     NodeJoined,
     PrefetchRequest,
@@ -23,6 +27,7 @@ from stipple_common.messages import (
     TaskSubmitted,
     assignment_decoder,
     control_decoder,
+    encode,
     queue_status_decoder,
     task_event_decoder,
 )
@@ -33,20 +38,36 @@ from stipple_dispatcher.service import DispatcherSettings, serve
 pytestmark = pytest.mark.integration
 
 
-async def announce(js, node_id, operator, models=("tiny-sd",), on_disk=()):
+async def stake(js, name, owner="", amount=1000, *, leaving=False):
+    """What the chain-indexer writes when node `name` stakes: its stake under its node id in
+    the `stakes` bucket; `owner`: the operator who staked for it ("" : the node itself)."""
+    kv = await js.create_key_value(KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1))
+    owner_id = dev_node_id(owner) if owner else ""
+    await kv.put(dev_node_id(name), encode(IndexedStake(stake=amount, leaving=leaving, owner=owner_id)))
+
+
+async def announce(js, name, operator="", models=("tiny-sd",), on_disk=(), *, address=None):
+    """Node `name` (its id `dev_node_id(name)`) is staked by `operator` on chain, joins and
+    beats once; `address`: what its announcement claims (its own id unless given)."""
+    node_id = dev_node_id(name)
+    await stake(js, name, operator)
     joined = NodeJoined(
         node_id=node_id,
-        operator=operator,
         device="cpu",
         memory_bytes=1,
         models=list(models),
         version=__version__,
         started_at=0,
         models_on_disk=list(on_disk),
+        address=node_id if address is None else address,
     )
     await bus.publish(js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:j")
     beat = NodeHeartbeat(node_id=node_id, at=time.time())
     await bus.publish(js, subjects.node_subject(node_id, "heartbeat"), beat, msg_id=f"{node_id}:hb")
+
+
+def ids(*names):
+    return {dev_node_id(name) for name in names}
 
 
 async def events_of(js, task_id):
@@ -75,7 +96,7 @@ async def dispatcher(fresh_nats_url):
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         for i in range(4):
-            await announce(ctx.js, f"n{i}", f"op{i % 3}")  # n0 and n3 share an operator
+            await announce(ctx.js, f"n{i}", f"op{i % 3}")  # n0 and n3 share an operator (their stakes' owner)
         runner = asyncio.create_task(serve(ctx, settings))
         yield ctx.js
         stop.set()
@@ -126,7 +147,7 @@ async def test_assigns_three_nodes_of_distinct_operators_and_sends_their_work(di
     await bus.publish(js, subjects.task_subject(event.task_id, "submitted"), event, msg_id="a")
     (assigned,) = await wait_for_event(js, event.task_id, TaskAssigned)
     assert len(set(assigned.nodes)) == 3
-    assert not {"n0", "n3"} <= set(assigned.nodes)
+    assert not ids("n0", "n3") <= set(assigned.nodes)
     assert assigned.deadline > time.time() + 50
     assert await work_counts(js) == {subjects.work_subject(n): 1 for n in assigned.nodes}
     for node_id in assigned.nodes:
@@ -225,7 +246,7 @@ async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operat
         js = ctx.js
         for i in range(3):
             await announce(js, f"n{i}", f"op{i}")
-        await announce(js, "same-op", "op0")  # may never replace n1 or n2 next to n0
+        await announce(js, "same-op", "op0")  # may never replace n1 or n2 next to n0 (op0 staked for both)
         runner = asyncio.create_task(serve(ctx, settings))
         event = submitted()
         await submit(js, event)
@@ -237,7 +258,7 @@ async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operat
         await announce(js, "spare", "op-spare")  # a free node of a fourth operator
         (reassigned,) = await wait_for_event(js, event.task_id, TaskReassigned)
         assert reassigned.replaced == silent
-        assert reassigned.by == "spare"  # never a node of an operator the task has or had
+        assert reassigned.by == dev_node_id("spare")  # never a node of an operator the task has or had
         raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.work_subject(reassigned.by))
         assert assignment_decoder.decode(raw.data).task_id == event.task_id
         raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.control_subject(silent))
@@ -265,10 +286,10 @@ async def test_a_wanted_model_that_too_few_nodes_hold_is_prefetched_by_others(fr
         await asyncio.sleep(1.0)
         asked = []
         for node in ("has-it", "n1", "n2", "n3"):
-            info = await js.stream_info(subjects.WORK_STREAM, subjects_filter=subjects.control_subject(node))
+            subject = subjects.control_subject(dev_node_id(node))
+            info = await js.stream_info(subjects.WORK_STREAM, subjects_filter=subject)
             if info.state.subjects:
-                raw = await js.get_last_msg(subjects.WORK_STREAM, subjects.control_subject(node))
-                request = control_decoder.decode(raw.data)
+                request = control_decoder.decode((await js.get_last_msg(subjects.WORK_STREAM, subject)).data)
                 if isinstance(request, PrefetchRequest):
                     assert request == PrefetchRequest(ref=lora, kind="lora")
                     asked.append(node)
@@ -276,6 +297,52 @@ async def test_a_wanted_model_that_too_few_nodes_hold_is_prefetched_by_others(fr
         await asyncio.wait_for(runner, 10)
     assert len(asked) == 2  # one node holds it: two more make three
     assert "has-it" not in asked
+
+
+async def test_two_nodes_whose_stakes_one_owner_holds_never_share_a_task(fresh_nats_url):
+    settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=60)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        js = ctx.js
+        for name in ("a1", "a2", "b", "c"):
+            await announce(js, name)  # each staked for itself: four operators
+        runner = asyncio.create_task(serve(ctx, settings))
+        await stake(js, "a2", owner="a1")  # now the chain says a1 holds a2's stake: one operator
+        await asyncio.sleep(0.3)
+        for _ in range(8):
+            event = submitted()
+            await submit(js, event)
+            (assigned,) = await wait_for_event(js, event.task_id, TaskAssigned)
+            assert ids("b", "c") <= set(assigned.nodes)
+            assert len(ids("a1", "a2") & set(assigned.nodes)) == 1
+            await commit_all(js, assigned)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+
+
+async def test_banned_unstaked_and_lying_nodes_are_never_picked(fresh_nats_url):
+    settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=60, min_stake=100)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        js = ctx.js
+        for name in ("n0", "n1", "n2", "banned", "poor", "leaving", "liar"):
+            address = dev_node_id("n0") if name == "liar" else None  # claims another node's address
+            await announce(js, name, address=address)
+        await stake(js, "poor", amount=99)
+        await stake(js, "leaving", leaving=True)
+        ban = NodeBanned(
+            node_id=dev_node_id("banned"), reason="not_assigned", detail="", until=time.time() + 600, at=time.time()
+        )
+        await bus.publish(js, subjects.node_subject(ban.node_id, "banned"), ban, msg_id="ban")
+        runner = asyncio.create_task(serve(ctx, settings))
+        for _ in range(4):
+            event = submitted()
+            await submit(js, event)
+            (assigned,) = await wait_for_event(js, event.task_id, TaskAssigned)
+            assert set(assigned.nodes) == ids("n0", "n1", "n2")
+            await commit_all(js, assigned)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
 
 
 # ------------------------------------------------------------------ traces

@@ -17,13 +17,13 @@ import nats
 import nats.errors
 import pytest
 from eth_account import Account
-from stipple_gatekeeper.service import GatekeeperSettings, serve
 
 from stipple_common import subjects
 from stipple_common.identity import node_id_of
 from stipple_common.messages import Ban, IndexedStake, JoinStatus, join_status_decoder
 from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
 from stipple_common.service import nats_identity, open_service
+from stipple_gatekeeper.service import GatekeeperSettings, serve
 
 pytestmark = [pytest.mark.integration]
 
@@ -188,6 +188,12 @@ async def test_a_banned_node_is_disconnected_and_comes_back_as_an_applicant(netw
     status = await downgraded(network, Account.create(), ban)
     assert (status.level, status.reason) == ("applicant", "banned")
     assert "flooded" in status.detail
+    await asyncio.sleep(3.0)  # a reconcile round too: only the banned node's connections are closed
+    account, other = await network.connect_node()
+    try:
+        assert (await ask_join(other, node_id_of(account.address))).level == "applicant"  # the callout still answers
+    finally:
+        await other.close()
 
 
 async def test_a_node_whose_stake_is_slashed_below_the_minimum_is_disconnected(network):

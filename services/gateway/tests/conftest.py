@@ -17,6 +17,7 @@ import uvicorn
 
 from stipple_common import bus, subjects
 from stipple_common.blobstore import open_blob_store
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import NodeJoined
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
@@ -25,22 +26,24 @@ from stipple_gateway.app import Gateway, GatewaySettings, create_app
 MakeGateway = Callable[..., Awaitable[Gateway]]
 
 
-def joined(node_id: str, operator: str) -> NodeJoined:
+def joined(name: str) -> NodeJoined:
+    node_id = dev_node_id(name)
     return NodeJoined(
         node_id=node_id,
-        operator=operator,
         device="cpu",
         memory_bytes=1,
         models=["tiny-sd"],
         version="0.1.0",
         started_at=0.0,
+        address=node_id,
     )
 
 
 @pytest.fixture
 async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
-    """Builds started gateways with three live nodes; `client=` another NATS connection,
-    other keywords are GatewaySettings. Stopped at the end of the test."""
+    """Builds started gateways with three live nodes (`dev_node_id("node-a")`, ...: three
+    operators, each staked for itself as far as the directory knows); `client=` another
+    NATS connection, other keywords are GatewaySettings. Stopped at the end of the test."""
     made: list[Gateway] = []
 
     async def make(client: Any = None, **overrides: Any) -> Gateway:
@@ -50,8 +53,8 @@ async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
         blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
         settings = GatewaySettings(**{"max_body_bytes": 4000, "sync_timeout_s": 0.5, **overrides})
         gw = Gateway(client, js, blobs, NodeDirectory(ttl_s=60), settings, Metrics("gateway"))
-        for node, operator in (("node-a", "1"), ("node-b", "2"), ("node-c", "3")):
-            gw.directory.apply(joined(node, operator), seen_at=time.time())
+        for name in ("node-a", "node-b", "node-c"):
+            gw.directory.apply(joined(name), seen_at=time.time())
         await gw.start()
         made.append(gw)
         return gw

@@ -13,11 +13,13 @@ import msgspec
 import pytest
 
 from stipple_common import bus, subjects
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import (
     Progress,
     TaskAborted,
     TaskAssigned,
     TaskCancelled,
+    TaskReassigned,
     TaskStarted,
     encode,
 )
@@ -28,7 +30,9 @@ pytestmark = pytest.mark.integration
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 TASK = {"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"image_width": 64, "image_height": 64, "steps": 2}}
-NODES = ["node-a", "node-b", "node-c"]
+NODES = [dev_node_id(name) for name in ("node-a", "node-b", "node-c")]
+A, B, C = NODES
+STRANGER = dev_node_id("stranger")  # a node with no part in the tasks here
 
 
 async def publish(gw: Any, task_id: str, event: msgspec.Struct, name: str, msg_id: str) -> None:
@@ -39,6 +43,12 @@ async def publish(gw: Any, task_id: str, event: msgspec.Struct, name: str, msg_i
 async def assign(gw: Any, task_id: str) -> None:
     event = TaskAssigned(task_id=task_id, nodes=NODES, deadline=9e9)
     await publish(gw, task_id, event, "assigned", f"{task_id}:assigned")
+
+
+async def report(gw: Any, task_id: str, node: str, step: int, total: int = 8, *, claiming: str = "") -> None:
+    """`node` publishes step progress on its own subject (saying it is `claiming`'s, if given)."""
+    progress = Progress(task_id=task_id, node_id=claiming or node, step=step, total=total)
+    await gw.nc.publish(subjects.progress_subject(task_id, node), encode(progress))
 
 
 async def submit(http: httpx.AsyncClient, body: dict[str, Any] | None = None) -> str:
@@ -183,15 +193,14 @@ async def test_events_replay_then_follow_live_without_gap_or_duplicate(make_gate
             assert json.loads(stored[1]["data"])["nodes"] == NODES
 
             # live from here: the stream is subscribed since before it read the stored events
-            started = TaskStarted(task_id=task_id, node_id="node-a")
-            await publish(gw, task_id, started, "started", f"{task_id}:node-a:started")
+            started = TaskStarted(task_id=task_id, node_id=A)
+            await publish(gw, task_id, started, "started", f"{task_id}:{A}:started")
             await assign(gw, task_id)  # a retried publish: JetStream drops it, core NATS still delivers it
-            progress = Progress(task_id=task_id, node_id="node-a", step=1, total=2)
-            await gw.nc.publish(subjects.progress_subject(task_id), encode(progress))
+            await report(gw, task_id, A, 1, 2)
             assert (await http.delete(f"/v1/tasks/{task_id}")).status_code == 202
             live = await sse.read()  # to the end: the stream closes after the outcome
     assert [f["event"] for f in live] == ["started", "progress", "cancelled"]
-    assert json.loads(live[1]["data"]) == {"task_id": task_id, "node_id": "node-a", "step": 1, "total": 2}
+    assert json.loads(live[1]["data"]) == {"task_id": task_id, "node_id": A, "step": 1, "total": 2}
     assert "id" not in live[1]  # progress is not a stored event: it does not move Last-Event-ID
     assert live[2]["id"] == f"{task_id}:outcome"
     assert json.loads(live[2]["data"])["detail"] == "cancelled by the app"
@@ -231,6 +240,33 @@ async def test_events_keep_alive_and_end_when_the_gateway_stops(make_gateway, se
     assert all("comment" in f for f in rest)
 
 
+async def test_events_show_progress_only_from_the_tasks_own_nodes(make_gateway, serve_http):
+    gw = await make_gateway()
+    url = await serve_http(gw)
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        task_id = await submit(http)
+        await assign(gw, task_id)
+        async with http.stream("GET", f"/v1/tasks/{task_id}/events") as response:
+            sse = Sse(response)
+            assert [f["event"] for f in await sse.read(until=2)] == ["submitted", "assigned"]
+            await report(gw, task_id, STRANGER, 1)  # not one of the task's nodes
+            await report(gw, task_id, STRANGER, 2, claiming=A)  # saying it is node-a's, on its own subject
+            await report(gw, task_id, A, 3)
+            await gw.nc.flush()
+            replaced = TaskReassigned(task_id=task_id, replaced=C, by=STRANGER, deadline=9e9)
+            await publish(gw, task_id, replaced, "reassigned", f"{task_id}:reassigned:1")
+            early = await sse.read(until=2)
+            await report(gw, task_id, STRANGER, 4)  # now it is the task's node
+            await gw.nc.flush()
+            await asyncio.sleep(0.1)
+            assert (await http.delete(f"/v1/tasks/{task_id}")).status_code == 202
+            late = await sse.read()
+    assert [f["event"] for f in early] == ["progress", "reassigned"]
+    assert (json.loads(early[0]["data"])["node_id"], json.loads(early[0]["data"])["step"]) == (A, 3)
+    assert [f["event"] for f in late] == ["progress", "cancelled"]
+    assert (json.loads(late[0]["data"])["node_id"], json.loads(late[0]["data"])["step"]) == (STRANGER, 4)
+
+
 async def test_events_of_unknown_tasks_are_404_not_a_stream(make_gateway, asgi_client):
     gw = await make_gateway()
     async with asgi_client(gw) as http:
@@ -252,30 +288,31 @@ async def test_task_view_shows_each_nodes_latest_progress_until_the_task_ends(ma
     async with asgi_client(gw) as http:
         task_id = await submit(http)
         await assign(gw, task_id)
-        for node, step in (("node-a", 1), ("node-a", 3), ("node-b", 1)):
-            progress = Progress(task_id=task_id, node_id=node, step=step, total=8)
-            await gw.nc.publish(subjects.progress_subject(task_id), encode(progress))
+        await report(gw, task_id, A, 1)
+        await report(gw, task_id, A, 3)
+        await report(gw, task_id, STRANGER, 5)  # not one of the task's nodes: not shown
+        await report(gw, task_id, STRANGER, 7, claiming=A)  # saying it is node-a's: rejected
+        await report(gw, task_id, B, 1)  # last: once it shows, the others have been read
         await gw.nc.flush()
         for _ in range(250):
             view = (await http.get(f"/v1/tasks/{task_id}")).json()
             by_node = {n["node_id"]: n.get("progress") for n in view["nodes"]}
-            if by_node["node-b"]:
+            if by_node[B]:
                 break
             await asyncio.sleep(0.02)
-        assert by_node == {"node-a": {"step": 3, "total": 8}, "node-b": {"step": 1, "total": 8}, "node-c": None}
+        assert by_node == {A: {"step": 3, "total": 8}, B: {"step": 1, "total": 8}, C: None}
 
         await publish(
             gw, task_id, TaskAborted(task_id=task_id, reason="too_few_results"), "aborted", f"{task_id}:outcome"
         )
-        late = Progress(task_id=task_id, node_id="node-c", step=8, total=8)
-        await gw.nc.publish(subjects.progress_subject(task_id), encode(late))
+        await report(gw, task_id, C, 8)  # late
         await gw.nc.flush()
         for _ in range(250):
-            if not gw.progress.of(task_id):
+            if not gw.progress.of(task_id, NODES):
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.05)
-        assert gw.progress.of(task_id) == {}  # dropped with the outcome; the late message did not bring it back
+        assert gw.progress.of(task_id, NODES) == {}  # dropped with the outcome; the late message did not bring it back
         view = (await http.get(f"/v1/tasks/{task_id}")).json()
         assert all("progress" not in n for n in view["nodes"])
 
@@ -283,19 +320,41 @@ async def test_task_view_shows_each_nodes_latest_progress_until_the_task_ends(ma
 def test_progress_board_is_bounded():
     board = ProgressBoard(max_tasks=2)
     for task in ("t1", "t2", "t3"):
+        board.assign(task, ["n"])
         board.update(Progress(task_id=task, node_id="n", step=1, total=2))
     assert len(board) == 2
-    assert board.of("t1") == {}  # the least recently updated went first
+    assert board.of("t1", ["n"]) == {}  # the least recently updated went first
     board.update(Progress(task_id="t2", node_id="n", step=2, total=2))
+    board.assign("t4", ["n"])
     board.update(Progress(task_id="t4", node_id="n", step=1, total=2))
-    assert board.of("t3") == {}
-    assert board.of("t2")["n"].step == 2
+    assert board.of("t3", ["n"]) == {}
+    assert board.of("t2", ["n"])["n"].step == 2
+    assert board.of("t2", ["other"]) == {}  # only the task's nodes' progress is shown
     board.finish("t2")
     board.update(Progress(task_id="t2", node_id="n", step=2, total=2))
-    assert board.of("t2") == {}
-    for i in range(MAX_NODES_PER_TASK + 5):
-        board.update(Progress(task_id="t5", node_id=f"n{i}", step=1, total=2))
-    assert len(board.of("t5")) == MAX_NODES_PER_TASK
+    assert board.of("t2", ["n"]) == {}
+    nodes = [f"n{i}" for i in range(MAX_NODES_PER_TASK + 5)]
+    board.assign("t5", nodes)
+    for node in nodes:
+        board.update(Progress(task_id="t5", node_id=node, step=1, total=2))
+    assert len(board.of("t5", nodes)) == MAX_NODES_PER_TASK
+
+
+def test_strangers_take_no_room_on_the_progress_board():
+    """Progress from a node the task was not given to, or for a task id nobody assigned,
+    is not kept: it can neither crowd out the assigned nodes nor push real tasks out."""
+    board = ProgressBoard(max_tasks=2)
+    board.assign("real", ["a"])
+    for i in range(100):
+        board.update(Progress(task_id="real", node_id=f"stranger{i}", step=1, total=2))
+        board.update(Progress(task_id=f"made-up-{i}", node_id="stranger", step=1, total=2))
+    board.update(Progress(task_id="real", node_id="a", step=1, total=2))
+    assert board.of("real", ["a"])["a"].step == 1
+    assert len(board) == 1
+    assert board.refused == 200
+    board.assign("real", ["b"])  # a replacement (reassigned) joins the task's nodes
+    board.update(Progress(task_id="real", node_id="b", step=2, total=2))
+    assert board.of("real", ["a", "b"])["b"].step == 2
 
 
 async def test_sync_wait_reads_again_when_it_woke_before_the_outcome_was_stored(make_gateway, asgi_client):

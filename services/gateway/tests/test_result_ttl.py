@@ -20,11 +20,13 @@ from stipple_common import bus, subjects
 from stipple_common.blobstore import BlobNotFound, open_blob_store, set_ttl
 from stipple_common.blobstore.jetstream import JetStreamBlobStore
 from stipple_common.errors import Transient
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import ImageResult, TaskAssigned, TaskSucceeded
 from stipple_gateway.service import STORE_TTL_GRACE_S, apply_result_ttl
 
 pytestmark = pytest.mark.integration
 
+NODES = [dev_node_id(name) for name in ("node-a", "node-b", "node-c")]
 TASK = {"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"image_width": 64, "image_height": 64, "steps": 2}}
 PNG = b"\x89PNG\r\n\x1a\n not really"
 
@@ -32,13 +34,12 @@ PNG = b"\x89PNG\r\n\x1a\n not really"
 async def succeeded_task(gw, http) -> str:
     """A task that succeeded with one image in the gateway's store."""
     task_id = (await http.post("/v1/tasks", json=TASK)).json()["task_id"]
-    key = f"tasks/{task_id}/node-a/0.png"
+    key = f"tasks/{task_id}/{NODES[0]}/0.png"
     await gw.blobs.put(key, PNG, content_type="image/png")
-    nodes = ["node-a", "node-b", "node-c"]
-    assigned = TaskAssigned(task_id=task_id, nodes=nodes, deadline=9e9)
+    assigned = TaskAssigned(task_id=task_id, nodes=NODES, deadline=9e9)
     await bus.publish(gw.js, subjects.task_subject(task_id, "assigned"), assigned, msg_id=f"{task_id}:assigned")
     image = ImageResult(index=0, key=key, phash="0" * 16, seed=1, width=64, height=64)
-    done = TaskSucceeded(task_id=task_id, reason="unanimous", images=[image], verdicts=dict.fromkeys(nodes, "agree"))
+    done = TaskSucceeded(task_id=task_id, reason="unanimous", images=[image], verdicts=dict.fromkeys(NODES, "agree"))
     await bus.publish(gw.js, subjects.task_subject(task_id, "succeeded"), done, msg_id=f"{task_id}:outcome")
     return task_id
 
@@ -75,7 +76,7 @@ async def test_without_ttl_images_are_served_until_the_store_loses_them(make_gat
         assert "expires_at" not in (await http.get(f"/v1/tasks/{task_id}")).json()
         gw.clock = lambda: time.time() + 10 * 365 * 86400
         assert (await http.get(f"/v1/tasks/{task_id}/images/0")).status_code == 200
-        await gw.blobs.delete(f"tasks/{task_id}/node-a/0.png")
+        await gw.blobs.delete(f"tasks/{task_id}/{NODES[0]}/0.png")
         gone = await http.get(f"/v1/tasks/{task_id}/images/0")
         assert gone.status_code == 410
         assert gone.json()["error"]["message"] == f"image 0 of task {task_id} is no longer stored"

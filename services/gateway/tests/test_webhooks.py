@@ -17,6 +17,7 @@ import nats
 import pytest
 
 from stipple_common import bus, subjects
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import TaskAborted, TaskAssigned
 from stipple_gateway.webhooks import MAX_URL_CHARS, WEBHOOK_DURABLE, is_private_host
 
@@ -104,7 +105,9 @@ async def finish(gw: Any, task_id: str) -> None:
     await bus.publish(
         gw.js,
         subjects.task_subject(task_id, "assigned"),
-        TaskAssigned(task_id=task_id, nodes=["node-a", "node-b", "node-c"], deadline=9e9),
+        TaskAssigned(
+            task_id=task_id, nodes=[dev_node_id(name) for name in ("node-a", "node-b", "node-c")], deadline=9e9
+        ),
         msg_id=f"{task_id}:assigned",
     )
     aborted = TaskAborted(task_id=task_id, reason="no_agreement", detail="three different images")

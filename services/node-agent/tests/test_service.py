@@ -1,9 +1,14 @@
 """The node agent service on its own nats-server with the real diffusers pipeline:
 announces itself, runs assignments, uploads images, and answers every task it cannot
 run with a typed error event while staying up for the next one. A result is committed
-(signed), and revealed only when asked; a cancelled task stops."""
+(signed), and revealed only when asked; a cancelled task stops.
+
+The node joins as its key (`key_for("n1")`, node id `dev_node_id("n1")`) and stores its
+images through the gatekeeper's blob intake, as in production; the test plays the rest
+of the control plane (it declares the streams, assigns work, reads the blob store)."""
 
 import asyncio
+import contextlib
 import io
 import re
 import time
@@ -12,11 +17,13 @@ import uuid
 import imagehash
 import msgspec
 import pytest
+from eth_account import Account
 from PIL import Image
 
 from stipple_common import bus, subjects
 from stipple_common.commitment import make_commitment, signer
 from stipple_common.errors import Transient
+from stipple_common.identity import dev_node_id, key_for
 from stipple_common.messages import (
     Assignment,
     CancelWork,
@@ -26,6 +33,7 @@ from stipple_common.messages import (
     ProbeRequest,
     ResultRevealed,
     RevealRequest,
+    TaskAssigned,
     TaskCommitted,
     TaskStarted,
     node_event_decoder,
@@ -34,10 +42,23 @@ from stipple_common.messages import (
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import open_service
 from stipple_common.taskspec import LoraSpec, TaskSpec, parse_task
+from stipple_gatekeeper.service import GatekeeperSettings
+from stipple_gatekeeper.service import serve as serve_gatekeeper
 from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeAgent, NodeSettings, load_or_create_key, parse_models, serve
+from stipple_node.service import (
+    NodeAgent,
+    NodeSettings,
+    check_node_id,
+    join_network,
+    load_or_create_key,
+    parse_models,
+    serve,
+)
 
 pytestmark = pytest.mark.integration
+
+KEY = key_for("n1")
+N1 = dev_node_id("n1")
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +67,51 @@ def runner(tiny_model_dir):
 
 
 @pytest.fixture
-async def node(fresh_nats_url, runner):
-    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op", heartbeat_s=0.2)
+async def control(fresh_nats_url):
+    """The control plane's connection (it declared the streams; its blob store is the one
+    the intake writes to) with the gatekeeper's blob intake running on it."""
+    settings = GatekeeperSettings(nats_url=fresh_nats_url, callout=False)
     stop = asyncio.Event()
-    async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
-        task = asyncio.create_task(serve(ctx, settings, runner))
+    async with open_service("gatekeeper", settings, blobs=True, stop=stop) as ctx:
+        task = asyncio.create_task(serve_gatekeeper(ctx, settings))
         yield ctx
         stop.set()
-        await asyncio.wait_for(task, 30)
-        # leaving announces the quit
-        raw = await ctx.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "quit"))
-        assert node_event_decoder.decode(raw.data).node_id == "n1"
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def running_node(url, runner, store=None, agent_type=None, **overrides):
+    """A node agent with the key `KEY`, joined as it joins in production, until the block ends."""
+    settings = NodeSettings(**{"nats_url": url, "node_id": N1, "heartbeat_s": 0.2, **overrides})
+    stop = asyncio.Event()
+    async with join_network(settings, Account.from_key(KEY), stop=stop) as ctx:
+        task = asyncio.create_task(serve(ctx, settings, runner, store, key=KEY, agent_type=agent_type))
+        try:
+            yield ctx
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+
+
+@pytest.fixture
+async def node(fresh_nats_url, runner, control):
+    """A running node; the test gets the control plane's connection to work with it."""
+    async with running_node(fresh_nats_url, runner):
+        yield control
+    # leaving announces the quit
+    raw = await control.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(N1, "quit"))
+    assert node_event_decoder.decode(raw.data).node_id == N1
 
 
 async def assign(js, spec: TaskSpec, deadline_in: float = 60.0) -> str:
+    """What the dispatcher does: the task's assignment (the intake takes only an assigned
+    node's uploads), then the node's work."""
     task_id = uuid.uuid4().hex
-    work = Assignment(task_id=task_id, spec=spec, deadline=time.time() + deadline_in)
-    await bus.publish(js, subjects.work_subject("n1"), work, msg_id=task_id)
+    deadline = time.time() + deadline_in
+    assigned = TaskAssigned(task_id=task_id, nodes=[N1], deadline=deadline)
+    await bus.publish(js, subjects.task_subject(task_id, "assigned"), assigned, msg_id=f"{task_id}:assigned")
+    work = Assignment(task_id=task_id, spec=spec, deadline=deadline)
+    await bus.publish(js, subjects.work_subject(N1), work, msg_id=task_id)
     return task_id
 
 
@@ -77,7 +126,7 @@ async def wait_for_event(js, task_id, types, timeout=60.0):
     raise AssertionError(f"node never answered task {task_id} with {types}")
 
 
-async def final_event(js, task_id, timeout=60.0, node="n1"):
+async def final_event(js, task_id, timeout=60.0, node=N1):
     """The node's last word: it commits (or errors); asked to reveal, it reveals."""
     _, first = await wait_for_event(js, task_id, (TaskCommitted, NodeErrored), timeout)
     if isinstance(first, TaskCommitted):
@@ -102,12 +151,12 @@ async def test_announces_itself_and_stays_live(node):
     sub = await directory.follow(node.js)
     try:
         (joined,) = await directory.wait_for(1, timeout=5)
-        assert joined.node_id == "n1"
-        assert joined.operator == "op"
+        assert joined.node_id == N1  # its key's address, in lower case
+        assert joined.address == Account.from_key(KEY).address  # checksummed: it signs with it
         assert joined.models == ["tiny-sd"]
         assert joined.memory_bytes > 0
         await asyncio.sleep(1.5)  # longer than the TTL: only heartbeats keep it live
-        assert [n.node_id for n in directory.live()] == ["n1"]
+        assert [n.node_id for n in directory.live()] == [N1]
     finally:
         await sub.unsubscribe()
 
@@ -116,30 +165,30 @@ async def test_runs_a_task_and_uploads_its_images(node):
     progress = []
 
     async def on_progress(msg):
-        progress.append(msgspec.json.decode(msg.data))
+        progress.append((msg.subject, msgspec.json.decode(msg.data)))
 
     sub = await node.nc.subscribe("progress.>", cb=on_progress)
     task_id = await assign(node.js, spec(num_images=2))
     events, result = await final_event(node.js, task_id)
     await sub.unsubscribe()
-    assert isinstance(events[0], TaskStarted)
-    assert isinstance(events[1], TaskCommitted)
+    assert [type(e) for e in events[:3]] == [TaskAssigned, TaskStarted, TaskCommitted]
     assert isinstance(result, ResultRevealed)
     assert [i.seed for i in result.images] == [5, 6]
     # the reveal opens the commitment, which the node's announced key signed
-    commit = events[1]
-    raw = await node.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "joined"))
+    commit = events[2]
+    raw = await node.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(N1, "joined"))
     joined = node_event_decoder.decode(raw.data)
     assert isinstance(joined, NodeJoined)
-    assert make_commitment(task_id, "n1", result.images, result.nonce) == commit.commitment
+    assert make_commitment(task_id, N1, result.images, result.nonce) == commit.commitment
     assert signer(commit.commitment, commit.signature) == joined.address
-    for image in result.images:
-        assert re.fullmatch(rf"tasks/{task_id}/n1/[0-9a-f]{{16}}/{image.index}\.png", image.key)
+    for image in result.images:  # stored by the intake, under the node's own prefix
+        assert re.fullmatch(rf"tasks/{task_id}/{N1}/[0-9a-f]{{16}}/{image.index}\.png", image.key)
         png = await node.blobs.get(image.key)
         decoded = Image.open(io.BytesIO(png))
         assert decoded.size == (64, 64)
         assert str(imagehash.phash(decoded, hash_size=8)) == image.phash
-    mine = [(p["step"], p["total"]) for p in progress if p["task_id"] == task_id]
+    mine = [(p["step"], p["total"]) for subject, p in progress if p["task_id"] == task_id]
+    assert {subject for subject, _ in progress} == {subjects.progress_subject(task_id, N1)}
     assert mine, "no progress was published"
     assert mine[-1][0] == mine[-1][1]  # the last report is the last step
     assert mine[-1][1] >= 2 * 2  # counts the steps of both images
@@ -179,7 +228,7 @@ async def test_a_node_reveals_only_when_asked_and_only_once(node):
     assert not any(isinstance(e, ResultRevealed) for e in events), "revealed before anyone asked"
     await final_event(node.js, task_id)
     again = RevealRequest(task_id=task_id, deadline=time.time() + 10)
-    await bus.publish(node.js, subjects.control_subject("n1"), again, msg_id=f"{task_id}:again")
+    await bus.publish(node.js, subjects.control_subject(N1), again, msg_id=f"{task_id}:again")
     await asyncio.sleep(0.3)
     events = await bus.read_subject(node.js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
     assert sum(isinstance(e, ResultRevealed) for e in events) == 1
@@ -191,12 +240,12 @@ async def test_a_probe_is_answered_with_its_result_or_its_error(node):
     async def on_answer(msg):
         await answers.put(node_event_decoder.decode(msg.data))
 
-    sub = await node.nc.subscribe(subjects.node_subject("n1", "probed"), cb=on_answer)
+    sub = await node.nc.subscribe(subjects.node_subject(N1, "probed"), cb=on_answer)
     try:
         for probe_id, model in (("p1", "tiny-sd"), ("p2", "no-such-model")):
             probe_spec = msgspec.structs.replace(spec(steps=1), base_model=model)
             probe = ProbeRequest(probe_id=probe_id, spec=probe_spec, deadline=time.time() + 30)
-            await bus.publish(node.js, subjects.control_subject("n1"), probe, msg_id=probe_id)
+            await bus.publish(node.js, subjects.control_subject(N1), probe, msg_id=probe_id)
         got = [await asyncio.wait_for(answers.get(), 30) for _ in range(2)]
         ok, failed = sorted(got, key=lambda answer: answer.probe_id)
     finally:
@@ -219,38 +268,32 @@ class SlowStorage(NodeAgent):
         await super()._upload(pending)
 
 
-async def test_the_commitment_goes_out_with_the_upload_and_a_retry_keeps_it(fresh_nats_url, runner):
+async def test_the_commitment_goes_out_with_the_upload_and_a_retry_keeps_it(fresh_nats_url, runner, control):
     """The commitment needs only the hashes, so it is published while the images upload;
     a reveal asked for before they are stored waits for them. When the upload fails after
     the commitment went out, the redelivered assignment uploads the same result: the
     reveal still opens the one commitment that is stored."""
-    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op")
-    stop = asyncio.Event()
-    async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
-        task = asyncio.create_task(serve(ctx, settings, runner, agent_type=SlowStorage))
-        try:
-            task_id = await assign(ctx.js, spec())
-            events, commit = await wait_for_event(ctx.js, task_id, TaskCommitted)
-            _, redelivered = await wait_until_redelivered(ctx.js, task_id)
-            assert redelivered, "the failed upload was not retried"
-            request = RevealRequest(task_id=task_id, deadline=time.time() + 10)
-            await bus.publish(ctx.js, subjects.control_subject("n1"), request, msg_id=f"{task_id}:reveal")
-            events, revealed = await wait_for_event(ctx.js, task_id, ResultRevealed)
-            for image in revealed.images:  # stored before the reveal named them
-                assert await ctx.blobs.get(image.key)
-            assert sum(isinstance(e, TaskCommitted) for e in events) == 1
-            assert make_commitment(task_id, "n1", revealed.images, revealed.nonce) == commit.commitment
-            assert SlowStorage.uploads == 2
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 30)
+    ctx = control
+    async with running_node(fresh_nats_url, runner, agent_type=SlowStorage):
+        task_id = await assign(ctx.js, spec())
+        events, commit = await wait_for_event(ctx.js, task_id, TaskCommitted)
+        _, redelivered = await wait_until_redelivered(ctx.js, task_id)
+        assert redelivered, "the failed upload was not retried"
+        request = RevealRequest(task_id=task_id, deadline=time.time() + 10)
+        await bus.publish(ctx.js, subjects.control_subject(N1), request, msg_id=f"{task_id}:reveal")
+        events, revealed = await wait_for_event(ctx.js, task_id, ResultRevealed)
+        for image in revealed.images:  # stored before the reveal named them
+            assert await ctx.blobs.get(image.key)
+        assert sum(isinstance(e, TaskCommitted) for e in events) == 1
+        assert make_commitment(task_id, N1, revealed.images, revealed.nonce) == commit.commitment
+        assert SlowStorage.uploads == 2
 
 
 async def wait_until_redelivered(js, task_id, timeout=10.0):
     """Wait until the node's work consumer has delivered the assignment a second time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = await js.consumer_info(subjects.WORK_STREAM, subjects.node_durable("n1"))
+        info = await js.consumer_info(subjects.WORK_STREAM, subjects.node_durable(N1))
         if info.num_redelivered:
             return info, True
         await asyncio.sleep(0.05)
@@ -268,9 +311,9 @@ async def test_a_cancelled_task_stops_at_the_next_step_and_the_node_goes_on(node
     sub = await node.nc.subscribe("progress.>", cb=on_progress)
     long_task = await assign(node.js, spec(steps=150, image_width=256, image_height=256))
     await asyncio.wait_for(running.wait(), 30)
-    await bus.publish(node.js, subjects.control_subject("n1"), CancelWork(task_id=long_task), msg_id="c1")
+    await bus.publish(node.js, subjects.control_subject(N1), CancelWork(task_id=long_task), msg_id="c1")
     queued = await assign(node.js, spec())  # waits behind the long task
-    await bus.publish(node.js, subjects.control_subject("n1"), CancelWork(task_id=queued), msg_id="c2")
+    await bus.publish(node.js, subjects.control_subject(N1), CancelWork(task_id=queued), msg_id="c2")
     after = await assign(node.js, spec())
     _, result = await final_event(node.js, after)
     await sub.unsubscribe()
@@ -312,7 +355,7 @@ def test_model_settings_are_checked_at_start(tmp_path, tiny_model_dir):
         parse_models(" , ", tmp_path)
 
 
-async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_url, tiny_model_dir, tmp_path):
+async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_url, tiny_model_dir, tmp_path, control):
     """The real store inside the real node: the task names a LoRA by URL (as Civitai
     links are); the node downloads it, reports progress on downloads.<node_id>, uses it."""
     from stipple_node.service import DownloadReporter
@@ -321,35 +364,30 @@ async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_
     from stipple_node.tinyzoo import make_tiny_lora
 
     lora = make_tiny_lora(tmp_path / "lora.safetensors", base="sd15").read_bytes()
-    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op", heartbeat_s=0.2)
     reporter = DownloadReporter()
-    stop = asyncio.Event()
     with (
         FileServer() as files,
         ModelStore(tmp_path / "store", budget_bytes=None, progress=reporter) as store,
     ):
         url = files.add("/api/download/models/1", Served(lora, filename="fox-style.safetensors", chunk_bytes=4096))
         runner = PipelineRunner({"tiny-sd": tiny_model_dir}, store=store)
-        async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
-            reporter.attach(ctx, asyncio.get_running_loop(), "n1")
-            events = []
+        events = []
 
-            async def on_download(msg):
-                events.append(msgspec.json.decode(msg.data))
+        async def on_download(msg):
+            events.append(msgspec.json.decode(msg.data))
 
-            sub = await ctx.nc.subscribe(subjects.download_subject("n1"), cb=on_download)
-            task = asyncio.create_task(serve(ctx, settings, runner, store))
-            task_id = await assign(ctx.js, msgspec.structs.replace(spec(), loras=[LoraSpec(model=url, weight=0.9)]))
-            _, result = await final_event(ctx.js, task_id)
+        sub = await control.nc.subscribe(subjects.download_subject(N1), cb=on_download)
+        async with running_node(fresh_nats_url, runner, store) as ctx:
+            reporter.attach(ctx, asyncio.get_running_loop(), N1)
+            task_id = await assign(control.js, msgspec.structs.replace(spec(), loras=[LoraSpec(model=url, weight=0.9)]))
+            _, result = await final_event(control.js, task_id)
             assert isinstance(result, ResultRevealed), result
-            plain = await assign(ctx.js, spec())
-            _, plain_result = await final_event(ctx.js, plain)
-            with_lora_png = await ctx.blobs.get(result.images[0].key)
-            plain_png = await ctx.blobs.get(plain_result.images[0].key)
+            plain = await assign(control.js, spec())
+            _, plain_result = await final_event(control.js, plain)
+            with_lora_png = await control.blobs.get(result.images[0].key)
+            plain_png = await control.blobs.get(plain_result.images[0].key)
             await asyncio.sleep(0.2)
-            await sub.unsubscribe()
-            stop.set()
-            await asyncio.wait_for(task, 30)
+        await sub.unsubscribe()
         assert with_lora_png != plain_png  # the downloaded LoRA was applied
         assert events, "no download progress was published"
         assert events[-1]["done"] is True
@@ -358,36 +396,44 @@ async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_
         assert len(files.requests("/api/download/models/1")) == 1  # downloaded once, then from disk
 
 
-async def test_a_prefetch_request_downloads_the_model_and_announces_it(fresh_nats_url, tiny_model_dir, tmp_path):
+async def test_a_prefetch_request_downloads_the_model_and_announces_it(
+    fresh_nats_url, tiny_model_dir, tmp_path, control
+):
     from stipple_common.messages import PrefetchRequest
     from stipple_node.store import ModelStore
     from stipple_node.store.testing import FileServer, Served
     from stipple_node.tinyzoo import make_tiny_lora
 
     lora = make_tiny_lora(tmp_path / "lora.safetensors", base="sd15").read_bytes()
-    settings = NodeSettings(nats_url=fresh_nats_url, node_id="n1", operator="op", heartbeat_s=0.2)
-    stop = asyncio.Event()
+    js = control.js
+    joined_subject = subjects.node_subject(N1, "joined")
     with FileServer() as files, ModelStore(tmp_path / "store", budget_bytes=None) as store:
         url = files.add("/loras/fox.safetensors", Served(lora, filename="fox.safetensors"))
         runner = PipelineRunner({"tiny-sd": tiny_model_dir}, store=store)
-        async with open_service("node-agent", settings, blobs=True, stop=stop) as ctx:
-            task = asyncio.create_task(serve(ctx, settings, runner, store))
+        async with running_node(fresh_nats_url, runner, store):
             await asyncio.sleep(0.3)
-            first = node_event_decoder.decode(
-                (await ctx.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "joined"))).data
-            )
+            first = node_event_decoder.decode((await js.get_last_msg(subjects.NODES_STREAM, joined_subject)).data)
             assert url not in first.models_on_disk
             request = PrefetchRequest(ref=url, kind="lora")
-            await bus.publish(ctx.js, subjects.control_subject("n1"), request, msg_id="p1")
+            await bus.publish(js, subjects.control_subject(N1), request, msg_id="p1")
             again = first
             for _ in range(100):
-                raw = await ctx.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("n1", "joined"))
-                again = node_event_decoder.decode(raw.data)
+                again = node_event_decoder.decode((await js.get_last_msg(subjects.NODES_STREAM, joined_subject)).data)
                 if url in again.models_on_disk:
                     break
                 await asyncio.sleep(0.05)
-            stop.set()
-            await asyncio.wait_for(task, 30)
     assert url in again.models_on_disk
     assert again.started_at == first.started_at  # not a restart: a pause would stay
     assert [m.ref for m in store.inventory()] == [url]
+
+
+def test_the_node_id_is_the_keys_address_and_a_setting_cannot_change_it():
+    from stipple_common.settings import InvalidSettings
+
+    address = Account.from_key(KEY).address
+    assert check_node_id(NodeSettings(), address) == N1
+    assert check_node_id(NodeSettings(node_id=address), address) == N1  # any case
+    with pytest.raises(InvalidSettings, match="STIPPLE_NODE_ID='n1': a node's id is its key's address"):
+        check_node_id(NodeSettings(node_id="n1"), address)
+    with pytest.raises(InvalidSettings, match=N1):
+        check_node_id(NodeSettings(node_id=dev_node_id("n2")), address)

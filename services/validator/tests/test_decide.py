@@ -1,9 +1,15 @@
-"""The outcome table, case by case."""
+"""The outcome table, case by case, and the screening of what nodes reveal: nothing a
+node reveals makes `decide` raise; a malformed reveal, or one whose stored images do not
+match it, is `bad_result` and counts as no result."""
 
+import hashlib
+
+import msgspec
 import pytest
 
 from stipple_common.aggregate import apply
-from stipple_common.commitment import make_commitment, new_account, new_nonce, sign
+from stipple_common.commitment import account_from_key, make_commitment, new_account, new_nonce, sign
+from stipple_common.identity import dev_node_id, key_for
 from stipple_common.messages import (
     ImageResult,
     NodeErrored,
@@ -17,30 +23,48 @@ from stipple_common.messages import (
     TaskSucceeded,
 )
 from stipple_common.taskspec import parse_task
-from stipple_validator.decide import decide, group_agreeing
+from stipple_validator.decide import candidates, decide, group_agreeing
 
-SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1, "num_images": 2}})
+SPEC = parse_task(
+    {
+        "base_model": "tiny-sd",
+        "prompt": "p",
+        "task_config": {"seed": 1, "num_images": 2, "image_width": 64, "image_height": 64},
+    }
+)
 A = ["0000000000000000", "ffffffffffffffff"]
 A_NEAR = ["0000000000000003", "ffffffffffffffff"]  # 2 bits from A in image 0
 B = ["f0f0f0f0f0f0f0f0", "ffffffffffffffff"]  # image 0 far from A
 C = ["0f0f0f0f0f0f0f0f", "0000000000000000"]
 THRESHOLD = 4
 
+NAMES = ("n1", "n2", "n3", "slow")
+ID = {name: dev_node_id(name) for name in NAMES}  # a node's id is its address
+N1, N2, N3, SLOW = (ID[name] for name in NAMES)
+ACCOUNTS = {ID[name]: account_from_key(key_for(name)) for name in NAMES}
+ADDRESSES = {node: node for node in ACCOUNTS}  # what the validator passes
 
-ACCOUNTS = {f"n{i}": new_account() for i in range(1, 4)}
-ADDRESSES = {node: account.address for node, account in ACCOUNTS.items()}
 
-
-def images_of(node, hashes):
+def images_of(node, hashes, task_id="t"):
     return [
-        ImageResult(index=i, key=f"{node}/{i}", phash=h, seed=1 + i, width=64, height=64) for i, h in enumerate(hashes)
+        ImageResult(
+            index=i,
+            key=f"tasks/{task_id}/{node}/secret/{i}.png",
+            phash=h,
+            seed=1 + i,
+            width=64,
+            height=64,
+            sha256=hashlib.sha256(f"{node}:{i}".encode()).hexdigest(),
+        )
+        for i, h in enumerate(hashes)
     ]
 
 
-def task_with(results, *, commit_order=None, tamper=None):
+def task_with(results, *, commit_order=None, tamper=None, images=None):
     """results: node -> list of hashes | "error" | None (no answer). Nodes commit (signed)
     in `commit_order`, then reveal; `tamper` maps a node to a function that changes its
-    reveal or commitment before it is applied."""
+    reveal or commitment before it is applied; `images` maps a node to a function that
+    changes its images before it commits to them (a node that commits to garbage)."""
     task = apply(None, TaskSubmitted(task_id="t", spec=SPEC, submitted_at=0.0))
     task = apply(task, TaskAssigned(task_id="t", nodes=list(results), deadline=1.0))
     reveals = {}
@@ -50,9 +74,12 @@ def task_with(results, *, commit_order=None, tamper=None):
             task = apply(task, NodeErrored(task_id="t", node_id=node, code="x", message="y"))
         elif result is not None:
             nonce = new_nonce()
-            value = make_commitment("t", node, images_of(node, result), nonce)
+            revealed = images_of(node, result)
+            if images and node in images:
+                revealed = images[node](revealed)
+            value = make_commitment("t", node, revealed, nonce)
             commit = TaskCommitted(task_id="t", node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
-            reveal = ResultRevealed(task_id="t", node_id=node, images=images_of(node, result), nonce=nonce)
+            reveal = ResultRevealed(task_id="t", node_id=node, images=revealed, nonce=nonce)
             if tamper and node in tamper:
                 commit, reveal = tamper[node](commit, reveal)
             task = apply(task, commit)
@@ -64,54 +91,61 @@ def task_with(results, *, commit_order=None, tamper=None):
     return task
 
 
+def decided(task, threshold=THRESHOLD, addresses=ADDRESSES, bad_blobs=None):
+    """`decide` after blob checks that found `bad_blobs` (node -> why) and nothing else."""
+    checked = {node: (bad_blobs or {}).get(node) for node in candidates(task, addresses)}
+    return decide(task, threshold, addresses, checked)
+
+
 def test_all_agree_is_unanimous():
-    outcome = decide(task_with({"n1": A, "n2": A, "n3": A_NEAR}), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with({N1: A, N2: A, N3: A_NEAR}))
     assert isinstance(outcome, TaskSucceeded)
     assert outcome.reason == "unanimous"
-    assert outcome.verdicts == {"n1": "agree", "n2": "agree", "n3": "agree"}
-    assert [i.key for i in outcome.images] == ["n1/0", "n1/1"]
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "agree"}
+    assert [i.key for i in outcome.images] == [f"tasks/t/{N1}/secret/0.png", f"tasks/t/{N1}/secret/1.png"]
+    assert outcome.verdict_details == {}
 
 
 def test_two_agree_one_differs_is_majority_and_marks_the_odd_one():
-    outcome = decide(task_with({"n1": B, "n2": A, "n3": A}), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with({N1: B, N2: A, N3: A}))
     assert isinstance(outcome, TaskSucceeded)
     assert outcome.reason == "majority"
-    assert outcome.verdicts == {"n1": "mismatch", "n2": "agree", "n3": "agree"}
-    assert outcome.images[0].key == "n2/0"  # images come from the majority
+    assert outcome.verdicts == {N1: "mismatch", N2: "agree", N3: "agree"}
+    assert outcome.images[0].key.startswith(f"tasks/t/{N2}/")  # images come from the majority
 
 
 @pytest.mark.parametrize(("third", "verdict"), [("error", "error"), (None, "timeout")])
 def test_two_agree_one_failed(third, verdict):
-    outcome = decide(task_with({"n1": A, "n2": third, "n3": A}), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with({N1: A, N2: third, N3: A}))
     assert isinstance(outcome, TaskSucceeded)
     assert outcome.reason == "majority"
-    assert outcome.verdicts == {"n1": "agree", "n2": verdict, "n3": "agree"}
+    assert outcome.verdicts == {N1: "agree", N2: verdict, N3: "agree"}
 
 
 def test_three_different_aborts_without_blaming_anyone():
-    outcome = decide(task_with({"n1": A, "n2": B, "n3": C}), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with({N1: A, N2: B, N3: C}))
     assert isinstance(outcome, TaskAborted)
     assert outcome.reason == "no_agreement"
     assert set(outcome.verdicts.values()) == {"undecided"}
 
 
 def test_two_different_and_one_missing_aborts():
-    outcome = decide(task_with({"n1": A, "n2": B, "n3": None}), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with({N1: A, N2: B, N3: None}))
     assert isinstance(outcome, TaskAborted)
     assert outcome.reason == "no_agreement"
-    assert outcome.verdicts["n3"] == "timeout"
+    assert outcome.verdicts[N3] == "timeout"
 
 
-@pytest.mark.parametrize("results", [{"n1": A, "n2": None, "n3": "error"}, {"n1": None, "n2": None, "n3": None}])
+@pytest.mark.parametrize("results", [{N1: A, N2: None, N3: "error"}, {N1: None, N2: None, N3: None}])
 def test_fewer_than_two_results_aborts(results):
-    outcome = decide(task_with(results), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with(results))
     assert isinstance(outcome, TaskAborted)
     assert outcome.reason == "too_few_results"
 
 
 def test_threshold_decides_what_is_the_same():
-    assert decide(task_with({"n1": A, "n2": A_NEAR, "n3": A_NEAR}), 1, ADDRESSES).reason == "majority"
-    assert decide(task_with({"n1": A, "n2": A_NEAR, "n3": A_NEAR}), 2, ADDRESSES).reason == "unanimous"
+    assert decided(task_with({N1: A, N2: A_NEAR, N3: A_NEAR}), 1).reason == "majority"
+    assert decided(task_with({N1: A, N2: A_NEAR, N3: A_NEAR}), 2).reason == "unanimous"
 
 
 def test_grouping_keeps_assignment_order_on_ties():
@@ -120,10 +154,10 @@ def test_grouping_keeps_assignment_order_on_ties():
 
 
 def test_qos_scores_follow_commit_order_among_agreeing_nodes():
-    outcome = decide(task_with({"n1": A, "n2": A, "n3": A}, commit_order=["n3", "n1", "n2"]), THRESHOLD, ADDRESSES)
-    assert outcome.qos == {"n1": 5, "n2": 2, "n3": 10}
-    outcome = decide(task_with({"n1": B, "n2": A, "n3": A}, commit_order=["n1", "n3", "n2"]), THRESHOLD, ADDRESSES)
-    assert outcome.qos == {"n1": 0, "n2": 5, "n3": 10}  # the fast wrong node scores nothing
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, commit_order=[N3, N1, N2]))
+    assert outcome.qos == {N1: 5, N2: 2, N3: 10}
+    outcome = decided(task_with({N1: B, N2: A, N3: A}, commit_order=[N1, N3, N2]))
+    assert outcome.qos == {N1: 0, N2: 5, N3: 10}  # the fast wrong node scores nothing
 
 
 def _other_nonce(commit, reveal):
@@ -131,7 +165,7 @@ def _other_nonce(commit, reveal):
 
 
 def _other_images(commit, reveal):
-    return commit, ResultRevealed(task_id="t", node_id=reveal.node_id, images=images_of("n1", A), nonce=reveal.nonce)
+    return commit, ResultRevealed(task_id="t", node_id=reveal.node_id, images=images_of(N1, A), nonce=reveal.nonce)
 
 
 def _signed_by_another(commit, reveal):
@@ -152,35 +186,165 @@ def _garbage_signature(commit, reveal):
 def test_a_reveal_that_does_not_open_its_signed_commitment_is_bad(tamper):
     """n3 reveals something other than it committed to (e.g. copies n1's result after
     seeing it), or its commitment is not signed by its registered key."""
-    outcome = decide(task_with({"n1": A, "n2": A, "n3": B}, tamper={"n3": tamper}), THRESHOLD, ADDRESSES)
+    outcome = decided(task_with({N1: A, N2: A, N3: B}, tamper={N3: tamper}))
     assert isinstance(outcome, TaskSucceeded)
-    assert outcome.verdicts == {"n1": "agree", "n2": "agree", "n3": "bad_commitment"}
-    assert outcome.qos["n3"] == 0
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_commitment"}
+    assert outcome.qos[N3] == 0
+    assert "does not open the commitment" in outcome.verdict_details[N3]
 
 
 def test_a_node_with_no_registered_address_cannot_be_trusted():
-    outcome = decide(task_with({"n1": A, "n2": A, "n3": A}), THRESHOLD, {"n1": ADDRESSES["n1"], "n2": ADDRESSES["n2"]})
-    assert outcome.verdicts["n3"] == "bad_commitment"
+    addresses = {N1: N1, N2: N2}
+    outcome = decided(task_with({N1: A, N2: A, N3: A}), addresses=addresses)
+    assert outcome.verdicts[N3] == "bad_commitment"
     assert outcome.reason == "majority"
 
 
 def test_a_replaced_node_times_out_and_does_not_count_towards_the_majority():
     task = apply(None, TaskSubmitted(task_id="t", spec=SPEC, submitted_at=0.0))
-    task = apply(task, TaskAssigned(task_id="t", nodes=["n1", "n2", "slow"], deadline=1.0))
-    task = apply(task, TaskReassigned(task_id="t", replaced="slow", by="n3", deadline=2.0))
+    task = apply(task, TaskAssigned(task_id="t", nodes=[N1, N2, SLOW], deadline=1.0))
+    task = apply(task, TaskReassigned(task_id="t", replaced=SLOW, by=N3, deadline=2.0))
     reveals = []
-    for node in ("n1", "n2", "n3"):
+    for node in (N1, N2, N3):
         nonce = new_nonce()
         value = make_commitment("t", node, images_of(node, A), nonce)
         task = apply(
             task, TaskCommitted(task_id="t", node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
         )
         reveals.append(ResultRevealed(task_id="t", node_id=node, images=images_of(node, A), nonce=nonce))
-    task = apply(task, TaskRevealOpened(task_id="t", nodes=["n1", "n2", "n3"], deadline=3.0))
+    task = apply(task, TaskRevealOpened(task_id="t", nodes=[N1, N2, N3], deadline=3.0))
     for reveal in reveals:
         task = apply(task, reveal)
-    outcome = decide(task, THRESHOLD, ADDRESSES)
+    outcome = decided(task)
     assert isinstance(outcome, TaskSucceeded)
     assert outcome.reason == "unanimous"  # of the three that count
-    assert outcome.verdicts == {"n1": "agree", "n2": "agree", "slow": "timeout", "n3": "agree"}
-    assert outcome.qos["slow"] == 0
+    assert outcome.verdicts == {N1: "agree", N2: "agree", SLOW: "timeout", N3: "agree"}
+    assert outcome.qos[SLOW] == 0
+
+
+# --------------------------------------------------------------------------- malformed reveals
+
+
+def _image0(**changes):
+    """Change image 0 of a node's reveal before it commits to it."""
+
+    def change(images):
+        return [msgspec.structs.replace(images[0], **changes), *images[1:]]
+
+    return change
+
+
+def _images(change):
+    return lambda images: [change(i, image) for i, image in enumerate(images)]
+
+
+MALFORMED = {
+    "phash not hex": (_image0(phash="zzzzzzzzzzzzzzzz"), "pHash"),
+    "phash too short": (_image0(phash="000000000000000"), "pHash"),
+    "phash upper case": (_image0(phash="FFFFFFFFFFFFFFFF"), "pHash"),
+    "phash empty": (_image0(phash=""), "pHash"),
+    "sha256 empty": (_image0(sha256=""), "sha256"),
+    "sha256 not hex": (_image0(sha256="g" * 64), "sha256"),
+    "sha256 too long": (_image0(sha256="0" * 66), "sha256"),
+    "key of another node": (_image0(key=f"tasks/t/{dev_node_id('n1')}/secret/0.png"), "is not under"),
+    "key of another task": (_image0(key="tasks/other/{node}/secret/0.png"), "is not under"),
+    "key climbs out": (_image0(key="tasks/t/{node}/../../x/0.png"), "segment"),
+    "key empty segment": (_image0(key="tasks/t/{node}//0.png"), "segment"),
+    "key is the prefix": (_image0(key="tasks/t/{node}/"), "segment"),
+    "key too long": (_image0(key="tasks/t/{node}/" + "k" * 600), "over 512"),
+    "duplicate index": (_images(lambda i, image: msgspec.structs.replace(image, index=0)), "indexes"),
+    "index out of range": (_image0(index=7), "indexes"),
+    "negative index": (_image0(index=-1), "indexes"),
+    "shared key": (_images(lambda i, image: msgspec.structs.replace(image, key="tasks/t/{node}/k.png")), "share"),
+    "other width": (_image0(width=72), "64x64"),
+    "other height": (_image0(height=72), "64x64"),
+    "huge size": (_image0(width=2**40, height=2**40), "64x64"),
+    "other seed": (_image0(seed=99), "seed"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_reveal_is_bad_result_and_never_raises(case):
+    """n3 commits (signed, and its reveal opens the commitment) to fields no honest node
+    reveals: the verdict is bad_result, it counts as no result, and the task is decided on
+    the two others. (A malformed pHash used to raise in the Hamming distance.)"""
+    change, why = MALFORMED[case]
+
+    def malformed(images):
+        changed = change(images)
+        return [msgspec.structs.replace(i, key=i.key.replace("{node}", N3)) for i in changed]
+
+    task = task_with({N1: A, N2: A, N3: A}, images={N3: malformed})
+    assert N3 not in candidates(task, ADDRESSES)  # its blobs are not even read
+    outcome = decided(task)
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.reason == "majority"
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_result"}
+    assert why in outcome.verdict_details[N3]
+    assert outcome.qos[N3] == 0
+
+
+def _bad_nonce(commit, reveal):
+    return commit, msgspec.structs.replace(reveal, nonce="0x" + "zz" * 32)
+
+
+def _short_nonce(commit, reveal):
+    return commit, msgspec.structs.replace(reveal, nonce="0x1234")
+
+
+@pytest.mark.parametrize("tamper", [_bad_nonce, _short_nonce])
+def test_a_nonce_that_is_not_32_bytes_of_hex_is_bad_result(tamper):
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, tamper={N3: tamper}))
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_result"}
+    assert "nonce" in outcome.verdict_details[N3]
+
+
+def test_malformed_hashes_everywhere_abort_instead_of_raising():
+    garbage = _image0(phash="not a phash at all")
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, images={N1: garbage, N2: garbage, N3: garbage}))
+    assert isinstance(outcome, TaskAborted)
+    assert outcome.reason == "too_few_results"
+    assert set(outcome.verdicts.values()) == {"bad_result"}
+    assert f"{N1} bad_result: image 0: pHash" in outcome.detail
+
+
+# --------------------------------------------------------------------------- what the blobs showed
+
+
+def test_a_node_whose_stored_images_do_not_match_is_bad_result_and_the_honest_two_decide():
+    task = task_with({N1: A, N2: A, N3: A})
+    outcome = decided(task, bad_blobs={N3: "image 0 (k): sha256_mismatch: ..."})
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.reason == "majority"
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_result"}
+    assert outcome.verdict_details == {N3: "stored images: image 0 (k): sha256_mismatch: ..."}
+    assert outcome.qos[N3] == 0
+
+
+def test_a_majority_that_needed_a_bad_blob_no_longer_stands():
+    outcome = decided(task_with({N1: A, N2: A, N3: B}), bad_blobs={N2: "image 1 (k): missing: no blob"})
+    assert isinstance(outcome, TaskAborted)
+    assert outcome.reason == "no_agreement"
+    assert outcome.verdicts == {N1: "undecided", N2: "bad_result", N3: "undecided"}
+    assert "missing" in outcome.detail
+    assert outcome.verdict_details == {N2: "stored images: image 1 (k): missing: no blob"}
+
+    outcome = decided(task_with({N1: A, N2: A, N3: A}), bad_blobs={N1: "x", N2: "y"})
+    assert isinstance(outcome, TaskAborted)
+    assert outcome.reason == "too_few_results"
+    assert outcome.verdicts == {N1: "bad_result", N2: "bad_result", N3: "undecided"}
+
+
+def test_a_candidate_the_blob_checks_did_not_cover_is_not_trusted_nor_blamed():
+    task = task_with({N1: A, N2: A, N3: A})
+    outcome = decide(task, THRESHOLD, ADDRESSES, {N1: None, N2: None})
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "undecided"}
+
+
+def test_images_of_the_outcome_are_in_index_order():
+    def reversed_order(images):
+        return list(reversed(images))
+
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, images={N1: reversed_order}))
+    assert [i.index for i in outcome.images] == [0, 1]

@@ -1,16 +1,22 @@
 """The validator service on its own nats-server, driven through the protocol: nodes
-(registered with their keys) commit, the validator opens the reveal and asks each
-committed node to reveal, then decides: as soon as every node has answered, and at the
-deadlines when some never do (no task hangs). Outcomes update each node's QoS."""
+(whose ids are their addresses) store their images, commit, the validator opens the
+reveal and asks each committed node to reveal, reads the stored images back, then
+decides: as soon as every node has answered, and at the deadlines when some never do (no
+task hangs). Outcomes update each node's QoS."""
 
 import asyncio
+import secrets
 import time
 import uuid
+from dataclasses import dataclass
 
+import msgspec
 import pytest
 
 from stipple_common import bus, subjects
-from stipple_common.commitment import make_commitment, new_account, new_nonce, sign
+from stipple_common.blobstore.intake import blob_prefix
+from stipple_common.commitment import account_from_key, make_commitment, new_nonce, sign
+from stipple_common.identity import dev_node_id, key_for
 from stipple_common.messages import (
     ImageResult,
     NodeErrored,
@@ -36,14 +42,20 @@ from stipple_validator.service import ValidatorSettings, serve
 
 pytestmark = pytest.mark.integration
 
-SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1}})
+SPEC = parse_task(
+    {"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1, "image_width": 64, "image_height": 64}}
+)
 
 
-ACCOUNTS = {node: new_account() for node in "abcde"}
+ID = {name: dev_node_id(name) for name in "abcde"}  # a node's id is its address
+a, b, c, d, e = (ID[name] for name in "abcde")
+ACCOUNTS = {ID[name]: account_from_key(key_for(name)) for name in "abcde"}
+MAX_BLOB_BYTES = 100_000
 
 
 @pytest.fixture
-async def js(fresh_nats_url):
+async def net(fresh_nats_url):
+    """The validator, serving; its ServiceContext (js, blobs, metrics) for the test."""
     settings = ValidatorSettings(
         nats_url=fresh_nats_url,
         phash_threshold=4,
@@ -51,13 +63,13 @@ async def js(fresh_nats_url):
         reveal_timeout_s=1.0,
         probe_every_s=0.2,
         probe_timeout_s=5.0,
+        max_blob_bytes=MAX_BLOB_BYTES,
     )
     stop = asyncio.Event()
-    async with open_service("validator", settings, stop=stop) as ctx:
+    async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
         for node, account in ACCOUNTS.items():
             joined = NodeJoined(
                 node_id=node,
-                operator=node,
                 device="cpu",
                 memory_bytes=1,
                 models=["tiny-sd"],
@@ -67,12 +79,12 @@ async def js(fresh_nats_url):
             )
             await bus.publish(ctx.js, subjects.node_subject(node, "joined"), joined, msg_id=f"{node}:joined")
         runner = asyncio.create_task(serve(ctx, settings))
-        yield ctx.js
+        yield ctx
         stop.set()
         await asyncio.wait_for(runner, 10)
 
 
-async def start_task(js, nodes=("a", "b", "c"), deadline_in=30.0):
+async def start_task(js, nodes=(a, b, c), deadline_in=30.0):
     task_id = uuid.uuid4().hex
     await bus.publish(
         js,
@@ -85,10 +97,30 @@ async def start_task(js, nodes=("a", "b", "c"), deadline_in=30.0):
     return task_id
 
 
-async def reveal(js, task_id, node, phash, *, answer=True):
-    """Act as an honest node: commit to the result, wait for the validator's request,
-    reveal (unless `answer` is False). Returns once committed; the reveal runs on."""
-    image = ImageResult(index=0, key=f"{task_id}/{node}", phash=phash, seed=1, width=64, height=64)
+@dataclass(frozen=True)
+class Stored:
+    """What a node stores (None: nothing) and what it reveals of it."""
+
+    png: bytes | None
+    image: ImageResult
+
+
+def honest(pictures, task_id, node, picture=0) -> Stored:
+    """Picture `picture` (noise from that seed), stored where the node may store it, and
+    its true hashes."""
+    png = pictures.png(picture)
+    phash, sha256 = pictures.hashes(png)
+    key = f"{blob_prefix(task_id, node)}{secrets.token_hex(4)}/0.png"
+    return Stored(png, ImageResult(index=0, key=key, phash=phash, seed=1, width=64, height=64, sha256=sha256))
+
+
+async def reveal(net, task_id, node, stored: Stored, *, answer=True):
+    """Act as a node: store the image (the blob intake's write), commit to the result,
+    wait for the validator's request, reveal (unless `answer` is False). Returns once
+    committed; the reveal runs on."""
+    js, image = net.js, stored.image
+    if stored.png is not None:
+        await net.blobs.put(image.key, stored.png, content_type="image/png")
     nonce = new_nonce()
     value = make_commitment(task_id, node, [image], nonce)
     commit = TaskCommitted(task_id=task_id, node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
@@ -130,48 +162,146 @@ async def outcome(js, task_id, timeout=10.0):
     raise AssertionError(f"task {task_id} was never decided")
 
 
-async def test_decides_as_soon_as_all_answered(js):
-    task_id = await start_task(js, deadline_in=30)
+async def test_decides_as_soon_as_all_answered(net, pictures):
+    task_id = await start_task(net.js, deadline_in=30)
     started = time.monotonic()
-    for node in "abc":
-        await reveal(js, task_id, node, "00000000000000ff")
-    result = await outcome(js, task_id)
+    for node in (a, b, c):
+        await reveal(net, task_id, node, honest(pictures, task_id, node))
+    result = await outcome(net.js, task_id)
     assert time.monotonic() - started < 5  # well before the 30 s deadline
     assert isinstance(result, TaskSucceeded)
     assert result.reason == "unanimous"
+    assert result.images[0].key.startswith(blob_prefix(task_id, a))
+    assert blob_checks(net, "ok") == 3
 
 
-async def test_majority_with_one_wrong_and_one_error(js):
-    task_id = await start_task(js, nodes=("a", "b", "c", "d", "e"))
-    for node, phash in (("a", "0" * 16), ("b", "f" * 16), ("c", "0" * 16), ("d", "0" * 16)):
-        await reveal(js, task_id, node, phash)
-    error = NodeErrored(task_id=task_id, node_id="e", code="out_of_memory", message="CUDA OOM")
-    await bus.publish(js, subjects.task_subject(task_id, "errored", "e"), error, msg_id="e")
-    result = await outcome(js, task_id)
+async def test_majority_with_one_wrong_and_one_error(net, pictures):
+    task_id = await start_task(net.js, nodes=(a, b, c, d, e))
+    for node, picture in ((a, 0), (b, 1), (c, 0), (d, 0)):
+        await reveal(net, task_id, node, honest(pictures, task_id, node, picture))
+    error = NodeErrored(task_id=task_id, node_id=e, code="out_of_memory", message="CUDA OOM")
+    await bus.publish(net.js, subjects.task_subject(task_id, "errored", e), error, msg_id="e")
+    result = await outcome(net.js, task_id)
     assert isinstance(result, TaskSucceeded)
-    assert result.verdicts == {"a": "agree", "b": "mismatch", "c": "agree", "d": "agree", "e": "error"}
+    assert result.verdicts == {a: "agree", b: "mismatch", c: "agree", d: "agree", e: "error"}
 
 
-async def test_deadline_decides_with_what_is_in(js):
-    task_id = await start_task(js, deadline_in=1.0)
-    await reveal(js, task_id, "a", "0" * 16)
-    await reveal(js, task_id, "b", "0" * 16)
-    result = await outcome(js, task_id)
+async def test_deadline_decides_with_what_is_in(net, pictures):
+    task_id = await start_task(net.js, deadline_in=1.0)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
+    result = await outcome(net.js, task_id)
     assert isinstance(result, TaskSucceeded)
-    assert result.verdicts["c"] == "timeout"
+    assert result.verdicts[c] == "timeout"
 
 
-async def test_a_committed_node_that_never_reveals_times_out_at_the_reveal_deadline(js):
-    task_id = await start_task(js)
-    await reveal(js, task_id, "a", "0" * 16)
-    await reveal(js, task_id, "b", "0" * 16)
-    await reveal(js, task_id, "c", "0" * 16, answer=False)
+async def test_a_committed_node_that_never_reveals_times_out_at_the_reveal_deadline(net, pictures):
+    task_id = await start_task(net.js)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
+    await reveal(net, task_id, c, honest(pictures, task_id, c), answer=False)
     started = time.monotonic()
-    result = await outcome(js, task_id)
+    result = await outcome(net.js, task_id)
     assert time.monotonic() - started >= 0.9  # waited for the 1 s reveal deadline
     assert isinstance(result, TaskSucceeded)
-    assert result.verdicts == {"a": "agree", "b": "agree", "c": "timeout"}
-    assert result.qos["c"] == 0
+    assert result.verdicts == {a: "agree", b: "agree", c: "timeout"}
+    assert result.qos[c] == 0
+
+
+# --------------------------------------------------------------------------- checked against the blobs
+
+
+def blob_checks(net, outcome):
+    return net.metrics.registry.get_sample_value("stipple_validator_blob_checks_total", {"outcome": outcome})
+
+
+def other_bytes(pictures, task_id, node):
+    """The honest pHash and SHA-256 (of picture 0), but picture 1 stored."""
+    stored = honest(pictures, task_id, node)
+    return Stored(pictures.png(1), stored.image)
+
+
+def copied_key(pictures, task_id, node):
+    """A's key and hashes (a node that copies another's stored image instead of computing)."""
+    return Stored(None, msgspec.structs.replace(honest(pictures, task_id, node).image, key=COPIED[task_id]))
+
+
+def missing(pictures, task_id, node):
+    return Stored(None, honest(pictures, task_id, node).image)
+
+
+def too_large(pictures, task_id, node):
+    """A PNG with a trailer that takes it over the limit (its hashes match what is stored)."""
+    stored = honest(pictures, task_id, node)
+    blob = stored.png + b"\0" * MAX_BLOB_BYTES
+    phash, sha256 = pictures.hashes(blob)
+    return Stored(blob, msgspec.structs.replace(stored.image, phash=phash, sha256=sha256))
+
+
+def claims_the_others_phash(pictures, task_id, node):
+    """Stored picture 1 with its true SHA-256, but picture 0's pHash: to agree with the others."""
+    own = honest(pictures, task_id, node, picture=1)
+    return Stored(own.png, msgspec.structs.replace(own.image, phash=honest(pictures, task_id, node).image.phash))
+
+
+def malformed_phash(pictures, task_id, node):
+    return Stored(None, msgspec.structs.replace(honest(pictures, task_id, node).image, phash="not-a-phash-hex!"))
+
+
+def malformed_sha256(pictures, task_id, node):
+    stored = honest(pictures, task_id, node)
+    return Stored(stored.png, msgspec.structs.replace(stored.image, sha256=stored.image.sha256.upper()))
+
+
+COPIED: dict[str, str] = {}
+BAD = {
+    "other bytes": (other_bytes, "sha256_mismatch", "sha256_mismatch"),
+    "outside its prefix": (copied_key, None, "is not under"),
+    "missing": (missing, "missing", "missing"),
+    "too large": (too_large, "too_large", f"over the limit of {MAX_BLOB_BYTES}"),
+    "pHash of another image": (claims_the_others_phash, "phash_mismatch", "phash_mismatch"),
+    "malformed pHash": (malformed_phash, None, "pHash"),
+    "malformed sha256": (malformed_sha256, None, "sha256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+async def test_a_node_whose_reveal_is_not_what_it_stored_is_bad_result(net, pictures, case):
+    """c commits to and reveals (validly signed) a result that its stored blob does not
+    back, or that is malformed: bad_result (slashable), with the reason in the outcome,
+    and the task succeeds on a and b."""
+    make, counted_as, why = BAD[case]
+    task_id = await start_task(net.js)
+    first = honest(pictures, task_id, a)
+    COPIED[task_id] = first.image.key
+    await reveal(net, task_id, a, first)
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
+    await reveal(net, task_id, c, make(pictures, task_id, c))
+    result = await outcome(net.js, task_id)
+    assert isinstance(result, TaskSucceeded)
+    assert result.reason == "majority"
+    assert result.verdicts == {a: "agree", b: "agree", c: "bad_result"}
+    assert why in result.verdict_details[c]
+    assert list(result.verdict_details) == [c]
+    assert result.qos[c] == 0
+    assert blob_checks(net, "ok") == 2
+    if counted_as:
+        assert blob_checks(net, counted_as) == 1
+    assert (await node_qos(net.js, c, task_id)).qos == 0.0
+
+
+async def test_a_majority_that_leaned_on_a_bad_blob_aborts(net, pictures):
+    """b agrees with a by its revealed hashes, but stored other bytes: without b, a and c
+    disagree, and the task is aborted (not decided for a)."""
+    task_id = await start_task(net.js)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
+    await reveal(net, task_id, b, other_bytes(pictures, task_id, b))
+    await reveal(net, task_id, c, honest(pictures, task_id, c, picture=2))
+    result = await outcome(net.js, task_id)
+    assert isinstance(result, TaskAborted)
+    assert result.reason == "no_agreement"
+    assert result.verdicts == {a: "undecided", b: "bad_result", c: "undecided"}
+    assert "sha256_mismatch" in result.detail
 
 
 async def node_qos(js, node, task_id, timeout=10.0):
@@ -189,22 +319,22 @@ async def node_qos(js, node, task_id, timeout=10.0):
     raise AssertionError(f"no QoS for {node} after {task_id}")
 
 
-async def test_outcomes_update_each_nodes_qos_window_and_two_timeouts_pause(js):
+async def test_outcomes_update_each_nodes_qos_window_and_two_timeouts_pause(net, pictures):
     scores = {}
     for _ in range(2):
-        task_id = await start_task(js, deadline_in=1.0)
-        await reveal(js, task_id, "a", "0" * 16)
-        await reveal(js, task_id, "b", "0" * 16)
-        result = await outcome(js, task_id)
-        for node in "abc":
-            scores[node] = await node_qos(js, node, task_id)
-    assert result.qos["a"] == 10  # a committed first both times
-    assert scores["a"].qos == 10.0
-    assert scores["a"].samples == 2
-    assert scores["b"].qos == 5.0
-    assert scores["c"].qos == 0.0
-    assert scores["c"].recent_timeouts == 2  # the dispatcher pauses c
-    assert scores["a"].recent_timeouts == 0
+        task_id = await start_task(net.js, deadline_in=1.0)
+        await reveal(net, task_id, a, honest(pictures, task_id, a))
+        await reveal(net, task_id, b, honest(pictures, task_id, b))
+        result = await outcome(net.js, task_id)
+        for node in (a, b, c):
+            scores[node] = await node_qos(net.js, node, task_id)
+    assert result.qos[a] == 10  # a committed first both times
+    assert scores[a].qos == 10.0
+    assert scores[a].samples == 2
+    assert scores[b].qos == 5.0
+    assert scores[c].qos == 0.0
+    assert scores[c].recent_timeouts == 2  # the dispatcher pauses c
+    assert scores[a].recent_timeouts == 0
 
 
 async def next_probe(sub, timeout=10.0) -> ProbeRequest:
@@ -227,56 +357,58 @@ async def answer_probe(js, node, probe_id, error=""):
     await bus.publish(js, subjects.node_subject(node, "probed"), event, msg_id=f"{node}:probe:{probe_id}:{error}")
 
 
-async def test_a_paused_node_is_probed_and_only_a_passed_probe_lifts_the_pause(js):
-    probes = await js.pull_subscribe(subjects.control_subject("c"), stream=subjects.WORK_STREAM)
+async def test_a_paused_node_is_probed_and_only_a_passed_probe_lifts_the_pause(net, pictures):
+    js = net.js
+    probes = await js.pull_subscribe(subjects.control_subject(c), stream=subjects.WORK_STREAM)
     for _ in range(2):  # c never commits: two timeouts pause it
         task_id = await start_task(js, deadline_in=1.0)
-        await reveal(js, task_id, "a", "0" * 16)
-        await reveal(js, task_id, "b", "0" * 16)
+        await reveal(net, task_id, a, honest(pictures, task_id, a))
+        await reveal(net, task_id, b, honest(pictures, task_id, b))
         await outcome(js, task_id)
-    assert (await node_qos(js, "c", task_id)).recent_timeouts == 2
+    assert (await node_qos(js, c, task_id)).recent_timeouts == 2
 
     first = await next_probe(probes)
     assert first.spec.model_name == "tiny-sd"  # a model c announced
     assert (first.spec.task_config.steps, first.spec.task_config.image_width) == (1, 64)
-    await answer_probe(js, "c", first.probe_id, error="internal")  # failed: still paused, and probed again
+    await answer_probe(js, c, first.probe_id, error="internal")  # failed: still paused, and probed again
     second = await next_probe(probes)
     assert second.probe_id != first.probe_id
-    await answer_probe(js, "c", first.probe_id)  # an answer to an older probe counts for nothing
+    await answer_probe(js, c, first.probe_id)  # an answer to an older probe counts for nothing
     await asyncio.sleep(0.5)
-    raw = await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("c", "qos"))
+    raw = await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(c, "qos"))
     assert node_event_decoder.decode(raw.data).recent_timeouts == 2
 
-    await answer_probe(js, "c", second.probe_id)
-    cleared = await node_qos(js, "c", f"probe:{second.probe_id}")
+    await answer_probe(js, c, second.probe_id)
+    cleared = await node_qos(js, c, f"probe:{second.probe_id}")
     assert cleared.recent_timeouts == 0  # the dispatcher lifts the pause
     assert (cleared.samples, cleared.qos) == (2, 0.0)  # the check is no scored task
 
     # one more timeout after the check does not pause c again at once
     task_id = await start_task(js, deadline_in=1.0)
-    await reveal(js, task_id, "a", "0" * 16)
-    await reveal(js, task_id, "b", "0" * 16)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
     await outcome(js, task_id)
-    assert (await node_qos(js, "c", task_id)).recent_timeouts == 1
+    assert (await node_qos(js, c, task_id)).recent_timeouts == 1
 
 
-async def test_a_cancelled_task_is_not_decided_and_changes_no_qos(js):
+async def test_a_cancelled_task_is_not_decided_and_changes_no_qos(net, pictures):
+    js = net.js
     task_id = await start_task(js)
-    await reveal(js, task_id, "a", "0" * 16)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
     cancel = TaskCancelled(task_id=task_id, detail="app")
     await bus.publish(js, subjects.task_subject(task_id, "cancelled"), cancel, msg_id=f"{task_id}:outcome")
-    await reveal(js, task_id, "b", "0" * 16)
-    await reveal(js, task_id, "c", "0" * 16)
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
+    await reveal(net, task_id, c, honest(pictures, task_id, c))
     await asyncio.sleep(0.5)
     result = await outcome(js, task_id)  # asserts there is exactly one outcome
     assert isinstance(result, TaskCancelled)
     with pytest.raises(Exception, match="not found|no message"):
-        await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject("a", "qos"))
+        await js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(a, "qos"))
 
 
-async def test_nothing_by_the_deadline_aborts(js):
-    task_id = await start_task(js, deadline_in=0.5)
-    result = await outcome(js, task_id)
+async def test_nothing_by_the_deadline_aborts(net):
+    task_id = await start_task(net.js, deadline_in=0.5)
+    result = await outcome(net.js, task_id)
     assert isinstance(result, TaskAborted)
     assert result.reason == "too_few_results"
-    assert result.verdicts == {"a": "timeout", "b": "timeout", "c": "timeout"}
+    assert result.verdicts == {a: "timeout", b: "timeout", c: "timeout"}

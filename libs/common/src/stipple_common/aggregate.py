@@ -74,6 +74,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
     images: list[ImageResult] = []  # accepted images, once succeeded
     verdicts: dict[str, Verdict] = {}
+    verdict_details: dict[str, str] = {}  # why a node's result was not believed (bad_result, bad_commitment)
     qos: dict[str, int] = {}
 
     @property
@@ -230,7 +231,13 @@ def _(event: NodeErrored, task: Task | None) -> Task:
 def _(event: TaskSucceeded, task: Task | None) -> Task:
     task = _require(task, event, *LIVE)
     return msgspec.structs.replace(
-        task, status="succeeded", reason=event.reason, images=event.images, verdicts=event.verdicts, qos=event.qos
+        task,
+        status="succeeded",
+        reason=event.reason,
+        images=event.images,
+        verdicts=event.verdicts,
+        verdict_details=event.verdict_details,
+        qos=event.qos,
     )
 
 
@@ -238,7 +245,13 @@ def _(event: TaskSucceeded, task: Task | None) -> Task:
 def _(event: TaskAborted, task: Task | None) -> Task:
     task = _require(task, event, "pending", *LIVE)
     return msgspec.structs.replace(
-        task, status="aborted", reason=event.reason, detail=event.detail, verdicts=event.verdicts, qos=event.qos
+        task,
+        status="aborted",
+        reason=event.reason,
+        detail=event.detail,
+        verdicts=event.verdicts,
+        verdict_details=event.verdict_details,
+        qos=event.qos,
     )
 
 

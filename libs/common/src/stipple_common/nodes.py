@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
-
-from nats.js.api import KeyValueConfig
+from nats.js.api import DeliverPolicy, KeyValueConfig
 
 from .errors import Rejected
 from .messages import (

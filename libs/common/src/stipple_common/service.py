@@ -69,6 +69,16 @@ class ServiceContext:
         )
 
 
+async def drain(nc: NATS, timeout_s: float = 10.0) -> None:
+    """Drain NATS at shutdown, but never wait forever: a client the server no longer lets
+    in (a node that lost its right) reconnects in vain and would never drain."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except Exception as exc:  # closed, reconnecting, timed out: close it as it is
+        log.warning("nats_drain_failed", error=repr(exc))
+        await nc.close()
+
+
 def nats_identity(account: LocalAccount) -> dict[str, Any]:
     """nats-py connect options that join as the node of `account`: its address as the
     token and, when the server sends a nonce, the EIP-191 signature of that nonce (a new
@@ -132,7 +142,7 @@ async def open_service(
         if settings.nats_inbox_prefix:
             options["inbox_prefix"] = settings.nats_inbox_prefix
         nc = await bus.connect(settings.nats_url, f"stipple-{name}", ca_file=settings.nats_ca_file, **options)
-        stack.push_async_callback(nc.drain)
+        stack.push_async_callback(drain, nc)
         ready.watch(nc=nc)
         js = nc.jetstream()
         if settings.declare_streams:

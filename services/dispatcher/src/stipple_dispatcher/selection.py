@@ -85,6 +85,10 @@ class NodeIndex:
 
     def __init__(self, capacity: int = 64) -> None:
         self.indexed: dict[str, tuple[int, str]] = {}  # node id -> (stake, operator) as the chain says
+        # what the NODES stream says of a node before its announcement (a replay keeps only
+        # the last message per subject, in any order): applied when it joins
+        self._bans: dict[str, float] = {}
+        self._scores: dict[str, NodeQos] = {}
         self.row: dict[str, int] = {}
         self.ids: list[str] = []
         self.joined: list[NodeJoined] = []
@@ -148,6 +152,10 @@ class NodeIndex:
             self.joined.append(node)
         else:
             self.joined[row] = node  # a restart alone does not lift a pause: the check does
+        if node.node_id in self._bans:
+            self.banned_until[row] = self._bans[node.node_id]
+        if node.node_id in self._scores:
+            self._apply_score(row, self._scores[node.node_id])
         stake, operator = self.indexed.get(node.node_id, (0, node.node_id))
         self.operator[row] = self._operators.setdefault(operator, len(self._operators))
         self.stake[row] = stake
@@ -170,6 +178,7 @@ class NodeIndex:
             self.operator[row] = self._operators.setdefault(operator, len(self._operators))
 
     def ban(self, node_id: str, until: float) -> None:
+        self._bans[node_id] = until
         row = self.row.get(node_id)
         if row is not None:
             self.banned_until[row] = until
@@ -190,9 +199,12 @@ class NodeIndex:
             self.quit[row] = True
 
     def score(self, event: NodeQos) -> None:
+        self._scores[event.node_id] = event
         row = self.row.get(event.node_id)
-        if row is None:
-            return
+        if row is not None:
+            self._apply_score(row, event)
+
+    def _apply_score(self, row: int, event: NodeQos) -> None:
         self.qos[row] = event.qos
         self.paused[row] = event.recent_timeouts >= 2  # a passed check publishes 0
 

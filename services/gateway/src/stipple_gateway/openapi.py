@@ -234,7 +234,7 @@ def build() -> dict[str, Any]:
                             "content": {"image/png": {"schema": {"type": "string", "contentMediaType": "image/png"}}},
                         }
                     },
-                    [404, 409, 410, 503],
+                    [404, 409, 410, 502, 503],
                 ),
             }
         },

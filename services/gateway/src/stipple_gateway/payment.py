@@ -3,8 +3,9 @@ holds one deposit for the gateway's apps and escrows each paid task's fee from i
 gateway refuses a task that deposit cannot pay, with 402, what is left and the price.
 
 Before a paid task is accepted, the gateway asks the chain-indexer to reserve its fee
-(``rpc.chain.gateway``, `subjects.RESERVE_SUBJECT`, which no node may publish on; a ReserveRequest). The indexer keeps the ledger of fees reserved
-but not yet escrowed, beside the balance on chain, in one place and one at a time, so
+(a ReserveRequest on ``rpc.chain.gateway``, `subjects.RESERVE_SUBJECT`, which no node may
+publish on: the relay answers reservations there only). The indexer keeps the ledger of
+fees reserved but not yet escrowed, beside the balance on chain, in one place and one at a time, so
 concurrent requests (from any number of gateways) cannot spend one balance twice.
 Without a chain (no `chain` bucket: no chain-indexer in this network), fees only order
 the queue and nothing is charged; with a chain that does not answer, paid tasks get 503.

@@ -1,10 +1,15 @@
 """The latest step progress per (task, node), for ``GET /v1/tasks/{id}``.
 
-Nodes publish `Progress` on core NATS ``progress.<task_id>`` (lossy by design). Every
-gateway keeps the last one per node in memory, bounded: a finished task (its outcome seen
-on ``tasks.*.<outcome>``) is dropped, and beyond `max_tasks` tasks the least recently
-updated goes first. A gateway that starts late simply knows no progress for the steps it
-missed.
+Nodes publish `Progress` on core NATS ``progress.<task_id>.<node_id>`` (lossy by design).
+Every gateway keeps the last one per node in memory, bounded: a finished task (its
+outcome seen on ``tasks.*.<outcome>``) is dropped, and beyond `max_tasks` tasks the least
+recently updated goes first. A gateway that starts late simply knows no progress for the
+steps it missed.
+
+Any node may publish on its own progress subject for any task id (permissions cannot
+name its tasks), so progress is kept only from a node the task is assigned to, as the
+``assigned`` and ``reassigned`` events this gateway saw say: made-up task ids and
+strangers take no room, and cannot push real tasks' progress out.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from nats.aio.client import Client as NATS
 
 from stipple_common import subjects
 from stipple_common.errors import Rejected
-from stipple_common.messages import OUTCOME_EVENTS, Progress, decode_progress
+from stipple_common.messages import (
+    OUTCOME_EVENTS,
+    Progress,
+    TaskAssigned,
+    TaskReassigned,
+    decode_progress,
+    decode_task_event,
+)
 
 log = structlog.get_logger("stipple.gateway")
 
@@ -30,12 +42,26 @@ class ProgressBoard:
         self.max_tasks = max(1, max_tasks)
         self._tasks: OrderedDict[str, dict[str, Progress]] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()  # late progress of these is ignored
+        self._assigned: OrderedDict[str, set[str]] = OrderedDict()  # task -> the nodes it was given to
+        self.refused = 0  # progress from a node not assigned to the task (or for an unknown task)
 
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def assign(self, task_id: str, nodes: Iterable[str]) -> None:
+        """The task was given to `nodes` (its ``assigned`` event, or a ``reassigned`` one)."""
+        if task_id in self._finished:
+            return
+        self._assigned.setdefault(task_id, set()).update(nodes)
+        self._assigned.move_to_end(task_id)
+        while len(self._assigned) > self.max_tasks:
+            self._assigned.popitem(last=False)
+
     def update(self, progress: Progress) -> None:
         if progress.task_id in self._finished:
+            return
+        if progress.node_id not in self._assigned.get(progress.task_id, ()):
+            self.refused += 1
             return
         nodes = self._tasks.get(progress.task_id)
         if nodes is None:
@@ -49,6 +75,7 @@ class ProgressBoard:
 
     def finish(self, task_id: str) -> None:
         self._tasks.pop(task_id, None)
+        self._assigned.pop(task_id, None)
         self._finished[task_id] = None
         self._finished.move_to_end(task_id)
         while len(self._finished) > self.max_tasks:
@@ -62,7 +89,18 @@ class ProgressBoard:
         return {node: p for node, p in self._tasks.get(task_id, {}).items() if node in assigned}
 
     async def follow(self, nc: NATS) -> list[Any]:
-        """Subscribe to every task's progress and outcome; returns the subscriptions."""
+        """Subscribe to every task's progress, assignments and outcome; returns the subscriptions."""
+
+        async def on_assignment(msg: Any) -> None:
+            try:
+                event = decode_task_event(msg.subject, msg.data)
+            except Rejected as exc:
+                log.debug("assignment_rejected", reason=exc.reason, error=exc.message)
+                return
+            if isinstance(event, TaskAssigned):
+                self.assign(event.task_id, event.nodes)
+            elif isinstance(event, TaskReassigned):
+                self.assign(event.task_id, [event.by])
 
         async def on_progress(msg: Any) -> None:
             try:
@@ -73,7 +111,11 @@ class ProgressBoard:
         async def on_outcome(msg: Any) -> None:
             self.finish(subjects.subject_token(msg.subject, 1))
 
-        subs = [await nc.subscribe(subjects.ALL_PROGRESS, cb=on_progress)]
+        subs = [
+            await nc.subscribe(subjects.all_tasks("assigned"), cb=on_assignment),
+            await nc.subscribe(subjects.all_tasks("reassigned"), cb=on_assignment),
+            await nc.subscribe(subjects.ALL_PROGRESS, cb=on_progress),
+        ]
         for event in OUTCOME_EVENTS:
             subs.append(await nc.subscribe(subjects.all_tasks(event), cb=on_outcome))
         return subs

@@ -62,6 +62,7 @@ class OutcomeView(msgspec.Struct, kw_only=True):
     detail: str
     verdicts: dict[str, Verdict]
     finished_at: float | None  # when the outcome was stored (server clock, epoch seconds)
+    verdict_details: dict[str, str] = {}  # why a node's result was not believed (bad_result, bad_commitment)
 
 
 class ImageView(msgspec.Struct, kw_only=True):
@@ -216,7 +217,12 @@ def task_view(
         view.queue = QueueView(position=queue.position, queue_length=queue.queue_length, eta_s=queue.eta_s)
     if task.finished:
         view.outcome = OutcomeView(
-            status=task.status, reason=task.reason, detail=task.detail, verdicts=task.verdicts, finished_at=finished_at
+            status=task.status,
+            reason=task.reason,
+            detail=task.detail,
+            verdicts=task.verdicts,
+            finished_at=finished_at,
+            verdict_details=task.verdict_details,
         )
     if task.status == "succeeded":
         view.images = [

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import imagehash
 import msgspec
 import torch
 from opentelemetry import trace
 from PIL import Image
 
 from stipple_common.errors import InvalidInput, StippleError
+from stipple_common.phash import image_phash
 from stipple_common.taskspec import ModelRef, TaskSpec, canonical, check_spec, validation_error_to_invalid
 
 from .annotators import Annotators
@@ -94,7 +94,7 @@ class GeneratedImage:
     png: bytes
     """PNG-encoded image, without metadata."""
     phash: str
-    """`imagehash.phash(image, hash_size=8)` as 16 hex digits."""
+    """`stipple_common.phash.image_phash`: the pHash the validator recomputes from the stored PNG."""
     seed: int
     """The seed this image was drawn from (task seed + its index)."""
     width: int
@@ -699,7 +699,7 @@ def _encode(image: Image.Image, seed: int) -> GeneratedImage:
     image.save(buffer, format="PNG", optimize=False, compress_level=6)
     return GeneratedImage(
         png=buffer.getvalue(),
-        phash=str(imagehash.phash(image, hash_size=8)),
+        phash=image_phash(image),
         seed=seed,
         width=image.width,
         height=image.height,

@@ -26,7 +26,7 @@ import platform
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +34,7 @@ from typing import Protocol
 import msgspec
 import nats.errors
 import structlog
+from eth_account.signers.local import LocalAccount
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -531,25 +532,40 @@ async def run(settings: NodeSettings) -> None:
         for name in runner.model_names:
             runner.load(name)  # load before announcing: a live node is a ready node
         log.info("node_identity", node_id=node_id)
-        staked = False
-        while True:  # at most twice: as an applicant that stakes, then as a node
-            async with open_service("node-agent", settings, identity=account) as ctx:
-                status = await join_status(ctx.nc, node_id)
-                if status is None or status.level == "node":
-                    if settings.chain and not staked:  # tops the stake up to STIPPLE_STAKE if asked
-                        await ensure_stake(ctx.nc, node_id, account, settings.stake, wait_s=settings.chain_wait_s)
-                    downloads.attach(ctx, asyncio.get_running_loop(), node_id)
-                    await serve(ctx, settings, runner, store, key)
-                    return
-                if not settings.chain or staked or status.reason not in ("no_stake", "below_minimum"):
-                    raise NotAdmitted(
-                        f"the network admits {node_id} only as an applicant: {status.reason}: {status.detail}"
-                    )
-                log.info("staking_to_join", node_id=node_id, reason=status.reason, detail=status.detail)
-                await ensure_stake(ctx.nc, node_id, account, settings.stake, wait_s=settings.chain_wait_s)
-                staked = True
-                await wait_admitted(ctx.nc, node_id, settings.chain_wait_s)
-            # reconnect: the gatekeeper admits the key as a node now
+        async with join_network(settings, account) as ctx:
+            downloads.attach(ctx, asyncio.get_running_loop(), node_id)
+            await serve(ctx, settings, runner, store, key)
+
+
+@contextlib.asynccontextmanager
+async def join_network(
+    settings: NodeSettings, account: LocalAccount, *, stop: asyncio.Event | None = None, name: str = "node-agent"
+) -> AsyncIterator[ServiceContext]:
+    """Connect as the node of `account` and make sure the network admits it as a node:
+    asks the gatekeeper (``rpc.join.<id>``) how it was admitted; an applicant without
+    (enough) stake stakes through the chain relay when STIPPLE_CHAIN is on, waits until
+    the gatekeeper sees the stake, and connects again. Raises NotAdmitted, saying why,
+    when it cannot become a node. On a NATS without authentication (no gatekeeper
+    answers) it goes on as it is."""
+    node_id = node_id_of(account.address)
+    staked = False
+    while True:  # at most twice: as an applicant that stakes, then as a node
+        async with open_service(name, settings, identity=account, stop=stop) as ctx:
+            status = await join_status(ctx.nc, node_id)
+            if status is None or status.level == "node":
+                if settings.chain and not staked:  # tops the stake up to STIPPLE_STAKE if asked
+                    await ensure_stake(ctx.nc, node_id, account, settings.stake, wait_s=settings.chain_wait_s)
+                yield ctx
+                return
+            if not settings.chain or staked or status.reason not in ("no_stake", "below_minimum"):
+                raise NotAdmitted(
+                    f"the network admits {node_id} only as an applicant: {status.reason}: {status.detail}"
+                )
+            log.info("staking_to_join", node_id=node_id, reason=status.reason, detail=status.detail)
+            await ensure_stake(ctx.nc, node_id, account, settings.stake, wait_s=settings.chain_wait_s)
+            staked = True
+            await wait_admitted(ctx.nc, node_id, settings.chain_wait_s)
+        # connect again: the gatekeeper admits the key as a node now
 
 
 def check_node_id(settings: NodeSettings, address: str) -> str:

@@ -109,15 +109,29 @@ async def ensure_stake(nc: NATS, node_id: str, account: LocalAccount, want: int,
         }
         signed = account.sign_transaction(tx)
         sent = await ask(nc, node_id, SendRawTransaction(raw="0x" + signed.raw_transaction.hex()), wait_s=wait_s)
-        _check(sent, f"sending {name}")
-    after = await ask(nc, node_id, ChainInfoRequest(address=address), wait_s=wait_s)
-    _check(after, "reading the stake back")
+        if sent.error != "pending":  # pending: sent, not mined yet (the relay stops waiting for it)
+            _check(sent, f"sending {name}")
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = await ask(nc, node_id, ChainInfoRequest(address=address), wait_s=wait_s)
+        _check(after, "reading the stake back")
+        if after.stake >= max(want, after.min_stake) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
     if after.stake < after.min_stake:
         raise StakeError(f"the node staked, yet holds {after.stake} of the minimum {after.min_stake}")
+    if after.owner and after.owner.lower() != address.lower():
+        log.info("stake_owned_by_operator", address=address, owner=after.owner)
     log.info("staked", address=address, stake=after.stake, added=missing)
     return after.stake
 
 
 def _check(reply: ChainReply, doing: str) -> None:
-    if not reply.ok:
-        raise StakeError(f"staking: {doing} failed: {reply.error}: {reply.message}")
+    if reply.ok:
+        return
+    if "NotStakeOwner" in reply.message:
+        raise StakeError(
+            f"staking: {doing} failed: the stake of this node's address is owned by another address (an operator "
+            f"staked for it with stakeFor): the operator tops it up, or stake with another key ({reply.message})"
+        )
+    raise StakeError(f"staking: {doing} failed: {reply.error}: {reply.message}")

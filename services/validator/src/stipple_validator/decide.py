@@ -1,14 +1,23 @@
 """The outcome table (DESIGN.md, Crynux Hydrogen): pure functions, no I/O.
 
-First each reveal is checked against its commitment: the signature must recover the
-node's registered address, and the revealed images and nonce must hash to the committed
-value; a reveal that fails is `bad_commitment` (slashable) and counts as no result.
-Then, with three nodes:  A,A,A -> succeeded/unanimous;  A,A,B -> succeeded/majority and
-B is "mismatch" (slashable);  A,A + error/timeout -> succeeded/majority, the third loses
-QoS (as does a node replaced for not accepting in time, which does not count towards
-the majority);  A,B,C or A,B + one missing -> aborted/no_agreement;  fewer than two results ->
-aborted/too_few_results. Images agree when every pair of per-image pHashes is within
-the threshold.
+First each reveal is screened, and nothing a node revealed can make this module raise:
+
+1. its nonce must be 32 bytes of hex, and the reveal must open the commitment, signed by
+   the node's registered address; otherwise the verdict is `bad_commitment`;
+2. its fields must be well-formed (`malformed`): 16-hex-digit pHashes, 64-hex-digit
+   SHA-256s, keys under the node's own blob prefix, indexes 0..n-1 once each, the
+   task's width, height and seeds; otherwise the verdict is `bad_result`;
+3. what it stored must be what it revealed: the service reads each blob and recomputes
+   its SHA-256, dimensions and pHash (blobcheck.py) and hands the result in as `checked`;
+   a node whose blobs do not match is `bad_result` too.
+
+All three verdicts are slashable and count as no result; the reason is kept in the
+outcome's `verdict_details`. Then, with three nodes:  A,A,A -> succeeded/unanimous;
+A,A,B -> succeeded/majority and B is "mismatch" (slashable);  A,A + error/timeout/bad ->
+succeeded/majority, the third loses QoS (as does a node replaced for not accepting in
+time, which does not count towards the majority);  A,B,C or A,B + one missing ->
+aborted/no_agreement;  fewer than two results -> aborted/too_few_results. Images agree
+when every pair of per-image pHashes is within the threshold.
 
 QoS per task: agreeing nodes score 10, 5, 2 in the order they committed (the first to
 bind itself to a correct result was the fastest); everyone else scores 0.
@@ -16,14 +25,25 @@ bind itself to a correct result was the fastest); everyone else scores 0.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from stipple_common.aggregate import NodeRun, Task
+from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import make_commitment, signer
 from stipple_common.messages import TaskAborted, TaskSucceeded, Verdict
 from stipple_common.phash import same_images
 
 FINISH_SCORES = (10, 5, 2)
+PHASH = re.compile(r"[0-9a-f]{16}")  # imagehash's str() of a 64-bit hash
+SHA256 = re.compile(r"[0-9a-f]{64}")  # hashlib's hexdigest()
+NONCE = re.compile(r"0x[0-9a-fA-F]{64}")  # commitment.new_nonce()
+KEY_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # what a node's key may add under its prefix
+MAX_KEY_LENGTH = 512  # the blob intake's limit
+
+Checked = Mapping[str, str | None]
+"""Per node, what reading its stored blobs showed: None when every image is what it
+revealed, else why not (blobcheck.py). A node missing from it was not checked."""
 
 
 def group_agreeing(results: dict[str, list[str]], threshold: int) -> list[list[str]]:
@@ -49,8 +69,73 @@ def reveal_is_honest(task_id: str, run: NodeRun, address: str | None) -> bool:
         return False
     try:
         return make_commitment(task_id, run.node_id, run.images, run.nonce) == run.commitment
-    except ValueError:  # a nonce that is not hex
+    except ValueError:  # a nonce that is not hex (screened before; kept so this never raises)
         return False
+
+
+def bad_key(task_id: str, node_id: str, key: str) -> str | None:
+    """Why `key` is not a key this node may have stored its image under, or None."""
+    prefix = blob_prefix(task_id, node_id)
+    if len(key) > MAX_KEY_LENGTH:
+        return f"key is {len(key)} characters, over {MAX_KEY_LENGTH}"
+    if not key.startswith(prefix):
+        return f"key {key[:100]!r} is not under {prefix!r}"
+    rest = key[len(prefix) :].split("/")
+    if not all(KEY_SEGMENT.fullmatch(segment) for segment in rest):
+        return f"key {key[:100]!r}: empty, dot or unsafe segment under {prefix!r}"
+    return None
+
+
+def malformed(task: Task, run: NodeRun) -> str | None:
+    """Why a reveal's fields are not a well-formed result of this task, or None."""
+    config = task.spec.task_config
+    images = run.images
+    if len(images) != config.num_images:
+        return f"revealed {len(images)} images, the task asks for {config.num_images}"
+    indexes = sorted(image.index for image in images)
+    if indexes != list(range(len(images))):
+        return f"image indexes {indexes[:20]}: expected 0..{len(images) - 1} once each"
+    if len({image.key for image in images}) != len(images):
+        return "two images share a key"
+    for image in sorted(images, key=lambda image: image.index):
+        where = f"image {image.index}"
+        if not PHASH.fullmatch(image.phash):
+            return f"{where}: pHash {image.phash[:40]!r} is not 16 lower-case hex digits"
+        if not SHA256.fullmatch(image.sha256):
+            return f"{where}: sha256 {image.sha256[:80]!r} is not 64 lower-case hex digits"
+        why = bad_key(task.task_id, run.node_id, image.key)
+        if why is not None:
+            return f"{where}: {why}"
+        if (image.width, image.height) != (config.image_width, config.image_height):
+            return (
+                f"{where}: {image.width}x{image.height}, the task asks for {config.image_width}x{config.image_height}"
+            )
+        if config.seed >= 0 and image.seed != config.seed + image.index:
+            return f"{where}: seed {image.seed}, expected {config.seed + image.index} (task seed + index)"
+    return None
+
+
+def screen(task: Task, run: NodeRun, address: str | None) -> tuple[Verdict, str] | None:
+    """The verdict on a revealed run and why, when its reveal is no result; None when it
+    is a candidate whose blobs are worth reading."""
+    if not NONCE.fullmatch(run.nonce):
+        return "bad_result", f"nonce {run.nonce[:80]!r} is not 0x and 64 hex digits"
+    if not reveal_is_honest(task.task_id, run, address):
+        if not address:
+            return "bad_commitment", "no registered address"
+        return "bad_commitment", "the reveal does not open the commitment signed by the node's address"
+    why = malformed(task, run)
+    return ("bad_result", why) if why is not None else None
+
+
+def candidates(task: Task, addresses: Mapping[str, str]) -> list[str]:
+    """The revealed nodes whose reveal opens its signed commitment and is well-formed:
+    the results whose stored blobs the service checks before deciding."""
+    return [
+        node_id
+        for node_id, run in task.nodes.items()
+        if run.status == "revealed" and screen(task, run, addresses.get(node_id)) is None
+    ]
 
 
 def qos_scores(task: Task, agreeing: list[str]) -> dict[str, int]:
@@ -61,17 +146,25 @@ def qos_scores(task: Task, agreeing: list[str]) -> dict[str, int]:
     return scores
 
 
-def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucceeded | TaskAborted:
+def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Checked) -> TaskSucceeded | TaskAborted:
     """Decide a task from what is in; nodes with no result in time are `timeout`.
-    `addresses` maps node ids to their registered Ethereum addresses."""
+    `addresses` maps node ids to their registered Ethereum addresses; `checked` is what
+    the blob checks found for the `candidates` (a candidate missing from it is not
+    trusted and judged `undecided`, which costs it nothing)."""
     results: dict[str, list[str]] = {}
     verdicts: dict[str, Verdict] = {}
+    details: dict[str, str] = {}
     for node_id, run in task.nodes.items():
         if run.status == "revealed":
-            if reveal_is_honest(task.task_id, run, addresses.get(node_id)):
-                results[node_id] = [image.phash for image in run.images]
+            screened = screen(task, run, addresses.get(node_id))
+            if screened is not None:
+                verdicts[node_id], details[node_id] = screened
+            elif node_id not in checked:
+                verdicts[node_id] = "undecided"
+            elif checked[node_id] is not None:
+                verdicts[node_id], details[node_id] = "bad_result", f"stored images: {checked[node_id]}"
             else:
-                verdicts[node_id] = "bad_commitment"
+                results[node_id] = [image.phash for image in sorted(run.images, key=lambda image: image.index)]
         elif run.status == "errored":
             verdicts[node_id] = "error"
         else:
@@ -85,20 +178,23 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucc
             verdicts[node_id] = "undecided"
         ordered = {node: verdicts[node] for node in task.nodes}
         zero = {node: 0 for node in task.nodes}
+        rejected = "".join(f"; {node} {verdicts[node]}: {why}" for node, why in details.items())
         if len(results) < 2:
             return TaskAborted(
                 task_id=task.task_id,
                 reason="too_few_results",
-                detail=f"{len(results)} of {counted} nodes returned a valid result",
+                detail=f"{len(results)} of {counted} nodes returned a valid result{rejected}",
                 verdicts=ordered,
                 qos=zero,
+                verdict_details=details,
             )
         return TaskAborted(
             task_id=task.task_id,
             reason="no_agreement",
-            detail=f"{len(results)} results in {len(groups)} disagreeing groups",
+            detail=f"{len(results)} results in {len(groups)} disagreeing groups{rejected}",
             verdicts=ordered,
             qos=zero,
+            verdict_details=details,
         )
     for node_id in results:
         verdicts[node_id] = "agree" if node_id in majority else "mismatch"
@@ -106,7 +202,8 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str]) -> TaskSucc
     return TaskSucceeded(
         task_id=task.task_id,
         reason="unanimous" if unanimous else "majority",
-        images=task.nodes[majority[0]].images,
+        images=sorted(task.nodes[majority[0]].images, key=lambda image: image.index),
         verdicts={node: verdicts[node] for node in task.nodes},
         qos=qos_scores(task, majority),
+        verdict_details=details,
     )

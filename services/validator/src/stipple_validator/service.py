@@ -12,11 +12,18 @@ lacks may be waiting behind the timer in the consumer. Then:
    committed and sends each a RevealRequest on its control subject; with too few
    commitments for a majority it decides at once.
 2. reveal stage: when every committed node has revealed (or errored), or the reveal
-   deadline passes, it decides (decide.py) and publishes the outcome.
+   deadline passes, it reads back the stored images of every well-formed reveal and
+   recomputes their SHA-256, size and pHash (blobcheck.py), then decides (decide.py)
+   and publishes the outcome.
 3. an outcome event (its own, or the gateway's `cancelled`) updates the QoS window of
    every node in the task (qos.py: KV bucket `qos`, idempotent per task) and publishes
    ``nodes.<id>.qos`` for the dispatcher. A node that this pauses gets a check to pass
    before it is dispatched again (probes.py).
+
+Everything a node sends is believed only as far as its subject allows (decode_task_event);
+a refused message, or an event for a task that does not exist or that the sender is not
+assigned to, is a strike for the sentinel (sentinel.py), which bans a node that keeps
+sending them.
 
 Deadlines need no timer: the `assigned` and `reveal` events are nak'ed with a delay until
 their deadline, and their redelivery decides with whatever is in. One validator runs at
@@ -36,10 +43,13 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig
+from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
+from stipple_common.blobstore import BlobStore
+from stipple_common.blobstore.intake import MAX_BLOB_BYTES
 from stipple_common.errors import Rejected
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
@@ -58,9 +68,11 @@ from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings
 
-from .decide import decide
+from .blobcheck import BlobChecker
+from .decide import candidates, decide
 from .probes import Prober
 from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
+from .sentinel import Sentinel
 
 log = structlog.get_logger("stipple.validator")
 
@@ -75,6 +87,11 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     fold_cache: int = 100_000  # unfinished tasks kept folded in memory
     probe_every_s: float = 5.0  # how often a paused, live node is sent the check (probes.py)
     probe_timeout_s: float = 60.0  # how long a node has to answer it
+    sentinel_strikes: int = 10  # refused messages from one node within sentinel_window_s that ban it (sentinel.py)
+    sentinel_window_s: float = 60.0
+    ban_s: float = 3600.0  # how long a ban lasts
+    max_blob_bytes: int = MAX_BLOB_BYTES  # a stored image larger than this is a bad result, and is not read
+    blob_check_concurrency: int = 8  # stored images read and checked at a time, per decision
 
 
 @dataclass(frozen=True)
@@ -92,14 +109,23 @@ class Validator:
         prober: Prober,
         settings: ValidatorSettings,
         metrics: Metrics,
+        blobs: BlobStore,
+        sentinel: Sentinel | None = None,
     ) -> None:
         self.js = js
+        self.sentinel = sentinel
         self.directory = directory
         self.windows = windows
         self.prober = prober
         self.settings = settings
         self.tasks: OrderedDict[str, _Folded] = OrderedDict()  # the in-memory fold (LRU)
         self.requested: set[str] = set()  # tasks whose reveal requests this process sent
+        self.checker = BlobChecker(
+            blobs,
+            max_blob_bytes=settings.max_blob_bytes,
+            concurrency=settings.blob_check_concurrency,
+            registry=metrics.registry,
+        )
         self.outcomes = Counter(
             "stipple_validator_outcomes_total",
             "Tasks decided, by outcome and reason",
@@ -113,7 +139,8 @@ class Validator:
             self.verdicts.labels(verdict)
         self.slashes = Counter(
             "stipple_validator_slashes_total",
-            "Per-node verdicts that cost the node its stake (mismatch, bad_commitment); the chain-indexer slashes",
+            "Per-node verdicts that cost the node its stake (mismatch, bad_commitment, bad_result); the chain-indexer "
+            "slashes",
             ["verdict"],
             registry=metrics.registry,
         )
@@ -192,8 +219,15 @@ class Validator:
             self.tasks.move_to_end(task_id)
             return cached.task
         event = decode_task_event(msg.subject, msg.data)
+        sender = getattr(event, "node_id", "")
         if cached is None and not isinstance(event, TaskSubmitted):
-            return await self.verified(task_id)
+            if sender and not await self._exists(task_id):  # junk: no read of the stream for it
+                await self._strike(sender, "unknown_task", f"an event for task {task_id!r}, which does not exist")
+                return None
+            task = await self.verified(task_id)
+            if sender and task is not None and sender not in task.nodes:
+                await self._strike(sender, "not_assigned", f"an event for task {task_id}, not assigned to it")
+            return task
         try:
             task = apply(cached.task if cached else None, event)
         except InvalidTransition as why:
@@ -201,8 +235,25 @@ class Validator:
             if cached is None:
                 return None
             task = cached.task
+            if sender and sender not in task.nodes:
+                await self._strike(sender, "not_assigned", why.message)
         self._remember(task_id, task, seq)
         return task
+
+    async def _exists(self, task_id: str) -> bool:
+        try:
+            await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, "submitted"))
+        except NotFoundError:
+            return False
+        return True
+
+    async def _strike(self, node_id: str, reason: str, detail: str) -> None:
+        if self.sentinel is not None:
+            await self.sentinel.strike(node_id, reason, detail)
+
+    async def on_rejected(self, exc: Rejected, msg: Msg) -> None:
+        """A message the subject check refused (bus.consume): a strike against its sender."""
+        await self._strike(exc.sender, exc.reason, exc.message)
 
     async def verified(self, task_id: str) -> Task | None:
         """The task folded from the stream itself: before a decision, and to rebuild."""
@@ -235,8 +286,11 @@ class Validator:
         if task is None or task.finished:
             return None
         addresses = {node: node for node in task.nodes}  # a node's id is its address (identity.py)
+        results = candidates(task, addresses)
+        with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
+            checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
-            outcome = decide(task, self.settings.phash_threshold, addresses)
+            outcome = decide(task, self.settings.phash_threshold, addresses, checked)
             kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
             span.set_attributes({"stipple.outcome": kind, "stipple.reason": outcome.reason})
             subject = subjects.task_subject(task.task_id, kind)
@@ -251,6 +305,8 @@ class Validator:
         if task.reveal_deadline is not None:
             opened = task.reveal_deadline - self.settings.reveal_timeout_s
             self.validation_seconds.observe(max(0.0, now - opened))
+        for node_id, why in outcome.verdict_details.items():
+            log.warning("result_rejected", node_id=node_id, verdict=outcome.verdicts[node_id], why=why)
         log.info("task_decided", outcome=kind, reason=outcome.reason, verdicts=outcome.verdicts)
         return None
 
@@ -304,7 +360,7 @@ def consumer_config() -> ConsumerConfig:
 
 async def run(settings: ValidatorSettings) -> None:
     setup_logging("validator", level=settings.log_level, fmt=settings.log_format)
-    async with open_service("validator", settings) as ctx:
+    async with open_service("validator", settings, blobs=True) as ctx:
         await serve(ctx, settings)
 
 
@@ -317,11 +373,23 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     windows = QosWindows(qos)
     prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
     await prober.rebuild()
-    validator = Validator(ctx.js, directory, windows, prober, settings, ctx.metrics)
+    assert ctx.blobs is not None, "the validator reads the stored images: open_service(..., blobs=True)"
+    bans = await ctx.js.create_key_value(
+        KeyValueConfig(bucket=subjects.BANS_BUCKET, history=1, replicas=settings.stream_replicas)
+    )
+    sentinel = Sentinel(
+        ctx.js,
+        bans,
+        ctx.metrics,
+        strikes=settings.sentinel_strikes,
+        window_s=settings.sentinel_window_s,
+        ban_s=settings.ban_s,
+    )
+    validator = Validator(ctx.js, directory, windows, prober, settings, ctx.metrics, ctx.blobs, sentinel)
     log.info("validator_started", threshold=settings.phash_threshold)
     probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
     try:
-        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle)
+        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle, on_rejected=validator.on_rejected)
     finally:
         ctx.stop.set()
         await probing
