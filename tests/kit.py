@@ -1,9 +1,10 @@
 """A Stipple network inside the test process, made of the real services.
 
 Each service runs its real `serve` as an asyncio task on its own NATS connection (its own
-user on a secured server); nodes join through the real join protocol (`join_network`:
-the server's nonce signed with the node's key, the gatekeeper's callout, staking through
-the chain relay when the chain runs). A test picks the parts it needs:
+user on a secured server); nodes join through the real join protocol (`keep_joined`,
+as the node agent runs: the server's nonce signed with the node's key, the gatekeeper's
+callout, staking through the chain relay when the chain runs, joining again when the
+network closes the connection). A test picks the parts it needs:
 
     async with Network.secured(tmp_path) as net:          # authentication on, like production
         await net.gatekeeper(min_stake=MIN_STAKE)
@@ -33,7 +34,7 @@ from stipple_dispatcher.service import serve as serve_dispatcher
 from stipple_gatekeeper.service import GatekeeperSettings
 from stipple_gatekeeper.service import serve as serve_gatekeeper
 from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeAgent, NodeSettings, join_network
+from stipple_node.service import NodeAgent, NodeSettings, keep_joined, make_agent
 from stipple_node.service import serve as serve_node
 from stipple_validator.service import ValidatorSettings
 from stipple_validator.service import serve as serve_validator
@@ -44,13 +45,16 @@ class NodeHandle:
     name: str
     node_id: str
     key: str
-    agent: asyncio.Task[None]
-    ctx: ServiceContext  # its stop Event is its own: stopping one node stops only it
+    stopping: asyncio.Event  # the node's own: stopping one node stops only it
+    agent: asyncio.Task[None] | None = None
+    ctx: ServiceContext | None = None  # its current connection (a new one after it joined again)
+    joins: int = 0
 
     async def stop(self) -> None:
         """Stop this node as SIGTERM would (it says goodbye), and wait for it."""
-        self.ctx.stop.set()
-        await asyncio.wait_for(asyncio.gather(self.agent, return_exceptions=True), 30)
+        self.stopping.set()
+        if self.agent is not None:
+            await asyncio.wait_for(asyncio.gather(self.agent, return_exceptions=True), 30)
 
 
 @dataclass
@@ -84,7 +88,7 @@ class Network:
     async def __aexit__(self, *exc: object) -> None:
         self.stop.set()
         for handle in self.nodes.values():
-            handle.ctx.stop.set()
+            handle.stopping.set()
         try:
             await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 30)
         finally:
@@ -172,11 +176,27 @@ class Network:
         key = key or key_for(name)
         account = Account.from_key(key)
         settings = NodeSettings(**{"nats_url": self.url, "heartbeat_s": 0.5, **overrides})
-        stop = asyncio.Event()  # the node's own: a node's shutdown sets it (serve's finally)
-        ctx = await self.stack.enter_async_context(join_network(settings, account, stop=stop))
-        agent = asyncio.create_task(serve_node(ctx, settings, runner, key=key, agent_type=agent_type))
-        self.tasks.append(agent)
-        handle = NodeHandle(name, node_id_of(account.address), key, agent, ctx)
+        handle = NodeHandle(name, node_id_of(account.address), key, asyncio.Event())
+        joined = asyncio.Event()
+        agent: NodeAgent | None = None  # one across connections, as the node agent's `run` keeps it
+
+        async def work(ctx: ServiceContext) -> None:
+            nonlocal agent
+            handle.ctx = ctx
+            handle.joins += 1
+            joined.set()
+            agent = agent or make_agent(ctx, settings, runner, key=key, agent_type=agent_type)
+            await serve_node(ctx, settings, runner, key=key, agent=agent)
+
+        # as the node agent's `run` does: join, serve, and join again if the network closes the connection
+        handle.agent = asyncio.create_task(keep_joined(settings, account, work, stop=handle.stopping))
+        self.tasks.append(handle.agent)
+        waiting = asyncio.create_task(joined.wait())
+        await asyncio.wait({waiting, handle.agent}, return_when=asyncio.FIRST_COMPLETED)
+        if not joined.is_set():
+            waiting.cancel()
+            await handle.agent  # raises why it could not join (NotAdmitted, ...)
+            raise RuntimeError(f"node {name} stopped before it joined")
         self.nodes[name] = handle
         return handle
 

@@ -26,6 +26,7 @@ SERVICE_PREFIXES = {
     "dispatcher": "stipple_dispatcher_",
     "validator": "stipple_validator_",
     "chain-indexer": "stipple_chain_indexer_",
+    "gatekeeper": "stipple_gatekeeper_",
     "node-agent": "stipple_node_",
 }
 
@@ -262,7 +263,7 @@ def test_docs_list_exactly_the_exported_metrics(families):
     assert documented, "docs/metrics.md has no metric table rows"
     # the consumer loop's metrics (every service has them) are documented once as stipple_<service>_...
     common = {"messages_total", "handle_seconds", "consumer_pending_messages", "consumer_ack_pending_messages"}
-    common |= {"consumer_redelivered_messages", "consumer_info_errors_total"}
+    common |= {"consumer_redelivered_messages", "consumer_info_errors_total", "rejected_messages_total"}
     exported = set()
     for family in families:
         series = family.name + ("_total" if family.type == "counter" else "")

@@ -1,7 +1,9 @@
-"""End to end: the real services as processes (gateway, dispatcher, validator, three node
-agents on the built-in tiny model) on a real nats-server, driven over HTTP as an app would.
+"""End to end: the real services as processes (gateway, dispatcher, validator, gatekeeper,
+chain-indexer, three node agents on the built-in tiny model) on a real nats-server with
+authentication on, as `stipple up` runs them, driven over HTTP as an app would.
 """
 
+import asyncio
 import base64
 import io
 import re
@@ -47,13 +49,43 @@ def wait_finished(http, task_id, timeout=120.0):
     raise AssertionError(f"task {task_id} did not finish: {view}")
 
 
-def test_health_sees_three_live_nodes(http):
+def test_health_sees_three_live_nodes(http, network):
     body = http.get("/healthz").json()
     assert body == {"status": "ok", "nats": True, "live_nodes": 3}
     nodes = http.get("/v1/nodes").json()["nodes"]
-    assert sorted(n["node_id"] for n in nodes) == ["node-1", "node-2", "node-3"]
+    assert sorted(n["node_id"] for n in nodes) == sorted(network.node_ids().values())  # their keys' addresses
     assert all(n["models"] == ["tiny-sd"] for n in nodes)
     assert all(n["stake"] == MIN_STAKE for n in nodes)  # each staked the minimum with its own key
+
+
+async def test_stipple_up_is_secure_by_default(network):
+    """No anonymous client gets in; a key without stake is an applicant that reaches nothing."""
+    import nats
+    import nats.errors
+    from eth_account import Account
+
+    from stipple_common.service import nats_identity
+
+    for options in ({}, {"user": "gateway", "password": "guess"}, {"token": "0x" + "ab" * 20}):
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(network.nats_url, allow_reconnect=False, connect_timeout=3, **options)
+    refused: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    stranger = await nats.connect(
+        network.nats_url, **nats_identity(Account.create()), error_cb=on_error, max_reconnect_attempts=0
+    )
+    try:
+        await stranger.subscribe("tasks.>")
+        await stranger.subscribe("nodes.>")
+        await stranger.publish("tasks.t.submitted", b"{}")
+        await stranger.flush(timeout=3)
+        await asyncio.sleep(0.3)
+    finally:
+        await stranger.close()
+    assert len([e for e in refused if "permissions violation" in e]) == 3, refused
 
 
 def test_sdcn_txt2img_returns_base64_pngs_from_three_agreeing_nodes(http):
@@ -143,12 +175,13 @@ def test_malformed_requests_get_4xx_naming_the_field(http):
 
 def test_every_service_serves_prometheus_metrics(http, network):
     urls = network.metrics_urls()
-    assert len(urls) == 7
+    assert len(urls) == 8
     expected = {
         "gateway": "stipple_gateway_tasks_submitted_total",
         "dispatcher": "stipple_dispatcher_tasks_total",
         "validator": "stipple_validator_outcomes_total",
         "chain-indexer": "stipple_chain_indexer_transactions_total",
+        "gatekeeper": "stipple_gatekeeper_admissions_total",
     }
     catalog = metric_catalog()  # what docs/metrics.md, the dashboards and the alerts are checked against
     for name, url in urls.items():
@@ -239,7 +272,10 @@ async def test_a_paid_task_is_escrowed_and_settled_on_chain_to_its_three_nodes(h
     view = wait_finished(http, task_id)
     assert view["status"] == "succeeded"
     key = "0x" + task_key(task_id).hex()
-    (settled,) = await chain_events(network.nats_url, "chain.TaskPayment.Settled", lambda e: e.args["taskId"] == key)
+    settled_events = await chain_events(
+        network.admin_url("chain-indexer"), "chain.TaskPayment.Settled", lambda e: e.args["taskId"] == key
+    )
+    (settled,) = settled_events
     addresses = {n["node_id"]: n["address"] for n in http.get("/v1/nodes").json()["nodes"]}
     assert sorted(settled.args["nodes"]) == sorted(addresses.values())
     assert sum(settled.args["amounts"]) == 3_000

@@ -17,7 +17,7 @@ import pytest
 
 from stipple_cli.network import LocalNetwork
 from stipple_common import bus, subjects
-from stipple_common.messages import TaskAborted, TaskCancelled, TaskSucceeded, task_event_decoder
+from stipple_common.messages import TaskAborted, TaskCancelled, TaskSucceeded, decode_task_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,9 +64,8 @@ async def outcomes(nats_url: str, task_ids: list[str], timeout: float = 150.0) -
         while True:
             found = {}
             for task_id in task_ids:
-                events = await bus.read_subject(
-                    js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
-                )
+                msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+                events = [decode_task_event(m.subject, m.data) for m in msgs]
                 found[task_id] = [e for e in events if isinstance(e, (TaskSucceeded, TaskAborted, TaskCancelled))]
             if all(found.values()) or time.monotonic() > deadline:
                 return found
@@ -104,23 +103,24 @@ async def test_a_control_service_killed_mid_batch_loses_nothing(network: LocalNe
     network.kill(victim)
     await asyncio.sleep(2.0)
     network.restart(victim)
-    found = await outcomes(network.nats_url, task_ids)
-    check_all_succeeded_once(found, honest={"node-1", "node-2", "node-3"})
+    found = await outcomes(network.admin_url(), task_ids)
+    check_all_succeeded_once(found, honest=set(network.node_ids().values()))
 
 
 async def test_a_node_killed_mid_task_is_timed_out_and_the_tasks_still_end(network: LocalNetwork) -> None:
     wait_live(network, 3)
     task_ids = submit_batch(network, steps=20)
-    victim_task = await computing(network.nats_url, task_ids, "node-2")
+    ids = network.node_ids()
+    victim_task = await computing(network.admin_url(), task_ids, ids["node-2"])
     network.kill("node-2")
     # the task goes on without it: at the commit deadline the two others decide it
-    first = await outcomes(network.nats_url, [victim_task], timeout=60)
+    first = await outcomes(network.admin_url(), [victim_task], timeout=60)
     assert first[victim_task], "the task of the killed node never ended"
     network.restart("node-2")  # back with a new process; the queued tasks need it
-    found = await outcomes(network.nats_url, task_ids, timeout=240)
-    check_all_succeeded_once(found, honest={"node-1", "node-2", "node-3"})
-    assert found[victim_task][0].verdicts == {"node-1": "agree", "node-2": "timeout", "node-3": "agree"}
-    assert found[victim_task][0].qos["node-2"] == 0
+    found = await outcomes(network.admin_url(), task_ids, timeout=240)
+    check_all_succeeded_once(found, honest=set(ids.values()))
+    assert found[victim_task][0].verdicts == {ids["node-1"]: "agree", ids["node-2"]: "timeout", ids["node-3"]: "agree"}
+    assert found[victim_task][0].qos[ids["node-2"]] == 0
 
 
 async def computing(nats_url: str, task_ids: list[str], node: str, timeout: float = 60.0) -> str:
@@ -131,9 +131,8 @@ async def computing(nats_url: str, task_ids: list[str], node: str, timeout: floa
     try:
         while time.monotonic() < deadline:
             for task_id in task_ids:
-                events = await bus.read_subject(
-                    js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
-                )
+                msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+                events = [decode_task_event(m.subject, m.data) for m in msgs]
                 mine = {type(e).__name__ for e in events if getattr(e, "node_id", None) == node}
                 if mine == {"TaskStarted"}:
                     return task_id

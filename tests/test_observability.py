@@ -121,12 +121,13 @@ class Ran:
     status: str
     logs: dict[str, list[dict[str, object]]]  # service name -> its JSON log lines
     receiver: Receiver
+    node_ids: dict[str, str]  # node-1 ... -> its node id (its key's address)
 
 
 async def _submit_and_wait(net: LocalNetwork, task_id: str, key: str) -> str:
     """POST one native task and wait for its outcome on NATS (no status polling: every
     request to the gateway would be a trace of its own)."""
-    nc = await nats.connect(net.nats_url)
+    nc = await nats.connect(net.admin_url("gateway"))
     done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def on_outcome(msg: object) -> None:
@@ -161,6 +162,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
     task_id = new_task_id(key)
     net.start(timeout=240)
     try:
+        node_ids = net.node_ids()
         status = asyncio.run(_submit_and_wait(net, task_id, key))
         time.sleep(1.5)  # the outcome's own handlers (QoS updates, slot releases) finish
         assert not collected.spans, "exported before shutdown: the flush is not what is tested"
@@ -170,7 +172,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
     for path in sorted(Path(data, "logs").glob("*.log")):
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
         logs[path.stem] = [json.loads(line) for line in lines]
-    return Ran(task_id, status, logs, collected)
+    return Ran(task_id, status, logs, collected, node_ids)
 
 
 def test_the_task_succeeded_and_spans_were_exported(ran: Ran) -> None:
@@ -204,13 +206,15 @@ def test_one_task_is_one_trace_through_every_service(ran: Ran) -> None:
         by_name.setdefault(s.name, []).append(s)
     for name in ("handle WORK task", "node.generate", "node.upload", "node.commit", "node.reveal"):
         nodes = sorted(str(s.attributes.get("stipple.node_id")) for s in by_name.get(name, []))
-        assert nodes == list(NODES), f"{name}: {nodes}"
+        assert nodes == sorted(ran.node_ids.values()), f"{name}: {nodes}"
     assert len(by_name["node.load_model"]) == len(NODES)
     assert len(by_name["node.denoise"]) == 2 * len(NODES)  # two images each
     assert len(by_name["node.encode"]) == len(NODES)
     for name in ("dispatch.assign", "validator.open_reveal", "validator.decide"):
         assert len(by_name.get(name, [])) == 1, name
-    assert sorted(str(s.attributes["stipple.node_id"]) for s in by_name["validator.qos"]) == list(NODES)
+    assert sorted(str(s.attributes["stipple.node_id"]) for s in by_name["validator.qos"]) == sorted(
+        ran.node_ids.values()
+    )
     services_of = {name: {s.service for s in group} for name, group in by_name.items()}
     assert {"stipple-dispatcher", "stipple-validator"} <= services_of["handle TASKS submitted"]
     assert "stipple-validator" in services_of["handle TASKS revealed"]
@@ -239,7 +243,7 @@ def test_every_log_line_about_the_task_carries_its_trace_id(ran: Ran) -> None:
         for line in about[service]:
             assert line.get("trace_id") == trace_id, f"{service}: {line}"
             if service.startswith("node-"):
-                assert line.get("node_id") == service, f"{service}: {line}"
+                assert line.get("node_id") == ran.node_ids[service], f"{service}: {line}"
     for service in ("gateway", "dispatcher", "validator", *NODES):
         assert about.get(service), f"{service} wrote no line about the task (files: {sorted(ran.logs)})"
     events = {service: {str(line.get("event")) for line in lines} for service, lines in about.items()}

@@ -15,6 +15,7 @@ from stipple_chain_indexer.service import IndexerSettings
 from stipple_chain_indexer.service import serve as serve_indexer
 from stipple_common import bus, subjects
 from stipple_common.blobstore import open_blob_store
+from stipple_common.identity import dev_node_id
 from stipple_common.messages import NodeJoined
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
@@ -44,9 +45,10 @@ async def gateway(fresh_nats_url):
                 await asyncio.sleep(0.1)
         blobs = await open_blob_store(backend="jetstream", js=js, bucket="payment-test")
         gw = Gateway(nc, js, blobs, NodeDirectory(ttl_s=60), GatewaySettings(), Metrics("gateway"))
-        for node in "abc":
+        for name in "abc":  # three nodes (of three operators: each staked for itself)
+            node = dev_node_id(name)
             joined = NodeJoined(
-                node_id=node, operator=node, device="cpu", memory_bytes=1, models=["tiny-sd"], version="0", started_at=0
+                node_id=node, device="cpu", memory_bytes=1, models=["tiny-sd"], version="0", started_at=0, address=node
             )
             gw.directory.apply(joined, seen_at=time.time())
         await gw.start()

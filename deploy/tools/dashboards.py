@@ -457,6 +457,36 @@ def nodes() -> dict:
                 ],
             ),
             (
+                "Joining and trust",
+                [
+                    ts(
+                        "Connections admitted / s (gatekeeper)",
+                        (rate("stipple_gatekeeper_admissions_total", "level, reason"), "{{level}} {{reason}}"),
+                        (rate("stipple_gatekeeper_refusals_total", "reason"), "refused: {{reason}}"),
+                        unit="ops",
+                        stack=True,
+                    ),
+                    ts(
+                        "Refused messages / s (the sentinel's strikes)",
+                        (rate("stipple_validator_strikes_total", "reason"), "{{reason}}"),
+                        unit="ops",
+                        stack=True,
+                    ),
+                    ts(
+                        "Bans and closed connections (1 h)",
+                        ("sum by (reason) (increase(stipple_validator_bans_total[1h]))", "banned: {{reason}}"),
+                        ("sum by (reason) (increase(stipple_gatekeeper_kicks_total[1h]))", "closed: {{reason}}"),
+                        unit="none",
+                    ),
+                    ts(
+                        "Uploads / s through the blob intake",
+                        (rate("stipple_gatekeeper_uploads_total", "outcome"), "{{outcome}}"),
+                        unit="ops",
+                        stack=True,
+                    ),
+                ],
+            ),
+            (
                 "Work",
                 [
                     ts(

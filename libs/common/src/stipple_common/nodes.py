@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -143,7 +144,12 @@ class NodeDirectory:
 
         return asyncio.create_task(fold())
 
-    async def follow(self, js: JetStreamContext, catch_up_s: float = 10.0) -> object:
+    async def follow(
+        self,
+        js: JetStreamContext,
+        catch_up_s: float = 10.0,
+        on_rejected: Callable[[Rejected], Awaitable[None]] | None = None,
+    ) -> object:
         """Subscribe to the NODES stream from its start (last message per subject) and
         wait (up to `catch_up_s`) until the backlog is folded; returns the subscription.
         Later messages are folded as they arrive."""
@@ -153,6 +159,8 @@ class NodeDirectory:
                 event = decode_node_event(msg.subject, msg.data)
             except Rejected as exc:
                 log.warning("node_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
+                if on_rejected is not None:
+                    await on_rejected(exc)
             else:
                 self.apply(event, msg.metadata.timestamp.timestamp())
             if msg.metadata.num_pending == 0:

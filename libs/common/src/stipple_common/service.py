@@ -117,6 +117,7 @@ async def open_service(
     blobs: bool = False,
     stop: asyncio.Event | None = None,
     identity: LocalAccount | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[ServiceContext]:
     """Open what a service needs. With `stop` given, the caller owns shutdown (tests run
     services as tasks in one process); otherwise SIGTERM/SIGINT set a new stop Event, and
@@ -130,7 +131,7 @@ async def open_service(
             install_stop_signals(stop)
         tracer = tracing.setup_tracing(name, settings.otlp_endpoint)
         stack.callback(tracing.flush)  # last: after NATS drained, the spans of its final handlers go out too
-        metrics = Metrics(name)
+        metrics = metrics or Metrics(name)  # given: one that outlives this connection (a node joining again)
         ready = Health()
         ready.watch(stop=stop)
         port = 0

@@ -26,7 +26,7 @@ import platform
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -69,7 +69,7 @@ from stipple_common.messages import (
     join_status_decoder,
 )
 from stipple_common.metrics import Metrics
-from stipple_common.service import ServiceContext, open_service
+from stipple_common.service import ServiceContext, freeze_startup_heap, install_stop_signals, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import canonical
 
@@ -240,6 +240,12 @@ class NodeAgent:
             if isinstance(getattr(part, "metrics", None), RunnerMetrics | StoreMetrics):
                 metrics.register(part.metrics.collectors())  # type: ignore[union-attr]
         metrics.register([GpuCollector(settings.device)])
+
+    def rebind(self, nc: NATS, js: JetStreamContext) -> None:
+        """Go on on a new connection (the node joined again): what it committed is kept."""
+        self.nc, self.js = nc, js
+        if isinstance(self.blobs, IntakeClient):
+            self.blobs = IntakeClient(nc, self.node_id)
 
     def announcement(self) -> NodeJoined:
         device, memory = device_description(self.settings.device)
@@ -532,14 +538,76 @@ async def run(settings: NodeSettings) -> None:
         for name in runner.model_names:
             runner.load(name)  # load before announcing: a live node is a ready node
         log.info("node_identity", node_id=node_id)
-        async with join_network(settings, account) as ctx:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        freeze_startup_heap()
+
+        agent: NodeAgent | None = None  # one across connections: its committed results wait for their reveals
+
+        async def work(ctx: ServiceContext) -> None:
+            nonlocal agent
             downloads.attach(ctx, asyncio.get_running_loop(), node_id)
-            await serve(ctx, settings, runner, store, key)
+            agent = agent or make_agent(ctx, settings, runner, store, key)
+            await serve(ctx, settings, runner, store, key, agent=agent)
+
+        await keep_joined(settings, account, work, stop=stop)
+
+
+async def keep_joined(
+    settings: NodeSettings,
+    account: LocalAccount,
+    work: Callable[[ServiceContext], Awaitable[None]],
+    *,
+    stop: asyncio.Event,
+    rejoin_pause_s: float = 1.0,
+    metrics: Metrics | None = None,
+) -> None:
+    """Join the network and run `work` until `stop` is set. When the network closes the
+    connection for good, join again (the client reconnects by itself after a disconnect,
+    but not after the server closed it for an expired identity: see the gatekeeper's
+    STIPPLE_NODE_IDENTITY_TTL_S). `work` gets each new connection; the metrics (one
+    registry for every connection) and whatever `work` keeps outlive it."""
+    metrics = metrics or Metrics("node-agent")
+    while not stop.is_set():
+        session = asyncio.Event()  # this connection's: set by `stop`, or when the connection is gone
+        watchers: list[asyncio.Task[None]] = [asyncio.create_task(_set_when_set(stop, session))]
+        try:
+            async with join_network(settings, account, stop=session, metrics=metrics) as ctx:
+                watchers.append(asyncio.create_task(_set_when_closed(ctx.nc, session)))
+                await work(ctx)
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
+            log.warning("node_connection_lost", error=repr(exc))
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+        if not stop.is_set():
+            log.warning("node_rejoining", node_id=node_id_of(account.address), reason="the connection was closed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rejoin_pause_s)
+
+
+async def _set_when_set(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+async def _set_when_closed(nc: NATS, target: asyncio.Event, every_s: float = 1.0) -> None:
+    while not nc.is_closed:  # nats-py has no event for it outside its own callbacks
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(target.wait(), every_s)
+        if target.is_set():
+            return
+    target.set()
 
 
 @contextlib.asynccontextmanager
 async def join_network(
-    settings: NodeSettings, account: LocalAccount, *, stop: asyncio.Event | None = None, name: str = "node-agent"
+    settings: NodeSettings,
+    account: LocalAccount,
+    *,
+    stop: asyncio.Event | None = None,
+    name: str = "node-agent",
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[ServiceContext]:
     """Connect as the node of `account` and make sure the network admits it as a node:
     asks the gatekeeper (``rpc.join.<id>``) how it was admitted; an applicant without
@@ -550,7 +618,7 @@ async def join_network(
     node_id = node_id_of(account.address)
     staked = False
     while True:  # at most twice: as an applicant that stakes, then as a node
-        async with open_service(name, settings, identity=account, stop=stop) as ctx:
+        async with open_service(name, settings, identity=account, stop=stop, metrics=metrics) as ctx:
             status = await join_status(ctx.nc, node_id)
             if status is None or status.level == "node":
                 if settings.chain and not staked:  # tops the stake up to STIPPLE_STAKE if asked
@@ -629,7 +697,7 @@ class DownloadReporter:
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(ctx.nc.publish(subject, encode(message))))
 
 
-async def serve(
+def make_agent(
     ctx: ServiceContext,
     settings: NodeSettings,
     runner: PipelineRunner,
@@ -637,11 +705,9 @@ async def serve(
     key: str | None = None,
     agent_type: type[NodeAgent] | None = None,
     uploads: Uploads | None = None,
-) -> None:
-    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one),
-    and its address is the node's id. `agent_type` lets tests run a NodeAgent subclass
-    with one behaviour changed; `uploads` replaces the blob intake (tests of a node alone)."""
-    agent = (agent_type or NodeAgent)(
+) -> NodeAgent:
+    """The node (of `agent_type`, a NodeAgent subclass in tests) on `ctx`'s connection."""
+    return (agent_type or NodeAgent)(
         nc=ctx.nc,
         js=ctx.js,
         runner=runner,
@@ -651,6 +717,27 @@ async def serve(
         key=key,
         uploads=uploads,
     )
+
+
+async def serve(
+    ctx: ServiceContext,
+    settings: NodeSettings,
+    runner: PipelineRunner,
+    store: ModelStore | None = None,
+    key: str | None = None,
+    agent_type: type[NodeAgent] | None = None,
+    uploads: Uploads | None = None,
+    agent: NodeAgent | None = None,
+) -> NodeAgent:
+    """Run a node until `ctx.stop`; `key` is its Ethereum private key (None: a new one),
+    and its address is the node's id. `agent_type` lets tests run a NodeAgent subclass
+    with one behaviour changed; `uploads` replaces the blob intake (tests of a node alone).
+    `agent`: the node of an earlier connection, whose commitments still wait for their
+    reveals, on this connection now. Returns the agent."""
+    if agent is None:
+        agent = make_agent(ctx, settings, runner, store, key, agent_type, uploads)
+    elif agent.nc is not ctx.nc:
+        agent.rebind(ctx.nc, ctx.js)
     node_id = agent.node_id
     check_node_id(settings, agent.account.address)
     joined = agent.announcement()
@@ -678,3 +765,4 @@ async def serve(
             log.info("node_quit", node_id=node_id)
         except Exception as exc:  # the TTL retires the node anyway
             log.warning("node_quit_not_announced", node_id=node_id, error=str(exc))
+    return agent

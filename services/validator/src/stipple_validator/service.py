@@ -365,15 +365,6 @@ async def run(settings: ValidatorSettings) -> None:
 
 
 async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
-    directory = NodeDirectory(ttl_s=settings.node_ttl_s)
-    sub = await directory.follow(ctx.js)
-    qos = await ctx.js.create_key_value(
-        KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
-    )
-    windows = QosWindows(qos)
-    prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
-    await prober.rebuild()
-    assert ctx.blobs is not None, "the validator reads the stored images: open_service(..., blobs=True)"
     bans = await ctx.js.create_key_value(
         KeyValueConfig(bucket=subjects.BANS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
@@ -385,6 +376,20 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
         window_s=settings.sentinel_window_s,
         ban_s=settings.ban_s,
     )
+
+    async def node_event_rejected(exc: Rejected) -> None:  # what a node said of itself, not believed
+        ctx.metrics.rejected.labels(subjects.NODES_STREAM, exc.reason).inc()
+        await sentinel.strike(exc.sender, exc.reason, exc.message)
+
+    directory = NodeDirectory(ttl_s=settings.node_ttl_s)
+    sub = await directory.follow(ctx.js, on_rejected=node_event_rejected)
+    qos = await ctx.js.create_key_value(
+        KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
+    )
+    windows = QosWindows(qos)
+    prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
+    await prober.rebuild()
+    assert ctx.blobs is not None, "the validator reads the stored images: open_service(..., blobs=True)"
     validator = Validator(ctx.js, directory, windows, prober, settings, ctx.metrics, ctx.blobs, sentinel)
     log.info("validator_started", threshold=settings.phash_threshold)
     probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
