@@ -78,7 +78,7 @@ async def main(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.5)
                 service_url = credentials.service_url(server.url, "dispatcher")
 
-                async def node_connect(account) -> float:  # noqa: ANN001
+                async def node_connect(account) -> float:
                     started = time.perf_counter()
                     nc = await nats.connect(server.url, **nats_identity(account), max_reconnect_attempts=0)
                     elapsed = time.perf_counter() - started
@@ -127,8 +127,10 @@ async def main(args: argparse.Namespace) -> None:
                 await task
         finally:
             server.stop()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}"
+    )
     print("| measured | ours p50 / p99 | baseline p50 / p99 | ratio p50 / p99 |")
     print("|---|---|---|---|")
     print(row(f"connect ({args.connects}, sequential): node key via callout vs service password", ours, base))
