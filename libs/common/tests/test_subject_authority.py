@@ -166,3 +166,17 @@ def test_progress_is_believed_only_on_the_nodes_own_subject():
     for subject in (subjects.progress_subject("t", B), subjects.progress_subject("u", A), "progress.t"):
         with pytest.raises(Rejected):
             decode_progress(subject, encode(progress))
+
+
+def test_what_a_node_says_of_itself_is_bounded():
+    """Each model name becomes a column of the dispatcher's index: an announcement with
+    too many, or too long, names does not decode (a rejection, and a strike)."""
+    many = msgspec.structs.replace(JOINED, models=[f"m{i}" for i in range(257)])
+    long = msgspec.structs.replace(JOINED, models_on_disk=["x" * 2001])
+    for event in (many, long):
+        with pytest.raises(Rejected) as caught:
+            decode_node_event(subjects.node_subject(A, "joined"), encode(event))
+        assert (caught.value.reason, caught.value.sender) == ("undecodable", A)
+    beat = NodeHeartbeat(node_id=A, at=1.0, models_loaded=[f"m{i}" for i in range(257)])
+    with pytest.raises(Rejected):
+        decode_node_event(subjects.node_subject(A, "heartbeat"), encode(beat))

@@ -232,3 +232,19 @@ def test_stakes_come_from_the_chain_only():
     index.set_stake("n2", 0)  # slashed, or leaving
     with pytest.raises(NotEnoughNodes):
         pick(index, req=req)
+
+
+def test_model_names_nobody_has_any_more_leave_the_index():
+    """Every announced model name is a column: names a node made up, or dropped, must not
+    pile up (a node re-announcing with new names each time would grow the index forever)."""
+    index = index_of(node("n0", models=("tiny-sd", "made-up-1")), node("n1", models=("tiny-sd", "shared")))
+    index.join(node("n0", models=("tiny-sd", "made-up-2", "shared")), NOW, __version__)
+    assert "made-up-1" not in index.serves  # nobody has it any more
+    assert {"tiny-sd", "made-up-2", "shared"} <= set(index.serves)
+    index.join(node("n0", models=("tiny-sd",)), NOW, __version__)
+    assert "made-up-2" not in index.serves
+    assert "shared" in index.serves  # n1 still has it
+    assert index.registered_serving("shared") == 1
+    for i in range(100):
+        index.join(node("n0", models=("tiny-sd", f"junk-{i}")), NOW, __version__)
+    assert len(index.serves) == 3  # tiny-sd, shared, and the last junk name

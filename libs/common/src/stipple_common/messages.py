@@ -8,7 +8,7 @@ unknown fields so that an older service can read a newer event.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -211,6 +211,13 @@ ControlMessage = RevealRequest | CancelWork | PrefetchRequest | ProbeRequest
 
 # --------------------------------------------------------------------------- nodes
 
+# What a node may say of itself is bounded (an announcement over these limits does not
+# decode: it is Rejected, and a strike): every model name becomes a column of the
+# dispatcher's index, so an unbounded list would be memory a node could make us spend.
+ModelName = Annotated[str, msgspec.Meta(max_length=2000)]  # as long as a task's model reference may be
+ModelNames = Annotated[list[ModelName], msgspec.Meta(max_length=256)]
+ModelsOnDisk = Annotated[list[ModelName], msgspec.Meta(max_length=2048)]
+
 
 class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_field="type"):
     """A node's announcement of itself. Believed only as far as it can be checked: the
@@ -218,13 +225,13 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     its stake and operator (the stake's owner) come from the chain, never from here."""
 
     node_id: str
-    device: str  # e.g. "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC ..."
+    device: Annotated[str, msgspec.Meta(max_length=256)]  # e.g. "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC ..."
     memory_bytes: int  # VRAM (or RAM for CPU nodes)
-    models: list[str]
-    version: str
+    models: ModelNames
+    version: Annotated[str, msgspec.Meta(max_length=64)]
     started_at: float
-    models_on_disk: list[str] = []  # in the node's model store (the dispatcher prefers nodes that have a model)
-    models_loaded: list[str] = []  # in memory
+    models_on_disk: ModelsOnDisk = []  # in the node's model store (the dispatcher prefers nodes that have a model)
+    models_loaded: ModelNames = []  # in memory
     address: str = ""  # the node's Ethereum address (its id, checksummed): it signs commitments and stakes
 
     def serves(self, model: str) -> bool:
@@ -236,7 +243,7 @@ class NodeHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", 
     node_id: str
     at: float
     busy: bool = False
-    models_loaded: list[str] = []
+    models_loaded: ModelNames = []
 
 
 class NodeQuit(msgspec.Struct, frozen=True, kw_only=True, tag="quit", tag_field="type"):

@@ -135,8 +135,14 @@ class NodeIndex:
 
     def _set_models(self, columns: dict[str, np.ndarray], row: int, models: Iterable[str]) -> None:
         wanted = set(models)
+        emptied = []
         for model, column in columns.items():
+            had = column[row]
             column[row] = model in wanted
+            if had and not column[row] and not column[: self.size].any():
+                emptied.append(model)
+        for model in emptied:  # no node has it any more: names a node made up do not pile up
+            del columns[model]
         for model in wanted - columns.keys():
             self._column(columns, model)[row] = True
 

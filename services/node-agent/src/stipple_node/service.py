@@ -253,11 +253,16 @@ class NodeAgent:
             node_id=self.node_id,
             device=device,
             memory_bytes=memory,
-            models=self.runner.model_names,
+            models=self.runner.model_names[:256],
             version=__version__,
             started_at=self.started_at,
-            models_on_disk=[m.ref for m in self.store.inventory()] if self.store else [],
-            models_loaded=self.runner.loaded(),
+            # within what the network reads (messages.ModelsOnDisk, ModelNames): the most recently used
+            models_on_disk=[
+                m.ref for m in sorted(self.store.inventory(), key=lambda m: m.last_used, reverse=True)[:2048]
+            ]
+            if self.store
+            else [],
+            models_loaded=self.runner.loaded()[:256],
             address=self.account.address,
         )
 
@@ -265,7 +270,7 @@ class NodeAgent:
         """Heartbeat until stopped; a failed beat is logged and the next one tried."""
         while not stop.is_set():
             beat = NodeHeartbeat(
-                node_id=self.node_id, at=time.time(), busy=self.busy, models_loaded=self.runner.loaded()
+                node_id=self.node_id, at=time.time(), busy=self.busy, models_loaded=self.runner.loaded()[:256]
             )
             try:
                 await bus.publish(
