@@ -19,6 +19,8 @@ only takes uploads). Everything stops when the block ends.
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +28,12 @@ from typing import Any
 
 from eth_account import Account
 
+from stipple_common import bus, subjects
 from stipple_common.identity import key_for, node_id_of
+from stipple_common.messages import TaskAborted, TaskSubmitted, TaskSucceeded, decode_task_event
 from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
 from stipple_common.service import ServiceContext, open_service
+from stipple_common.taskspec import parse_task
 from stipple_dispatcher.service import DispatcherSettings
 from stipple_dispatcher.service import serve as serve_dispatcher
 from stipple_gatekeeper.service import GatekeeperSettings
@@ -68,6 +73,7 @@ class Network:
     nodes: dict[str, NodeHandle] = field(default_factory=dict)
     contexts: dict[str, ServiceContext] = field(default_factory=dict)  # service name -> its context (metrics)
     gateway_url: str = ""  # once `gateway()` ran
+    _app: ServiceContext | None = None  # run_task's connection (the gateway's user)
 
     @classmethod
     def plain(cls, url: str) -> Network:
@@ -156,6 +162,46 @@ class Network:
                 writer.close()
                 break
         return settings
+
+    async def run_task(
+        self,
+        *,
+        seed: int = 5,
+        steps: int = 4,
+        size: int = 64,
+        prompt: str = "a red fox in the snow",
+        timeout: float = 60,
+    ) -> TaskSucceeded | TaskAborted:
+        """Submit a tiny-sd task as the gateway would (`submitted` on its subject) and
+        return its outcome, checking that it has exactly one."""
+        if self._app is None:
+            self._app = await self.client("gateway")
+        task_id = uuid.uuid4().hex
+        config = {"image_width": size, "image_height": size, "steps": steps, "seed": seed}
+        spec = parse_task({"base_model": "tiny-sd", "prompt": prompt, "task_config": config})
+        submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
+        await bus.publish(self._app.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
+        return await self.outcome(task_id, timeout)
+
+    async def outcome(self, task_id: str, timeout: float = 60) -> TaskSucceeded | TaskAborted:
+        """The task's outcome once there is one (and then that there is only one)."""
+        if self._app is None:
+            self._app = await self.client("gateway")
+        js = self._app.js
+
+        async def outcomes() -> list[TaskSucceeded | TaskAborted]:
+            msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+            events = [decode_task_event(m.subject, m.data) for m in msgs]
+            return [e for e in events if isinstance(e, TaskSucceeded | TaskAborted)]
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := await outcomes():
+                await asyncio.sleep(0.3)  # a second outcome, if any, would show now
+                assert len(await outcomes()) == 1, f"task {task_id} ended twice"
+                return found[0]
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"task {task_id} never ended")
 
     async def client(self, service: str = "validator") -> ServiceContext:
         """A control-plane connection (a service's user) for the test itself."""

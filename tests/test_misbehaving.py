@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
-import uuid
 from pathlib import Path
 
 import imagehash
@@ -36,11 +34,9 @@ from stipple_common.messages import (
     ResultRevealed,
     TaskAborted,
     TaskCommitted,
-    TaskSubmitted,
     TaskSucceeded,
     task_event_decoder,
 )
-from stipple_common.taskspec import parse_task
 from stipple_node.pipeline import GeneratedImage, PipelineRunner
 from stipple_node.service import NodeAgent
 
@@ -192,35 +188,8 @@ async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeA
             {"phash_threshold": 2, "reveal_timeout_s": 3.0, "deadline_grace_s": 0.1},
             agents,
         )
-        client = await net.client()
         await asyncio.sleep(1.0)  # nodes announce themselves
-        task_id = uuid.uuid4().hex
-        spec = parse_task(
-            {
-                "base_model": "tiny-sd",
-                "prompt": "a red fox in the snow",
-                "task_config": {"image_width": 64, "image_height": 64, "steps": 8, "seed": 5},
-            }
-        )
-        submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
-        await bus.publish(client.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
-        return await wait_for_outcome(client.js, task_id, timeout=60)
-
-
-async def wait_for_outcome(js, task_id: str, timeout: float) -> TaskSucceeded | TaskAborted:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        events = await bus.read_subject(js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
-        outcomes = [e for e in events if isinstance(e, (TaskSucceeded, TaskAborted))]
-        if outcomes:
-            await asyncio.sleep(0.3)  # a second outcome, if any, would show now
-            events = await bus.read_subject(
-                js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder
-            )
-            assert len([e for e in events if isinstance(e, (TaskSucceeded, TaskAborted))]) == 1
-            return outcomes[0]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"task {task_id} never ended")
+        return await net.run_task(seed=5, steps=8, prompt="a red fox in the snow")
 
 
 # ------------------------------------------------------------------ the cases

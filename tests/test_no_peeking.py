@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,7 @@ from typing import Any
 import pytest
 import urllib3
 
-from stipple_common import bus, subjects
-from stipple_common.messages import TaskSubmitted, TaskSucceeded, decode_task_event
-from stipple_common.taskspec import parse_task
+from stipple_common.messages import TaskSucceeded
 
 from .kit import Network, tiny_runner
 
@@ -75,28 +71,6 @@ def s3() -> Iterator[dict[str, str]]:
     moto.stop()
 
 
-async def run_a_task(net: Network) -> TaskSucceeded:
-    app = await net.client("gateway")
-    task_id = uuid.uuid4().hex
-    spec = parse_task(
-        {
-            "base_model": "tiny-sd",
-            "prompt": "a fox",
-            "task_config": {"image_width": 64, "image_height": 64, "steps": 4, "seed": 7},
-        }
-    )
-    event = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
-    await bus.publish(app.js, subjects.task_subject(task_id, "submitted"), event, msg_id=task_id)
-    for _ in range(600):
-        msgs = await bus.read_messages(app.js, subjects.TASKS_STREAM, subjects.task_events(task_id))
-        events = [decode_task_event(m.subject, m.data) for m in msgs]
-        done = next((e for e in events if isinstance(e, TaskSucceeded)), None)
-        if done:
-            return done
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"task {task_id} did not succeed: {events}")
-
-
 async def peek_over_nats(net: Network, node: str, bucket: str) -> dict[str, bool]:
     """Everything a node could try on NATS to see the images, one at a time: whether the
     server refused each (a permissions violation on the node's own connection)."""
@@ -142,7 +116,8 @@ async def test_nodes_cannot_read_or_list_each_others_uploads(tmp_path, runner, s
         for name in NODES:
             await net.node(runner, name)  # no blob settings at all: a node has none
         await asyncio.sleep(1.0)
-        outcome = await run_a_task(net)
+        outcome = await net.run_task(seed=7)
+        assert isinstance(outcome, TaskSucceeded), outcome
         assert set(outcome.verdicts.values()) == {"agree"}
         keys = [image.key for image in outcome.images]
         owner = keys[0].split("/")[2]

@@ -11,21 +11,18 @@ dispatched until the check lifts the pause, and the third task then runs on all 
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 
 import pytest
 from nats.aio.msg import Msg
 
 from stipple_common import bus, subjects
 from stipple_common.identity import dev_node_id
-from stipple_common.messages import NodeQos, TaskAborted, TaskSubmitted, TaskSucceeded, decode_node_event
-from stipple_common.taskspec import parse_task
+from stipple_common.messages import NodeQos, TaskSucceeded, decode_node_event
 from stipple_node.pipeline import PipelineRunner
 from stipple_node.service import NodeAgent
 
 from .kit import Network
-from .test_misbehaving import runner, start_services, wait_for_outcome
+from .test_misbehaving import runner, start_services
 
 __all__ = ["runner"]  # the module-scoped fixture, shared with test_misbehaving
 
@@ -72,24 +69,11 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
         await app.nc.subscribe(subjects.node_subject(suspect, "qos"), cb=on_qos)
         await asyncio.sleep(1.0)  # nodes announce themselves
 
-        async def run_task(seed: int) -> TaskSucceeded | TaskAborted:
-            task_id = uuid.uuid4().hex
-            spec = parse_task(
-                {
-                    "base_model": "tiny-sd",
-                    "prompt": "a lighthouse",
-                    "task_config": {"image_width": 64, "image_height": 64, "steps": 2, "seed": seed},
-                }
-            )
-            submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
-            await bus.publish(app.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
-            return await wait_for_outcome(app.js, task_id, timeout=30)
-
         for seed in (1, 2):
-            outcome = await run_task(seed)
+            outcome = await net.run_task(seed=seed, steps=2, prompt="a lighthouse", timeout=30)
             assert isinstance(outcome, TaskSucceeded), outcome
             assert outcome.verdicts[suspect] == "timeout"
-        third = await run_task(3)
+        third = await net.run_task(seed=3, steps=2, prompt="a lighthouse", timeout=30)
 
     assert isinstance(third, TaskSucceeded), third
     assert third.verdicts == {honest[0]: "agree", suspect: "agree", honest[1]: "agree"}
