@@ -238,3 +238,21 @@ async def test_directory_ignores_and_logs_an_event_its_subject_does_not_allow(nc
         await sub.unsubscribe()
         for node_id in (honest, liar):
             await js.purge_stream(NODES_STREAM, subject=f"nodes.{node_id}.>")
+
+
+async def test_the_work_stream_holds_more_than_a_thousand_consumers(fresh_nats_url):
+    """Two consumers per admitted node: nats-server caps a stream that names no limit at
+    1,000 consumers (500 nodes); WORK names its own."""
+    import nats
+
+    from stipple_common import subjects
+
+    nc = await nats.connect(fresh_nats_url)
+    try:
+        js = nc.jetstream()
+        await bus.ensure_streams(js, subjects.stream_configs())
+        for i in range(1001):
+            await js.add_consumer(subjects.WORK_STREAM, subjects.node_work_consumer(f"0x{i:040x}"))
+        assert (await js.stream_info(subjects.WORK_STREAM)).state.consumer_count == 1001
+    finally:
+        await nc.close()

@@ -67,6 +67,9 @@ NODE_CONTROL_EVENTS = ("qos", "banned")
 MAX_MSGS_PER_TASK_SUBJECT = 4
 MAX_TASK_MESSAGE_BYTES = 1024 * 1024  # a `submitted` event carries the app's input images
 MAX_NODE_MESSAGE_BYTES = 64 * 1024  # an announcement with its model lists
+# Two consumers per admitted node on WORK. nats-server caps a stream that names no limit
+# at 1,000 consumers (500 nodes); this one names its own.
+MAX_WORK_CONSUMERS = 200_000
 
 
 class SubjectError(ValueError):
@@ -234,6 +237,7 @@ def stream_configs(
             max_age=24 * 3600.0,  # work for a node that never came back; deadlines are far shorter
             duplicate_window=120.0,
             num_replicas=replicas,
+            max_consumers=MAX_WORK_CONSUMERS,
         ),
         StreamConfig(
             name=NODES_STREAM,
