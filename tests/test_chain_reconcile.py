@@ -13,131 +13,37 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import nats
 import pytest
 from nats.js.api import KeyValueConfig
 from nats.js.errors import NoKeysError
 
-from stipple_chain_indexer.service import IndexerSettings, serve
 from stipple_cli import reconcile as rc
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
 from stipple_common.identity import node_id_of
 from stipple_common.messages import (
     ChainLog,
-    NodeJoined,
     TaskAborted,
     TaskSubmitted,
     TaskSucceeded,
 )
-from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
+from stipple_testkit.chain import IndexedChain
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 MIN_STAKE = 1_000
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1}})
 
 
-@pytest.fixture(scope="module")
-def anvil_url() -> Iterator[str]:
-    ch.install_node_modules()
-    with ch.Anvil.start() as node:
-        yield node.url
-
-
-class Network:
-    """A fresh deployment on anvil, a nats-server, and the chain-indexer run in-process."""
-
-    def __init__(self, nats_url: str, anvil_url: str) -> None:
-        self.nats_url = nats_url
-        self.anvil_url = anvil_url
-
-    async def setup(self) -> None:
-        def build() -> None:
-            w3 = ch.connect(self.anvil_url)
-            accounts = w3.eth.accounts
-            self.admin = accounts[0]
-            self.nodes = dict(zip("abcd", accounts[2:6], strict=True))
-            self.ids = {name: node_id_of(address) for name, address in self.nodes.items()}
-            self.operator = accounts[6]  # stakes for d later
-            self.deployment = ch.deploy_all(
-                w3,
-                self.admin,
-                min_stake=MIN_STAKE,
-                cooldown_s=60,
-                treasury=accounts[1],
-                validator=self.admin,
-                gateway=self.admin,
-                settler=self.admin,
-            )
-            self.chain = ch.StippleChain(w3, self.deployment)
-            self.chain.mint(self.admin, self.admin, 100_000)
-            self.chain.deposit(self.admin, 100_000)
-            for address in [*self.nodes.values(), self.operator]:
-                self.chain.mint(self.admin, address, MIN_STAKE)
-            for node in "abc":
-                self.chain.stake(self.nodes[node], MIN_STAKE)
-
-        await asyncio.to_thread(build)
-        d = self.deployment
-        self.settings = IndexerSettings(
-            nats_url=self.nats_url,
-            chain_url=self.anvil_url,
-            deployment=f"token={d.token},staking={d.staking},payment={d.payment}",
-            account=self.admin,
-            confirmations=0,
-            poll_s=0.05,
-            settle_wait_s=0.1,
-            max_fee=5_000,  # so that a slash of the minimum stake makes cheating not pay (economics.py)
-        )
-        self.nc = await nats.connect(self.nats_url)
-        self.js = self.nc.jetstream()
-        await bus.ensure_streams(self.js, subjects.stream_configs())
-        for address in self.nodes.values():  # d announces itself but has not staked
-            node = node_id_of(address)
-            joined = NodeJoined(
-                node_id=node,
-                device="cpu",
-                memory_bytes=1,
-                models=["tiny-sd"],
-                version="0",
-                started_at=1.0,
-                address=address,
-            )
-            await bus.publish(self.js, subjects.node_subject(node, "joined"), joined, msg_id=f"{node}:joined")
-
-    async def start(self) -> None:
-        self.stop = asyncio.Event()
-        self.ctx_cm = open_service("chain-indexer", self.settings, stop=self.stop)
-        ctx = await self.ctx_cm.__aenter__()
-        self.task = asyncio.create_task(serve(ctx, self.settings))
-
-    async def halt(self) -> None:
-        self.stop.set()
-        await asyncio.wait_for(self.task, 20)
-        await self.ctx_cm.__aexit__(None, None, None)
-
-    async def on_chain(self, fn: Callable[[ch.StippleChain], T]) -> T:
-        return await asyncio.to_thread(fn, self.chain)
-
-    async def publish(self, event: Any, name: str) -> None:
-        await bus.publish(self.js, subjects.task_subject(event.task_id, name), event, msg_id=f"{event.task_id}:{name}")
-
-    async def until(self, what: str, check: Callable[[], Any], timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not await check():
-            if self.task.done():  # the indexer stopped: its error, not a timeout
-                self.task.result()
-                raise AssertionError(f"{what}: the chain-indexer stopped")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s")
-            await asyncio.sleep(0.05)
+class Network(IndexedChain):
+    """A fresh deployment on anvil (nodes a, b, c staked; d announced only; `operator`
+    to stake for d later), a nats-server, and the chain-indexer run in-process."""
 
     async def indexed(self, stakes: int, settled: int, refunded: int) -> None:
         """Wait until the follower has put `stakes` entries in the bucket and the
@@ -156,9 +62,6 @@ class Network:
             return len(keys) >= stakes and counts == [settled, refunded]
 
         await self.until(f"{stakes} stakes, {settled} settled, {refunded} refunded indexed", done)
-
-    async def state(self, task_id: str) -> ch.TaskState:
-        return (await self.on_chain(lambda c: c.task(task_id))).state
 
     async def reconcile(self, grace_s: float = 0.0) -> rc.Report:
         return await rc.reconcile(self.js, self.chain, grace_s=grace_s)
@@ -186,14 +89,12 @@ class Network:
 
 
 @pytest.fixture
-async def network(fresh_nats_url: str, anvil_url: str) -> AsyncIterator[Network]:
-    net = Network(fresh_nats_url, anvil_url)
+async def network(fresh_nats_url: str, anvil: ch.Anvil) -> AsyncIterator[Network]:
+    net = Network(fresh_nats_url, anvil.url, nodes_named="abcd", staked="abc")
     await net.setup()
     await net.start()
     yield net
-    if not net.task.done():
-        await net.halt()
-    await net.nc.close()
+    await net.close()
 
 
 def submitted(task_id: str, fee: int) -> TaskSubmitted:

@@ -264,6 +264,7 @@ def test_docs_list_exactly_the_exported_metrics(families):
     # the consumer loop's metrics (every service has them) are documented once as stipple_<service>_...
     common = {"messages_total", "handle_seconds", "consumer_pending_messages", "consumer_ack_pending_messages"}
     common |= {"consumer_redelivered_messages", "consumer_info_errors_total", "rejected_messages_total"}
+    common |= {"consumer_restarts_total"}
     exported = set()
     for family in families:
         series = family.name + ("_total" if family.type == "counter" else "")

@@ -296,7 +296,7 @@ def png_data_url(image: Image.Image) -> str:
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory) -> str:
     """A LoRA for the tiny model, on this machine's disk, which every local node can read."""
-    from stipple_node.tinyzoo import make_tiny_lora
+    from stipple_testkit.tinyzoo import make_tiny_lora
 
     return str(make_tiny_lora(tmp_path_factory.mktemp("lora") / "tiny-lora.safetensors", base="sd15"))
 

@@ -42,7 +42,6 @@ from stipple_common.messages import (
     ChainInfoRequest,
     ImageResult,
     NodeErrored,
-    NodeJoined,
     NodeQos,
     NodeQuit,
     Progress,
@@ -63,8 +62,8 @@ from stipple_common.messages import (
 )
 from stipple_node.pipeline import GeneratedImage, PipelineRunner
 from stipple_node.service import NodeAgent, NodeSettings, NotAdmitted, join_network
-
-from .kit import Network, NodeHandle
+from stipple_testkit.network import Network, NodeHandle
+from stipple_testkit.nodes import joined
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -288,17 +287,7 @@ async def test_the_directory_believes_nothing_a_node_says_of_others(net: Network
     ghost = node_id_of("0x" + "42" * 20)
     honest = HONEST[0]
 
-    def joined(node_id: str, address: str) -> NodeJoined:
-        return NodeJoined(
-            node_id=node_id,
-            device="ghost",
-            memory_bytes=1,
-            models=["tiny-sd"],
-            version="0.1.0",
-            started_at=1.0,
-            address=address,
-        )
-
+    as_ghost = joined(ghost, device="ghost", started_at=1.0)
     before = net.metric("dispatcher", "stipple_dispatcher_node_qos", node_id=hostile.node_id)
     banned = net.metric("dispatcher", "stipple_dispatcher_nodes", state="banned")
 
@@ -306,10 +295,11 @@ async def test_the_directory_believes_nothing_a_node_says_of_others(net: Network
         js = nc.jetstream()
         own = hostile.node_id
         # a ghost node, in its own name and on the ghost's subject
-        await bus.publish(js, subjects.node_subject(own, "joined"), joined(ghost, ghost), msg_id=uuid.uuid4().hex)
-        await nc.publish(subjects.node_subject(ghost, "joined"), encode(joined(ghost, ghost)))
+        await bus.publish(js, subjects.node_subject(own, "joined"), as_ghost, msg_id=uuid.uuid4().hex)
+        await nc.publish(subjects.node_subject(ghost, "joined"), encode(as_ghost))
         # another node's address under its own id (the victim's signatures would fail)
-        await bus.publish(js, subjects.node_subject(own, "joined"), joined(own, honest), msg_id=uuid.uuid4().hex)
+        with_honest_address = joined(own, address=honest, device="ghost", started_at=1.0)
+        await bus.publish(js, subjects.node_subject(own, "joined"), with_honest_address, msg_id=uuid.uuid4().hex)
         # QoS 10 for itself, a lifted pause, another node quitting
         top = NodeQos(node_id=own, qos=10.0, samples=50, recent_timeouts=0)
         await bus.publish(js, subjects.node_subject(own, "heartbeat"), top, msg_id=uuid.uuid4().hex)

@@ -10,22 +10,15 @@ connection), and the network goes on.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from stipple_common.messages import TaskSucceeded
-
-from .kit import Network, tiny_runner
+from stipple_testkit.network import Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NODES = ("node-1", "node-2", "node-3")
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory):
-    return tiny_runner(Path(tmp_path_factory.mktemp("tiny")))
 
 
 async def test_a_node_whose_identity_expires_joins_again_and_keeps_working(tmp_path, runner) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from pathlib import Path
 
 import imagehash
 import msgspec
@@ -39,8 +38,7 @@ from stipple_common.messages import (
 )
 from stipple_node.pipeline import GeneratedImage, PipelineRunner
 from stipple_node.service import NodeAgent
-
-from .kit import Network, tiny_runner
+from stipple_testkit.network import Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -130,7 +128,7 @@ class Replays(NodeAgent):
         task_id = msgspec.json.decode(msg.data)["task_id"]
         placeholder = [GeneratedImage(png=b"", phash="0" * 16, seed=0, width=64, height=64)]
         pending = self.prepare(task_id, placeholder, 0.01)
-        await self._publish_event(pending.event, "committed", task_id)  # and uploads nothing
+        await self._publish_event(pending.event)  # and uploads nothing
         return None
 
     async def handle_control(self, msg: Msg) -> bus.Redeliver | None:
@@ -147,7 +145,7 @@ class Replays(NodeAgent):
                 copy = ResultRevealed(
                     task_id=task_id, node_id=self.node_id, images=honest[0].images, nonce=pending.nonce
                 )
-                await self._publish_event(copy, "revealed", task_id)
+                await self._publish_event(copy)
                 return None
             await asyncio.sleep(0.05)
         return None
@@ -156,37 +154,15 @@ class Replays(NodeAgent):
 # ------------------------------------------------------------------ the network
 
 
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory) -> PipelineRunner:
-    return tiny_runner(Path(tmp_path_factory.mktemp("tiny")))
-
-
-async def start_services(
-    net: Network,
-    runner: PipelineRunner,
-    dispatcher_settings: dict,
-    validator_settings: dict,
-    agents: list[tuple[str, type[NodeAgent]]],
-) -> None:
-    """The real gatekeeper (uploads), dispatcher, validator and one node agent per (name,
-    NodeAgent type) as tasks of this process, each on its own connection."""
-    await net.gatekeeper()
-    await net.dispatcher(**dispatcher_settings)
-    await net.validator(**validator_settings)
-    for name, agent_type in agents:
-        await net.node(runner, name, agent_type)
-
-
 async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeAgent]) -> TaskSucceeded | TaskAborted:
     """Start the services, submit one task, return its outcome."""
     async with Network.plain(nats_url) as net:
         agents = [(HONEST[0], NodeAgent), (SUSPECT, suspect), (HONEST[1], NodeAgent)]
-        await start_services(
-            net,
+        await net.control_plane_and_nodes(
             runner,
-            {"task_timeout_s": COMMIT_TIMEOUT_S},
-            {"phash_threshold": 2, "reveal_timeout_s": 3.0, "deadline_grace_s": 0.1},
             agents,
+            dispatcher={"task_timeout_s": COMMIT_TIMEOUT_S},
+            validator={"phash_threshold": 2, "reveal_timeout_s": 3.0, "deadline_grace_s": 0.1},
         )
         await asyncio.sleep(1.0)  # nodes announce themselves
         return await net.run_task(seed=5, steps=8, prompt="a red fox in the snow")

@@ -14,25 +14,18 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import urllib3
 
 from stipple_common.messages import TaskSucceeded
-
-from .kit import Network, tiny_runner
+from stipple_testkit.network import Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NODES = ("node-1", "node-2", "node-3")
 BUCKET = "no-peeking"
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory: pytest.TempPathFactory):
-    return tiny_runner(Path(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")

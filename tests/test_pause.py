@@ -20,11 +20,7 @@ from stipple_common.identity import dev_node_id
 from stipple_common.messages import NodeQos, TaskSucceeded, decode_node_event
 from stipple_node.pipeline import PipelineRunner
 from stipple_node.service import NodeAgent
-
-from .kit import Network
-from .test_misbehaving import runner, start_services
-
-__all__ = ["runner"]  # the module-scoped fixture, shared with test_misbehaving
+from stipple_testkit.network import Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,12 +48,11 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
     suspect, honest = dev_node_id(SUSPECT), [dev_node_id(name) for name in HONEST]
     async with Network.plain(fresh_nats_url) as net:
         agents = [(HONEST[0], NodeAgent), (SUSPECT, StuckTwice), (HONEST[1], NodeAgent)]
-        await start_services(
-            net,
+        await net.control_plane_and_nodes(
             runner,
-            {"task_timeout_s": COMMIT_TIMEOUT_S},
-            {"phash_threshold": 2, "deadline_grace_s": 0.1, "probe_every_s": 0.3},
             agents,
+            dispatcher={"task_timeout_s": COMMIT_TIMEOUT_S},
+            validator={"phash_threshold": 2, "deadline_grace_s": 0.1, "probe_every_s": 0.3},
         )
         app = await net.client()
 

@@ -16,11 +16,11 @@ from stipple_chain_indexer.service import serve as serve_indexer
 from stipple_common import bus, subjects
 from stipple_common.blobstore import open_blob_store
 from stipple_common.identity import dev_node_id
-from stipple_common.messages import NodeJoined
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import open_service
 from stipple_gateway.app import Gateway, GatewaySettings, create_app
+from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +46,7 @@ async def gateway(fresh_nats_url):
         blobs = await open_blob_store(backend="jetstream", js=js, bucket="payment-test")
         gw = Gateway(nc, js, blobs, NodeDirectory(ttl_s=60), GatewaySettings(), Metrics("gateway"))
         for name in "abc":  # three nodes (of three operators: each staked for itself)
-            node = dev_node_id(name)
-            joined = NodeJoined(
-                node_id=node, device="cpu", memory_bytes=1, models=["tiny-sd"], version="0", started_at=0, address=node
-            )
-            gw.directory.apply(joined, seen_at=time.time())
+            gw.directory.apply(joined(dev_node_id(name)), seen_at=time.time())
         await gw.start()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gw)), base_url="http://gw") as http:
             yield http, js

@@ -84,7 +84,7 @@ def registries() -> dict[str, CollectorRegistry]:
     metrics = Metrics("chain-indexer")
     chain = SimpleNamespace(deployment=SimpleNamespace(token="0x0", staking="0x0", payment="0x0"))
     ChainFollower(chain, None, None, None, 2, metrics)  # type: ignore[arg-type]
-    Settler(chain, None, None, None, None, "", metrics)  # type: ignore[arg-type]
+    Settler(chain, None, None, None, "", metrics)  # type: ignore[arg-type]
     from stipple_chain_indexer.relay import Relay
 
     Relay(chain, None, None, False, 0, metrics)  # type: ignore[arg-type]

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,21 +27,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
+from stipple_common.process import ManagedProcess, free_port, stop_all
 
 TINY_MODEL = "tiny-sd"
 
 
 class NetworkError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 MIN_STAKE = 100 * 10**18  # 100 tokens: what the embedded chain asks of a node, and the dispatcher checks
@@ -55,14 +48,10 @@ class Service:
     module: str
     env: dict[str, str]
     metrics_port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    process: ManagedProcess | None = None  # once started
 
     def tail(self, lines: int = 20) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return self.process.tail(lines) if self.process is not None else ""
 
 
 @dataclass
@@ -185,15 +174,12 @@ class LocalNetwork:
             raise NetworkError(f"building the tiny model failed:\n{result.stderr[-2000:]}")
 
     def _spawn(self, service: Service) -> None:
-        cmd = [sys.executable, "-m", service.module]
-        if self.verbose:
-            service.process = subprocess.Popen(cmd, env=service.env, stdin=subprocess.DEVNULL)
-            return
-        service.log_path = self.data_dir / "logs" / f"{service.name}.log"
-        service._log = service.log_path.open("ab")
-        service.process = subprocess.Popen(
-            cmd, env=service.env, stdin=subprocess.DEVNULL, stdout=service._log, stderr=subprocess.STDOUT
-        )
+        """Start `service` (again: its log is appended to)."""
+        if service.process is None:
+            cmd = [sys.executable, "-m", service.module]
+            log = None if self.verbose else self.data_dir / "logs" / f"{service.name}.log"
+            service.process = ManagedProcess(service.name, cmd, env=service.env, log_path=log, terminal=self.verbose)
+        service.process.start()
 
     def service(self, name: str) -> Service:
         for service in self.services:
@@ -204,21 +190,18 @@ class LocalNetwork:
     def kill(self, name: str) -> None:
         """SIGKILL one service (fault tests): no clean shutdown, no quit announcement."""
         process = self.service(name).process
-        if process is not None and process.poll() is None:
+        if process is not None:
             process.kill()
-            process.wait()
 
     def restart(self, name: str) -> None:
         """Start a killed (or stopped) service again with the same settings."""
         service = self.service(name)
-        if service.process is not None and service.process.poll() is None:
+        if service.process is not None and service.process.running:
             raise NetworkError(f"{name} is still running")
-        if service._log is not None:
-            service._log.close()
         self._spawn(service)
 
     def dead(self) -> list[Service]:
-        return [s for s in self.services if s.process is not None and s.process.poll() is not None]
+        return [s for s in self.services if s.process is not None and s.process.returncode is not None]
 
     def health(self) -> dict[str, Any] | None:
         try:
@@ -232,10 +215,8 @@ class LocalNetwork:
         while time.monotonic() < deadline:
             if dead := self.dead():
                 service = dead[0]
-                raise NetworkError(
-                    f"{service.name} exited with code {service.process.returncode if service.process else '?'}:\n"
-                    f"{service.tail()}"
-                )
+                code = service.process.returncode if service.process else "?"
+                raise NetworkError(f"{service.name} exited with code {code}:\n{service.tail()}")
             health = self.health()
             if health and health.get("live_nodes", 0) >= self.nodes:
                 return
@@ -244,20 +225,7 @@ class LocalNetwork:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM every service (nodes first, gateway last), then stop NATS."""
-        for service in reversed(self.services):
-            if service.process is not None and service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for service in reversed(self.services):
-            if service.process is None:
-                continue
-            try:
-                service.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
-            if service._log is not None:
-                service._log.close()
+        stop_all([s.process for s in reversed(self.services) if s.process is not None], timeout)
         if self.nats is not None:
             self.nats.stop()
             self.nats = None

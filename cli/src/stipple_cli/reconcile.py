@@ -13,10 +13,11 @@ apart silently; this command reads both sides and prints every difference:
   the projection is wrong at the cursor's block too (a bug, or a bucket edited by hand). A
   key that is not a node id is a difference of its own (the indexer writes none such).
 - tasks: every task of the TASKS stream submitted with a fee and ended (its first
-  ``succeeded``, ``aborted`` or ``cancelled``) must be SETTLED on TaskPayment (succeeded,
-  with an agreeing node whose address is known) or REFUNDED (otherwise), with the fee of
-  its submission; one not ended yet must not be settled or refunded. Outcomes younger
-  than `grace_s` that the chain has not caught up with are counted as pending instead.
+  ``succeeded``, ``aborted`` or ``cancelled``) must be in the state the settler's rule
+  gives (stipple_common.settlement): SETTLED on TaskPayment (succeeded, with an agreeing
+  node) or REFUNDED (otherwise), with the fee of its submission; one not ended yet must
+  not be settled or refunded. Outcomes younger than `grace_s` that the chain has not
+  caught up with are counted as pending instead.
 - chain events: every ``chain.TaskPayment.Settled`` / ``Refunded`` in the CHAIN stream (less
   those voided by ``chain.reorg``) must match the task's state, fee and app on chain.
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -46,7 +46,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
 from web3.exceptions import Web3Exception
 
-from stipple_common import bus, subjects
+from stipple_common import bus, records, settlement, subjects
 from stipple_common import chain as ch
 from stipple_common.errors import Rejected
 from stipple_common.identity import is_node_id, node_id_of
@@ -54,7 +54,6 @@ from stipple_common.logs import redact
 from stipple_common.messages import (
     ChainLog,
     ChainReorg,
-    IndexedStake,
     NodeJoined,
     TaskAborted,
     TaskCancelled,
@@ -62,9 +61,9 @@ from stipple_common.messages import (
     TaskSucceeded,
     chain_decoder,
     decode_node_event,
-    indexed_stake_decoder,
     task_event_decoder,
 )
+from stipple_common.records import IndexedStake
 from stipple_common.settings import InvalidSettings
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -165,9 +164,9 @@ async def read_snapshot(js: JetStreamContext) -> Snapshot:
     snap = Snapshot()
     try:
         chain_kv = await js.key_value(subjects.CHAIN_BUCKET)
-        entry = await chain_kv.get("cursor")
-        snap.cursor = int(json.loads(entry.value or b"{}").get("number", -1))
-    except (BucketNotFoundError, KeyNotFoundError):
+        cursor = await records.get(chain_kv, records.CURSOR_KEY, records.cursor_decoder)
+        snap.cursor = cursor.number if cursor is not None else -1
+    except BucketNotFoundError:
         snap.cursor = -1
     try:
         stakes_kv = await js.key_value(subjects.STAKES_BUCKET)
@@ -185,7 +184,7 @@ async def read_snapshot(js: JetStreamContext) -> Snapshot:
         except KeyNotFoundError:  # deleted between the listing and the read
             continue
         value = entry.value or b"{}"
-        indexed = _decode(indexed_stake_decoder, value)
+        indexed = _decode(records.indexed_stake_decoder, value)
         if is_node_id(key) and indexed is not None:
             snap.stakes[key] = indexed
         else:
@@ -333,7 +332,7 @@ def _compare_tasks(snap: Snapshot, chain: ch.StippleChain, report: Report, *, gr
                     )
                 )
             continue
-        expected = _expected_state(ended, snap.addresses)
+        expected = settlement.final_state(ended.event)
         shown = f"{ended.name} (fee {submitted.fee}) -> {expected.name}"
         if record.state == expected:
             if record.fee != submitted.fee:
@@ -354,16 +353,6 @@ def _compare_tasks(snap: Snapshot, chain: ch.StippleChain, report: Report, *, gr
                 note=f"ended at {_utc(ended.at)}" if record.state not in final else "",
             )
         )
-
-
-def _expected_state(ended: Ended, addresses: dict[str, str]) -> ch.TaskState:
-    """What the settler does with an outcome: pays the agreeing nodes it knows an address of,
-    and refunds when there are none, or when the task was aborted or cancelled."""
-    event = ended.event
-    paid = isinstance(event, TaskSucceeded) and any(
-        v == "agree" and addresses.get(node) for node, v in event.verdicts.items()
-    )
-    return ch.TaskState.SETTLED if paid else ch.TaskState.REFUNDED
 
 
 def _compare_events(snap: Snapshot, chain: ch.StippleChain, report: Report) -> None:
@@ -454,12 +443,14 @@ class Target:
 
 
 async def _target(js: JetStreamContext, chain_url: str, spec: str) -> Target:
-    stored: dict[str, Any] = {}
+    stored: records.ChainDeployment | None = None
     try:
         kv = await js.key_value(subjects.CHAIN_BUCKET)
-        stored = json.loads((await kv.get("deployment")).value or b"{}")
-    except (BucketNotFoundError, KeyNotFoundError):
+        stored = await records.get(kv, records.DEPLOYMENT_KEY, records.deployment_decoder)
+    except BucketNotFoundError:
         pass
+    except msgspec.DecodeError as exc:
+        raise ReconcileError(f"the {subjects.CHAIN_BUCKET!r} KV bucket's 'deployment' does not decode: {exc}") from None
     if spec:
         try:
             raw = dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
@@ -469,15 +460,15 @@ async def _target(js: JetStreamContext, chain_url: str, spec: str) -> Target:
                 f"--deployment {spec!r}: expected token=0x...,staking=0x...,payment=0x... ({exc})"
             ) from None
         chain_id = 0
-    elif stored:
-        deployment = ch.Deployment.from_dict(stored)
-        chain_id = int(stored.get("chain_id", 0))
+    elif stored is not None:
+        deployment = ch.Deployment.from_dict(stored.addresses())
+        chain_id = stored.chain_id
     else:
         raise ReconcileError(
             f"no deployment: the {subjects.CHAIN_BUCKET!r} KV bucket has no 'deployment' key "
             "(has a chain-indexer run against this NATS?) and --deployment was not given"
         )
-    url = chain_url or str(stored.get("url", ""))
+    url = chain_url or (stored.url if stored is not None else "")
     if not url:
         raise ReconcileError("no chain URL: give --chain-url (the chain bucket names none)")
     if url == ch.EMBEDDED_URL:

@@ -15,7 +15,6 @@ from stipple_common.messages import (
     IndexedStake,
     NodeBanned,
     NodeHeartbeat,
-    NodeJoined,
     NodeQuit,
     TaskStarted,
     encode,
@@ -23,6 +22,7 @@ from stipple_common.messages import (
 )
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
+from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
 
@@ -143,18 +143,6 @@ def test_backoff_grows_and_caps():
     assert bus.backoff(50) == 30.0
 
 
-def joined(node_id, address=None):
-    return NodeJoined(
-        node_id=node_id,
-        device="cpu",
-        memory_bytes=1,
-        models=["m"],
-        version="0",
-        started_at=0.0,
-        address=node_id if address is None else address,
-    )
-
-
 A, B, C = dev_node_id("a"), dev_node_id("b"), dev_node_id("c")
 
 
@@ -256,3 +244,55 @@ async def test_the_work_stream_holds_more_than_a_thousand_consumers(fresh_nats_u
         assert (await js.stream_info(subjects.WORK_STREAM)).state.consumer_count == 1001
     finally:
         await nc.close()
+
+
+async def test_held_messages_are_kept_alive_then_settled_by_the_consume_table(stream):
+    """A handler that holds messages (a queue, a batch): kept alive past the ack wait, then
+    acked, or settled by the error that stopped the work (final: term; else nak)."""
+    js, name, prefix = stream
+    for i in range(3):
+        await js.publish(f"{prefix}.m{i}", f"m{i}".encode())
+    config = ConsumerConfig(durable_name="held", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0, max_deliver=5)
+    await js.add_consumer(name, config)
+    sub = await js.pull_subscribe_bind(durable="held", stream=name)
+    held = bus.HeldMessages(keepalive_s=0.3, name="test")
+    msgs = await sub.fetch(3, timeout=2)
+    for msg in msgs:
+        held.hold(msg)
+    stop = asyncio.Event()
+    touching = asyncio.create_task(held.keep_alive(stop))
+    await asyncio.sleep(2.0)  # twice the ack wait: nothing comes back, they are kept alive
+    with pytest.raises((TimeoutError, Exception)):
+        await sub.fetch(1, timeout=0.5)
+    assert await held.settle(msgs[0]) == "ack"
+    assert await held.settle(msgs[1], StippleError("bad input", code="invalid_input")) == "term"
+    assert await held.settle(msgs[2], RuntimeError("chain away")) == "nak"
+    assert len(held) == 0
+    stop.set()
+    await touching
+    again = await sub.fetch(3, timeout=3)  # only the nak'ed one is delivered again
+    assert [m.data for m in again] == [b"m2"]
+    await again[0].ack()
+    await sub.unsubscribe()  # else draining the connection waits out its pull requests
+
+
+async def test_supervise_restarts_a_failing_consumer_then_gives_up():
+    metrics = Metrics("test-supervise")
+    calls = []
+
+    async def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("NATS away")
+
+    await bus.supervise(flaky, asyncio.Event(), name="flaky", metrics=metrics)
+    assert len(calls) == 3
+    assert (
+        metrics.registry.get_sample_value("stipple_test_supervise_consumer_restarts_total", {"consumer": "flaky"}) == 2
+    )
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        await bus.supervise(broken, asyncio.Event(), name="broken", max_failures=2)

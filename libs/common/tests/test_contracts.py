@@ -9,7 +9,6 @@ backend; each test runs inside a chain snapshot that is reverted after it.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -689,19 +688,10 @@ class TestEmbedded(ContractSuite):
         return ch.connect(ch.EMBEDDED_URL)
 
 
-@pytest.fixture(scope="session")
-def anvil() -> Iterator[ch.Anvil]:
-    """anvil from contracts/node_modules (installed with npm ci when missing), on a free port."""
-    if shutil.which("npm") is None:  # a missing tool is a failure, never a skip
-        pytest.fail("npm not found: install Node.js 20+ (apt-get install nodejs npm) to run the anvil tests")
-    ch.install_node_modules()
-    with ch.Anvil.start() as node:
-        yield node
-
-
 @pytest.mark.integration
 class TestAnvil(ContractSuite):
-    """anvil, a real JSON-RPC node (Foundry), from the npm package the project pins."""
+    """anvil, a real JSON-RPC node (Foundry), from the npm package the project pins (the
+    session's `anvil`, conftest.py)."""
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from stipple_common import bus
 from stipple_common.health import Health
 from stipple_common.messages import TaskStarted
-from stipple_common.natsserver import NatsServer, nats_server_binary
+from stipple_common.natsserver import NatsServer
 from stipple_common.service import open_service
 from stipple_common.settings import CommonSettings
 
@@ -31,27 +30,9 @@ async def wait_for(client: httpx.AsyncClient, path: str, status: int, timeout: f
         await asyncio.sleep(0.05)
 
 
-def restart_nats(server: NatsServer, timeout: float = 15.0) -> subprocess.Popen[bytes]:
-    """The stopped `server` again, on its port and with its JetStream store (NatsServer.start
-    picks a free port; a client reconnects only to the one it knew)."""
-    log = server.store_dir / "nats-server-again.log"
-    store = server.store_dir / "jetstream"
-    cmd = [nats_server_binary(), "-js", "-a", server.host, "-p", str(server.port), "-sd", str(store), "-l", str(log)]
-    process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and "Server is ready" in log.read_text(errors="replace"):
-            return process
-        if process.poll() is not None:
-            raise RuntimeError(f"nats-server exited with {process.returncode}")
-        time.sleep(0.02)
-    process.kill()
-    raise RuntimeError("nats-server did not start")
-
-
 async def test_metrics_port_serves_probes_and_follows_nats(tmp_path: Path) -> None:
     server = NatsServer.start(tmp_path / "nats")
-    restarted: subprocess.Popen[bytes] | None = None
+    restarted: NatsServer | None = None
     stop = asyncio.Event()
     settings = CommonSettings(nats_url=server.url, metrics_port=-1)
     try:
@@ -102,7 +83,9 @@ async def test_metrics_port_serves_probes_and_follows_nats(tmp_path: Path) -> No
                 assert (await client.get("/healthz")).status_code == 200
                 assert (await client.get("/metrics")).status_code == 200
 
-                restarted = restart_nats(server)
+                # the stopped server again, on its port (a client reconnects only to the one it knew)
+                # and with its JetStream store
+                restarted = NatsServer.start(server.store_dir, host=server.host, port=server.port)
                 back = await wait_for(client, "/readyz", 200, timeout=20)
                 assert back.status_code == 200, back.text
 
@@ -120,8 +103,7 @@ async def test_metrics_port_serves_probes_and_follows_nats(tmp_path: Path) -> No
     finally:
         server.stop()
         if restarted is not None:
-            restarted.terminate()
-            restarted.wait(10)
+            restarted.stop()
 
 
 async def test_no_metrics_port_means_no_server_but_health_still_tracks(nats_url: str) -> None:

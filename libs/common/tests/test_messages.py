@@ -6,7 +6,6 @@ from stipple_common.messages import (
     ImageResult,
     NodeErrored,
     NodeHeartbeat,
-    NodeJoined,
     ResultRevealed,
     TaskAborted,
     TaskAssigned,
@@ -20,6 +19,7 @@ from stipple_common.messages import (
     task_event_decoder,
 )
 from stipple_common.taskspec import parse_task
+from stipple_testkit.nodes import joined
 
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"seed": 3}})
 IMG = ImageResult(index=0, key="tasks/t/n/0.png", phash="00ff00ff00ff00ff", seed=3, width=64, height=64)
@@ -55,9 +55,9 @@ def test_event_names_are_the_subject_tokens():
 
 
 def test_node_events_and_assignment_round_trip():
-    joined = NodeJoined(node_id="n", device="cpu", memory_bytes=1, models=["tiny-sd"], version="0.1", started_at=1.0)
+    announcement = joined("n", started_at=1.0)
     beat = NodeHeartbeat(node_id="n", at=2.0, busy=True)
-    assert node_event_decoder.decode(encode(joined)) == joined
+    assert node_event_decoder.decode(encode(announcement)) == announcement
     assert node_event_decoder.decode(encode(beat)) == beat
     work = Assignment(task_id="t", spec=SPEC, deadline=3.0)
     assert assignment_decoder.decode(encode(work)) == work

@@ -19,7 +19,6 @@ from stipple_common.messages import (
     NodeBanned,
     NodeErrored,
     NodeHeartbeat,
-    NodeJoined,
     NodeProbed,
     NodeQos,
     NodeQuit,
@@ -41,6 +40,7 @@ from stipple_common.messages import (
     event_name,
 )
 from stipple_common.taskspec import parse_task
+from stipple_testkit.nodes import joined
 
 A, B = dev_node_id("a"), dev_node_id("b")
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "a fox", "task_config": {"seed": 3}})
@@ -116,9 +116,7 @@ def test_rejections_are_not_decode_errors_but_carry_a_reason():
     assert not isinstance(caught.value, msgspec.ValidationError)
 
 
-JOINED = NodeJoined(
-    node_id=A, device="cpu", memory_bytes=1, models=["tiny-sd"], version="0.1", started_at=1.0, address=A.upper()
-)
+JOINED = joined(A, address=A.upper(), started_at=1.0)
 SELF = [
     JOINED,
     NodeHeartbeat(node_id=A, at=2.0),

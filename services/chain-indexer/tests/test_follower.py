@@ -20,6 +20,8 @@ from stipple_common import chain as ch
 from stipple_common.identity import node_id_of
 from stipple_common.messages import ChainLog, ChainReorg, IndexedStake, chain_decoder, indexed_stake_decoder
 from stipple_common.metrics import Metrics
+from stipple_common.records import ChainCursor
+from stipple_testkit.chain import running_anvil
 
 pytestmark = pytest.mark.integration
 
@@ -49,8 +51,8 @@ def embedded() -> Env:
 
 @pytest.fixture
 def anvil() -> Iterator[Env]:
-    ch.install_node_modules()
-    with ch.Anvil.start() as node:
+    """An anvil of this test's own: a reorg here must not rewrite another test's chain."""
+    with running_anvil() as node:
         yield deploy(ch.connect(node.url))
 
 
@@ -107,8 +109,8 @@ async def test_events_of_confirmed_blocks_are_published_once_across_restarts(js,
     # a restarted follower goes on from its cursor; an older cursor re-publishes nothing new
     again, _ = await follower(js, embedded, confirmations=2)
     assert again.cursor.number == f.cursor.number
-    again.cursor.number -= 3  # as if it crashed before saving its cursor
-    again.cursor.hashes = {n: h for n, h in again.cursor.hashes.items() if n <= again.cursor.number}
+    number = again.cursor.number - 3  # as if it crashed before saving its cursor
+    again.cursor = ChainCursor(number=number, hashes={n: h for n, h in again.cursor.hashes.items() if n <= number})
     await again.step()
     assert len(await chain_messages(js)) == len(published)  # deduplicated by message id
     call.close()
@@ -202,8 +204,8 @@ async def test_with_enough_confirmations_a_reorg_never_shows(js, anvil: Env):
 async def test_a_reorg_deeper_than_the_kept_hashes_is_a_typed_error_and_the_loop_goes_on(js, embedded: Env):
     f, call = await follower(js, embedded, confirmations=0)
     await f.step()
-    f.cursor.hashes = {n + 10_000: h for n, h in f.cursor.hashes.items()}  # blocks this chain never had
-    f.cursor.number += 10_000
+    hashes = {n + 10_000: h for n, h in f.cursor.hashes.items()}  # blocks this chain never had
+    f.cursor = ChainCursor(number=f.cursor.number + 10_000, hashes=hashes)
     with pytest.raises(ch.ChainError, match="reorg deeper than"):
         await f.step()
     stop = asyncio.Event()

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
@@ -29,7 +29,6 @@ from stipple_common.messages import (
     ChainInfoRequest,
     ChainReply,
     FaucetRequest,
-    NodeJoined,
     ReserveRequest,
     SendRawTransaction,
     TaskSubmitted,
@@ -39,6 +38,7 @@ from stipple_common.messages import (
 )
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.taskspec import parse_task
+from stipple_testkit.chain import IndexedChain
 
 TOKEN = 10**18
 CONTRACTS = {"0x" + "11" * 20, "0x" + "22" * 20, "0x" + "33" * 20}
@@ -228,62 +228,18 @@ async def test_a_node_over_its_rate_is_refused_at_once(indexer: ServiceContext) 
 # ---------------------------------------------------------------- a transaction never mined (anvil)
 
 
-@pytest.fixture
-def anvil() -> Iterator[ch.Anvil]:
-    ch.install_node_modules()
-    with ch.Anvil.start() as node:
-        yield node
-
-
 @pytest.mark.integration
 async def test_a_transaction_never_mined_does_not_hold_up_settlement(fresh_nats_url: str, anvil: ch.Anvil) -> None:
-    call = ChainThread()
-    w3 = ch.connect(anvil.url)
-    accounts = w3.eth.accounts
-    admin, nodes = accounts[0], accounts[2:5]
+    # the indexer shares the test's chain thread: a control-plane call's wait is measured on it
+    overrides = {"relay_receipt_wait_s": 6.0, "relay_in_flight_per_node": 1}
+    net = IndexedChain(fresh_nats_url, anvil.url, share_chain=True, overrides=overrides)
+    await net.setup()
     node = Account.create()
-
-    def build() -> ch.StippleChain:
-        deployment = ch.deploy_all(w3, admin, min_stake=1_000, cooldown_s=60, treasury=accounts[1])
-        chain = ch.StippleChain(w3, deployment)
-        chain.mint(admin, admin, 100_000)
-        chain.deposit(admin, 100_000)
-        for address in nodes:
-            chain.mint(admin, address, 1_000)
-            chain.stake(address, 1_000)
-        w3.eth.send_transaction({"from": admin, "to": node.address, "value": 10**18})
-        return chain
-
-    chain = await call(build)
-    d = chain.deployment
-    settings = IndexerSettings(
-        nats_url=fresh_nats_url,
-        chain_url=anvil.url,
-        deployment=f"token={d.token},staking={d.staking},payment={d.payment}",
-        account=admin,
-        confirmations=0,
-        poll_s=0.05,
-        settle_wait_s=0.1,
-        max_fee=5_000,
-        relay_receipt_wait_s=6.0,
-        relay_in_flight_per_node=1,
-    )
-    stop = asyncio.Event()
-    async with open_service("chain-indexer", settings, stop=stop) as ctx:
-        for address in nodes:
-            node_id = node_id_of(address)
-            joined = NodeJoined(
-                node_id=node_id,
-                device="cpu",
-                memory_bytes=1,
-                models=["tiny-sd"],
-                version="0",
-                started_at=1.0,
-                address=address,
-            )
-            await bus.publish(ctx.js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:joined")
-        indexer = asyncio.create_task(serve(ctx, settings, w3=w3, call=call))
-        await relay_up(ctx.nc, indexer)
+    await net.call(lambda: net.w3.eth.send_transaction({"from": net.admin, "to": node.address, "value": 10**18}))
+    ctx = await net.start()
+    call, chain, nodes = net.call, net.chain, list(net.nodes.values())
+    try:
+        await relay_up(ctx.nc, net.task)
         me = node_id_of(node.address)
         info = await ask(ctx.nc, me, ChainInfoRequest(address=node.address))
         assert info.ok, info
@@ -336,6 +292,5 @@ async def test_a_transaction_never_mined_does_not_hold_up_settlement(fresh_nats_
         assert len(reply.tx_hash) == 66
         assert 6.0 <= waited < 12.0
         assert counted(ctx, "send", "pending") == 1
-        stop.set()
-        await asyncio.wait_for(indexer, 20)
-    call.close()
+    finally:
+        await net.close()

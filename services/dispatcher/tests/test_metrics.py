@@ -3,23 +3,12 @@ node in exactly one), per-node QoS and slots, and the tasks it holds."""
 
 import time
 
-from stipple_common import __version__
-from stipple_common.messages import NodeJoined, NodeQos
+from stipple_common.messages import NodeQos
 from stipple_common.metrics import Metrics
 from stipple_dispatcher.metrics import NODE_STATES
 from stipple_dispatcher.selection import NodeIndex
 from stipple_dispatcher.service import Dispatcher, DispatcherSettings
-
-
-def joined(node_id: str, version: str = __version__) -> NodeJoined:
-    return NodeJoined(
-        node_id=node_id,
-        device="cpu",
-        memory_bytes=1,
-        models=["tiny-sd"],
-        version=version,
-        started_at=0.0,
-    )
+from stipple_testkit.nodes import joined
 
 
 def test_nodes_by_state_qos_and_held_tasks():

@@ -7,25 +7,14 @@ import numpy as np
 import pytest
 
 from stipple_common import __version__
-from stipple_common.messages import NodeJoined, NodeQos
+from stipple_common.messages import NodeQos
 from stipple_common.taskspec import parse_task
 from stipple_dispatcher.selection import NodeIndex, NotEnoughNodes, Requirements, compatible, task_models
+from stipple_testkit.nodes import joined
 
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p"})
 NOW = 1000.0
 REQ = Requirements(version=__version__)
-
-
-def node(node_id, models=("tiny-sd",), *, memory=1, version=__version__, loaded=()):
-    return NodeJoined(
-        node_id=node_id,
-        device="cpu",
-        memory_bytes=memory,
-        models=list(models),
-        version=version,
-        started_at=0.0,
-        models_loaded=list(loaded),
-    )
 
 
 def index_of(*nodes, seen=NOW, chain=None):
@@ -43,7 +32,7 @@ def pick(index, seed=0, count=3, spec=SPEC, req=REQ, now=NOW):
 
 
 def test_picks_distinct_nodes_serving_the_model():
-    index = index_of(*[node(f"n{i}") for i in range(6)], node("other", models=("sdxl",)))
+    index = index_of(*[joined(f"n{i}") for i in range(6)], joined("other", models=("sdxl",)))
     chosen = pick(index)
     assert len(set(chosen)) == 3
     assert "other" not in chosen
@@ -53,14 +42,14 @@ OWNERS = {"a1": "alice", "a2": "alice", "a3": "alice", "b1": "bob", "c1": ""}  #
 
 
 def test_never_two_nodes_of_one_operator():
-    index = index_of(*map(node, OWNERS), chain={n: (100, owner) for n, owner in OWNERS.items()})
+    index = index_of(*map(joined, OWNERS), chain={n: (100, owner) for n, owner in OWNERS.items()})
     for seed in range(30):
         chosen = pick(index, seed)
         assert sorted(OWNERS[n] or n for n in chosen) == ["alice", "bob", "c1"]
 
 
 def test_the_operator_is_the_owner_of_the_stake_as_the_chain_says():
-    index = index_of(node("n0"), node("n1"), node("n2"))  # the chain knows nothing yet: each its own operator
+    index = index_of(joined("n0"), joined("n1"), joined("n2"))  # the chain knows nothing yet: each its own operator
     assert sorted(pick(index)) == ["n0", "n1", "n2"]
     index.set_stake("n0", 100, "mallory")
     index.set_stake("n1", 100, "MALLORY")  # one owner (any case) staked for both
@@ -70,14 +59,14 @@ def test_the_operator_is_the_owner_of_the_stake_as_the_chain_says():
     assert sorted(pick(index, count=2)) in (["n0", "n2"], ["n1", "n2"])
     index.set_stake("n1", 100)  # the stake now its own (no owner: the node itself)
     assert sorted(pick(index)) == ["n0", "n1", "n2"]
-    index.join(node("n3"), NOW, __version__)
+    index.join(joined("n3"), NOW, __version__)
     index.set_stake("n3", 100, "n2")  # a node may own another's stake: they are one operator
     for seed in range(30):
         assert not {"n2", "n3"} <= set(pick(index, seed))
 
 
 def test_a_replacement_is_of_none_of_the_excluded_nodes_operators():
-    index = index_of(*map(node, OWNERS), chain={n: (100, owner) for n, owner in OWNERS.items()})
+    index = index_of(*map(joined, OWNERS), chain={n: (100, owner) for n, owner in OWNERS.items()})
     rng = np.random.default_rng(0)
     for _ in range(20):
         (chosen,) = index.pick(SPEC, 1, rng, now=NOW, ttl_s=10.0, req=REQ, exclude=["a2", "b1"])
@@ -85,13 +74,13 @@ def test_a_replacement_is_of_none_of_the_excluded_nodes_operators():
 
 
 def test_choice_is_random_across_tasks():
-    index = index_of(*[node(f"n{i}") for i in range(8)])
+    index = index_of(*[joined(f"n{i}") for i in range(8)])
     assert len({frozenset(pick(index, seed)) for seed in range(20)}) > 5
 
 
 def test_too_few_says_how_many_there_are():
     chain = {"a1": (0, "alice"), "a2": (0, "alice"), "b1": (0, "bob")}
-    index = index_of(node("a1"), node("a2"), node("b1"), node("x", models=("sdxl",)), chain=chain)
+    index = index_of(joined("a1"), joined("a2"), joined("b1"), joined("x", models=("sdxl",)), chain=chain)
     with pytest.raises(NotEnoughNodes, match="3 eligible nodes of 2 operators") as info:
         pick(index)
     assert info.value.retryable
@@ -103,15 +92,15 @@ def test_too_few_says_how_many_there_are():
         (lambda index: index.leave("n0"), "quit"),
         (lambda index: index.score(NodeQos(node_id="n0", qos=3.0, samples=3, recent_timeouts=2)), "paused"),
         (lambda index: index.assigned(["n0"]), "busy"),
-        (lambda index: index.join(node("n0", version="9.0.0"), NOW, __version__), "incompatible version"),
+        (lambda index: index.join(joined("n0", version="9.0.0"), NOW, __version__), "incompatible version"),
         (lambda index: index.set_stake("n0", 5), "stake below the minimum"),
         (lambda index: index.ban("n0", NOW + 60), "banned"),
-        (lambda index: index.join(node("n0", memory=10), NOW, __version__), "too little memory"),
+        (lambda index: index.join(joined("n0", memory_bytes=10), NOW, __version__), "too little memory"),
         (lambda index: index.heartbeat("n0", NOW - 11), "stale heartbeat (kept)"),
     ],
 )
 def test_ineligible_nodes_are_never_picked(change, why):
-    nodes = [node(f"n{i}", memory=100) for i in range(4)]
+    nodes = [joined(f"n{i}", memory_bytes=100) for i in range(4)]
     chain = {f"n{i}": (100, "") for i in range(4)}
     index = index_of(*nodes, chain=chain)
     if why == "stale heartbeat (kept)":
@@ -125,14 +114,14 @@ def test_ineligible_nodes_are_never_picked(change, why):
 
 
 def test_a_paused_node_comes_back_only_when_it_passes_the_check():
-    index = index_of(*[node(f"n{i}") for i in range(3)])
+    index = index_of(*[joined(f"n{i}") for i in range(3)])
     index.score(NodeQos(node_id="n0", qos=0.0, samples=3, recent_timeouts=2))
     with pytest.raises(NotEnoughNodes):
         pick(index)
-    index.join(node("n0"), NOW + 1, __version__)  # announcing again (say, after a pre-fetch) is not enough
+    index.join(joined("n0"), NOW + 1, __version__)  # announcing again (say, after a pre-fetch) is not enough
     with pytest.raises(NotEnoughNodes):
         pick(index, now=NOW + 1)
-    restarted = msgspec.structs.replace(node("n0"), started_at=NOW + 2)  # nor is a restart
+    restarted = msgspec.structs.replace(joined("n0"), started_at=NOW + 2)  # nor is a restart
     index.join(restarted, NOW + 2, __version__)
     with pytest.raises(NotEnoughNodes):
         pick(index, now=NOW + 2)
@@ -141,9 +130,9 @@ def test_a_paused_node_comes_back_only_when_it_passes_the_check():
 
 
 def test_a_ban_holds_until_its_time_through_restarts():
-    index = index_of(*[node(f"n{i}") for i in range(3)])
+    index = index_of(*[joined(f"n{i}") for i in range(3)])
     index.ban("n0", NOW + 5)
-    index.join(msgspec.structs.replace(node("n0"), started_at=NOW + 1), NOW + 1, __version__)  # restarting
+    index.join(msgspec.structs.replace(joined("n0"), started_at=NOW + 1), NOW + 1, __version__)  # restarting
     for seed in range(10):
         with pytest.raises(NotEnoughNodes, match="2 eligible nodes"):
             pick(index, seed, now=NOW + 4)
@@ -151,7 +140,7 @@ def test_a_ban_holds_until_its_time_through_restarts():
 
 
 def test_busy_nodes_free_up():
-    index = index_of(*[node(f"n{i}") for i in range(3)])
+    index = index_of(*[joined(f"n{i}") for i in range(3)])
     index.assigned(["n0", "n1", "n2"])
     with pytest.raises(NotEnoughNodes):
         pick(index)
@@ -172,7 +161,7 @@ def frequencies(index, rounds=3000, count=1):
 
 def test_weights_follow_stake_qos_and_locality():
     index = index_of(
-        node("rich"), node("poor"), node("new"), chain={"rich": (100, ""), "poor": (1, ""), "new": (100, "")}
+        joined("rich"), joined("poor"), joined("new"), chain={"rich": (100, ""), "poor": (1, ""), "new": (100, "")}
     )
     index.score(NodeQos(node_id="rich", qos=10.0, samples=50, recent_timeouts=0))
     index.score(NodeQos(node_id="poor", qos=10.0, samples=50, recent_timeouts=0))
@@ -186,7 +175,7 @@ def test_weights_follow_stake_qos_and_locality():
 
 
 def test_loaded_models_double_the_weight():
-    index = index_of(node("warm", loaded=("tiny-sd",)), node("cold"))
+    index = index_of(joined("warm", models_loaded=("tiny-sd",)), joined("cold"))
     w = dict(zip(index.ids, index.weights(np.arange(2), ["tiny-sd"]), strict=True))
     assert w["warm"] / w["cold"] == pytest.approx(2.0 / 1.7)
     index.heartbeat("cold", NOW, ["tiny-sd"])  # heartbeats carry what is loaded now
@@ -219,7 +208,7 @@ def test_stakes_come_from_the_chain_only():
     index = NodeIndex(capacity=2)
     index.set_stake("n0", 500)  # before it joins
     for i in range(4):
-        index.join(node(f"n{i}"), NOW, __version__)
+        index.join(joined(f"n{i}"), NOW, __version__)
     assert [index.stake[index.row[f"n{i}"]] for i in range(4)] == [500, 0, 0, 0]  # unknown to the chain: 0
     req = Requirements(min_stake=100, version=__version__)
     with pytest.raises(NotEnoughNodes):
@@ -227,7 +216,7 @@ def test_stakes_come_from_the_chain_only():
     index.set_stake("n1", 100)
     index.set_stake("n2", 300)
     assert sorted(pick(index, req=req)) == ["n0", "n1", "n2"]
-    index.join(msgspec.structs.replace(node("n2"), started_at=NOW + 1), NOW + 1, __version__)  # a restart keeps it
+    index.join(msgspec.structs.replace(joined("n2"), started_at=NOW + 1), NOW + 1, __version__)  # a restart keeps it
     assert index.stake[index.row["n2"]] == 300
     index.set_stake("n2", 0)  # slashed, or leaving
     with pytest.raises(NotEnoughNodes):
@@ -237,14 +226,14 @@ def test_stakes_come_from_the_chain_only():
 def test_model_names_nobody_has_any_more_leave_the_index():
     """Every announced model name is a column: names a node made up, or dropped, must not
     pile up (a node re-announcing with new names each time would grow the index forever)."""
-    index = index_of(node("n0", models=("tiny-sd", "made-up-1")), node("n1", models=("tiny-sd", "shared")))
-    index.join(node("n0", models=("tiny-sd", "made-up-2", "shared")), NOW, __version__)
+    index = index_of(joined("n0", models=("tiny-sd", "made-up-1")), joined("n1", models=("tiny-sd", "shared")))
+    index.join(joined("n0", models=("tiny-sd", "made-up-2", "shared")), NOW, __version__)
     assert "made-up-1" not in index.serves  # nobody has it any more
     assert {"tiny-sd", "made-up-2", "shared"} <= set(index.serves)
-    index.join(node("n0", models=("tiny-sd",)), NOW, __version__)
+    index.join(joined("n0", models=("tiny-sd",)), NOW, __version__)
     assert "made-up-2" not in index.serves
     assert "shared" in index.serves  # n1 still has it
     assert index.registered_serving("shared") == 1
     for i in range(100):
-        index.join(node("n0", models=("tiny-sd", f"junk-{i}")), NOW, __version__)
+        index.join(joined("n0", models=("tiny-sd", f"junk-{i}")), NOW, __version__)
     assert len(index.serves) == 3  # tiny-sd, shared, and the last junk name

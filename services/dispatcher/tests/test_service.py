@@ -9,14 +9,13 @@ import uuid
 import pytest
 from nats.js.api import KeyValueConfig
 
-from stipple_common import __version__, bus, subjects
+from stipple_common import bus, subjects
 from stipple_common.identity import dev_node_id
 from stipple_common.messages import (
     CancelWork,
     IndexedStake,
     NodeBanned,
     NodeHeartbeat,
-    NodeJoined,
     PrefetchRequest,
     TaskAborted,
     TaskAssigned,
@@ -34,6 +33,7 @@ from stipple_common.messages import (
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
 from stipple_dispatcher.service import DispatcherSettings, serve
+from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
 
@@ -51,17 +51,8 @@ async def announce(js, name, operator="", models=("tiny-sd",), on_disk=(), *, ad
     beats once; `address`: what its announcement claims (its own id unless given)."""
     node_id = dev_node_id(name)
     await stake(js, name, operator)
-    joined = NodeJoined(
-        node_id=node_id,
-        device="cpu",
-        memory_bytes=1,
-        models=list(models),
-        version=__version__,
-        started_at=0,
-        models_on_disk=list(on_disk),
-        address=node_id if address is None else address,
-    )
-    await bus.publish(js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:j")
+    announcement = joined(node_id, models=models, models_on_disk=on_disk, address=address)
+    await bus.publish(js, subjects.node_subject(node_id, "joined"), announcement, msg_id=f"{node_id}:j")
     beat = NodeHeartbeat(node_id=node_id, at=time.time())
     await bus.publish(js, subjects.node_subject(node_id, "heartbeat"), beat, msg_id=f"{node_id}:hb")
 

@@ -18,25 +18,12 @@ import uvicorn
 from stipple_common import bus, subjects
 from stipple_common.blobstore import open_blob_store
 from stipple_common.identity import dev_node_id
-from stipple_common.messages import NodeJoined
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_gateway.app import Gateway, GatewaySettings, create_app
+from stipple_testkit.nodes import joined
 
 MakeGateway = Callable[..., Awaitable[Gateway]]
-
-
-def joined(name: str) -> NodeJoined:
-    node_id = dev_node_id(name)
-    return NodeJoined(
-        node_id=node_id,
-        device="cpu",
-        memory_bytes=1,
-        models=["tiny-sd"],
-        version="0.1.0",
-        started_at=0.0,
-        address=node_id,
-    )
 
 
 @pytest.fixture
@@ -54,7 +41,7 @@ async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
         settings = GatewaySettings(**{"max_body_bytes": 4000, "sync_timeout_s": 0.5, **overrides})
         gw = Gateway(client, js, blobs, NodeDirectory(ttl_s=60), settings, Metrics("gateway"))
         for name in ("node-a", "node-b", "node-c"):
-            gw.directory.apply(joined(name), seen_at=time.time())
+            gw.directory.apply(joined(dev_node_id(name)), seen_at=time.time())
         await gw.start()
         made.append(gw)
         return gw

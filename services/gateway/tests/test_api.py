@@ -13,25 +13,13 @@ import pytest
 from stipple_common import bus, subjects
 from stipple_common.blobstore import open_blob_store
 from stipple_common.identity import dev_node_id
-from stipple_common.messages import IndexedStake, NodeJoined, TaskSubmitted, task_event_decoder
+from stipple_common.messages import IndexedStake, TaskSubmitted, task_event_decoder
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_gateway.app import Gateway, GatewaySettings, create_app
+from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
-
-
-def joined(name, models=("tiny-sd",)):
-    node_id = dev_node_id(name)
-    return NodeJoined(
-        node_id=node_id,
-        device="cpu",
-        memory_bytes=1,
-        models=list(models),
-        version="0.1.0",
-        started_at=0.0,
-        address=node_id,
-    )
 
 
 @pytest.fixture
@@ -54,9 +42,10 @@ async def client(gateway):
         yield http
 
 
-def make_live(gateway, *nodes):
-    for node in nodes:
-        gateway.directory.apply(node, seen_at=time.time())
+def make_live(gateway, *names):
+    """Nodes `names` (their ids `dev_node_id(name)`) announced themselves just now."""
+    for name in names:
+        gateway.directory.apply(joined(dev_node_id(name)), seen_at=time.time())
 
 
 def stake(gateway, name, amount, owner=""):
@@ -126,7 +115,7 @@ async def test_no_nodes_is_503_and_unknown_model_is_422(client, gateway):
     response = await client.post("/v1/tasks", json=TASK)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_nodes"
-    make_live(gateway, joined("a"), joined("b"))
+    make_live(gateway, "a", "b")
     stake(gateway, "a", 10, owner="op-a")
     stake(gateway, "b", 10, owner="op-a")
     unknown = await client.post("/v1/tasks", json={**TASK, "base_model": "sdxl-base"})
@@ -143,7 +132,7 @@ async def test_no_nodes_is_503_and_unknown_model_is_422(client, gateway):
 
 
 async def test_accepted_task_is_published_with_a_concrete_seed(client, gateway):
-    make_live(gateway, joined("a"), joined("b"), joined("c"))
+    make_live(gateway, "a", "b", "c")
     response = await client.post("/v1/tasks", json=TASK)
     assert response.status_code == 202
     body = response.json()
@@ -163,7 +152,7 @@ async def test_accepted_task_is_published_with_a_concrete_seed(client, gateway):
 
 
 async def test_idempotency_key_makes_a_retry_the_same_task(client, gateway):
-    make_live(gateway, joined("a"), joined("b"), joined("c"))
+    make_live(gateway, "a", "b", "c")
     key = {"Idempotency-Key": uuid.uuid4().hex}
     first = (await client.post("/v1/tasks", json=TASK, headers=key)).json()["task_id"]
     second = (await client.post("/v1/tasks", json=TASK, headers=key)).json()["task_id"]
@@ -214,7 +203,7 @@ async def test_sdcn_errors_use_msg_and_sdcn_field_names(client, gateway):
 
 
 async def test_sdcn_times_out_with_a_clear_message_instead_of_hanging(client, gateway):
-    make_live(gateway, joined("a"), joined("b"), joined("c"))  # announced, but nobody works
+    make_live(gateway, "a", "b", "c")  # announced, but nobody works
     started = time.monotonic()
     response = await client.post("/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 2})
     assert time.monotonic() - started < 5
@@ -225,7 +214,7 @@ async def test_sdcn_times_out_with_a_clear_message_instead_of_hanging(client, ga
 
 
 async def test_nodes_listing(client, gateway):
-    make_live(gateway, joined("a"))
+    make_live(gateway, "a")
     body = (await client.get("/v1/nodes")).json()
     assert body["live"] == 1
     (node,) = body["nodes"]
@@ -255,7 +244,7 @@ async def test_nats_outage_is_503_not_500(fresh_nats_url):
 
 
 async def test_task_view_summarizes_input_images(client, gateway):
-    make_live(gateway, joined("a"), joined("b"), joined("c"))
+    make_live(gateway, "a", "b", "c")
     body = {**TASK, "kind": "img2img", "init_image": PNG}
     task_id = (await client.post("/v1/tasks", json=body)).json()["task_id"]
     view = (await client.get(f"/v1/tasks/{task_id}")).json()
@@ -274,7 +263,7 @@ async def test_unknown_paths_and_methods_answer_json_errors(client):
 
 
 async def test_the_fee_travels_with_the_task(client, gateway):
-    make_live(gateway, joined("a"), joined("b"), joined("c"))
+    make_live(gateway, "a", "b", "c")
     response = await client.post("/v1/tasks", json={**TASK, "fee": 250})
     assert response.status_code == 202
     task_id = response.json()["task_id"]

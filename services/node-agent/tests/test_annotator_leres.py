@@ -36,7 +36,7 @@ from stipple_node.annotators.leres import (
     run,
     select_patches,
 )
-from stipple_node.testing import StandIn
+from stipple_testkit.standin import StandIn
 
 ENCODER = "module.depth_model.encoder_modules.encoder."
 DECODER = "module.depth_model.decoder_modules."

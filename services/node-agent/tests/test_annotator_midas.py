@@ -13,7 +13,7 @@ from torch.nn import functional
 
 from stipple_node.annotators import BY_METHOD, REGISTRY
 from stipple_node.annotators.midas import MidasNetwork, _MaxPool2dSame, _StdConv2dSame, run
-from stipple_node.testing import StandIn
+from stipple_testkit.standin import StandIn
 
 BACKBONE = "pretrained.model.patch_embed.backbone."
 # (key, shape) of the published file

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from stipple_node import testing
 from stipple_node.annotators import BY_METHOD, REGISTRY
 from stipple_node.annotators.normalbae import (
     MEAN,
@@ -26,6 +25,7 @@ from stipple_node.annotators.normalbae import (
     run,
     to_published,
 )
+from stipple_testkit import standin
 
 E = "encoder.original_model."
 # (key, shape) of the published file, after the "module." prefix
@@ -73,7 +73,7 @@ def network() -> NormalBaeNetwork:
     return NormalBaeNetwork().eval()
 
 
-class StandIn(testing.StandIn):
+class StandIn(standin.StandIn):
     """A stand-in network: its full-size prediction is `make(input)` (N, 4, H, W), recording its input."""
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]

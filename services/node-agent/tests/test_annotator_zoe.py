@@ -17,7 +17,7 @@ from torch.nn import functional
 
 from stipple_node.annotators import BY_METHOD, REGISTRY, zoe
 from stipple_node.annotators.zoe import ZoeNetwork, infer, load, network_size, run, to_published
-from stipple_node.testing import StandIn
+from stipple_testkit.standin import StandIn
 
 MODEL = "core.core.pretrained.model."
 # (key, shape) of the published file's "model"

@@ -17,7 +17,7 @@ import pytest
 
 from stipple_node.store import ChecksumMismatch, DownloadFailed, ModelStore, ProgressEvent, StoreError
 from stipple_node.store.download import PART_NAME, ProgressReporter, file_name_from
-from stipple_node.store.testing import FileServer, Served
+from stipple_testkit.fileserver import FileServer, Served
 
 BODY = os.urandom(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()

@@ -26,7 +26,7 @@ from stipple_node.pipeline import (
     SafetyCheckerUnavailable,
 )
 from stipple_node.store import ModelStore
-from stipple_node.tinyzoo import TI_TOKEN, build_zoo
+from stipple_testkit.tinyzoo import TI_TOKEN, build_zoo
 
 pytestmark = pytest.mark.slow
 
@@ -413,7 +413,7 @@ def test_a_single_file_checkpoint_as_base_model(zoo: dict[str, Path], tmp_path: 
     Same weights as the folder (checked), so the same picture; not bit for bit, because
     the loaded tensors sit differently in memory and CPU kernels round differently
     (measured: 6e-7 in the UNet's output)."""
-    from stipple_node.tinyzoo import save_single_file
+    from stipple_testkit.tinyzoo import save_single_file
 
     checkpoint = save_single_file(zoo["tiny-sd"], tmp_path / "tiny-sd-single.safetensors")
     with ModelStore(tmp_path / "store", budget_bytes=None) as store:
@@ -433,7 +433,7 @@ def test_a_single_file_checkpoint_as_base_model(zoo: dict[str, Path], tmp_path: 
 
 
 def test_a_single_file_checkpoint_needs_a_folder_of_its_family(zoo: dict[str, Path], tmp_path: Path) -> None:
-    from stipple_node.tinyzoo import save_single_file
+    from stipple_testkit.tinyzoo import save_single_file
 
     checkpoint = save_single_file(zoo["tiny-sd"], tmp_path / "sd.safetensors")
     with ModelStore(tmp_path / "store", budget_bytes=None) as store:

@@ -16,7 +16,7 @@ from stipple_common.metrics import Metrics
 from stipple_node.metrics import GpuCollector
 from stipple_node.pipeline import ModelNotFound, PipelineRunner
 from stipple_node.store import ModelNotAvailable, ModelStore
-from stipple_node.store.testing import FileServer, Served
+from stipple_testkit.fileserver import FileServer, Served
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -360,8 +360,8 @@ async def test_a_lora_from_a_url_is_downloaded_with_progress_on_nats(fresh_nats_
     links are); the node downloads it, reports progress on downloads.<node_id>, uses it."""
     from stipple_node.service import DownloadReporter
     from stipple_node.store import ModelStore
-    from stipple_node.store.testing import FileServer, Served
-    from stipple_node.tinyzoo import make_tiny_lora
+    from stipple_testkit.fileserver import FileServer, Served
+    from stipple_testkit.tinyzoo import make_tiny_lora
 
     lora = make_tiny_lora(tmp_path / "lora.safetensors", base="sd15").read_bytes()
     reporter = DownloadReporter()
@@ -401,8 +401,8 @@ async def test_a_prefetch_request_downloads_the_model_and_announces_it(
 ):
     from stipple_common.messages import PrefetchRequest
     from stipple_node.store import ModelStore
-    from stipple_node.store.testing import FileServer, Served
-    from stipple_node.tinyzoo import make_tiny_lora
+    from stipple_testkit.fileserver import FileServer, Served
+    from stipple_testkit.tinyzoo import make_tiny_lora
 
     lora = make_tiny_lora(tmp_path / "lora.safetensors", base="sd15").read_bytes()
     js = control.js

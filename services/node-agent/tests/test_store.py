@@ -23,7 +23,7 @@ from stipple_node.store import (
     classify,
 )
 from stipple_node.store.hf import offline_patterns, select_files, variant_of
-from stipple_node.store.testing import FileServer, Served
+from stipple_testkit.fileserver import FileServer, Served
 
 KB = 1000
 

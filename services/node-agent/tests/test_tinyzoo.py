@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from stipple_common.errors import StippleError
-from stipple_node import tinyzoo
-from stipple_node.tinyzoo import (
+from stipple_testkit import tinyzoo
+from stipple_testkit.tinyzoo import (
     TI_TOKEN,
     ZOO_NAMES,
     build_zoo,

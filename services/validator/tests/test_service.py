@@ -20,7 +20,6 @@ from stipple_common.identity import dev_node_id, key_for
 from stipple_common.messages import (
     ImageResult,
     NodeErrored,
-    NodeJoined,
     NodeProbed,
     NodeQos,
     ProbeRequest,
@@ -38,6 +37,7 @@ from stipple_common.messages import (
 )
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
+from stipple_testkit.nodes import joined, publish_joined
 from stipple_validator.service import ValidatorSettings, serve
 
 pytestmark = pytest.mark.integration
@@ -67,17 +67,8 @@ async def net(fresh_nats_url):
     )
     stop = asyncio.Event()
     async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
-        for node, account in ACCOUNTS.items():
-            joined = NodeJoined(
-                node_id=node,
-                device="cpu",
-                memory_bytes=1,
-                models=["tiny-sd"],
-                version="0",
-                started_at=time.time(),
-                address=account.address,
-            )
-            await bus.publish(ctx.js, subjects.node_subject(node, "joined"), joined, msg_id=f"{node}:joined")
+        now = time.time()
+        await publish_joined(ctx.js, *(joined(n, address=a.address, started_at=now) for n, a in ACCOUNTS.items()))
         runner = asyncio.create_task(serve(ctx, settings))
         yield ctx
         stop.set()

@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -25,9 +26,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry import trace
 
-from . import tracing
+from . import ids, subjects, tracing
 from .errors import Rejected, StippleError
 from .logs import redact
+from .messages import Assignment, ControlMessage, NodeEvent, TaskEvent, event_name
 from .metrics import Metrics
 from .settings import InvalidSettings
 
@@ -140,6 +142,40 @@ async def publish(
     return ack.seq
 
 
+_NODE_EVENTS = get_args(NodeEvent)
+
+
+async def publish_event(
+    js: JetStreamContext,
+    event: TaskEvent | NodeEvent,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> int:
+    """Publish a task or node event on the subject and with the message id that the event
+    itself determines (`subjects.task_subject`, `subjects.node_subject`, `ids`): no
+    caller spells either. Returns the stream sequence."""
+    if isinstance(event, _NODE_EVENTS):
+        name = type(event).__struct_config__.tag
+        subject, msg_id = subjects.node_subject(event.node_id, name), ids.node_event(event)  # type: ignore[union-attr]
+    else:
+        subject = subjects.task_subject(event.task_id, event_name(event), getattr(event, "node_id", ""))
+        msg_id = ids.task_event(event)
+    return await publish(js, subject, event, msg_id=msg_id, headers=headers, timeout=timeout)
+
+
+async def publish_work(js: JetStreamContext, node_id: str, work: Assignment) -> int:
+    """An assignment on ``work.<node_id>.task``, one per task and node."""
+    return await publish(js, subjects.work_subject(node_id), work, msg_id=ids.work(work.task_id, node_id))
+
+
+async def publish_control(js: JetStreamContext, node_id: str, message: ControlMessage, *, round_id: int = 0) -> int:
+    """A reveal request, cancellation, pre-fetch or probe on ``work.<node_id>.control``."""
+    return await publish(
+        js, subjects.control_subject(node_id), message, msg_id=ids.control(message, node_id, round_id=round_id)
+    )
+
+
 async def read_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
     """Every message stored on `subject` (wildcards allowed), in stream order, with its
     headers and metadata.
@@ -189,8 +225,110 @@ class Redeliver:
 
 
 class Hold:
-    """A handler's answer: the handler keeps the message and acks it later itself (a
-    queue); it must keep it alive with `in_progress()` within the consumer's ack wait."""
+    """A handler's answer: the handler keeps the message and settles it later (a queue, a
+    batch): through `HeldMessages`, which keeps it alive meanwhile."""
+
+
+class HeldMessages:
+    """Messages a handler keeps after it returned `Hold()`, until it settles them.
+
+    The one place, besides `consume`, where a message is acknowledged: `keep_alive` tells
+    JetStream every `keepalive_s` (well within the consumer's ack wait) that each held
+    message is still being worked on, and `settle` acks a message, or, given the error
+    that stopped the work, naks or terms it by the same table as `consume` (a retryable
+    StippleError: nak with back-off; a final one: term; anything else: nak with back-off,
+    bounded by the consumer's max_deliver). A message JetStream no longer knows (acked
+    elsewhere, or its connection gone) is dropped with a log line, never an exception."""
+
+    def __init__(self, *, keepalive_s: float, name: str = "held") -> None:
+        self.keepalive_s = keepalive_s
+        self.name = name
+        self._held: dict[int, Msg] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, msg: Msg) -> Hold:
+        """Keep `msg` (the handler's answer: `return held.hold(msg)`)."""
+        self._held[id(msg)] = msg
+        return Hold()
+
+    def holds(self, msg: Msg) -> bool:
+        return id(msg) in self._held
+
+    async def settle(self, msg: Msg, error: BaseException | None = None) -> str:
+        """Ack `msg`, or settle it by the error that stopped its work; returns the outcome."""
+        self._held.pop(id(msg), None)
+        outcome = "ack"
+        try:
+            if error is None:
+                await msg.ack()
+            elif isinstance(error, StippleError) and not error.retryable:
+                outcome = "term"
+                await msg.term()
+            else:
+                outcome = "nak"
+                await msg.nak(delay=backoff(msg.metadata.num_delivered if msg.reply else 1))
+        except Exception as exc:  # JetStream redelivers it, or it was settled already
+            log.warning("held_message_not_settled", holder=self.name, outcome=outcome, error=repr(exc))
+        return outcome
+
+    async def redeliver(self, msg: Msg, delay: float) -> None:
+        """Give `msg` back, to be delivered again after `delay` seconds (a timer, not a failure)."""
+        self._held.pop(id(msg), None)
+        try:
+            await msg.nak(delay=delay)
+        except Exception as exc:
+            log.warning("held_message_not_settled", holder=self.name, outcome="redeliver", error=repr(exc))
+
+    def forget(self, msg: Msg) -> None:
+        """Stop keeping `msg` alive without settling it (JetStream redelivers it)."""
+        self._held.pop(id(msg), None)
+
+    async def keep_alive(self, stop: asyncio.Event) -> None:
+        """Extend every held message's ack deadline every `keepalive_s` until `stop`."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.keepalive_s)
+            for msg in list(self._held.values()):
+                try:
+                    await msg.in_progress()
+                except Exception as exc:  # the connection is away: JetStream redelivers it later
+                    log.warning("in_progress_failed", holder=self.name, error=repr(exc))
+
+
+async def supervise(
+    run: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    name: str,
+    metrics: Metrics | None = None,
+    max_failures: int = 5,
+    window_s: float = 60.0,
+) -> None:
+    """Run a consumer loop (`run`) until `stop`: the one supervision policy. A loop that
+    fails (NATS away at start, a lost connection, a bug) is logged with its traceback and
+    started again after a back-off; `max_failures` failures within `window_s` end the
+    service instead (raise), so that its supervisor (Kubernetes) starts it afresh."""
+    failures: deque[float] = deque()
+    while not stop.is_set():
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            now = time.monotonic()
+            failures.append(now)
+            while failures and now - failures[0] > window_s:
+                failures.popleft()
+            log.exception("consumer_failed", consumer=name, failures=len(failures))
+            if metrics is not None:
+                metrics.consumer_restarts.labels(name).inc()
+            if len(failures) >= max_failures:
+                raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff(len(failures), base=1.0, cap=15.0))
 
 
 Handler = Callable[[Msg], Awaitable[Redeliver | Hold | None]]

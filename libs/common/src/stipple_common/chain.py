@@ -25,8 +25,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -43,6 +41,7 @@ from web3.exceptions import ContractLogicError, TimeExhausted
 from web3.types import RPCEndpoint, TxReceipt
 
 from stipple_common.errors import StippleError
+from stipple_common.process import ManagedProcess, ProcessError
 
 EMBEDDED_URL = "eth-tester://"
 """`connect()` URL of the in-process EVM (py-evm through eth-tester)."""
@@ -756,10 +755,9 @@ _ANVIL_LISTEN = re.compile(r"Listening on (\S+):(\d+)")
 class Anvil:
     """A running anvil node on a port it picked itself. Use as a context manager or call stop()."""
 
-    process: subprocess.Popen[bytes]
+    process: ManagedProcess
     host: str
     port: int
-    _log: Any = field(repr=False)
 
     @property
     def url(self) -> str:
@@ -768,34 +766,16 @@ class Anvil:
     @classmethod
     def start(cls, *, binary: Path | None = None, extra_args: Sequence[str] = (), timeout_s: float = 20.0) -> Anvil:
         """Starts anvil with ``--port 0`` and reads the port it chose from its output."""
-        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         cmd = [str(binary or anvil_binary()), "--host", "127.0.0.1", "--port", "0", *extra_args]
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        text = ""
-        while time.monotonic() < deadline:
-            log.seek(0)
-            text = log.read().decode(errors="replace")
-            match = _ANVIL_LISTEN.search(text)
-            if match:
-                return cls(process=process, host=match.group(1), port=int(match.group(2)), _log=log)
-            if process.poll() is not None:
-                break
-            time.sleep(0.02)
-        process.kill()
-        process.wait()
-        log.close()
-        raise ChainError(f"anvil did not start within {timeout_s}s (exit {process.returncode}): {text.strip()[-2000:]}")
+        process = ManagedProcess("anvil", cmd).start()
+        try:
+            match = process.wait_ready(_ANVIL_LISTEN, timeout_s)
+        except ProcessError as exc:
+            raise ChainError(f"anvil did not start: {exc}") from None
+        return cls(process=process, host=match.group(1), port=int(match.group(2)))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        self.process.stop()
 
     def __enter__(self) -> Anvil:
         return self

@@ -14,6 +14,10 @@ import msgspec
 
 from . import subjects
 from .errors import Rejected
+from .records import Ban as Ban  # KV records, re-exported: they live in records.py
+from .records import IndexedStake as IndexedStake
+from .records import ban_decoder as ban_decoder
+from .records import indexed_stake_decoder as indexed_stake_decoder
 from .taskspec import TaskSpec
 
 # --------------------------------------------------------------------------- tasks
@@ -154,7 +158,7 @@ TaskEvent = (
 )
 # The events that end a task. They share one message id (`<task_id>:outcome`), so the
 # first published wins and a late second one is dropped by JetStream's deduplication.
-OUTCOME_EVENTS = ("succeeded", "aborted", "cancelled")
+OUTCOME_EVENTS = subjects.OUTCOME_EVENTS
 
 
 def event_name(event: TaskEvent) -> str:
@@ -377,25 +381,6 @@ chain_reply_decoder = msgspec.json.Decoder(ChainReply)
 # --------------------------------------------------------------------------- joining
 
 
-class IndexedStake(msgspec.Struct, frozen=True, kw_only=True):
-    """A node's stake as the chain says it, in the `stakes` KV bucket under its node id
-    (the chain-indexer's projection of NodeStaking's events)."""
-
-    stake: int = 0  # tokens staked (still counted while leaving)
-    leaving: bool = False  # asked to unstake: no longer active
-    owner: str = ""  # who staked for the node: its operator (node id form); "" = the node itself
-    block: int = 0  # the block of the event that set it
-
-
-class Ban(msgspec.Struct, frozen=True, kw_only=True):
-    """The `bans` KV bucket's value under a node id (NodeBanned, kept for the gatekeeper)."""
-
-    reason: str
-    detail: str
-    until: float
-    at: float
-
-
 AdmissionLevel = Literal["node", "applicant"]
 
 
@@ -428,8 +413,6 @@ class UploadReply(msgspec.Struct, frozen=True, kw_only=True):
 
 join_status_decoder = msgspec.json.Decoder(JoinStatus)
 upload_reply_decoder = msgspec.json.Decoder(UploadReply)
-indexed_stake_decoder = msgspec.json.Decoder(IndexedStake)
-ban_decoder = msgspec.json.Decoder(Ban)
 
 
 # --------------------------------------------------------------------------- queue

@@ -56,6 +56,12 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.consumer_restarts = Counter(
+            f"{prefix}_consumer_restarts_total",
+            "Consumer loops that failed and were started again (bus.supervise), by consumer",
+            ["consumer"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             f"{prefix}_rejected_messages_total",
             "Messages not believed (terminated): a payload its subject does not allow, a sender without the right, "

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .process import ManagedProcess, ProcessError
 
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
 
@@ -43,7 +43,7 @@ class NatsServer:
     store_dir: Path
     host: str = "127.0.0.1"
     port: int = 0
-    process: subprocess.Popen[bytes] | None = None
+    process: ManagedProcess | None = None
     _own_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
 
     @property
@@ -52,9 +52,17 @@ class NatsServer:
 
     @classmethod
     def start(
-        cls, store_dir: Path | None = None, *, host: str = "127.0.0.1", timeout: float = 15.0, config: str = ""
+        cls,
+        store_dir: Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        timeout: float = 15.0,
+        config: str = "",
     ) -> NatsServer:
-        """`config`: extra nats-server configuration (e.g. an authorization block)."""
+        """`config`: extra nats-server configuration (e.g. an authorization block); `port`:
+        -1 lets the server pick (a given one brings a stopped server back where its clients
+        knew it, with its JetStream store when `store_dir` is the same)."""
         own = None
         if store_dir is None:
             own = tempfile.TemporaryDirectory(prefix="stipple-nats-")
@@ -62,48 +70,26 @@ class NatsServer:
         store_dir.mkdir(parents=True, exist_ok=True)
         log_file = store_dir / "nats-server.log"
         log_file.unlink(missing_ok=True)
-        cmd = [
-            nats_server_binary(),
-            "-js",
-            "-a",
-            host,
-            "-p",
-            "-1",
-            "-sd",
-            str(store_dir / "jetstream"),
-            "-l",
-            str(log_file),
-        ]
+        # the server writes its log there (-l: whatever the configuration says), and its
+        # output (errors before the log opens) goes there too
+        cmd = [nats_server_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(store_dir / "jetstream")]
+        cmd += ["-l", str(log_file)]
         if config:
             config_file = store_dir / "server.conf"
             config_file.write_text(config)
             cmd += ["-c", str(config_file)]
-        process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        server = cls(store_dir=store_dir, host=host, process=process, _own_dir=own)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                raise NatsServerError(f"nats-server exited with code {process.returncode}: {err.strip()}")
-            text = log_file.read_text(errors="replace") if log_file.exists() else ""
-            match = _LISTEN.search(text)
-            if match and "Server is ready" in text:
-                server.port = int(match.group(2))
-                return server
-            time.sleep(0.02)
-        server.stop()
-        raise NatsServerError(f"nats-server did not become ready within {timeout}s (log: {log_file})")
+        process = ManagedProcess("nats-server", cmd, log_path=log_file).start()
+        try:
+            match = process.wait_ready(_ready, timeout)
+        except ProcessError as exc:
+            if own is not None:
+                own.cleanup()
+            raise NatsServerError(f"{exc} (log: {log_file})") from None
+        return cls(store_dir=store_dir, host=host, port=int(match.group(2)), process=process, _own_dir=own)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
+        if self.process is not None:
+            self.process.stop()
         if self._own_dir is not None:
             self._own_dir.cleanup()
             self._own_dir = None
@@ -113,6 +99,12 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _ready(log: str) -> re.Match[str] | None:
+    """The listening line, once the server says it is ready."""
+    match = _LISTEN.search(log)
+    return match if match and "Server is ready" in log else None
 
 
 @dataclass(frozen=True)

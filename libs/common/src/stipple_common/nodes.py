@@ -22,7 +22,6 @@ from nats.js.api import DeliverPolicy, KeyValueConfig
 
 from .errors import Rejected
 from .messages import (
-    IndexedStake,
     NodeBanned,
     NodeEvent,
     NodeHeartbeat,
@@ -30,8 +29,8 @@ from .messages import (
     NodeQos,
     NodeQuit,
     decode_node_event,
-    indexed_stake_decoder,
 )
+from .records import IndexedStake, indexed_stake_decoder
 from .subjects import NODES_STREAM, STAKES_BUCKET
 
 log = structlog.get_logger("stipple.nodes")

@@ -54,19 +54,25 @@ class ServiceContext:
         on_rejected: bus.OnRejected | None = None,
         create: bool = True,
     ) -> None:
-        """Run `handler` on a durable consumer until the service is asked to stop."""
-        await bus.consume(
-            self.js,
-            stream=stream,
-            config=config,
-            handler=handler,
-            stop=self.stop,
-            metrics=self.metrics,
-            tracer=self.tracer,
-            batch=batch,
-            on_rejected=on_rejected,
-            create=create,
-        )
+        """Run `handler` on a durable consumer until the service is asked to stop, under
+        the one supervision policy (`bus.supervise`: restarted after a failure, the
+        service ended after repeated ones)."""
+
+        async def run() -> None:
+            await bus.consume(
+                self.js,
+                stream=stream,
+                config=config,
+                handler=handler,
+                stop=self.stop,
+                metrics=self.metrics,
+                tracer=self.tracer,
+                batch=batch,
+                on_rejected=on_rejected,
+                create=create,
+            )
+
+        await bus.supervise(run, self.stop, name=config.durable_name or stream, metrics=self.metrics)
 
 
 async def drain(nc: NATS, timeout_s: float = 10.0) -> None:

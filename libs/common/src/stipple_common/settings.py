@@ -48,6 +48,9 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_fee: int = 10 * 10**18  # the largest fee a task may carry (smallest token unit; 10 tokens)
     validation_rate: float = 1.0  # the share of tasks run on three nodes and compared (all, today)
     undetected_rate: float = 0.1  # an estimate of how often a validated wrong result passes the pHash check
+    # what every service must agree on about nodes and tasks
+    node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
+    replication: int = 3  # nodes per task (the dispatcher assigns them; the gateway needs that many live)
 
 
 S = TypeVar("S", bound=msgspec.Struct)

@@ -1,4 +1,5 @@
-"""Subject names, stream names and consumer names: the whole NATS contract in one place.
+"""Subject names, stream names, KV bucket names and consumer configurations: the whole
+NATS contract in one place.
 
 The subject is the authority (docs/security.md): who wrote a message, about which task
 and which node, and what kind of event it is, are read from the subject the server
@@ -7,29 +8,45 @@ disagrees with its subject is rejected (`parse_task_subject`, `parse_node_subjec
 `messages.decode_task_event`).
 
 Streams
-- TASKS  ``tasks.<task_id>.<event>``: the control plane's task events (CONTROL_TASK_EVENTS);
-  ``tasks.<task_id>.<event>.<node_id>``: a node's (NODE_TASK_EVENTS), the only task
-  subjects a node may publish on, and only with its own id. The task is the fold of
-  ``tasks.<id>.>``.
-- WORK   ``work.<node_id>.task``: assignments for one node; ``work.<node_id>.control``: reveal
-  requests and cancellations for it (work-queue retention, one consumer each, created by
-  the gatekeeper when the node is admitted; nodes cannot create or change consumers).
+- TASKS  ``tasks.<task_id>.<event>``: the control plane's task events (CONTROL_TASK_EVENTS,
+  OUTCOME_EVENTS among them); ``tasks.<task_id>.<event>.<node_id>``: a node's
+  (NODE_TASK_EVENTS), the only task subjects a node may publish on, and only with its own
+  id. The task is the fold of ``tasks.<id>.>``.
+- WORK   ``work.<node_id>.task``: assignments for one node; ``work.<node_id>.control``: its
+  control messages (reveal requests, cancellations, model pre-fetches and the probes a
+  paused node must pass), work-queue retention, one consumer each, created by the
+  gatekeeper when the node is admitted; nodes cannot create or change consumers.
 - NODES  ``nodes.<node_id>.<event>``: what a node says of itself (NODE_SELF_EVENTS:
   announcements, heartbeats, quits, probe answers) and what the control plane says of it
   (NODE_CONTROL_EVENTS: QoS, bans); the last message per subject is kept.
+- CHAIN  ``chain.<contract>.<event>``: contract events from confirmed blocks, and
+  ``chain.reorg`` (CHAIN_REORG) when published blocks left the chain (the chain-indexer's).
 Core NATS (not stored)
 - ``progress.<task_id>.<node_id>``: per-step progress from nodes; lossy by design.
 - ``downloads.<node_id>``: model-download progress from a node's store.
 - ``dispatch.queue``: request-reply, a task id -> its QueueStatus (the dispatcher answers).
-- ``rpc.chain.<node_id>``: a node's requests to the chain relay; ``rpc.chain.gateway``: the
-  gateway's fee reservations (no node may publish there).
+- ``rpc.chain.<node_id>``: a node's requests to the chain relay; ``rpc.chain.gateway``
+  (RESERVE_SUBJECT): the gateway's fee reservations (no node may publish there).
 - ``rpc.blobs.<node_id>[.>]``: a node's uploads, to the gatekeeper's blob intake.
 - ``rpc.join.<node_id>``: "am I admitted, and if not, why?" (the gatekeeper answers).
+KV buckets (their records: records.py)
+- ``qos``, ``chain`` (deployment, cursor), ``stakes``, ``bans``; objects in IMAGES_BUCKET.
+Durable consumers (their configurations are built here, so every instance of a service
+shares one): `dispatcher_consumer`, `validator_consumer`, `settler_consumer` and
+`webhooks_consumer` on TASKS; `node_work_consumer` and `node_control_consumer` on WORK.
 """
 
 from __future__ import annotations
 
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 TASKS_STREAM = "TASKS"
 WORK_STREAM = "WORK"
@@ -190,6 +207,64 @@ def node_control_consumer(node_id: str) -> ConsumerConfig:
         max_deliver=5,
         max_ack_pending=1_000,
         inactive_threshold=24 * 3600.0,
+    )
+
+
+# The events that end a task (a task has one: whichever is stored first).
+OUTCOME_EVENTS = ("succeeded", "aborted", "cancelled")
+WEBHOOKS_DURABLE = "gateway-webhooks"
+
+
+def dispatcher_consumer() -> ConsumerConfig:
+    """The dispatcher's: what fills and empties its queue and frees nodes. Queued tasks'
+    messages are held (not acked) while they wait."""
+    events = ("submitted", "cancelled", "started", "committed", "errored", "succeeded", "aborted")
+    return ConsumerConfig(
+        durable_name=DISPATCHER_DURABLE,
+        filter_subjects=[all_tasks(e) for e in events],
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=10.0,  # held (queued) messages are kept alive every 4 s
+        max_deliver=-1,
+        max_ack_pending=20_000,  # the most tasks that can wait in the queue
+    )
+
+
+def validator_consumer() -> ConsumerConfig:
+    """The validator's: every task event, in order (its in-memory fold needs them all)."""
+    return ConsumerConfig(
+        durable_name=VALIDATOR_DURABLE,
+        filter_subject="tasks.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=50,
+        max_ack_pending=20_000,
+    )
+
+
+def settler_consumer() -> ConsumerConfig:
+    """The chain-indexer's settler: submissions (escrow) and outcomes (settle, refund,
+    slash), held until their transaction is mined."""
+    return ConsumerConfig(
+        durable_name=SETTLER_DURABLE,
+        filter_subjects=[all_tasks(name) for name in ("submitted", *OUTCOME_EVENTS)],
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=120.0,  # held until the batch's receipt; kept alive meanwhile
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    )
+
+
+def webhooks_consumer(*, timeout_s: float, max_attempts: int) -> ConsumerConfig:
+    """The gateways' webhooks (one consumer shared by every gateway): outcomes to POST.
+    A POST may take `timeout_s`; a message is delivered at most `max_attempts` times."""
+    return ConsumerConfig(
+        durable_name=WEBHOOKS_DURABLE,
+        description="gateway: POST outcomes to tasks' webhook_url",
+        filter_subjects=[all_tasks(event) for event in OUTCOME_EVENTS],
+        deliver_policy=DeliverPolicy.NEW,  # when first created: outcomes from then on
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=timeout_s + 30.0,
+        max_deliver=max_attempts,
     )
 
 

@@ -22,41 +22,27 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import msgspec
 import structlog
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Gauge
 from web3.exceptions import BlockNotFound
 
-from stipple_common import bus, subjects
+from stipple_common import bus, ids, records, subjects
 from stipple_common.chain import ChainError, ChainEvent, StippleChain
 from stipple_common.messages import ChainLog, ChainReorg
 from stipple_common.metrics import Metrics
+from stipple_common.records import ChainCursor
 
 log = structlog.get_logger("stipple.chain.follower")
 
 T = TypeVar("T")
 CallChain = Callable[[Callable[[], T]], Awaitable[T]]  # runs a blocking web3 call on the chain thread
 
-CURSOR_KEY = "cursor"
 KEEP_HASHES = 128  # how deep a reorg can be survived
 MAX_BLOCKS_PER_STEP = 256
-
-
-class Cursor(msgspec.Struct):
-    number: int = -1  # the last block whose events are published; -1: none yet
-    hashes: dict[int, str] = {}  # number -> hash of the last KEEP_HASHES published blocks
-
-    @property
-    def hash(self) -> str:
-        return self.hashes.get(self.number, "")
-
-
-_cursor_decoder = msgspec.json.Decoder(Cursor)
 
 
 def json_value(value: Any) -> object:
@@ -92,7 +78,7 @@ class ChainFollower:
     metrics: Metrics
     on_log: Callable[[ChainLog], Awaitable[None]] | None = None  # projections (stakes)
     start_block: int = 0
-    cursor: Cursor = field(default_factory=Cursor)
+    cursor: ChainCursor = field(default_factory=ChainCursor)
 
     def __post_init__(self) -> None:
         registry = self.metrics.registry
@@ -121,11 +107,8 @@ class ChainFollower:
         self.addresses = [self.chain.deployment.token, self.chain.deployment.staking, self.chain.deployment.payment]
 
     async def load(self) -> None:
-        try:
-            entry = await self.kv.get(CURSOR_KEY)
-            self.cursor = _cursor_decoder.decode(entry.value or b"{}")
-        except KeyNotFoundError:
-            self.cursor = Cursor(number=self.start_block - 1)
+        cursor = await records.get(self.kv, records.CURSOR_KEY, records.cursor_decoder)
+        self.cursor = cursor if cursor is not None else ChainCursor(number=self.start_block - 1)
         log.info("chain_cursor_loaded", block=self.cursor.number)
 
     async def run(self, stop: asyncio.Event, poll_s: float) -> None:
@@ -173,13 +156,11 @@ class ChainFollower:
             if self.on_log is not None:
                 for event in events:
                     await self.on_log(event)
-            self.cursor.hashes[number] = block_hash
-            self.cursor.number = number
-            for old in [n for n in self.cursor.hashes if n <= number - KEEP_HASHES]:
-                del self.cursor.hashes[old]
+            kept = {n: h for n, h in self.cursor.hashes.items() if n > number - KEEP_HASHES}
+            self.cursor = ChainCursor(number=number, hashes={**kept, number: block_hash})
             taken += 1
         if taken:
-            await self.kv.put(CURSOR_KEY, msgspec.json.encode(self.cursor))
+            await records.put(self.kv, records.CURSOR_KEY, self.cursor)
         self.lag.set(max(0, head - self.cursor.number))
         self.indexed.set(self.cursor.number)
         self.last_step.set(time.time())
@@ -190,7 +171,7 @@ class ChainFollower:
             self.js,
             subjects.chain_subject(event.contract, event.event),
             event,
-            msg_id=f"{event.block_hash}:{event.log_index}",
+            msg_id=ids.chain_log(event),
         )
         self.published.labels(event.contract, event.event).inc()
 
@@ -211,10 +192,9 @@ class ChainFollower:
             )
         orphaned = [self.cursor.hashes[n] for n in sorted(self.cursor.hashes) if n > fork]
         event = ChainReorg(from_block=fork + 1, orphaned=orphaned, at=time.time())
-        await bus.publish(self.js, subjects.CHAIN_REORG, event, msg_id=f"reorg:{orphaned[0]}")
-        self.cursor.hashes = {n: h for n, h in self.cursor.hashes.items() if n <= fork}
-        self.cursor.number = fork
-        await self.kv.put(CURSOR_KEY, msgspec.json.encode(self.cursor))
+        await bus.publish(self.js, subjects.CHAIN_REORG, event, msg_id=ids.chain_reorg(event))
+        self.cursor = ChainCursor(number=fork, hashes={n: h for n, h in self.cursor.hashes.items() if n <= fork})
+        await records.put(self.kv, records.CURSOR_KEY, self.cursor)
         self.reorgs.inc()
         log.warning("chain_reorg", from_block=fork + 1, orphaned=len(orphaned))
 

@@ -23,7 +23,6 @@ the follower's calls go first; the relay's wait behind them (`ChainThread`).
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -35,23 +34,22 @@ import msgspec
 import structlog
 from eth_account import Account
 from nats.js.api import KeyValueConfig
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from stipple_common import chain as ch
-from stipple_common import subjects
+from stipple_common import records, subjects
 from stipple_common.economics import Economics
 from stipple_common.economics import check as check_economics
 from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
-from stipple_common.messages import ChainLog, IndexedStake, indexed_stake_decoder
-from stipple_common.nodes import NodeDirectory
+from stipple_common.messages import ChainLog
+from stipple_common.records import IndexedStake
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .follower import ChainFollower
 from .relay import Relay, RelayLimits
-from .settler import Settler, consumer_config
+from .settler import Settler
 
 log = structlog.get_logger("stipple.chain")
 
@@ -71,7 +69,6 @@ class IndexerSettings(CommonSettings, frozen=True, kw_only=True):
     settle_batch: int = 50  # tasks per settle or refund transaction
     settle_wait_s: float = 1.0  # how long task events wait for a batch to fill
     slash_amount: int = 0  # tokens a wrong result costs (smallest unit); 0: the minimum stake
-    node_ttl_s: float = 10.0
     # the embedded chain's deployment
     min_stake: int = 100 * TOKEN
     unstake_cooldown_s: int = 7 * 24 * 3600
@@ -243,17 +240,15 @@ async def serve(
         )
         custodial = settings.custodial_account or address
         min_stake = await call(chain.minimum_stake)
-        info = {
-            "chain_id": chain_id,
-            "url": settings.chain_url,
-            "account": address,
-            "custodial": custodial,
-            "min_stake": min_stake,  # the gatekeeper admits nodes by it
+        record = records.ChainDeployment(
+            chain_id=chain_id,
+            url=settings.chain_url,
+            account=address,
+            custodial=custodial,
+            min_stake=min_stake,  # the gatekeeper admits nodes by it
             **deployment.to_dict(),
-        }
-        await kv.put("deployment", json.dumps(info).encode())
-        directory = NodeDirectory(ttl_s=settings.node_ttl_s)
-        nodes_sub = await directory.follow(ctx.js)
+        )
+        await records.put(kv, records.DEPLOYMENT_KEY, record)
         follower = ChainFollower(
             chain=chain,
             call=call,
@@ -268,7 +263,6 @@ async def serve(
             chain=chain,
             call=call,
             js=ctx.js,
-            directory=directory,
             sender=sender,
             app=custodial,
             metrics=ctx.metrics,
@@ -294,11 +288,10 @@ async def serve(
         if ch.is_embedded(w3):
             background.append(asyncio.create_task(mine_blocks(w3, call, ctx.stop, settings.embedded_block_s)))
         try:
-            await ctx.consume(subjects.TASKS_STREAM, consumer_config(), settler.handle)
+            await ctx.consume(subjects.TASKS_STREAM, subjects.settler_consumer(), settler.handle)
         finally:
             ctx.stop.set()
             await asyncio.gather(*background)
-            await nodes_sub.unsubscribe()  # type: ignore[attr-defined]
             await relay_sub.unsubscribe()
             await relay.close()
     finally:
@@ -341,15 +334,11 @@ class StakeProjection:
         else:
             remaining = int(str(event.args["remaining"]))
             new = IndexedStake(stake=remaining, leaving=current.leaving, owner=current.owner, block=block)
-        await self.kv.put(node, msgspec.json.encode(new))
+        await records.put(self.kv, node, new)
 
     async def get(self, node: str) -> IndexedStake | None:
         """The entry of `node` (a node id or an address in any case); None when there is none."""
-        try:
-            entry = await self.kv.get(node_id_of(node))
-        except KeyNotFoundError:
-            return None
-        return indexed_stake_decoder.decode(entry.value or b"{}")
+        return await records.get(self.kv, node_id_of(node), records.indexed_stake_decoder)
 
 
 def _owner(node: str, event: ChainLog) -> str:

@@ -6,10 +6,11 @@ and holds each message until its transaction is mined:
 
 - `submitted` with a fee: the fee is escrowed from the app's account (custodial mode:
   the wallet this indexer holds for the gateway's apps), many tasks to a transaction.
-- `succeeded`: the fee goes to the nodes that agreed, in proportion to this task's QoS
-  scores (10/5/2 by commit order; equal shares when all are 0), in one `settle`
-  transaction for up to `batch_max` tasks. A node judged `mismatch` or `bad_commitment`
-  is slashed `slash_amount` (never more than it holds).
+- `succeeded`: the fee goes to the nodes that agreed, at their addresses (a node id is
+  one), in proportion to this task's QoS scores (10/5/2 by commit order; equal shares
+  when all are 0: the rule is stipple_common.settlement's), in one `settle` transaction
+  for up to `batch_max` tasks. A node judged `mismatch` or `bad_commitment` is slashed
+  `slash_amount` (never more than it holds).
 - `aborted` and `cancelled`: the fee is refunded, batched the same way.
 
 "At most once" rests on the chain itself: before sending, the settler reads each task's
@@ -30,14 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from eth_utils import to_checksum_address
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import bus, subjects, tracing
+from stipple_common import bus, settlement, subjects, tracing
 from stipple_common.chain import ChainUnavailable, ContractReverted, Sender, Settlement, StippleChain, TaskState
+from stipple_common.identity import is_node_id
 from stipple_common.messages import (
     SLASHABLE,
     TaskAborted,
@@ -48,23 +50,11 @@ from stipple_common.messages import (
     task_event_decoder,
 )
 from stipple_common.metrics import Metrics
-from stipple_common.nodes import NodeDirectory
 
 log = structlog.get_logger("stipple.chain.settler")
 
 RESERVATION_TTL_S = 600.0
 Outcome = TaskSucceeded | TaskAborted | TaskCancelled
-
-
-def consumer_config() -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=subjects.SETTLER_DURABLE,
-        filter_subjects=[subjects.all_tasks(name) for name in ("submitted", "succeeded", "aborted", "cancelled")],
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=120.0,  # held until the batch's receipt; kept alive meanwhile
-        max_deliver=-1,
-        max_ack_pending=20_000,
-    )
 
 
 @dataclass
@@ -79,13 +69,14 @@ class Settler:
     chain: StippleChain
     call: Callable[[Callable[[], Any]], Awaitable[Any]]
     js: JetStreamContext
-    directory: NodeDirectory
     sender: Sender  # GATEWAY_ROLE (escrow), SETTLER_ROLE (settle, refund), VALIDATOR_ROLE (slash)
     app: str  # the custodial account apps' fees are escrowed from
     metrics: Metrics
     batch_max: int = 50
     slash_amount: int = 0  # 0: the minimum stake
     held: list[_Held] = field(default_factory=list)
+    # their messages, unacknowledged until the batch is on chain (kept alive within the 120 s ack wait)
+    messages: bus.HeldMessages = field(default_factory=lambda: bus.HeldMessages(keepalive_s=30.0, name="settler"))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     reserved: dict[str, tuple[int, float]] = field(default_factory=dict)  # task -> (fee, when), not yet escrowed
     ledger: asyncio.Lock = field(default_factory=asyncio.Lock)  # reservations and escrows, one at a time
@@ -137,19 +128,24 @@ class Settler:
         self.backlog.set(len(self.held))
         if len(self.held) >= self.batch_max:
             self.wake.set()
-        return bus.Hold()
+        return self.messages.hold(msg)
 
     async def run(self, stop: asyncio.Event, wait_s: float) -> None:
         """Flush the held events every `wait_s` (or as soon as a batch is full)."""
-        while not stop.is_set():
-            if len(self.held) < self.batch_max:  # a full batch goes at once
-                try:
-                    await asyncio.wait_for(self.wake.wait(), wait_s)
-                except TimeoutError:
-                    pass
-            self.wake.clear()
-            if self.held:
-                await self.flush()
+        touching = asyncio.create_task(self.messages.keep_alive(stop))
+        try:
+            while not stop.is_set():
+                if len(self.held) < self.batch_max:  # a full batch goes at once
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), wait_s)
+                    except TimeoutError:
+                        pass
+                self.wake.clear()
+                if self.held:
+                    await self.flush()
+        finally:
+            touching.cancel()
+            await asyncio.gather(touching, return_exceptions=True)
 
     async def flush(self) -> None:
         batch, self.held = self.held[: self.batch_max * 2], self.held[self.batch_max * 2 :]
@@ -166,13 +162,13 @@ class Settler:
             await self._nak(batch, 60.0)
             return
         for held in batch:
-            await held.msg.ack()
+            await self.messages.settle(held.msg)
             if not isinstance(held.event, TaskSubmitted):
                 self.latency.observe(time.monotonic() - held.since)
 
     async def _nak(self, batch: list[_Held], delay: float) -> None:
         for held in batch:
-            await held.msg.nak(delay=delay)
+            await self.messages.redeliver(held.msg, delay)
 
     async def _settle(self, batch: list[_Held]) -> None:
         submitted = {h.event.task_id: h.event for h in batch if isinstance(h.event, TaskSubmitted)}
@@ -188,8 +184,8 @@ class Settler:
             states[task_id] = TaskState.ESCROWED
         pay = [o for o in outcomes if isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
         back = [o for o in outcomes if not isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
-        settlements = [s for s in (self._settlement(o) for o in pay) if s is not None]
-        back_ids = [o.task_id for o in back] + [o.task_id for o in pay if self._settlement(o) is None]
+        settlements = [s for s in (settlement.settlement_of(o) for o in pay) if s is not None]
+        back_ids = [o.task_id for o in back] + [o.task_id for o in pay if settlement.settlement_of(o) is None]
         await self._send_batch("settle", settlements, lambda items: self.chain.settle(self.sender, items))
         await self._send_batch("refund", back_ids, lambda items: self.chain.refund(self.sender, items))
         skipped = len(outcomes) - len(settlements) - len(back_ids)
@@ -200,17 +196,6 @@ class Settler:
             if not isinstance(outcome, TaskCancelled):
                 with tracing.task_logs(outcome.task_id, carriers.get(outcome.task_id)):
                     await self._slash(outcome)
-
-    def _settlement(self, outcome: TaskSucceeded) -> Settlement | None:
-        agreeing = [n for n, v in outcome.verdicts.items() if v == "agree" and self.directory.address(n)]
-        if not agreeing:
-            return None  # nobody to pay: refunded instead
-        shares = [outcome.qos.get(n, 0) for n in agreeing]
-        if sum(shares) == 0:
-            shares = [1] * len(agreeing)
-        return Settlement(
-            task_id=outcome.task_id, nodes=[self.directory.address(n) or "" for n in agreeing], shares=shares
-        )
 
     async def _send_batch(self, kind: str, items: list[Any], send: Callable[[list[Any]], Any]) -> None:
         """Send `items` in batches of `batch_max`; a batch that reverts because a task in it
@@ -290,9 +275,9 @@ class Settler:
 
     async def _slash(self, outcome: TaskSucceeded | TaskAborted) -> None:
         for node_id, verdict in outcome.verdicts.items():
-            address = self.directory.address(node_id)
-            if verdict not in SLASHABLE or not address:
+            if verdict not in SLASHABLE or not is_node_id(node_id):
                 continue
+            address = to_checksum_address(node_id)  # a node id is its address in lower case
             if await self.call(lambda a=address: self.chain.slashed_for(a, outcome.task_id)):
                 continue
             staked = await self.call(lambda a=address: self.chain.stake_of(a))

@@ -40,11 +40,11 @@ import numpy as np
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
+from nats.js.api import DeliverPolicy, KeyValueConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
-from stipple_common import __version__, bus, subjects, tracing
+from stipple_common import __version__, bus, records, subjects, tracing
 from stipple_common.errors import Rejected
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
@@ -69,7 +69,6 @@ from stipple_common.messages import (
     TaskSucceeded,
     decode_node_event,
     decode_task_event,
-    indexed_stake_decoder,
 )
 from stipple_common.metrics import Metrics
 from stipple_common.service import ServiceContext, open_service
@@ -83,10 +82,8 @@ log = structlog.get_logger("stipple.dispatcher")
 
 
 class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
-    replication: int = 3  # nodes per task
     task_timeout_s: float = 120.0  # from assignment to every node's commitment
     dispatch_timeout_s: float = 30.0  # how long a task may wait in the queue for free nodes
-    node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
     node_slots: int = 1  # tasks in flight per node
     min_stake: int = 0  # smallest stake a node needs (the chain-indexer's `stakes` bucket says what each holds)
     model_memory_gb: str = ""  # name=GB[,...]: the (V)RAM a model's tasks need on a node
@@ -152,6 +149,9 @@ class Dispatcher:
         # task -> its trace context (traceparent), for what the pump and the timers do later
         self.traces: dict[str, dict[str, str]] = {}
         self.lock = asyncio.Lock()
+        # queued tasks' `submitted` messages, unacknowledged until the task is assigned (a
+        # dispatcher that dies loses nothing), kept alive well within the consumer's 10 s ack wait
+        self.held = bus.HeldMessages(keepalive_s=3.0, name="dispatcher-queue")
         self.dispatched = Counter(
             "stipple_dispatcher_tasks_total",
             "Tasks handled, by result (assigned, reassigned, prefetch, no_nodes, unservable, cancelled)",
@@ -199,8 +199,11 @@ class Dispatcher:
 
     async def submitted(self, event: TaskSubmitted, msg: Msg) -> bus.Hold | None:
         if event.task_id in self.queue:  # redelivered while still queued: keep the newest message
-            self.queue[event.task_id].msg = msg
-            return bus.Hold()
+            queued = self.queue[event.task_id]
+            if queued.msg is not None and queued.msg is not msg:
+                self.held.forget(queued.msg)
+            queued.msg = msg
+            return self.held.hold(msg)
         if event.task_id in self.running:  # a second `submitted` for a task this process assigned
             assigned = await self.previous_assignment(event.task_id)
             if assigned is not None:
@@ -222,7 +225,7 @@ class Dispatcher:
         )
         self.traces[event.task_id] = tracing.carrier()  # the assignment continues this trace
         await self.maybe_prefetch(event.spec)
-        return bus.Hold()
+        return self.held.hold(msg)
 
     async def maybe_prefetch(self, spec: TaskSpec) -> None:
         """Ask live nodes to fetch a wanted model that too few of them hold."""
@@ -254,23 +257,21 @@ class Dispatcher:
             request = PrefetchRequest(ref=ref, kind=kind)
             round_id = int(now // settings.prefetch_cooldown_s)
             for node_id in chosen:
-                await bus.publish(
-                    self.js, subjects.control_subject(node_id), request, msg_id=f"prefetch:{ref}:{node_id}:{round_id}"
-                )
+                await bus.publish_control(self.js, node_id, request, round_id=round_id)
             self.dispatched.labels("prefetch").inc(len(chosen))
             log.info("prefetch_requested", ref=ref, nodes=chosen, holders=len(holders))
 
     async def cancel(self, task_id: str) -> None:
         queued = self.queue.pop(task_id, None)
-        if queued is not None and queued.msg is not None:
-            await queued.msg.ack()
+        if queued is not None:
+            await self._ack(queued)
         nodes = self.members.get(task_id)
         if nodes is None and queued is None:  # not assigned by this process: ask the stream
             assigned = await self.previous_assignment(task_id)
             nodes = assigned.nodes if assigned else []
         for node_id in nodes or []:
             cancel = CancelWork(task_id=task_id)
-            await bus.publish(self.js, subjects.control_subject(node_id), cancel, msg_id=f"{task_id}:{node_id}:cancel")
+            await bus.publish_control(self.js, node_id, cancel)
         self.dispatched.labels("cancelled").inc()
         log.info("task_cancelled", nodes=nodes or [], was_queued=queued is not None)
 
@@ -310,18 +311,15 @@ class Dispatcher:
             return
         deadline = now + self.settings.task_timeout_s
         reassigned = TaskReassigned(task_id=task_id, replaced=node, by=by, deadline=deadline)
-        await bus.publish(
-            self.js, subjects.task_subject(task_id, "reassigned"), reassigned, msg_id=f"{task_id}:re:{node}"
-        )
+        await bus.publish_event(self.js, reassigned)
         members.append(by)
         self.release(task_id, [node])
         self.index.assigned([by])
         self.inflight.setdefault(task_id, set()).add(by)
         self.accepting[(task_id, by)] = now
         work = Assignment(task_id=task_id, spec=event.spec, deadline=deadline)
-        await bus.publish(self.js, subjects.work_subject(by), work, msg_id=f"{task_id}:{by}:work")
-        cancel = CancelWork(task_id=task_id)
-        await bus.publish(self.js, subjects.control_subject(node), cancel, msg_id=f"{task_id}:{node}:cancel")
+        await bus.publish_work(self.js, by, work)
+        await bus.publish_control(self.js, node, CancelWork(task_id=task_id))
         self.dispatched.labels("reassigned").inc()
         log.warning("node_replaced", task_id=task_id, replaced=node, by=by)
 
@@ -388,9 +386,7 @@ class Dispatcher:
         """Publish the assignment and the nodes' work (in the task's trace: see `traces`)."""
         event = queued.event
         assigned = TaskAssigned(task_id=event.task_id, nodes=nodes, deadline=time.time() + self.settings.task_timeout_s)
-        await bus.publish(
-            self.js, subjects.task_subject(event.task_id, "assigned"), assigned, msg_id=f"{event.task_id}:assigned"
-        )
+        await bus.publish_event(self.js, assigned)
         del self.queue[event.task_id]
         self.index.assigned(nodes)
         self.inflight[event.task_id] = set(nodes)
@@ -405,33 +401,27 @@ class Dispatcher:
         log.info("task_assigned", task_id=event.task_id, nodes=nodes)
 
     async def _ack(self, queued: Queued) -> None:
+        """The queued task is done with (assigned, aborted, cancelled): its `submitted`
+        message is acknowledged (a failed ack: the redelivery finds the task assigned or ended)."""
         if queued.msg is not None:
-            try:
-                await queued.msg.ack()
-            except Exception as exc:  # the redelivery finds the task assigned or ended
-                log.warning("ack_failed", task_id=queued.event.task_id, error=str(exc))
+            await self.held.settle(queued.msg)
 
-    async def keep_alive(self, stop: asyncio.Event, every_s: float = 0.5, touch_s: float = 4.0) -> None:
-        """Pump on a clock (nodes free up, time out, join) and keep held messages alive."""
-        last_touch = time.monotonic()
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), every_s)
-            except TimeoutError:
-                pass
-            async with self.lock:
-                await self.replace_silent_nodes()
-                await self.pump()
-                if time.monotonic() - last_touch >= touch_s:
-                    last_touch = time.monotonic()
-                    for queued in list(self.queue.values()):
-                        if queued.msg is not None:
-                            try:
-                                await queued.msg.in_progress()
-                            except Exception as exc:
-                                task_id = queued.event.task_id
-                                with tracing.task_logs(task_id, self.traces.get(task_id)):
-                                    log.warning("in_progress_failed", error=str(exc))
+    async def keep_alive(self, stop: asyncio.Event, every_s: float = 0.5) -> None:
+        """Pump on a clock (nodes free up, time out, join); the held `submitted` messages
+        are kept alive by `self.held` meanwhile."""
+        touching = asyncio.create_task(self.held.keep_alive(stop))
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), every_s)
+                except TimeoutError:
+                    pass
+                async with self.lock:
+                    await self.replace_silent_nodes()
+                    await self.pump()
+        finally:
+            touching.cancel()
+            await asyncio.gather(touching, return_exceptions=True)
 
     def status(self, task_id: str) -> QueueStatus:
         """Where a task stands in the queue: position among the tasks that compete for
@@ -480,29 +470,12 @@ class Dispatcher:
 
     async def send_work(self, event: TaskSubmitted, assigned: TaskAssigned) -> None:
         work = Assignment(task_id=event.task_id, spec=event.spec, deadline=assigned.deadline)
-        await asyncio.gather(
-            *(
-                bus.publish(self.js, subjects.work_subject(node), work, msg_id=f"{event.task_id}:{node}:work")
-                for node in assigned.nodes
-            )
-        )
+        await asyncio.gather(*(bus.publish_work(self.js, node, work) for node in assigned.nodes))
 
     async def abort(self, task_id: str, reason: str, detail: str) -> None:
         aborted = TaskAborted(task_id=task_id, reason=reason, detail=detail)
-        await bus.publish(self.js, subjects.task_subject(task_id, "aborted"), aborted, msg_id=f"{task_id}:outcome")
+        await bus.publish_event(self.js, aborted)
         log.warning("task_aborted", reason=reason, detail=detail)
-
-
-def consumer_config() -> ConsumerConfig:
-    events = ("submitted", "cancelled", "started", "committed", "errored", "succeeded", "aborted")
-    return ConsumerConfig(
-        durable_name=subjects.DISPATCHER_DURABLE,
-        filter_subjects=[subjects.all_tasks(e) for e in events],
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=10.0,  # held (queued) messages are kept alive every 4 s
-        max_deliver=-1,
-        max_ack_pending=20_000,  # the most tasks that can wait in the queue
-    )
 
 
 async def follow_nodes(js: JetStreamContext, index: NodeIndex, catch_up_s: float = 10.0) -> object:
@@ -563,7 +536,7 @@ async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: Dispatc
                 index.set_stake(entry.key.lower(), 0)
                 continue
             try:
-                stake = indexed_stake_decoder.decode(entry.value or b"{}")
+                stake = records.indexed_stake_decoder.decode(entry.value or b"{}")
             except msgspec.DecodeError as exc:
                 log.warning("bad_stake_entry", key=entry.key, error=str(exc))
                 continue
@@ -602,7 +575,7 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
     clock = asyncio.create_task(dispatcher.keep_alive(ctx.stop))
     log.info("dispatcher_started", replication=settings.replication, nodes=index.size)
     try:
-        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), dispatcher.handle, batch=64)
+        await ctx.consume(subjects.TASKS_STREAM, subjects.dispatcher_consumer(), dispatcher.handle, batch=64)
     finally:
         await clock
         await status_sub.unsubscribe()

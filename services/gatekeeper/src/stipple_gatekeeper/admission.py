@@ -9,7 +9,6 @@ keeps the two buckets in memory (watched), so a connection is decided without I/
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import msgspec
@@ -18,8 +17,9 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from stipple_common import subjects
-from stipple_common.messages import Ban, IndexedStake, JoinStatus, ban_decoder, indexed_stake_decoder
+from stipple_common import records, subjects
+from stipple_common.messages import JoinStatus
+from stipple_common.records import Ban, IndexedStake
 
 log = structlog.get_logger("stipple.gatekeeper.admission")
 
@@ -93,18 +93,17 @@ class Registry:
     def _apply(self, bucket: str, key: str, value: bytes | None, operation: str | None) -> None:
         deleted = operation in ("DEL", "PURGE") or not value
         if bucket == subjects.CHAIN_BUCKET:
-            if key == "deployment" and not deleted:
-                minimum = json.loads(value or b"{}").get("min_stake")
-                self.chain_min_stake = int(minimum) if minimum is not None else None
+            if key == records.DEPLOYMENT_KEY and not deleted:
+                self.chain_min_stake = records.deployment_decoder.decode(value or b"{}").min_stake
             return
         node_id = key.lower()
         if bucket == subjects.STAKES_BUCKET:
             if deleted:
                 self.stakes.pop(node_id, None)
             else:
-                self.stakes[node_id] = indexed_stake_decoder.decode(value or b"{}")
+                self.stakes[node_id] = records.indexed_stake_decoder.decode(value or b"{}")
         elif deleted:
             self.bans.pop(node_id, None)
         else:
-            self.bans[node_id] = ban_decoder.decode(value or b"{}")
+            self.bans[node_id] = records.ban_decoder.decode(value or b"{}")
         self.changed.put_nowait(node_id)

@@ -92,8 +92,6 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     port: int = 8080
     max_body_bytes: int = 2_000_000
     sync_timeout_s: float = 120.0  # how long the synchronous SDCN endpoints wait for an outcome
-    replication: int = 3  # must match the dispatcher's
-    node_ttl_s: float = 10.0
     default_model: str = "tiny-sd"  # for SDCN requests that name no model
     # "" = keys off (anyone may call); "id:secret:rate_per_minute[:burst],..." or "@/path/to/file"
     api_keys: str = ""
@@ -134,6 +132,7 @@ class Gateway:
         self.progress = ProgressBoard(self.settings.progress_max_tasks)
         self.wallet = CustodialWallet(self.nc, self.js)
         self.closing = asyncio.Event()  # set when the gateway stops: ends the events streams
+        self.fatal = asyncio.Event()  # set when a background worker gave up: the service stops
         self._subs: list[Any] = []
         self._workers: list[asyncio.Task[None]] = []
         self.webhooks: Webhooks | None = None
@@ -190,7 +189,16 @@ class Gateway:
             self._subs.append(await self.nc.subscribe(subjects.all_tasks(outcome), cb=self._on_outcome))
         if self.webhooks is not None:
             run = self.webhooks.run(self.closing, concurrency=self.settings.webhook_concurrency, metrics=self.metrics)
-            self._workers.append(asyncio.create_task(run, name="webhooks"))
+            worker = asyncio.create_task(run, name="webhooks")
+            worker.add_done_callback(self._worker_ended)
+            self._workers.append(worker)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """A background consumer that gave up (bus.supervise) ends the gateway, as any
+        other service's would: its supervisor starts it afresh."""
+        if not task.cancelled() and task.exception() is not None and not self.closing.is_set():
+            log.error("gateway_worker_gave_up", worker=task.get_name(), error=repr(task.exception()))
+            self.fatal.set()
 
     async def stop(self) -> None:
         self.closing.set()
@@ -266,7 +274,7 @@ class Gateway:
             webhook_url=webhook_url,
             fee=fee,
         )
-        await bus.publish(self.js, subjects.task_subject(task_id, "submitted"), event, msg_id=f"{task_id}:submitted")
+        await bus.publish_event(self.js, event)
         self.submitted.labels(source).inc()
         self._accepted[task_id] = event.submitted_at
         while len(self._accepted) > MAX_TIMED_TASKS:
@@ -443,7 +451,7 @@ class Gateway:
             raise self._finished_error(loaded.task)
         detail = f"cancelled by the app (API key {owner})" if owner else "cancelled by the app"
         event = TaskCancelled(task_id=task_id, detail=detail)
-        await bus.publish(self.js, subjects.task_subject(task_id, "cancelled"), event, msg_id=f"{task_id}:outcome")
+        await bus.publish_event(self.js, event)
         loaded = await self.load_task(task_id, owner)  # the first outcome stored wins: was it ours?
         if loaded.task.status != "cancelled":
             raise self._finished_error(loaded.task)

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
-from stipple_common import subjects
+from stipple_common import records, subjects
 from stipple_common.messages import ReserveRequest, chain_reply_decoder, encode
 
 from .errors import ApiError
@@ -61,7 +61,7 @@ class CustodialWallet:
     async def _has_chain(self) -> bool:
         if self.chain is None:
             try:
-                await (await self.js.key_value(subjects.CHAIN_BUCKET)).get("deployment")
+                await (await self.js.key_value(subjects.CHAIN_BUCKET)).get(records.DEPLOYMENT_KEY)
                 self.chain = True
             except (BucketNotFoundError, KeyNotFoundError):
                 return False  # not yet, perhaps: ask again next time

@@ -76,7 +76,11 @@ async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
     server = Server(config, on_exit=gateway.closing.set)
 
     async def stop_when_asked() -> None:
-        await ctx.stop.wait()
+        stopped = asyncio.create_task(ctx.stop.wait())
+        fatal = asyncio.create_task(gateway.fatal.wait())  # a worker gave up (bus.supervise)
+        await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        fatal.cancel()
         gateway.closing.set()  # events streams end, so uvicorn's shutdown does not wait on them
         server.should_exit = True
 

@@ -28,19 +28,18 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig
 from prometheus_client import CollectorRegistry, Counter
 
 from stipple_common import bus, subjects, tracing
 from stipple_common.errors import InvalidInput
-from stipple_common.messages import OUTCOME_EVENTS
 from stipple_common.metrics import Metrics
 
 from .views import TaskView
 
 log = structlog.get_logger("stipple.gateway")
 
-WEBHOOK_DURABLE = "gateway-webhooks"
+WEBHOOK_DURABLE = subjects.WEBHOOKS_DURABLE
 MAX_URL_CHARS = 2000
 SIGNATURE_HEADER = "X-Stipple-Signature"
 
@@ -137,15 +136,7 @@ class Webhooks:
         )
 
     def consumer_config(self) -> ConsumerConfig:
-        return ConsumerConfig(
-            durable_name=WEBHOOK_DURABLE,
-            description="gateway: POST outcomes to tasks' webhook_url",
-            filter_subjects=[subjects.all_tasks(event) for event in OUTCOME_EVENTS],
-            deliver_policy=DeliverPolicy.NEW,  # when first created: outcomes from then on
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.timeout_s + 30.0,
-            max_deliver=self.max_attempts,
-        )
+        return subjects.webhooks_consumer(timeout_s=self.timeout_s, max_attempts=self.max_attempts)
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         task_id = subjects.subject_token(msg.subject, 1)
@@ -191,21 +182,18 @@ class Webhooks:
             await asyncio.gather(*(self._worker(stop, metrics) for _ in range(max(1, concurrency))))
 
     async def _worker(self, stop: asyncio.Event, metrics: Metrics | None) -> None:
-        """One consumer loop, started again if it fails (NATS down at start, a lost connection)."""
-        while not stop.is_set():
-            try:
-                await bus.consume(
-                    self.js,
-                    stream=subjects.TASKS_STREAM,
-                    config=self.consumer_config(),
-                    handler=self.handle,
-                    stop=stop,
-                    metrics=metrics,
-                    batch=1,
-                )
-            except Exception:
-                log.exception("webhook_worker_failed")
-                try:
-                    await asyncio.wait_for(stop.wait(), 5.0)
-                except TimeoutError:
-                    pass
+        """One consumer loop under the one supervision policy (`bus.supervise`): started
+        again after a failure; repeated failures end it, and with it the gateway."""
+
+        async def run() -> None:
+            await bus.consume(
+                self.js,
+                stream=subjects.TASKS_STREAM,
+                config=self.consumer_config(),
+                handler=self.handle,
+                stop=stop,
+                metrics=metrics,
+                batch=1,
+            )
+
+        await bus.supervise(run, stop, name="gateway-webhooks", metrics=metrics)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import msgspec
 import nats.errors
 import structlog
 from eth_account.signers.local import LocalAccount
@@ -62,6 +61,7 @@ from stipple_common.messages import (
     ResultRevealed,
     RevealRequest,
     TaskCommitted,
+    TaskEvent,
     TaskStarted,
     assignment_decoder,
     control_decoder,
@@ -273,24 +273,15 @@ class NodeAgent:
                 node_id=self.node_id, at=time.time(), busy=self.busy, models_loaded=self.runner.loaded()[:256]
             )
             try:
-                await bus.publish(
-                    self.js,
-                    subjects.node_subject(self.node_id, "heartbeat"),
-                    beat,
-                    msg_id=f"{self.node_id}:hb:{beat.at}",
-                )
+                await bus.publish_event(self.js, beat)
             except Exception as exc:
                 log.warning("heartbeat_failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.heartbeat_s)
 
-    async def _publish_event(self, event: msgspec.Struct, name: str, task_id: str) -> None:
-        await bus.publish(
-            self.js,
-            subjects.task_subject(task_id, name, self.node_id),
-            event,
-            msg_id=f"{task_id}:{self.node_id}:{name}",
-        )
+    async def _publish_event(self, event: TaskEvent) -> None:
+        """One of this node's task events, on its own subject (`bus.publish_event`)."""
+        await bus.publish_event(self.js, event)
 
     def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str) -> Callable[[int, int], None]:
         subject = subjects.progress_subject(task_id, self.node_id)
@@ -332,7 +323,7 @@ class NodeAgent:
         """Run the task; its prepared commitment, or None when it ended otherwise (an
         `errored` event, a cancellation). `started` goes out while the diffusion starts."""
         started_event = TaskStarted(task_id=work.task_id, node_id=self.node_id)
-        announce = asyncio.create_task(self._publish_event(started_event, "started", work.task_id))
+        announce = asyncio.create_task(self._publish_event(started_event))
         started = time.perf_counter()
         self.busy = True
         keep_alive = asyncio.create_task(self._keep_alive(msg))
@@ -401,7 +392,7 @@ class NodeAgent:
 
     async def _commit(self, task_id: str, pending: _Committed) -> None:
         with tracing.task_span("node.commit", task_id=task_id, node_id=self.node_id):
-            await self._publish_event(pending.event, "committed", task_id)
+            await self._publish_event(pending.event)
 
     async def _upload(self, pending: _Committed) -> None:
         if pending.uploaded.is_set():
@@ -425,12 +416,7 @@ class NodeAgent:
                 return
             await asyncio.to_thread(self.store.resolve, request.ref, kind=request.kind)
             joined = self.announcement()
-            await bus.publish(
-                self.js,
-                subjects.node_subject(self.node_id, "joined"),
-                joined,
-                msg_id=f"{self.node_id}:joined:{time.time()}",
-            )
+            await bus.publish_event(self.js, joined)  # new content, so a new message id
             log.info("prefetched", ref=request.ref, models_on_disk=len(joined.models_on_disk))
         except StippleError as exc:
             log.warning("prefetch_failed", ref=request.ref, code=exc.code, error=exc.message)
@@ -477,7 +463,7 @@ class NodeAgent:
             nonce=pending.nonce,
         )
         with tracing.task_span("node.reveal", task_id=message.task_id, node_id=self.node_id):
-            await self._publish_event(revealed, "revealed", message.task_id)
+            await self._publish_event(revealed)
         self.tasks.labels("revealed").inc()
         return None
 
@@ -501,8 +487,7 @@ class NodeAgent:
             error=error,
         )
         try:
-            subject = subjects.node_subject(self.node_id, "probed")
-            await bus.publish(self.js, subject, answer, msg_id=f"{self.node_id}:probe:{request.probe_id}")
+            await bus.publish_event(self.js, answer)
             log.info("probe_answered", probe_id=request.probe_id, error=error, elapsed_s=round(answer.elapsed_s, 3))
         except (nats.errors.Error, TimeoutError) as exc:  # unanswered: the validator sends another probe
             log.warning("probe_not_answered", probe_id=request.probe_id, error=str(exc))
@@ -516,7 +501,7 @@ class NodeAgent:
 
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
         event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
-        await self._publish_event(event, "errored", work.task_id)
+        await self._publish_event(event)
         self.tasks.labels(code).inc()
         log.warning("task_failed", code=code, error=message)
 
@@ -746,9 +731,7 @@ async def serve(
     node_id = agent.node_id
     check_node_id(settings, agent.account.address)
     joined = agent.announcement()
-    await bus.publish(
-        ctx.js, subjects.node_subject(node_id, "joined"), joined, msg_id=f"{node_id}:joined:{joined.started_at}"
-    )
+    await bus.publish_event(ctx.js, joined)
     log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
     beats = asyncio.create_task(agent.heartbeat(ctx.stop))
     control = asyncio.create_task(
@@ -764,9 +747,7 @@ async def serve(
         await control
         quit_event = NodeQuit(node_id=node_id, at=time.time())
         try:
-            await bus.publish(
-                ctx.js, subjects.node_subject(node_id, "quit"), quit_event, msg_id=f"{node_id}:quit:{quit_event.at}"
-            )
+            await bus.publish_event(ctx.js, quit_event)
             log.info("node_quit", node_id=node_id)
         except Exception as exc:  # the TTL retires the node anyway
             log.warning("node_quit_not_announced", node_id=node_id, error=str(exc))

@@ -104,7 +104,7 @@ class Prober:
                 spec=probe_spec(node.models[0], secrets.randbelow(2**31)),
                 deadline=now + self.timeout_s,
             )
-            await bus.publish(self.js, subjects.control_subject(node_id), request, msg_id=f"probe:{node_id}:{probe_id}")
+            await bus.publish_control(self.js, node_id, request)
             self.sent[node_id] = _Sent(probe_id, request.deadline)
             due.append(node_id)
             log.info("probe_sent", node_id=node_id, probe_id=probe_id, model=node.models[0])
@@ -123,9 +123,7 @@ class Prober:
         window = await self.windows.add(event.node_id, Sample(task_id=changed_by, score=0, verdict=CLEARED))
         if window is not None:
             qos = summary(event.node_id, window, changed_by)
-            await bus.publish(
-                self.js, subjects.node_subject(event.node_id, "qos"), qos, msg_id=f"{event.node_id}:qos:{changed_by}"
-            )
+            await bus.publish_event(self.js, qos)
         self.pause_changed(event.node_id, False)
         log.info("node_cleared", node_id=event.node_id, probe_id=event.probe_id, elapsed_s=event.elapsed_s)
         return True

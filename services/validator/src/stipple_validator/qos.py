@@ -10,25 +10,17 @@ does not pause it again.
 
 from __future__ import annotations
 
-import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
+from stipple_common import records
 from stipple_common.messages import NodeQos
+from stipple_common.records import QosSample as Sample  # the window's record (records.py)
 
 QOS_WINDOW = 50  # a node's QoS is the mean of its last 50 scored tasks
 PAUSE_WINDOW = 3  # ... and 2 timeouts among its last 3 pause it
 PAUSE_TIMEOUTS = 2
 CLEARED = "cleared"  # the verdict of a passed check's marker
-
-
-class Sample(msgspec.Struct, array_like=True, frozen=True):
-    task_id: str
-    score: int
-    verdict: str
-
-
-_window_decoder = msgspec.json.Decoder(list[Sample])
 
 
 def recent_timeouts(window: list[Sample]) -> int:
@@ -65,7 +57,7 @@ class QosWindows:
             if any(s.task_id == sample.task_id for s in window):
                 return None
             window = [*window, sample][-QOS_WINDOW:]
-            data = msgspec.json.encode(window)
+            data = records.encode(window)
             try:
                 if revision is None:
                     await self.kv.create(node_id, data)
@@ -93,4 +85,4 @@ class QosWindows:
             entry = await self.kv.get(node_id)
         except KeyNotFoundError:
             return [], None
-        return _window_decoder.decode(entry.value or b"[]"), entry.revision
+        return records.qos_window_decoder.decode(entry.value or b"[]"), entry.revision

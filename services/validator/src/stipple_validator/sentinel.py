@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from prometheus_client import Counter
 
-from stipple_common import bus, subjects
+from stipple_common import bus
 from stipple_common.identity import is_node_id
 from stipple_common.messages import Ban, NodeBanned
 from stipple_common.metrics import Metrics
@@ -95,9 +95,7 @@ class Sentinel:
         text = f"{len(window)} refused messages within {self.window_s:g} s; the last: {reason}: {detail[:300]}"
         await self.bans.put(node_id, msgspec.json.encode(Ban(reason=reason, detail=text, until=until, at=now)))
         event = NodeBanned(node_id=node_id, reason=reason, detail=text, until=until, at=now)
-        await bus.publish(
-            self.js, subjects.node_subject(node_id, "banned"), event, msg_id=f"{node_id}:banned:{int(now)}"
-        )
+        await bus.publish_event(self.js, event)
         self.banned_until[node_id] = until
         window.clear()
         self.bans_total.labels(reason).inc()

@@ -42,7 +42,7 @@ from typing import get_args
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig
+from nats.js.api import KeyValueConfig
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -83,7 +83,6 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     phash_threshold: int = 6  # max Hamming distance (of 64 bits) for two images to count as the same
     deadline_grace_s: float = 0.5
     reveal_timeout_s: float = 10.0  # from the reveal opening to every committed node's reveal
-    node_ttl_s: float = 10.0
     fold_cache: int = 100_000  # unfinished tasks kept folded in memory
     probe_every_s: float = 5.0  # how often a paused, live node is sent the check (probes.py)
     probe_timeout_s: float = 60.0  # how long a node has to answer it
@@ -202,7 +201,7 @@ class Validator:
                 return await self.publish_outcome(task)
             opened = TaskRevealOpened(task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s)
             with tracing.task_span("validator.open_reveal", task_id=task_id, committed=len(committed)):
-                await bus.publish(self.js, subjects.task_subject(task_id, "reveal"), opened, msg_id=f"{task_id}:reveal")
+                await bus.publish_event(self.js, opened)
                 await self.request_reveals(apply(task, opened))  # at once: not after reading our own event back
         elif event_name == "assigned":
             return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
@@ -275,12 +274,7 @@ class Validator:
         assert task.reveal_deadline is not None
         self.requested.add(task.task_id)
         request = RevealRequest(task_id=task.task_id, deadline=task.reveal_deadline)
-        await asyncio.gather(
-            *(
-                bus.publish(self.js, subjects.control_subject(node), request, msg_id=f"{task.task_id}:{node}:reveal")
-                for node in task.committed_nodes()
-            )
-        )
+        await asyncio.gather(*(bus.publish_control(self.js, node, request) for node in task.committed_nodes()))
 
     async def publish_outcome(self, task: Task | None) -> bus.Redeliver | None:
         if task is None or task.finished:
@@ -293,8 +287,7 @@ class Validator:
             outcome = decide(task, self.settings.phash_threshold, addresses, checked)
             kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
             span.set_attributes({"stipple.outcome": kind, "stipple.reason": outcome.reason})
-            subject = subjects.task_subject(task.task_id, kind)
-            await bus.publish(self.js, subject, outcome, msg_id=f"{task.task_id}:outcome")
+            await bus.publish_event(self.js, outcome)
         self.outcomes.labels(kind, outcome.reason).inc()
         for verdict in outcome.verdicts.values():
             self.verdicts.labels(verdict).inc()
@@ -330,7 +323,7 @@ class Validator:
         if window is None:
             return  # already counted
         event = summary(node_id, window, task_id)
-        await bus.publish(self.js, subjects.node_subject(node_id, "qos"), event, msg_id=f"{node_id}:qos:{task_id}")
+        await bus.publish_event(self.js, event)
         paused = event.recent_timeouts >= PAUSE_TIMEOUTS
         self.prober.pause_changed(node_id, paused)
         if paused:
@@ -345,17 +338,6 @@ def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
         except Rejected as exc:
             log.warning("event_ignored", reason=exc.reason, sender=exc.sender, error=exc.message)
     return events
-
-
-def consumer_config() -> ConsumerConfig:
-    return ConsumerConfig(
-        durable_name=subjects.VALIDATOR_DURABLE,
-        filter_subject="tasks.>",  # every event: the in-memory fold needs them all, in order
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=30.0,
-        max_deliver=50,
-        max_ack_pending=20_000,
-    )
 
 
 async def run(settings: ValidatorSettings) -> None:
@@ -394,7 +376,9 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     log.info("validator_started", threshold=settings.phash_threshold)
     probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
     try:
-        await ctx.consume(subjects.TASKS_STREAM, consumer_config(), validator.handle, on_rejected=validator.on_rejected)
+        await ctx.consume(
+            subjects.TASKS_STREAM, subjects.validator_consumer(), validator.handle, on_rejected=validator.on_rejected
+        )
     finally:
         ctx.stop.set()
         await probing

@@ -1,4 +1,4 @@
-"""Test helpers that ship with the package (as store/testing.py does): not used by the node."""
+"""A stand-in for an annotator's network, for the node agent's annotator tests."""
 
 from __future__ import annotations
 

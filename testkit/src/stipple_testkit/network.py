@@ -13,7 +13,8 @@ network closes the connection). A test picks the parts it needs:
         honest = await net.node(runner, "honest-1")       # its node id: dev_node_id("honest-1")
 
 `Network.plain(url)` is the same on a server without authentication (the gatekeeper then
-only takes uploads). Everything stops when the block ends.
+only takes uploads). `control_plane_and_nodes` starts the usual set (gatekeeper, dispatcher,
+validator, and a node per name). Everything stops when the block ends.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from stipple_common import bus, subjects
 from stipple_common.identity import key_for, node_id_of
 from stipple_common.messages import TaskAborted, TaskSubmitted, TaskSucceeded, decode_task_event
 from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
+from stipple_common.process import free_port
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.taskspec import parse_task
 from stipple_dispatcher.service import DispatcherSettings
@@ -146,7 +148,6 @@ class Network:
         return settings
 
     async def gateway(self, **overrides: Any) -> Any:
-        from stipple_cli.network import free_port
         from stipple_gateway.service import GatewaySettings
         from stipple_gateway.service import serve as serve_gateway
 
@@ -162,6 +163,22 @@ class Network:
                 writer.close()
                 break
         return settings
+
+    async def control_plane_and_nodes(
+        self,
+        runner: PipelineRunner,
+        agents: list[tuple[str, type[NodeAgent]]],
+        *,
+        dispatcher: dict[str, Any] | None = None,
+        validator: dict[str, Any] | None = None,
+    ) -> None:
+        """The real gatekeeper, dispatcher and validator (with these settings), and one node
+        agent per (name, NodeAgent type), as tasks of this process, each on its own connection."""
+        await self.gatekeeper()
+        await self.dispatcher(**(dispatcher or {}))
+        await self.validator(**(validator or {}))
+        for name, agent_type in agents:
+            await self.node(runner, name, agent_type)
 
     async def run_task(
         self,
