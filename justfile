@@ -16,10 +16,10 @@ up *args:
 make-tiny-model dir=".stipple/models/tiny-sd":
     stipple-node make-tiny-model {{ dir }}
 
-# Lint, check deploy/k8s, then every test (what CI runs)
+# Lint, type-check, check deploy/k8s, then every test (what CI runs)
 [group('test')]
-test *args: lint k8s-check
-    python -m pytest {{ args }}
+test *args: lint typecheck k8s-check
+    python -m pytest -n 2 --dist loadfile {{ args }}
 
 # Only the fast unit tests (no servers)
 [group('test')]
@@ -30,6 +30,11 @@ unit *args:
 [group('test')]
 k8s-check:
     python deploy/tools/k8s_check.py
+
+# mypy --strict over libs/common and the services' domain modules (the files in pyproject's [tool.mypy])
+[group('test')]
+typecheck:
+    python -m mypy
 
 # ruff lint and format check
 [group('test')]

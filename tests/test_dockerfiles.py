@@ -5,7 +5,7 @@ parser of the instruction format below: continuation lines, comments, JSON or sh
 and check what a build or a Kubernetes pod would trip over: a COPY of a path that does not
 exist or that .dockerignore keeps out of the context, an ENTRYPOINT that is not one of the
 service's console scripts, a final stage running as root, the node agent's torch pin
-drifting from ./dev's, metrics that listen on localhost only.
+drifting from uv.lock's, metrics that listen on localhost only.
 """
 
 from __future__ import annotations
@@ -146,10 +146,15 @@ def pyproject(service: str) -> dict:
     return tomllib.loads((ROOT / "services" / service / "pyproject.toml").read_text())
 
 
+def locked() -> dict[str, str]:
+    """Package name -> the version uv.lock pins (what ./dev installs)."""
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    return {package["name"]: package["version"] for package in lock["package"] if "version" in package}
+
+
 def dev_torch_pin() -> str:
-    pins = re.findall(r"[\"']torch==([^\"']+)[\"']", (ROOT / "dev").read_text())
-    assert len(set(pins)) == 1, f"./dev should pin torch exactly once, found {pins}"
-    return pins[0]
+    """torch's release in uv.lock, without the build tag (2.13.0+cpu: 2.13.0)."""
+    return locked()["torch"].partition("+")[0]
 
 
 def test_every_service_has_a_dockerfile() -> None:
@@ -168,7 +173,10 @@ def test_copy_sources_exist_and_are_in_the_build_context(service: str) -> None:
             assert sources, f"line {instruction.line}: COPY without a source"
             if from_stage:
                 source_stage = next(f for f in instruction.words() if f.startswith("--from="))[7:]
-                assert source_stage in stage_names, f"line {instruction.line}: no earlier stage {source_stage!r}"
+                pinned_image = re.fullmatch(r"[\w.-]+(/[\w.-]+)+:\d[\w.-]*", source_stage)  # uv's image, by release
+                assert source_stage in stage_names or pinned_image, (
+                    f"line {instruction.line}: no earlier stage and no image of a fixed release: {source_stage!r}"
+                )
                 continue
             for source in sources:
                 assert not source.startswith(("/", "..")), f"line {instruction.line}: {source} is outside the context"
@@ -176,6 +184,38 @@ def test_copy_sources_exist_and_are_in_the_build_context(service: str) -> None:
                 assert not ignored(source, patterns), f"line {instruction.line}: COPY {source}: .dockerignore drops it"
         if stage.name:
             stage_names.add(stage.name)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_build_installs_the_locked_versions(service: str) -> None:
+    """Every dependency comes at the version uv.lock pins, hash-checked: what the tests ran."""
+    build = dockerfile(service)[0]
+    copied = {source for instruction in build.all("COPY") for source in copy_sources(instruction)[0]}
+    assert {"pyproject.toml", "uv.lock"} <= copied
+    runs = " ".join(i.args for i in build.all("RUN"))
+    name = pyproject(service)["project"]["name"]
+    assert f"uv export --frozen --no-dev --package {name} --no-emit-workspace" in runs
+    assert "--require-hashes" in runs
+    uv_images = [w for i in build.all("COPY") for w in i.words() if w.startswith("--from=ghcr.io/astral-sh/uv:")]
+    assert uv_images == [f"--from=ghcr.io/astral-sh/uv:{locked()['uv']}"], "the uv the lock names"
+
+
+def test_what_decides_a_nodes_pixels_is_pinned_exactly_and_as_locked() -> None:
+    """Nodes that run one task must compute identical images: the node agent pins the packages
+    that decide pixels (and the validator the ones that recompute pHash) to uv.lock's versions."""
+    versions = locked()
+    pixel_deciding = {"torch", "numpy", "diffusers", "transformers", "tokenizers", "safetensors", "peft"}
+    pixel_deciding |= {"accelerate", "compel", "pillow", "opencv-python-headless", "imagehash", "scipy"}
+    for service, names in (("node-agent", pixel_deciding), ("validator", {"pillow", "imagehash", "scipy"})):
+        pins = {}
+        for requirement in pyproject(service)["project"]["dependencies"]:
+            name, op, version = re.match(
+                r"([\w.-]+)(?:\[[^]]*\])?\s*(==|>=|<=|~=|>|<)?\s*([^\s;,]*)", requirement
+            ).groups()
+            pins[name.lower()] = (op, version)
+        for name in names:
+            assert pins.get(name, (None,))[0] == "==", f"{service}: {name} is not pinned exactly"
+            assert versions[name].partition("+")[0] == pins[name][1], f"{service}: {name} differs from uv.lock"
 
 
 @pytest.mark.parametrize("service", SERVICES)

@@ -107,6 +107,7 @@ async def test_a_control_service_killed_mid_batch_loses_nothing(network: LocalNe
     check_all_succeeded_once(found, honest=set(network.node_ids().values()))
 
 
+@pytest.mark.timeout(150)  # waits out the stage deadlines of three rounds of tasks: about 30 s
 async def test_a_node_killed_mid_task_is_timed_out_and_the_tasks_still_end(network: LocalNetwork) -> None:
     wait_live(network, 3)
     task_ids = submit_batch(network, steps=20)

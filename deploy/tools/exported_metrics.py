@@ -1,20 +1,19 @@
 """Every metric the services export, read from their real registries.
 
-Each service's metric holders are built as the service builds them (the consumer loop's
-`Metrics`, the gateway, its webhooks, the dispatcher, the validator, the chain-indexer's
-follower and settler, a node agent with its runner and model store) on a registry of its
-own, without NATS or a chain: the holders only store those. Then every registry is
-walked with ``collect()``: a family is there even before it has a sample.
+Each service's collectors are declared in its own metrics module (`stipple_<service>.metrics`),
+which is built here as the service builds it, on a registry of its own with the common
+`Metrics` (the consumer loop's), without NATS or a chain: the gateway's (webhooks on, as
+production runs it), the dispatcher's, the validator's, the chain-indexer's follower, settler
+and relay, the gatekeeper's callout, intake and enforcer, a node agent's with its runner's
+and model store's. Then every registry is walked with ``collect()``: a family is there even
+before it has a sample.
 
     .venv/bin/python deploy/tools/exported_metrics.py   # prints name, type, service
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
 
 from prometheus_client import CollectorRegistry
 
@@ -52,71 +51,48 @@ def registries() -> dict[str, CollectorRegistry]:
     out = {}
 
     # gateway (with webhooks on, as production runs it)
-    from stipple_common.nodes import NodeDirectory
-    from stipple_gateway.app import Gateway, GatewaySettings
+    from stipple_gateway.metrics import GatewayMetrics
 
     metrics = Metrics("gateway")
-    Gateway(None, None, None, NodeDirectory(ttl_s=10), GatewaySettings(webhook_secret="x"), metrics)  # type: ignore[arg-type]
+    GatewayMetrics(metrics.registry, webhooks=True)
     out["gateway"] = metrics.registry
 
+    from stipple_dispatcher.metrics import DispatcherMetrics
+    from stipple_dispatcher.queue import TaskQueue
     from stipple_dispatcher.selection import NodeIndex
-    from stipple_dispatcher.service import Dispatcher, DispatcherSettings
+    from stipple_dispatcher.settings import DispatcherSettings
 
     metrics = Metrics("dispatcher")
-    Dispatcher(None, NodeIndex(), DispatcherSettings(), metrics)  # type: ignore[arg-type]
+    DispatcherMetrics(metrics.registry, TaskQueue(NodeIndex(), DispatcherSettings()))
     out["dispatcher"] = metrics.registry
 
-    from stipple_validator.probes import Prober
-    from stipple_validator.service import Validator, ValidatorSettings
+    from stipple_validator.metrics import ValidatorMetrics
 
     metrics = Metrics("validator")
-    directory = NodeDirectory(ttl_s=10)
-    prober = Prober(None, directory, None, every_s=5, timeout_s=60)  # type: ignore[arg-type]
-    from stipple_validator.sentinel import Sentinel
-
-    sentinel = Sentinel(None, None, metrics, strikes=1, window_s=1, ban_s=1)  # type: ignore[arg-type]
-    Validator(None, directory, None, prober, ValidatorSettings(), metrics, None, sentinel)  # type: ignore[arg-type]
+    ValidatorMetrics(metrics.registry)
     out["validator"] = metrics.registry
 
-    from stipple_chain_indexer.follower import ChainFollower
-    from stipple_chain_indexer.settler import Settler
+    from stipple_chain_indexer.metrics import FollowerMetrics, RelayMetrics, SettlerMetrics
 
     metrics = Metrics("chain-indexer")
-    chain = SimpleNamespace(deployment=SimpleNamespace(token="0x0", staking="0x0", payment="0x0"))
-    ChainFollower(chain, None, None, None, 2, metrics)  # type: ignore[arg-type]
-    Settler(chain, None, None, None, "", metrics)  # type: ignore[arg-type]
-    from stipple_chain_indexer.relay import Relay
-
-    Relay(chain, None, None, False, 0, metrics)  # type: ignore[arg-type]
+    FollowerMetrics(metrics.registry)
+    SettlerMetrics(metrics.registry)
+    RelayMetrics(metrics.registry)
     out["chain-indexer"] = metrics.registry
 
-    from stipple_gatekeeper.admission import Registry
-    from stipple_gatekeeper.callout import Callout
-    from stipple_gatekeeper.enforcer import Enforcer
-    from stipple_gatekeeper.intake import Intake
+    from stipple_gatekeeper.metrics import CalloutMetrics, EnforcerMetrics, IntakeMetrics
 
-    metrics = Metrics("gatekeeper")
-    registry = Registry(min_stake=0)
-    Callout(js=None, registry=registry, issuer=None, metrics=metrics, node_ttl_s=1, applicant_ttl_s=1)  # type: ignore[arg-type]
-    Intake(nc=None, js=None, blobs=None, metrics=metrics, max_blob_bytes=1)  # type: ignore[arg-type]
-    Enforcer(None, registry, metrics)  # type: ignore[arg-type]
+    metrics = Metrics("gatekeeper")  # with each component on
+    CalloutMetrics(metrics.registry)
+    IntakeMetrics(metrics.registry)
+    EnforcerMetrics(metrics.registry)
     out["gatekeeper"] = metrics.registry
 
-    from stipple_node.pipeline import PipelineRunner
-    from stipple_node.service import NodeAgent, NodeSettings
-    from stipple_node.store import ModelStore
+    from stipple_node.metrics import NodeMetrics, RunnerMetrics, StoreMetrics
 
     metrics = Metrics("node-agent")
-    with tempfile.TemporaryDirectory() as tmp, ModelStore(Path(tmp), budget_bytes=None) as store:
-        NodeAgent(
-            nc=None,  # type: ignore[arg-type]
-            js=None,  # type: ignore[arg-type]
-            runner=PipelineRunner({}, store=store),
-            settings=NodeSettings(),
-            metrics=metrics,
-            store=store,
-        )
-        out["node-agent"] = metrics.registry
+    NodeMetrics.of(metrics, parts=[RunnerMetrics(), StoreMetrics()])
+    out["node-agent"] = metrics.registry
     return out
 
 

@@ -14,6 +14,7 @@ import pytest
 from nats.js.api import KeyValueConfig
 
 from stipple_chain_indexer.follower import ChainFollower
+from stipple_chain_indexer.metrics import FollowerMetrics
 from stipple_chain_indexer.service import ChainThread, StakeProjection
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
@@ -75,7 +76,7 @@ async def follower(js, env: Env, confirmations: int) -> tuple[ChainFollower, Cha
         js=js,
         kv=kv,
         confirmations=confirmations,
-        metrics=Metrics("chain-indexer-test"),
+        metrics=FollowerMetrics(Metrics("chain-indexer-test").registry),
         on_log=StakeProjection(stakes).apply,
     )
     await f.load()

@@ -5,9 +5,10 @@ import time
 
 from stipple_common.messages import NodeQos
 from stipple_common.metrics import Metrics
-from stipple_dispatcher.metrics import NODE_STATES
+from stipple_dispatcher.metrics import NODE_STATES, DispatcherMetrics
+from stipple_dispatcher.queue import TaskQueue
 from stipple_dispatcher.selection import NodeIndex
-from stipple_dispatcher.service import Dispatcher, DispatcherSettings
+from stipple_dispatcher.settings import DispatcherSettings
 from stipple_testkit.nodes import joined
 
 
@@ -26,10 +27,11 @@ def test_nodes_by_state_qos_and_held_tasks():
     index.score(NodeQos(node_id="idle", qos=9.0, samples=10, recent_timeouts=0))
     index.version_ok[index.row["old"]] = False  # what join() decides against the dispatcher's version
     metrics = Metrics("dispatcher")
-    dispatcher = Dispatcher(None, index, DispatcherSettings(node_ttl_s=10, min_stake=100), metrics)  # type: ignore[arg-type]
-    dispatcher.queue["t1"] = object()  # type: ignore[assignment]
-    dispatcher.running["t2"] = object()  # type: ignore[assignment]
-    dispatcher.running["t3"] = object()  # type: ignore[assignment]
+    tasks: TaskQueue[object] = TaskQueue(index, DispatcherSettings(node_ttl_s=10, min_stake=100))
+    DispatcherMetrics(metrics.registry, tasks)
+    tasks.queued["t1"] = object()  # type: ignore[assignment]
+    tasks.running["t2"] = object()  # type: ignore[assignment]
+    tasks.running["t3"] = object()  # type: ignore[assignment]
 
     def value(name, **labels):
         return metrics.registry.get_sample_value(name, labels)

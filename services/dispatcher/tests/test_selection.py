@@ -113,6 +113,21 @@ def test_ineligible_nodes_are_never_picked(change, why):
         assert "n0" not in pick(index, seed, req=req), why
 
 
+def test_live_is_a_recent_heartbeat_and_not_quit_and_every_question_uses_it():
+    index = index_of(joined("fresh"), joined("quit"), joined("other", models=("sdxl",), models_on_disk=("lora/x",)))
+    index.join(joined("stale", models_on_disk=("lora/x",)), NOW - 11, __version__)
+    index.join(joined("old", version="9.0.0"), NOW, __version__)
+    index.leave("quit")
+    assert [index.ids[row] for row in np.flatnonzero(index.live(NOW, 10.0))] == ["fresh", "other", "old"]
+    assert index.live(NOW + 20, 10.0).sum() == 0
+    assert [index.ids[row] for row in index.live_rows(NOW, 10.0)] == ["fresh", "other"]  # a compatible version
+    assert [index.ids[row] for row in index.holders("lora/x", NOW, 10.0)] == ["other"]
+    assert index.serving_live("tiny-sd", NOW, 10.0) == 2  # fresh and old (busy or not)
+    assert index.serving_live("tiny-sd", NOW - 5, 10.0) == 3  # stale was live then
+    assert index.serving_live("nobody-has-it", NOW, 10.0) == 0
+    assert NodeIndex().live(NOW, 10.0).shape == (0,)
+
+
 def test_a_paused_node_comes_back_only_when_it_passes_the_check():
     index = index_of(*[joined(f"n{i}") for i in range(3)])
     index.score(NodeQos(node_id="n0", qos=0.0, samples=3, recent_timeouts=2))

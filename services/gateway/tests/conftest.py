@@ -20,10 +20,12 @@ from stipple_common.blobstore import open_blob_store
 from stipple_common.identity import dev_node_id
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
-from stipple_gateway.app import Gateway, GatewaySettings, create_app
+from stipple_gateway.app import create_app
+from stipple_gateway.settings import GatewaySettings
+from stipple_gateway.tasks import TaskService
 from stipple_testkit.nodes import joined
 
-MakeGateway = Callable[..., Awaitable[Gateway]]
+MakeGateway = Callable[..., Awaitable[TaskService]]
 
 
 @pytest.fixture
@@ -31,15 +33,15 @@ async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
     """Builds started gateways with three live nodes (`dev_node_id("node-a")`, ...: three
     operators, each staked for itself as far as the directory knows); `client=` another
     NATS connection, other keywords are GatewaySettings. Stopped at the end of the test."""
-    made: list[Gateway] = []
+    made: list[TaskService] = []
 
-    async def make(client: Any = None, **overrides: Any) -> Gateway:
+    async def make(client: Any = None, **overrides: Any) -> TaskService:
         client = client or nc
         js = client.jetstream()
         await bus.ensure_streams(js, subjects.stream_configs())
         blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
         settings = GatewaySettings(**{"max_body_bytes": 4000, "sync_timeout_s": 0.5, **overrides})
-        gw = Gateway(client, js, blobs, NodeDirectory(ttl_s=60), settings, Metrics("gateway"))
+        gw = TaskService(client, js, blobs, NodeDirectory(ttl_s=60), settings, Metrics("gateway"))
         for name in ("node-a", "node-b", "node-c"):
             gw.directory.apply(joined(dev_node_id(name)), seen_at=time.time())
         await gw.start()
@@ -56,19 +58,19 @@ async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
 def asgi_client() -> Callable[..., httpx.AsyncClient]:
     """An httpx client calling the gateway's app in process."""
 
-    def client(gw: Gateway, **kwargs: Any) -> httpx.AsyncClient:
+    def client(gw: TaskService, **kwargs: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gw)), base_url="http://gw", **kwargs)
 
     return client
 
 
 @pytest.fixture
-async def serve_http() -> AsyncIterator[Callable[[Gateway], Awaitable[str]]]:
+async def serve_http() -> AsyncIterator[Callable[[TaskService], Awaitable[str]]]:
     """Serves a gateway with uvicorn on a free local port (for streamed answers, which
     httpx's in-process transport would buffer whole); returns its base URL."""
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def serve(gw: Gateway) -> str:
+    async def serve(gw: TaskService) -> str:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         config = uvicorn.Config(create_app(gw), log_config=None, access_log=False, lifespan="off")

@@ -16,7 +16,9 @@ from stipple_common.identity import dev_node_id
 from stipple_common.messages import IndexedStake, TaskSubmitted, task_event_decoder
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
-from stipple_gateway.app import Gateway, GatewaySettings, create_app
+from stipple_gateway.app import create_app
+from stipple_gateway.settings import GatewaySettings
+from stipple_gateway.tasks import TaskService
 from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
@@ -28,7 +30,7 @@ async def gateway(nc):
     await bus.ensure_streams(js, subjects.stream_configs())
     blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
     settings = GatewaySettings(max_body_bytes=2000, sync_timeout_s=0.5)
-    gw = Gateway(nc, js, blobs, NodeDirectory(ttl_s=10), settings, Metrics("gateway"))
+    gw = TaskService(nc, js, blobs, NodeDirectory(ttl_s=10), settings, Metrics("gateway"))
     await gw.start()
     yield gw
     await gw.stop()
@@ -232,7 +234,7 @@ async def test_nats_outage_is_503_not_500(fresh_nats_url):
     js = client.jetstream()
     await bus.ensure_streams(js, subjects.stream_configs())
     blobs = await open_blob_store(backend="jetstream", js=js, bucket="outage")
-    gw = Gateway(client, js, blobs, NodeDirectory(ttl_s=10), GatewaySettings(), Metrics("gateway"))
+    gw = TaskService(client, js, blobs, NodeDirectory(ttl_s=10), GatewaySettings(), Metrics("gateway"))
     await client.close()
     transport = httpx.ASGITransport(app=create_app(gw))
     async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:

@@ -18,7 +18,9 @@ from stipple_common.messages import ImageResult, TaskAssigned, TaskSubmitted, Ta
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.taskspec import parse_task
-from stipple_gateway.app import Gateway, GatewaySettings, new_task_id
+from stipple_gateway.app import new_task_id
+from stipple_gateway.settings import GatewaySettings
+from stipple_gateway.tasks import TaskService
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +37,14 @@ async def gateway(nc):
     js = nc.jetstream()
     await bus.ensure_streams(js, subjects.stream_configs())
     blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
-    gw = Gateway(nc, js, blobs, NodeDirectory(ttl_s=10), GatewaySettings(sync_timeout_s=0.5), Metrics("gateway"))
+    gw = TaskService(nc, js, blobs, NodeDirectory(ttl_s=10), GatewaySettings(sync_timeout_s=0.5), Metrics("gateway"))
     await gw.start()
     yield gw
     await gw.stop()
     await blobs.close()
 
 
-async def succeeded(gw: Gateway, task_id: str, *, sha256: str | None = None) -> str:
+async def succeeded(gw: TaskService, task_id: str, *, sha256: str | None = None) -> str:
     """A task that succeeded with one image, stored; returns the image's key."""
     key = f"tasks/{task_id}/{NODES[0]}/s/0.png"
     await gw.blobs.put(key, PNG, content_type="image/png")
@@ -72,7 +74,7 @@ async def succeeded(gw: Gateway, task_id: str, *, sha256: str | None = None) -> 
     return key
 
 
-def failures(gw: Gateway) -> float:
+def failures(gw: TaskService) -> float:
     return gw.metrics.registry.get_sample_value("stipple_gateway_image_integrity_failures_total") or 0.0
 
 

@@ -110,7 +110,7 @@ async def test_the_gateway_applies_its_ttl_to_the_store_with_a_grace(nc):
     js = nc.jetstream()
     bucket = f"ttl-{uuid.uuid4().hex[:8]}"
     store = await open_blob_store(backend="jetstream", js=js, bucket=bucket)
-    from stipple_gateway.app import GatewaySettings
+    from stipple_gateway.settings import GatewaySettings
 
     await apply_result_ttl(SimpleNamespace(blobs=store), GatewaySettings(result_ttl_s=600))  # type: ignore[arg-type]
     assert (await js.stream_info(f"OBJ_{bucket}")).config.max_age == pytest.approx(600 + STORE_TTL_GRACE_S)

@@ -54,7 +54,12 @@ def test_every_served_method_is_a_known_preprocessor() -> None:
     assert set(BY_METHOD) <= set(ANNOTATOR_PREPROCESSORS)
 
 
-@pytest.mark.parametrize("method", sorted(BY_METHOD))
+# ZoeDepth's BEiT-L backbone at 384x512, run twice: about 25 s alone on 2 cores, twice that
+# on a loaded machine.
+SLOW = {"depth_zoe": pytest.mark.timeout(180)}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=SLOW.get(m, ())) for m in sorted(BY_METHOD)])
 def test_annotator_makes_a_control_image(annotators: Annotators, method: str) -> None:
     out = np.asarray(preprocess(picture(), Preprocess(method=method), 0, annotators))
     assert out.shape == (64, 96, 3)

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from stipple_common.metrics import Metrics
 from stipple_node.metrics import GpuCollector
 from stipple_node.pipeline import ModelNotFound, PipelineRunner
+from stipple_node.service import NodeSettings, make_agent
 from stipple_node.store import ModelNotAvailable, ModelStore
 from stipple_testkit.fileserver import FileServer, Served
 
@@ -151,3 +152,21 @@ def test_runner_counts_loads_and_cache_hits(tiny_model_dir: Path):
     assert values[("stipple_node_pipeline_cache_lookups_total", (("result", "hit"),))] == 2
     assert values[("stipple_node_model_load_seconds_count", ())] == 1
     assert values[("stipple_node_loaded_pipelines", ())] == 1
+
+
+def test_an_agent_built_again_on_one_registry_reuses_its_collectors(tmp_path: Path):
+    """A node joins again with the same Metrics (service.keep_joined): an agent built on them
+    again gets the same collectors, not a second set the registry would refuse."""
+    metrics = Metrics("node-agent")
+    ctx = SimpleNamespace(nc=None, js=None, metrics=metrics)
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        runner = PipelineRunner({}, store=store)
+        first = make_agent(ctx, NodeSettings(), runner, store)  # type: ignore[arg-type]
+        again = make_agent(ctx, NodeSettings(), runner, store)  # type: ignore[arg-type]
+        assert again.metrics is first.metrics
+        again.busy = True
+        values = samples(metrics.registry)
+    assert values[("stipple_node_busy", ())] == 1  # the agent built last
+    assert values[("stipple_node_store_used_bytes", ())] == 0
+    assert ("stipple_node_loaded_pipelines", ()) in values
+    assert values[("stipple_node_gpu_devices", ())] >= 0

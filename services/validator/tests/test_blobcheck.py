@@ -16,6 +16,7 @@ from stipple_common.errors import StippleError, Transient
 from stipple_common.messages import ImageResult
 from stipple_common.taskspec import parse_task
 from stipple_validator.blobcheck import BlobChecker, inspect_png
+from stipple_validator.metrics import BlobCheckMetrics
 
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"image_width": 64, "image_height": 64}})
 
@@ -80,7 +81,7 @@ def registry():
 
 @pytest.fixture
 def checker(store, registry):
-    return BlobChecker(store, max_blob_bytes=100_000, concurrency=4, registry=registry)
+    return BlobChecker(store, max_blob_bytes=100_000, concurrency=4, metrics=BlobCheckMetrics(registry))
 
 
 def counted(registry, outcome):

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import msgspec
@@ -32,6 +32,9 @@ from .logs import redact
 from .messages import Assignment, ControlMessage, NodeEvent, TaskEvent, event_name
 from .metrics import Metrics
 from .settings import InvalidSettings
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is 3.13+
 
 log = structlog.get_logger("stipple.bus")
 
@@ -95,7 +98,8 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
         )
     )
     try:
-        await asyncio.wait({connecting, untrusted}, return_when=asyncio.FIRST_COMPLETED)
+        racing: set[asyncio.Future[Any]] = {connecting, untrusted}
+        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         connecting.cancel()
         raise
@@ -145,6 +149,10 @@ async def publish(
 _NODE_EVENTS = get_args(NodeEvent)
 
 
+def _is_node_event(event: TaskEvent | NodeEvent) -> TypeIs[NodeEvent]:
+    return isinstance(event, _NODE_EVENTS)
+
+
 async def publish_event(
     js: JetStreamContext,
     event: TaskEvent | NodeEvent,
@@ -155,9 +163,8 @@ async def publish_event(
     """Publish a task or node event on the subject and with the message id that the event
     itself determines (`subjects.task_subject`, `subjects.node_subject`, `ids`): no
     caller spells either. Returns the stream sequence."""
-    if isinstance(event, _NODE_EVENTS):
-        name = type(event).__struct_config__.tag
-        subject, msg_id = subjects.node_subject(event.node_id, name), ids.node_event(event)  # type: ignore[union-attr]
+    if _is_node_event(event):
+        subject, msg_id = subjects.node_subject(event.node_id, event_name(event)), ids.node_event(event)
     else:
         subject = subjects.task_subject(event.task_id, event_name(event), getattr(event, "node_id", ""))
         msg_id = ids.task_event(event)
@@ -336,7 +343,8 @@ OnRejected = Callable[[Rejected, Msg], Awaitable[None]]
 
 
 def backoff(attempt: int, *, base: float = 0.5, cap: float = 30.0) -> float:
-    return min(cap, base * 2 ** max(attempt - 1, 0))
+    factor: int = 2 ** max(attempt - 1, 0)  # int ** int is typed Any (a negative power is a float)
+    return min(cap, base * factor)
 
 
 async def consume(

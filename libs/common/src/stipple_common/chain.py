@@ -25,15 +25,15 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eth_account.signers.local import LocalAccount
 from eth_tester.exceptions import TransactionFailed
-from eth_typing import ChecksumAddress
+from eth_typing import ABIElement, ABIEvent, ChecksumAddress
 from eth_utils import keccak, to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
@@ -42,6 +42,9 @@ from web3.types import RPCEndpoint, TxReceipt
 
 from stipple_common.errors import StippleError
 from stipple_common.process import ManagedProcess, ProcessError
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is 3.13+
 
 EMBEDDED_URL = "eth-tester://"
 """`connect()` URL of the in-process EVM (py-evm through eth-tester)."""
@@ -403,7 +406,7 @@ class StippleChain:
             (c.address, _topic(item)): c.events[item["name"]]()
             for c in self._by_name.values()
             for item in c.abi
-            if item.get("type") == "event"
+            if _is_event(item)
         }
         self._errors = _ErrorDecoder(self.artifacts.values())
 
@@ -605,12 +608,16 @@ def _role_id(role: str) -> bytes:
     return keccak(text=role)
 
 
-def _topic(item: dict[str, Any]) -> bytes:
+def _is_event(item: ABIElement) -> TypeIs[ABIEvent]:
+    return item.get("type") == "event"
+
+
+def _topic(item: Mapping[str, Any]) -> bytes:
     """An ABI event's topic 0: keccak-256 of its signature."""
     return keccak(text=f"{item['name']}({','.join(_abi_type(i) for i in item['inputs'])})")
 
 
-def _abi_type(item: dict[str, Any]) -> str:
+def _abi_type(item: Mapping[str, Any]) -> str:
     kind: str = item["type"]
     if kind.startswith("tuple"):
         return "(" + ",".join(_abi_type(c) for c in item["components"]) + ")" + kind[len("tuple") :]

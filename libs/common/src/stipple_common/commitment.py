@@ -42,14 +42,18 @@ def sign(account: LocalAccount, commitment: str) -> str:
 def signer(commitment: str, signature: str) -> str | None:
     """The address that signed `commitment`, or None when the signature is malformed."""
     try:
-        return Account.recover_message(encode_defunct(hexstr=commitment), signature=signature)
+        # Account's methods are combomethods, which mypy sees as Any
+        address: str = Account.recover_message(encode_defunct(hexstr=commitment), signature=signature)
     except Exception:  # eth_account raises several types for bad input; all mean "not signed"
         return None
+    return address
 
 
 def account_from_key(private_key: str) -> LocalAccount:
-    return Account.from_key(private_key)
+    account: LocalAccount = Account.from_key(private_key)
+    return account
 
 
 def new_account() -> LocalAccount:
-    return Account.create()
+    account: LocalAccount = Account.create()
+    return account

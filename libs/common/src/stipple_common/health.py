@@ -89,7 +89,7 @@ def _json(start_response: StartResponse, status: str, body: dict[str, str]) -> l
 
 def make_app(registry: CollectorRegistry, health: Health) -> WSGIApp:
     """The WSGI app of the metrics port (see the module docstring)."""
-    metrics_app = make_wsgi_app(registry)
+    metrics_app: WSGIApp = make_wsgi_app(registry)  # typed as a bare Callable by prometheus_client
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

@@ -45,7 +45,7 @@ def redact_event(_logger: object, _method: str, event: structlog.typing.EventDic
     return {k: _redact_value(v) for k, v in event.items()}
 
 
-def setup_logging(service: str, *, level: str = "info", fmt: str = "auto") -> structlog.stdlib.BoundLogger:
+def setup_logging(service: str, *, level: str = "info", fmt: str = "auto") -> structlog.typing.FilteringBoundLogger:
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
@@ -71,4 +71,6 @@ def setup_logging(service: str, *, level: str = "info", fmt: str = "auto") -> st
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    return structlog.get_logger(service=service).bind(service=service)
+    # wrapper_class above: the logger is a filtering bound logger (get_logger itself is typed Any)
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(service=service).bind(service=service)
+    return logger

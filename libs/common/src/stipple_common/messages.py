@@ -161,8 +161,9 @@ TaskEvent = (
 OUTCOME_EVENTS = subjects.OUTCOME_EVENTS
 
 
-def event_name(event: TaskEvent) -> str:
+def event_name(event: TaskEvent | NodeEvent) -> str:
     """The last subject token of an event: its tag."""
+    # msgspec types a tag as str | int | None; every event above declares a str tag
     return type(event).__struct_config__.tag  # type: ignore[return-value]
 
 

@@ -144,7 +144,8 @@ def new_credentials(services: tuple[str, ...] | None = None) -> NetworkCredentia
     from .permissions import SERVICES
 
     def seed(prefix: int) -> str:
-        return nkeys.encode_seed(secrets.token_bytes(32), prefix).decode()
+        encoded: bytes = nkeys.encode_seed(secrets.token_bytes(32), prefix)  # nkeys is untyped
+        return encoded.decode()
 
     return NetworkCredentials(
         passwords={name: secrets.token_urlsafe(18) for name in (services or SERVICES)},
@@ -162,7 +163,8 @@ def secured_config(credentials: NetworkCredentials, *, extra: str = "") -> str:
     from .permissions import CalloutKeys, render_accounts, service_user
 
     def public(seed: str) -> str:
-        return nkeys.from_seed(seed.encode()).public_key.decode()
+        key: bytes = nkeys.from_seed(seed.encode()).public_key  # nkeys is untyped
+        return key.decode()
 
     services = [service_user(name, password) for name, password in credentials.passwords.items()]
     callout = CalloutKeys(issuer=public(credentials.issuer_seed), callout_user=public(credentials.callout_seed))

@@ -72,9 +72,9 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        field = text.rpartition("`$.")[2].rstrip("`")
-        shown = values.get(field, "")
-        raise InvalidSettings(f"{env_name(field)}={shown!r}: {text.rpartition(' - at ')[0]}") from None
+        bad = text.rpartition("`$.")[2].rstrip("`")
+        shown = values.get(bad, "")
+        raise InvalidSettings(f"{env_name(bad)}={shown!r}: {text.rpartition(' - at ')[0]}") from None
 
 
 def to_env(settings: msgspec.Struct) -> dict[str, str]:

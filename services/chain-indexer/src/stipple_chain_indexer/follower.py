@@ -20,21 +20,22 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
-from prometheus_client import Counter, Gauge
 from web3.exceptions import BlockNotFound
 
 from stipple_common import bus, ids, records, subjects
 from stipple_common.chain import ChainError, ChainEvent, StippleChain
 from stipple_common.messages import ChainLog, ChainReorg
-from stipple_common.metrics import Metrics
 from stipple_common.records import ChainCursor
+
+if TYPE_CHECKING:
+    from .metrics import FollowerMetrics
 
 log = structlog.get_logger("stipple.chain.follower")
 
@@ -75,35 +76,12 @@ class ChainFollower:
     js: JetStreamContext
     kv: KeyValue
     confirmations: int
-    metrics: Metrics
+    metrics: FollowerMetrics
     on_log: Callable[[ChainLog], Awaitable[None]] | None = None  # projections (stakes)
     start_block: int = 0
     cursor: ChainCursor = field(default_factory=ChainCursor)
 
     def __post_init__(self) -> None:
-        registry = self.metrics.registry
-        self.published = Counter(
-            "stipple_chain_indexer_events_total", "Contract events published", ["contract", "event"], registry=registry
-        )
-        self.reorgs = Counter("stipple_chain_indexer_reorgs_total", "Reorgs survived", registry=registry)
-        self.lag = Gauge(
-            "stipple_chain_indexer_lag_blocks", "Chain head minus the last indexed block", registry=registry
-        )
-        self.head = Gauge("stipple_chain_indexer_head_block", "The chain head seen last", registry=registry)
-        self.indexed = Gauge(
-            "stipple_chain_indexer_indexed_block", "The last block whose events are published", registry=registry
-        )
-        self.last_step = Gauge(
-            "stipple_chain_indexer_last_step_timestamp_seconds",
-            "When the follower last read the chain successfully (Unix time)",
-            registry=registry,
-        )
-        self.step_errors = Counter(
-            "stipple_chain_indexer_step_errors_total",
-            "Failed reads of the chain, by error code",
-            ["code"],
-            registry=registry,
-        )
         self.addresses = [self.chain.deployment.token, self.chain.deployment.staking, self.chain.deployment.payment]
 
     async def load(self) -> None:
@@ -116,7 +94,7 @@ class ChainFollower:
             try:
                 done = await self.step()
             except ChainError as exc:  # the node is away, or a reorg too deep: say so, try again
-                self.step_errors.labels(exc.code).inc()
+                self.metrics.step_errors.labels(exc.code).inc()
                 log.warning("chain_step_failed", code=exc.code, error=exc.message)
                 done = 0
             if not done:
@@ -130,7 +108,7 @@ class ChainFollower:
         blocks were taken (0 when there is nothing new, or after a reorg was handled)."""
         w3 = self.chain.w3
         head = await self.call(lambda: int(w3.eth.block_number))
-        self.head.set(head)
+        self.metrics.head.set(head)
         if self.cursor.number >= 0:
             number = self.cursor.number
             on_chain = await self.call(lambda: _hash_of(w3, number))
@@ -161,9 +139,9 @@ class ChainFollower:
             taken += 1
         if taken:
             await records.put(self.kv, records.CURSOR_KEY, self.cursor)
-        self.lag.set(max(0, head - self.cursor.number))
-        self.indexed.set(self.cursor.number)
-        self.last_step.set(time.time())
+        self.metrics.lag.set(max(0, head - self.cursor.number))
+        self.metrics.indexed.set(self.cursor.number)
+        self.metrics.last_step.set(time.time())
         return taken
 
     async def _publish(self, event: ChainLog) -> None:
@@ -173,7 +151,7 @@ class ChainFollower:
             event,
             msg_id=ids.chain_log(event),
         )
-        self.published.labels(event.contract, event.event).inc()
+        self.metrics.published.labels(event.contract, event.event).inc()
 
     async def _reorg(self) -> None:
         """Walk back to the last block both chains share and void what came after it."""
@@ -195,7 +173,7 @@ class ChainFollower:
         await bus.publish(self.js, subjects.CHAIN_REORG, event, msg_id=ids.chain_reorg(event))
         self.cursor = ChainCursor(number=fork, hashes={n: h for n, h in self.cursor.hashes.items() if n <= fork})
         await records.put(self.kv, records.CURSOR_KEY, self.cursor)
-        self.reorgs.inc()
+        self.metrics.reorgs.inc()
         log.warning("chain_reorg", from_block=fork + 1, orphaned=len(orphaned))
 
 

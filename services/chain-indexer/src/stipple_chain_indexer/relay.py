@@ -31,7 +31,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
@@ -44,7 +44,6 @@ from eth_utils import is_address, to_checksum_address
 from hexbytes import HexBytes
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from prometheus_client import Counter
 from rlp.exceptions import RLPException
 from web3.exceptions import TransactionNotFound, Web3Exception
 
@@ -61,7 +60,9 @@ from stipple_common.messages import (
     chain_request_decoder,
     encode,
 )
-from stipple_common.metrics import Metrics
+
+if TYPE_CHECKING:
+    from .metrics import RelayMetrics
 
 log = structlog.get_logger("stipple.chain.relay")
 
@@ -183,24 +184,11 @@ class Relay:
     sender: ch.Sender
     faucet: bool  # development chains only
     max_faucet_tokens: int
-    metrics: Metrics
+    metrics: RelayMetrics
     reserve: Callable[[str, int], Awaitable[tuple[bool, int]]] | None = None  # the settler's ledger
     limits: RelayLimits = field(default_factory=RelayLimits)
 
     def __post_init__(self) -> None:
-        self.requests = Counter(
-            "stipple_chain_indexer_relay_requests_total",
-            "Requests to the chain relay (rpc.chain.<id>), by kind (info, send, faucet, reserve) and outcome "
-            "(ok, forbidden, rate_limited, bad_request, reverted, pending, ...)",
-            ["kind", "outcome"],
-            registry=self.metrics.registry,
-        )
-        for kind in KINDS.values():  # at 0 from the start, so increase() sees the first one
-            for outcome in ("ok", "forbidden", "rate_limited", "bad_request"):
-                self.requests.labels(kind, outcome)
-        self.requests.labels("send", "reverted")
-        self.requests.labels("send", "pending")
-        self.requests.labels("reserve", "insufficient_deposit")
         d = self.chain.deployment
         self.contracts = {str(a).lower() for a in (d.token, d.staking, d.payment)}
         self.buckets = TokenBuckets(self.limits.burst, self.limits.per_s)
@@ -270,7 +258,7 @@ class Relay:
 
     async def _reply(self, msg: Msg, kind: str, requester: str, reply: ChainReply) -> None:
         outcome = reply.error or "ok"
-        self.requests.labels(kind, outcome).inc()
+        self.metrics.requests.labels(kind, outcome).inc()
         if outcome == "forbidden":
             log.warning("chain_request_refused", requester=requester, kind=kind, error=reply.message)
         if msg.reply:

@@ -48,6 +48,7 @@ from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .follower import ChainFollower
+from .metrics import FollowerMetrics, RelayMetrics, SettlerMetrics
 from .relay import Relay, RelayLimits
 from .settler import Settler
 
@@ -255,7 +256,7 @@ async def serve(
             js=ctx.js,
             kv=kv,
             confirmations=settings.confirmations,
-            metrics=ctx.metrics,
+            metrics=FollowerMetrics(ctx.metrics.registry),
             on_log=StakeProjection(stakes).apply,
         )
         await follower.load()
@@ -265,7 +266,7 @@ async def serve(
             js=ctx.js,
             sender=sender,
             app=custodial,
-            metrics=ctx.metrics,
+            metrics=SettlerMetrics(ctx.metrics.registry),
             batch_max=settings.settle_batch,
             slash_amount=settings.slash_amount,
         )
@@ -275,7 +276,7 @@ async def serve(
             sender=sender,
             faucet=ch.is_embedded(w3),
             max_faucet_tokens=settings.faucet_max_tokens,
-            metrics=ctx.metrics,
+            metrics=RelayMetrics(ctx.metrics.registry),
             reserve=settler.reserve,
             limits=settings.relay_limits(),
         )

@@ -28,14 +28,13 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from eth_utils import to_checksum_address
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import bus, settlement, subjects, tracing
 from stipple_common.chain import ChainUnavailable, ContractReverted, Sender, Settlement, StippleChain, TaskState
@@ -49,7 +48,9 @@ from stipple_common.messages import (
     decode_task_event,
     task_event_decoder,
 )
-from stipple_common.metrics import Metrics
+
+if TYPE_CHECKING:
+    from .metrics import SettlerMetrics
 
 log = structlog.get_logger("stipple.chain.settler")
 
@@ -71,7 +72,7 @@ class Settler:
     js: JetStreamContext
     sender: Sender  # GATEWAY_ROLE (escrow), SETTLER_ROLE (settle, refund), VALIDATOR_ROLE (slash)
     app: str  # the custodial account apps' fees are escrowed from
-    metrics: Metrics
+    metrics: SettlerMetrics
     batch_max: int = 50
     slash_amount: int = 0  # 0: the minimum stake
     held: list[_Held] = field(default_factory=list)
@@ -81,43 +82,6 @@ class Settler:
     reserved: dict[str, tuple[int, float]] = field(default_factory=dict)  # task -> (fee, when), not yet escrowed
     ledger: asyncio.Lock = field(default_factory=asyncio.Lock)  # reservations and escrows, one at a time
 
-    def __post_init__(self) -> None:
-        registry = self.metrics.registry
-        self.sent = Counter(
-            "stipple_chain_indexer_transactions_total",
-            "Settlement transactions mined, by kind (escrow, settle, refund, slash)",
-            ["kind"],
-            registry=registry,
-        )
-        self.tasks = Counter(
-            "stipple_chain_indexer_settled_tasks_total",
-            "Tasks settled, refunded or skipped, by result",
-            ["result"],
-            registry=registry,
-        )
-        self.backlog = Gauge(
-            "stipple_chain_indexer_settlement_backlog", "Task events waiting for a transaction", registry=registry
-        )
-        self.latency = Histogram(
-            "stipple_chain_indexer_settlement_seconds",
-            "From receiving an outcome to its transaction's receipt",
-            registry=registry,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
-        )
-        self.slashes = Counter(
-            "stipple_chain_indexer_slashes_total",
-            "Nodes slashed on chain, by verdict (mismatch, bad_commitment)",
-            ["verdict"],
-            registry=registry,
-        )
-        for verdict in SLASHABLE:  # at 0 from the start, so increase() sees the first slash
-            self.slashes.labels(verdict)
-        self.slashed_tokens = Counter(
-            "stipple_chain_indexer_slashed_tokens_total",
-            "Stake slashed, in whole tokens (1e18 units)",
-            registry=registry,
-        )
-
     async def handle(self, msg: Msg) -> bus.Hold | None:
         event = decode_task_event(msg.subject, msg.data)
         if isinstance(event, TaskSubmitted) and event.fee <= 0:
@@ -125,7 +89,7 @@ class Settler:
         if not isinstance(event, TaskSubmitted | TaskSucceeded | TaskAborted | TaskCancelled):
             return None
         self.held.append(_Held(msg, event))
-        self.backlog.set(len(self.held))
+        self.metrics.backlog.set(len(self.held))
         if len(self.held) >= self.batch_max:
             self.wake.set()
         return self.messages.hold(msg)
@@ -149,7 +113,7 @@ class Settler:
 
     async def flush(self) -> None:
         batch, self.held = self.held[: self.batch_max * 2], self.held[self.batch_max * 2 :]
-        self.backlog.set(len(self.held))
+        self.metrics.backlog.set(len(self.held))
         try:
             with tracing.batch_span("chain.settle", [h.msg.headers for h in batch], events=len(batch)):
                 await self._settle(batch)
@@ -164,7 +128,7 @@ class Settler:
         for held in batch:
             await self.messages.settle(held.msg)
             if not isinstance(held.event, TaskSubmitted):
-                self.latency.observe(time.monotonic() - held.since)
+                self.metrics.latency.observe(time.monotonic() - held.since)
 
     async def _nak(self, batch: list[_Held], delay: float) -> None:
         for held in batch:
@@ -190,7 +154,7 @@ class Settler:
         await self._send_batch("refund", back_ids, lambda items: self.chain.refund(self.sender, items))
         skipped = len(outcomes) - len(settlements) - len(back_ids)
         if skipped:
-            self.tasks.labels("nothing_escrowed_or_done").inc(skipped)
+            self.metrics.tasks.labels("nothing_escrowed_or_done").inc(skipped)
         carriers = {h.event.task_id: h.msg.headers for h in batch}
         for outcome in outcomes:
             if not isinstance(outcome, TaskCancelled):
@@ -218,8 +182,8 @@ class Settler:
                     log.info("settlement_batch_trimmed", kind=kind, error=exc.error, kept=len(still), of=len(chunk))
                     chunk = still
                     continue
-                self.sent.labels(kind).inc()
-                self.tasks.labels("settled" if kind == "settle" else "refunded").inc(len(chunk))
+                self.metrics.sent.labels(kind).inc()
+                self.metrics.tasks.labels("settled" if kind == "settle" else "refunded").inc(len(chunk))
                 log.info("settlement_sent", kind=kind, tasks=len(chunk))
                 break
 
@@ -252,7 +216,7 @@ class Settler:
                 try:
                     escrows = [(e.task_id, self.app, e.fee) for e in chunk]
                     await self.call(lambda items=escrows: self.chain.escrow_many(self.sender, items))
-                    self.sent.labels("escrow").inc()
+                    self.metrics.sent.labels("escrow").inc()
                     done += [e.task_id for e in chunk]
                 except ContractReverted:
                     done += [e.task_id for e in chunk if await self._escrow_one(e)]
@@ -268,9 +232,9 @@ class Settler:
             if exc.error == "TaskAlreadyEscrowed":
                 return True
             log.error("escrow_refused", task_id=event.task_id, error=exc.error, args=exc.args_by_name)
-            self.tasks.labels("escrow_refused").inc()
+            self.metrics.tasks.labels("escrow_refused").inc()
             return False
-        self.sent.labels("escrow").inc()
+        self.metrics.sent.labels("escrow").inc()
         return True
 
     async def _slash(self, outcome: TaskSucceeded | TaskAborted) -> None:
@@ -291,9 +255,9 @@ class Settler:
                 if exc.error != "AlreadySlashed":
                     raise
                 continue
-            self.sent.labels("slash").inc()
-            self.slashes.labels(verdict).inc()
-            self.slashed_tokens.inc(amount / 1e18)
+            self.metrics.sent.labels("slash").inc()
+            self.metrics.slashes.labels(verdict).inc()
+            self.metrics.slashed_tokens.inc(amount / 1e18)
             log.warning("node_slashed", node_id=node_id, task_id=outcome.task_id, amount=amount, verdict=verdict)
 
     async def _state(self, task_id: str) -> TaskState:

@@ -1,18 +1,24 @@
-"""The dispatcher's view of the network as gauges, computed at each scrape from the node
-index and the queue (so they are never stale and cost nothing between scrapes)."""
+"""The dispatcher's metrics (docs/metrics.md), all declared here.
+
+`DispatcherMetrics(registry, tasks)` is made once, at start, and handed to the service:
+it declares the counter and histograms the service updates as it carries out the queue's
+decisions, and registers `DispatcherCollector`, whose gauges of the network (nodes by
+state, per-node QoS and slots, the tasks held) are computed at each scrape from the
+node index and the queue, so they are never stale and cost nothing between scrapes."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .service import Dispatcher
+from .queue import TaskQueue
+from .selection import NodeIndex
 
 NODE_STATES = ("idle", "busy", "paused", "banned", "unstaked", "incompatible", "offline", "quit")
 """Every registered node is in exactly one: live nodes are idle (nothing in flight), busy,
@@ -25,13 +31,41 @@ given work."""
 TASK_STATES = ("queued", "running")
 
 
-def node_states(dispatcher: Dispatcher, now: float) -> dict[str, int]:
-    index = dispatcher.index
+class DispatcherMetrics:
+    """``stipple_dispatcher_tasks_total{result}``, ``stipple_dispatcher_queue_depth``,
+    ``stipple_dispatcher_decision_seconds``, ``stipple_dispatcher_queue_wait_seconds``, and
+    the scrape-time gauges of `DispatcherCollector` over `tasks` (and its node index)."""
+
+    def __init__(self, registry: CollectorRegistry, tasks: TaskQueue[Any]) -> None:
+        self.tasks_total = Counter(
+            "stipple_dispatcher_tasks_total",
+            "Tasks handled, by result (assigned, reassigned, prefetch, no_nodes, unservable, cancelled)",
+            ["result"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge("stipple_dispatcher_queue_depth", "Tasks waiting for free nodes", registry=registry)
+        self.decision_seconds = Histogram(
+            "stipple_dispatcher_decision_seconds",
+            "Time to pick the nodes of one task",
+            registry=registry,
+            buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2),
+        )
+        self.wait_seconds = Histogram(
+            "stipple_dispatcher_queue_wait_seconds",
+            "Submission to assignment",
+            registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60),
+        )
+        registry.register(DispatcherCollector(tasks))  # nodes by state, QoS, tasks held
+
+
+def node_states(index: NodeIndex, now: float, ttl_s: float, min_stake: int) -> dict[str, int]:
+    """How many registered nodes are in each of NODE_STATES."""
     n = index.size
     quit = index.quit[:n]
-    live = ~quit & (now - index.last_seen[:n] <= dispatcher.settings.node_ttl_s)
+    live = index.live(now, ttl_s)
     ok = live & index.version_ok[:n]
-    staked = index.stake[:n] >= dispatcher.settings.min_stake
+    staked = index.stake[:n] >= min_stake
     banned = ok & (index.banned_until[:n] > now)
     paused = ok & staked & ~banned & index.paused[:n]
     unstaked = ok & ~banned & ~staked
@@ -53,8 +87,8 @@ class DispatcherCollector(Collector):
     """``stipple_dispatcher_nodes{state}``, ``stipple_dispatcher_node_qos{node_id}``,
     ``stipple_dispatcher_node_inflight_tasks{node_id}`` and ``stipple_dispatcher_held_tasks{state}``."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
+    def __init__(self, tasks: TaskQueue[Any]) -> None:
+        self.tasks = tasks
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         return self._families()
@@ -72,18 +106,18 @@ class DispatcherCollector(Collector):
         inflight = GaugeMetricFamily(
             "stipple_dispatcher_node_inflight_tasks", "Tasks in flight on a node (slots taken)", labels=["node_id"]
         )
-        tasks = GaugeMetricFamily(
+        held = GaugeMetricFamily(
             "stipple_dispatcher_held_tasks", "Tasks this dispatcher holds, by state (queued, running)", labels=["state"]
         )
         if now is not None:
-            d = self.dispatcher
-            for state, count in node_states(d, now).items():
+            tasks, index = self.tasks, self.tasks.index
+            settings = tasks.settings
+            for state, count in node_states(index, now, settings.node_ttl_s, settings.min_stake).items():
                 nodes.add_metric([state], count)
-            index = d.index
             for row, node_id in enumerate(index.ids[: index.size]):
                 if not index.quit[row]:
                     qos.add_metric([node_id], float(index.qos[row]))
                     inflight.add_metric([node_id], float(index.inflight[row]))
-            tasks.add_metric(["queued"], len(d.queue))
-            tasks.add_metric(["running"], len(d.running))
-        yield from (nodes, qos, inflight, tasks)
+            held.add_metric(["queued"], len(tasks.queued))
+            held.add_metric(["running"], len(tasks.running))
+        yield from (nodes, qos, inflight, held)

@@ -3,7 +3,8 @@
 `NodeIndex` keeps the node directory as columns (numpy arrays) that node events update in
 place, so one decision over 10,000 registered nodes is a handful of vector operations.
 
-Eligible: live (a heartbeat within the TTL, not quit), not paused (2 timeouts in its last
+Eligible: live (a heartbeat within the TTL, not quit: `NodeIndex.live`, the one
+definition of liveness the dispatcher has), not paused (2 timeouts in its last
 3 tasks, until it passes the validator's check: a probe task answered in time), not
 banned, stake at least the minimum, memory at least what the task's model needs, a
 compatible version, serving the base model (by name or on disk), and a free slot (fewer
@@ -122,11 +123,11 @@ class NodeIndex:
                 new[:] = True
             new[: len(old)] = old
             setattr(self, name, new)
-        for columns in (self.serves, self.on_disk, self.loaded):
-            for model, old in columns.items():
+        for models in (self.serves, self.on_disk, self.loaded):
+            for model, old in models.items():
                 new = np.zeros(capacity, dtype=bool)
                 new[: len(old)] = old
-                columns[model] = new
+                models[model] = new
 
     def _column(self, columns: dict[str, np.ndarray], model: str) -> np.ndarray:
         if model not in columns:
@@ -222,17 +223,31 @@ class NodeIndex:
 
     # ------------------------------------------------------------------ decisions
 
+    def live(self, now: float, ttl_s: float) -> np.ndarray:
+        """Which of the rows are live nodes (a mask over `size` rows): a heartbeat within
+        `ttl_s` of `now`, and not quit. The one definition of liveness: every other
+        question about live nodes (eligibility, holders, the queue's ETA, the node
+        gauges) starts from it."""
+        n = self.size
+        return ~self.quit[:n] & (now - self.last_seen[:n] <= ttl_s)
+
     def holders(self, model: str, now: float, ttl_s: float) -> np.ndarray:
         """Rows of the live nodes that have `model` (served by name or on disk)."""
-        n = self.size
         column = self.on_disk.get(model)
-        if column is None or n == 0:
+        if column is None or self.size == 0:
             return np.empty(0, dtype=np.int64)
-        return np.flatnonzero(column[:n] & ~self.quit[:n] & (now - self.last_seen[:n] <= ttl_s))
+        return np.flatnonzero(column[: self.size] & self.live(now, ttl_s))
 
     def live_rows(self, now: float, ttl_s: float) -> np.ndarray:
-        n = self.size
-        return np.flatnonzero(~self.quit[:n] & self.version_ok[:n] & (now - self.last_seen[:n] <= ttl_s))
+        """Rows of the live nodes of a compatible version."""
+        return np.flatnonzero(self.live(now, ttl_s) & self.version_ok[: self.size])
+
+    def serving_live(self, model: str, now: float, ttl_s: float) -> int:
+        """Live nodes that serve `model` (by name or on disk), free or not."""
+        column = self.serves.get(model)
+        if column is None:
+            return 0
+        return int(np.count_nonzero(column[: self.size] & self.live(now, ttl_s)))
 
     def registered_serving(self, model: str) -> int:
         """Nodes that ever announced `model` (live or not): zero means it can never run."""
@@ -245,8 +260,7 @@ class NodeIndex:
         serves = self.serves.get(spec.model_name)
         if serves is None or n == 0:
             return np.empty(0, dtype=np.int64)
-        mask = serves[:n] & ~self.quit[:n] & ~self.paused[:n] & self.version_ok[:n]
-        mask &= now - self.last_seen[:n] <= ttl_s
+        mask = serves[:n] & self.live(now, ttl_s) & ~self.paused[:n] & self.version_ok[:n]
         mask &= self.banned_until[:n] <= now
         mask &= self.inflight[:n] < req.slots
         if req.min_stake:
@@ -273,7 +287,8 @@ class NodeIndex:
         loaded /= len(models)
         boost = np.where(loaded >= 1.0, 2.0, 1.0 + 0.7 * on_disk + 0.3 * loaded)
         # a floor, so a node with a score of 0 can still earn one back now and then
-        return np.maximum(weight * boost, 1e-3)
+        floored: np.ndarray = np.maximum(weight * boost, 1e-3)
+        return floored
 
     def pick(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import TypedDict
 
 import msgspec
 import structlog
@@ -24,10 +25,24 @@ from stipple_common.records import Ban, IndexedStake
 log = structlog.get_logger("stipple.gatekeeper.admission")
 
 
+class _Common(TypedDict):
+    """The fields every `admit` answer carries."""
+
+    node_id: str
+    stake: int
+    min_stake: int
+    owner: str
+
+
 def admit(node_id: str, stake: IndexedStake | None, min_stake: int, ban: Ban | None, now: float) -> JoinStatus:
     """How `node_id` is admitted now, and why."""
     held = stake.stake if stake else 0
-    common = {"node_id": node_id, "stake": held, "min_stake": min_stake, "owner": (stake.owner if stake else "")}
+    common: _Common = {
+        "node_id": node_id,
+        "stake": held,
+        "min_stake": min_stake,
+        "owner": (stake.owner if stake else ""),
+    }
     if ban is not None and ban.until > now:
         detail = f"banned until {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(ban.until))}: {ban.detail}"
         return JoinStatus(level="applicant", reason="banned", detail=detail, banned_until=ban.until, **common)

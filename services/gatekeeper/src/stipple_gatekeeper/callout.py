@@ -25,16 +25,15 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from prometheus_client import Counter, Histogram
 
 from stipple_common import subjects
 from stipple_common.identity import is_node_id, nonce_signer
 from stipple_common.messages import encode
-from stipple_common.metrics import Metrics
 from stipple_common.permissions import APP_ACCOUNT, applicant_permissions, node_permissions
 
 from . import jwt
 from .admission import Registry
+from .metrics import CalloutMetrics
 
 log = structlog.get_logger("stipple.gatekeeper.callout")
 
@@ -61,7 +60,7 @@ class Callout:
         js: JetStreamContext,
         registry: Registry,
         issuer: nkeys.KeyPair,
-        metrics: Metrics,
+        metrics: CalloutMetrics,
         node_ttl_s: float,
         applicant_ttl_s: float,
     ) -> None:
@@ -71,27 +70,7 @@ class Callout:
         self.node_ttl_s = node_ttl_s
         self.applicant_ttl_s = applicant_ttl_s
         self._provisioned: OrderedDict[str, float] = OrderedDict()  # node id -> when its consumers were made
-        self.admissions = Counter(
-            "stipple_gatekeeper_admissions_total",
-            "Connections admitted, by level (node, applicant) and reason (ok, no_stake, below_minimum, leaving, "
-            "banned)",
-            ["level", "reason"],
-            registry=metrics.registry,
-        )
-        self.refusals = Counter(
-            "stipple_gatekeeper_refusals_total",
-            "Connections refused, by reason (bad_signature, token_mismatch, bad_request, consumers, internal)",
-            ["reason"],
-            registry=metrics.registry,
-        )
-        for reason in ("bad_signature", "token_mismatch", "bad_request", "consumers", "internal"):
-            self.refusals.labels(reason)
-        self.seconds = Histogram(
-            "stipple_gatekeeper_callout_seconds",
-            "Time to decide one connection",
-            registry=metrics.registry,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-        )
+        self.metrics = metrics
 
     async def serve(self, auth_nc: NATS, app_nc: NATS) -> list[object]:
         """Answer the server's authorization requests (on the AUTH connection) and the
@@ -113,7 +92,7 @@ class Callout:
         try:
             request = jwt.parse_request(msg.data.decode(errors="replace"))
         except jwt.BadRequest as exc:  # without its user key there is nothing to answer to
-            self.refusals.labels("bad_request").inc()
+            self.metrics.refusals.labels("bad_request").inc()
             log.warning("callout_bad_request", error=exc.message)
             return
         try:
@@ -122,7 +101,7 @@ class Callout:
             log.exception("callout_failed")
             answer = self._refuse(request, "internal", f"{type(exc).__name__}: {exc}")
         finally:
-            self.seconds.observe(time.perf_counter() - started)
+            self.metrics.seconds.observe(time.perf_counter() - started)
         if msg.reply:
             await msg.respond(answer)
 
@@ -150,12 +129,12 @@ class Callout:
             ttl_s=ttl,
             issuer=self.issuer,
         )
-        self.admissions.labels(status.level, status.reason).inc()
+        self.metrics.admissions.labels(status.level, status.reason).inc()
         log.info("admitted", node_id=signer, level=status.level, reason=status.reason, host=request.host)
         return jwt.response(request, self.issuer, user=user)
 
     def _refuse(self, request: jwt.AuthRequest, reason: str, detail: str) -> bytes:
-        self.refusals.labels(reason).inc()
+        self.metrics.refusals.labels(reason).inc()
         log.warning("refused", reason=reason, detail=detail, host=request.host, token=request.token[:64])
         return jwt.response(request, self.issuer, error=f"{reason}: {detail}")
 

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from prometheus_client import Counter
 
-from stipple_common.metrics import Metrics
 from stipple_common.permissions import APP_ACCOUNT
 
 from .admission import Registry
 from .callout import parse_connection_name
+from .metrics import EnforcerMetrics
 
 log = structlog.get_logger("stipple.gatekeeper.enforcer")
 
@@ -40,18 +39,11 @@ class Connection:
 
 
 class Enforcer:
-    def __init__(self, sys_nc: NATS, registry: Registry, metrics: Metrics, *, gather_s: float = 0.3) -> None:
+    def __init__(self, sys_nc: NATS, registry: Registry, metrics: EnforcerMetrics, *, gather_s: float = 0.3) -> None:
         self.nc = sys_nc
         self.registry = registry
         self.gather_s = gather_s
-        self.kicks = Counter(
-            "stipple_gatekeeper_kicks_total",
-            "Node connections closed, by the reason the node lost its right (banned, leaving, below_minimum, no_stake)",
-            ["reason"],
-            registry=metrics.registry,
-        )
-        for reason in ("banned", "leaving", "below_minimum", "no_stake"):
-            self.kicks.labels(reason)
+        self.metrics = metrics
 
     async def connections(self, node_id: str = "") -> list[Connection]:
         """The APP account's connections admitted by the callout, from every server
@@ -99,7 +91,7 @@ class Enforcer:
                 log.warning("kick_failed", node_id=conn.node_id, error=str(exc))
                 continue
             closed += 1
-            self.kicks.labels(status.reason).inc()
+            self.metrics.kicks.labels(status.reason).inc()
             log.warning("node_connection_closed", node_id=conn.node_id, reason=status.reason, detail=status.detail)
         return closed
 

@@ -31,14 +31,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
-from prometheus_client import Counter
 
 from stipple_common import subjects
 from stipple_common.blobstore import BlobStore
 from stipple_common.blobstore.intake import CONTENT_TYPE, KEY, LAST, PART, UPLOAD, blob_prefix
 from stipple_common.errors import StippleError
 from stipple_common.messages import TaskAssigned, TaskReassigned, UploadReply, encode, task_event_decoder
-from stipple_common.metrics import Metrics
+
+from .metrics import IntakeMetrics
 
 log = structlog.get_logger("stipple.gatekeeper.intake")
 
@@ -64,7 +64,7 @@ class Intake:
         nc: NATS,
         js: JetStreamContext,
         blobs: BlobStore,
-        metrics: Metrics,
+        metrics: IntakeMetrics,
         max_blob_bytes: int,
         upload_timeout_s: float = 60.0,
         max_uploads_per_node: int = 8,
@@ -83,18 +83,7 @@ class Intake:
         self.uploads: dict[tuple[str, str], _Upload] = {}
         self.buffered = 0
         self._assigned: OrderedDict[tuple[str, str], None] = OrderedDict()  # (task, node) known assigned
-        self.results = Counter(
-            "stipple_gatekeeper_uploads_total",
-            "Uploads finished or refused, by outcome (stored, bad_key, not_assigned, too_large, exists, bad_part, "
-            "busy, store_unavailable)",
-            ["outcome"],
-            registry=metrics.registry,
-        )
-        for outcome in ("stored", "bad_key", "not_assigned", "too_large", "exists", "bad_part", "busy"):
-            self.results.labels(outcome)
-        self.stored_bytes = Counter(
-            "stipple_gatekeeper_upload_bytes_total", "Bytes stored for nodes", registry=metrics.registry
-        )
+        self.metrics = metrics
 
     async def serve(self) -> list[object]:
         return [
@@ -107,11 +96,11 @@ class Intake:
         try:
             reply = await self.take(node_id, msg.headers or {}, msg.data)
         except Refused as exc:
-            self.results.labels(exc.code).inc()
+            self.metrics.results.labels(exc.code).inc()
             log.warning("upload_refused", node_id=node_id, reason=exc.code, error=exc.message)
             reply = UploadReply(ok=False, error=exc.code, message=exc.message)
         except StippleError as exc:  # the store is down: the node retries later
-            self.results.labels("store_unavailable").inc()
+            self.metrics.results.labels("store_unavailable").inc()
             log.warning("upload_not_stored", node_id=node_id, error=exc.message)
             reply = UploadReply(ok=False, error="store_unavailable", message=exc.message)
         if msg.reply:
@@ -166,8 +155,8 @@ class Intake:
             raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists")
         await self.blobs.put(upload.key, blob, content_type=upload.content_type)
         digest = hashlib.sha256(blob).hexdigest()
-        self.results.labels("stored").inc()
-        self.stored_bytes.inc(len(blob))
+        self.metrics.results.labels("stored").inc()
+        self.metrics.stored_bytes.inc(len(blob))
         log.info("upload_stored", node_id=node_id, key=upload.key, size=len(blob))
         return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=digest)
 

@@ -44,7 +44,8 @@ def _unb64(text: str) -> bytes:
 
 def new_seed(prefix: int) -> str:
     """A fresh nkey seed (``SA...`` for an account, ``SU...`` for a user)."""
-    return nkeys.encode_seed(os.urandom(32), prefix).decode()
+    encoded: bytes = nkeys.encode_seed(os.urandom(32), prefix)  # nkeys is untyped
+    return encoded.decode()
 
 
 def new_keys() -> dict[str, str]:
@@ -60,7 +61,8 @@ def new_keys() -> dict[str, str]:
 
 
 def public_key(seed: str) -> str:
-    return nkeys.from_seed(seed.encode()).public_key.decode()
+    key: bytes = nkeys.from_seed(seed.encode()).public_key  # nkeys is untyped
+    return key.decode()
 
 
 def encode(claims: dict[str, Any], signer: nkeys.KeyPair) -> str:

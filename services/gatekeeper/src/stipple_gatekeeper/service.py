@@ -32,6 +32,7 @@ from .admission import Registry
 from .callout import Callout
 from .enforcer import Enforcer
 from .intake import Intake, expire_loop
+from .metrics import CalloutMetrics, EnforcerMetrics, IntakeMetrics
 
 log = structlog.get_logger("stipple.gatekeeper")
 
@@ -98,7 +99,7 @@ async def serve(ctx: ServiceContext, settings: GatekeeperSettings) -> None:
                 nc=ctx.nc,
                 js=ctx.js,
                 blobs=ctx.blobs,
-                metrics=ctx.metrics,
+                metrics=IntakeMetrics(ctx.metrics.registry),
                 max_blob_bytes=settings.max_blob_bytes,
                 check_assignment=settings.check_assignment,
             )
@@ -116,7 +117,7 @@ async def serve(ctx: ServiceContext, settings: GatekeeperSettings) -> None:
                 js=ctx.js,
                 registry=registry,
                 issuer=issuer,
-                metrics=ctx.metrics,
+                metrics=CalloutMetrics(ctx.metrics.registry),
                 node_ttl_s=settings.node_identity_ttl_s,
                 applicant_ttl_s=settings.applicant_identity_ttl_s,
             )
@@ -124,7 +125,7 @@ async def serve(ctx: ServiceContext, settings: GatekeeperSettings) -> None:
         if settings.system_url:
             sys_nc = await bus.connect(settings.system_url, "stipple-gatekeeper-system", ca_file=settings.nats_ca_file)
             stack.push_async_callback(sys_nc.drain)
-            enforcer = Enforcer(sys_nc, registry, ctx.metrics)
+            enforcer = Enforcer(sys_nc, registry, EnforcerMetrics(ctx.metrics.registry))
             background.append(asyncio.create_task(enforcer.run(ctx.stop, settings.reconcile_s)))
         log.info(
             "gatekeeper_started",

@@ -4,8 +4,8 @@ import asyncio
 
 from stipple_common.settings import load_settings
 
-from .app import GatewaySettings
 from .service import run
+from .settings import GatewaySettings
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """The gateway's error answer: an HTTP status, a stable code, a message naming the field
-and value, in the native shape ``{"error": {...}}`` or the SDCN shape ``{"msg": ...}``."""
+and value, in the native shape ``{"error": {...}}`` or the SDCN shape ``{"msg": ...}``.
+
+The task service raises it (it owns which status and code each refusal is); the HTTP
+layer (app.py) turns it into a response. No web framework here."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from starlette.responses import JSONResponse
 
 from stipple_common.errors import NO_VALUE, InvalidInput
 
@@ -26,7 +27,7 @@ class ApiError(Exception):
         value: Any = NO_VALUE,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
-    ):
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.value = status, code, message, field, value
         self.headers = headers or {}
@@ -36,7 +37,8 @@ class ApiError(Exception):
     def invalid(cls, exc: InvalidInput) -> ApiError:
         return cls(422, exc.code, exc.message, field=exc.field, value=exc.value)
 
-    def native(self) -> JSONResponse:
+    def native_body(self) -> dict[str, Any]:
+        """The native body, ``{"error": {"code", "message", "field"?, "value"?, ...extra}}``."""
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.field is not None:
             body["field"] = self.field
@@ -44,7 +46,8 @@ class ApiError(Exception):
             plain = isinstance(self.value, (int, float, str, bool, type(None)))
             body["value"] = self.value if plain else repr(self.value)
         body.update(self.extra)
-        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+        return {"error": body}
 
-    def sdcn(self) -> JSONResponse:
-        return JSONResponse({"msg": self.message}, status_code=self.status, headers=self.headers)
+    def sdcn_body(self) -> dict[str, Any]:
+        """The SDCN body, ``{"msg": "..."}``."""
+        return {"msg": self.message}

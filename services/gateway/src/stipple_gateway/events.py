@@ -10,11 +10,12 @@ and sends it, then sends what arrives live, skipping message ids already sent. A
 outcome seen live is confirmed against the stream (the first outcome stored wins; a late
 one shares its message id and is dropped by JetStream), then the stream ends.
 
-Plain Starlette `StreamingResponse` rather than sse-starlette: our events are one-line
-JSON, keep-alives are a timeout on the queue, Starlette already stops the generator
-when the client disconnects, and shutdown follows the gateway's own `closing` event;
-sse-starlette would add a process-wide `AppStatus` and a monkey-patch of uvicorn's
-``Server.handle_exit`` for the same.
+`TaskEventStream` knows NATS only; the HTTP answer that carries its frames is
+`app.EventStreamResponse`, a plain Starlette `StreamingResponse` rather than
+sse-starlette: our events are one-line JSON, keep-alives are a timeout on the queue,
+Starlette already stops the generator when the client disconnects, and shutdown follows
+the gateway's own `closing` event; sse-starlette would add a process-wide `AppStatus` and
+a monkey-patch of uvicorn's ``Server.handle_exit`` for the same.
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from stipple_common import bus, subjects
 from stipple_common.errors import Rejected
@@ -203,22 +202,3 @@ class TaskEventStream:
         else:
             log.warning("outcome_not_stored_yet", task_id=self.task_id, event_type=event_name(live.event))
         yield self._send(live)
-
-
-class EventStreamResponse(StreamingResponse):
-    """A text/event-stream answer that releases the stream's subscriptions however it ends
-    (also when the client is gone before the first byte)."""
-
-    def __init__(self, stream: TaskEventStream, content: AsyncIterator[bytes]) -> None:
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
-        self.stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.stream.close()

@@ -89,7 +89,7 @@ HEADERS = {
     429: {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}},
 }
 
-KEYED = [{"apiKey": []}, {}]  # a bearer key when STIPPLE_API_KEYS is set, nothing otherwise
+KEYED: list[dict[str, list[str]]] = [{"apiKey": []}, {}]  # a bearer key when STIPPLE_API_KEYS is set, nothing otherwise
 
 
 def _ref(name: str) -> dict[str, str]:

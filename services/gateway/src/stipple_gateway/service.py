@@ -1,5 +1,6 @@
-"""Gateway wiring: NATS, blob store and node directory in one exit stack, then uvicorn
-serving the Starlette app until SIGTERM/SIGINT."""
+"""Gateway wiring: NATS, blob store and node directory in one exit stack, the task
+service (tasks.py) over them, then uvicorn serving its HTTP app (app.py) until
+SIGTERM/SIGINT or until a background worker of the task service gives up."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from stipple_common.logs import setup_logging
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
 
-from .app import Gateway, GatewaySettings, create_app
+from .app import create_app
+from .metrics import GatewayMetrics
+from .settings import GatewaySettings
+from .tasks import TaskService
 
 log = structlog.get_logger("stipple.gateway")
 
@@ -62,34 +66,35 @@ async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
     directory = NodeDirectory(ttl_s=settings.node_ttl_s)
     stakes = await directory.follow_stakes(ctx.js, settings.stream_replicas)
     sub = await directory.follow(ctx.js)
-    gateway = Gateway(ctx.nc, ctx.js, ctx.blobs, directory, settings, ctx.metrics)
+    gateway_metrics = GatewayMetrics(ctx.metrics.registry, webhooks=bool(settings.webhook_secret))
+    tasks = TaskService(ctx.nc, ctx.js, ctx.blobs, directory, settings, ctx.metrics, gateway_metrics=gateway_metrics)
     await apply_result_ttl(ctx, settings)
-    await gateway.start()
+    await tasks.start()
     config = uvicorn.Config(
-        create_app(gateway),
+        create_app(tasks),
         host=settings.host,
         port=settings.port,
         log_config=None,
         access_log=False,
         lifespan="off",
     )
-    server = Server(config, on_exit=gateway.closing.set)
+    server = Server(config, on_exit=tasks.closing.set)
 
     async def stop_when_asked() -> None:
         stopped = asyncio.create_task(ctx.stop.wait())
-        fatal = asyncio.create_task(gateway.fatal.wait())  # a worker gave up (bus.supervise)
+        fatal = asyncio.create_task(tasks.fatal.wait())  # a worker gave up (bus.supervise)
         await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         fatal.cancel()
-        gateway.closing.set()  # events streams end, so uvicorn's shutdown does not wait on them
+        tasks.closing.set()  # events streams end, so uvicorn's shutdown does not wait on them
         server.should_exit = True
 
     watcher = asyncio.create_task(stop_when_asked())
-    log.info("gateway_listening", url=f"http://{settings.host}:{settings.port}", api_keys=len(gateway.keys.keys))
+    log.info("gateway_listening", url=f"http://{settings.host}:{settings.port}", api_keys=len(tasks.keys.keys))
     try:
         await server.serve()
     finally:
         watcher.cancel()
         stakes.cancel()
-        await gateway.stop()
+        await tasks.stop()
         await sub.unsubscribe()  # type: ignore[attr-defined]

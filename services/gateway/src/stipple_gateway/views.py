@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from starlette.responses import Response
 
 from stipple_common.aggregate import NodeStatus, Task, TaskStatus
 from stipple_common.messages import Progress, QueueStatus, TaskEvent, TaskSubmitted, Verdict, event_name
@@ -248,7 +247,3 @@ def event_data(event: TaskEvent) -> dict[str, Any]:
         data["spec"] = msgspec.to_builtins(spec_view(event.spec))
     data["type"] = event_name(event)
     return data
-
-
-def json_response(body: msgspec.Struct, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(msgspec.json.encode(body), status_code=status_code, headers=headers, media_type="application/json")

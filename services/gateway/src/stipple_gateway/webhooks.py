@@ -29,12 +29,12 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
-from prometheus_client import CollectorRegistry, Counter
 
 from stipple_common import bus, subjects, tracing
 from stipple_common.errors import InvalidInput
 from stipple_common.metrics import Metrics
 
+from .metrics import GatewayMetrics
 from .views import TaskView
 
 log = structlog.get_logger("stipple.gateway")
@@ -109,7 +109,8 @@ def check_webhook_url(value: Any, *, allow_private: bool, enabled: bool) -> str:
 
 
 class Webhooks:
-    """The delivery worker. `load` gives the task view by id (None if there is no such task)."""
+    """The delivery worker. `load` gives the task view by id (None if there is no such task);
+    the task service builds it and runs it as one of its background workers."""
 
     def __init__(
         self,
@@ -121,19 +122,16 @@ class Webhooks:
         max_attempts: int,
         backoff_s: float,
         backoff_max_s: float,
-        registry: CollectorRegistry,
+        gateway_metrics: GatewayMetrics,
     ) -> None:
         self.js, self.load, self.secret = js, load, secret
         self.timeout_s = timeout_s
         self.max_attempts = max(1, max_attempts)
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.http: httpx.AsyncClient | None = None
-        self.results = Counter(
-            "stipple_gateway_webhooks_total",
-            "Webhook POSTs by result: delivered, retry, gave_up",
-            ["result"],
-            registry=registry,
-        )
+        if gateway_metrics.webhooks is None:
+            raise ValueError("webhooks need GatewayMetrics(..., webhooks=True)")
+        self.results = gateway_metrics.webhooks  # stipple_gateway_webhooks_total{result}
 
     def consumer_config(self) -> ConsumerConfig:
         return subjects.webhooks_consumer(timeout_s=self.timeout_s, max_attempts=self.max_attempts)

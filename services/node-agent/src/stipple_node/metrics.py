@@ -1,27 +1,80 @@
-"""The node agent's own metrics beyond the task counters: model loads and the pipeline
-cache (the runner), the model store's lookups, downloads and evictions, and the GPUs
-(NVML, and torch.cuda's allocator).
+"""The node agent's Prometheus metrics (docs/metrics.md lists them; the dashboards and
+alerts read them by these names): the agent's tasks, uploads and identity (`NodeMetrics`),
+model loads and the pipeline cache (the runner's `RunnerMetrics`), the model store's
+lookups, downloads and evictions (`StoreMetrics`), and the GPUs (NVML, and torch.cuda's
+allocator: `GpuCollector`).
 
 The runner and the store are built before the service opens its registry (a node loads
 its models before it announces itself), so their metrics are made without a registry
-and registered by the node agent (`Metrics.register`).
+and registered with the agent's (`NodeMetrics.of`, `Metrics.register`).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import structlog
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from stipple_common.metrics import Metrics
 
 log = structlog.get_logger("stipple.node.metrics")
 
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 DENOISE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+TASK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160)
+UPLOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class NodeMetrics:
+    """What the node agent counts (service.NodeAgent), and the GPUs, in one registry. The
+    agent gives `busy` its function and sets `info`'s one series. Get it with `of`: one per
+    registry, however many agents are built on it."""
+
+    def __init__(self, registry: CollectorRegistry, device: str = "cpu") -> None:
+        self.tasks = Counter("stipple_node_tasks_total", "Tasks run, by result", ["result"], registry=registry)
+        self.task_seconds = Histogram(
+            "stipple_node_task_seconds",
+            "Assignment received to result published",
+            registry=registry,
+            buckets=TASK_BUCKETS,
+        )
+        self.upload_seconds = Histogram(
+            "stipple_node_upload_seconds",
+            "Time to upload one task's images to the blob store",
+            registry=registry,
+            buckets=UPLOAD_BUCKETS,
+        )
+        self.busy = Gauge("stipple_node_busy", "1 while the node runs a task, else 0", registry=registry)
+        self.info = Gauge(
+            "stipple_node_info",
+            "1, labelled with the node's id (its address), version and device (join on instance)",
+            ["node_id", "version", "device"],
+            registry=registry,
+        )
+        self.gpus = GpuCollector(device)
+        registry.register(self.gpus)
+
+    @classmethod
+    def of(
+        cls, metrics: Metrics, device: str = "cpu", *, parts: Iterable[RunnerMetrics | StoreMetrics] = ()
+    ) -> NodeMetrics:
+        """The node agent's metrics in `metrics`' registry, with what its runner and its store
+        count (`parts`, made without a registry) registered there too. Made the first time
+        only (with that call's `device`): a node joins again with the same `Metrics`
+        (service.keep_joined), and an agent built again on it must reuse these collectors,
+        since the registry refuses a second set of the same names."""
+        made = _BY_REGISTRY.get(metrics.registry)
+        if made is None:
+            made = _BY_REGISTRY[metrics.registry] = cls(metrics.registry, device)
+        for part in parts:
+            metrics.register(part.collectors())  # the same ones again are left as they are
+        return made
 
 
 class RunnerMetrics:
@@ -205,3 +258,7 @@ class GpuCollector(Collector):
         for i in range(torch.cuda.device_count()):
             allocated.add_metric([f"cuda:{i}"], float(torch.cuda.memory_allocated(i)))
             reserved.add_metric([f"cuda:{i}"], float(torch.cuda.memory_reserved(i)))
+
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, NodeMetrics] = weakref.WeakKeyDictionary()
+"""Each registry's NodeMetrics (which hold no reference to their registry)."""

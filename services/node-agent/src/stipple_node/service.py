@@ -37,7 +37,6 @@ from eth_account.signers.local import LocalAccount
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import __version__, bus, commitment, subjects, tracing
 from stipple_common.blobstore.intake import IntakeClient
@@ -74,7 +73,7 @@ from stipple_common.settings import CommonSettings, InvalidSettings
 from stipple_common.taskspec import canonical
 
 from .annotators import parse_weights
-from .metrics import GpuCollector, RunnerMetrics, StoreMetrics
+from .metrics import NodeMetrics, RunnerMetrics, StoreMetrics
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
 from .staking import ensure_stake
 from .store import ModelStore, ProgressEvent
@@ -194,7 +193,7 @@ class NodeAgent:
         js: JetStreamContext,
         runner: PipelineRunner,
         settings: NodeSettings,
-        metrics: Metrics,
+        metrics: NodeMetrics,
         store: ModelStore | None = None,
         key: str | None = None,
         uploads: Uploads | None = None,
@@ -214,32 +213,9 @@ class NodeAgent:
         self.runner = runner
         self.settings = settings
         self.busy = False
-        self.tasks = Counter("stipple_node_tasks_total", "Tasks run, by result", ["result"], registry=metrics.registry)
-        self.task_seconds = Histogram(
-            "stipple_node_task_seconds",
-            "Assignment received to result published",
-            registry=metrics.registry,
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160),
-        )
-        self.upload_seconds = Histogram(
-            "stipple_node_upload_seconds",
-            "Time to upload one task's images to the blob store",
-            registry=metrics.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
-        busy = Gauge("stipple_node_busy", "1 while the node runs a task, else 0", registry=metrics.registry)
-        busy.set_function(lambda: 1.0 if self.busy else 0.0)
-        info = Gauge(
-            "stipple_node_info",
-            "1, labelled with the node's id (its address), version and device (join on instance)",
-            ["node_id", "version", "device"],
-            registry=metrics.registry,
-        )
-        info.labels(node_id, __version__, settings.device).set(1)
-        for part in (runner, store):  # made before the registry (metrics.py)
-            if isinstance(getattr(part, "metrics", None), RunnerMetrics | StoreMetrics):
-                metrics.register(part.metrics.collectors())  # type: ignore[union-attr]
-        metrics.register([GpuCollector(settings.device)])
+        self.metrics = metrics
+        metrics.busy.set_function(lambda: 1.0 if self.busy else 0.0)  # the agent built last: the one running
+        metrics.info.labels(node_id, __version__, settings.device).set(1)
 
     def rebind(self, nc: NATS, js: JetStreamContext) -> None:
         """Go on on a new connection (the node joined again): what it committed is kept."""
@@ -314,8 +290,8 @@ class NodeAgent:
             if pending is None:
                 return None
         await self._deliver(work.task_id, pending)
-        self.tasks.labels("committed").inc()
-        self.task_seconds.observe(pending.elapsed_s)
+        self.metrics.tasks.labels("committed").inc()
+        self.metrics.task_seconds.observe(pending.elapsed_s)
         log.info("task_committed", images=len(pending.images), elapsed_s=round(pending.elapsed_s, 3))
         return None
 
@@ -332,7 +308,7 @@ class NodeAgent:
             with tracing.task_span("node.generate", task_id=work.task_id, node_id=self.node_id):
                 images = await self._generate(work)
         except TaskCancelledError:
-            self.tasks.labels("cancelled").inc()
+            self.metrics.tasks.labels("cancelled").inc()
             log.info("task_cancelled")
             return None
         except StippleError as exc:
@@ -401,7 +377,7 @@ class NodeAgent:
             tracing.task_span(
                 "node.upload", task_id=pending.event.task_id, node_id=self.node_id, images=len(pending.pngs)
             ),
-            self.upload_seconds.time(),
+            self.metrics.upload_seconds.time(),
         ):
             for result, png in zip(pending.images, pending.pngs, strict=True):
                 await self.blobs.put(result.key, png, content_type="image/png")
@@ -464,7 +440,7 @@ class NodeAgent:
         )
         with tracing.task_span("node.reveal", task_id=message.task_id, node_id=self.node_id):
             await self._publish_event(revealed)
-        self.tasks.labels("revealed").inc()
+        self.metrics.tasks.labels("revealed").inc()
         return None
 
     async def probe(self, request: ProbeRequest) -> None:
@@ -502,7 +478,7 @@ class NodeAgent:
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
         event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
         await self._publish_event(event)
-        self.tasks.labels(code).inc()
+        self.metrics.tasks.labels(code).inc()
         log.warning("task_failed", code=code, error=message)
 
 
@@ -696,13 +672,17 @@ def make_agent(
     agent_type: type[NodeAgent] | None = None,
     uploads: Uploads | None = None,
 ) -> NodeAgent:
-    """The node (of `agent_type`, a NodeAgent subclass in tests) on `ctx`'s connection."""
+    """The node (of `agent_type`, a NodeAgent subclass in tests) on `ctx`'s connection. Its
+    metrics are those of `ctx.metrics`' registry: the same collectors for every agent built
+    on it (`NodeMetrics.of`)."""
+    owned = (getattr(part, "metrics", None) for part in (runner, store))  # made before the registry (metrics.py)
+    parts = [m for m in owned if isinstance(m, RunnerMetrics | StoreMetrics)]
     return (agent_type or NodeAgent)(
         nc=ctx.nc,
         js=ctx.js,
         runner=runner,
         settings=settings,
-        metrics=ctx.metrics,
+        metrics=NodeMetrics.of(ctx.metrics, settings.device, parts=parts),
         store=store,
         key=key,
         uploads=uploads,

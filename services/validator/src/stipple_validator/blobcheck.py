@@ -27,16 +27,18 @@ import hashlib
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
 from PIL import Image
-from prometheus_client import CollectorRegistry, Counter
 
 from stipple_common.aggregate import Task
 from stipple_common.blobstore import BlobNotFound, BlobStore
 from stipple_common.errors import StippleError, Transient
 from stipple_common.messages import ImageResult
 from stipple_common.phash import image_phash
+
+if TYPE_CHECKING:
+    from .metrics import BlobCheckMetrics
 
 BlobOutcome = Literal["ok", "missing", "too_large", "not_png", "sha256_mismatch", "phash_mismatch", "size_mismatch"]
 
@@ -73,18 +75,11 @@ def inspect_png(data: bytes, image: ImageResult) -> ImageCheck:
 class BlobChecker:
     """Reads candidate results' blobs and checks them against their reveals (see above)."""
 
-    def __init__(self, blobs: BlobStore, *, max_blob_bytes: int, concurrency: int, registry: CollectorRegistry) -> None:
+    def __init__(self, blobs: BlobStore, *, max_blob_bytes: int, concurrency: int, metrics: BlobCheckMetrics) -> None:
         self.blobs = blobs
         self.max_blob_bytes = max_blob_bytes
         self.concurrency = concurrency
-        self.checks = Counter(
-            "stipple_validator_blob_checks_total",
-            "Stored images the validator read back and checked against a reveal, by outcome",
-            ["outcome"],
-            registry=registry,
-        )
-        for outcome in get_args(BlobOutcome):  # every series at 0 from the start
-            self.checks.labels(outcome)
+        self.metrics = metrics
 
     async def check(self, task: Task, nodes: Iterable[str]) -> dict[str, str | None]:
         """Per node of `nodes`: None when each image it revealed is what it stored, else
@@ -98,7 +93,7 @@ class BlobChecker:
         slots = asyncio.Semaphore(self.concurrency)
         results = await asyncio.gather(*(self._check_image(image, slots) for _, image in images))
         for (node, image), result in zip(images, results, strict=True):
-            self.checks.labels(result.outcome).inc()
+            self.metrics.checks.labels(result.outcome).inc()
             if result.outcome != "ok" and checked[node] is None:
                 checked[node] = f"image {image.index} ({image.key}): {result.outcome}: {result.detail}"
         return checked

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
-from prometheus_client import Counter
 
 from stipple_common import bus
 from stipple_common.identity import is_node_id
 from stipple_common.messages import Ban, NodeBanned
-from stipple_common.metrics import Metrics
+
+if TYPE_CHECKING:
+    from .metrics import SentinelMetrics
 
 log = structlog.get_logger("stipple.validator.sentinel")
 
@@ -47,7 +49,7 @@ class Sentinel:
         self,
         js: JetStreamContext,
         bans: KeyValue,
-        metrics: Metrics,
+        metrics: SentinelMetrics,
         *,
         strikes: int,
         window_s: float,
@@ -60,29 +62,14 @@ class Sentinel:
         self.ban_s = ban_s
         self.recent: dict[str, deque[float]] = {}
         self.banned_until: dict[str, float] = {}
-        self.strikes = Counter(
-            "stipple_validator_strikes_total",
-            "Messages a node had no business sending (refused by the subject check or the fold), by reason",
-            ["reason"],
-            registry=metrics.registry,
-        )
-        for reason in REASONS:
-            self.strikes.labels(reason)
-        self.bans_total = Counter(
-            "stipple_validator_bans_total",
-            "Nodes banned for repeated strikes, by the reason of the last strike",
-            ["reason"],
-            registry=metrics.registry,
-        )
-        for reason in REASONS:
-            self.bans_total.labels(reason)
+        self.metrics = metrics
 
     async def strike(self, node_id: str, reason: str, detail: str) -> bool:
         """Count a strike against `node_id`; returns True when it banned the node."""
         if not is_node_id(node_id):  # a control-plane subject: nobody to blame
             return False
         now = time.time()
-        self.strikes.labels(reason).inc()
+        self.metrics.strikes.labels(reason).inc()
         window = self.recent.setdefault(node_id, deque())
         window.append(now)
         while window and now - window[0] > self.window_s:
@@ -98,6 +85,6 @@ class Sentinel:
         await bus.publish_event(self.js, event)
         self.banned_until[node_id] = until
         window.clear()
-        self.bans_total.labels(reason).inc()
+        self.metrics.bans.labels(reason).inc()
         log.warning("node_banned", node_id=node_id, reason=reason, until=until, detail=text)
         return True

@@ -37,14 +37,12 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import get_args
 
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import NotFoundError
-from prometheus_client import Counter, Gauge, Histogram
 
 from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
@@ -60,16 +58,15 @@ from stipple_common.messages import (
     TaskEvent,
     TaskRevealOpened,
     TaskSubmitted,
-    Verdict,
     decode_task_event,
 )
-from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import CommonSettings
 
 from .blobcheck import BlobChecker
 from .decide import candidates, decide
+from .metrics import ValidatorMetrics
 from .probes import Prober
 from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
 from .sentinel import Sentinel
@@ -107,7 +104,7 @@ class Validator:
         windows: QosWindows,
         prober: Prober,
         settings: ValidatorSettings,
-        metrics: Metrics,
+        metrics: ValidatorMetrics,
         blobs: BlobStore,
         sentinel: Sentinel | None = None,
     ) -> None:
@@ -123,47 +120,10 @@ class Validator:
             blobs,
             max_blob_bytes=settings.max_blob_bytes,
             concurrency=settings.blob_check_concurrency,
-            registry=metrics.registry,
+            metrics=metrics.blob_checks,
         )
-        self.outcomes = Counter(
-            "stipple_validator_outcomes_total",
-            "Tasks decided, by outcome and reason",
-            ["outcome", "reason"],
-            registry=metrics.registry,
-        )
-        self.verdicts = Counter(
-            "stipple_validator_verdicts_total", "Per-node verdicts", ["verdict"], registry=metrics.registry
-        )
-        for verdict in get_args(Verdict):  # every verdict's series exists at 0 from the start
-            self.verdicts.labels(verdict)
-        self.slashes = Counter(
-            "stipple_validator_slashes_total",
-            "Per-node verdicts that cost the node its stake (mismatch, bad_commitment, bad_result); the chain-indexer "
-            "slashes",
-            ["verdict"],
-            registry=metrics.registry,
-        )
-        for verdict in SLASHABLE:  # at 0 from the start, so increase() sees the first slash
-            self.slashes.labels(verdict)
-        self.validation_seconds = Histogram(
-            "stipple_validator_validation_seconds",
-            "From the reveal opening to the decision (tasks decided after a reveal)",
-            registry=metrics.registry,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30),
-        )
-        self.task_seconds = Histogram(
-            "stipple_validator_task_seconds",
-            "From the submission to the decision, by outcome",
-            ["outcome"],
-            registry=metrics.registry,
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320),
-        )
-        paused = Gauge(
-            "stipple_validator_paused_nodes",
-            "Nodes paused for timeouts, waiting to pass a probe",
-            registry=metrics.registry,
-        )
-        paused.set_function(lambda: len(prober.paused))
+        self.metrics = metrics
+        metrics.paused_nodes.set_function(lambda: len(prober.paused))
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
         task_id = subjects.subject_token(msg.subject, 1)
@@ -288,16 +248,16 @@ class Validator:
             kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
             span.set_attributes({"stipple.outcome": kind, "stipple.reason": outcome.reason})
             await bus.publish_event(self.js, outcome)
-        self.outcomes.labels(kind, outcome.reason).inc()
+        self.metrics.outcomes.labels(kind, outcome.reason).inc()
         for verdict in outcome.verdicts.values():
-            self.verdicts.labels(verdict).inc()
+            self.metrics.verdicts.labels(verdict).inc()
             if verdict in SLASHABLE:
-                self.slashes.labels(verdict).inc()
+                self.metrics.slashes.labels(verdict).inc()
         now = time.time()
-        self.task_seconds.labels(kind).observe(max(0.0, now - task.submitted_at))
+        self.metrics.task_seconds.labels(kind).observe(max(0.0, now - task.submitted_at))
         if task.reveal_deadline is not None:
             opened = task.reveal_deadline - self.settings.reveal_timeout_s
-            self.validation_seconds.observe(max(0.0, now - opened))
+            self.metrics.validation_seconds.observe(max(0.0, now - opened))
         for node_id, why in outcome.verdict_details.items():
             log.warning("result_rejected", node_id=node_id, verdict=outcome.verdicts[node_id], why=why)
         log.info("task_decided", outcome=kind, reason=outcome.reason, verdicts=outcome.verdicts)
@@ -350,10 +310,11 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     bans = await ctx.js.create_key_value(
         KeyValueConfig(bucket=subjects.BANS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
+    metrics = ValidatorMetrics(ctx.metrics.registry)
     sentinel = Sentinel(
         ctx.js,
         bans,
-        ctx.metrics,
+        metrics.sentinel,
         strikes=settings.sentinel_strikes,
         window_s=settings.sentinel_window_s,
         ban_s=settings.ban_s,
@@ -372,7 +333,7 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
     await prober.rebuild()
     assert ctx.blobs is not None, "the validator reads the stored images: open_service(..., blobs=True)"
-    validator = Validator(ctx.js, directory, windows, prober, settings, ctx.metrics, ctx.blobs, sentinel)
+    validator = Validator(ctx.js, directory, windows, prober, settings, metrics, ctx.blobs, sentinel)
     log.info("validator_started", threshold=settings.phash_threshold)
     probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
     try:

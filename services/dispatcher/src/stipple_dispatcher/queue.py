@@ -1,0 +1,447 @@
+"""The dispatcher's decisions: pure logic, no I/O (service.py carries them out).
+
+`TaskQueue` holds every task this dispatcher handles, one `Task` record each, either
+queued (waiting for free nodes; its `submitted` message held, unacknowledged) or
+running (assigned: its nodes, which of them still hold a slot, which have not started
+yet). Its methods take what happened (a task event, the time) and return what to do
+about it: `Decision`s, plain records of the messages to publish, the held message to
+settle and what to count. They never publish, await or read a clock other than
+`time.perf_counter` (the cost of a decision, for its histogram); the node picks are
+`NodeIndex.pick`'s (selection.py).
+
+- `submit`: a task no registered node has ever served is aborted at once (`unservable`);
+  any other joins the queue, ordered by fee per estimated GPU-second, then by age. Tasks
+  that keep asking for a downloadable model (a URL or a hub repo id, `prefetch_demand`
+  within `prefetch_window_s`) that fewer than `replication` live nodes hold get it
+  pre-fetched by other live nodes, once per `prefetch_cooldown_s` and model (`Prefetch`).
+- `pump`: each queued task, best first, gets `replication` eligible free nodes of
+  distinct operators (`Assign`). A model with no free nodes is blocked for the rest of
+  the pass: the tasks behind it for that model are not tried (`Wait`), unless they waited
+  `dispatch_timeout_s`, which aborts them with `no_nodes` (`Abort`): no task hangs.
+- `replace_overdue`: a node that has not `started` within `accept_timeout_s` of its
+  assignment is replaced by an eligible node of an operator the task never had
+  (`Replace`: the replaced node is cancelled), up to `max_reassignments` per task;
+  beyond that, the validator's commit deadline takes over.
+- `apply`: `started` stops a node's accept timer, `committed` / `errored` free its slot,
+  an outcome forgets the task; `cancelled` drops a queued task or cancels an assigned
+  one's nodes (`Cancel`).
+- `status`: a queued task's position among the tasks that compete for its nodes (same
+  base model) and an ETA from the estimates ahead of it.
+
+`pump` and `replace_overdue` decide lazily: each decision is applied to the state just
+before it is yielded, and the next one is made only when the caller asks for it. A
+caller whose publishing fails stops iterating (the rest of the queue stays as it was)
+and hands the decision it could not carry out to `undo`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeAlias, TypeVar
+
+import numpy as np
+
+from stipple_common import __version__
+from stipple_common.messages import (
+    Assignment,
+    CancelWork,
+    NodeErrored,
+    PrefetchRequest,
+    QueueStatus,
+    TaskAborted,
+    TaskAssigned,
+    TaskCancelled,
+    TaskCommitted,
+    TaskEvent,
+    TaskReassigned,
+    TaskStarted,
+    TaskSubmitted,
+    TaskSucceeded,
+)
+from stipple_common.taskspec import TaskSpec
+
+from .selection import NodeIndex, NotEnoughNodes, Requirements, task_models
+from .settings import DispatcherSettings, parse_memory
+
+H = TypeVar("H")
+"""The I/O layer's handle on a task's held `submitted` message (a nats Msg): kept here
+while the task is queued and handed back in the decision that ends its wait."""
+
+Carrier = Mapping[str, str]
+"""A task's trace context (tracing.carrier()): what is done for it later continues its trace."""
+
+
+def estimate_seconds(spec: TaskSpec, seconds_per_step: float) -> float:
+    """GPU seconds a task is expected to take on one node (scales with steps and pixels)."""
+    config = spec.task_config
+    steps = config.steps + (spec.refiner.steps if spec.refiner else 0)
+    return seconds_per_step * steps * config.num_images * (config.image_width * config.image_height) / 512**2
+
+
+@dataclass(eq=False)
+class Task(Generic[H]):
+    """One task this dispatcher handles, queued or running."""
+
+    event: TaskSubmitted
+    estimate_s: float  # GPU seconds on one node (estimate_seconds)
+    trace: Carrier = field(default_factory=dict)
+    held: H | None = None  # while queued: its `submitted` message, settled when the wait ends
+    members: list[str] = field(default_factory=list)  # once assigned: every node it ever had, replaced ones too
+    holding: set[str] = field(default_factory=set)  # nodes still holding a slot for it (not committed or errored)
+    accepting: dict[str, float] = field(default_factory=dict)  # node -> when it was assigned, until it starts
+    rank: tuple[float, float] = field(init=False, repr=False)  # queue order: best first
+
+    def __post_init__(self) -> None:
+        priority = self.event.fee / max(self.estimate_s, 1e-6)
+        self.rank = (-priority, self.event.submitted_at)
+
+    @property
+    def task_id(self) -> str:
+        return self.event.task_id
+
+
+# ---------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Assign(Generic[H]):
+    """Publish `assigned`, then `work` to each of its nodes, then settle `held`."""
+
+    assigned: TaskAssigned
+    work: Assignment
+    held: H | None
+    trace: Carrier
+    submitted_at: float
+    waited_s: float  # in the queue, when it was decided
+    decision_s: float
+
+
+@dataclass(frozen=True)
+class Wait:
+    """No free nodes for the task yet: it stays queued (only the decision's cost to count)."""
+
+    task_id: str
+    decision_s: float
+
+
+@dataclass(frozen=True)
+class Abort(Generic[H]):
+    """Publish `aborted` (its reason is the `tasks_total` result), then settle `held`.
+    `trace` is None when decided in the task's own message handler (`unservable`);
+    `decision_s` is None when no nodes were picked."""
+
+    aborted: TaskAborted
+    held: H | None = None
+    trace: Carrier | None = None
+    decision_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Replace:
+    """Publish `reassigned`, then `work` to the new node (`reassigned.by`), then `cancel`
+    to the node it replaces (`reassigned.replaced`)."""
+
+    reassigned: TaskReassigned
+    work: Assignment
+    cancel: CancelWork
+    trace: Carrier
+
+
+@dataclass(frozen=True)
+class NoReplacement:
+    """A silent node could not be replaced now (nothing to publish: a warning)."""
+
+    task_id: str
+    node_id: str
+    detail: str
+    trace: Carrier
+
+
+@dataclass(frozen=True)
+class Cancel(Generic[H]):
+    """Settle `held` (a queued task), then send `cancel` to each of `nodes`. `nodes` is
+    None for a task this dispatcher does not hold: its `assigned` event (in the stream)
+    names them, if there is one."""
+
+    cancel: CancelWork
+    nodes: list[str] | None
+    held: H | None
+    was_queued: bool
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Send `request` to each of `nodes` (one round: `round_id`); `holders` live nodes have it."""
+
+    request: PrefetchRequest
+    nodes: list[str]
+    round_id: int
+    holders: int
+
+
+Decision: TypeAlias = Assign[H] | Wait | Abort[H] | Replace | NoReplacement | Cancel[H] | Prefetch
+
+
+# ---------------------------------------------------------------------- the queue
+
+
+class TaskQueue(Generic[H]):
+    """The tasks this dispatcher holds, and every decision about them (see the module)."""
+
+    def __init__(self, index: NodeIndex, settings: DispatcherSettings, rng: np.random.Generator | None = None) -> None:
+        self.index = index
+        self.settings = settings
+        self.rng = rng or np.random.default_rng()
+        self.memory = parse_memory(settings.model_memory_gb)
+        self.queued: dict[str, Task[H]] = {}  # waiting for free nodes
+        self.running: dict[str, Task[H]] = {}  # assigned, until its outcome
+        self.demand: dict[str, deque[float]] = {}  # model ref -> when tasks asked for it
+        self.prefetched: dict[str, float] = {}  # model ref -> its last pre-fetch round
+
+    def requirements(self, spec: TaskSpec) -> Requirements:
+        return Requirements(
+            min_stake=self.settings.min_stake,
+            memory_bytes=self.memory.get(spec.model_name, 0),
+            slots=self.settings.node_slots,
+            version=__version__,
+        )
+
+    # ------------------------------------------------------------------ events
+
+    def submit(self, event: TaskSubmitted, held: H | None, trace: Carrier, now: float) -> list[Decision[H]]:
+        """A task new to this dispatcher (neither queued nor running here): refused when no
+        registered node serves its model, else queued with `held`, its message (settled
+        by the decision that ends its wait); and pre-fetches its demand calls for."""
+        if self.index.registered_serving(event.spec.model_name) == 0 and self.index.size:
+            detail = f"no registered node serves {event.spec.model_name!r}"
+            return [Abort(TaskAborted(task_id=event.task_id, reason="unservable", detail=detail))]
+        estimate = estimate_seconds(event.spec, self.settings.seconds_per_step)
+        self.queued[event.task_id] = Task(event=event, estimate_s=estimate, trace=trace, held=held)
+        return [*self._prefetch(event.spec, now)]
+
+    def resubmitted(self, task_id: str, held: H) -> H | None:
+        """A queued task's `submitted` came again (redelivered): keep the newest message;
+        returns the one it replaces (no longer to be kept alive), if any."""
+        task = self.queued[task_id]
+        previous, task.held = task.held, held
+        return previous
+
+    def apply(self, event: TaskEvent) -> list[Decision[H]]:
+        """Any task event but `submitted`: accept timers, slots, the end of a task."""
+        task_id = event.task_id
+        out: list[Decision[H]] = []
+        if isinstance(event, TaskCancelled):
+            out.append(self._cancel(task_id))
+        task = self.running.get(task_id)
+        if task is None:
+            return out
+        if isinstance(event, (TaskStarted, TaskCommitted, NodeErrored)):
+            task.accepting.pop(event.node_id, None)
+        if isinstance(event, (TaskCommitted, NodeErrored)):
+            self._release(task, [event.node_id])
+        elif isinstance(event, (TaskSucceeded, TaskAborted)):
+            self._release(task, task.holding)
+            del self.running[task_id]
+        return out
+
+    def _cancel(self, task_id: str) -> Cancel[H]:
+        cancel = CancelWork(task_id=task_id)
+        queued = self.queued.pop(task_id, None)
+        if queued is not None:
+            return Cancel(cancel=cancel, nodes=[], held=queued.held, was_queued=True)
+        task = self.running.pop(task_id, None)
+        if task is None:
+            return Cancel(cancel=cancel, nodes=None, held=None, was_queued=False)
+        self._release(task, task.holding)
+        return Cancel(cancel=cancel, nodes=list(task.members), held=None, was_queued=False)
+
+    def _release(self, task: Task[H], nodes: list[str] | set[str]) -> None:
+        freed = task.holding & set(nodes)
+        self.index.assigned(freed, -1)
+        task.holding -= freed
+
+    # ------------------------------------------------------------------ pre-fetch
+
+    def _prefetch(self, spec: TaskSpec, now: float) -> list[Prefetch]:
+        """Ask live nodes to fetch a wanted model that too few of them hold."""
+        settings = self.settings
+        out: list[Prefetch] = []
+        if len(self.demand) > 10_000:  # forget models nobody asked for lately
+            self.demand = {
+                ref: seen for ref, seen in self.demand.items() if now - seen[-1] <= settings.prefetch_window_s
+            }
+        for ref, kind in task_models(spec).items():
+            if "/" not in ref:
+                continue  # a bare name is a model an operator configures, not something to download
+            seen = self.demand.setdefault(ref, deque())
+            seen.append(now)
+            while now - seen[0] > settings.prefetch_window_s:
+                seen.popleft()
+            if (
+                len(seen) < settings.prefetch_demand
+                or now - self.prefetched.get(ref, 0.0) < settings.prefetch_cooldown_s
+            ):
+                continue
+            holders = self.index.holders(ref, now, settings.node_ttl_s)
+            missing = settings.replication - len(holders)
+            candidates = np.setdiff1d(self.index.live_rows(now, settings.node_ttl_s), holders)
+            if missing <= 0 or not len(candidates):
+                continue
+            self.prefetched[ref] = now
+            rows = self.rng.choice(candidates, min(missing, len(candidates)), False)
+            prefetch = Prefetch(
+                request=PrefetchRequest(ref=ref, kind=kind),
+                nodes=[self.index.ids[row] for row in rows],
+                round_id=int(now // settings.prefetch_cooldown_s),
+                holders=len(holders),
+            )
+            out.append(prefetch)
+        return out
+
+    # ------------------------------------------------------------------ the clock
+
+    def pump(self, now: float) -> Iterator[Assign[H] | Wait | Abort[H]]:
+        """Decide for the queued tasks, best first, while nodes are free (lazily: see the module)."""
+        settings = self.settings
+        blocked: set[str] = set()  # models with no free nodes in this pass
+        for task in sorted(self.queued.values(), key=lambda queued: queued.rank):
+            event = task.event
+            model = event.spec.model_name
+            waited = now - event.submitted_at
+            if model in blocked and waited < settings.dispatch_timeout_s:
+                continue
+            started = time.perf_counter()
+            try:
+                nodes = self.index.pick(
+                    event.spec,
+                    settings.replication,
+                    self.rng,
+                    now=now,
+                    ttl_s=settings.node_ttl_s,
+                    req=self.requirements(event.spec),
+                )
+            except NotEnoughNodes as exc:
+                decision_s = time.perf_counter() - started
+                blocked.add(model)
+                if waited < settings.dispatch_timeout_s:
+                    yield Wait(task_id=task.task_id, decision_s=decision_s)
+                    continue
+                del self.queued[task.task_id]
+                aborted = TaskAborted(task_id=task.task_id, reason="no_nodes", detail=exc.message)
+                yield Abort(aborted=aborted, held=task.held, trace=task.trace, decision_s=decision_s)
+                continue
+            yield self._assign(task, nodes, now, time.perf_counter() - started)
+
+    def _assign(self, task: Task[H], nodes: list[str], now: float, decision_s: float) -> Assign[H]:
+        deadline = now + self.settings.task_timeout_s
+        decision = Assign(
+            assigned=TaskAssigned(task_id=task.task_id, nodes=nodes, deadline=deadline),
+            work=Assignment(task_id=task.task_id, spec=task.event.spec, deadline=deadline),
+            held=task.held,
+            trace=task.trace,
+            submitted_at=task.event.submitted_at,
+            waited_s=now - task.event.submitted_at,
+            decision_s=decision_s,
+        )
+        del self.queued[task.task_id]
+        task.held = None
+        task.members = list(nodes)
+        task.holding = set(nodes)
+        task.accepting = dict.fromkeys(nodes, now)
+        self.index.assigned(nodes)
+        self.running[task.task_id] = task
+        return decision
+
+    def replace_overdue(self, now: float) -> Iterator[Replace | NoReplacement]:
+        """Replace each node that has not started its assignment in time, the longest
+        waiting first (lazily: see the module)."""
+        settings = self.settings
+        overdue = sorted(
+            (
+                (at, task, node)
+                for task in self.running.values()
+                for node, at in task.accepting.items()
+                if now - at > settings.accept_timeout_s
+            ),
+            key=lambda entry: entry[0],
+        )
+        for _, task, node in overdue:
+            task.accepting.pop(node, None)
+            if task.task_id not in self.running:
+                continue
+            if len(task.members) - settings.replication >= settings.max_reassignments:
+                continue  # the validator's commit deadline takes it from here
+            try:
+                (by,) = self.index.pick(
+                    task.event.spec,
+                    1,
+                    self.rng,
+                    now=now,
+                    ttl_s=settings.node_ttl_s,
+                    req=self.requirements(task.event.spec),
+                    exclude=task.members,  # the replaced node and its operator too
+                )
+            except NotEnoughNodes as exc:
+                yield NoReplacement(task_id=task.task_id, node_id=node, detail=exc.message, trace=task.trace)
+                continue
+            deadline = now + settings.task_timeout_s
+            replace = Replace(
+                reassigned=TaskReassigned(task_id=task.task_id, replaced=node, by=by, deadline=deadline),
+                work=Assignment(task_id=task.task_id, spec=task.event.spec, deadline=deadline),
+                cancel=CancelWork(task_id=task.task_id),
+                trace=task.trace,
+            )
+            task.members.append(by)
+            self._release(task, [node])
+            self.index.assigned([by])
+            task.holding.add(by)
+            task.accepting[by] = now
+            yield replace
+
+    def undo(self, decision: Assign[H] | Replace) -> None:
+        """`decision` was not carried out (publishing its event failed): back to the state
+        before it. An assigned task is queued again with its message; a replacement's
+        new node gives its slot back to the node it was to replace."""
+        if isinstance(decision, Assign):
+            task = self.running.pop(decision.assigned.task_id, None)
+            if task is None:
+                return
+            self._release(task, task.holding)
+            task.members, task.accepting, task.held = [], {}, decision.held
+            self.queued[task.task_id] = task
+            return
+        reassigned = decision.reassigned
+        running = self.running.get(reassigned.task_id)
+        if running is None or reassigned.by not in running.members:
+            return
+        running.members.remove(reassigned.by)
+        running.accepting.pop(reassigned.by, None)
+        self._release(running, [reassigned.by])
+        running.holding.add(reassigned.replaced)
+        self.index.assigned([reassigned.replaced])
+
+    # ------------------------------------------------------------------ questions
+
+    def status(self, task_id: str, now: float) -> QueueStatus:
+        """Where a task stands in the queue: position among the tasks that compete for
+        the same nodes (same base model), and an ETA from the estimates ahead of it
+        (shared by the lanes: `replication` live nodes serving the model make one)."""
+        task = self.queued.get(task_id)
+        if task is None:
+            return QueueStatus(task_id=task_id, queued=False)
+        model = task.event.spec.model_name
+        ahead = [q for q in sorted(self.queued.values(), key=lambda q: q.rank) if q.event.spec.model_name == model]
+        position = ahead.index(task)
+        serving = self.index.serving_live(model, now, self.settings.node_ttl_s)
+        lanes = max(1, serving // self.settings.replication)
+        wait = sum(q.estimate_s for q in ahead[:position]) / lanes
+        return QueueStatus(
+            task_id=task_id,
+            queued=True,
+            position=position,
+            queue_length=len(self.queued),
+            eta_s=round(wait + task.estimate_s, 3),
+        )

@@ -1,0 +1,28 @@
+"""The gateway's settings, read from STIPPLE_* variables (`stipple_common.settings`).
+
+Also importable as ``stipple_gateway.app.GatewaySettings`` and
+``stipple_gateway.service.GatewaySettings``."""
+
+from __future__ import annotations
+
+from stipple_common.settings import CommonSettings
+
+
+class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 2_000_000
+    sync_timeout_s: float = 120.0  # how long the synchronous SDCN endpoints wait for an outcome
+    default_model: str = "tiny-sd"  # for SDCN requests that name no model
+    # "" = keys off (anyone may call); "id:secret:rate_per_minute[:burst],..." or "@/path/to/file"
+    api_keys: str = ""
+    webhook_secret: str = ""  # HMAC-SHA256 key of X-Stipple-Signature; "" = webhooks off
+    webhook_timeout_s: float = 10.0  # one POST
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 1.0  # the first retry's delay; it doubles up to webhook_backoff_max_s
+    webhook_backoff_max_s: float = 300.0
+    webhook_concurrency: int = 4  # POSTs in flight per gateway
+    webhook_allow_private: bool = False  # accept webhook URLs on loopback / private addresses
+    result_ttl_s: float = 7 * 24 * 3600.0  # images expire this long after the outcome; 0 = never
+    sse_keepalive_s: float = 15.0  # comment line on an idle events stream
+    progress_max_tasks: int = 10_000  # tasks whose step progress is kept in memory
