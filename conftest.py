@@ -33,6 +33,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's `--dist loadgroup` (`just test`), a module's tests stay on one worker
+    (they share module-scoped fixtures: a network, a chain) unless the module names its group:
+    the modules that run the network as processes share "process-networks", so that two of
+    those heavy starts never compete for the two cores."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
 @dataclass(frozen=True)
 class ExternalNats:
     """A server given with --nats-url: not ours to start or stop."""

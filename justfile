@@ -19,7 +19,7 @@ make-tiny-model dir=".stipple/models/tiny-sd":
 # Lint, type-check, check deploy/k8s, then every test (what CI runs)
 [group('test')]
 test *args: lint typecheck k8s-check
-    python -m pytest -n 2 --dist loadfile {{ args }}
+    python -m pytest -n 2 --dist loadgroup {{ args }}
 
 # Only the fast unit tests (no servers)
 [group('test')]

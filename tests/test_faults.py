@@ -19,7 +19,15 @@ from stipple_cli.network import LocalNetwork
 from stipple_common import bus, subjects
 from stipple_common.messages import TaskAborted, TaskCancelled, TaskSucceeded, decode_task_event
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The network runs as processes (eight interpreters importing torch and the services): its
+# start takes up to a minute and more on a cold machine, so these modules have three, and
+# they share one test worker (xdist_group "process-networks", see conftest.py) instead of starting two at once.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.xdist_group("process-networks"),
+]
 
 BATCH = 6
 

@@ -32,7 +32,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from stipple_cli.network import LocalNetwork
 from stipple_gateway.app import new_task_id
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The network runs as processes (eight interpreters importing torch and the services): its
+# start takes up to a minute and more on a cold machine, so these modules have three, and
+# they share one test worker (xdist_group "process-networks", see conftest.py) instead of starting two at once.
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+    pytest.mark.xdist_group("process-networks"),
+]
 
 NODES = ("node-1", "node-2", "node-3")
 
