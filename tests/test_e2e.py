@@ -16,12 +16,12 @@ from PIL import Image
 from stipple_cli.network import MIN_STAKE, LocalNetwork
 
 # The network runs as processes (eight interpreters importing torch and the services): its
-# start takes up to a minute and more on a cold machine, so these modules have three, and
+# start takes up to a minute and more on a cold machine, so these modules have five, and
 # they share one test worker (xdist_group "process-networks", see conftest.py) instead of starting two at once.
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.timeout(180),
+    pytest.mark.timeout(300),
     pytest.mark.xdist_group("process-networks"),
 ]
 
