@@ -1,5 +1,6 @@
 """The dispatcher's decisions (queue.py), without NATS: the queue's order, blocked models,
-giving up, replacing silent nodes, cancelling, pre-fetching, and a task's place in line.
+giving up, replacing silent nodes and nodes lost mid-task, cancelling, pre-fetching, and a
+task's place in line.
 A held message is a string here (the service holds nats messages)."""
 
 from __future__ import annotations
@@ -309,6 +310,144 @@ def test_an_undone_replacement_gives_the_slot_back():
     assert silent in task.holding
     assert index.inflight[index.row[silent]] == 1
     assert index.inflight[index.row["d"]] == 0
+
+
+# ---------------------------------------------------------------------- nodes lost mid-task
+
+
+def beat(index: NodeIndex, at: float, *nodes: str) -> None:
+    for node in nodes:
+        index.heartbeat(node, at)
+
+
+def started_everywhere(queue: TaskQueue[str], task_id: str = "t") -> list[str]:
+    """Assign `task_id` at NOW; every node it got starts. Its nodes, in assignment order."""
+    submit(queue, submitted(task_id))
+    (decision,) = queue.pump(NOW)
+    assert isinstance(decision, Assign)
+    started(queue, task_id, *decision.assigned.nodes)
+    return decision.assigned.nodes
+
+
+def test_a_started_node_that_goes_silent_is_replaced_once_its_ttl_runs_out():
+    index = index_of("a", "b", "c", "d")
+    queue = queue_of(index, node_ttl_s=10, accept_timeout_s=30, task_timeout_s=60)
+    nodes = started_everywhere(queue)
+    lost, *alive = nodes
+    (spare,) = set(index.ids) - set(nodes)
+    beat(index, NOW + 8, *alive, spare)  # `lost` beats no more
+    assert list(queue.replace_overdue(NOW + 10)) == []  # its last beat is still within the TTL
+    (replace,) = queue.replace_overdue(NOW + 11)
+    assert replace == Replace(
+        reassigned=TaskReassigned(task_id="t", replaced=lost, by=spare, deadline=NOW + 71, reason="node_lost"),
+        work=Assignment(task_id="t", spec=submitted("t").spec, deadline=NOW + 71),
+        cancel=CancelWork(task_id="t"),
+        trace={"traceparent": "t"},
+    )
+    task = queue.running["t"]
+    assert task.members == [*nodes, spare]
+    assert task.holding == {*alive, spare}
+    assert index.inflight[index.row[lost]] == 0
+    assert index.inflight[index.row[spare]] == 1
+    assert list(queue.replace_overdue(NOW + 12)) == []  # once; the spare's accept timer runs from now
+    started(queue, "t", lost)  # a late word from the replaced node changes nothing
+    assert lost not in task.working
+    assert list(queue.replace_overdue(NOW + 13)) == []
+
+
+@pytest.mark.parametrize("how", ["quit", "banned"])
+def test_a_started_node_that_quits_or_is_banned_is_replaced_at_once(how):
+    index = index_of("a", "b", "c", "d")
+    queue = queue_of(index, node_ttl_s=10, accept_timeout_s=30)
+    lost, *_ = started_everywhere(queue)
+    if how == "quit":
+        index.leave(lost)
+    else:
+        index.ban(lost, NOW + 3600)
+    (replace,) = queue.replace_overdue(NOW + 1)
+    assert isinstance(replace, Replace)
+    assert (replace.reassigned.replaced, replace.reassigned.reason) == (lost, "node_lost")
+
+
+@pytest.mark.parametrize("outcome", ["committed", "errored"])
+def test_a_node_that_committed_or_erred_is_never_replaced_when_it_goes_silent(outcome):
+    index = index_of("a", "b", "c", "d")
+    queue = queue_of(index, node_ttl_s=10, accept_timeout_s=30)
+    nodes = started_everywhere(queue)
+    done, *alive = nodes
+    (spare,) = set(index.ids) - set(nodes)
+    if outcome == "committed":
+        event: TaskCommitted | NodeErrored = TaskCommitted(task_id="t", node_id=done, commitment="0x", signature="0x")
+    else:
+        event = NodeErrored(task_id="t", node_id=done, code="oom", message="out of memory")
+    assert queue.apply(event) == []
+    beat(index, NOW + 8, *alive, spare)
+    index.leave(done)  # silent, and gone for good
+    assert list(queue.replace_overdue(NOW + 11)) == []
+    assert queue.running["t"].members == nodes
+    started(queue, "t", done)  # a redelivered `started` does not watch it again
+    assert list(queue.replace_overdue(NOW + 12)) == []
+
+
+def test_lost_nodes_are_replaced_up_to_the_limit_and_each_once():
+    index = index_of("a", "b", "c", "d", "e", "f")
+    queue = queue_of(index, node_ttl_s=10, accept_timeout_s=30, max_reassignments=1)
+    lost, *_ = started_everywhere(queue)
+    index.leave(lost)
+    (replace,) = queue.replace_overdue(NOW + 1)
+    assert isinstance(replace, Replace)
+    by = replace.reassigned.by
+    started(queue, "t", by)
+    index.leave(by)  # the replacement is lost too: the limit is one per task
+    assert list(queue.replace_overdue(NOW + 2)) == []
+    task = queue.running["t"]
+    assert by in task.holding  # it keeps its slot: the validator's commit deadline decides
+    assert by not in task.working  # and it is not tried again
+    assert list(queue.replace_overdue(NOW + 3)) == []
+
+
+def test_not_started_and_lost_nodes_share_the_limit():
+    index = index_of("a", "b", "c", "d", "e", "f")
+    queue = queue_of(index, node_ttl_s=100, accept_timeout_s=10, max_reassignments=1)
+    submit(queue, submitted("t"))
+    (decision,) = queue.pump(NOW)
+    assert isinstance(decision, Assign)
+    silent, lost, other = decision.assigned.nodes
+    started(queue, "t", lost, other)
+    index.leave(lost)
+    (replace,) = queue.replace_overdue(NOW + 11)  # both are due; the silent one is due the longest
+    assert isinstance(replace, Replace)
+    assert (replace.reassigned.replaced, replace.reassigned.reason) == (silent, "not_accepted")
+    assert queue.running["t"].members == [silent, lost, other, replace.reassigned.by]
+    assert lost in queue.running["t"].holding
+
+
+def test_a_lost_node_is_replaced_by_a_node_of_an_operator_the_task_never_had():
+    index = index_of("a", "b", "c")
+    queue = queue_of(index, node_ttl_s=10, accept_timeout_s=30)
+    lost, first, _ = started_everywhere(queue)
+    add(index, "twin", "same-op", "spare")
+    index.set_stake("twin", 0, lost)  # the lost node's own operator: never
+    index.set_stake("same-op", 0, first)  # the operator of a node the task has: never
+    index.leave(lost)
+    (replace,) = queue.replace_overdue(NOW + 1)
+    assert isinstance(replace, Replace)
+    assert (replace.reassigned.replaced, replace.reassigned.by) == (lost, "spare")
+
+
+def test_a_lost_node_without_a_spare_is_left_to_the_validator():
+    index = index_of("a", "b", "c")
+    queue = queue_of(index, node_ttl_s=10, accept_timeout_s=30)
+    lost, *_ = started_everywhere(queue)
+    add(index, "twin")
+    index.set_stake("twin", 0, lost)
+    index.leave(lost)
+    (none,) = queue.replace_overdue(NOW + 1)
+    assert isinstance(none, NoReplacement)
+    assert (none.task_id, none.node_id, none.trace, none.reason) == ("t", lost, {"traceparent": "t"}, "node_lost")
+    assert "eligible nodes" in none.detail
+    assert index.inflight[index.row[lost]] == 1  # it keeps its slot
+    assert list(queue.replace_overdue(NOW + 2)) == []  # one try: the validator's commit deadline takes over
 
 
 # ---------------------------------------------------------------------- cancelling

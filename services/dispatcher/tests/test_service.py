@@ -1,6 +1,7 @@
 """The dispatcher service itself, on its own nats-server: assignment, idempotent
 redelivery, the queue (free nodes, fee order, position and ETA, cancellation), and
-giving up (never hanging) when no node can take a task."""
+giving up (never hanging) when no node can take a task; and, with the in-process network
+(stipple_testkit.network), a node lost mid-task replaced and the task still succeeding."""
 
 import asyncio
 import time
@@ -8,6 +9,7 @@ import uuid
 
 import pytest
 from nats.js.api import KeyValueConfig
+from prometheus_client import CollectorRegistry
 
 from stipple_common import bus, subjects
 from stipple_common.identity import dev_node_id
@@ -24,6 +26,7 @@ from stipple_common.messages import (
     TaskReassigned,
     TaskStarted,
     TaskSubmitted,
+    TaskSucceeded,
     assignment_decoder,
     control_decoder,
     encode,
@@ -32,7 +35,10 @@ from stipple_common.messages import (
 )
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
-from stipple_dispatcher.service import DispatcherSettings, serve
+from stipple_dispatcher.metrics import DispatcherMetrics
+from stipple_dispatcher.queue import Assign, TaskQueue
+from stipple_dispatcher.selection import NodeIndex
+from stipple_dispatcher.service import Dispatcher, DispatcherSettings, serve
 from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
@@ -400,3 +406,136 @@ async def test_a_replacement_on_the_clock_continues_the_tasks_trace(fresh_nats_u
         assert await trace_of(ctx.js, subjects.WORK_STREAM, subjects.work_subject(reassigned.by)) == task_trace
         stop.set()
         await asyncio.wait_for(runner, 10)
+
+
+# ------------------------------------------------------------------ a node lost mid-task
+
+
+async def test_a_lost_node_is_replaced_unless_the_stream_holds_its_answer_already(fresh_nats_url):
+    """A node that committed and quit at once: its `committed` may reach the dispatcher's
+    consumer after its `quit` reached the node index. The stream is asked before replacing
+    it (the task would refuse the replacement); a lost node with no answer is replaced."""
+    settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=60)
+    async with open_service("dispatcher", settings, stop=asyncio.Event()) as ctx:
+        index, now = NodeIndex(), time.time()
+        for name in ("n0", "n1", "n2"):
+            index.join(joined(dev_node_id(name)), now)
+        tasks = TaskQueue(index, settings)
+        registry = CollectorRegistry()
+        dispatcher = Dispatcher(ctx.js, tasks, DispatcherMetrics(registry, tasks))
+        event = submitted()
+        tasks.submit(event, None, {}, now)
+        (assign,) = tasks.pump(now)
+        assert isinstance(assign, Assign)
+        index.join(joined(dev_node_id("spare")), now)
+        answered, lost, _ = nodes = assign.assigned.nodes
+        for node in nodes:
+            tasks.apply(TaskStarted(task_id=event.task_id, node_id=node))
+        committed = TaskCommitted(task_id=event.task_id, node_id=answered, commitment="0x", signature="0x")
+        await bus.publish(ctx.js, subjects.task_subject(event.task_id, "committed", answered), committed, msg_id="c")
+        index.leave(answered)  # its `quit` is folded; its `committed` is still on its way
+
+        for decision in tasks.replace_overdue(time.time()):
+            await dispatcher.carry_out_one(decision)
+        assert not [e for e in await events_of(ctx.js, event.task_id) if isinstance(e, TaskReassigned)]
+        assert tasks.running[event.task_id].members == nodes
+        assert index.inflight[index.row[dev_node_id("spare")]] == 0
+        tasks.apply(committed)  # it arrives: the slot is freed
+        assert index.inflight[index.row[answered]] == 0
+
+        index.leave(lost)  # lost before it answered: replaced
+        for decision in tasks.replace_overdue(time.time()):
+            await dispatcher.carry_out_one(decision)
+        (reassigned,) = await wait_for_event(ctx.js, event.task_id, TaskReassigned)
+        assert (reassigned.replaced, reassigned.by, reassigned.reason) == (lost, dev_node_id("spare"), "node_lost")
+        assert registry.get_sample_value("stipple_dispatcher_tasks_total", {"result": "node_lost"}) == 1
+        assert registry.get_sample_value("stipple_dispatcher_tasks_total", {"result": "reassigned"}) is None
+
+
+# ------------------------------------------------------------------ a node lost mid-task, end to end
+
+
+@pytest.mark.slow
+async def test_a_node_killed_after_it_started_is_replaced_and_the_task_succeeds(fresh_nats_url, tmp_path):
+    """The real gatekeeper, dispatcher, validator and four real node agents (in this
+    process, the tiny model): `doomed` starts its part of the task and dies while computing
+    (its heartbeats stop, it never commits), after `spare` joined. Once `doomed` is no longer
+    live the dispatcher replaces it with `spare`, whose result the validator counts: the
+    task succeeds well before its commit deadline, all three results agreeing."""
+    from stipple_node.service import NodeAgent, TaskCancelledError
+    from stipple_testkit.network import Network, tiny_runner
+
+    killed = asyncio.Event()
+
+    async def set_when_set(source: asyncio.Event, target: asyncio.Event) -> None:
+        await source.wait()
+        target.set()
+
+    class Doomed(NodeAgent):
+        """Computes until `killed`, then is a dead process: no heartbeat, no result (it
+        only takes the dispatcher's cancellation, so that the test ends cleanly)."""
+
+        async def heartbeat(self, stop):
+            silenced = asyncio.Event()
+            relays = [asyncio.create_task(set_when_set(event, silenced)) for event in (stop, killed)]
+            try:
+                await super().heartbeat(silenced)
+            finally:
+                for relay in relays:
+                    relay.cancel()
+
+        async def _generate(self, work):
+            await killed.wait()
+            for _ in range(600):
+                if work.task_id in self.cancelled:
+                    break
+                await asyncio.sleep(0.1)
+            raise TaskCancelledError(f"task {work.task_id} was cancelled")
+
+    runner = tiny_runner(tmp_path / "tiny")
+    commit_timeout_s = 30.0
+    async with Network.plain(fresh_nats_url) as net:
+        await net.gatekeeper()
+        # 0.5 s heartbeats (the kit's): a node is lost 3 s after its last one
+        await net.dispatcher(node_ttl_s=3.0, task_timeout_s=commit_timeout_s)
+        await net.validator(deadline_grace_s=0.1)
+        honest = [await net.node(runner, name) for name in ("honest-1", "honest-2")]
+        doomed = await net.node(runner, "doomed", Doomed)
+        app = await net.client("gateway")
+        await asyncio.sleep(0.5)  # the nodes' announcements reach the dispatcher
+
+        task_id = uuid.uuid4().hex
+        config = {"image_width": 64, "image_height": 64, "steps": 4, "seed": 7}
+        spec = parse_task({"base_model": "tiny-sd", "prompt": "a red fox in the snow", "task_config": config})
+        submitted_at = time.time()
+        await submit(app.js, TaskSubmitted(task_id=task_id, spec=spec, submitted_at=submitted_at))
+        (assigned,) = await wait_for_event(app.js, task_id, TaskAssigned)
+        assert set(assigned.nodes) == {doomed.node_id, *(node.node_id for node in honest)}
+        deadline = time.monotonic() + 20
+        while not any(
+            isinstance(e, TaskStarted) and e.node_id == doomed.node_id for e in await events_of(app.js, task_id)
+        ):
+            assert time.monotonic() < deadline, "doomed never started"
+            await asyncio.sleep(0.05)
+
+        spare = await net.node(runner, "spare")  # a fourth operator, free
+        await asyncio.sleep(0.5)
+        killed.set()  # doomed dies mid-task
+        (reassigned,) = await wait_for_event(app.js, task_id, TaskReassigned, timeout=15)
+        outcome = await net.outcome(task_id, timeout=30)
+        decided_in = time.time() - submitted_at
+        node_lost = net.metric("dispatcher", "stipple_dispatcher_tasks_total", result="node_lost")
+
+    assert (reassigned.replaced, reassigned.by, reassigned.reason) == (doomed.node_id, spare.node_id, "node_lost")
+    assert isinstance(outcome, TaskSucceeded), outcome
+    assert outcome.reason == "unanimous"  # the replaced node is judged, not counted
+    assert outcome.verdicts == {
+        honest[0].node_id: "agree",
+        honest[1].node_id: "agree",
+        doomed.node_id: "timeout",
+        spare.node_id: "agree",
+    }
+    assert outcome.qos[doomed.node_id] == 0
+    assert outcome.qos[spare.node_id] > 0
+    assert node_lost == 1
+    assert decided_in < commit_timeout_s  # not at the commit deadline: the replacement's commitment completed it

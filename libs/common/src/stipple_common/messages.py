@@ -55,8 +55,10 @@ class TaskAssigned(msgspec.Struct, frozen=True, kw_only=True, tag="assigned", ta
 
 
 class TaskReassigned(msgspec.Struct, frozen=True, kw_only=True, tag="reassigned", tag_field="type"):
-    """`replaced` did not accept its assignment in time; `by` takes its place, and the
-    commit deadline moves to `deadline` (the replacement needs time to compute)."""
+    """`replaced` did not accept its assignment in time (reason `not_accepted`), or started
+    and was lost before committing: no heartbeat within the TTL, quit or banned (`node_lost`);
+    `by` takes its place, and the commit deadline moves to `deadline` (the replacement needs
+    time to compute)."""
 
     task_id: str
     replaced: str

@@ -19,12 +19,16 @@ settle and what to count. They never publish, await or read a clock other than
   the pass: the tasks behind it for that model are not tried (`Wait`), unless they waited
   `dispatch_timeout_s`, which aborts them with `no_nodes` (`Abort`): no task hangs.
 - `replace_overdue`: a node that has not `started` within `accept_timeout_s` of its
-  assignment is replaced by an eligible node of an operator the task never had
-  (`Replace`: the replaced node is cancelled), up to `max_reassignments` per task;
-  beyond that, the validator's commit deadline takes over.
-- `apply`: `started` stops a node's accept timer, `committed` / `errored` free its slot,
-  an outcome forgets the task; `cancelled` drops a queued task or cancels an assigned
-  one's nodes (`Cancel`).
+  assignment (`not_accepted`), or that started and was lost before it committed or erred
+  (`node_lost`: no longer live by the node index, no heartbeat within `node_ttl_s` or
+  quit, or banned), is replaced by an eligible node of an operator the task never had
+  (`Replace`: the replaced node is cancelled; the reason is `reassigned.reason`), up to
+  `max_reassignments` per task, once per node; beyond that, the validator's commit
+  deadline takes over.
+- `apply`: `started` stops a node's accept timer and starts watching it for loss,
+  `committed` / `errored` free its slot (and stop the watch: a node that committed is
+  never replaced), an outcome forgets the task; `cancelled` drops a queued task or
+  cancels an assigned one's nodes (`Cancel`).
 - `status`: a queued task's position among the tasks that compete for its nodes (same
   base model) and an ETA from the estimates ahead of it.
 
@@ -40,7 +44,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, Literal, TypeAlias, TypeVar
 
 import numpy as np
 
@@ -73,6 +77,10 @@ while the task is queued and handed back in the decision that ends its wait."""
 Carrier = Mapping[str, str]
 """A task's trace context (tracing.carrier()): what is done for it later continues its trace."""
 
+ReplaceReason: TypeAlias = Literal["not_accepted", "node_lost"]
+"""Why a node is replaced (`TaskReassigned.reason`): it did not start in time, or it
+started and its node was lost (not live, or banned) before it committed or erred."""
+
 
 def estimate_seconds(spec: TaskSpec, seconds_per_step: float) -> float:
     """GPU seconds a task is expected to take on one node (scales with steps and pixels)."""
@@ -92,6 +100,7 @@ class Task(Generic[H]):
     members: list[str] = field(default_factory=list)  # once assigned: every node it ever had, replaced ones too
     holding: set[str] = field(default_factory=set)  # nodes still holding a slot for it (not committed or errored)
     accepting: dict[str, float] = field(default_factory=dict)  # node -> when it was assigned, until it starts
+    working: set[str] = field(default_factory=set)  # started, neither committed nor errored: watched for loss
     rank: tuple[float, float] = field(init=False, repr=False)  # queue order: best first
 
     def __post_init__(self) -> None:
@@ -142,7 +151,7 @@ class Abort(Generic[H]):
 @dataclass(frozen=True)
 class Replace:
     """Publish `reassigned`, then `work` to the new node (`reassigned.by`), then `cancel`
-    to the node it replaces (`reassigned.replaced`)."""
+    to the node it replaces (`reassigned.replaced`); why: `reassigned.reason`."""
 
     reassigned: TaskReassigned
     work: Assignment
@@ -152,12 +161,13 @@ class Replace:
 
 @dataclass(frozen=True)
 class NoReplacement:
-    """A silent node could not be replaced now (nothing to publish: a warning)."""
+    """A silent or lost node could not be replaced now (nothing to publish: a warning)."""
 
     task_id: str
     node_id: str
     detail: str
     trace: Carrier
+    reason: ReplaceReason = "not_accepted"
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,10 @@ class TaskQueue(Generic[H]):
             return out
         if isinstance(event, (TaskStarted, TaskCommitted, NodeErrored)):
             task.accepting.pop(event.node_id, None)
+        if isinstance(event, TaskStarted) and event.node_id in task.holding:  # not one replaced, committed or errored
+            task.working.add(event.node_id)
         if isinstance(event, (TaskCommitted, NodeErrored)):
+            task.working.discard(event.node_id)
             self._release(task, [event.node_id])
         elif isinstance(event, (TaskSucceeded, TaskAborted)):
             self._release(task, task.holding)
@@ -356,20 +369,21 @@ class TaskQueue(Generic[H]):
         return decision
 
     def replace_overdue(self, now: float) -> Iterator[Replace | NoReplacement]:
-        """Replace each node that has not started its assignment in time, the longest
-        waiting first (lazily: see the module)."""
+        """Replace each node that has not started its assignment in time (`not_accepted`)
+        and each started node that was lost before it committed or erred (`node_lost`), the
+        one overdue the longest first (lazily: see the module). Each node gets one try."""
         settings = self.settings
-        overdue = sorted(
-            (
-                (at, task, node)
-                for task in self.running.values()
-                for node, at in task.accepting.items()
-                if now - at > settings.accept_timeout_s
-            ),
-            key=lambda entry: entry[0],
-        )
-        for _, task, node in overdue:
+        overdue: list[tuple[float, Task[H], str, ReplaceReason]] = [
+            (at + settings.accept_timeout_s, task, node, "not_accepted")
+            for task in self.running.values()
+            for node, at in task.accepting.items()
+            if now - at > settings.accept_timeout_s
+        ]
+        overdue += self._lost(now)
+        overdue.sort(key=lambda entry: entry[0])
+        for _, task, node, reason in overdue:
             task.accepting.pop(node, None)
+            task.working.discard(node)
             if task.task_id not in self.running:
                 continue
             if len(task.members) - settings.replication >= settings.max_reassignments:
@@ -385,11 +399,13 @@ class TaskQueue(Generic[H]):
                     exclude=task.members,  # the replaced node and its operator too
                 )
             except NotEnoughNodes as exc:
-                yield NoReplacement(task_id=task.task_id, node_id=node, detail=exc.message, trace=task.trace)
+                yield NoReplacement(
+                    task_id=task.task_id, node_id=node, detail=exc.message, trace=task.trace, reason=reason
+                )
                 continue
             deadline = now + settings.task_timeout_s
             replace = Replace(
-                reassigned=TaskReassigned(task_id=task.task_id, replaced=node, by=by, deadline=deadline),
+                reassigned=TaskReassigned(task_id=task.task_id, replaced=node, by=by, deadline=deadline, reason=reason),
                 work=Assignment(task_id=task.task_id, spec=task.event.spec, deadline=deadline),
                 cancel=CancelWork(task_id=task.task_id),
                 trace=task.trace,
@@ -401,16 +417,34 @@ class TaskQueue(Generic[H]):
             task.accepting[by] = now
             yield replace
 
+    def _lost(self, now: float) -> list[tuple[float, Task[H], str, ReplaceReason]]:
+        """The started nodes, not committed or errored, that are no longer live (no
+        heartbeat within `node_ttl_s`, or quit) or are banned, each with when it was lost
+        (its TTL ran out; `now` for one that quit or was banned)."""
+        watched = [(task, node) for task in self.running.values() for node in task.working]
+        if not watched:
+            return []
+        index, ttl_s = self.index, self.settings.node_ttl_s
+        live = index.live(now, ttl_s)
+        lost: list[tuple[float, Task[H], str, ReplaceReason]] = []
+        for task, node in watched:
+            row = index.row.get(node)
+            if row is None or (live[row] and index.banned_until[row] <= now):
+                continue
+            lost.append((min(now, float(index.last_seen[row]) + ttl_s), task, node, "node_lost"))
+        return lost
+
     def undo(self, decision: Assign[H] | Replace) -> None:
         """`decision` was not carried out (publishing its event failed): back to the state
         before it. An assigned task is queued again with its message; a replacement's
-        new node gives its slot back to the node it was to replace."""
+        new node gives its slot back to the node it was to replace (whose timer or
+        watch is gone: it had its one try)."""
         if isinstance(decision, Assign):
             task = self.running.pop(decision.assigned.task_id, None)
             if task is None:
                 return
             self._release(task, task.holding)
-            task.members, task.accepting, task.held = [], {}, decision.held
+            task.members, task.accepting, task.working, task.held = [], {}, set(), decision.held
             self.queued[task.task_id] = task
             return
         reassigned = decision.reassigned

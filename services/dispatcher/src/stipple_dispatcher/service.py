@@ -14,9 +14,10 @@ the queued tasks' `submitted` messages through `bus.HeldMessages`.
   assignments again (message ids deduplicate them); one that ended is dropped. What the
   queue decides for a new task (unservable, queued, pre-fetches) is in queue.py.
 - The queue is pumped after every event and every half second (`keep_alive`), when
-  silent nodes are replaced too; a cancelled task's nodes get CancelWork (for a task
+  silent nodes (not started in time) and lost ones (started, then no longer live before
+  they committed) are replaced too; a cancelled task's nodes get CancelWork (for a task
   this process did not assign, the nodes its `assigned` event names).
-- These timers live in memory: after a restart, a silent node is caught by the
+- These timers live in memory: after a restart, a silent or lost node is caught by the
   validator's commit deadline instead.
 
 Apps see a queued task's position and ETA through the gateway, which asks here by
@@ -164,7 +165,11 @@ class Dispatcher:
                 "dispatch.replace", task_id=decision.task_id, node_id=decision.node_id, parent=decision.trace
             ):
                 log.warning(
-                    "no_replacement", task_id=decision.task_id, node_id=decision.node_id, detail=decision.detail
+                    "no_replacement",
+                    task_id=decision.task_id,
+                    node_id=decision.node_id,
+                    reason=decision.reason,
+                    detail=decision.detail,
                 )
         elif isinstance(decision, Cancel):
             await self._cancel(decision)
@@ -207,11 +212,18 @@ class Dispatcher:
         self.metrics.tasks_total.labels(aborted.reason).inc()
 
     async def _replace(self, decision: Replace) -> None:
-        """Replace a silent node by a node of another operator (in the task's trace)."""
+        """Replace a silent or lost node by a node of another operator (in the task's
+        trace); counted as `reassigned` (not accepted in time) or `node_lost`. Not when the
+        stream shows the node answered already (its `committed` or `errored` has not reached
+        this consumer yet): the task would refuse the replacement."""
         reassigned = decision.reassigned
         with tracing.task_span(
             "dispatch.replace", task_id=reassigned.task_id, node_id=reassigned.replaced, parent=decision.trace
         ):
+            if await self.answered(reassigned.task_id, reassigned.replaced):
+                self.tasks.undo(decision)  # its answer, on its way here, frees its slot
+                log.info("replacement_dropped", task_id=reassigned.task_id, node_id=reassigned.replaced)
+                return
             try:
                 await bus.publish_event(self.js, reassigned)
             except BaseException:
@@ -219,8 +231,14 @@ class Dispatcher:
                 raise
             await bus.publish_work(self.js, reassigned.by, decision.work)
             await bus.publish_control(self.js, reassigned.replaced, decision.cancel)
-            self.metrics.tasks_total.labels("reassigned").inc()
-            log.warning("node_replaced", task_id=reassigned.task_id, replaced=reassigned.replaced, by=reassigned.by)
+            self.metrics.tasks_total.labels("node_lost" if reassigned.reason == "node_lost" else "reassigned").inc()
+            log.warning(
+                "node_replaced",
+                task_id=reassigned.task_id,
+                replaced=reassigned.replaced,
+                by=reassigned.by,
+                reason=reassigned.reason,
+            )
 
     async def _cancel(self, decision: Cancel[Msg]) -> None:
         await self._settle(decision.held)
@@ -256,6 +274,20 @@ class Dispatcher:
             return None
         event = decode_task_event(raw.subject, raw.data)
         return event if isinstance(event, TaskAssigned) else None
+
+    async def answered(self, task_id: str, node_id: str) -> bool:
+        """Whether the stream holds the node's `committed` or `errored` for the task (a
+        failed read says no: the replacement goes ahead, as it would without this check)."""
+        for name in ("committed", "errored"):
+            try:
+                await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, name, node_id))
+            except NotFoundError:
+                continue
+            except Exception as exc:
+                log.warning("answer_not_checked", task_id=task_id, node_id=node_id, error=repr(exc))
+                return False
+            return True
+        return False
 
     async def ended(self, task_id: str) -> bool:
         for name in OUTCOME_EVENTS:
