@@ -117,7 +117,7 @@ class Cheater(NodeAgent):
             other = [
                 msgspec.structs.replace(r, key=f"tasks/{task_id}/{HONEST[0]}/x/{r.index}.png") for r in pending.images
             ]
-            value = commitment.make_commitment(task_id, self.node_id, other, pending.nonce)
+            value = commitment.make_commitment(task_id, self.node_id, other, pending.nonce, pending.determinism)
             pending.images = other
             pending.event = msgspec.structs.replace(
                 pending.event, commitment=value, signature=commitment.sign(self.account, value)

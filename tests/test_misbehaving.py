@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 
 import imagehash
 import msgspec
 import numpy as np
 import pytest
+import torch
 from nats.aio.msg import Msg
 from PIL import Image
 
-from stipple_common import bus, subjects
+from stipple_common import bus, checkpoints, subjects
 from stipple_common.commitment import make_commitment, new_nonce
 from stipple_common.identity import dev_node_id
 from stipple_common.messages import (
@@ -36,7 +38,7 @@ from stipple_common.messages import (
     TaskSucceeded,
     task_event_decoder,
 )
-from stipple_node.pipeline import GeneratedImage, PipelineRunner
+from stipple_node.pipeline import GeneratedImage, PipelineRunner, determinism_class
 from stipple_node.service import NodeAgent
 from stipple_testkit.network import Network
 
@@ -51,7 +53,8 @@ COMMIT_TIMEOUT_S = 10.0  # only the silent node waits this out
 
 
 class RandomImage(NodeAgent):
-    """Skips the work and returns noise."""
+    """Skips the work and returns noise, with made-up checkpoints of the honest nodes' class
+    (a reveal without them would be turned away as malformed before any comparison)."""
 
     async def _generate(self, work: Assignment) -> list[GeneratedImage]:
         rng = np.random.default_rng()
@@ -69,6 +72,8 @@ class RandomImage(NodeAgent):
                     seed=config.seed + index,
                     width=image.width,
                     height=image.height,
+                    checkpoints=[secrets.token_hex(16) for _ in checkpoints.FRACTIONS],
+                    determinism=determinism_class("cpu", torch.float32),
                 )
             )
         return images

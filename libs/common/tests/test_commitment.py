@@ -1,5 +1,7 @@
 """Commitments bind a result, a nonce, a task and a node; signatures name the signer."""
 
+import msgspec
+
 from stipple_common.commitment import make_commitment, new_account, new_nonce, sign, signer
 from stipple_common.messages import ImageResult
 
@@ -31,3 +33,11 @@ def test_signature_recovers_the_signer_and_only_it():
     assert signer(make_commitment("t", "n", IMAGES, new_nonce()), signature) != account.address
     assert signer(value, "0xdeadbeef") is None
     assert signer(value, "not hex") is None
+
+
+def test_the_checkpoints_and_the_determinism_class_are_committed():
+    nonce = new_nonce()
+    base = make_commitment("t", "n", IMAGES, nonce, "class")
+    changed = [msgspec.structs.replace(image, checkpoints=["0" * 32] * 3) for image in IMAGES]
+    assert make_commitment("t", "n", changed, nonce, "class") != base
+    assert make_commitment("t", "n", IMAGES, nonce, "another class") != base

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stipple_common import checkpoints
 from stipple_common.errors import InvalidInput
 from stipple_common.phash import hamming
 from stipple_common.taskspec import SAMPLERS as TASK_SAMPLERS
@@ -223,3 +224,24 @@ def test_configure_determinism_sets_the_switches() -> None:
     assert torch.backends.cudnn.deterministic
     with pytest.raises(InvalidInput, match="threads"):
         configure_determinism(0)
+
+
+def test_each_image_carries_its_checkpoints_and_the_nodes_determinism_class(runner: PipelineRunner) -> None:
+    """The latents after 1/4, 1/2 and 3/4 of the steps, hashed: equal for equal work, and
+    different where the work differs, even in a way the final image hides."""
+    first, second = generate(runner, steps=8, num_images=2), generate(runner, steps=8, num_images=2)
+    for image in first:
+        assert len(image.checkpoints) == 3
+        assert all(checkpoints.DIGEST.fullmatch(digest) for digest in image.checkpoints)
+        assert len(set(image.checkpoints)) == 3  # the latents move between checkpoints
+        assert image.determinism.startswith("cpu ")
+        assert f"threads {torch.get_num_threads()}" in image.determinism
+        assert f"torch {torch.__version__}" in image.determinism
+    assert [i.checkpoints for i in first] == [i.checkpoints for i in second]
+    assert first[0].checkpoints != first[1].checkpoints  # another seed
+    fewer = generate(runner, steps=6, num_images=1)[0]
+    assert not set(fewer.checkpoints) & set(first[0].checkpoints)
+    other_prompt = generate(runner, steps=8, num_images=1, prompt="a blue boat")[0]
+    assert not set(other_prompt.checkpoints) & set(first[0].checkpoints)
+    other_sampler = generate(runner, steps=8, num_images=1, sampler="DDIM")[0]
+    assert other_sampler.checkpoints[1:] != first[0].checkpoints[1:]

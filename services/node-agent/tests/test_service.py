@@ -179,7 +179,9 @@ async def test_runs_a_task_and_uploads_its_images(node):
     raw = await node.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(N1, "joined"))
     joined = node_event_decoder.decode(raw.data)
     assert isinstance(joined, NodeJoined)
-    assert make_commitment(task_id, N1, result.images, result.nonce) == commit.commitment
+    assert make_commitment(task_id, N1, result.images, result.nonce, result.determinism) == commit.commitment
+    assert result.determinism
+    assert all(len(image.checkpoints) == 3 for image in result.images)
     assert signer(commit.commitment, commit.signature) == joined.address
     for image in result.images:  # stored by the intake, under the node's own prefix
         assert re.fullmatch(rf"tasks/{task_id}/{N1}/[0-9a-f]{{16}}/{image.index}\.png", image.key)
@@ -285,7 +287,7 @@ async def test_the_commitment_goes_out_with_the_upload_and_a_retry_keeps_it(fres
         for image in revealed.images:  # stored before the reveal named them
             assert await ctx.blobs.get(image.key)
         assert sum(isinstance(e, TaskCommitted) for e in events) == 1
-        assert make_commitment(task_id, N1, revealed.images, revealed.nonce) == commit.commitment
+        assert make_commitment(task_id, N1, revealed.images, revealed.nonce, revealed.determinism) == commit.commitment
         assert SlowStorage.uploads == 2
 
 

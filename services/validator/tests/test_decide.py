@@ -7,6 +7,7 @@ import hashlib
 import msgspec
 import pytest
 
+from stipple_common import checkpoints
 from stipple_common.aggregate import apply
 from stipple_common.commitment import account_from_key, make_commitment, new_account, new_nonce, sign
 from stipple_common.identity import dev_node_id, key_for
@@ -45,7 +46,16 @@ ACCOUNTS = {ID[name]: account_from_key(key_for(name)) for name in NAMES}
 ADDRESSES = {node: node for node in ACCOUNTS}  # what the validator passes
 
 
-def images_of(node, hashes, task_id="t"):
+CLASS = "cpu x86_64 test threads 1; torch 2.13.0+cpu; diffusers 0.42.1; float32"
+HONEST_WORK = "honest"
+
+
+def work_checkpoints(work=HONEST_WORK, index=0):
+    """The checkpoint digests of one image: equal for equal work (the same latents)."""
+    return [checkpoints.digest(f"{work}:{index}:{fraction}".encode()) for fraction in checkpoints.FRACTIONS]
+
+
+def images_of(node, hashes, task_id="t", work=HONEST_WORK):
     return [
         ImageResult(
             index=i,
@@ -55,16 +65,19 @@ def images_of(node, hashes, task_id="t"):
             width=64,
             height=64,
             sha256=hashlib.sha256(f"{node}:{i}".encode()).hexdigest(),
+            checkpoints=work_checkpoints(work, i),
         )
         for i, h in enumerate(hashes)
     ]
 
 
-def task_with(results, *, commit_order=None, tamper=None, images=None):
+def task_with(results, *, commit_order=None, tamper=None, images=None, classes=None, work=None):
     """results: node -> list of hashes | "error" | None (no answer). Nodes commit (signed)
     in `commit_order`, then reveal; `tamper` maps a node to a function that changes its
     reveal or commitment before it is applied; `images` maps a node to a function that
-    changes its images before it commits to them (a node that commits to garbage)."""
+    changes its images before it commits to them (a node that commits to garbage);
+    `classes` and `work` map a node to its determinism class (else CLASS) and to the work
+    its checkpoints come from (else the honest work)."""
     task = apply(None, TaskSubmitted(task_id="t", spec=SPEC, submitted_at=0.0))
     task = apply(task, TaskAssigned(task_id="t", nodes=list(results), deadline=1.0))
     reveals = {}
@@ -74,12 +87,13 @@ def task_with(results, *, commit_order=None, tamper=None, images=None):
             task = apply(task, NodeErrored(task_id="t", node_id=node, code="x", message="y"))
         elif result is not None:
             nonce = new_nonce()
-            revealed = images_of(node, result)
+            revealed = images_of(node, result, work=(work or {}).get(node, HONEST_WORK))
             if images and node in images:
                 revealed = images[node](revealed)
-            value = make_commitment("t", node, revealed, nonce)
+            determinism = (classes or {}).get(node, CLASS)
+            value = make_commitment("t", node, revealed, nonce, determinism)
             commit = TaskCommitted(task_id="t", node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
-            reveal = ResultRevealed(task_id="t", node_id=node, images=revealed, nonce=nonce)
+            reveal = ResultRevealed(task_id="t", node_id=node, images=revealed, nonce=nonce, determinism=determinism)
             if tamper and node in tamper:
                 commit, reveal = tamper[node](commit, reveal)
             task = apply(task, commit)
@@ -207,11 +221,12 @@ def test_a_replaced_node_times_out_and_does_not_count_towards_the_majority():
     reveals = []
     for node in (N1, N2, N3):
         nonce = new_nonce()
-        value = make_commitment("t", node, images_of(node, A), nonce)
+        value = make_commitment("t", node, images_of(node, A), nonce, CLASS)
         task = apply(
             task, TaskCommitted(task_id="t", node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
         )
-        reveals.append(ResultRevealed(task_id="t", node_id=node, images=images_of(node, A), nonce=nonce))
+        reveal = ResultRevealed(task_id="t", node_id=node, images=images_of(node, A), nonce=nonce, determinism=CLASS)
+        reveals.append(reveal)
     task = apply(task, TaskRevealOpened(task_id="t", nodes=[N1, N2, N3], deadline=3.0))
     for reveal in reveals:
         task = apply(task, reveal)
@@ -348,3 +363,76 @@ def test_images_of_the_outcome_are_in_index_order():
 
     outcome = decided(task_with({N1: A, N2: A, N3: A}, images={N1: reversed_order}))
     assert [i.index for i in outcome.images] == [0, 1]
+
+
+def test_skipped_work_within_the_phash_threshold_is_outvoted_by_its_checkpoints():
+    """A node of the majority's class whose images pass pHash (A_NEAR is 2 bits from A) but
+    whose latents differ (it ran fewer steps) is a mismatch, with the evidence named."""
+    outcome = decided(task_with({N1: A, N2: A_NEAR, N3: A}, work={N2: "half the steps"}))
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.reason == "majority"
+    assert outcome.verdicts == {N1: "agree", N2: "mismatch", N3: "agree"}
+    detail = outcome.verdict_details[N2]
+    assert "latents differ at image 0 after 0.25" in detail
+    assert N1 in detail
+    assert N3 in detail
+    assert outcome.qos[N2] == 0
+
+
+def test_the_same_work_passes_and_other_classes_are_compared_by_phash_alone():
+    same = decided(task_with({N1: A, N2: A_NEAR, N3: A}))  # honest, one class: equal checkpoints
+    assert isinstance(same, TaskSucceeded)
+    assert same.reason == "unanimous"
+    # another class computes other last bits: only pHash can compare it with the others
+    other = decided(
+        task_with({N1: A, N2: A_NEAR, N3: A}, classes={N2: "NVIDIA H100 sm9.0; float16"}, work={N2: "gpu bits"})
+    )
+    assert isinstance(other, TaskSucceeded)
+    assert other.verdicts[N2] == "agree"
+
+
+def test_no_two_of_one_class_agree_on_their_latents_then_there_is_no_majority():
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, work={N2: "fewer steps", N3: "another scheduler"}))
+    assert isinstance(outcome, TaskAborted)
+    assert outcome.reason == "no_agreement"
+    assert set(outcome.verdicts.values()) == {"undecided"}
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda images: [msgspec.structs.replace(i, checkpoints=[]) for i in images], "0 checkpoints, expected 3"),
+        (lambda images: [msgspec.structs.replace(i, checkpoints=i.checkpoints[:2]) for i in images], "2 checkpoints"),
+        (
+            lambda images: [msgspec.structs.replace(i, checkpoints=["XYZ", *i.checkpoints[1:]]) for i in images],
+            "is not 32 lower-case hex digits",
+        ),
+    ],
+    ids=["none", "too few", "not a digest"],
+)
+def test_a_reveal_without_its_checkpoints_is_a_bad_result(change, why):
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, images={N3: change}))
+    assert outcome.verdicts[N3] == "bad_result"
+    assert why in outcome.verdict_details[N3]
+
+
+@pytest.mark.parametrize("determinism", ["", "x" * 201], ids=["empty", "too long"])
+def test_a_reveal_without_a_determinism_class_is_a_bad_result(determinism):
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, classes={N3: determinism}))
+    assert outcome.verdicts[N3] == "bad_result"
+    assert "determinism class" in outcome.verdict_details[N3]
+
+
+def test_the_commitment_binds_the_checkpoints_and_the_class():
+    """Changing either after committing no longer opens the commitment."""
+
+    def other_checkpoints(commit, reveal):
+        images = [msgspec.structs.replace(i, checkpoints=work_checkpoints("other", i.index)) for i in reveal.images]
+        return commit, msgspec.structs.replace(reveal, images=images)
+
+    def other_class(commit, reveal):
+        return commit, msgspec.structs.replace(reveal, determinism="another class")
+
+    outcome = decided(task_with({N1: A, N2: A, N3: A}, tamper={N2: other_checkpoints, N3: other_class}))
+    assert outcome.verdicts[N2] == "bad_commitment"
+    assert outcome.verdicts[N3] == "bad_commitment"

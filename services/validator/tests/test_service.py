@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import msgspec
 import pytest
 
-from stipple_common import bus, subjects
+from stipple_common import bus, checkpoints, subjects
 from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import account_from_key, make_commitment, new_nonce, sign
 from stipple_common.identity import dev_node_id, key_for
@@ -51,6 +51,17 @@ ID = {name: dev_node_id(name) for name in "abcde"}  # a node's id is its address
 a, b, c, d, e = (ID[name] for name in "abcde")
 ACCOUNTS = {ID[name]: account_from_key(key_for(name)) for name in "abcde"}
 MAX_BLOB_BYTES = 100_000
+CLASS = "cpu test threads 1; torch 2.13.0+cpu; diffusers 0.42.1; float32"  # every node's here
+
+
+class _Checkpoints(dict):
+    """Picture -> the checkpoint digests of the work that made it (equal work, equal digests)."""
+
+    def __missing__(self, picture):
+        return [checkpoints.digest(f"picture {picture} after {f}".encode()) for f in checkpoints.FRACTIONS]
+
+
+CHECKPOINTS = _Checkpoints()
 
 
 @pytest.fixture
@@ -102,7 +113,10 @@ def honest(pictures, task_id, node, picture=0) -> Stored:
     png = pictures.png(picture)
     phash, sha256 = pictures.hashes(png)
     key = f"{blob_prefix(task_id, node)}{secrets.token_hex(4)}/0.png"
-    return Stored(png, ImageResult(index=0, key=key, phash=phash, seed=1, width=64, height=64, sha256=sha256))
+    image = ImageResult(
+        index=0, key=key, phash=phash, seed=1, width=64, height=64, sha256=sha256, checkpoints=CHECKPOINTS[picture]
+    )
+    return Stored(png, image)
 
 
 async def reveal(net, task_id, node, stored: Stored, *, answer=True):
@@ -113,7 +127,7 @@ async def reveal(net, task_id, node, stored: Stored, *, answer=True):
     if stored.png is not None:
         await net.blobs.put(image.key, stored.png, content_type="image/png")
     nonce = new_nonce()
-    value = make_commitment(task_id, node, [image], nonce)
+    value = make_commitment(task_id, node, [image], nonce, CLASS)
     commit = TaskCommitted(task_id=task_id, node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
     key = (id(js), node)
     if key not in control_subs:  # one consumer per node subject: WORK is a work queue
@@ -128,7 +142,9 @@ async def reveal(net, task_id, node, stored: Stored, *, answer=True):
                 request = control_decoder.decode(msg.data)
                 if isinstance(request, RevealRequest) and request.task_id == task_id:
                     if answer:
-                        event = ResultRevealed(task_id=task_id, node_id=node, images=[image], nonce=nonce)
+                        event = ResultRevealed(
+                            task_id=task_id, node_id=node, images=[image], nonce=nonce, determinism=CLASS
+                        )
                         await bus.publish(
                             js, subjects.task_subject(task_id, "revealed", node), event, msg_id=f"{task_id}:{node}:r"
                         )

@@ -56,6 +56,7 @@ class NodeRun(msgspec.Struct, frozen=True, kw_only=True):
     signature: str = ""
     commit_order: int = 0  # 1 for the first node to commit, 2 for the second, ...
     nonce: str = ""
+    determinism: str = ""  # the class the node revealed (checkpoints.py)
 
 
 class Task(msgspec.Struct, frozen=True, kw_only=True):
@@ -215,7 +216,9 @@ def _(event: ResultRevealed, task: Task | None) -> Task:
     expected = task.spec.task_config.num_images
     if len(event.images) != expected:
         raise _fail(task, event, f"node {event.node_id} revealed {len(event.images)} images, expected {expected}")
-    revealed = msgspec.structs.replace(run, status="revealed", images=event.images, nonce=event.nonce)
+    revealed = msgspec.structs.replace(
+        run, status="revealed", images=event.images, nonce=event.nonce, determinism=event.determinism
+    )
     return _with_run(task, revealed)
 
 

@@ -1,8 +1,9 @@
 """Commit-reveal: a node binds itself to its result before it can see anyone else's.
 
 The commitment is keccak-256 over a canonical encoding of what the node will reveal
-(task id, node id, and per image: index, seed, pHash, blob key, SHA-256 of the PNG) and
-a random 32-byte nonce. Binding the task and node ids means a commitment cannot be replayed for another
+(task id, node id, per image: index, seed, pHash, blob key, SHA-256 of the PNG and the
+checkpoint digests of its latents; and the node's determinism class) and a random 32-byte
+nonce. Binding the task and node ids means a commitment cannot be replayed for another
 task or claimed by another node. The node signs the commitment with its Ethereum key
 (EIP-191 "personal message", as wallets and contracts verify it), so the validator can
 check who committed without trusting the message bus.
@@ -26,10 +27,13 @@ def new_nonce() -> str:
     return "0x" + secrets.token_hex(32)
 
 
-def make_commitment(task_id: str, node_id: str, images: Sequence[ImageResult], nonce: str) -> str:
+def make_commitment(
+    task_id: str, node_id: str, images: Sequence[ImageResult], nonce: str, determinism: str = ""
+) -> str:
     """keccak-256 (0x hex) of the canonical reveal and the nonce."""
+    ordered = sorted(images, key=lambda i: i.index)
     body = msgspec.json.encode(
-        [task_id, node_id, [[i.index, i.seed, i.phash, i.key, i.sha256] for i in sorted(images, key=lambda i: i.index)]]
+        [task_id, node_id, [[i.index, i.seed, i.phash, i.key, i.sha256, i.checkpoints] for i in ordered], determinism]
     )
     return "0x" + keccak(body + bytes.fromhex(nonce.removeprefix("0x"))).hex()
 

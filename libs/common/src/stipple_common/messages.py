@@ -36,6 +36,9 @@ class ImageResult(msgspec.Struct, frozen=True, kw_only=True):
     width: int
     height: int
     sha256: str = ""  # of the PNG bytes, 64 hex digits
+    # digests of this image's latents after 1/4, 1/2 and 3/4 of the steps (checkpoints.py):
+    # equal between nodes of one determinism class, so skipped work shows
+    checkpoints: list[str] = []
 
 
 class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", tag_field="type"):
@@ -98,6 +101,9 @@ class ResultRevealed(msgspec.Struct, frozen=True, kw_only=True, tag="revealed", 
     images: list[ImageResult]
     elapsed_s: float = 0.0
     nonce: str = ""  # 0x hex, 32 bytes: opens the commitment
+    # what makes this node's floating point bit-identical to another's (device, driver and
+    # CUDA, torch, diffusers, dtype; threads on a CPU): results of one class must match exactly
+    determinism: str = ""
 
 
 class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_field="type"):

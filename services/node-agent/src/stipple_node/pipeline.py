@@ -28,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,6 +37,7 @@ import torch
 from opentelemetry import trace
 from PIL import Image
 
+from stipple_common import checkpoints
 from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.phash import image_phash
 from stipple_common.taskspec import ModelRef, TaskSpec, canonical, check_spec, validation_error_to_invalid
@@ -99,6 +100,10 @@ class GeneratedImage:
     """The seed this image was drawn from (task seed + its index)."""
     width: int
     height: int
+    checkpoints: list[str] = field(default_factory=list)
+    """`stipple_common.checkpoints`: digests of the latents after 1/4, 1/2 and 3/4 of the steps."""
+    determinism: str = ""
+    """`determinism_class`: what must be equal for another node's latents to be bit-identical."""
 
 
 def configure_determinism(threads: int) -> None:
@@ -122,6 +127,41 @@ def configure_determinism(threads: int) -> None:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def determinism_class(device: str, dtype: torch.dtype) -> str:
+    """What makes two nodes' floating point bit-identical: the device model (and on a GPU
+    its driver and CUDA), torch, diffusers, the dtype, and on a CPU the thread count (it
+    changes how reductions are split). Two nodes of one class compute the same latents bit
+    for bit (stipple_common.checkpoints); nodes of two classes, only nearly."""
+    import platform
+
+    import diffusers
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        name = torch.cuda.get_device_name(index)
+        capability = ".".join(map(str, torch.cuda.get_device_capability(index)))
+        hardware = f"{name} sm{capability} cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}"
+    else:
+        hardware = f"cpu {platform.machine()} {_cpu_model()} threads {torch.get_num_threads()}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    described = f"{hardware}; torch {torch.__version__}; diffusers {diffusers.__version__}; {dtype_name}"
+    return described[: checkpoints.MAX_CLASS_LENGTH]
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux): its vector units decide the last bits."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model"):
+                return value.strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def model_family(path: Path) -> str:
@@ -417,6 +457,7 @@ class PipelineRunner:
             inputs["controlnet_conditioning_scale"] = spec.controlnet.weight
         tracker = _ProgressTracker(progress, config.num_images)
         images = []
+        digests: list[list[str]] = []  # per image, its checkpoints
         with self.metrics.denoise_seconds.time(), self._adapters(pipe, spec):
             prompts = prompt_kwargs(pipe, base.family, spec.prompt, spec.negative_prompt)
             for index in range(config.num_images):
@@ -425,11 +466,13 @@ class PipelineRunner:
                 with _tracer.start_as_current_span("node.denoise", attributes=attributes):
                     image = self._one_image(pipe, spec, prompts, inputs, refiner, seed, tracker.for_image(index))
                 images.append(image)
+                digests.append(tracker.checkpoints(index))
         if config.safety_checker:
             with _tracer.start_as_current_span("node.safety_check"):
                 images = self._safety_check(images)
         with _tracer.start_as_current_span("node.encode", attributes={"stipple.images": len(images)}):
-            return [_encode(image, config.seed + i) for i, image in enumerate(images)]
+            determinism = determinism_class(self._device, dtype)
+            return [_encode(image, config.seed + i, digests[i], determinism) for i, image in enumerate(images)]
 
     def _task_pipeline(self, base: _Loaded, spec: TaskSpec, dtype: torch.dtype) -> Any:
         """The pipeline for the task's kind, sharing the base's weights, with a fresh scheduler."""
@@ -533,7 +576,7 @@ class PipelineRunner:
             "num_images_per_prompt": 1,
             "generator": torch.Generator("cpu").manual_seed(seed),
             "callback_on_step_end": on_step,
-            "callback_on_step_end_tensor_inputs": [],
+            "callback_on_step_end_tensor_inputs": ["latents"],
         }
         if spec.kind == "txt2img":
             call["width"], call["height"] = config.image_width, config.image_height
@@ -552,7 +595,7 @@ class PipelineRunner:
                     guidance_scale=float(config.cfg),
                     generator=torch.Generator("cpu").manual_seed(seed),
                     callback_on_step_end=on_step,
-                    callback_on_step_end_tensor_inputs=[],
+                    callback_on_step_end_tensor_inputs=["latents"],
                 ).images[0]
             image = pipe(**call, output_type="pil").images[0]
             if refiner is not None:  # with ControlNet (or img2img): the refiner polishes the finished image
@@ -564,7 +607,7 @@ class PipelineRunner:
                     guidance_scale=float(config.cfg),
                     generator=torch.Generator("cpu").manual_seed(seed),
                     callback_on_step_end=on_step,
-                    callback_on_step_end_tensor_inputs=[],
+                    callback_on_step_end_tensor_inputs=["latents"],
                 ).images[0]
             return image
 
@@ -657,7 +700,9 @@ def _check_node_side(spec: TaskSpec) -> None:
 
 
 class _ProgressTracker:
-    """Step progress over all images and phases (base, refiner) of a task.
+    """Step progress over all images and phases (base, refiner) of a task, and each image's
+    checkpoints (stipple_common.checkpoints: its latents hashed after 1/4, 1/2 and 3/4 of the
+    first phase's steps).
 
     The total is known per phase only once it starts, so it is estimated from the first
     image and can grow once, when a refiner phase begins."""
@@ -668,12 +713,28 @@ class _ProgressTracker:
         self.done = 0
         self.per_image = 0
         self.phase_steps: dict[int, int] = {}
+        self._first_phase: dict[int, int] = {}  # image -> id of the pipeline that ran first
+        self._digests: dict[int, dict[int, str]] = {}  # image -> step -> digest of its latents
+        self._steps: dict[int, list[int]] = {}  # image -> the steps hashed (checkpoints.steps)
+
+    def checkpoints(self, index: int) -> list[str]:
+        """The image's checkpoint digests, one per fraction (empty if it ran no step)."""
+        digests = self._digests.get(index, {})
+        if not digests:
+            return []
+        return [digests[step] for step in self._steps.get(index, []) if step in digests]
 
     def for_image(self, index: int) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if index == 0 and id(pipe) not in self.phase_steps:
                 self.phase_steps[id(pipe)] = int(pipe.num_timesteps)
                 self.per_image = sum(self.phase_steps.values())
+            first = self._first_phase.setdefault(index, id(pipe))
+            if first == id(pipe):
+                wanted = self._steps.setdefault(index, checkpoints.steps(int(pipe.num_timesteps)))
+                if step in wanted and "latents" in tensors:
+                    latents = tensors["latents"].detach().to(device="cpu", dtype=torch.float32).contiguous()
+                    self._digests.setdefault(index, {})[step] = checkpoints.digest(latents.numpy().tobytes())
             self.done += 1
             if self.progress is not None:
                 self.progress(self.done, max(self.done, self.num_images * self.per_image))
@@ -692,7 +753,7 @@ def _dtype_arg() -> str:
 _DTYPE_ARG = _dtype_arg()
 
 
-def _encode(image: Image.Image, seed: int) -> GeneratedImage:
+def _encode(image: Image.Image, seed: int, checkpoints: list[str], determinism: str) -> GeneratedImage:
     """PNG bytes (no text chunks, fixed compression, so equal pixels give equal bytes) and the perceptual hash."""
     image = image.convert("RGB")
     buffer = io.BytesIO()
@@ -703,4 +764,6 @@ def _encode(image: Image.Image, seed: int) -> GeneratedImage:
         seed=seed,
         width=image.width,
         height=image.height,
+        checkpoints=checkpoints,
+        determinism=determinism,
     )

@@ -171,6 +171,7 @@ class _Committed:
     nonce: str
     elapsed_s: float
     event: TaskCommitted
+    determinism: str = ""  # the runner's determinism class, revealed with the images
     uploaded: asyncio.Event = field(default_factory=asyncio.Event)  # the reveal waits for it
 
 
@@ -341,11 +342,13 @@ class NodeAgent:
                 width=image.width,
                 height=image.height,
                 sha256=hashlib.sha256(image.png).hexdigest(),
+                checkpoints=image.checkpoints,
             )
             for index, image in enumerate(images)
         ]
+        determinism = images[0].determinism if images else ""
         nonce = commitment.new_nonce()
-        value = commitment.make_commitment(task_id, self.node_id, results, nonce)
+        value = commitment.make_commitment(task_id, self.node_id, results, nonce, determinism)
         event = TaskCommitted(
             task_id=task_id,
             node_id=self.node_id,
@@ -354,7 +357,12 @@ class NodeAgent:
             elapsed_s=elapsed,
         )
         pending = _Committed(
-            images=results, pngs=[image.png for image in images], nonce=nonce, elapsed_s=elapsed, event=event
+            images=results,
+            pngs=[image.png for image in images],
+            nonce=nonce,
+            elapsed_s=elapsed,
+            event=event,
+            determinism=determinism,
         )
         self.committed[task_id] = pending
         while len(self.committed) > MAX_UNREVEALED:  # tasks decided without this node's reveal
@@ -437,6 +445,7 @@ class NodeAgent:
             images=pending.images,
             elapsed_s=pending.elapsed_s,
             nonce=pending.nonce,
+            determinism=pending.determinism,
         )
         with tracing.task_span("node.reveal", task_id=message.task_id, node_id=self.node_id):
             await self._publish_event(revealed)

@@ -16,8 +16,12 @@ outcome's `verdict_details`. Then, with three nodes:  A,A,A -> succeeded/unanimo
 A,A,B -> succeeded/majority and B is "mismatch" (slashable);  A,A + error/timeout/bad ->
 succeeded/majority, the third loses QoS (as does a node replaced for not accepting in
 time, which does not count towards the majority);  A,B,C or A,B + one missing ->
-aborted/no_agreement;  fewer than two results -> aborted/too_few_results. Images agree
-when every pair of per-image pHashes is within the threshold.
+aborted/no_agreement;  fewer than two results -> aborted/too_few_results. Results agree
+when every pair of per-image pHashes is within the threshold and, for two nodes of one
+determinism class, every checkpoint is equal (their latents after 1/4, 1/2 and 3/4 of the
+steps: stipple_common.checkpoints), which catches skipped steps that pHash misses; a
+reveal without one checkpoint digest per fraction per image, or without a class, is
+`bad_result`.
 
 QoS per task: agreeing nodes score 10, 5, 2 in the order they committed (the first to
 bind itself to a correct result was the fastest); everyone else scores 0.
@@ -27,7 +31,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
+from stipple_common import checkpoints
 from stipple_common.aggregate import NodeRun, Task
 from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import make_commitment, signer
@@ -46,13 +52,32 @@ Checked = Mapping[str, str | None]
 revealed, else why not (blobcheck.py). A node missing from it was not checked."""
 
 
-def group_agreeing(results: dict[str, list[str]], threshold: int) -> list[list[str]]:
-    """Partition nodes into groups whose images agree with the group's first member,
+class Result(NamedTuple):
+    """What the comparison of two nodes' results looks at."""
+
+    phashes: list[str]  # per image, in index order
+    determinism: str = ""
+    checkpoints: list[list[str]] = []  # per image, its checkpoint digests
+
+
+def agree(a: Result, b: Result, threshold: int) -> bool:
+    """Two results agree when every pair of images is within the pHash threshold and, when
+    the two nodes are of one determinism class, their checkpoints are equal: bit-identical
+    latents at 1/4, 1/2 and 3/4 of the way (stipple_common.checkpoints), which a node that
+    skipped steps, or ran another scheduler, prompt or model, cannot show."""
+    if not same_images(a.phashes, b.phashes, threshold):
+        return False
+    return a.determinism != b.determinism or a.checkpoints == b.checkpoints
+
+
+def group_agreeing(results: Mapping[str, Result | list[str]], threshold: int) -> list[list[str]]:
+    """Partition nodes into groups whose results agree with the group's first member,
     in the given (assignment) order; largest group first, ties broken by that order."""
+    given = {node: r if isinstance(r, Result) else Result(phashes=r) for node, r in results.items()}
     groups: list[list[str]] = []
-    for node, hashes in results.items():
+    for node, result in given.items():
         for group in groups:
-            if same_images(results[group[0]], hashes, threshold):
+            if agree(given[group[0]], result, threshold):
                 group.append(node)
                 break
         else:
@@ -68,7 +93,7 @@ def reveal_is_honest(task_id: str, run: NodeRun, address: str | None) -> bool:
     if recovered is None or recovered.lower() != address.lower():
         return False
     try:
-        return make_commitment(task_id, run.node_id, run.images, run.nonce) == run.commitment
+        return make_commitment(task_id, run.node_id, run.images, run.nonce, run.determinism) == run.commitment
     except ValueError:  # a nonce that is not hex (screened before; kept so this never raises)
         return False
 
@@ -112,6 +137,11 @@ def malformed(task: Task, run: NodeRun) -> str | None:
             )
         if config.seed >= 0 and image.seed != config.seed + image.index:
             return f"{where}: seed {image.seed}, expected {config.seed + image.index} (task seed + index)"
+        why = checkpoints.well_formed(image.checkpoints)
+        if why is not None:
+            return f"{where}: {why}"
+    if not run.determinism or len(run.determinism) > checkpoints.MAX_CLASS_LENGTH:
+        return f"determinism class of {len(run.determinism)} characters: 1 to {checkpoints.MAX_CLASS_LENGTH}"
     return None
 
 
@@ -151,7 +181,7 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
     `addresses` maps node ids to their registered Ethereum addresses; `checked` is what
     the blob checks found for the `candidates` (a candidate missing from it is not
     trusted and judged `undecided`, which costs it nothing)."""
-    results: dict[str, list[str]] = {}
+    results: dict[str, Result] = {}
     verdicts: dict[str, Verdict] = {}
     details: dict[str, str] = {}
     for node_id, run in task.nodes.items():
@@ -164,7 +194,12 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
             elif checked[node_id] is not None:
                 verdicts[node_id], details[node_id] = "bad_result", f"stored images: {checked[node_id]}"
             else:
-                results[node_id] = [image.phash for image in sorted(run.images, key=lambda image: image.index)]
+                ordered_images = sorted(run.images, key=lambda image: image.index)
+                results[node_id] = Result(
+                    phashes=[image.phash for image in ordered_images],
+                    determinism=run.determinism,
+                    checkpoints=[image.checkpoints for image in ordered_images],
+                )
         elif run.status == "errored":
             verdicts[node_id] = "error"
         else:
@@ -198,6 +233,19 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
         )
     for node_id in results:
         verdicts[node_id] = "agree" if node_id in majority else "mismatch"
+        lead = results[majority[0]]
+        if node_id not in majority and same_images(lead.phashes, results[node_id].phashes, threshold):
+            differ = [
+                f"image {i} after {checkpoints.FRACTIONS[k]:g}"
+                for i, (ours, theirs) in enumerate(zip(lead.checkpoints, results[node_id].checkpoints, strict=False))
+                for k, (x, y) in enumerate(zip(ours, theirs, strict=False))
+                if x != y
+            ]
+            details[node_id] = (
+                f"its images are within the pHash threshold of the majority's ({', '.join(majority)}), of its own "
+                f"determinism class, but its latents differ at {', '.join(differ[:6]) or 'every checkpoint'}: "
+                "skipped or other work"
+            )
     unanimous = len(majority) == counted
     return TaskSucceeded(
         task_id=task.task_id,
