@@ -20,10 +20,9 @@ from typing import Any
 import nats
 import pytest
 from nats.js.api import KeyValueConfig
-from nats.js.errors import NoKeysError
 
 from stipple_cli import reconcile as rc
-from stipple_common import bus, subjects
+from stipple_common import bus, records, subjects
 from stipple_common import chain as ch
 from stipple_common.identity import node_id_of
 from stipple_common.messages import (
@@ -51,10 +50,7 @@ class Network(IndexedChain):
 
         async def done() -> bool:
             kv = await self.js.key_value(subjects.STAKES_BUCKET)
-            try:
-                keys = await kv.keys()
-            except NoKeysError:
-                keys = []
+            keys = await records.keys(kv)
             counts = [
                 len(await bus.read_messages(self.js, subjects.CHAIN_STREAM, f"chain.TaskPayment.{name}"))
                 for name in ("Settled", "Refunded")

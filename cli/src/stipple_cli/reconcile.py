@@ -43,7 +43,7 @@ import msgspec
 import nats
 from eth_utils import to_checksum_address
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 from web3.exceptions import Web3Exception
 
 from stipple_common import bus, records, settlement, subjects
@@ -174,11 +174,7 @@ async def read_snapshot(js: JetStreamContext) -> Snapshot:
         raise ReconcileError(
             f"no {subjects.STAKES_BUCKET!r} KV bucket on this NATS: has a chain-indexer run against it?"
         ) from None
-    try:
-        keys = await stakes_kv.keys()
-    except NoKeysError:
-        keys = []
-    for key in keys:
+    for key in await records.keys(stakes_kv):
         try:
             entry = await stakes_kv.get(key)
         except KeyNotFoundError:  # deleted between the listing and the read

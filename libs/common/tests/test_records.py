@@ -83,3 +83,16 @@ async def test_get_and_put_through_a_bucket(nc):
     assert await records.get(kv, records.CURSOR_KEY, records.cursor_decoder) == cursor
     await kv.delete(records.CURSOR_KEY)
     assert await records.get(kv, records.CURSOR_KEY, records.cursor_decoder) is None
+
+
+async def test_keys_of_a_bucket_and_of_an_empty_one(nc):
+    """`records.keys` lists a bucket's keys, and gives [] (not NoKeysError) for an empty
+    one, after asking again: nats-py's keys() can end before the first entry arrives."""
+    js = nc.jetstream()
+    bucket = f"keys-{uuid.uuid4().hex[:8]}"
+    kv = await js.create_key_value(KeyValueConfig(bucket=bucket))
+    assert await records.keys(kv, attempts=2, pause_s=0.01) == []
+    await kv.put("a", b"1")
+    await kv.put("b", b"2")
+    assert sorted(await records.keys(kv)) == ["a", "b"]
+    await js.delete_key_value(bucket)

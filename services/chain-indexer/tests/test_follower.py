@@ -16,7 +16,7 @@ from nats.js.api import KeyValueConfig
 from stipple_chain_indexer.follower import ChainFollower
 from stipple_chain_indexer.metrics import FollowerMetrics
 from stipple_chain_indexer.service import ChainThread, StakeProjection
-from stipple_common import bus, subjects
+from stipple_common import bus, records, subjects
 from stipple_common import chain as ch
 from stipple_common.identity import node_id_of
 from stipple_common.messages import ChainLog, ChainReorg, IndexedStake, chain_decoder, indexed_stake_decoder
@@ -105,7 +105,7 @@ async def test_events_of_confirmed_blocks_are_published_once_across_restarts(js,
     assert msg_id == f"{event.block_hash}:{event.log_index}"
     stakes = StakeProjection(await js.key_value(subjects.STAKES_BUCKET))
     assert (await stakes.get(embedded.node)).stake == 150
-    assert await stakes.kv.keys() == [node_id_of(embedded.node)]  # keyed by node id
+    assert await records.keys(stakes.kv) == [node_id_of(embedded.node)]  # keyed by node id
 
     # a restarted follower goes on from its cursor; an older cursor re-publishes nothing new
     again, _ = await follower(js, embedded, confirmations=2)
@@ -135,7 +135,7 @@ async def test_the_stakes_projection_keys_nodes_by_id_and_names_the_operator(js,
     await f.step()
     kv = await js.key_value(subjects.STAKES_BUCKET)
     node, own_id = node_id_of(embedded.node), node_id_of(own)
-    assert sorted(await kv.keys()) == sorted([node, own_id])
+    assert sorted(await records.keys(kv)) == sorted([node, own_id])
 
     async def entry(key: str) -> IndexedStake:
         return indexed_stake_decoder.decode((await kv.get(key)).value or b"")

@@ -15,10 +15,11 @@ unknown fields, so that the records a running network already holds still decode
 
 from __future__ import annotations
 
+import asyncio
 from typing import TypeVar
 
 import msgspec
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 R = TypeVar("R")
@@ -120,6 +121,21 @@ async def get(kv: KeyValue, key: str, decoder: msgspec.json.Decoder[R]) -> R | N
     except KeyNotFoundError:  # KeyDeletedError too
         return None
     return decoder.decode(entry.value) if entry.value else None
+
+
+async def keys(kv: KeyValue, attempts: int = 10, pause_s: float = 0.05) -> list[str]:
+    """The bucket's keys; [] when it has none. nats-py's `KeyValue.keys` raises NoKeysError
+    for an empty bucket, and now and then for one whose entry a `get` has just read (its
+    watcher can end before the first entry arrives: seen once on a loaded 2-core machine;
+    other projects report keys() missing keys too), so an empty answer is asked again
+    `attempts` times before it is believed."""
+    for attempt in range(attempts):
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            if attempt + 1 < attempts:
+                await asyncio.sleep(pause_s)
+    return []
 
 
 async def put(kv: KeyValue, key: str, record: msgspec.Struct | QosWindow) -> int:

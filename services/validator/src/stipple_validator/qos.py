@@ -10,7 +10,7 @@ does not pause it again.
 
 from __future__ import annotations
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from stipple_common import records
@@ -69,12 +69,8 @@ class QosWindows:
 
     async def paused(self) -> list[str]:
         """The nodes whose window pauses them now (to rebuild the prober at start)."""
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
         out = []
-        for node_id in keys:
+        for node_id in await records.keys(self.kv):
             window, _ = await self._read(node_id)
             if recent_timeouts(window) >= PAUSE_TIMEOUTS:
                 out.append(node_id)
