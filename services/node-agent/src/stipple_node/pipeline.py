@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
+import platform
 import threading
 import time
 from collections import OrderedDict
@@ -134,8 +136,6 @@ def determinism_class(device: str, dtype: torch.dtype) -> str:
     its driver and CUDA), torch, diffusers, the dtype, and on a CPU the thread count (it
     changes how reductions are split). Two nodes of one class compute the same latents bit
     for bit (stipple_common.checkpoints); nodes of two classes, only nearly."""
-    import platform
-
     import diffusers
 
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -150,8 +150,9 @@ def determinism_class(device: str, dtype: torch.dtype) -> str:
     return described[: checkpoints.MAX_CLASS_LENGTH]
 
 
+@functools.cache
 def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux): its vector units decide the last bits."""
+    """The CPU's model name (/proc/cpuinfo on Linux, read once): its vector units decide the last bits."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -159,8 +160,6 @@ def _cpu_model() -> str:
                 return value.strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or "unknown"
 
 
