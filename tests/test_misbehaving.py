@@ -203,3 +203,39 @@ async def test_a_misbehaving_node_is_caught_and_honest_nodes_are_not_penalized(
         assert outcome.qos[suspect_id] == 0
     paid = [*honest, *((suspect_id,) if verdict == "agree" else ())]
     assert all(image.key.split("/")[2] in paid for image in outcome.images)
+
+
+async def test_two_cheats_against_one_honest_node_draw_more_nodes_and_only_the_outvoted_pay(
+    fresh_nats_url: str, runner: PipelineRunner
+) -> None:
+    """One honest node and two that return noise (each its own): three ways apart, no one
+    can be slashed on one against one. The validator escalates; the real dispatcher draws
+    two nodes that joined since, which side with the honest one; the five-node decision
+    slashes the two cheats, each with the agreeing nodes named."""
+    async with Network.plain(fresh_nats_url) as net:
+        agents = [(HONEST[0], NodeAgent), ("cheat-1", RandomImage), ("cheat-2", RandomImage)]
+        await net.control_plane_and_nodes(
+            runner,
+            agents,
+            dispatcher={"task_timeout_s": COMMIT_TIMEOUT_S},
+            validator={
+                "phash_threshold": 2,
+                "reveal_timeout_s": 3.0,
+                "deadline_grace_s": 0.1,
+                "escalation_timeout_s": 30.0,
+            },
+        )
+        await asyncio.sleep(1.0)  # nodes announce themselves
+        task = asyncio.create_task(net.run_task(seed=5, steps=8, prompt="a red fox in the snow"))
+        await asyncio.sleep(0.5)  # assigned to the three there are
+        for name in ("late-1", "late-2"):
+            await net.node(runner, name, NodeAgent)
+        outcome = await task
+    honest = [dev_node_id(name) for name in (HONEST[0], "late-1", "late-2")]
+    cheats = [dev_node_id(name) for name in ("cheat-1", "cheat-2")]
+    assert isinstance(outcome, TaskSucceeded), outcome
+    assert outcome.reason == "majority"
+    assert outcome.verdicts == {**dict.fromkeys(honest, "agree"), **dict.fromkeys(cheats, "mismatch")}
+    for cheat in cheats:
+        assert "outvoted by 3 agreeing nodes" in outcome.verdict_details[cheat]
+    assert all(image.key.split("/")[2] in honest for image in outcome.images)

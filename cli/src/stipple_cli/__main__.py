@@ -2,6 +2,7 @@
 
 stipple up                run the whole network on this machine (Ctrl-C stops it)
 stipple chain reconcile   compare the chain-indexer's projections with the chain (reconcile.py)
+stipple audit             check the sampled validation's VRF proofs in the TASKS stream (audit.py)
 """
 
 from __future__ import annotations
@@ -110,9 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         from . import reconcile
 
         sys.exit(reconcile.main(argv[1:]))
+    if argv[:1] == ["audit"]:  # its own parser (audit.py)
+        from . import audit
+
+        sys.exit(audit.main(argv[1:]))
     parser = argparse.ArgumentParser(prog="stipple", description="The Stipple command line.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("chain", help="the chain: `stipple chain reconcile` (stipple chain --help)", add_help=False)
+    sub.add_parser("audit", help="check the sampled validation's proofs (stipple audit --help)", add_help=False)
     p_up = sub.add_parser("up", help="run the whole network on this machine")
     p_up.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     p_up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0: any free port)")

@@ -28,6 +28,8 @@ from stipple_common.messages import (
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskEscalated,
+    TaskExtended,
     TaskReassigned,
     TaskRevealOpened,
     TaskStarted,
@@ -52,6 +54,8 @@ CONTROL = [
     TaskReassigned(task_id="t", replaced=A, by=B, deadline=11.0),
     TaskRevealOpened(task_id="t", nodes=[A], deadline=12.0),
     TaskSucceeded(task_id="t", reason="unanimous", images=[IMG], verdicts={A: "agree"}),
+    TaskEscalated(task_id="t", round=1, more=2, exclude=[A], deadline=1.0),
+    TaskExtended(task_id="t", round=1, nodes=[], deadline=1.0),
     TaskAborted(task_id="t", reason="no_agreement"),
     TaskCancelled(task_id="t"),
 ]

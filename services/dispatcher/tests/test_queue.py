@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -19,16 +20,19 @@ from stipple_common.messages import (
     TaskAborted,
     TaskCancelled,
     TaskCommitted,
+    TaskEscalated,
     TaskReassigned,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
 )
 from stipple_common.taskspec import parse_task
+from stipple_common.vrf import VrfKey
 from stipple_dispatcher.queue import (
     Abort,
     Assign,
     Cancel,
+    Extend,
     NoReplacement,
     Prefetch,
     Replace,
@@ -59,6 +63,7 @@ def add(index: NodeIndex, *names: str, model: str = "tiny-sd", on_disk: tuple[st
 def queue_of(index: NodeIndex, **settings: Any) -> TaskQueue[str]:
     """A queue over `index`; its nodes stay live (no heartbeats here) unless `node_ttl_s` says."""
     settings.setdefault("node_ttl_s", 1e6)
+    settings.setdefault("validation_rate", 1.0)  # every task compared: three nodes (sampling has its own tests)
     return TaskQueue(index, DispatcherSettings(**settings), np.random.default_rng(0))
 
 
@@ -551,3 +556,151 @@ def test_status_gives_the_position_among_the_same_models_tasks_and_an_eta():
     assert not queue.status("unknown", NOW).queued
     index.last_seen[:] = NOW - 100  # no live node: one lane
     assert queue.status("cheap", NOW).eta_s == 1.0 + 3.0
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def sampled_queue(rate: float, *names: str, key: VrfKey | None = None) -> TaskQueue[str]:
+    return TaskQueue(
+        index_of(*(names or tuple("abcdefgh"))),
+        DispatcherSettings(node_ttl_s=1e6, validation_rate=rate, node_slots=1000),
+        np.random.default_rng(0),
+        key=key,
+    )
+
+
+def test_a_task_the_sample_does_not_draw_runs_on_one_node_with_its_proof():
+    key = VrfKey.generate()
+    queue = sampled_queue(0.0, key=key)
+    submit(queue, submitted("alone"))
+    (decision,) = queue.pump(NOW)
+    assert isinstance(decision, Assign)
+    assert len(decision.assigned.nodes) == 1
+    proof = decision.assigned.sampling
+    assert proof is not None
+    assert not proof.selected
+    assert proof.rate == 0.0
+    assert proof.check("alone", key.public)
+    assert not proof.check("another-task", key.public)  # a proof is for one task id
+
+
+def test_a_drawn_task_and_a_full_one_run_on_three_nodes_given_the_same_work():
+    queue = sampled_queue(1.0)
+    submit(queue, submitted("drawn"))
+    (drawn,) = queue.pump(NOW)
+    assert len(drawn.assigned.nodes) == 3
+    assert drawn.assigned.sampling.selected
+    never = sampled_queue(0.0)
+    full = msgspec.structs.replace(submitted("full"), validation="full")
+    submit(never, full)
+    (decision,) = never.pump(NOW)
+    assert len(decision.assigned.nodes) == 3
+    assert not decision.assigned.sampling.selected  # the app asked: not the sample
+    # one Assignment for every copy: nothing in what a node receives says how many run it
+    assert decision.work == Assignment(task_id="full", spec=full.spec, deadline=decision.assigned.deadline)
+
+
+def test_the_sample_draws_about_the_rate_the_same_way_every_time_and_cannot_be_steered():
+    key = VrfKey.generate()
+    queue = sampled_queue(0.25, key=key)
+    ids = [f"task-{i}" for i in range(400)]
+    submit(queue, *(submitted(task_id) for task_id in ids))
+    decisions = [d for d in queue.pump(NOW) if isinstance(d, Assign)]
+    assert len(decisions) == len(ids)
+    drawn = [d for d in decisions if d.assigned.sampling.selected]
+    assert 0.17 * len(ids) < len(drawn) < 0.33 * len(ids)  # binomial(400, 0.25): 4+ sigma either side
+    for d in decisions:
+        proof = d.assigned.sampling
+        assert proof.check(d.assigned.task_id, key.public)
+        assert len(d.assigned.nodes) == (3 if proof.selected else 1)
+    again = sampled_queue(0.25, key=key)  # another dispatcher with the same key draws the same
+    assert [again.draw(submitted(i))[0] for i in ids[:20]] == [d.assigned.sampling for d in decisions[:20]]
+    other = sampled_queue(0.25)  # another key draws otherwise: the proofs are the key's
+    assert [other.draw(submitted(i))[0].selected for i in ids] != [d.assigned.sampling.selected for d in decisions]
+
+
+def test_a_lone_node_that_does_not_start_is_replaced_within_the_reassignment_budget():
+    queue = sampled_queue(0.0, "a", "b", "c", "d")
+    queue.settings = msgspec.structs.replace(queue.settings, accept_timeout_s=5, max_reassignments=2)
+    submit(queue, submitted("t"))
+    (decision,) = queue.pump(NOW)
+    first = decision.assigned.nodes[0]
+    (replace,) = queue.replace_overdue(NOW + 6)
+    assert isinstance(replace, Replace)
+    assert replace.reassigned.replaced == first
+    (again,) = queue.replace_overdue(NOW + 12)
+    assert isinstance(again, Replace)
+    assert again.reassigned.replaced == replace.reassigned.by
+    assert list(queue.replace_overdue(NOW + 18)) == []  # two reassignments: the budget is spent
+
+
+def test_the_queue_eta_counts_the_expected_copies_not_three_per_task():
+    queue = sampled_queue(0.0, "a", "b", "c")
+    queue.index.assigned(["a", "b", "c"], 1000)  # every slot taken: tasks wait
+    submit(queue, submitted("first"), submitted("second"))
+    status = queue.status("second", NOW)
+    # three live nodes, one copy per task at rate 0: three lanes share the one task ahead
+    assert queue.expected_copies == 1.0
+    assert status.position == 1
+    assert status.eta_s == pytest.approx(estimate_seconds(submitted("second").spec, 0.05) * (1 + 1 / 3), abs=1e-3)
+
+
+# ---------------------------------------------------------------------- escalation
+
+
+def escalated(task_id: str, exclude: list[str], round_: int = 1, more: int = 2) -> TaskEscalated:
+    return TaskEscalated(task_id=task_id, round=round_, more=more, exclude=exclude, deadline=NOW + 10)
+
+
+def test_an_escalated_task_gets_more_nodes_of_operators_it_never_had():
+    index = index_of("a", "b", "c", "d", "e", "f")
+    index.set_stake("e", 100, "a")  # a's operator staked for e too: e may not judge a
+    queue = queue_of(index, task_timeout_s=60)
+    submit(queue, submitted("t"))
+    (decision,) = queue.pump(NOW)
+    first = decision.assigned.nodes
+    commit(queue, decision)
+    extend = queue.extend(escalated("t", first), submitted("t").spec, NOW + 5, give_up=False)
+    assert isinstance(extend, Extend)
+    drawn = extend.extended.nodes
+    assert len(drawn) == 2
+    assert not set(drawn) & set(first)
+    if "a" in first:
+        assert "e" not in drawn
+    assert extend.extended.round == 1
+    assert extend.extended.deadline == NOW + 65
+    assert extend.work == Assignment(task_id="t", spec=submitted("t").spec, deadline=NOW + 65)
+    assert queue.running["t"].members == [*first, *drawn]
+    assert all(index.inflight[index.row[n]] == 1 for n in drawn)
+    assert set(queue.running["t"].accepting) == set(drawn)  # watched like any: replaced if they do not start
+    assert queue.running["t"].extended == 2  # and not counted against the reassignment budget
+
+
+def test_an_escalation_waits_for_free_nodes_then_gives_up_with_none():
+    queue = queue_of(index_of("a", "b", "c", "d"), task_timeout_s=60)
+    submit(queue, submitted("t"))
+    (decision,) = queue.pump(NOW)
+    event = escalated("t", decision.assigned.nodes)
+    assert queue.extend(event, submitted("t").spec, NOW + 1, give_up=False) is None  # one free node, two wanted
+    extend = queue.extend(event, submitted("t").spec, NOW + 9, give_up=True)
+    assert extend.extended.nodes == []
+    assert extend.extended.detail  # why: what the node index said
+
+
+def test_an_extension_that_could_not_be_published_is_undone():
+    queue = queue_of(index_of("a", "b", "c", "d", "e"), task_timeout_s=60)
+    submit(queue, submitted("t"))
+    list(queue.pump(NOW))
+    before = list(queue.running["t"].members)
+    extend = queue.extend(escalated("t", before), submitted("t").spec, NOW + 1, give_up=False)
+    queue.undo(extend)
+    assert queue.running["t"].members == before
+    assert queue.running["t"].extended == 0
+    assert all(queue.index.inflight[queue.index.row[n]] == 0 for n in extend.extended.nodes)
+
+
+def test_an_escalation_for_a_task_this_dispatcher_does_not_hold_still_excludes_its_nodes():
+    queue = queue_of(index_of("a", "b", "c", "d", "e"))
+    extend = queue.extend(escalated("gone", ["a", "b", "c"]), submitted("gone").spec, NOW, give_up=False)
+    assert sorted(extend.extended.nodes) == ["d", "e"]

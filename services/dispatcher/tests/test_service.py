@@ -89,7 +89,9 @@ async def work_counts(js):
 
 @pytest.fixture
 async def dispatcher(fresh_nats_url):
-    settings = DispatcherSettings(nats_url=fresh_nats_url, dispatch_timeout_s=1.0, task_timeout_s=60)
+    settings = DispatcherSettings(
+        nats_url=fresh_nats_url, validation_rate=1.0, dispatch_timeout_s=1.0, task_timeout_s=60
+    )
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         for i in range(4):
@@ -127,7 +129,9 @@ async def queue_status(js, task_id):
 @pytest.fixture
 async def three_nodes(fresh_nats_url):
     """Exactly three nodes (one task at a time), a 3 s queue timeout."""
-    settings = DispatcherSettings(nats_url=fresh_nats_url, dispatch_timeout_s=3.0, task_timeout_s=60)
+    settings = DispatcherSettings(
+        nats_url=fresh_nats_url, validation_rate=1.0, dispatch_timeout_s=3.0, task_timeout_s=60
+    )
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         for i in range(3):
@@ -173,7 +177,7 @@ async def test_a_task_no_registered_node_serves_is_refused_at_once(dispatcher):
 
 
 async def test_a_task_whose_nodes_are_gone_waits_then_is_aborted(fresh_nats_url):
-    settings = DispatcherSettings(nats_url=fresh_nats_url, dispatch_timeout_s=1.0, node_ttl_s=0.5)
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, dispatch_timeout_s=1.0, node_ttl_s=0.5)
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         for i in range(3):
@@ -237,7 +241,9 @@ async def test_cancelling_drops_a_queued_task_and_stops_an_assigned_ones_nodes(t
 
 
 async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operators_node(fresh_nats_url):
-    settings = DispatcherSettings(nats_url=fresh_nats_url, accept_timeout_s=0.5, max_reassignments=1)
+    settings = DispatcherSettings(
+        nats_url=fresh_nats_url, validation_rate=1.0, accept_timeout_s=0.5, max_reassignments=1
+    )
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         js = ctx.js
@@ -268,7 +274,7 @@ async def test_a_node_that_does_not_accept_in_time_is_replaced_by_another_operat
 
 async def test_a_wanted_model_that_too_few_nodes_hold_is_prefetched_by_others(fresh_nats_url):
     lora = "https://models.example/lora/fox.safetensors"
-    settings = DispatcherSettings(nats_url=fresh_nats_url, prefetch_demand=2)
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, prefetch_demand=2)
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         js = ctx.js
@@ -297,7 +303,7 @@ async def test_a_wanted_model_that_too_few_nodes_hold_is_prefetched_by_others(fr
 
 
 async def test_two_nodes_whose_stakes_one_owner_holds_never_share_a_task(fresh_nats_url):
-    settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=60)
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, task_timeout_s=60)
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         js = ctx.js
@@ -318,7 +324,7 @@ async def test_two_nodes_whose_stakes_one_owner_holds_never_share_a_task(fresh_n
 
 
 async def test_banned_unstaked_and_lying_nodes_are_never_picked(fresh_nats_url):
-    settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=60, min_stake=100)
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, task_timeout_s=60, min_stake=100)
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         js = ctx.js
@@ -386,7 +392,7 @@ async def test_a_replacement_on_the_clock_continues_the_tasks_trace(fresh_nats_u
 
     from stipple_common import tracing
 
-    settings = DispatcherSettings(nats_url=fresh_nats_url, accept_timeout_s=0.3, task_timeout_s=60)
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, accept_timeout_s=0.3, task_timeout_s=60)
     stop = asyncio.Event()
     async with open_service("dispatcher", settings, stop=stop) as ctx:
         for i in range(4):
@@ -415,7 +421,7 @@ async def test_a_lost_node_is_replaced_unless_the_stream_holds_its_answer_alread
     """A node that committed and quit at once: its `committed` may reach the dispatcher's
     consumer after its `quit` reached the node index. The stream is asked before replacing
     it (the task would refuse the replacement); a lost node with no answer is replaced."""
-    settings = DispatcherSettings(nats_url=fresh_nats_url, task_timeout_s=60)
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, task_timeout_s=60)
     async with open_service("dispatcher", settings, stop=asyncio.Event()) as ctx:
         index, now = NodeIndex(), time.time()
         for name in ("n0", "n1", "n2"):

@@ -274,3 +274,29 @@ async def test_the_fee_travels_with_the_task(client, gateway):
     view = (await client.get(f"/v1/tasks/{task_id}")).json()
     assert view["fee"] == 250
     assert "queue" not in view  # no dispatcher answers here: the view says nothing rather than guessing
+
+
+async def test_full_validation_travels_with_the_task_and_is_charged_for_three(client, gateway):
+    make_live(gateway, "a", "b", "c")
+    response = await client.post("/v1/tasks", json={**TASK, "fee": 250, "validation": "full"})
+    assert response.status_code == 202
+    task_id = response.json()["task_id"]
+    events = await bus.read_subject(gateway.js, subjects.TASKS_STREAM, f"tasks.{task_id}.>", task_event_decoder)
+    assert events[0].validation == "full"
+    assert events[0].fee == 750  # three nodes, three fees
+    sampled = await client.post("/v1/tasks", json={**TASK, "fee": 250})
+    events = await bus.read_subject(
+        gateway.js, subjects.TASKS_STREAM, f"tasks.{sampled.json()['task_id']}.>", task_event_decoder
+    )
+    assert (events[0].validation, events[0].fee) == ("sampled", 250)
+
+
+@pytest.mark.parametrize("value", ["always", "", None, 3, ["full"]])
+async def test_an_unknown_validation_is_refused_naming_the_field_and_value(client, gateway, value):
+    make_live(gateway, "a", "b", "c")
+    response = await client.post("/v1/tasks", json={**TASK, "validation": value})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "validation"
+    assert error["value"] == (str(value) if isinstance(value, list) else value)  # a list is shown as text
+    assert "full" in error["message"]

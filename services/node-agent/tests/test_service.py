@@ -16,6 +16,7 @@ import uuid
 
 import imagehash
 import msgspec
+import nats.js.errors
 import pytest
 from eth_account import Account
 from PIL import Image
@@ -270,17 +271,18 @@ class SlowStorage(NodeAgent):
         await super()._upload(pending)
 
 
-async def test_the_commitment_goes_out_with_the_upload_and_a_retry_keeps_it(fresh_nats_url, runner, control):
-    """The commitment needs only the hashes, so it is published while the images upload;
-    a reveal asked for before they are stored waits for them. When the upload fails after
-    the commitment went out, the redelivered assignment uploads the same result: the
-    reveal still opens the one commitment that is stored."""
+async def test_the_commitment_goes_out_after_the_upload_and_a_retry_keeps_the_result(fresh_nats_url, runner, control):
+    """Once committed, a node must reveal (not revealing is `withheld`, slashed), so the
+    commitment goes out only once the images are stored: an upload that fails leaves no
+    commitment behind, and the redelivered assignment uploads the same result, then commits
+    to it; the reveal opens that one commitment."""
     ctx = control
     async with running_node(fresh_nats_url, runner, agent_type=SlowStorage):
         task_id = await assign(ctx.js, spec())
-        events, commit = await wait_for_event(ctx.js, task_id, TaskCommitted)
         _, redelivered = await wait_until_redelivered(ctx.js, task_id)
         assert redelivered, "the failed upload was not retried"
+        events, commit = await wait_for_event(ctx.js, task_id, TaskCommitted)
+        assert SlowStorage.uploads == 2  # committed only after the second upload stored the images
         request = RevealRequest(task_id=task_id, deadline=time.time() + 10)
         await bus.publish(ctx.js, subjects.control_subject(N1), request, msg_id=f"{task_id}:reveal")
         events, revealed = await wait_for_event(ctx.js, task_id, ResultRevealed)
@@ -288,15 +290,17 @@ async def test_the_commitment_goes_out_with_the_upload_and_a_retry_keeps_it(fres
             assert await ctx.blobs.get(image.key)
         assert sum(isinstance(e, TaskCommitted) for e in events) == 1
         assert make_commitment(task_id, N1, revealed.images, revealed.nonce, revealed.determinism) == commit.commitment
-        assert SlowStorage.uploads == 2
 
 
 async def wait_until_redelivered(js, task_id, timeout=10.0):
     """Wait until the node's work consumer has delivered the assignment a second time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = await js.consumer_info(subjects.WORK_STREAM, subjects.node_durable(N1))
-        if info.num_redelivered:
+        try:
+            info = await js.consumer_info(subjects.WORK_STREAM, subjects.node_durable(N1))
+        except nats.js.errors.NotFoundError:  # the node has not made its consumer yet
+            info = None
+        if info is not None and info.num_redelivered:
             return info, True
         await asyncio.sleep(0.05)
     return None, False

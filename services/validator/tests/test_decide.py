@@ -18,13 +18,16 @@ from stipple_common.messages import (
     TaskAborted,
     TaskAssigned,
     TaskCommitted,
+    TaskEscalated,
+    TaskExtended,
     TaskReassigned,
     TaskRevealOpened,
     TaskSubmitted,
     TaskSucceeded,
 )
 from stipple_common.taskspec import parse_task
-from stipple_validator.decide import candidates, decide, group_agreeing
+from stipple_common.vrf import SamplingProof, VrfKey
+from stipple_validator.decide import candidates, decide, group_agreeing, more_nodes
 
 SPEC = parse_task(
     {
@@ -39,9 +42,9 @@ B = ["f0f0f0f0f0f0f0f0", "ffffffffffffffff"]  # image 0 far from A
 C = ["0f0f0f0f0f0f0f0f", "0000000000000000"]
 THRESHOLD = 4
 
-NAMES = ("n1", "n2", "n3", "slow")
+NAMES = ("n1", "n2", "n3", "slow", "n4", "n5")
 ID = {name: dev_node_id(name) for name in NAMES}  # a node's id is its address
-N1, N2, N3, SLOW = (ID[name] for name in NAMES)
+N1, N2, N3, SLOW, N4, N5 = (ID[name] for name in NAMES)
 ACCOUNTS = {ID[name]: account_from_key(key_for(name)) for name in NAMES}
 ADDRESSES = {node: node for node in ACCOUNTS}  # what the validator passes
 
@@ -373,7 +376,10 @@ def test_skipped_work_within_the_phash_threshold_is_outvoted_by_its_checkpoints(
     assert outcome.reason == "majority"
     assert outcome.verdicts == {N1: "agree", N2: "mismatch", N3: "agree"}
     detail = outcome.verdict_details[N2]
-    assert "latents differ at image 0 after 0.25" in detail
+    assert "latents differ: image 0 after 0.25 of the steps" in detail
+    lead = task_with({N1: A, N2: A_NEAR}, work={N2: "half the steps"}).nodes[N1]
+    assert lead.images[0].checkpoints[0] in detail  # the evidence: both digests
+    assert "outvoted by 2 agreeing nodes" in detail
     assert N1 in detail
     assert N3 in detail
     assert outcome.qos[N2] == 0
@@ -436,3 +442,69 @@ def test_the_commitment_binds_the_checkpoints_and_the_class():
     outcome = decided(task_with({N1: A, N2: A, N3: A}, tamper={N2: other_checkpoints, N3: other_class}))
     assert outcome.verdicts[N2] == "bad_commitment"
     assert outcome.verdicts[N3] == "bad_commitment"
+
+
+def test_an_outvoted_node_over_the_phash_threshold_gets_both_hashes_and_the_distance():
+    outcome = decided(task_with({N1: A, N2: B, N3: A}))
+    detail = outcome.verdict_details[N2]
+    assert f"outvoted by 2 agreeing nodes ({N1}, {N3})" in detail
+    assert f"pHash {B[0]} vs {A[0]}" in detail
+    assert "bits)" in detail
+
+
+def test_a_task_on_one_node_succeeds_with_its_result_and_carries_its_sampling_proof():
+    key = VrfKey.generate()
+    proof = SamplingProof.make(key, "t", 0.1)
+    task = task_with({N1: A})
+    task = msgspec.structs.replace(task, sampling=proof)
+    outcome = decided(task)
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.reason == "unanimous"
+    assert outcome.verdicts == {N1: "agree"}
+    assert outcome.sampling == proof
+    assert decided(msgspec.structs.replace(task_with({N1: A, N2: B, N3: C}), sampling=proof)).sampling == proof
+
+
+@pytest.mark.parametrize(
+    ("results", "more"),
+    [
+        ({N1: A, N2: B, N3: C}, 2),  # three ways: draw two more
+        ({N1: A, N2: B, N3: None}, 2),  # one against one: never decided there
+        ({N1: A, N2: None, N3: "error"}, 2),  # one valid result beside two failures
+        ({N1: None, N2: None, N3: "error"}, 0),  # nothing to compare more nodes with
+        ({N1: A, N2: A, N3: B}, 0),  # a majority stands
+        ({N1: A}, 0),  # one node, one result: it stands
+    ],
+)
+def test_no_majority_draws_two_more_nodes_while_the_task_may_have_more(results, more):
+    task = task_with(results)
+    assert more_nodes(task, decided(task), max_nodes=7) == more
+    assert more_nodes(task, decided(task), max_nodes=len(task.nodes) + 1) == 0  # the cap
+
+
+def test_an_escalated_task_decides_over_every_round_and_slashes_only_the_outvoted():
+    """A and B disagree with a third silent; two more nodes are drawn and side with A: the
+    five-node decision has a majority of three, and only B (outvoted by it) is slashed."""
+    task = task_with({N1: A, N2: B, N3: None})
+    assert more_nodes(task, decided(task), max_nodes=7) == 2
+    task = apply(task, TaskEscalated(task_id="t", round=1, more=2, exclude=list(task.nodes), deadline=5.0))
+    assert task.status == "escalating"
+    task = apply(task, TaskExtended(task_id="t", round=1, nodes=[N4, N5], deadline=6.0))
+    assert task.status == "assigned"
+    assert task.reveal_deadline is None
+    reveals = []
+    for node in (N4, N5):
+        nonce, revealed = new_nonce(), images_of(node, A)
+        value = make_commitment("t", node, revealed, nonce, CLASS)
+        signed = TaskCommitted(task_id="t", node_id=node, commitment=value, signature=sign(ACCOUNTS[node], value))
+        task = apply(task, signed)
+        reveals.append(ResultRevealed(task_id="t", node_id=node, images=revealed, nonce=nonce, determinism=CLASS))
+    task = apply(task, TaskRevealOpened(task_id="t", nodes=[N4, N5], deadline=7.0, round=1))
+    for reveal in reveals:
+        task = apply(task, reveal)
+    outcome = decided(task)
+    assert isinstance(outcome, TaskSucceeded)
+    assert outcome.reason == "majority"
+    assert outcome.verdicts == {N1: "agree", N2: "mismatch", N3: "timeout", N4: "agree", N5: "agree"}
+    assert "outvoted by 3 agreeing nodes" in outcome.verdict_details[N2]
+    assert more_nodes(task, outcome, max_nodes=7) == 0

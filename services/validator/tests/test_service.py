@@ -18,6 +18,7 @@ from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import account_from_key, make_commitment, new_nonce, sign
 from stipple_common.identity import dev_node_id, key_for
 from stipple_common.messages import (
+    SLASHABLE,
     ImageResult,
     NodeErrored,
     NodeProbed,
@@ -29,6 +30,8 @@ from stipple_common.messages import (
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskEscalated,
+    TaskExtended,
     TaskSubmitted,
     TaskSucceeded,
     control_decoder,
@@ -75,6 +78,7 @@ async def net(fresh_nats_url):
         probe_every_s=0.2,
         probe_timeout_s=5.0,
         max_blob_bytes=MAX_BLOB_BYTES,
+        escalation_timeout_s=1.0,  # no dispatcher here: an escalation waits 1 s, then decides with what is in
     )
     stop = asyncio.Event()
     async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
@@ -202,7 +206,9 @@ async def test_deadline_decides_with_what_is_in(net, pictures):
     assert result.verdicts[c] == "timeout"
 
 
-async def test_a_committed_node_that_never_reveals_times_out_at_the_reveal_deadline(net, pictures):
+async def test_a_committed_node_that_never_reveals_is_judged_withheld_at_the_reveal_deadline(net, pictures):
+    """Withholding a reveal is slashable: a node that learned from the wait that its task
+    was sampled must not trade a committed cheat for a timeout."""
     task_id = await start_task(net.js)
     await reveal(net, task_id, a, honest(pictures, task_id, a))
     await reveal(net, task_id, b, honest(pictures, task_id, b))
@@ -211,7 +217,9 @@ async def test_a_committed_node_that_never_reveals_times_out_at_the_reveal_deadl
     result = await outcome(net.js, task_id)
     assert time.monotonic() - started >= 0.9  # waited for the 1 s reveal deadline
     assert isinstance(result, TaskSucceeded)
-    assert result.verdicts == {a: "agree", b: "agree", c: "timeout"}
+    assert result.verdicts == {a: "agree", b: "agree", c: "withheld"}
+    assert "withheld" in SLASHABLE
+    assert "did not reveal" in result.verdict_details[c]
     assert result.qos[c] == 0
 
 
@@ -419,3 +427,47 @@ async def test_nothing_by_the_deadline_aborts(net):
     assert isinstance(result, TaskAborted)
     assert result.reason == "too_few_results"
     assert result.verdicts == {a: "timeout", b: "timeout", c: "timeout"}
+
+
+async def first_event(js, task_id, kind, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = await bus.read_subject(js, subjects.TASKS_STREAM, subjects.task_events(task_id), task_event_decoder)
+        found = [e for e in events if isinstance(e, kind)]
+        if found:
+            return found[0]
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind.__name__} for task {task_id}")
+
+
+async def test_no_majority_escalates_and_the_drawn_nodes_decide_who_is_slashed(net, pictures):
+    """a and b disagree and c never commits: one against one is never decided. The validator
+    asks for two more nodes (the test plays the dispatcher), d and e side with a, and the
+    five-node decision slashes b alone, naming the three that outvoted it."""
+    task_id = await start_task(net.js, deadline_in=1.0)
+    await reveal(net, task_id, a, honest(pictures, task_id, a, picture=0))
+    await reveal(net, task_id, b, honest(pictures, task_id, b, picture=1))
+    escalated = await first_event(net.js, task_id, TaskEscalated)
+    assert escalated.round == 1
+    assert escalated.more == 2
+    assert set(escalated.exclude) == {a, b, c}
+    extended = TaskExtended(task_id=task_id, round=1, nodes=[d, e], deadline=time.time() + 30)
+    await bus.publish_event(net.js, extended)
+    await reveal(net, task_id, d, honest(pictures, task_id, d, picture=0))
+    await reveal(net, task_id, e, honest(pictures, task_id, e, picture=0))
+    result = await outcome(net.js, task_id)
+    assert isinstance(result, TaskSucceeded)
+    assert result.verdicts == {a: "agree", b: "mismatch", c: "timeout", d: "agree", e: "agree"}
+    assert f"outvoted by 3 agreeing nodes ({a}, {d}, {e})" in result.verdict_details[b]
+
+
+async def test_an_escalation_no_node_answers_decides_with_what_is_in_and_slashes_nobody(net, pictures):
+    task_id = await start_task(net.js, deadline_in=1.0)
+    await reveal(net, task_id, a, honest(pictures, task_id, a, picture=0))
+    await reveal(net, task_id, b, honest(pictures, task_id, b, picture=1))
+    await first_event(net.js, task_id, TaskEscalated)
+    await bus.publish_event(net.js, TaskExtended(task_id=task_id, round=1, nodes=[], deadline=time.time() + 30))
+    result = await outcome(net.js, task_id)
+    assert isinstance(result, TaskAborted)
+    assert result.reason == "no_agreement"
+    assert result.verdicts == {a: "undecided", b: "undecided", c: "timeout"}

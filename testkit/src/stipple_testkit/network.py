@@ -130,7 +130,11 @@ class Network:
         return settings
 
     async def dispatcher(self, **overrides: Any) -> DispatcherSettings:
-        settings = DispatcherSettings(**{"nats_url": self.service_url("dispatcher"), **overrides})
+        """The dispatcher. Unless a test sets `validation_rate`, every task is compared
+        (rate 1: three nodes), as the tests of comparison, slashing and replacement need;
+        the tests of sampling set their own rate."""
+        defaults = {"nats_url": self.service_url("dispatcher"), "validation_rate": 1.0}
+        settings = DispatcherSettings(**{**defaults, **overrides})
         await self._run("dispatcher", settings, serve_dispatcher)
         return settings
 

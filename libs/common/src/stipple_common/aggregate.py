@@ -19,24 +19,28 @@ from .messages import (
     ImageResult,
     NodeErrored,
     ResultRevealed,
+    SamplingProof,
     TaskAborted,
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskEscalated,
     TaskEvent,
+    TaskExtended,
     TaskReassigned,
     TaskRevealOpened,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
+    Validation,
     Verdict,
 )
 from .taskspec import TaskSpec
 
-TaskStatus = Literal["pending", "assigned", "running", "revealing", "succeeded", "aborted", "cancelled"]
+TaskStatus = Literal["pending", "assigned", "running", "revealing", "escalating", "succeeded", "aborted", "cancelled"]
 NodeStatus = Literal["assigned", "started", "committed", "revealed", "errored", "replaced"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "aborted", "cancelled"})
-LIVE: tuple[str, ...] = ("assigned", "running", "revealing")
+LIVE: tuple[str, ...] = ("assigned", "running", "revealing", "escalating")
 
 
 class InvalidTransition(StippleError):
@@ -68,8 +72,13 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     fee: int = 0
     owner: str = ""
     webhook_url: str = ""
+    validation: Validation = "sampled"
+    sampling: SamplingProof | None = None  # the dispatcher's VRF proof (its `assigned` event)
     deadline: float | None = None  # for commitments
     reveal_deadline: float | None = None
+    round: int = 0  # escalations so far (TaskEscalated): each drew more nodes
+    escalation_deadline: float | None = None  # while escalating: when the validator stops waiting for nodes
+    lapsed: list[str] = []  # nodes of an earlier round that had not committed by its deadline: not waited for
     nodes: dict[str, NodeRun] = {}
     reason: str = ""  # outcome reason code
     detail: str = ""
@@ -94,7 +103,9 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def commitments_in(self) -> bool:
         """Every active node has committed (or errored)."""
-        return bool(self.nodes) and all(run.status not in ("assigned", "started") for run in self.active.values())
+        return bool(self.nodes) and all(
+            run.status not in ("assigned", "started") for node, run in self.active.items() if node not in self.lapsed
+        )
 
     @property
     def reveals_in(self) -> bool:
@@ -128,6 +139,7 @@ def _(event: TaskSubmitted, task: Task | None) -> Task:
         fee=event.fee,
         owner=event.owner,
         webhook_url=event.webhook_url,
+        validation=event.validation,
     )
 
 
@@ -145,7 +157,9 @@ def _(event: TaskAssigned, task: Task | None) -> Task:
     if len(set(event.nodes)) != len(event.nodes) or not event.nodes:
         raise _fail(task, event, f"nodes must be distinct and non-empty, got {event.nodes}")
     runs = {node: NodeRun(node_id=node) for node in event.nodes}
-    return msgspec.structs.replace(task, status="assigned", nodes=runs, deadline=event.deadline)
+    return msgspec.structs.replace(
+        task, status="assigned", nodes=runs, deadline=event.deadline, sampling=event.sampling
+    )
 
 
 def _node_run(
@@ -160,7 +174,7 @@ def _node_run(
 
 
 def _with_run(task: Task, run: NodeRun) -> Task:
-    status = "revealing" if task.status == "revealing" else "running"
+    status = task.status if task.status in ("revealing", "escalating") else "running"
     return msgspec.structs.replace(task, status=status, nodes={**task.nodes, run.node_id: run})
 
 
@@ -207,6 +221,36 @@ def _(event: TaskRevealOpened, task: Task | None) -> Task:
     if not_committed:
         raise _fail(task, event, f"nodes {not_committed} have not committed")
     return msgspec.structs.replace(task, status="revealing", reveal_deadline=event.deadline)
+
+
+@_mutate.register
+def _(event: TaskEscalated, task: Task | None) -> Task:
+    task = _require(task, event, "revealing")
+    if event.round != task.round + 1:
+        raise _fail(task, event, f"round {event.round}, expected {task.round + 1}")
+    return msgspec.structs.replace(task, status="escalating", round=event.round, escalation_deadline=event.deadline)
+
+
+@_mutate.register
+def _(event: TaskExtended, task: Task | None) -> Task:
+    task = _require(task, event, "escalating")
+    if event.round != task.round:
+        raise _fail(task, event, f"round {event.round}, expected {task.round}")
+    if len(set(event.nodes)) != len(event.nodes) or set(event.nodes) & set(task.nodes):
+        raise _fail(task, event, f"nodes must be distinct and new to the task, got {event.nodes}")
+    if not event.nodes:  # none could be drawn: the validator decides with what is in
+        return msgspec.structs.replace(task, escalation_deadline=0.0)
+    lapsed = [node for node, run in task.active.items() if run.status in ("assigned", "started")]
+    nodes = {**task.nodes, **{node: NodeRun(node_id=node) for node in event.nodes}}
+    return msgspec.structs.replace(
+        task,
+        status="assigned",
+        nodes=nodes,
+        deadline=event.deadline,
+        reveal_deadline=None,
+        escalation_deadline=None,
+        lapsed=[*task.lapsed, *lapsed],
+    )
 
 
 @_mutate.register

@@ -8,7 +8,8 @@ where it can be, so that two services agree on it by construction:
 - a task's outcome events (`succeeded`, `aborted`, `cancelled`) share one id,
   ``<task>:outcome``: whichever is stored first is the outcome, the others are dropped;
 - every other task event is one per task (``<task>:<event>``), per node
-  (``<task>:<node>:<event>``) or per replaced node (``<task>:re:<node>``);
+  (``<task>:<node>:<event>``), per replaced node (``<task>:re:<node>``) or per escalation
+  round (``<task>:<event>:<round>`` for `escalated`, `extended` and a later `reveal`);
 - work and control messages are one per task and node (and per round or probe);
 - a node's announcements are one per content: the same announcement retried is dropped,
   a changed one (a model downloaded) is new.
@@ -34,8 +35,11 @@ from .messages import (
     PrefetchRequest,
     ProbeRequest,
     RevealRequest,
+    TaskEscalated,
     TaskEvent,
+    TaskExtended,
     TaskReassigned,
+    TaskRevealOpened,
     encode,
     event_name,
 )
@@ -52,6 +56,8 @@ def task_event(event: TaskEvent) -> str:
         return outcome(event.task_id)
     if isinstance(event, TaskReassigned):
         return f"{event.task_id}:re:{event.replaced}"
+    if isinstance(event, (TaskEscalated, TaskExtended, TaskRevealOpened)) and event.round:
+        return f"{event.task_id}:{name}:{event.round}"
     node_id = getattr(event, "node_id", "")
     if node_id:
         return f"{event.task_id}:{node_id}:{name}"

@@ -19,6 +19,13 @@ from .records import IndexedStake as IndexedStake
 from .records import ban_decoder as ban_decoder
 from .records import indexed_stake_decoder as indexed_stake_decoder
 from .taskspec import TaskSpec
+from .vrf import SamplingProof as SamplingProof
+
+Validation = Literal["sampled", "full"]
+"""How a task is checked: `sampled` (the default) runs it on one node and, when the
+control plane's VRF selects it (probability `STIPPLE_VALIDATION_RATE`), on three that are
+compared; `full` always runs it on three (the app pays for three). Three is
+`STIPPLE_REPLICATION`."""
 
 # --------------------------------------------------------------------------- tasks
 
@@ -49,12 +56,18 @@ class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", 
     fee: int = 0  # what the app pays for the task (smallest token unit); orders the dispatch queue
     owner: str = ""  # the API key's id that submitted it ("" when keys are off)
     webhook_url: str = ""  # where the gateway POSTs the outcome (HMAC-signed)
+    validation: Validation = "sampled"  # `full`: three nodes always (`fee` pays for three)
 
 
 class TaskAssigned(msgspec.Struct, frozen=True, kw_only=True, tag="assigned", tag_field="type"):
+    """The dispatcher gave the task to `nodes`: one, or three when `sampling` selected it
+    (or the app asked for `full` validation). No node reads this event (permissions.py):
+    a node cannot tell whether it runs alone or beside two others."""
+
     task_id: str
     nodes: list[str]
     deadline: float  # epoch seconds by which every node must have revealed
+    sampling: SamplingProof | None = None  # the VRF proof for the task id, selected or not (vrf.py)
 
 
 class TaskReassigned(msgspec.Struct, frozen=True, kw_only=True, tag="reassigned", tag_field="type"):
@@ -88,11 +101,41 @@ class TaskCommitted(msgspec.Struct, frozen=True, kw_only=True, tag="committed", 
 
 
 class TaskRevealOpened(msgspec.Struct, frozen=True, kw_only=True, tag="reveal", tag_field="type"):
-    """Every commitment is in (or the deadline passed): `nodes` may now reveal, by `deadline`."""
+    """Every commitment is in (or the deadline passed): `nodes` may now reveal, by `deadline`.
+    `round` 0 is the task's first reveal; round k the reveal of the nodes drawn by its k-th
+    escalation."""
 
     task_id: str
     nodes: list[str]
     deadline: float
+    round: int = 0
+
+
+class TaskEscalated(msgspec.Struct, frozen=True, kw_only=True, tag="escalated", tag_field="type"):
+    """The validator found no majority among the results (`detail` says how they split):
+    rather than abort, or slash one node against one, it asks for `more` nodes to compute
+    the task too, of operators the task has not had (`exclude`: its nodes so far). By
+    `deadline` the dispatcher answers with `extended`; else the validator decides with what
+    is in. `round` counts the task's escalations from 1."""
+
+    task_id: str
+    round: int
+    more: int
+    exclude: list[str]
+    deadline: float
+    detail: str = ""
+
+
+class TaskExtended(msgspec.Struct, frozen=True, kw_only=True, tag="extended", tag_field="type"):
+    """The dispatcher's answer to `escalated` (same `round`): `nodes` compute the task too and
+    must commit by `deadline`; no nodes when none was eligible and free (`detail` says why),
+    and the validator then decides with what is in."""
+
+    task_id: str
+    round: int
+    nodes: list[str]
+    deadline: float
+    detail: str = ""
 
 
 class ResultRevealed(msgspec.Struct, frozen=True, kw_only=True, tag="revealed", tag_field="type"):
@@ -115,12 +158,22 @@ class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_
     message: str
 
 
-# agree: paid by QoS share. mismatch, bad_commitment, bad_result: slashable. error, timeout: QoS 0.
+# agree: paid by QoS share. mismatch, bad_commitment, bad_result, withheld: slashable. error, timeout: QoS 0.
 # bad_result: what the node revealed is malformed or does not match what it stored (a blob
 # whose hashes differ from the reported ones, a key outside its own prefix, a blob too big).
+# withheld: the node committed, was asked to reveal and did not: the reveal is one message
+# about work already done, and a node that learned (from the wait) that its task was
+# sampled could otherwise hide a cheat it committed to at the price of a timeout.
 # undecided: no majority (the task is refunded). cancelled: the app cancelled first.
-Verdict = Literal["agree", "mismatch", "bad_commitment", "bad_result", "undecided", "error", "timeout", "cancelled"]
-SLASHABLE: tuple[Verdict, ...] = ("mismatch", "bad_commitment", "bad_result")  # the verdicts that cost stake
+Verdict = Literal[
+    "agree", "mismatch", "bad_commitment", "bad_result", "withheld", "undecided", "error", "timeout", "cancelled"
+]
+SLASHABLE: tuple[Verdict, ...] = (
+    "mismatch",
+    "bad_commitment",
+    "bad_result",
+    "withheld",
+)  # the verdicts that cost stake
 
 
 class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", tag_field="type"):
@@ -133,6 +186,7 @@ class TaskSucceeded(msgspec.Struct, frozen=True, kw_only=True, tag="succeeded", 
     verdicts: dict[str, Verdict]
     qos: dict[str, int] = {}  # this task's QoS score per node: 10/5/2 by commit order if agreeing, else 0
     verdict_details: dict[str, str] = {}  # why, for a node judged bad_result or bad_commitment
+    sampling: SamplingProof | None = None  # the assignment's VRF proof, for auditors (`stipple audit`)
 
 
 class TaskAborted(msgspec.Struct, frozen=True, kw_only=True, tag="aborted", tag_field="type"):
@@ -142,6 +196,7 @@ class TaskAborted(msgspec.Struct, frozen=True, kw_only=True, tag="aborted", tag_
     verdicts: dict[str, Verdict] = {}
     qos: dict[str, int] = {}
     verdict_details: dict[str, str] = {}  # why, for a node judged bad_result or bad_commitment
+    sampling: SamplingProof | None = None  # the assignment's VRF proof, when it was assigned
 
 
 class TaskCancelled(msgspec.Struct, frozen=True, kw_only=True, tag="cancelled", tag_field="type"):
@@ -158,6 +213,8 @@ TaskEvent = (
     | TaskStarted
     | TaskCommitted
     | TaskRevealOpened
+    | TaskEscalated
+    | TaskExtended
     | ResultRevealed
     | NodeErrored
     | TaskSucceeded

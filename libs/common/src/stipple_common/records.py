@@ -11,6 +11,8 @@ unknown fields, so that the records a running network already holds still decode
 - `chain` (the chain-indexer's): `deployment` -> `ChainDeployment` (the contracts, the
   chain and the minimum stake), `cursor` -> `ChainCursor` (how far its events are published).
 - `qos` (the validator's): node id -> its window, a list of `QosSample` (oldest first).
+- `sampling` (the dispatcher's): its VRF public key (64 hex digits) -> `SamplingKey`, one
+  entry per key it ever sampled with: what an auditor checks the outcomes' proofs against.
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ class Ban(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
     until: float
     at: float
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class SamplingKey(msgspec.Struct, frozen=True, kw_only=True):
+    """The `sampling` bucket's value under a VRF public key: the dispatcher published it
+    when it started sampling with the key (vrf.py; `stipple audit` reads it)."""
+
+    public_key: str  # 64 hex digits, the bucket key too
+    rate: float  # the sampling rate (STIPPLE_VALIDATION_RATE) it started with
+    since: float  # epoch seconds
 
 
 # --------------------------------------------------------------------------- chain
@@ -107,6 +121,7 @@ ban_decoder = msgspec.json.Decoder(Ban)
 deployment_decoder = msgspec.json.Decoder(ChainDeployment)
 cursor_decoder = msgspec.json.Decoder(ChainCursor)
 qos_window_decoder = msgspec.json.Decoder(QosWindow)
+sampling_key_decoder = msgspec.json.Decoder(SamplingKey)
 
 
 def encode(record: msgspec.Struct | QosWindow) -> bytes:

@@ -46,11 +46,11 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint; empty: traces stay in process
     # the economics every service must agree on (economics.py: cheating must not pay)
     max_fee: int = 10 * 10**18  # the largest fee a task may carry (smallest token unit; 10 tokens)
-    validation_rate: float = 1.0  # the share of tasks run on three nodes and compared (all, today)
-    undetected_rate: float = 0.1  # an estimate of how often a validated wrong result passes the pHash check
+    validation_rate: float = 0.1  # r: the share of tasks the VRF selects to run on `replication` nodes and compare
+    undetected_rate: float = 0.01  # p: how often a compared wrong result passes (bench/RESULTS.md, "false accept")
     # what every service must agree on about nodes and tasks
     node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
-    replication: int = 3  # nodes per task (the dispatcher assigns them; the gateway needs that many live)
+    replication: int = 3  # nodes a sampled or `full` task runs on (any task may be: the gateway needs that many live)
 
 
 S = TypeVar("S", bound=msgspec.Struct)

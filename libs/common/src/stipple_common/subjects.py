@@ -30,7 +30,7 @@ Core NATS (not stored)
 - ``rpc.blobs.<node_id>[.>]``: a node's uploads, to the gatekeeper's blob intake.
 - ``rpc.join.<node_id>``: "am I admitted, and if not, why?" (the gatekeeper answers).
 KV buckets (their records: records.py)
-- ``qos``, ``chain`` (deployment, cursor), ``stakes``, ``bans``; objects in IMAGES_BUCKET.
+- ``qos``, ``chain`` (deployment, cursor), ``stakes``, ``bans``, ``sampling`` (the VRF keys); objects in IMAGES_BUCKET.
 Durable consumers (their configurations are built here, so every instance of a service
 shares one): `dispatcher_consumer`, `validator_consumer`, `settler_consumer` and
 `webhooks_consumer` on TASKS; `node_work_consumer` and `node_control_consumer` on WORK.
@@ -65,13 +65,24 @@ SETTLER_DURABLE = "chain-settler"
 CHAIN_REORG = "chain.reorg"
 
 
+SAMPLING_BUCKET = "sampling"  # KV: VRF public key (hex) -> the rate it sampled at and since when (the dispatcher's)
 BANS_BUCKET = "bans"  # KV: node id -> why and until when it may not join (the validator's sentinel writes it)
 GATEKEEPER_QUEUE = "gatekeeper"
 
 # tasks.<task_id>.<event>.<node_id>: published by a node, about its own part in a task
 NODE_TASK_EVENTS = ("started", "committed", "revealed", "errored")
 # tasks.<task_id>.<event>: published by the control plane only
-CONTROL_TASK_EVENTS = ("submitted", "assigned", "reassigned", "reveal", "succeeded", "aborted", "cancelled")
+CONTROL_TASK_EVENTS = (
+    "submitted",
+    "assigned",
+    "reassigned",
+    "reveal",
+    "escalated",
+    "extended",
+    "succeeded",
+    "aborted",
+    "cancelled",
+)
 # nodes.<node_id>.<event>: what a node may say of itself ...
 NODE_SELF_EVENTS = ("joined", "heartbeat", "quit", "probed")
 # ... and what only the control plane says of a node
@@ -80,7 +91,8 @@ NODE_CONTROL_EVENTS = ("qos", "banned")
 # Stream limits (docs/security.md, "bounded reach"). A task subject holds at most this many
 # messages and the first ones win (the server refuses more: discard-new per subject), so a
 # node cannot store more than this on any subject it may use, nor replace what it said.
-# `reassigned` is the one control-plane subject written more than once (max_reassignments).
+# `reassigned` (max_reassignments), and `reveal`, `escalated` and `extended` (once per escalation
+# round) are the control-plane subjects written more than once.
 MAX_MSGS_PER_TASK_SUBJECT = 4
 MAX_TASK_MESSAGE_BYTES = 1024 * 1024  # a `submitted` event carries the app's input images
 MAX_NODE_MESSAGE_BYTES = 64 * 1024  # an announcement with its model lists
@@ -218,7 +230,7 @@ WEBHOOKS_DURABLE = "gateway-webhooks"
 def dispatcher_consumer() -> ConsumerConfig:
     """The dispatcher's: what fills and empties its queue and frees nodes. Queued tasks'
     messages are held (not acked) while they wait."""
-    events = ("submitted", "cancelled", "started", "committed", "errored", "succeeded", "aborted")
+    events = ("submitted", "cancelled", "started", "committed", "errored", "escalated", "succeeded", "aborted")
     return ConsumerConfig(
         durable_name=DISPATCHER_DURABLE,
         filter_subjects=[all_tasks(e) for e in events],

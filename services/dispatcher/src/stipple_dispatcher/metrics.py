@@ -39,7 +39,8 @@ class DispatcherMetrics:
     def __init__(self, registry: CollectorRegistry, tasks: TaskQueue[Any]) -> None:
         self.tasks_total = Counter(
             "stipple_dispatcher_tasks_total",
-            "Tasks handled, by result (assigned, reassigned, node_lost, prefetch, no_nodes, unservable, cancelled)",
+            "Tasks handled, by result (assigned, sampled, reassigned, node_lost, extended, not_extended, prefetch, "
+            "no_nodes, unservable, cancelled)",
             ["result"],
             registry=registry,
         )

@@ -14,8 +14,13 @@ settle and what to count. They never publish, await or read a clock other than
   that keep asking for a downloadable model (a URL or a hub repo id, `prefetch_demand`
   within `prefetch_window_s`) that fewer than `replication` live nodes hold get it
   pre-fetched by other live nodes, once per `prefetch_cooldown_s` and model (`Prefetch`).
-- `pump`: each queued task, best first, gets `replication` eligible free nodes of
-  distinct operators (`Assign`). A model with no free nodes is blocked for the rest of
+- sampling: each task's copies are drawn when it is queued, by the dispatcher's VRF key
+  over its id (stipple_common.vrf, `SamplingProof`): one node, or `replication` when the
+  proof selects it (probability `validation_rate`) or the app asked for `full`
+  validation. The proof rides on the `assigned` event, which no node reads, and every
+  copy gets the same `Assignment` in the same decision: a node cannot tell.
+- `pump`: each queued task, best first, gets its copies: eligible free nodes of distinct
+  operators (`Assign`). A model with no free nodes is blocked for the rest of
   the pass: the tasks behind it for that model are not tried (`Wait`), unless they waited
   `dispatch_timeout_s`, which aborts them with `no_nodes` (`Abort`): no task hangs.
 - `replace_overdue`: a node that has not `started` within `accept_timeout_s` of its
@@ -25,6 +30,10 @@ settle and what to count. They never publish, await or read a clock other than
   (`Replace`: the replaced node is cancelled; the reason is `reassigned.reason`), up to
   `max_reassignments` per task, once per node; beyond that, the validator's commit
   deadline takes over.
+- `extend`: the validator found no majority and escalated (`escalated`): `more` eligible
+  free nodes of operators the task never had get it too (`Extend`); when too few are
+  free, the caller asks again later, and at the escalation's deadline gives up (`Extend`
+  with no nodes: the validator decides with what is in).
 - `apply`: `started` stops a node's accept timer and starts watching it for loss,
   `committed` / `errored` free its slot (and stop the watch: a node that committed is
   never replaced), an outcome forgets the task; `cancelled` drops a queued task or
@@ -59,13 +68,16 @@ from stipple_common.messages import (
     TaskAssigned,
     TaskCancelled,
     TaskCommitted,
+    TaskEscalated,
     TaskEvent,
+    TaskExtended,
     TaskReassigned,
     TaskStarted,
     TaskSubmitted,
     TaskSucceeded,
 )
 from stipple_common.taskspec import TaskSpec
+from stipple_common.vrf import SamplingProof, VrfKey
 
 from .selection import NodeIndex, NotEnoughNodes, Requirements, task_models
 from .settings import DispatcherSettings, parse_memory
@@ -101,10 +113,13 @@ class Task(Generic[H]):
     holding: set[str] = field(default_factory=set)  # nodes still holding a slot for it (not committed or errored)
     accepting: dict[str, float] = field(default_factory=dict)  # node -> when it was assigned, until it starts
     working: set[str] = field(default_factory=set)  # started, neither committed nor errored: watched for loss
+    sampling: SamplingProof | None = None  # the VRF's draw for this task (None: no key)
+    copies: int = 1  # nodes it runs on: 1, or `replication` when sampled or `full`
+    extended: int = 0  # nodes added by escalations (not reassignments)
     rank: tuple[float, float] = field(init=False, repr=False)  # queue order: best first
 
     def __post_init__(self) -> None:
-        priority = self.event.fee / max(self.estimate_s, 1e-6)
+        priority = self.event.fee / max(self.estimate_s * self.copies, 1e-6)
         self.rank = (-priority, self.event.submitted_at)
 
     @property
@@ -171,6 +186,15 @@ class NoReplacement:
 
 
 @dataclass(frozen=True)
+class Extend:
+    """Publish `extended`, then `work` to each of its nodes (none: nothing could be drawn)."""
+
+    extended: TaskExtended
+    work: Assignment
+    trace: Carrier
+
+
+@dataclass(frozen=True)
 class Cancel(Generic[H]):
     """Settle `held` (a queued task), then send `cancel` to each of `nodes`. `nodes` is
     None for a task this dispatcher does not hold: its `assigned` event (in the stream)
@@ -192,7 +216,7 @@ class Prefetch:
     holders: int
 
 
-Decision: TypeAlias = Assign[H] | Wait | Abort[H] | Replace | NoReplacement | Cancel[H] | Prefetch
+Decision: TypeAlias = Assign[H] | Wait | Abort[H] | Replace | NoReplacement | Extend | Cancel[H] | Prefetch
 
 
 # ---------------------------------------------------------------------- the queue
@@ -201,10 +225,17 @@ Decision: TypeAlias = Assign[H] | Wait | Abort[H] | Replace | NoReplacement | Ca
 class TaskQueue(Generic[H]):
     """The tasks this dispatcher holds, and every decision about them (see the module)."""
 
-    def __init__(self, index: NodeIndex, settings: DispatcherSettings, rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self,
+        index: NodeIndex,
+        settings: DispatcherSettings,
+        rng: np.random.Generator | None = None,
+        key: VrfKey | None = None,
+    ) -> None:
         self.index = index
         self.settings = settings
         self.rng = rng or np.random.default_rng()
+        self.key = key or VrfKey.generate()  # selects the tasks to compare
         self.memory = parse_memory(settings.model_memory_gb)
         self.queued: dict[str, Task[H]] = {}  # waiting for free nodes
         self.running: dict[str, Task[H]] = {}  # assigned, until its outcome
@@ -229,8 +260,26 @@ class TaskQueue(Generic[H]):
             detail = f"no registered node serves {event.spec.model_name!r}"
             return [Abort(TaskAborted(task_id=event.task_id, reason="unservable", detail=detail))]
         estimate = estimate_seconds(event.spec, self.settings.seconds_per_step)
-        self.queued[event.task_id] = Task(event=event, estimate_s=estimate, trace=trace, held=held)
+        sampling, copies = self.draw(event)
+        self.queued[event.task_id] = Task(
+            event=event, estimate_s=estimate, trace=trace, held=held, sampling=sampling, copies=copies
+        )
         return [*self._prefetch(event.spec, now)]
+
+    def draw(self, event: TaskSubmitted) -> tuple[SamplingProof, int]:
+        """The task's sampling proof and how many nodes it runs on: `replication` when the
+        VRF selects it or the app asked for `full` validation, else one. Deterministic
+        (RFC 9381 proofs are): a task queued again draws the same."""
+        settings = self.settings
+        proof = SamplingProof.make(self.key, event.task_id, settings.validation_rate)
+        compared = proof.selected or event.validation == "full"
+        return proof, settings.replication if compared else 1
+
+    @property
+    def expected_copies(self) -> float:
+        """Nodes per task on average at the sampling rate (`full` tasks aside)."""
+        rate = self.settings.validation_rate
+        return 1 + rate * (self.settings.replication - 1)
 
     def resubmitted(self, task_id: str, held: H) -> H | None:
         """A queued task's `submitted` came again (redelivered): keep the newest message;
@@ -330,7 +379,7 @@ class TaskQueue(Generic[H]):
             try:
                 nodes = self.index.pick(
                     event.spec,
-                    settings.replication,
+                    task.copies,
                     self.rng,
                     now=now,
                     ttl_s=settings.node_ttl_s,
@@ -351,7 +400,7 @@ class TaskQueue(Generic[H]):
     def _assign(self, task: Task[H], nodes: list[str], now: float, decision_s: float) -> Assign[H]:
         deadline = now + self.settings.task_timeout_s
         decision = Assign(
-            assigned=TaskAssigned(task_id=task.task_id, nodes=nodes, deadline=deadline),
+            assigned=TaskAssigned(task_id=task.task_id, nodes=nodes, deadline=deadline, sampling=task.sampling),
             work=Assignment(task_id=task.task_id, spec=task.event.spec, deadline=deadline),
             held=task.held,
             trace=task.trace,
@@ -386,7 +435,7 @@ class TaskQueue(Generic[H]):
             task.working.discard(node)
             if task.task_id not in self.running:
                 continue
-            if len(task.members) - settings.replication >= settings.max_reassignments:
+            if len(task.members) - task.copies - task.extended >= settings.max_reassignments:
                 continue  # the validator's commit deadline takes it from here
             try:
                 (by,) = self.index.pick(
@@ -417,6 +466,39 @@ class TaskQueue(Generic[H]):
             task.accepting[by] = now
             yield replace
 
+    def extend(self, event: TaskEscalated, spec: TaskSpec, now: float, *, give_up: bool) -> Extend | None:
+        """Draw `event.more` nodes for an escalated task, of operators it never had; None
+        when too few are free now (ask again later), unless `give_up`: then an `Extend`
+        with no nodes."""
+        settings = self.settings
+        task = self.running.get(event.task_id)
+        exclude = [*event.exclude, *(task.members if task else [])]
+        deadline = now + settings.task_timeout_s
+        try:
+            nodes = self.index.pick(
+                spec,
+                event.more,
+                self.rng,
+                now=now,
+                ttl_s=settings.node_ttl_s,
+                req=self.requirements(spec),
+                exclude=exclude,
+            )
+            detail = ""
+        except NotEnoughNodes as exc:
+            if not give_up:
+                return None
+            nodes, detail = [], exc.message
+        extended = TaskExtended(task_id=event.task_id, round=event.round, nodes=nodes, deadline=deadline, detail=detail)
+        if task is not None and nodes:
+            task.members += nodes
+            task.holding.update(nodes)
+            task.accepting.update(dict.fromkeys(nodes, now))
+            task.extended += len(nodes)
+            self.index.assigned(nodes)
+        work = Assignment(task_id=event.task_id, spec=spec, deadline=deadline)
+        return Extend(extended=extended, work=work, trace=task.trace if task else {})
+
     def _lost(self, now: float) -> list[tuple[float, Task[H], str, ReplaceReason]]:
         """The started nodes, not committed or errored, that are no longer live (no
         heartbeat within `node_ttl_s`, or quit) or are banned, each with when it was lost
@@ -434,11 +516,21 @@ class TaskQueue(Generic[H]):
             lost.append((min(now, float(index.last_seen[row]) + ttl_s), task, node, "node_lost"))
         return lost
 
-    def undo(self, decision: Assign[H] | Replace) -> None:
+    def undo(self, decision: Assign[H] | Replace | Extend) -> None:
         """`decision` was not carried out (publishing its event failed): back to the state
         before it. An assigned task is queued again with its message; a replacement's
         new node gives its slot back to the node it was to replace (whose timer or
         watch is gone: it had its one try)."""
+        if isinstance(decision, Extend):
+            extended = self.running.get(decision.extended.task_id)
+            added = set(decision.extended.nodes)
+            if extended is not None and added:
+                extended.members = [node for node in extended.members if node not in added]
+                for node in added:
+                    extended.accepting.pop(node, None)
+                extended.extended -= len(added)
+                self._release(extended, added)
+            return
         if isinstance(decision, Assign):
             task = self.running.pop(decision.assigned.task_id, None)
             if task is None:
@@ -462,7 +554,8 @@ class TaskQueue(Generic[H]):
     def status(self, task_id: str, now: float) -> QueueStatus:
         """Where a task stands in the queue: position among the tasks that compete for
         the same nodes (same base model), and an ETA from the estimates ahead of it
-        (shared by the lanes: `replication` live nodes serving the model make one)."""
+        (shared by the lanes: a task takes `expected_copies` live nodes serving the model
+        on average; what the sample drew for this task is not told)."""
         task = self.queued.get(task_id)
         if task is None:
             return QueueStatus(task_id=task_id, queued=False)
@@ -470,7 +563,7 @@ class TaskQueue(Generic[H]):
         ahead = [q for q in sorted(self.queued.values(), key=lambda q: q.rank) if q.event.spec.model_name == model]
         position = ahead.index(task)
         serving = self.index.serving_live(model, now, self.settings.node_ttl_s)
-        lanes = max(1, serving // self.settings.replication)
+        lanes = max(1.0, serving / self.expected_copies)
         wait = sum(q.estimate_s for q in ahead[:position]) / lanes
         return QueueStatus(
             task_id=task_id,

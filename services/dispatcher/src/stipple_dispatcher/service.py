@@ -53,17 +53,21 @@ from stipple_common.messages import (
     NodeQuit,
     QueueStatus,
     TaskAssigned,
+    TaskEscalated,
+    TaskEvent,
+    TaskExtended,
     TaskSubmitted,
     decode_node_event,
     decode_task_event,
 )
 from stipple_common.service import ServiceContext, open_service
 from stipple_common.settings import InvalidSettings
+from stipple_common.vrf import VrfKey
 
 from .metrics import DispatcherMetrics
-from .queue import Abort, Assign, Cancel, Decision, NoReplacement, Prefetch, Replace, TaskQueue, Wait
+from .queue import Abort, Assign, Cancel, Decision, Extend, NoReplacement, Prefetch, Replace, TaskQueue, Wait
 from .selection import NodeIndex
-from .settings import DispatcherSettings
+from .settings import DispatcherSettings, sampling_key
 
 __all__ = ["Dispatcher", "DispatcherSettings", "follow_nodes", "follow_stakes", "run", "serve"]
 
@@ -90,6 +94,8 @@ class Dispatcher:
         async with self.lock:
             if isinstance(event, TaskSubmitted):
                 result = await self.submitted(event, msg)
+            elif isinstance(event, TaskEscalated):
+                result = await self.escalated(event)
             else:
                 result = None
                 await self.carry_out(self.tasks.apply(event))
@@ -117,6 +123,24 @@ class Dispatcher:
                 return None  # cancelled (or aborted) before it was dispatched
         await self.carry_out(self.tasks.submit(event, msg, tracing.carrier(), time.time()))
         return self.held.hold(msg) if task_id in self.tasks.queued else None
+
+    async def escalated(self, event: TaskEscalated) -> bus.Redeliver | None:
+        """Draw more nodes for a task the validator could not decide; asked again every
+        second while too few are free, until a second before the escalation's deadline.
+        Once per round: a redelivery finds the round's `extended` in the stream."""
+        previous = await self.last_event(event.task_id, "extended")
+        if isinstance(previous, TaskExtended) and previous.round >= event.round:
+            return None
+        running = self.tasks.running.get(event.task_id)
+        submitted = running.event if running else await self.last_event(event.task_id, "submitted")
+        if not isinstance(submitted, TaskSubmitted):
+            return None
+        now = time.time()
+        decision = self.tasks.extend(event, submitted.spec, now, give_up=now >= event.deadline - 1.0)
+        if decision is None:
+            return bus.Redeliver(delay=1.0)
+        await self._extend(decision)
+        return None
 
     async def pump(self) -> None:
         """Assign queued tasks, best first, while nodes are free."""
@@ -171,6 +195,8 @@ class Dispatcher:
                     reason=decision.reason,
                     detail=decision.detail,
                 )
+        elif isinstance(decision, Extend):
+            await self._extend(decision)
         elif isinstance(decision, Cancel):
             await self._cancel(decision)
         else:
@@ -192,6 +218,8 @@ class Dispatcher:
             await asyncio.gather(*(bus.publish_work(self.js, node, decision.work) for node in assigned.nodes))
             await self._settle(decision.held)
             self.metrics.tasks_total.labels("assigned").inc()
+            if len(assigned.nodes) > 1:
+                self.metrics.tasks_total.labels("sampled").inc()
             self.metrics.wait_seconds.observe(max(0.0, time.time() - decision.submitted_at))
             log.info("task_assigned", task_id=assigned.task_id, nodes=assigned.nodes)
 
@@ -240,6 +268,23 @@ class Dispatcher:
                 reason=reassigned.reason,
             )
 
+    async def _extend(self, decision: Extend) -> None:
+        """Publish the escalated task's new nodes, then their work (in the task's trace)."""
+        extended = decision.extended
+        with tracing.task_span("dispatch.extend", task_id=extended.task_id, parent=decision.trace):
+            try:
+                await bus.publish_event(self.js, extended)
+            except BaseException:
+                self.tasks.undo(decision)
+                raise
+            await asyncio.gather(*(bus.publish_work(self.js, node, decision.work) for node in extended.nodes))
+        if extended.nodes:
+            self.metrics.tasks_total.labels("extended").inc(len(extended.nodes))
+            log.warning("task_extended", task_id=extended.task_id, round=extended.round, nodes=extended.nodes)
+        else:
+            self.metrics.tasks_total.labels("not_extended").inc()
+            log.warning("task_not_extended", task_id=extended.task_id, round=extended.round, detail=extended.detail)
+
     async def _cancel(self, decision: Cancel[Msg]) -> None:
         await self._settle(decision.held)
         nodes = decision.nodes
@@ -266,14 +311,18 @@ class Dispatcher:
     # ------------------------------------------------------------------ the stream
 
     async def previous_assignment(self, task_id: str) -> TaskAssigned | None:
+        event = await self.last_event(task_id, "assigned")
+        return event if isinstance(event, TaskAssigned) else None
+
+    async def last_event(self, task_id: str, name: str) -> TaskEvent | None:
+        """The task's last control-plane event `name` in the stream, if any."""
         try:
-            raw = await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, "assigned"))
+            raw = await self.js.get_last_msg(subjects.TASKS_STREAM, subjects.task_subject(task_id, name))
         except NotFoundError:
             return None
         if raw.subject is None or raw.data is None:  # a stored message always has both
             return None
-        event = decode_task_event(raw.subject, raw.data)
-        return event if isinstance(event, TaskAssigned) else None
+        return decode_task_event(raw.subject, raw.data)
 
     async def answered(self, task_id: str, node_id: str) -> bool:
         """Whether the stream holds the node's `committed` or `errored` for the task (a
@@ -377,6 +426,24 @@ async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: Dispatc
     return task
 
 
+async def publish_sampling_key(ctx: ServiceContext, key: VrfKey, settings: DispatcherSettings) -> None:
+    """Publish the VRF public key the outcomes' sampling proofs are made with, and the rate
+    (the `sampling` bucket: what `stipple audit` checks the proofs against). A key already
+    there keeps its record: `since` says when it was first used."""
+    if not settings.sampling_key:
+        log.warning("sampling_key_generated", public_key=key.public.hex(), hint="set STIPPLE_SAMPLING_KEY")
+    kv = await ctx.js.create_key_value(
+        KeyValueConfig(bucket=subjects.SAMPLING_BUCKET, history=1, replicas=settings.stream_replicas)
+    )
+    public = key.public.hex()
+    known = await records.get(kv, public, records.sampling_key_decoder)
+    if known is None or known.rate != settings.validation_rate:
+        since = time.time() if known is None else known.since
+        await records.put(
+            kv, public, records.SamplingKey(public_key=public, rate=settings.validation_rate, since=since)
+        )
+
+
 async def run(settings: DispatcherSettings) -> None:
     setup_logging("dispatcher", level=settings.log_level, fmt=settings.log_format)
     async with open_service("dispatcher", settings) as ctx:
@@ -389,10 +456,12 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
             f"STIPPLE_MAX_REASSIGNMENTS={settings.max_reassignments}: from 0 to {subjects.MAX_MSGS_PER_TASK_SUBJECT} "
             "(the messages a task subject holds)"
         )
+    key = sampling_key(settings)
+    await publish_sampling_key(ctx, key, settings)
     index = NodeIndex()
     stakes_watch = await follow_stakes(ctx, index, settings)
     nodes_sub = await follow_nodes(ctx.js, index)
-    tasks: TaskQueue[Msg] = TaskQueue(index, settings)
+    tasks: TaskQueue[Msg] = TaskQueue(index, settings, key=key)
     dispatcher = Dispatcher(ctx.js, tasks, DispatcherMetrics(ctx.metrics.registry, tasks))
 
     async def on_status(msg: Msg) -> None:
@@ -401,7 +470,13 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
 
     status_sub = await ctx.nc.subscribe(subjects.QUEUE_STATUS, queue="dispatcher", cb=on_status)
     clock = asyncio.create_task(dispatcher.keep_alive(ctx.stop))
-    log.info("dispatcher_started", replication=settings.replication, nodes=index.size)
+    log.info(
+        "dispatcher_started",
+        replication=settings.replication,
+        validation_rate=settings.validation_rate,
+        sampling_key=key.public.hex(),
+        nodes=index.size,
+    )
     try:
         await ctx.consume(subjects.TASKS_STREAM, subjects.dispatcher_consumer(), dispatcher.handle, batch=64)
     finally:

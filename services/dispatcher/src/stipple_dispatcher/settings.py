@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stipple_common.settings import CommonSettings, InvalidSettings
+from stipple_common.vrf import SEED_BYTES, VrfKey
 
 
 class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
@@ -17,6 +18,23 @@ class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     prefetch_demand: int = 2  # tasks within prefetch_window_s that make a model worth pre-fetching
     prefetch_window_s: float = 600.0
     prefetch_cooldown_s: float = 300.0  # between two pre-fetch rounds for one model
+    # the VRF secret (64 hex digits) that selects the tasks to compare (stipple_common.vrf);
+    # empty: a new key at every start (its public key is published in the `sampling` bucket
+    # all the same, but auditors need one that lasts: set it in production)
+    sampling_key: str = ""
+
+
+def sampling_key(settings: DispatcherSettings) -> VrfKey:
+    """The dispatcher's VRF key: `STIPPLE_SAMPLING_KEY`, or a new one when it is empty."""
+    if not settings.sampling_key:
+        return VrfKey.generate()
+    try:
+        seed = bytes.fromhex(settings.sampling_key)
+    except ValueError:
+        seed = b""
+    if len(seed) != SEED_BYTES:
+        raise InvalidSettings(f"STIPPLE_SAMPLING_KEY: expected {2 * SEED_BYTES} hex digits (a VRF secret seed)")
+    return VrfKey(seed)
 
 
 def parse_memory(spec: str) -> dict[str, int]:

@@ -6,7 +6,7 @@ checked:
 
 - the key lies under ``tasks/<task_id>/<node_id>/`` with the node id of the subject (the
   server's word, not the node's), and has no ``..`` or empty segment;
-- the node is assigned to that task (the task's ``assigned`` and ``reassigned`` events);
+- the node is assigned to that task (the task's ``assigned``, ``reassigned`` and ``extended`` events);
 - nothing is stored under the key yet: a blob is written once, so what the validator
   checked cannot be swapped afterwards.
 
@@ -36,7 +36,14 @@ from stipple_common import subjects
 from stipple_common.blobstore import BlobStore
 from stipple_common.blobstore.intake import CONTENT_TYPE, KEY, LAST, PART, UPLOAD, blob_prefix
 from stipple_common.errors import StippleError
-from stipple_common.messages import TaskAssigned, TaskReassigned, UploadReply, encode, task_event_decoder
+from stipple_common.messages import (
+    TaskAssigned,
+    TaskExtended,
+    TaskReassigned,
+    UploadReply,
+    encode,
+    task_event_decoder,
+)
 
 from .metrics import IntakeMetrics
 
@@ -179,16 +186,21 @@ class Intake:
             event = task_event_decoder.decode(raw.data)
             if isinstance(event, TaskAssigned):
                 nodes.update(event.nodes)
-            seq = 0
-            subject = subjects.task_subject(task_id, "reassigned")
+        except NotFoundError:
+            pass
+        for name in ("reassigned", "extended"):  # the nodes that joined the task later
+            seq, subject = 0, subjects.task_subject(task_id, name)
             for _ in range(subjects.MAX_MSGS_PER_TASK_SUBJECT):
-                raw = await self.js.get_msg(subjects.TASKS_STREAM, seq=seq + 1, subject=subject, next=True)
+                try:
+                    raw = await self.js.get_msg(subjects.TASKS_STREAM, seq=seq + 1, subject=subject, next=True)
+                except NotFoundError:
+                    break
                 seq = raw.seq or seq + 1
                 event = task_event_decoder.decode(raw.data)
                 if isinstance(event, TaskReassigned):
                     nodes.add(event.by)
-        except NotFoundError:
-            pass
+                elif isinstance(event, TaskExtended):
+                    nodes.update(event.nodes)
         if node_id not in nodes:
             return False
         self._assigned[(task_id, node_id)] = None

@@ -16,7 +16,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 
 from stipple_common import tracing
 from stipple_common.errors import InvalidInput, StippleError
+from stipple_common.messages import Validation
 from stipple_common.taskspec import TaskSpec, parse_task
 
 from . import openapi
@@ -99,6 +100,14 @@ def check_fee(value: Any, max_fee: int = MAX_FEE) -> int:
     return value
 
 
+def check_validation(value: Any) -> Validation:
+    """`validation`: "sampled" (the default: one node, and three when the network's secret
+    sample draws the task) or "full" (three nodes always; the fee is charged three times)."""
+    if value not in ("sampled", "full"):
+        raise InvalidInput("validation", value, 'must be "sampled" (the default) or "full" (three nodes, three fees)')
+    return cast(Validation, value)
+
+
 def new_task_id(idempotency_key: str | None, owner: str = "") -> str:
     """A fresh task id, or one derived from the app's Idempotency-Key (and its API key, so
     two apps' keys never meet) so that a retried request is the same task (the publish is
@@ -137,6 +146,7 @@ class Routes:
         raw = await self.read_json(request)
         webhook_url = ""
         fee = 0
+        validation: Validation = "sampled"
         try:
             if isinstance(raw, dict) and "webhook_url" in raw:
                 raw = dict(raw)
@@ -148,12 +158,17 @@ class Routes:
             if isinstance(raw, dict) and "fee" in raw:
                 raw = dict(raw)
                 fee = check_fee(raw.pop("fee"), self.settings.max_fee)
+            if isinstance(raw, dict) and "validation" in raw:
+                raw = dict(raw)
+                validation = check_validation(raw.pop("validation"))
             spec = parse_task(raw)
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
         owner = owner_of(request)
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
-        event = await self.tasks.submit(spec, "native", task_id, owner=owner, webhook_url=webhook_url, fee=fee)
+        event = await self.tasks.submit(
+            spec, "native", task_id, owner=owner, webhook_url=webhook_url, fee=fee, validation=validation
+        )
         accepted = TaskAccepted(
             task_id=event.task_id,
             status="pending",

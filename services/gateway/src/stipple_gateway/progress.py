@@ -27,6 +27,7 @@ from stipple_common.messages import (
     OUTCOME_EVENTS,
     Progress,
     TaskAssigned,
+    TaskExtended,
     TaskReassigned,
     decode_progress,
     decode_task_event,
@@ -34,7 +35,7 @@ from stipple_common.messages import (
 
 log = structlog.get_logger("stipple.gateway")
 
-MAX_NODES_PER_TASK = 16  # a task has `replication` nodes; this only bounds a misbehaving publisher
+MAX_NODES_PER_TASK = 16  # a task has `replication` nodes, more when escalated; this only bounds a misbehaving publisher
 
 
 class ProgressBoard:
@@ -101,6 +102,8 @@ class ProgressBoard:
                 self.assign(event.task_id, event.nodes)
             elif isinstance(event, TaskReassigned):
                 self.assign(event.task_id, [event.by])
+            elif isinstance(event, TaskExtended):
+                self.assign(event.task_id, event.nodes)
 
         async def on_progress(msg: Any) -> None:
             try:
@@ -114,6 +117,7 @@ class ProgressBoard:
         subs = [
             await nc.subscribe(subjects.all_tasks("assigned"), cb=on_assignment),
             await nc.subscribe(subjects.all_tasks("reassigned"), cb=on_assignment),
+            await nc.subscribe(subjects.all_tasks("extended"), cb=on_assignment),
             await nc.subscribe(subjects.ALL_PROGRESS, cb=on_progress),
         ]
         for event in OUTCOME_EVENTS:

@@ -40,6 +40,7 @@ from stipple_common.messages import (
     QueueStatus,
     TaskCancelled,
     TaskSubmitted,
+    Validation,
     event_name,
     queue_status_decoder,
 )
@@ -215,12 +216,23 @@ class TaskService:
             )
 
     async def submit(
-        self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "", webhook_url: str = "", fee: int = 0
+        self,
+        spec: TaskSpec,
+        source: str,
+        task_id: str,
+        *,
+        owner: str = "",
+        webhook_url: str = "",
+        fee: int = 0,
+        validation: Validation = "sampled",
     ) -> TaskSubmitted:
         """Accept a task: capacity, then the fee reserved (402 when the deposit cannot pay),
-        then ``tasks.<id>.submitted`` published (deduplicated by the task id)."""
+        then ``tasks.<id>.submitted`` published (deduplicated by the task id). A `full`
+        validation runs on `replication` nodes always, and pays `fee` for each."""
         tracing.bind_task(task_id)  # the request's span and log lines are about this task
         self.check_capacity(spec)
+        if validation == "full":
+            fee *= self.settings.replication
         await self.wallet.charge(task_id, fee)  # 402 when the deposit cannot pay
         event = TaskSubmitted(
             task_id=task_id,
@@ -230,6 +242,7 @@ class TaskService:
             owner=owner,
             webhook_url=webhook_url,
             fee=fee,
+            validation=validation,
         )
         await bus.publish_event(self.js, event)
         self.gateway_metrics.submitted.labels(source).inc()

@@ -8,14 +8,15 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from stipple_common.aggregate import NodeStatus, Task, TaskStatus
-from stipple_common.messages import Progress, QueueStatus, TaskEvent, TaskSubmitted, Verdict, event_name
+from stipple_common.messages import Progress, QueueStatus, TaskEvent, TaskSubmitted, Validation, Verdict, event_name
 from stipple_common.taskspec import TaskSpec
 
 # --------------------------------------------------------------------------- requests
 
 
 class TaskRequest(TaskSpec, frozen=True, kw_only=True):
-    """The body of ``POST /v1/tasks``: a task, and optionally where to POST its outcome."""
+    """The body of ``POST /v1/tasks``: a task, and optionally where to POST its outcome and how
+    to validate it."""
 
     webhook_url: Annotated[
         str,
@@ -25,6 +26,13 @@ class TaskRequest(TaskSpec, frozen=True, kw_only=True):
             "X-Stipple-Signature (needs STIPPLE_WEBHOOK_SECRET on the gateway).",
         ),
     ] = ""
+    validation: Annotated[
+        Validation,
+        msgspec.Meta(
+            description='"sampled": one node, and three when the network\'s secret sample draws the task; '
+            '"full": three nodes always, compared, and the fee is charged three times.'
+        ),
+    ] = "sampled"
 
 
 # --------------------------------------------------------------------------- task view

@@ -370,9 +370,12 @@ class NodeAgent:
         return pending
 
     async def _deliver(self, task_id: str, pending: _Committed) -> None:
-        """Upload the images and publish the commitment at the same time: the commitment
-        needs only the hashes and keys, and the reveal waits for the upload."""
-        await asyncio.gather(self._upload(pending), self._commit(task_id, pending))
+        """Upload the images, then publish the commitment. Not both at once: once committed, a
+        node must reveal (the validator judges a committed node that does not, or that reports
+        an error instead, `withheld`, which is slashed), so an upload that fails must fail
+        before the commitment, where it is an honest error. The order costs one publish."""
+        await self._upload(pending)
+        await self._commit(task_id, pending)
 
     async def _commit(self, task_id: str, pending: _Committed) -> None:
         with tracing.task_span("node.commit", task_id=task_id, node_id=self.node_id):
@@ -432,11 +435,11 @@ class NodeAgent:
         if pending is None:  # revealed already, or this process restarted and lost the nonce
             log.warning("reveal_without_commitment")
             return None
-        if not pending.uploaded.is_set():  # the commitment can land before the images do
+        if not pending.uploaded.is_set():  # (uploads end before the commitment: a safeguard)
             try:
                 await asyncio.wait_for(pending.uploaded.wait(), max(0.0, message.deadline - time.time()))
             except TimeoutError:
-                log.warning("reveal_upload_unfinished")  # the validator judges this node a timeout
+                log.warning("reveal_upload_unfinished")  # the validator judges this node withheld
                 return None
         self.committed.pop(message.task_id, None)
         revealed = ResultRevealed(

@@ -12,11 +12,14 @@ First each reveal is screened, and nothing a node revealed can make this module 
    a node whose blobs do not match is `bad_result` too.
 
 All three verdicts are slashable and count as no result; the reason is kept in the
-outcome's `verdict_details`. Then, with three nodes:  A,A,A -> succeeded/unanimous;
+outcome's `verdict_details`. So is `withheld`: a node that committed, was asked to reveal
+and did not (a node that learned from the wait that its task was sampled must not be able
+to trade a committed cheat for a mere timeout). Then, with three nodes:  A,A,A -> succeeded/unanimous;
 A,A,B -> succeeded/majority and B is "mismatch" (slashable);  A,A + error/timeout/bad ->
 succeeded/majority, the third loses QoS (as does a node replaced for not accepting in
 time, which does not count towards the majority);  A,B,C or A,B + one missing ->
-aborted/no_agreement;  fewer than two results -> aborted/too_few_results. Results agree
+aborted/no_agreement;  fewer than two results -> aborted/too_few_results. A task run on one node (not sampled)
+succeeds with that node's result when it passes the screening and the blob checks. Results agree
 when every pair of per-image pHashes is within the threshold and, for two nodes of one
 determinism class, every checkpoint is equal (their latents after 1/4, 1/2 and 3/4 of the
 steps: stipple_common.checkpoints), which catches skipped steps that pHash misses; a
@@ -38,7 +41,7 @@ from stipple_common.aggregate import NodeRun, Task
 from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import make_commitment, signer
 from stipple_common.messages import TaskAborted, TaskSucceeded, Verdict
-from stipple_common.phash import same_images
+from stipple_common.phash import hamming, same_images
 
 FINISH_SCORES = (10, 5, 2)
 PHASH = re.compile(r"[0-9a-f]{16}")  # imagehash's str() of a 64-bit hash
@@ -168,6 +171,45 @@ def candidates(task: Task, addresses: Mapping[str, str]) -> list[str]:
     ]
 
 
+def mismatch_evidence(lead: Result, odd: Result, majority: list[str], threshold: int) -> str:
+    """Why an outvoted node is slashed, with the evidence: the nodes that agreed, and either
+    the images whose pHashes are over the threshold from the majority's (both hashes and
+    the distance), or, when every image is within it and the node is of the majority's
+    determinism class, the checkpoints where its latents differ (both digests)."""
+    agreed = f"outvoted by {len(majority)} agreeing nodes ({', '.join(majority)})"
+    far = [
+        f"image {i}: pHash {theirs} vs {ours} ({hamming(ours, theirs)} bits)"
+        for i, (ours, theirs) in enumerate(zip(lead.phashes, odd.phashes, strict=False))
+        if hamming(ours, theirs) > threshold
+    ]
+    if far:
+        return f"{agreed}; over the pHash threshold of {threshold}: {'; '.join(far[:4])}"
+    differ = [
+        f"image {i} after {checkpoints.FRACTIONS[k]:g} of the steps: {y} vs {x}"
+        for i, (ours, theirs) in enumerate(zip(lead.checkpoints, odd.checkpoints, strict=False))
+        for k, (x, y) in enumerate(zip(ours, theirs, strict=False))
+        if x != y
+    ]
+    return (
+        f"{agreed}; its images are within the pHash threshold of the majority's and it is of their determinism "
+        f"class ({odd.determinism}), but its latents differ: {'; '.join(differ[:4]) or 'at every checkpoint'} "
+        "(skipped or other work)"
+    )
+
+
+def more_nodes(task: Task, outcome: TaskSucceeded | TaskAborted, max_nodes: int) -> int:
+    """How many more nodes to draw instead of publishing `outcome` (0: publish it). A task
+    whose results stand without a majority (they disagree, or too few came in beside one
+    valid result) draws two more nodes, while it has had fewer than `max_nodes`: the next
+    decision counts every result, so a node is slashed only when a majority outvotes it,
+    never one against one."""
+    if not isinstance(outcome, TaskAborted) or outcome.reason not in ("no_agreement", "too_few_results"):
+        return 0
+    if not any(verdict == "undecided" for verdict in outcome.verdicts.values()):  # no valid result at all
+        return 0
+    return 2 if len(task.nodes) + 2 <= max_nodes else 0
+
+
 def qos_scores(task: Task, agreeing: list[str]) -> dict[str, int]:
     ranked = sorted(agreeing, key=lambda node: task.nodes[node].commit_order)
     scores = {node: 0 for node in task.nodes}
@@ -200,8 +242,14 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
                     determinism=run.determinism,
                     checkpoints=[image.checkpoints for image in ordered_images],
                 )
+        elif run.status == "errored" and run.commitment:
+            verdicts[node_id] = "withheld"
+            details[node_id] = f"committed, then reported an error ({run.error_code}) instead of revealing"
         elif run.status == "errored":
             verdicts[node_id] = "error"
+        elif run.status == "committed" and task.reveal_deadline is not None:
+            verdicts[node_id] = "withheld"
+            details[node_id] = "committed, was asked to reveal, and did not reveal in time"
         else:
             verdicts[node_id] = "timeout"
 
@@ -222,6 +270,7 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
                 verdicts=ordered,
                 qos=zero,
                 verdict_details=details,
+                sampling=task.sampling,
             )
         return TaskAborted(
             task_id=task.task_id,
@@ -230,22 +279,13 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
             verdicts=ordered,
             qos=zero,
             verdict_details=details,
+            sampling=task.sampling,
         )
+    lead = results[majority[0]]
     for node_id in results:
         verdicts[node_id] = "agree" if node_id in majority else "mismatch"
-        lead = results[majority[0]]
-        if node_id not in majority and same_images(lead.phashes, results[node_id].phashes, threshold):
-            differ = [
-                f"image {i} after {checkpoints.FRACTIONS[k]:g}"
-                for i, (ours, theirs) in enumerate(zip(lead.checkpoints, results[node_id].checkpoints, strict=False))
-                for k, (x, y) in enumerate(zip(ours, theirs, strict=False))
-                if x != y
-            ]
-            details[node_id] = (
-                f"its images are within the pHash threshold of the majority's ({', '.join(majority)}), of its own "
-                f"determinism class, but its latents differ at {', '.join(differ[:6]) or 'every checkpoint'}: "
-                "skipped or other work"
-            )
+        if node_id not in majority:
+            details[node_id] = mismatch_evidence(lead, results[node_id], majority, threshold)
     unanimous = len(majority) == counted
     return TaskSucceeded(
         task_id=task.task_id,
@@ -254,4 +294,5 @@ def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Ch
         verdicts={node: verdicts[node] for node in task.nodes},
         qos=qos_scores(task, majority),
         verdict_details=details,
+        sampling=task.sampling,
     )

@@ -55,17 +55,19 @@ from stipple_common.messages import (
     SLASHABLE,
     RevealRequest,
     TaskAborted,
+    TaskEscalated,
     TaskEvent,
     TaskRevealOpened,
     TaskSubmitted,
+    TaskSucceeded,
     decode_task_event,
 )
 from stipple_common.nodes import NodeDirectory
 from stipple_common.service import ServiceContext, open_service
-from stipple_common.settings import CommonSettings
+from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .blobcheck import BlobChecker
-from .decide import candidates, decide
+from .decide import candidates, decide, more_nodes
 from .metrics import ValidatorMetrics
 from .probes import Prober
 from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
@@ -88,6 +90,8 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     ban_s: float = 3600.0  # how long a ban lasts
     max_blob_bytes: int = MAX_BLOB_BYTES  # a stored image larger than this is a bad result, and is not read
     blob_check_concurrency: int = 8  # stored images read and checked at a time, per decision
+    max_task_nodes: int = 7  # no majority draws two more nodes while a task has had fewer than this (decide.py)
+    escalation_timeout_s: float = 10.0  # from `escalated` to the dispatcher's `extended`; then decide with what is in
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ class Validator:
         if not task.nodes:
             return None
         now = time.time()
+        if task.status == "escalating":
+            return await self.escalating(task, event_name, now)
         if task.status == "revealing":
             if event_name == "reveal" and task_id not in self.requested:  # after a restart: ask again
                 await self.request_reveals(task)
@@ -151,20 +157,39 @@ class Validator:
             if event_name == "reveal":
                 return bus.Redeliver(delay=(task.reveal_deadline or 0) - now + self.settings.deadline_grace_s)
             return None
-        if task.commitments_in or (event_name == "assigned" and now >= (task.deadline or 0)):
+        assigning = event_name in ("assigned", "extended")  # an event whose deadline is the commitments'
+        if task.commitments_in or (assigning and now >= (task.deadline or 0)):
             if not task.commitments_in:  # the deadline: commitments may still be queued behind it
                 task = await self.verified(task_id)
-                if task is None or task.finished or task.status == "revealing":
+                if task is None or task.finished or task.status in ("revealing", "escalating"):
                     return None
             committed = task.committed_nodes()
-            if len(committed) * 2 <= len(task.active):  # too few for a majority: decide now
+            revealed = sum(1 for run in task.nodes.values() if run.status == "revealed")  # in earlier rounds
+            if not committed or (len(committed) + revealed) * 2 <= len(task.active):  # too few for a majority
                 return await self.publish_outcome(task)
-            opened = TaskRevealOpened(task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s)
+            opened = TaskRevealOpened(
+                task_id=task_id, nodes=committed, deadline=now + self.settings.reveal_timeout_s, round=task.round
+            )
             with tracing.task_span("validator.open_reveal", task_id=task_id, committed=len(committed)):
                 await bus.publish_event(self.js, opened)
                 await self.request_reveals(apply(task, opened))  # at once: not after reading our own event back
-        elif event_name == "assigned":
+        elif assigning:
             return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
+        return None
+
+    async def escalating(self, task: Task, event_name: str, now: float) -> bus.Redeliver | None:
+        """The task waits for the dispatcher's `extended`: one without nodes (none could be
+        drawn) decides with what is in, and so does the `escalated` event's deadline."""
+        due = task.escalation_deadline or 0.0
+        if event_name == "extended" or (event_name == "escalated" and now >= due):
+            if event_name == "escalated":  # the `extended` may be queued behind the timer
+                verified = await self.verified(task.task_id)
+                if verified is None or verified.status != "escalating":
+                    return None
+                task = verified
+            return await self.publish_outcome(task, final=True)
+        if event_name == "escalated":
+            return bus.Redeliver(delay=due - now + self.settings.deadline_grace_s)
         return None
 
     async def fold(self, task_id: str, msg: Msg) -> Task | None:
@@ -236,15 +261,22 @@ class Validator:
         request = RevealRequest(task_id=task.task_id, deadline=task.reveal_deadline)
         await asyncio.gather(*(bus.publish_control(self.js, node, request) for node in task.committed_nodes()))
 
-    async def publish_outcome(self, task: Task | None) -> bus.Redeliver | None:
-        if task is None or task.finished:
-            return None
+    async def publish_outcome(self, task: Task | None, *, final: bool = False) -> bus.Redeliver | None:
+        """Decide and publish the outcome; or, when no majority stands and the task may have
+        more nodes (decide.more_nodes), escalate instead, unless this decision is `final`."""
+        if task is None or task.finished or (task.status == "escalating" and not final):
+            return None  # an escalated task is decided by its new nodes, or at the escalation's deadline
         addresses = {node: node for node in task.nodes}  # a node's id is its address (identity.py)
         results = candidates(task, addresses)
         with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
             checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
             outcome = decide(task, self.settings.phash_threshold, addresses, checked)
+            more = 0 if final else more_nodes(task, outcome, self.settings.max_task_nodes)
+            if more:
+                span.set_attributes({"stipple.outcome": "escalated", "stipple.reason": outcome.reason})
+                await self.escalate(task, more, outcome)
+                return None
             kind = "aborted" if isinstance(outcome, TaskAborted) else "succeeded"
             span.set_attributes({"stipple.outcome": kind, "stipple.reason": outcome.reason})
             await bus.publish_event(self.js, outcome)
@@ -262,6 +294,21 @@ class Validator:
             log.warning("result_rejected", node_id=node_id, verdict=outcome.verdicts[node_id], why=why)
         log.info("task_decided", outcome=kind, reason=outcome.reason, verdicts=outcome.verdicts)
         return None
+
+    async def escalate(self, task: Task, more: int, undecided: TaskSucceeded | TaskAborted) -> None:
+        """Ask the dispatcher for `more` nodes, of operators the task has not had."""
+        detail = undecided.detail if isinstance(undecided, TaskAborted) else ""
+        escalated = TaskEscalated(
+            task_id=task.task_id,
+            round=task.round + 1,
+            more=more,
+            exclude=list(task.nodes),
+            deadline=time.time() + self.settings.escalation_timeout_s,
+            detail=detail,
+        )
+        await bus.publish_event(self.js, escalated)
+        self.metrics.outcomes.labels("escalated", undecided.reason).inc()
+        log.warning("task_escalated", round=escalated.round, more=more, detail=detail)
 
     async def update_qos(self, task: Task) -> None:
         """Add this task's score to each node's window (once per task, even on redelivery);
@@ -306,7 +353,20 @@ async def run(settings: ValidatorSettings) -> None:
         await serve(ctx, settings)
 
 
+def check_settings(settings: ValidatorSettings) -> None:
+    """Each escalation round adds a `reveal` message to the task's subject, which holds
+    MAX_MSGS_PER_TASK_SUBJECT: `max_task_nodes` must leave room for every round's."""
+    rounds = max(0, settings.max_task_nodes - settings.replication) // 2
+    if settings.max_task_nodes < settings.replication or rounds + 1 > subjects.MAX_MSGS_PER_TASK_SUBJECT:
+        most = settings.replication + 2 * (subjects.MAX_MSGS_PER_TASK_SUBJECT - 1)
+        raise InvalidSettings(
+            f"STIPPLE_MAX_TASK_NODES={settings.max_task_nodes}: from STIPPLE_REPLICATION ({settings.replication}) "
+            f"to {most} (each escalation round of two nodes is one more message on the task's reveal subject)"
+        )
+
+
 async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
+    check_settings(settings)
     bans = await ctx.js.create_key_value(
         KeyValueConfig(bucket=subjects.BANS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
