@@ -28,7 +28,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
-    net = LocalNetwork(data_dir=tmp_path_factory.mktemp("stipple"), port=0, nodes=3)
+    # every task compared (rate 1): these tests follow a task through three nodes; the default
+    # rate (one node for most tasks, which `stipple up` runs) is tested in process: tests/test_sampling.py
+    net = LocalNetwork(
+        data_dir=tmp_path_factory.mktemp("stipple"), port=0, nodes=3, extra_env={"STIPPLE_VALIDATION_RATE": "1"}
+    )
     net.start(timeout=240)
     yield net
     net.stop()

@@ -39,6 +39,7 @@ def network(tmp_path_factory):
         port=0,
         nodes=3,
         extra_env={
+            "STIPPLE_VALIDATION_RATE": "1",  # every task on three nodes: a killed one leaves two
             "STIPPLE_TASK_TIMEOUT_S": "20",  # a killed node's commitment is given up after this
             "STIPPLE_DISPATCH_TIMEOUT_S": "120",  # queued tasks outwait a restart
         },

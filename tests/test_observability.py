@@ -164,7 +164,11 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
     collected, endpoint = receiver
     data = tmp_path_factory.mktemp("observed")
     # no timed export (10 minutes): the spans arrive only because each service flushes at shutdown
-    env = {"STIPPLE_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    env = {
+        "STIPPLE_OTLP_ENDPOINT": endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        "STIPPLE_VALIDATION_RATE": "1",  # the trace of a task through three nodes
+    }
     net = LocalNetwork(data_dir=data, port=0, nodes=len(NODES), chain=False, extra_env=env)
     key = uuid.uuid4().hex
     task_id = new_task_id(key)

@@ -3,7 +3,7 @@
 import pytest
 
 from stipple_common.economics import Economics, check
-from stipple_common.settings import InvalidSettings
+from stipple_common.settings import CommonSettings, InvalidSettings
 
 TOKEN = 10**18
 
@@ -16,8 +16,23 @@ def test_the_formula():
     assert at_floor.expected_gain() < 0
 
 
-def test_the_defaults_of_the_embedded_network_pass():
-    check(Economics(max_fee=10 * TOKEN, slash=100 * TOKEN, validation_rate=1.0, undetected_rate=0.1))
+def test_the_defaults_of_the_embedded_network_pass_with_the_real_sampling_rate():
+    """The defaults (CommonSettings) and the embedded chain's minimum stake, which is the
+    slash: one task in ten compared, 1 % of compared cheats missed, a fee of at most 10
+    tokens against a stake of 100. Cheating loses about 0.89 tokens per task."""
+    defaults = CommonSettings()
+    e = Economics(
+        max_fee=defaults.max_fee,
+        slash=100 * TOKEN,
+        validation_rate=defaults.validation_rate,
+        undetected_rate=defaults.undetected_rate,
+    )
+    assert (defaults.validation_rate, defaults.undetected_rate, defaults.max_fee) == (0.1, 0.01, 10 * TOKEN)
+    check(e)
+    assert e.expected_gain() == pytest.approx(-0.89 * TOKEN)
+    # at the old all-three rate's p (a pHash check without checkpoints), the same numbers would not hold
+    with pytest.raises(InvalidSettings, match="cheating pays"):
+        check(Economics(max_fee=10 * TOKEN, slash=100 * TOKEN, validation_rate=0.1, undetected_rate=0.1))
 
 
 @pytest.mark.parametrize(

@@ -130,8 +130,9 @@ async def test_an_outcome_without_its_submission_nearby_still_settles(network: I
 async def test_the_indexer_refuses_to_start_when_cheating_pays(fresh_nats_url):
     net = IndexedChain(fresh_nats_url)
     await net.setup()
-    settings = msgspec.structs.replace(net.settings, max_fee=10**6)  # a fee far above the 1,000 slash
+    # the default sampling rate (a task compared one time in ten) and a fee far above the 1,000 slash
+    settings = msgspec.structs.replace(net.settings, max_fee=10**6, validation_rate=0.1)
     async with open_service("chain-indexer", settings, stop=asyncio.Event()) as ctx:
-        with pytest.raises(InvalidSettings, match=r"cheating pays.*STIPPLE_MAX_FEE below 9000"):
+        with pytest.raises(InvalidSettings, match=r"cheating pays.*r=0.1 .*STIPPLE_MAX_FEE below 110\b"):
             await serve(ctx, settings, w3=net.w3, call=net.call)
     await net.close()

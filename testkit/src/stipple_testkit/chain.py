@@ -112,6 +112,7 @@ class IndexedChain:
                 "poll_s": 0.05,
                 "settle_wait_s": 0.1,
                 "max_fee": 5_000,  # a slash of the minimum stake must outweigh it (economics.py)
+                "validation_rate": 1.0,  # every task compared, as the test network's dispatcher does
                 **self.overrides,
             }
         )

@@ -147,7 +147,8 @@ class Network:
         from stipple_chain_indexer.service import IndexerSettings
         from stipple_chain_indexer.service import serve as serve_indexer
 
-        settings = IndexerSettings(**{"nats_url": self.service_url("chain-indexer"), **overrides})
+        defaults = {"nats_url": self.service_url("chain-indexer"), "validation_rate": 1.0}  # as the dispatcher's
+        settings = IndexerSettings(**{**defaults, **overrides})
         await self._run("chain-indexer", settings, serve_indexer)
         return settings
 
