@@ -252,3 +252,34 @@ def test_model_names_nobody_has_any_more_leave_the_index():
     for i in range(100):
         index.join(joined("n0", models=("tiny-sd", f"junk-{i}")), NOW, __version__)
     assert len(index.serves) == 3  # tiny-sd, shared, and the last junk name
+
+
+def of_class(name: str, determinism: str):
+    return msgspec.structs.replace(joined(name), determinism=determinism)
+
+
+def test_the_copies_come_from_the_first_nodes_class_where_it_can():
+    """Nodes of two classes: whichever node is drawn first, its copies are of its class
+    (they compare bit for bit); over many draws, both classes lead."""
+    h100 = [of_class(f"h{i}", "NVIDIA H100 sm9.0 cuda 12.8") for i in range(4)]
+    a100 = [of_class(f"a{i}", "NVIDIA A100 sm8.0 cuda 12.8") for i in range(4)]
+    index = index_of(*h100, *a100)
+    classes = {n.node_id: n.determinism for n in (*h100, *a100)}
+    leads = Counter()
+    for seed in range(200):
+        nodes = pick(index, seed=seed)
+        assert len({classes[node] for node in nodes}) == 1, nodes
+        leads[classes[nodes[0]]] += 1
+    assert set(leads) == set(classes.values())
+
+
+def test_a_node_of_a_rare_class_is_still_drawn_first_and_compared_across_classes():
+    """Drawing the first node from all keeps a lone class in the sample: its copies then
+    come from another class (compared by pHash), rather than it never being compared."""
+    index = index_of(of_class("odd", "some-unique-class"), *[of_class(f"h{i}", "H100") for i in range(3)])
+    firsts = [pick(index, seed=seed) for seed in range(200)]
+    with_odd = [nodes for nodes in firsts if nodes[0] == "odd"]
+    assert with_odd  # it leads some sampled tasks
+    assert all(len(nodes) == 3 for nodes in with_odd)
+    # when an H100 leads, its copies are H100s: the odd node is never needed
+    assert all("odd" not in nodes for nodes in firsts if nodes[0] != "odd")

@@ -23,6 +23,7 @@ from stipple_node.pipeline import (
     ModelNotFound,
     PipelineRunner,
     configure_determinism,
+    platform_class,
 )
 from stipple_node.schedulers import SAMPLERS
 from stipple_node.tinymodel import TINY_MODEL_NAME
@@ -237,6 +238,7 @@ def test_each_image_carries_its_checkpoints_and_the_nodes_determinism_class(runn
         assert image.determinism.startswith("cpu ")
         assert f"threads {torch.get_num_threads()}" in image.determinism
         assert f"torch {torch.__version__}" in image.determinism
+        assert image.determinism == f"{platform_class('cpu')}; float32"  # the class it joins with, and the dtype
     assert [i.checkpoints for i in first] == [i.checkpoints for i in second]
     assert first[0].checkpoints != first[1].checkpoints  # another seed
     fewer = generate(runner, steps=6, num_images=1)[0]

@@ -45,7 +45,7 @@ from stipple_common.service import open_service
 from stipple_common.taskspec import LoraSpec, TaskSpec, parse_task
 from stipple_gatekeeper.service import GatekeeperSettings
 from stipple_gatekeeper.service import serve as serve_gatekeeper
-from stipple_node.pipeline import PipelineRunner
+from stipple_node.pipeline import PipelineRunner, platform_class
 from stipple_node.service import (
     NodeAgent,
     NodeSettings,
@@ -156,6 +156,7 @@ async def test_announces_itself_and_stays_live(node):
         assert joined.address == Account.from_key(KEY).address  # checksummed: it signs with it
         assert joined.models == ["tiny-sd"]
         assert joined.memory_bytes > 0
+        assert joined.determinism == platform_class("cpu")  # what its reveals must start with
         await asyncio.sleep(1.5)  # longer than the TTL: only heartbeats keep it live
         assert [n.node_id for n in directory.live()] == [N1]
     finally:

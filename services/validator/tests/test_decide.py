@@ -508,3 +508,16 @@ def test_an_escalated_task_decides_over_every_round_and_slashes_only_the_outvote
     assert outcome.verdicts == {N1: "agree", N2: "mismatch", N3: "timeout", N4: "agree", N5: "agree"}
     assert "outvoted by 3 agreeing nodes" in outcome.verdict_details[N2]
     assert more_nodes(task, outcome, max_nodes=7) == 0
+
+
+def test_a_reveal_of_another_class_than_the_node_joined_with_is_a_bad_result():
+    """A node may not pick its class per task (to be compared by pHash alone): what it
+    reveals must be the class it announced at join, plus the dtype."""
+    task = task_with({N1: A, N2: A, N3: A}, classes={N3: "NVIDIA H100 sm9.0; torch 2.13.0; float16"})
+    joined = dict.fromkeys((N1, N2, N3), CLASS.rsplit("; ", 1)[0])
+    checked = {node: None for node in candidates(task, ADDRESSES, joined)}
+    assert N3 not in checked
+    outcome = decide(task, THRESHOLD, ADDRESSES, checked, joined)
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_result"}
+    assert "not of the class it joined with" in outcome.verdict_details[N3]
+    assert decided(task).verdicts[N3] == "agree"  # without the joined classes, nothing to hold it to

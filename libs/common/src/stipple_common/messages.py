@@ -303,6 +303,10 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     models_on_disk: ModelsOnDisk = []  # in the node's model store (the dispatcher prefers nodes that have a model)
     models_loaded: ModelNames = []  # in memory
     address: str = ""  # the node's Ethereum address (its id, checksummed): it signs commitments and stakes
+    # its determinism class but the dtype (hardware, driver and CUDA, torch, diffusers; threads on a
+    # CPU): what it reveals must be this plus the task's dtype, and the dispatcher puts a sampled
+    # task's copies in the class of its first node where it can (docs/validation.md)
+    determinism: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
     def serves(self, model: str) -> bool:
         """The node can run `model` without a download: it serves it by name or has it on disk."""

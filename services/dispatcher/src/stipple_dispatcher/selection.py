@@ -303,16 +303,22 @@ class NodeIndex:
     ) -> list[str]:
         """`count` nodes of distinct operators, weighted, or NotEnoughNodes saying why.
         Nodes in `exclude`, and every node of their operators, are left out (a replacement
-        must not share an operator with the task's other nodes)."""
+        must not share an operator with the task's other nodes). The first node is drawn
+        from every eligible one; the others from its determinism class first (the class it
+        joined with), so that copies compare bit for bit where the network allows, and from
+        any class when too few of its class are free. Drawing the first from all keeps a
+        node of a rare class in the sample: it is compared, if only by pHash."""
         rows = self.eligible(spec, now, ttl_s, req)
         excluded = [self.row[node] for node in exclude if node in self.row]
         if excluded and len(rows):
             rows = rows[~np.isin(self.operator[rows], self.operator[excluded])]
         if len(rows):
             keys = rng.random(len(rows)) ** (1.0 / self.weights(rows, list(task_models(spec))))
+            order = [int(rows[i]) for i in np.argsort(-keys)]
+            first_class = self.joined[order[0]].determinism
+            same = [row for row in order[1:] if first_class and self.joined[row].determinism == first_class]
             chosen: dict[int, str] = {}  # operator -> node id
-            for i in np.argsort(-keys):
-                row = rows[i]
+            for row in [order[0], *same, *order[1:]]:
                 chosen.setdefault(int(self.operator[row]), self.ids[row])
                 if len(chosen) == count:
                     return list(chosen.values())

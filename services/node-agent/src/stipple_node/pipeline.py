@@ -135,7 +135,14 @@ def determinism_class(device: str, dtype: torch.dtype) -> str:
     """What makes two nodes' floating point bit-identical: the device model (and on a GPU
     its driver and CUDA), torch, diffusers, the dtype, and on a CPU the thread count (it
     changes how reductions are split). Two nodes of one class compute the same latents bit
-    for bit (stipple_common.checkpoints); nodes of two classes, only nearly."""
+    for bit (stipple_common.checkpoints); nodes of two classes, only nearly. It is
+    `platform_class(device)` and the dtype."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{platform_class(device)}; {dtype_name}"[: checkpoints.MAX_CLASS_LENGTH]
+
+
+def platform_class(device: str) -> str:
+    """The determinism class but the dtype: what a node announces when it joins."""
     import diffusers
 
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -145,9 +152,8 @@ def determinism_class(device: str, dtype: torch.dtype) -> str:
         hardware = f"{name} sm{capability} cuda {torch.version.cuda} cudnn {torch.backends.cudnn.version()}"
     else:
         hardware = f"cpu {platform.machine()} {_cpu_model()} threads {torch.get_num_threads()}"
-    dtype_name = str(dtype).removeprefix("torch.")
-    described = f"{hardware}; torch {torch.__version__}; diffusers {diffusers.__version__}; {dtype_name}"
-    return described[: checkpoints.MAX_CLASS_LENGTH]
+    described = f"{hardware}; torch {torch.__version__}; diffusers {diffusers.__version__}"
+    return described[: checkpoints.MAX_CLASS_LENGTH - 12]  # room for the dtype
 
 
 @functools.cache

@@ -74,7 +74,7 @@ from stipple_common.taskspec import canonical
 
 from .annotators import parse_weights
 from .metrics import NodeMetrics, RunnerMetrics, StoreMetrics
-from .pipeline import GeneratedImage, PipelineRunner, configure_determinism
+from .pipeline import GeneratedImage, PipelineRunner, configure_determinism, platform_class
 from .staking import ensure_stake
 from .store import ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
@@ -241,6 +241,7 @@ class NodeAgent:
             else [],
             models_loaded=self.runner.loaded()[:256],
             address=self.account.address,
+            determinism=platform_class(self.settings.device),
         )
 
     async def heartbeat(self, stop: asyncio.Event) -> None:

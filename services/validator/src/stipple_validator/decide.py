@@ -148,9 +148,11 @@ def malformed(task: Task, run: NodeRun) -> str | None:
     return None
 
 
-def screen(task: Task, run: NodeRun, address: str | None) -> tuple[Verdict, str] | None:
+def screen(task: Task, run: NodeRun, address: str | None, joined_class: str = "") -> tuple[Verdict, str] | None:
     """The verdict on a revealed run and why, when its reveal is no result; None when it
-    is a candidate whose blobs are worth reading."""
+    is a candidate whose blobs are worth reading. `joined_class` is the class the node
+    announced when it joined (its `determinism` but the dtype): a reveal of another class is
+    a node choosing its class per task, to be compared by pHash alone (`bad_result`)."""
     if not NONCE.fullmatch(run.nonce):
         return "bad_result", f"nonce {run.nonce[:80]!r} is not 0x and 64 hex digits"
     if not reveal_is_honest(task.task_id, run, address):
@@ -158,16 +160,19 @@ def screen(task: Task, run: NodeRun, address: str | None) -> tuple[Verdict, str]
             return "bad_commitment", "no registered address"
         return "bad_commitment", "the reveal does not open the commitment signed by the node's address"
     why = malformed(task, run)
+    if why is None and joined_class and not run.determinism.startswith(joined_class + "; "):
+        why = f"revealed determinism class {run.determinism[:80]!r}, not of the class it joined with"
     return ("bad_result", why) if why is not None else None
 
 
-def candidates(task: Task, addresses: Mapping[str, str]) -> list[str]:
+def candidates(task: Task, addresses: Mapping[str, str], classes: Mapping[str, str] | None = None) -> list[str]:
     """The revealed nodes whose reveal opens its signed commitment and is well-formed:
     the results whose stored blobs the service checks before deciding."""
+    joined = classes or {}
     return [
         node_id
         for node_id, run in task.nodes.items()
-        if run.status == "revealed" and screen(task, run, addresses.get(node_id)) is None
+        if run.status == "revealed" and screen(task, run, addresses.get(node_id), joined.get(node_id, "")) is None
     ]
 
 
@@ -218,17 +223,24 @@ def qos_scores(task: Task, agreeing: list[str]) -> dict[str, int]:
     return scores
 
 
-def decide(task: Task, threshold: int, addresses: Mapping[str, str], checked: Checked) -> TaskSucceeded | TaskAborted:
+def decide(
+    task: Task,
+    threshold: int,
+    addresses: Mapping[str, str],
+    checked: Checked,
+    classes: Mapping[str, str] | None = None,
+) -> TaskSucceeded | TaskAborted:
     """Decide a task from what is in; nodes with no result in time are `timeout`.
     `addresses` maps node ids to their registered Ethereum addresses; `checked` is what
     the blob checks found for the `candidates` (a candidate missing from it is not
-    trusted and judged `undecided`, which costs it nothing)."""
+    trusted and judged `undecided`, which costs it nothing); `classes` the class each node
+    joined with (NodeJoined.determinism; a node missing from it is not checked)."""
     results: dict[str, Result] = {}
     verdicts: dict[str, Verdict] = {}
     details: dict[str, str] = {}
     for node_id, run in task.nodes.items():
         if run.status == "revealed":
-            screened = screen(task, run, addresses.get(node_id))
+            screened = screen(task, run, addresses.get(node_id), (classes or {}).get(node_id, ""))
             if screened is not None:
                 verdicts[node_id], details[node_id] = screened
             elif node_id not in checked:

@@ -267,11 +267,12 @@ class Validator:
         if task is None or task.finished or (task.status == "escalating" and not final):
             return None  # an escalated task is decided by its new nodes, or at the escalation's deadline
         addresses = {node: node for node in task.nodes}  # a node's id is its address (identity.py)
-        results = candidates(task, addresses)
+        classes = {node: entry.joined.determinism for node in task.nodes if (entry := self.directory.entries.get(node))}
+        results = candidates(task, addresses, classes)
         with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
             checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
-            outcome = decide(task, self.settings.phash_threshold, addresses, checked)
+            outcome = decide(task, self.settings.phash_threshold, addresses, checked, classes)
             more = 0 if final else more_nodes(task, outcome, self.settings.max_task_nodes)
             if more:
                 span.set_attributes({"stipple.outcome": "escalated", "stipple.reason": outcome.reason})
