@@ -704,3 +704,16 @@ def test_an_escalation_for_a_task_this_dispatcher_does_not_hold_still_excludes_i
     queue = queue_of(index_of("a", "b", "c", "d", "e"))
     extend = queue.extend(escalated("gone", ["a", "b", "c"]), submitted("gone").spec, NOW, give_up=False)
     assert sorted(extend.extended.nodes) == ["d", "e"]
+
+
+def test_a_drawn_task_keeps_its_place_in_the_queue_and_a_full_one_is_ranked_per_node_run():
+    """The queue goes by the fee per node-run the app pays for: the draw must not push a
+    sampled task back (which would also show it was drawn)."""
+    drawn, alone = sampled_queue(1.0), sampled_queue(0.0)
+    for queue in (drawn, alone):
+        submit(queue, submitted("t", fee=30))
+    assert drawn.queued["t"].copies == 3
+    assert drawn.queued["t"].rank == alone.queued["t"].rank
+    full = sampled_queue(0.0)
+    submit(full, msgspec.structs.replace(submitted("f", fee=90), validation="full"), submitted("s", fee=30))
+    assert full.queued["f"].rank[0] == full.queued["s"].rank[0]  # 90 for three runs = 30 for one

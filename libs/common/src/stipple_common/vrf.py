@@ -257,7 +257,8 @@ class SamplingProof(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def make(cls, key: VrfKey, task_id: str, rate: float) -> SamplingProof:
         pi = key.prove(alpha_for_task(task_id))
-        return cls(public_key=key.public.hex(), proof=pi.hex(), rate=rate, selected=sampled(proof_to_hash(pi), rate))
+        beta = _beta(pi[:32])  # Gamma as just computed: a valid point, no need to decode the proof again
+        return cls(public_key=key.public.hex(), proof=pi.hex(), rate=rate, selected=sampled(beta, rate))
 
     def check(self, task_id: str, public_key: bytes | None = None) -> bool:
         """The proof is valid for `task_id` and `selected` is what it implies.

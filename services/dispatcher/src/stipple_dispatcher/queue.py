@@ -119,7 +119,10 @@ class Task(Generic[H]):
     rank: tuple[float, float] = field(init=False, repr=False)  # queue order: best first
 
     def __post_init__(self) -> None:
-        priority = self.event.fee / max(self.estimate_s * self.copies, 1e-6)
+        # by what the app pays per node-run: `full` pays for every copy; a sampled task pays for
+        # one, and is not to wait longer because the draw chose it (nor show that it was)
+        paid = self.copies if self.event.validation == "full" else 1
+        priority = self.event.fee / max(self.estimate_s * paid, 1e-6)
         self.rank = (-priority, self.event.submitted_at)
 
     @property

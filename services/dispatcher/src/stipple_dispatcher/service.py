@@ -91,6 +91,7 @@ class Dispatcher:
     async def handle(self, msg: Msg) -> bus.Redeliver | bus.Hold | None:
         event = decode_task_event(msg.subject, msg.data)
         tracing.bind_task(event.task_id)
+        result: bus.Redeliver | bus.Hold | None
         async with self.lock:
             if isinstance(event, TaskSubmitted):
                 result = await self.submitted(event, msg)
