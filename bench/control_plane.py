@@ -128,6 +128,7 @@ class BenchNetwork:
             env = {
                 **common,
                 "STIPPLE_MODELS": f"{MODEL}=fixed",
+                "BENCH_COMPUTE_S": "0",  # images at once: the control plane alone, whatever the caller's environment
                 # its key (node.key, made at first start) is there: its id and its operator
                 "STIPPLE_MODEL_CACHE": str(self.data_dir / "nodes" / f"node-{i}"),
             }
