@@ -521,3 +521,20 @@ def test_a_reveal_of_another_class_than_the_node_joined_with_is_a_bad_result():
     assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_result"}
     assert "not of the class it joined with" in outcome.verdict_details[N3]
     assert decided(task).verdicts[N3] == "agree"  # without the joined classes, nothing to hold it to
+
+
+def test_a_cheat_that_passes_phash_against_another_class_cannot_outvote_an_honest_node_of_its_own():
+    """N1 skipped steps and claims the honest N2's class, so their checkpoints differ; N3 is of
+    another class and compared to both by pHash alone, which both pass. Agreement is not
+    transitive here: N1-N3 and N2-N3 both agree, N1-N2 do not. Two largest agreeing sets:
+    no majority, nobody slashed, and more nodes are drawn."""
+    other = "NVIDIA H100 sm9.0 cuda 12.8; torch 2.13.0; diffusers 0.42.1; float16"
+    task = task_with({N1: A_NEAR, N2: A, N3: A}, work={N1: "fewer steps"}, classes={N3: other})
+    outcome = decided(task)
+    assert isinstance(outcome, TaskAborted)
+    assert outcome.reason == "no_agreement"
+    assert set(outcome.verdicts.values()) == {"undecided"}
+    assert more_nodes(task, outcome, max_nodes=7) == 2
+    # in any order: the first node's group must not decide it
+    task = task_with({N3: A, N1: A_NEAR, N2: A}, work={N1: "fewer steps"}, classes={N3: other})
+    assert decided(task).verdicts[N2] != "mismatch"

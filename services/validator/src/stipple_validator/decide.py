@@ -18,11 +18,13 @@ to trade a committed cheat for a mere timeout). Then, with three nodes:  A,A,A -
 A,A,B -> succeeded/majority and B is "mismatch" (slashable);  A,A + error/timeout/bad ->
 succeeded/majority, the third loses QoS (as does a node replaced for not accepting in
 time, which does not count towards the majority);  A,B,C or A,B + one missing ->
-aborted/no_agreement;  fewer than two results -> aborted/too_few_results. A task run on one node (not sampled)
-succeeds with that node's result when it passes the screening and the blob checks. Results agree
-when every pair of per-image pHashes is within the threshold and, for two nodes of one
+aborted/no_agreement;  fewer than two results -> aborted/too_few_results. Where no majority
+stands beside a valid result, the service draws more nodes instead (`more_nodes`) and
+decides again over every result. A task run on one node (not sampled) succeeds with that
+node's result when it passes the screening and the blob checks. Results agree when every pair of per-image pHashes is within the threshold and, for two nodes of one
 determinism class, every checkpoint is equal (their latents after 1/4, 1/2 and 3/4 of the
 steps: stipple_common.checkpoints), which catches skipped steps that pHash misses; a
+majority is the one largest set of results that all agree pairwise (`majority_of`); a
 reveal without one checkpoint digest per fraction per image, or without a class, is
 `bad_result`.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from itertools import combinations
 from typing import NamedTuple
 
 from stipple_common import checkpoints
@@ -86,6 +89,22 @@ def group_agreeing(results: Mapping[str, Result | list[str]], threshold: int) ->
         else:
             groups.append([node])
     return sorted(groups, key=len, reverse=True)
+
+
+def majority_of(results: Mapping[str, Result], threshold: int, counted: int) -> list[str] | None:
+    """The nodes whose results all agree with one another (every pair: agreement is not
+    transitive across determinism classes, where only pHash is compared), when they are the
+    one largest such set and a strict majority of the `counted` nodes; else None. So an
+    honest node is never outvoted by a cheat that merely passes pHash against a node of
+    another class: two largest sets that overlap (A with B, B with C, not A with C) are no
+    majority, and more nodes are drawn. In assignment order."""
+    nodes = list(results)
+    agrees = {(a, b): agree(results[a], results[b], threshold) for a, b in combinations(nodes, 2)}
+    for size in range(len(nodes), 0, -1):
+        largest = [group for group in combinations(nodes, size) if all(agrees[pair] for pair in combinations(group, 2))]
+        if largest:
+            return list(largest[0]) if len(largest) == 1 and 2 * size > counted else None
+    return None
 
 
 def reveal_is_honest(task_id: str, run: NodeRun, address: str | None) -> bool:
@@ -265,9 +284,9 @@ def decide(
         else:
             verdicts[node_id] = "timeout"
 
-    groups = group_agreeing(results, threshold)
+    groups = group_agreeing(results, threshold)  # how the results split, for the detail
     counted = len(task.active)  # a node replaced by another is judged (timeout) but not counted
-    majority = groups[0] if groups and 2 * len(groups[0]) > counted else None
+    majority = majority_of(results, threshold, counted)
     if majority is None:
         for node_id in results:
             verdicts[node_id] = "undecided"
