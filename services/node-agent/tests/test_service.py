@@ -52,9 +52,11 @@ from stipple_node.service import (
     check_node_id,
     join_network,
     load_or_create_key,
+    make_agent,
     parse_models,
     serve,
 )
+from stipple_node.unrevealed import UnrevealedStore
 
 pytestmark = pytest.mark.integration
 
@@ -81,12 +83,13 @@ async def control(fresh_nats_url):
 
 
 @contextlib.asynccontextmanager
-async def running_node(url, runner, store=None, agent_type=None, **overrides):
+async def running_node(url, runner, store=None, agent_type=None, unrevealed=None, **overrides):
     """A node agent with the key `KEY`, joined as it joins in production, until the block ends."""
     settings = NodeSettings(**{"nats_url": url, "node_id": N1, "heartbeat_s": 0.2, **overrides})
     stop = asyncio.Event()
     async with join_network(settings, Account.from_key(KEY), stop=stop) as ctx:
-        task = asyncio.create_task(serve(ctx, settings, runner, store, key=KEY, agent_type=agent_type))
+        agent = make_agent(ctx, settings, runner, store, KEY, agent_type, unrevealed=unrevealed)
+        task = asyncio.create_task(serve(ctx, settings, runner, store, key=KEY, agent=agent))
         try:
             yield ctx
         finally:
@@ -444,3 +447,22 @@ def test_the_node_id_is_the_keys_address_and_a_setting_cannot_change_it():
         check_node_id(NodeSettings(node_id="n1"), address)
     with pytest.raises(InvalidSettings, match=N1):
         check_node_id(NodeSettings(node_id=dev_node_id("n2")), address)
+
+
+async def test_a_node_that_restarts_after_committing_still_reveals_what_it_committed_to(
+    fresh_nats_url, runner, control, tmp_path
+):
+    """Not revealing once committed is `withheld` (slashed): the unrevealed result is kept on
+    disk, and the node that comes back reveals it, opening the commitment it published."""
+    ctx = control
+    kept = UnrevealedStore(tmp_path / "unrevealed")
+    async with running_node(fresh_nats_url, runner, unrevealed=kept):
+        task_id = await assign(ctx.js, spec())
+        _, commit = await wait_for_event(ctx.js, task_id, TaskCommitted)
+    assert [record.task_id for record in kept.load()] == [task_id]  # the process is gone; the file is not
+    async with running_node(fresh_nats_url, runner, unrevealed=UnrevealedStore(tmp_path / "unrevealed")):
+        request = RevealRequest(task_id=task_id, deadline=time.time() + 10)
+        await bus.publish(ctx.js, subjects.control_subject(N1), request, msg_id=f"{task_id}:reveal")
+        _, revealed = await wait_for_event(ctx.js, task_id, ResultRevealed)
+    assert make_commitment(task_id, N1, revealed.images, revealed.nonce, revealed.determinism) == commit.commitment
+    assert kept.load() == []  # revealed: forgotten

@@ -78,6 +78,7 @@ from .pipeline import GeneratedImage, PipelineRunner, configure_determinism, pla
 from .staking import ensure_stake
 from .store import ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
+from .unrevealed import Unrevealed, UnrevealedStore
 
 log = structlog.get_logger("stipple.node")
 
@@ -198,10 +199,23 @@ class NodeAgent:
         store: ModelStore | None = None,
         key: str | None = None,
         uploads: Uploads | None = None,
+        unrevealed: UnrevealedStore | None = None,
     ) -> None:
         self.account = commitment.account_from_key(key) if key else commitment.new_account()
         node_id = node_id_of(self.account.address)
         self.committed: OrderedDict[str, _Committed] = OrderedDict()  # task id -> result awaiting its reveal
+        self.unrevealed = unrevealed  # the same on disk, across restarts (unrevealed.py)
+        for kept in unrevealed.load() if unrevealed else []:
+            restored = _Committed(
+                images=kept.images,
+                pngs=[],
+                nonce=kept.nonce,
+                elapsed_s=kept.elapsed_s,
+                event=kept.event,
+                determinism=kept.determinism,
+            )
+            restored.uploaded.set()  # kept only once stored
+            self.committed[kept.task_id] = restored
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
         self.prefetching: dict[str, asyncio.Task[None]] = {}
         self.probing: dict[str, asyncio.Task[None]] = {}
@@ -367,7 +381,9 @@ class NodeAgent:
         )
         self.committed[task_id] = pending
         while len(self.committed) > MAX_UNREVEALED:  # tasks decided without this node's reveal
-            self.committed.popitem(last=False)
+            forgotten, _ = self.committed.popitem(last=False)
+            if self.unrevealed:
+                self.unrevealed.drop(forgotten)
         return pending
 
     async def _deliver(self, task_id: str, pending: _Committed) -> None:
@@ -376,6 +392,16 @@ class NodeAgent:
         an error instead, `withheld`, which is slashed), so an upload that fails must fail
         before the commitment, where it is an honest error. The order costs one publish."""
         await self._upload(pending)
+        if self.unrevealed:  # a restart from here on can still reveal
+            kept = Unrevealed(
+                task_id=task_id,
+                images=pending.images,
+                nonce=pending.nonce,
+                elapsed_s=pending.elapsed_s,
+                determinism=pending.determinism,
+                event=pending.event,
+            )
+            await asyncio.to_thread(self.unrevealed.save, kept)
         await self._commit(task_id, pending)
 
     async def _commit(self, task_id: str, pending: _Committed) -> None:
@@ -430,10 +456,12 @@ class NodeAgent:
             while len(self.cancelled) > 10_000:
                 self.cancelled.popitem(last=False)
             self.committed.pop(message.task_id, None)
+            if self.unrevealed:
+                self.unrevealed.drop(message.task_id)
             return None
         assert isinstance(message, RevealRequest)
         pending = self.committed.get(message.task_id)
-        if pending is None:  # revealed already, or this process restarted and lost the nonce
+        if pending is None:  # revealed already, or restarted without its unrevealed store
             log.warning("reveal_without_commitment")
             return None
         if not pending.uploaded.is_set():  # (uploads end before the commitment: a safeguard)
@@ -453,6 +481,8 @@ class NodeAgent:
         )
         with tracing.task_span("node.reveal", task_id=message.task_id, node_id=self.node_id):
             await self._publish_event(revealed)
+        if self.unrevealed:
+            self.unrevealed.drop(message.task_id)
         self.metrics.tasks.labels("revealed").inc()
         return None
 
@@ -522,11 +552,12 @@ async def run(settings: NodeSettings) -> None:
         freeze_startup_heap()
 
         agent: NodeAgent | None = None  # one across connections: its committed results wait for their reveals
+        unrevealed = UnrevealedStore(cache / "unrevealed" / node_id)  # and across restarts
 
         async def work(ctx: ServiceContext) -> None:
             nonlocal agent
             downloads.attach(ctx, asyncio.get_running_loop(), node_id)
-            agent = agent or make_agent(ctx, settings, runner, store, key)
+            agent = agent or make_agent(ctx, settings, runner, store, key, unrevealed=unrevealed)
             await serve(ctx, settings, runner, store, key, agent=agent)
 
         await keep_joined(settings, account, work, stop=stop)
@@ -684,6 +715,7 @@ def make_agent(
     key: str | None = None,
     agent_type: type[NodeAgent] | None = None,
     uploads: Uploads | None = None,
+    unrevealed: UnrevealedStore | None = None,
 ) -> NodeAgent:
     """The node (of `agent_type`, a NodeAgent subclass in tests) on `ctx`'s connection. Its
     metrics are those of `ctx.metrics`' registry: the same collectors for every agent built
@@ -699,6 +731,7 @@ def make_agent(
         store=store,
         key=key,
         uploads=uploads,
+        unrevealed=unrevealed,
     )
 
 
