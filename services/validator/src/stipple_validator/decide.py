@@ -21,7 +21,8 @@ time, which does not count towards the majority);  A,B,C or A,B + one missing ->
 aborted/no_agreement;  fewer than two results -> aborted/too_few_results. Where no majority
 stands beside a valid result, the service draws more nodes instead (`more_nodes`) and
 decides again over every result. A task run on one node (not sampled) succeeds with that
-node's result when it passes the screening and the blob checks. Results agree when every pair of per-image pHashes is within the threshold and, for two nodes of one
+node's result when it passes the screening and the blob checks. Results agree when every
+pair of per-image pHashes is within the threshold and, for two nodes of one
 determinism class, every checkpoint is equal (their latents after 1/4, 1/2 and 3/4 of the
 steps: stipple_common.checkpoints), which catches skipped steps that pHash misses; a
 majority is the one largest set of results that all agree pairwise (`majority_of`); a
