@@ -9,7 +9,14 @@ What a validator can compare between two nodes' results of one task:
   (b) with a tolerance, across classes: the relative L2 distance ||a - b|| / ||a|| of the
   latents (the validator needs the latents themselves for this), and, as something small
   enough to sit in a commitment, the Hamming distance of a 256-bit sign hash (the signs of
-  256 fixed random projections of the flattened latent, a SimHash).
+  256 fixed random projections of the flattened latent, a SimHash), and the distance of
+  the latents' *summaries* (`stipple_common.checkpoints.summary`: each channel average-
+  pooled to at most 8x8, float16; `summary_distance`, a relative L2): what a node reveals
+  per checkpoint and the validator compares across classes, with pHash, at a tolerance.
+  The checkpoints are taken where the node takes them (`stipple_common.checkpoints.steps`
+  of the pipeline's loop), and the summaries are computed by those same functions. (The
+  digits model's latents are 8x8 already, so here a summary is the latents in float16:
+  this bench measures the tolerance, not what pooling SD's 64x64 latents would lose.)
 
 Honest variations (the same task, computed as an honest node might): an exact re-run,
 2 torch threads against 1, bfloat16 and float16 against float32, and the classic
@@ -24,10 +31,13 @@ it ran smaller; the random image commits random latents.
 Thresholds come from the honest distances only, per tolerance tier: the largest honest
 distance seen on the calibration half of the seeds (the even ones), times --margin (2).
 Tier [fp32/fp16] is set by every honest variation but bfloat16; tier [+bf16] by all of
-them. False rejects are counted on the held-out half (seeds no threshold saw); false
-accepts on every seed (cheats never set a threshold). Where no event was seen, the 95 %
-upper bound is the rule of three, 3/n; otherwise the exact (Clopper-Pearson) one-sided
-95 % bound. Nothing here can show a rate below about 3/n.
+them. The summary tolerances are chosen the same way, and the rule "pHash within the
+threshold and every checkpoint's summary within its tolerance" is reported per tier, with
+the tier's pHash threshold and with the validator's default (6 bits). False rejects are
+counted on the held-out half (seeds no threshold saw); false accepts on every seed
+(cheats never set a threshold). Where no event was seen, the 95 % upper bound is the rule
+of three, 3/n; otherwise the exact (Clopper-Pearson) one-sided 95 % bound. Nothing here
+can show a rate below about 3/n.
 
 The model is the tiny text-conditioned one that bench/train_digits_model.py trains (first
 when missing, about 5 CPU minutes): random weights would hide the cheats. Its images are
@@ -69,11 +79,12 @@ from PIL import Image
 from scipy.stats import beta
 from train_digits_model import IMAGE, LATENT, MARKER, ensure_model, prompt, quiet, summarise
 
+from stipple_common import checkpoints
 from stipple_common.phash import hamming, image_phash
 from stipple_node.pipeline import configure_determinism
 from stipple_node.schedulers import make_scheduler
 
-FRACTIONS = (0.25, 0.5, 0.75)
+FRACTIONS = checkpoints.FRACTIONS  # (0.25, 0.5, 0.75)
 CHECKPOINTS = ("1/4", "1/2", "3/4")
 SIGN_BITS = 256
 THREADS = "torch threads 2 (ref 1)"
@@ -89,6 +100,7 @@ class Run:
     image_sha: str
     latents: list[torch.Tensor]  # float32 copies, one per checkpoint
     latent_sha: list[str]  # sha256 of each checkpoint's tensor as computed (its own dtype)
+    summaries: list[str]  # checkpoints.summary of each checkpoint's latents, as a node reveals them
 
 
 @dataclass
@@ -98,6 +110,7 @@ class Distances:
     exact: list[bool] = field(default_factory=list)  # image and every checkpoint bit-identical
     rel_l2: list[list[float]] = field(default_factory=lambda: [[] for _ in FRACTIONS])
     sign: list[list[int]] = field(default_factory=lambda: [[] for _ in FRACTIONS])
+    summary: list[list[float]] = field(default_factory=lambda: [[] for _ in FRACTIONS])  # summary_distance
 
 
 def tensor_sha(tensor: torch.Tensor) -> str:
@@ -105,15 +118,19 @@ def tensor_sha(tensor: torch.Tensor) -> str:
     return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy()).hexdigest()
 
 
-def checkpoint_steps(n: int) -> list[int]:
-    """After how many of `n` loop iterations each checkpoint is taken."""
-    return [max(1, math.floor(n * f + 0.5)) for f in FRACTIONS]
+StepEnd = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
-def capture(into: dict[int, torch.Tensor]) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+def capture(into: dict[int, torch.Tensor], wanted: list[int]) -> StepEnd:
+    """Keep the latents after the loop iterations the node hashes (`checkpoints.steps` of the
+    pipeline's loop length, which for PNDM is one more than the steps asked for); `wanted`
+    receives those iteration indexes, one per fraction (some coincide in a short loop)."""
+
     def on_step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        if i + 1 in checkpoint_steps(pipe.num_timesteps):
-            into[i + 1] = tensors["latents"].detach().clone()
+        if not wanted:
+            wanted.extend(checkpoints.steps(int(pipe.num_timesteps)))
+        if i in wanted:
+            into[i] = tensors["latents"].detach().clone()
         return tensors
 
     return on_step_end
@@ -128,15 +145,16 @@ def generate(
     cfg: float,
     size: int = IMAGE,
     sampler: str | None = None,
-    checkpoints: bool = True,
+    with_checkpoints: bool = True,
 ) -> Run:
-    """One image the node's way, with its checkpoints (or, checkpoints=False, a bare call)."""
+    """One image the node's way, with its checkpoints (or, with_checkpoints=False, a bare call)."""
     task_pipe = copy.copy(pipe)  # shares the weights; only the copy gets the fresh scheduler
     task_pipe.scheduler = make_scheduler(pipe.scheduler, sampler=sampler, spec=None)
     captured: dict[int, torch.Tensor] = {}
+    wanted: list[int] = []
     extra: dict[str, Any] = {}
-    if checkpoints:
-        extra = {"callback_on_step_end": capture(captured), "callback_on_step_end_tensor_inputs": ["latents"]}
+    if with_checkpoints:
+        extra = {"callback_on_step_end": capture(captured, wanted), "callback_on_step_end_tensor_inputs": ["latents"]}
     with torch.inference_mode():
         image = task_pipe(
             text,
@@ -149,7 +167,7 @@ def generate(
             generator=torch.Generator("cpu").manual_seed(seed),
             **extra,
         ).images[0]
-    latents = [captured[k] for k in sorted(captured)]
+    latents = [captured[k] for k in wanted]
     if size != IMAGE:  # a low-resolution cheat commits its latents and image upscaled to the task's size
         image = image.resize((IMAGE, IMAGE), Image.BICUBIC)
         latents = [torch.nn.functional.interpolate(x.float(), size=(LATENT, LATENT), mode="nearest") for x in latents]
@@ -166,6 +184,7 @@ def finish(image: Image.Image, latents: list[torch.Tensor]) -> Run:
         image_sha=hashlib.sha256(png.getvalue()).hexdigest(),
         latents=[x.float() for x in latents],
         latent_sha=[tensor_sha(x) for x in latents],
+        summaries=[checkpoints.summary(x.float().numpy()) for x in latents],
     )
 
 
@@ -192,6 +211,8 @@ def compare(seed: int, ref: Run, other: Run, into: Distances) -> None:
     for k, (a, b) in enumerate(zip(ref.latents, other.latents, strict=True)):
         into.rel_l2[k].append(float((a - b).norm() / a.norm()))
         into.sign[k].append((sign_hash(a) ^ sign_hash(b)).bit_count())
+    for k, (a, b) in enumerate(zip(ref.summaries, other.summaries, strict=True)):
+        into.summary[k].append(checkpoints.summary_distance(a, b))
 
 
 # ---------------------------------------------------------------------------------- variations
@@ -310,6 +331,7 @@ class Thresholds:
     phash: int
     rel_l2: list[float]
     sign: list[int]
+    summary: list[float]  # checkpoints.summary_distance, per fraction
 
 
 def choose(name: str, honest: dict[str, Distances], calibration: list[int], margin: float) -> Thresholds:
@@ -326,6 +348,7 @@ def choose(name: str, honest: dict[str, Distances], calibration: list[int], marg
         phash=max(1, math.ceil(margin * top(lambda d: d.phash))),
         rel_l2=[margin * top(lambda d, k=k: d.rel_l2[k]) for k in range(len(FRACTIONS))],
         sign=[max(1, math.ceil(margin * top(lambda d, k=k: d.sign[k]))) for k in range(len(FRACTIONS))],
+        summary=[margin * top(lambda d, k=k: d.summary[k]) for k in range(len(FRACTIONS))],
     )
 
 
@@ -357,6 +380,38 @@ def rules(tiers: list[Thresholds]) -> dict[str, Rule]:
     return table
 
 
+def summary_rules(tiers: list[Thresholds]) -> dict[str, Rule]:
+    """The check across classes with what a node reveals: pHash within a threshold and every
+    checkpoint's summary within its tolerance (with the tier's pHash threshold, and with the
+    validator's default), and the summaries alone."""
+
+    def summaries(th: Thresholds) -> Rule:
+        return lambda d, i: all(d.summary[k][i] <= th.summary[k] for k in range(len(FRACTIONS)))
+
+    def with_phash(limit: int, th: Thresholds) -> Rule:
+        return lambda d, i: d.phash[i] <= limit and summaries(th)(d, i)
+
+    table: dict[str, Rule] = {}
+    for th in tiers:
+        table[f"summary [{th.name}]"] = summaries(th)
+        table[f"pHash ≤ {th.phash} + summary [{th.name}]"] = with_phash(th.phash, th)
+        if th.phash != PHASH_CONFIGURED:
+            table[f"pHash ≤ {PHASH_CONFIGURED} + summary [{th.name}]"] = with_phash(PHASH_CONFIGURED, th)
+    return table
+
+
+def worst_ratio(d: Distances, th: Thresholds, cheat: bool) -> float:
+    """How near a variation comes to the other side of the summary rule, per seed the largest
+    distance / tolerance over the checkpoints (the rule accepts below 1): for an honest
+    variation the largest over seeds (1 or more: some seed rejected), for a cheat the
+    smallest (below 1: some seed accepted)."""
+    ratios = [
+        max(d.summary[k][i] / th.summary[k] if th.summary[k] > 0 else math.inf for k in range(len(FRACTIONS)))
+        for i in range(len(d.seeds))
+    ]
+    return min(ratios) if cheat else max(ratios)
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -367,7 +422,7 @@ def timing(pipe: Any, steps: int, cfg: float, repeats: int) -> tuple[float, floa
     for r in range(repeats):
         for with_checkpoints, into in ((False, bare), (True, captured)):
             started = time.perf_counter()
-            generate(pipe, text=prompt(r % 10), seed=r, steps=steps, cfg=cfg, checkpoints=with_checkpoints)
+            generate(pipe, text=prompt(r % 10), seed=r, steps=steps, cfg=cfg, with_checkpoints=with_checkpoints)
             into.append(time.perf_counter() - started)
     return statistics.median(bare), statistics.median(captured)
 
@@ -377,6 +432,65 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def report_summaries(
+    honest: dict[str, Distances],
+    cheats: dict[str, Distances],
+    tiers: list[Thresholds],
+    calibration: list[int],
+    args: argparse.Namespace,
+) -> None:
+    """Across classes: the summaries' distances, tolerances, false accepts and false rejects."""
+    checks = summary_rules(tiers)
+    print("Across classes: latent summaries (checkpoints.summary_distance)")
+    print()
+    for th in tiers:
+        print(
+            f"Tier [{th.name}], set by {', '.join(th.honest)}: summary "
+            + ", ".join(f"@{c} ≤ {v:.2e}" for c, v in zip(CHECKPOINTS, th.summary, strict=True))
+            + f"; pHash ≤ {th.phash} bits"
+        )
+    print(
+        f"(each tolerance: {args.margin:g} x the largest honest summary distance "
+        f"on the {len(calibration)} calibration seeds, the even ones)"
+    )
+    print()
+    print(
+        "Summary distance to the reference, min / median / p95 / max over all seeds; the largest (honest) "
+        "or smallest (cheat) per checkpoint; worst distance/tolerance: per seed the largest over the checkpoints, "
+        "then the largest seed (honest; ≥ 1: rejected) or the smallest (cheat; < 1: accepted), all seeds"
+    )
+    print()
+    rows = []
+    for kind, table in (("honest", honest), ("cheat", cheats)):
+        for name, d in table.items():
+            extreme = max if kind == "honest" else min
+            rows.append(
+                [f"{kind}: {name}"]
+                + [spread_sci(d.summary[k]) for k in range(len(FRACTIONS))]
+                + [" / ".join(f"{extreme(d.summary[k]):.2e}" for k in range(len(FRACTIONS)))]
+                + [f"{worst_ratio(d, th, cheat=kind == 'cheat'):.3g}" for th in tiers]
+            )
+    header = ["variation", *(f"summary @{c}" for c in CHECKPOINTS), "max (honest) / min (cheat) @1/4, 1/2, 3/4"]
+    markdown_table([*header, *(f"worst distance/tolerance [{th.name}]" for th in tiers)], rows)
+    print()
+    print(f"false accept, summaries: cheats accepted, on every seed (n = {args.seeds} per cheat)")
+    print()
+    rows = [
+        [name] + [rate(sum(check(d, i) for i in range(len(d.seeds))), len(d.seeds)) for check in checks.values()]
+        for name, d in cheats.items()
+    ]
+    markdown_table(["cheat", *checks], rows)
+    print()
+    print("false reject, summaries: honest results rejected, on the held-out (odd) seeds only")
+    print()
+    rows = []
+    for name, d in honest.items():
+        held_out = [i for i, seed in enumerate(d.seeds) if seed % 2]
+        rows.append([name] + [rate(sum(not check(d, i) for i in held_out), len(held_out)) for check in checks.values()])
+    markdown_table(["honest variation", *checks], rows)
+    print()
 
 
 def main() -> None:
@@ -482,6 +596,7 @@ def main() -> None:
         rows.append([name] + [rate(sum(not check(d, i) for i in held_out), len(held_out)) for check in checks.values()])
     markdown_table(["honest variation", *checks], rows)
     print()
+    report_summaries(honest, cheats, tiers, calibration, args)
     print(
         f"Cost of the checkpoints: {captured * 1000:.1f} ms per image with capture and hashing against "
         f"{bare * 1000:.1f} ms for the bare diffusers call (baseline, same run, median of {args.timing_repeats}, "

@@ -167,6 +167,9 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
     env = {
         "STIPPLE_OTLP_ENDPOINT": endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "600000",
+        # nor a full batch (512 spans by default: a service under load, redelivering, can reach it)
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100000",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "100000",
         "STIPPLE_VALIDATION_RATE": "1",  # the trace of a task through three nodes
     }
     net = LocalNetwork(data_dir=data, port=0, nodes=len(NODES), chain=False, extra_env=env)
@@ -177,7 +180,8 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
         node_ids = net.node_ids()
         status = asyncio.run(_submit_and_wait(net, task_id, key))
         time.sleep(1.5)  # the outcome's own handlers (QoS updates, slot releases) finish
-        assert not collected.spans, "exported before shutdown: the flush is not what is tested"
+        early = sorted({span.name for span in collected.spans})[:10] if collected.spans else []
+        assert not collected.spans, f"exported before shutdown (the flush is not what is tested): {early}"
     finally:
         net.stop()  # SIGTERM: each service flushes its spans as it closes
     logs: dict[str, list[dict[str, object]]] = {}

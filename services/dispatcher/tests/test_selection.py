@@ -261,8 +261,8 @@ def of_class(name: str, determinism: str):
 def test_the_copies_come_from_the_first_nodes_class_where_it_can():
     """Nodes of two classes: whichever node is drawn first, its copies are of its class
     (they compare bit for bit); over many draws, both classes lead."""
-    h100 = [of_class(f"h{i}", "NVIDIA H100 sm9.0 cuda 12.8") for i in range(4)]
-    a100 = [of_class(f"a{i}", "NVIDIA A100 sm8.0 cuda 12.8") for i in range(4)]
+    h100 = [of_class(f"h{i}", "NVIDIA H100 sm9.0 cuda 12.8") for i in range(6)]
+    a100 = [of_class(f"a{i}", "NVIDIA A100 sm8.0 cuda 12.8") for i in range(6)]
     index = index_of(*h100, *a100)
     classes = {n.node_id: n.determinism for n in (*h100, *a100)}
     leads = Counter()
@@ -276,10 +276,23 @@ def test_the_copies_come_from_the_first_nodes_class_where_it_can():
 def test_a_node_of_a_rare_class_is_still_drawn_first_and_compared_across_classes():
     """Drawing the first node from all keeps a lone class in the sample: its copies then
     come from another class (compared by pHash), rather than it never being compared."""
-    index = index_of(of_class("odd", "some-unique-class"), *[of_class(f"h{i}", "H100") for i in range(3)])
+    index = index_of(of_class("odd", "some-unique-class"), *[of_class(f"h{i}", "H100") for i in range(5)])
     firsts = [pick(index, seed=seed) for seed in range(200)]
     with_odd = [nodes for nodes in firsts if nodes[0] == "odd"]
     assert with_odd  # it leads some sampled tasks
     assert all(len(nodes) == 3 for nodes in with_odd)
     # when an H100 leads, its copies are H100s: the odd node is never needed
     assert all("odd" not in nodes for nodes in firsts if nodes[0] != "odd")
+
+
+def test_a_class_of_few_operators_is_not_checked_only_by_itself():
+    """Three operators that announce one made-up class: were their copies drawn from it, a
+    cheat leading a sampled task would be checked only by its accomplices. Below the floor
+    of operators (five), copies come from anyone."""
+    made_up = [of_class(f"x{i}", "made-up") for i in range(3)]
+    index = index_of(*made_up, *[of_class(f"h{i}", "H100") for i in range(6)])
+    led = [nodes for nodes in (pick(index, seed=seed) for seed in range(300)) if nodes[0].startswith("x")]
+    assert led
+    assert any(not node.startswith("x") for nodes in led for node in nodes[1:])
+    all_accomplices = sum(all(node.startswith("x") for node in nodes) for nodes in led)
+    assert all_accomplices < len(led) / 4  # by weight, not by class: two of eight others are accomplices

@@ -243,6 +243,12 @@ def test_each_image_carries_its_checkpoints_and_the_nodes_determinism_class(runn
     assert first[0].checkpoints != first[1].checkpoints  # another seed
     fewer = generate(runner, steps=6, num_images=1)[0]
     assert not set(fewer.checkpoints) & set(first[0].checkpoints)
+    # the latents' summaries, for other classes: equal for equal work, far apart for fewer steps
+    assert [i.summaries for i in first] == [i.summaries for i in second]
+    assert all(len(i.summaries) == 3 and checkpoints.summaries_well_formed(i.summaries) is None for i in first)
+    assert all(
+        checkpoints.summary_distance(a, b) > 0.05 for a, b in zip(first[0].summaries, fewer.summaries, strict=True)
+    )
     other_prompt = generate(runner, steps=8, num_images=1, prompt="a blue boat")[0]
     assert not set(other_prompt.checkpoints) & set(first[0].checkpoints)
     other_sampler = generate(runner, steps=8, num_images=1, sampler="DDIM")[0]

@@ -5,6 +5,7 @@ match it, is `bad_result` and counts as no result."""
 import hashlib
 
 import msgspec
+import numpy as np
 import pytest
 
 from stipple_common import checkpoints
@@ -58,7 +59,21 @@ def work_checkpoints(work=HONEST_WORK, index=0):
     return [checkpoints.digest(f"{work}:{index}:{fraction}".encode()) for fraction in checkpoints.FRACTIONS]
 
 
-def images_of(node, hashes, task_id="t", work=HONEST_WORK):
+def work_summaries(work=HONEST_WORK, index=0, determinism=""):
+    """The latent summaries of one image: latents drawn from the work (equal for equal work),
+    nudged by 1e-3 for another class's last bits (`determinism`; none for CLASS)."""
+    out = []
+    for k, _ in enumerate(checkpoints.FRACTIONS):
+        seed = int.from_bytes(hashlib.sha256(f"{work}:{index}:{k}".encode()).digest()[:8], "big")
+        latents = np.random.default_rng(seed).standard_normal((4, 8, 8)).astype(np.float32)
+        if determinism and determinism != CLASS:
+            nudge = int.from_bytes(hashlib.sha256(determinism.encode()).digest()[:8], "big")
+            latents += 1e-3 * np.random.default_rng(nudge).standard_normal(latents.shape).astype(np.float32)
+        out.append(checkpoints.summary(latents))
+    return out
+
+
+def images_of(node, hashes, task_id="t", work=HONEST_WORK, determinism=""):
     return [
         ImageResult(
             index=i,
@@ -69,6 +84,7 @@ def images_of(node, hashes, task_id="t", work=HONEST_WORK):
             height=64,
             sha256=hashlib.sha256(f"{node}:{i}".encode()).hexdigest(),
             checkpoints=work_checkpoints(work, i),
+            summaries=work_summaries(work, i, determinism),
         )
         for i, h in enumerate(hashes)
     ]
@@ -90,7 +106,9 @@ def task_with(results, *, commit_order=None, tamper=None, images=None, classes=N
             task = apply(task, NodeErrored(task_id="t", node_id=node, code="x", message="y"))
         elif result is not None:
             nonce = new_nonce()
-            revealed = images_of(node, result, work=(work or {}).get(node, HONEST_WORK))
+            revealed = images_of(
+                node, result, work=(work or {}).get(node, HONEST_WORK), determinism=(classes or {}).get(node, CLASS)
+            )
             if images and node in images:
                 revealed = images[node](revealed)
             determinism = (classes or {}).get(node, CLASS)
@@ -538,3 +556,52 @@ def test_a_cheat_that_passes_phash_against_another_class_cannot_outvote_an_hones
     # in any order: the first node's group must not decide it
     task = task_with({N3: A, N1: A_NEAR, N2: A}, work={N1: "fewer steps"}, classes={N3: other})
     assert decided(task).verdicts[N2] != "mismatch"
+
+
+TOLERANCE = (0.01, 0.01, 0.01)
+GPU = "NVIDIA H100 sm9.0 cuda 12.8; torch 2.13.0; diffusers 0.42.1; float16"
+
+
+def decided_with_tolerance(task):
+    checked = {node: None for node in candidates(task, ADDRESSES)}
+    return decide(task, THRESHOLD, ADDRESSES, checked, tolerance=TOLERANCE)
+
+
+def test_across_classes_latent_summaries_within_the_tolerance_agree():
+    outcome = decided_with_tolerance(task_with({N1: A, N2: A, N3: A_NEAR}, classes={N3: GPU}))
+    assert outcome.reason == "unanimous"
+    assert set(outcome.verdicts.values()) == {"agree"}
+
+
+def test_across_classes_skipped_work_that_passes_phash_is_caught_by_its_latent_summaries():
+    """N3 is of its own class, so its checkpoints cannot be compared bit for bit; its image
+    passes pHash, but its latents are far off the two others': outvoted, with the distances."""
+    task = task_with({N1: A, N2: A, N3: A_NEAR}, classes={N3: GPU}, work={N3: "fewer steps"})
+    assert decided(task).verdicts[N3] == "agree"  # pHash alone lets it through
+    outcome = decided_with_tolerance(task)
+    assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "mismatch"}
+    assert "latents are off theirs across classes" in outcome.verdict_details[N3]
+    assert "relative L2" in outcome.verdict_details[N3]
+
+
+def test_across_classes_a_result_without_summaries_agrees_with_no_other_class():
+    def without_summaries(images):
+        return [msgspec.structs.replace(image, summaries=[]) for image in images]
+
+    task = task_with({N1: A, N2: A, N3: A}, classes={N3: GPU}, images={N3: without_summaries})
+    outcome = decided_with_tolerance(task)
+    assert outcome.verdicts[N3] == "mismatch"
+    assert "without latent summaries" in outcome.verdict_details[N3]
+
+
+@pytest.mark.parametrize(
+    ("summaries", "why"),
+    [(["AAA="], "expected none or 3"), (["!!", "!!", "!!"], "not base64"), (["A" * 5000] * 3, "at most")],
+)
+def test_malformed_summaries_are_a_bad_result(summaries, why):
+    def garbled(images):
+        return [msgspec.structs.replace(image, summaries=summaries) for image in images]
+
+    outcome = decided_with_tolerance(task_with({N1: A, N2: A, N3: A}, images={N3: garbled}))
+    assert outcome.verdicts[N3] == "bad_result"
+    assert why in outcome.verdict_details[N3]

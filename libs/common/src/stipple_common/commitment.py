@@ -33,7 +33,12 @@ def make_commitment(
     """keccak-256 (0x hex) of the canonical reveal and the nonce."""
     ordered = sorted(images, key=lambda i: i.index)
     body = msgspec.json.encode(
-        [task_id, node_id, [[i.index, i.seed, i.phash, i.key, i.sha256, i.checkpoints] for i in ordered], determinism]
+        [
+            task_id,
+            node_id,
+            [[i.index, i.seed, i.phash, i.key, i.sha256, i.checkpoints, i.summaries] for i in ordered],
+            determinism,
+        ]
     )
     return "0x" + keccak(body + bytes.fromhex(nonce.removeprefix("0x"))).hex()
 

@@ -46,6 +46,9 @@ class ImageResult(msgspec.Struct, frozen=True, kw_only=True):
     # digests of this image's latents after 1/4, 1/2 and 3/4 of the steps (checkpoints.py):
     # equal between nodes of one determinism class, so skipped work shows
     checkpoints: list[str] = []
+    # per fraction, a summary of those latents (checkpoints.summary): compared with a measured
+    # tolerance between nodes of two classes, where the digests cannot be equal
+    summaries: list[str] = []
 
 
 class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", tag_field="type"):

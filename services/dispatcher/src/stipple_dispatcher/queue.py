@@ -251,6 +251,7 @@ class TaskQueue(Generic[H]):
             memory_bytes=self.memory.get(spec.model_name, 0),
             slots=self.settings.node_slots,
             version=__version__,
+            class_operators=self.settings.class_operators,
         )
 
     # ------------------------------------------------------------------ events

@@ -78,6 +78,9 @@ class Requirements:
     memory_bytes: int = 0
     slots: int = 1  # tasks a node runs at once (one GPU, one diffusion)
     version: str = ""  # ours; empty: any
+    # copies come from the first node's class only when this many operators of it are eligible:
+    # a class a few operators made up must not get to check only itself (collusion)
+    class_operators: int = 5
 
 
 class NodeIndex:
@@ -305,9 +308,11 @@ class NodeIndex:
         Nodes in `exclude`, and every node of their operators, are left out (a replacement
         must not share an operator with the task's other nodes). The first node is drawn
         from every eligible one; the others from its determinism class first (the class it
-        joined with), so that copies compare bit for bit where the network allows, and from
-        any class when too few of its class are free. Drawing the first from all keeps a
-        node of a rare class in the sample: it is compared, if only by pHash."""
+        joined with), so that copies compare bit for bit, when at least `req.class_operators`
+        operators of that class are eligible now; else from any class (compared by their
+        latent summaries). Drawing the first from all keeps a node of a rare class in the
+        sample; the operator floor keeps a class that a few colluding operators made up
+        from being checked only by itself."""
         rows = self.eligible(spec, now, ttl_s, req)
         excluded = [self.row[node] for node in exclude if node in self.row]
         if excluded and len(rows):
@@ -317,6 +322,8 @@ class NodeIndex:
             order = [int(rows[i]) for i in np.argsort(-keys)]
             first_class = self.joined[order[0]].determinism
             same = [row for row in order[1:] if first_class and self.joined[row].determinism == first_class]
+            if len({int(self.operator[row]) for row in [order[0], *same]}) < req.class_operators:
+                same = []
             chosen: dict[int, str] = {}  # operator -> node id
             for row in [order[0], *same, *order[1:]]:
                 chosen.setdefault(int(self.operator[row]), self.ids[row])

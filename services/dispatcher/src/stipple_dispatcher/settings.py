@@ -22,6 +22,9 @@ class DispatcherSettings(CommonSettings, frozen=True, kw_only=True):
     # empty: a new key at every start (its public key is published in the `sampling` bucket
     # all the same, but auditors need one that lasts: set it in production)
     sampling_key: str = ""
+    class_operators: int = (
+        5  # copies from the first node's determinism class only when this many operators of it are free
+    )
 
 
 def sampling_key(settings: DispatcherSettings) -> VrfKey:

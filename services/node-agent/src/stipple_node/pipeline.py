@@ -106,6 +106,8 @@ class GeneratedImage:
     """`stipple_common.checkpoints`: digests of the latents after 1/4, 1/2 and 3/4 of the steps."""
     determinism: str = ""
     """`determinism_class`: what must be equal for another node's latents to be bit-identical."""
+    summaries: list[str] = field(default_factory=list)
+    """`stipple_common.checkpoints.summary` of the same latents: compared across classes."""
 
 
 def configure_determinism(threads: int) -> None:
@@ -463,6 +465,7 @@ class PipelineRunner:
         tracker = _ProgressTracker(progress, config.num_images)
         images = []
         digests: list[list[str]] = []  # per image, its checkpoints
+        summaries: list[list[str]] = []  # per image, its checkpoints' summaries
         with self.metrics.denoise_seconds.time(), self._adapters(pipe, spec):
             prompts = prompt_kwargs(pipe, base.family, spec.prompt, spec.negative_prompt)
             for index in range(config.num_images):
@@ -472,12 +475,15 @@ class PipelineRunner:
                     image = self._one_image(pipe, spec, prompts, inputs, refiner, seed, tracker.for_image(index))
                 images.append(image)
                 digests.append(tracker.checkpoints(index))
+                summaries.append(tracker.summaries(index))
         if config.safety_checker:
             with _tracer.start_as_current_span("node.safety_check"):
                 images = self._safety_check(images)
         with _tracer.start_as_current_span("node.encode", attributes={"stipple.images": len(images)}):
             determinism = determinism_class(self._device, dtype)
-            return [_encode(image, config.seed + i, digests[i], determinism) for i, image in enumerate(images)]
+            return [
+                _encode(image, config.seed + i, digests[i], determinism, summaries[i]) for i, image in enumerate(images)
+            ]
 
     def _task_pipeline(self, base: _Loaded, spec: TaskSpec, dtype: torch.dtype) -> Any:
         """The pipeline for the task's kind, sharing the base's weights, with a fresh scheduler."""
@@ -720,6 +726,7 @@ class _ProgressTracker:
         self.phase_steps: dict[int, int] = {}
         self._first_phase: dict[int, int] = {}  # image -> id of the pipeline that ran first
         self._digests: dict[int, dict[int, str]] = {}  # image -> step -> digest of its latents
+        self._summaries: dict[int, dict[int, str]] = {}  # image -> step -> summary of its latents
         self._steps: dict[int, list[int]] = {}  # image -> the steps hashed (checkpoints.steps)
 
     def checkpoints(self, index: int) -> list[str]:
@@ -728,6 +735,11 @@ class _ProgressTracker:
         if not digests:
             return []
         return [digests[step] for step in self._steps.get(index, []) if step in digests]
+
+    def summaries(self, index: int) -> list[str]:
+        """The image's checkpoint summaries (checkpoints.summary), one per fraction."""
+        summaries = self._summaries.get(index, {})
+        return [summaries[step] for step in self._steps.get(index, []) if step in summaries]
 
     def for_image(self, index: int) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -740,6 +752,7 @@ class _ProgressTracker:
                 if step in wanted and "latents" in tensors:
                     latents = tensors["latents"].detach().to(device="cpu", dtype=torch.float32).contiguous()
                     self._digests.setdefault(index, {})[step] = checkpoints.digest(latents.numpy().tobytes())
+                    self._summaries.setdefault(index, {})[step] = checkpoints.summary(latents.numpy())
             self.done += 1
             if self.progress is not None:
                 self.progress(self.done, max(self.done, self.num_images * self.per_image))
@@ -758,7 +771,9 @@ def _dtype_arg() -> str:
 _DTYPE_ARG = _dtype_arg()
 
 
-def _encode(image: Image.Image, seed: int, checkpoints: list[str], determinism: str) -> GeneratedImage:
+def _encode(
+    image: Image.Image, seed: int, checkpoints: list[str], determinism: str, summaries: list[str] | None = None
+) -> GeneratedImage:
     """PNG bytes (no text chunks, fixed compression, so equal pixels give equal bytes) and the perceptual hash."""
     image = image.convert("RGB")
     buffer = io.BytesIO()
@@ -771,4 +786,5 @@ def _encode(image: Image.Image, seed: int, checkpoints: list[str], determinism: 
         height=image.height,
         checkpoints=checkpoints,
         determinism=determinism,
+        summaries=summaries or [],
     )

@@ -358,6 +358,7 @@ class NodeAgent:
                 height=image.height,
                 sha256=hashlib.sha256(image.png).hexdigest(),
                 checkpoints=image.checkpoints,
+                summaries=image.summaries,
             )
             for index, image in enumerate(images)
         ]

@@ -36,7 +36,7 @@ bind itself to a correct result was the fastest); everyone else scores 0.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from typing import NamedTuple
 
@@ -59,32 +59,64 @@ Checked = Mapping[str, str | None]
 revealed, else why not (blobcheck.py). A node missing from it was not checked."""
 
 
+Tolerance = Sequence[float] | None
+"""Per checkpoint fraction, the largest relative L2 distance between two classes' latent
+summaries that still agrees (measured: bench/RESULTS.md); None compares other classes by
+pHash alone."""
+
+
 class Result(NamedTuple):
     """What the comparison of two nodes' results looks at."""
 
     phashes: list[str]  # per image, in index order
     determinism: str = ""
     checkpoints: list[list[str]] = []  # per image, its checkpoint digests
+    summaries: list[list[str]] = []  # per image, its checkpoint summaries
 
 
-def agree(a: Result, b: Result, threshold: int) -> bool:
-    """Two results agree when every pair of images is within the pHash threshold and, when
-    the two nodes are of one determinism class, their checkpoints are equal: bit-identical
-    latents at 1/4, 1/2 and 3/4 of the way (stipple_common.checkpoints), which a node that
-    skipped steps, or ran another scheduler, prompt or model, cannot show."""
+def latent_distances(a: Result, b: Result) -> list[list[float]] | None:
+    """Per image and fraction, the relative L2 distance of the two results' summaries; None
+    when either lacks a summary anywhere."""
+    count = len(a.phashes)
+    if len(a.summaries) != count or len(b.summaries) != count:
+        return None
+    out = []
+    for ours, theirs in zip(a.summaries, b.summaries, strict=True):
+        if len(ours) != len(checkpoints.FRACTIONS) or len(theirs) != len(checkpoints.FRACTIONS):
+            return None
+        out.append([checkpoints.summary_distance(x, y) for x, y in zip(ours, theirs, strict=True)])
+    return out
+
+
+def agree(a: Result, b: Result, threshold: int, tolerance: Tolerance = None) -> bool:
+    """Two results agree when every pair of images is within the pHash threshold and their
+    latents agree: within one determinism class, equal checkpoints (bit-identical latents
+    at 1/4, 1/2 and 3/4 of the way: stipple_common.checkpoints); across classes, summaries
+    of those latents within `tolerance` at every fraction (a result without them agrees
+    with no other class). A node that skipped steps, or ran another scheduler, prompt or
+    model, shows either way."""
     if not same_images(a.phashes, b.phashes, threshold):
         return False
-    return a.determinism != b.determinism or a.checkpoints == b.checkpoints
+    if a.determinism == b.determinism:
+        return a.checkpoints == b.checkpoints
+    if tolerance is None:
+        return True
+    distances = latent_distances(a, b)
+    return distances is not None and all(
+        d <= limit for image in distances for d, limit in zip(image, tolerance, strict=True)
+    )
 
 
-def group_agreeing(results: Mapping[str, Result | list[str]], threshold: int) -> list[list[str]]:
+def group_agreeing(
+    results: Mapping[str, Result | list[str]], threshold: int, tolerance: Tolerance = None
+) -> list[list[str]]:
     """Partition nodes into groups whose results agree with the group's first member,
     in the given (assignment) order; largest group first, ties broken by that order."""
     given = {node: r if isinstance(r, Result) else Result(phashes=r) for node, r in results.items()}
     groups: list[list[str]] = []
     for node, result in given.items():
         for group in groups:
-            if agree(given[group[0]], result, threshold):
+            if agree(given[group[0]], result, threshold, tolerance):
                 group.append(node)
                 break
         else:
@@ -92,7 +124,9 @@ def group_agreeing(results: Mapping[str, Result | list[str]], threshold: int) ->
     return sorted(groups, key=len, reverse=True)
 
 
-def majority_of(results: Mapping[str, Result], threshold: int, counted: int) -> list[str] | None:
+def majority_of(
+    results: Mapping[str, Result], threshold: int, counted: int, tolerance: Tolerance = None
+) -> list[str] | None:
     """The nodes whose results all agree with one another (every pair: agreement is not
     transitive across determinism classes, where only pHash is compared), when they are the
     one largest such set and a strict majority of the `counted` nodes; else None. So an
@@ -100,7 +134,7 @@ def majority_of(results: Mapping[str, Result], threshold: int, counted: int) -> 
     another class: two largest sets that overlap (A with B, B with C, not A with C) are no
     majority, and more nodes are drawn. In assignment order."""
     nodes = list(results)
-    agrees = {(a, b): agree(results[a], results[b], threshold) for a, b in combinations(nodes, 2)}
+    agrees = {(a, b): agree(results[a], results[b], threshold, tolerance) for a, b in combinations(nodes, 2)}
     for size in range(len(nodes), 0, -1):
         largest = [group for group in combinations(nodes, size) if all(agrees[pair] for pair in combinations(group, 2))]
         if largest:
@@ -160,7 +194,7 @@ def malformed(task: Task, run: NodeRun) -> str | None:
             )
         if config.seed >= 0 and image.seed != config.seed + image.index:
             return f"{where}: seed {image.seed}, expected {config.seed + image.index} (task seed + index)"
-        why = checkpoints.well_formed(image.checkpoints)
+        why = checkpoints.well_formed(image.checkpoints) or checkpoints.summaries_well_formed(image.summaries)
         if why is not None:
             return f"{where}: {why}"
     if not run.determinism or len(run.determinism) > checkpoints.MAX_CLASS_LENGTH:
@@ -196,7 +230,9 @@ def candidates(task: Task, addresses: Mapping[str, str], classes: Mapping[str, s
     ]
 
 
-def mismatch_evidence(lead: Result, odd: Result, majority: list[str], threshold: int) -> str:
+def mismatch_evidence(
+    lead: Result, odd: Result, majority: list[str], threshold: int, tolerance: Tolerance = None
+) -> str:
     """Why an outvoted node is slashed, with the evidence: the nodes that agreed, and either
     the images whose pHashes are over the threshold from the majority's (both hashes and
     the distance), or, when every image is within it and the node is of the majority's
@@ -209,6 +245,17 @@ def mismatch_evidence(lead: Result, odd: Result, majority: list[str], threshold:
     ]
     if far:
         return f"{agreed}; over the pHash threshold of {threshold}: {'; '.join(far[:4])}"
+    if lead.determinism != odd.determinism:
+        distances = latent_distances(lead, odd)
+        if distances is None:
+            return f"{agreed}; of another determinism class and without latent summaries to compare across classes"
+        off = [
+            f"image {i} after {checkpoints.FRACTIONS[k]:g} of the steps: relative L2 {d:.3g} over {limit:.3g}"
+            for i, image in enumerate(distances)
+            for k, (d, limit) in enumerate(zip(image, tolerance or (), strict=False))
+            if d > limit
+        ]
+        return f"{agreed}; its latents are off theirs across classes: {'; '.join(off[:4])} (skipped or other work)"
     differ = [
         f"image {i} after {checkpoints.FRACTIONS[k]:g} of the steps: {y} vs {x}"
         for i, (ours, theirs) in enumerate(zip(lead.checkpoints, odd.checkpoints, strict=False))
@@ -249,6 +296,7 @@ def decide(
     addresses: Mapping[str, str],
     checked: Checked,
     classes: Mapping[str, str] | None = None,
+    tolerance: Tolerance = None,
 ) -> TaskSucceeded | TaskAborted:
     """Decide a task from what is in; nodes with no result in time are `timeout`.
     `addresses` maps node ids to their registered Ethereum addresses; `checked` is what
@@ -273,6 +321,7 @@ def decide(
                     phashes=[image.phash for image in ordered_images],
                     determinism=run.determinism,
                     checkpoints=[image.checkpoints for image in ordered_images],
+                    summaries=[image.summaries for image in ordered_images],
                 )
         elif run.status == "errored" and run.commitment:
             verdicts[node_id] = "withheld"
@@ -285,9 +334,9 @@ def decide(
         else:
             verdicts[node_id] = "timeout"
 
-    groups = group_agreeing(results, threshold)  # how the results split, for the detail
+    groups = group_agreeing(results, threshold, tolerance)  # how the results split, for the detail
     counted = len(task.active)  # a node replaced by another is judged (timeout) but not counted
-    majority = majority_of(results, threshold, counted)
+    majority = majority_of(results, threshold, counted, tolerance)
     if majority is None:
         for node_id in results:
             verdicts[node_id] = "undecided"
@@ -317,7 +366,7 @@ def decide(
     for node_id in results:
         verdicts[node_id] = "agree" if node_id in majority else "mismatch"
         if node_id not in majority:
-            details[node_id] = mismatch_evidence(lead, results[node_id], majority, threshold)
+            details[node_id] = mismatch_evidence(lead, results[node_id], majority, threshold, tolerance)
     unanimous = len(majority) == counted
     return TaskSucceeded(
         task_id=task.task_id,

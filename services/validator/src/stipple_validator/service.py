@@ -34,6 +34,7 @@ decision to the deadlines.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.errors import NotFoundError
 
-from stipple_common import bus, subjects, tracing
+from stipple_common import bus, checkpoints, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.blobstore import BlobStore
 from stipple_common.blobstore.intake import MAX_BLOB_BYTES
@@ -90,6 +91,11 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     ban_s: float = 3600.0  # how long a ban lasts
     max_blob_bytes: int = MAX_BLOB_BYTES  # a stored image larger than this is a bad result, and is not read
     blob_check_concurrency: int = 8  # stored images read and checked at a time, per decision
+    # per checkpoint fraction (1/4, 1/2, 3/4), the largest relative L2 distance between the latent
+    # summaries of two determinism classes that agrees; "": pHash alone. Twice the largest honest
+    # distance measured (float16 against float32, threads, attention: bench/RESULTS.md, "Across
+    # classes: latent summaries"); the nearest cheat (10 % fewer steps) is 3.8x over at 1/4
+    latent_tolerance: str = "0.0085,0.06,0.06"
     max_task_nodes: int = 7  # no majority draws two more nodes while a task has had fewer than this (decide.py)
     escalation_timeout_s: float = 10.0  # from `escalated` to the dispatcher's `extended`; then decide with what is in
 
@@ -127,6 +133,7 @@ class Validator:
             metrics=metrics.blob_checks,
         )
         self.metrics = metrics
+        self.tolerance = latent_tolerance(settings)
         metrics.paused_nodes.set_function(lambda: len(prober.paused))
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
@@ -272,7 +279,7 @@ class Validator:
         with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
             checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
-            outcome = decide(task, self.settings.phash_threshold, addresses, checked, classes)
+            outcome = decide(task, self.settings.phash_threshold, addresses, checked, classes, self.tolerance)
             more = 0 if final else more_nodes(task, outcome, self.settings.max_task_nodes)
             if more:
                 span.set_attributes({"stipple.outcome": "escalated", "stipple.reason": outcome.reason})
@@ -354,9 +361,27 @@ async def run(settings: ValidatorSettings) -> None:
         await serve(ctx, settings)
 
 
+def latent_tolerance(settings: ValidatorSettings) -> tuple[float, ...] | None:
+    """`STIPPLE_LATENT_TOLERANCE`: one non-negative number per checkpoint fraction, or empty."""
+    if not settings.latent_tolerance.strip():
+        return None
+    try:
+        values = tuple(float(part) for part in settings.latent_tolerance.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != len(checkpoints.FRACTIONS) or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise InvalidSettings(
+            f"STIPPLE_LATENT_TOLERANCE={settings.latent_tolerance!r}: expected {len(checkpoints.FRACTIONS)} "
+            "non-negative numbers, one per checkpoint (after 1/4, 1/2 and 3/4 of the steps), comma-separated"
+        )
+    return values
+
+
 def check_settings(settings: ValidatorSettings) -> None:
     """Each escalation round adds a `reveal` message to the task's subject, which holds
-    MAX_MSGS_PER_TASK_SUBJECT: `max_task_nodes` must leave room for every round's."""
+    MAX_MSGS_PER_TASK_SUBJECT: `max_task_nodes` must leave room for every round's. The
+    latent tolerance must parse."""
+    latent_tolerance(settings)
     rounds = max(0, settings.max_task_nodes - settings.replication) // 2
     if settings.max_task_nodes < settings.replication or rounds + 1 > subjects.MAX_MSGS_PER_TASK_SUBJECT:
         most = settings.replication + 2 * (subjects.MAX_MSGS_PER_TASK_SUBJECT - 1)
