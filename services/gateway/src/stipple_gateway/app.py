@@ -16,7 +16,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import msgspec
 import nats.errors
@@ -35,7 +35,7 @@ from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.messages import Validation
 from stipple_common.taskspec import TaskSpec, parse_task
 
-from . import openapi
+from . import openai_images, openapi
 from .errors import ApiError
 from .events import TaskEventStream
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
@@ -58,9 +58,17 @@ def json_response(body: msgspec.Struct, status_code: int = 200, headers: dict[st
     return Response(msgspec.json.encode(body), status_code=status_code, headers=headers, media_type="application/json")
 
 
-def error_response(error: ApiError, *, sdcn: bool = False) -> JSONResponse:
-    """`error` in the SDCN shape or the native one, with its status and headers."""
-    body = error.sdcn_body() if sdcn else error.native_body()
+ErrorShape = Literal["native", "sdcn", "openai"]
+
+
+def error_response(error: ApiError, *, shape: ErrorShape = "native") -> JSONResponse:
+    """`error` in the shape of the API the request used, with its status and headers."""
+    if shape == "sdcn":
+        body = error.sdcn_body()
+    elif shape == "openai":
+        body = openai_images.error_body(error)
+    else:
+        body = error.native_body()
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -219,6 +227,38 @@ class Routes:
         seeds = [image.seed for image in finished.task.images]
         return json_response(SdcnResult(images=images, task_id=task_id, seeds=seeds))
 
+    async def openai_generate(self, request: Request) -> Response:
+        """OpenAI's ``POST /v1/images/generations``: submit, wait, return the images
+        (openai_images.py)."""
+        try:
+            spec, asked = openai_images.parse_generation(await self.read_json(request), self.settings.default_model)
+        except InvalidInput as exc:
+            raise ApiError(400, exc.code, exc.message, field=exc.field, value=exc.value) from None
+        owner = owner_of(request)
+        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        if asked.user:
+            log.info("openai_user", task_id=task_id, user=asked.user[:256])
+        try:
+            finished = await self.tasks.submit_and_wait(spec, "openai", task_id, owner=owner)
+        except ApiError as exc:
+            if exc.field == "base_model":  # the name the app used
+                exc.field = "model"
+            raise
+        if asked.response_format == "url":
+            base = str(request.base_url).rstrip("/")
+            data = [
+                openai_images.ImageData(url=f"{base}/v1/tasks/{task_id}/images/{image.index}")
+                for image in finished.task.images
+            ]
+        else:
+            data = [openai_images.ImageData(b64_json=base64.b64encode(png).decode()) for png in finished.pngs]
+        return json_response(openai_images.ImagesResponse(created=int(time.time()), data=data))
+
+    async def openai_models(self, request: Request) -> Response:
+        """OpenAI's ``GET /v1/models``: the models live nodes serve."""
+        names = sorted({model for node in self.tasks.directory.live() for model in node.models})
+        return json_response(openai_images.ModelList(data=[openai_images.Model(id=name) for name in names]))
+
     async def list_nodes(self, request: Request) -> Response:
         return json_response(self.tasks.nodes())
 
@@ -246,7 +286,7 @@ def create_app(tasks: TaskService) -> Starlette:
         endpoint: Callable[[Request], Awaitable[Response]],
         methods: list[str],
         *,
-        sdcn: bool = False,
+        shape: ErrorShape = "native",
         public: bool = False,
     ) -> Route:
         async def wrapped(request: Request) -> Response:
@@ -258,14 +298,14 @@ def create_app(tasks: TaskService) -> Starlette:
                     request.state.key_id = key.key_id
                 response = await endpoint(request)
             except ApiError as exc:
-                response = error_response(exc, sdcn=sdcn)
+                response = error_response(exc, shape=shape)
             except StippleError as exc:
                 log.warning("request_failed", path=path, code=exc.code, error=exc.message)
-                response = error_response(ApiError(503 if exc.retryable else 500, exc.code, exc.message), sdcn=sdcn)
+                response = error_response(ApiError(503 if exc.retryable else 500, exc.code, exc.message), shape=shape)
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("request_failed_nats", path=path, error=repr(exc))
                 error = ApiError(503, "unavailable", f"the message bus is unavailable ({type(exc).__name__}); retry")
-                response = error_response(error, sdcn=sdcn)
+                response = error_response(error, shape=shape)
             tasks.gateway_metrics.requests.labels(path, str(response.status_code)).inc()
             tasks.gateway_metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
             return response
@@ -303,8 +343,10 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/v1/tasks/{task_id}/events", routes.task_events, ["GET"]),
             route("/v1/tasks/{task_id}/images/{index:int}", routes.get_image, ["GET"]),
             route("/v1/nodes", routes.list_nodes, ["GET"]),
-            route("/txt2img", routes.sdcn_txt2img, ["POST"], sdcn=True),
-            route("/img2img", routes.sdcn_img2img, ["POST"], sdcn=True),
+            route("/txt2img", routes.sdcn_txt2img, ["POST"], shape="sdcn"),
+            route("/img2img", routes.sdcn_img2img, ["POST"], shape="sdcn"),
+            route("/v1/images/generations", routes.openai_generate, ["POST"], shape="openai"),
+            route("/v1/models", routes.openai_models, ["GET"], shape="openai"),
             route("/healthz", routes.healthz, ["GET"], public=True),
             route("/metrics", routes.metrics_endpoint, ["GET"], public=True),
             route("/openapi.json", routes.openapi_json, ["GET"], public=True),
