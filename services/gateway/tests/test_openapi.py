@@ -51,6 +51,17 @@ async def test_every_route_is_documented_and_served(make_gateway, asgi_client):
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
         assert 'url: "/openapi.json"' in page.text
+        assert "https://" not in page.text  # no CDN: the page works with no internet
+        for name, kind in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css")):
+            assert f'"/docs/assets/{name}"' in page.text
+            asset = await http.get(f"/docs/assets/{name}")
+            assert asset.status_code == 200
+            assert asset.headers["content-type"].startswith(kind)
+            assert len(asset.content) > 100_000
+        assert (await http.get("/docs/assets/..%2F..%2Fapp.py")).status_code == 404  # only the two files
+        missing = await http.get("/docs/assets/app.py")
+        assert missing.status_code == 404
+        assert missing.json()["error"]["field"] == "name"
 
 
 @pytest.mark.integration

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -275,6 +275,16 @@ class Routes:
     async def docs_page(self, request: Request) -> Response:
         return HTMLResponse(openapi.DOCS_HTML)
 
+    async def docs_asset(self, request: Request) -> Response:
+        """Swagger UI's script or stylesheet, from the vendored copy (no CDN)."""
+        name = request.path_params["name"]
+        media_type = openapi.SWAGGER_UI_ASSETS.get(name)
+        if media_type is None:
+            raise ApiError(404, "not_found", f"no docs asset {name[:100]!r}", field="name", value=name[:100])
+        return FileResponse(
+            openapi.SWAGGER_UI_DIR / name, media_type=media_type, headers={"Cache-Control": "public, max-age=86400"}
+        )
+
 
 def create_app(tasks: TaskService) -> Starlette:
     """The gateway's Starlette app over `tasks` (started and stopped by its owner)."""
@@ -351,5 +361,6 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/metrics", routes.metrics_endpoint, ["GET"], public=True),
             route("/openapi.json", routes.openapi_json, ["GET"], public=True),
             route("/docs", routes.docs_page, ["GET"], public=True),
+            route("/docs/assets/{name}", routes.docs_asset, ["GET"], public=True),
         ],
     )

@@ -52,6 +52,19 @@ class ImagesResponse(msgspec.Struct, kw_only=True):
     data: list[ImageData]
 
 
+class OpenAIErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str  # invalid_request_error, authentication_error, rate_limit_error, api_error, ...
+    param: str | None  # the OpenAI field at fault
+    code: str
+
+
+class OpenAIError(msgspec.Struct, kw_only=True):
+    """An error in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
+
+
 class Model(msgspec.Struct, kw_only=True):
     id: str
     object: str = "model"

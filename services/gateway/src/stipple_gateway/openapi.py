@@ -4,8 +4,10 @@ docs/openapi.json:
 
     python -m stipple_gateway.openapi docs/openapi.json      (what `just openapi` runs)
 
-``/docs`` is a Swagger UI page whose script and stylesheet come from a CDN (jsDelivr);
-the JSON document is the artifact, the page only a viewer for it.
+``/docs`` is a Swagger UI page whose script and stylesheet the gateway serves itself
+(``/docs/assets/``: swagger-ui-dist 5.35.0 from npm, vendored in ``static/swagger-ui/`` with
+its licence), so it works with no internet; the JSON document is the artifact, the page
+only a viewer for it.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from stipple_common.messages import (
     TaskSucceeded,
 )
 
+from . import openai_images
 from .sdcn import SdcnImg2Img, SdcnTxt2Img
 from .views import ErrorBody, Health, NodesView, SdcnError, SdcnResult, TaskAccepted, TaskRequest, TaskView
 
 REGENERATE = "just openapi   (or: python -m stipple_gateway.openapi docs/openapi.json)"
-SWAGGER_UI = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0"
+SWAGGER_UI = "/docs/assets"  # swagger-ui-dist 5.35.0 (npm pack), vendored: static/swagger-ui/
+SWAGGER_UI_DIR = Path(__file__).parent / "static" / "swagger-ui"
+SWAGGER_UI_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css"}
 DOCS_HTML = f"""<!doctype html>
 <html lang="en">
 <head>
@@ -100,11 +105,13 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(name)}}
 
 
-def _responses(ok: dict[str, Any], errors: list[int], *, sdcn: bool = False, keyed: bool = True) -> dict[str, Any]:
+def _responses(
+    ok: dict[str, Any], errors: list[int], *, sdcn: bool = False, keyed: bool = True, schema: str = "ErrorBody"
+) -> dict[str, Any]:
     codes = sorted({*errors, *((401, 429) if keyed else ())})
     out = dict(ok)
     for code in codes:
-        out[str(code)] = {"description": ERRORS[code], "content": _json("SdcnError" if sdcn else "ErrorBody")}
+        out[str(code)] = {"description": ERRORS[code], "content": _json("SdcnError" if sdcn else schema)}
         if code in HEADERS:
             out[str(code)]["headers"] = HEADERS[code]
     return out
@@ -150,6 +157,10 @@ def build() -> dict[str, Any]:
         SdcnImg2Img,
         SdcnResult,
         SdcnError,
+        openai_images.ImageGenerationRequest,
+        openai_images.ImagesResponse,
+        openai_images.ModelList,
+        openai_images.OpenAIError,
         *EVENTS.values(),
     ]
     _, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
@@ -274,6 +285,30 @@ def build() -> dict[str, Any]:
                 ),
             }
         },
+        "/v1/images/generations": {
+            "post": {
+                "summary": "OpenAI images API: generate; waits for the outcome (docs/api.md, OpenAI images)",
+                "operationId": "openaiImagesGenerate",
+                "security": KEYED,
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": _json("ImageGenerationRequest")},
+                "responses": _responses(
+                    {"200": {"description": "The images.", "content": _json("ImagesResponse")}},
+                    [400, 413, 422, 502, 503, 504],
+                    schema="OpenAIError",
+                ),
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "summary": "OpenAI API: the models live nodes serve",
+                "operationId": "openaiModels",
+                "security": KEYED,
+                "responses": _responses(
+                    {"200": {"description": "The models.", "content": _json("ModelList")}}, [], schema="OpenAIError"
+                ),
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Liveness: connected to NATS",
@@ -301,9 +336,28 @@ def build() -> dict[str, Any]:
                 "responses": {"200": {"description": "OpenAPI 3.1.", "content": {"application/json": {}}}},
             }
         },
+        "/docs/assets/{name}": {
+            "get": {
+                "summary": "Swagger UI's script and stylesheet (vendored swagger-ui-dist)",
+                "operationId": "docsAsset",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": sorted(SWAGGER_UI_ASSETS)},
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "The file.", "content": {"text/javascript": {}, "text/css": {}}},
+                    "404": {"description": "No such asset.", "content": _json("ErrorBody")},
+                },
+            }
+        },
         "/docs": {
             "get": {
-                "summary": "This document in Swagger UI (assets from a CDN)",
+                "summary": "This document in Swagger UI (its assets served here: no internet needed)",
                 "operationId": "docs",
                 "security": [],
                 "responses": {"200": {"description": "An HTML page.", "content": {"text/html": {}}}},
