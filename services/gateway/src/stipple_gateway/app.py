@@ -35,7 +35,7 @@ from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.messages import Validation
 from stipple_common.taskspec import TaskSpec, parse_task
 
-from . import openai_images, openapi
+from . import a1111, openai_images, openapi
 from .errors import ApiError
 from .events import TaskEventStream
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
@@ -58,7 +58,7 @@ def json_response(body: msgspec.Struct, status_code: int = 200, headers: dict[st
     return Response(msgspec.json.encode(body), status_code=status_code, headers=headers, media_type="application/json")
 
 
-ErrorShape = Literal["native", "sdcn", "openai"]
+ErrorShape = Literal["native", "sdcn", "openai", "a1111"]
 
 
 def error_response(error: ApiError, *, shape: ErrorShape = "native") -> JSONResponse:
@@ -67,6 +67,8 @@ def error_response(error: ApiError, *, shape: ErrorShape = "native") -> JSONResp
         body = error.sdcn_body()
     elif shape == "openai":
         body = openai_images.error_body(error)
+    elif shape == "a1111":
+        body = a1111.error_body(error)
     else:
         body = error.native_body()
     return JSONResponse(body, status_code=error.status, headers=error.headers)
@@ -132,6 +134,7 @@ class Routes:
     def __init__(self, tasks: TaskService) -> None:
         self.tasks = tasks
         self.settings = tasks.settings
+        self.a1111_models: dict[str, str] = {}  # API key id -> the model POST /sdapi/v1/options chose
 
     async def read_json(self, request: Request) -> Any:
         limit = self.settings.max_body_bytes
@@ -254,6 +257,75 @@ class Routes:
             data = [openai_images.ImageData(b64_json=base64.b64encode(png).decode()) for png in finished.pngs]
         return json_response(openai_images.ImagesResponse(created=int(time.time()), data=data))
 
+    async def a1111_txt2img(self, request: Request) -> Response:
+        return await self.a1111(request, img2img=False)
+
+    async def a1111_img2img(self, request: Request) -> Response:
+        return await self.a1111(request, img2img=True)
+
+    async def a1111(self, request: Request, *, img2img: bool) -> Response:
+        """AUTOMATIC1111's txt2img / img2img: submit, wait, answer as A1111 does (a1111.py)."""
+        raw = await self.read_json(request)
+        owner = owner_of(request)
+        model = self.a1111_models.get(owner, self.settings.default_model)
+        try:
+            spec = a1111.parse_request(raw, img2img=img2img, model=model)
+        except InvalidInput as exc:
+            raise ApiError(
+                400 if exc.field != "$" else 422, exc.code, exc.message, field=exc.field, value=exc.value
+            ) from None
+        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        try:
+            finished = await self.tasks.submit_and_wait(spec, "a1111", task_id, owner=owner)
+        except ApiError as exc:
+            if exc.field == "base_model":
+                exc.field = "override_settings.sd_model_checkpoint"
+            raise
+        images = [base64.b64encode(png).decode() for png in finished.pngs] if raw.get("send_images", True) else []
+        seeds = [image.seed for image in finished.task.images]
+        return JSONResponse(a1111.result(images, raw, spec, task_id, seeds))
+
+    def a1111_model_names(self) -> list[str]:
+        entries = self.tasks.directory.entries.values()
+        return sorted({model for entry in entries for model in (*entry.joined.models, *entry.joined.models_on_disk)})
+
+    async def a1111_sd_models(self, request: Request) -> Response:
+        return JSONResponse(a1111.sd_models(self.a1111_model_names()))
+
+    async def a1111_samplers(self, request: Request) -> Response:
+        return JSONResponse(a1111.samplers())
+
+    async def a1111_schedulers(self, request: Request) -> Response:
+        return JSONResponse(a1111.schedulers())
+
+    async def a1111_options(self, request: Request) -> Response:
+        """GET: the model in force for this API key; POST: set it (`sd_model_checkpoint`, a
+        model some registered node serves). A1111's other options are refused, naming them."""
+        owner = owner_of(request)
+        if request.method == "POST":
+            raw = await self.read_json(request)
+            if not isinstance(raw, dict):
+                raise ApiError(422, "invalid_input", "expected a JSON object", field="$")
+            for key, value in raw.items():
+                if key != "sd_model_checkpoint":
+                    raise ApiError(
+                        400, "invalid_input", f"{key}: not an option Stipple supports", field=key, value=value
+                    )
+                known = self.a1111_model_names()
+                if value not in known:
+                    raise ApiError(
+                        422,
+                        "unknown_model",
+                        f"sd_model_checkpoint: no node serves {value!r}; available: {', '.join(known) or 'none'}",
+                        field=key,
+                        value=value,
+                    )
+                self.a1111_models[owner] = value
+                while len(self.a1111_models) > 10_000:
+                    self.a1111_models.pop(next(iter(self.a1111_models)))
+            return JSONResponse(None)
+        return JSONResponse({"sd_model_checkpoint": self.a1111_models.get(owner, self.settings.default_model)})
+
     async def openai_models(self, request: Request) -> Response:
         """OpenAI's ``GET /v1/models``: the models live nodes serve."""
         names = sorted({model for node in self.tasks.directory.live() for model in node.models})
@@ -357,6 +429,12 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/img2img", routes.sdcn_img2img, ["POST"], shape="sdcn"),
             route("/v1/images/generations", routes.openai_generate, ["POST"], shape="openai"),
             route("/v1/models", routes.openai_models, ["GET"], shape="openai"),
+            route("/sdapi/v1/txt2img", routes.a1111_txt2img, ["POST"], shape="a1111"),
+            route("/sdapi/v1/img2img", routes.a1111_img2img, ["POST"], shape="a1111"),
+            route("/sdapi/v1/sd-models", routes.a1111_sd_models, ["GET"], shape="a1111"),
+            route("/sdapi/v1/samplers", routes.a1111_samplers, ["GET"], shape="a1111"),
+            route("/sdapi/v1/schedulers", routes.a1111_schedulers, ["GET"], shape="a1111"),
+            route("/sdapi/v1/options", routes.a1111_options, ["GET", "POST"], shape="a1111"),
             route("/healthz", routes.healthz, ["GET"], public=True),
             route("/metrics", routes.metrics_endpoint, ["GET"], public=True),
             route("/openapi.json", routes.openapi_json, ["GET"], public=True),

@@ -144,6 +144,59 @@ def _events_description() -> str:
     )
 
 
+def _a1111_paths() -> dict[str, Any]:
+    """The AUTOMATIC1111 routes (a1111.py): A1111's own shapes, described, not typed here."""
+    anything = {"application/json": {"schema": {"type": "object"}}}
+    listing = {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}}
+    a1111_error = {"application/json": {"schema": {"type": "object", "required": ["error", "detail"]}}}
+
+    def answer(content: dict[str, Any], errors: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"200": {"description": "As AUTOMATIC1111 answers.", "content": content}}
+        for code in sorted({*errors, 401, 429}):
+            out[str(code)] = {"description": ERRORS[code], "content": a1111_error}
+        return out
+
+    def generate(summary: str, operation: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "summary": summary,
+                "operationId": operation,
+                "security": KEYED,
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {"required": True, "content": anything},
+                "responses": answer(anything, [400, 413, 422, 502, 503, 504]),
+            }
+        }
+
+    def listed(summary: str, operation: str) -> dict[str, Any]:
+        return {
+            "get": {"summary": summary, "operationId": operation, "security": KEYED, "responses": answer(listing, [])}
+        }
+
+    return {
+        "/sdapi/v1/txt2img": generate("AUTOMATIC1111 txt2img; waits for the outcome (docs/api.md)", "a1111Txt2Img"),
+        "/sdapi/v1/img2img": generate("AUTOMATIC1111 img2img and inpainting; waits for the outcome", "a1111Img2Img"),
+        "/sdapi/v1/sd-models": listed("AUTOMATIC1111: the models registered nodes serve", "a1111SdModels"),
+        "/sdapi/v1/samplers": listed("AUTOMATIC1111: the sampler names a task may use", "a1111Samplers"),
+        "/sdapi/v1/schedulers": listed("AUTOMATIC1111: the schedulers (automatic, karras)", "a1111Schedulers"),
+        "/sdapi/v1/options": {
+            "get": {
+                "summary": "AUTOMATIC1111: the model in force for this API key",
+                "operationId": "a1111GetOptions",
+                "security": KEYED,
+                "responses": answer(anything, []),
+            },
+            "post": {
+                "summary": "AUTOMATIC1111: choose the model (`sd_model_checkpoint`) for this API key",
+                "operationId": "a1111SetOptions",
+                "security": KEYED,
+                "requestBody": {"required": True, "content": anything},
+                "responses": answer({"application/json": {"schema": {"type": "null"}}}, [400, 422]),
+            },
+        },
+    }
+
+
 def build() -> dict[str, Any]:
     """The whole document."""
     types: list[Any] = [
@@ -309,6 +362,7 @@ def build() -> dict[str, Any]:
                 ),
             }
         },
+        **_a1111_paths(),
         "/healthz": {
             "get": {
                 "summary": "Liveness: connected to NATS",
