@@ -54,7 +54,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
 
-from stipple_common import bus, records, subjects
+from stipple_common import records, subjects
 from stipple_common.errors import Rejected
 from stipple_common.logs import redact
 from stipple_common.messages import (
@@ -65,8 +65,9 @@ from stipple_common.messages import (
     TaskSucceeded,
     decode_task_event,
 )
-from stipple_common.settings import InvalidSettings
 from stipple_common.vrf import PUBLIC_KEY_BYTES, SamplingProof, alpha_for_task, sampled, verify
+
+from .connect import connect
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_REPLICATION = 3
@@ -697,29 +698,11 @@ async def run(args: argparse.Namespace, out: Any = None) -> int:
     out = out or sys.stdout
     try:
         since, until = _range(args, time.time())
-        tls = bus.tls_context(args.nats_url, args.nats_ca_file)
-    except (AuditError, InvalidSettings) as exc:
+    except AuditError as exc:
         print(f"stipple audit: {exc}", file=sys.stderr)
         return 2
-    errors: list[Exception] = []
-
-    async def keep_error(exc: Exception) -> None:  # nats-py would print each try's traceback
-        errors.append(exc)
-
-    try:
-        nc = await nats.connect(
-            args.nats_url,
-            tls=tls,
-            connect_timeout=5,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,  # two tries, then NoServersError (0 would mean: forever)
-            reconnect_time_wait=0.2,
-            error_cb=keep_error,
-        )
-    except (OSError, nats.errors.Error) as exc:
-        cause = errors[-1] if errors else exc
-        where = redact(args.nats_url)
-        print(f"stipple audit: NATS at {where!r} does not answer: {redact(str(cause))}", file=sys.stderr)
+    nc = await connect("stipple audit", args.nats_url, args.nats_ca_file)
+    if nc is None:
         return 2
     try:
         report = await audit_nats(

@@ -40,7 +40,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
-import nats
 from eth_utils import to_checksum_address
 from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
@@ -64,7 +63,8 @@ from stipple_common.messages import (
     task_event_decoder,
 )
 from stipple_common.records import IndexedStake
-from stipple_common.settings import InvalidSettings
+
+from .connect import connect
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 OUTCOMES = ("succeeded", "aborted", "cancelled")
@@ -479,30 +479,8 @@ async def _target(js: JetStreamContext, chain_url: str, spec: str) -> Target:
 async def run(args: argparse.Namespace, out: Any = None) -> int:
     """`stipple chain reconcile` with parsed `args`; prints to `out` (stdout); returns the exit status."""
     out = out or sys.stdout
-    errors: list[Exception] = []
-
-    async def keep_error(exc: Exception) -> None:  # nats-py would print each try's traceback
-        errors.append(exc)
-
-    try:
-        tls = bus.tls_context(args.nats_url, args.nats_ca_file)
-    except InvalidSettings as exc:
-        print(f"stipple chain reconcile: {exc}", file=sys.stderr)
-        return 2
-    try:
-        nc = await nats.connect(
-            args.nats_url,
-            tls=tls,
-            connect_timeout=5,
-            allow_reconnect=False,
-            max_reconnect_attempts=1,  # two tries, then NoServersError (0 would mean: forever)
-            reconnect_time_wait=0.2,
-            error_cb=keep_error,
-        )
-    except (OSError, nats.errors.Error) as exc:
-        cause = errors[-1] if errors else exc
-        where = redact(args.nats_url)
-        print(f"stipple chain reconcile: NATS at {where!r} does not answer: {redact(str(cause))}", file=sys.stderr)
+    nc = await connect("stipple chain reconcile", args.nats_url, args.nats_ca_file)
+    if nc is None:
         return 2
     try:
         js = nc.jetstream()

@@ -31,6 +31,8 @@ from typing import Any
 from stipple_common.errors import InvalidInput
 from stipple_common.taskspec import SAMPLERS, TaskSpec, parse_task
 
+from .sdcn import NATIVE_TO_SDCN
+
 LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?\d*\.?\d+)>")
 
 # field -> the values that mean "off" in A1111 (accepted, and nothing to do)
@@ -102,19 +104,12 @@ TXT2IMG_FIELDS = {
 IMG2IMG_FIELDS = TXT2IMG_FIELDS | {"init_images", "mask"}
 SCHEDULERS = ("automatic", "karras")
 
-# native field -> A1111's, to report errors under the app's names
+# native field -> A1111's, to report errors under the app's names: SDCN's shape is A1111's,
+# but for where the model is named and A1111's list of init images
 _NATIVE_TO_A1111 = {
+    **NATIVE_TO_SDCN,
     "base_model": "override_settings.sd_model_checkpoint",
-    "sampler": "sampler_name",
     "init_image": "init_images",
-    "mask_image": "mask",
-    "strength": "denoising_strength",
-    "task_config.image_width": "width",
-    "task_config.image_height": "height",
-    "task_config.steps": "steps",
-    "task_config.cfg": "cfg_scale",
-    "task_config.seed": "seed",
-    "task_config.num_images": "batch_size",
 }
 
 

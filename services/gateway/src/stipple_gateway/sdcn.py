@@ -37,7 +37,7 @@ class SdcnImg2Img(SdcnTxt2Img, kw_only=True):
 
 
 # native field -> SDCN field, to report errors under the name the app used
-_NATIVE_TO_SDCN = {
+NATIVE_TO_SDCN = {
     "base_model": "model",
     "sampler": "sampler_name",
     "init_image": "init_image",
@@ -77,7 +77,7 @@ def _parse(native: dict[str, Any]) -> TaskSpec:
         field = exc.field
         if field.startswith("loras["):
             field = field.split(".")[0]  # SDCN loras are [name, weight] pairs
-        raise InvalidInput(_NATIVE_TO_SDCN.get(field, field), exc.value, exc.reason) from None
+        raise InvalidInput(NATIVE_TO_SDCN.get(field, field), exc.value, exc.reason) from None
 
 
 def parse_sdcn_txt2img(raw: Any, default_model: str) -> TaskSpec:
