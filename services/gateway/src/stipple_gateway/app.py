@@ -241,12 +241,7 @@ class Routes:
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
         if asked.user:
             log.info("openai_user", task_id=task_id, user=asked.user[:256])
-        try:
-            finished = await self.tasks.submit_and_wait(spec, "openai", task_id, owner=owner)
-        except ApiError as exc:
-            if exc.field == "base_model":  # the name the app used
-                exc.field = "model"
-            raise
+        finished = await self.tasks.submit_and_wait(spec, "openai", task_id, owner=owner, model_field="model")
         if asked.response_format == "url":
             base = str(request.base_url).rstrip("/")
             data = [
@@ -275,22 +270,15 @@ class Routes:
                 400 if exc.field != "$" else 422, exc.code, exc.message, field=exc.field, value=exc.value
             ) from None
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
-        try:
-            finished = await self.tasks.submit_and_wait(spec, "a1111", task_id, owner=owner)
-        except ApiError as exc:
-            if exc.field == "base_model":
-                exc.field = "override_settings.sd_model_checkpoint"
-            raise
+        finished = await self.tasks.submit_and_wait(
+            spec, "a1111", task_id, owner=owner, model_field="override_settings.sd_model_checkpoint"
+        )
         images = [base64.b64encode(png).decode() for png in finished.pngs] if raw.get("send_images", True) else []
         seeds = [image.seed for image in finished.task.images]
         return JSONResponse(a1111.result(images, raw, spec, task_id, seeds))
 
-    def a1111_model_names(self) -> list[str]:
-        entries = self.tasks.directory.entries.values()
-        return sorted({model for entry in entries for model in (*entry.joined.models, *entry.joined.models_on_disk)})
-
     async def a1111_sd_models(self, request: Request) -> Response:
-        return JSONResponse(a1111.sd_models(self.a1111_model_names()))
+        return JSONResponse(a1111.sd_models(sorted(self.tasks.model_names())))
 
     async def a1111_samplers(self, request: Request) -> Response:
         return JSONResponse(a1111.samplers())
@@ -311,7 +299,7 @@ class Routes:
                     raise ApiError(
                         400, "invalid_input", f"{key}: not an option Stipple supports", field=key, value=value
                     )
-                known = self.a1111_model_names()
+                known = sorted(self.tasks.model_names())
                 if value not in known:
                     raise ApiError(
                         422,

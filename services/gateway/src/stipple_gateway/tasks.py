@@ -190,18 +190,22 @@ class TaskService:
 
     # ------------------------------------------------------------------ submitting
 
-    def check_capacity(self, spec: TaskSpec) -> None:
-        """Refuse at once what the network cannot run now (never queue it forever)."""
-        known = {
-            m for entry in self.directory.entries.values() for m in (*entry.joined.models, *entry.joined.models_on_disk)
-        }
+    def model_names(self) -> set[str]:
+        """Every model a registered node serves or holds on disk."""
+        entries = self.directory.entries.values()
+        return {m for entry in entries for m in (*entry.joined.models, *entry.joined.models_on_disk)}
+
+    def check_capacity(self, spec: TaskSpec, model_field: str = "base_model") -> None:
+        """Refuse at once what the network cannot run now (never queue it forever); an
+        unknown model is named as the app's API names it (`model_field`)."""
+        known = self.model_names()
         if spec.model_name not in known:
             available = ", ".join(sorted(known)) or "none (no node has registered)"
             raise ApiError(
                 422 if known else 503,
                 "unknown_model" if known else "no_nodes",
-                f"base_model: no node serves {spec.model_name!r}; available models: {available}",
-                field="base_model",
+                f"{model_field}: no node serves {spec.model_name!r}; available models: {available}",
+                field=model_field,
                 value=spec.model_name,
             )
         live = [n for n in self.directory.live() if n.serves(spec.model_name)]
@@ -225,12 +229,13 @@ class TaskService:
         webhook_url: str = "",
         fee: int = 0,
         validation: Validation = "sampled",
+        model_field: str = "base_model",
     ) -> TaskSubmitted:
         """Accept a task: capacity, then the fee reserved (402 when the deposit cannot pay),
         then ``tasks.<id>.submitted`` published (deduplicated by the task id). A `full`
         validation runs on `replication` nodes always, and pays `fee` for each."""
         tracing.bind_task(task_id)  # the request's span and log lines are about this task
-        self.check_capacity(spec)
+        self.check_capacity(spec, model_field)
         if validation == "full":
             fee *= self.settings.replication
         await self.wallet.charge(task_id, fee)  # 402 when the deposit cannot pay
@@ -292,10 +297,14 @@ class TaskService:
             )
         return task
 
-    async def submit_and_wait(self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "") -> Finished:
+    async def submit_and_wait(
+        self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "", model_field: str = "base_model"
+    ) -> Finished:
         """Submit, wait for the outcome (504 after `sync_timeout_s`), and read the images;
         a task that did not succeed is 502 with its reason as the code."""
-        task = await self.wait_for_outcome(task_id, owner, lambda: self.submit(spec, source, task_id, owner=owner))
+        task = await self.wait_for_outcome(
+            task_id, owner, lambda: self.submit(spec, source, task_id, owner=owner, model_field=model_field)
+        )
         if task.status != "succeeded":
             detail = f"task {task_id} was {task.status}: {task.reason} {task.detail}".strip()
             raise ApiError(502, task.reason or task.status, detail)
