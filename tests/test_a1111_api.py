@@ -10,63 +10,54 @@ import pytest
 import webuiapi
 from PIL import Image
 
-from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeAgent
 from stipple_testkit.network import Network
 
-# three tasks through the whole network, the first img2img and inpainting pipelines loaded
-# on three nodes, on a 2-core machine: over a minute when another job runs beside it
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
-
-NODES = [("node-1", NodeAgent), ("node-2", NodeAgent), ("node-3", NodeAgent)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-async def test_webuiapi_generates_paints_lists_and_is_refused_naming_the_field(
-    fresh_nats_url: str, runner: PipelineRunner
-) -> None:
-    async with Network.plain(fresh_nats_url) as net:
-        await net.control_plane_and_nodes(runner, NODES, validator={"phash_threshold": 2})
-        await net.gateway()
-        await asyncio.sleep(1.0)  # nodes announce themselves
-        url = urlparse(net.gateway_url)
+async def test_webuiapi_generates_paints_lists_and_is_refused_naming_the_field(served: Network) -> None:
+    net = served
+    url = urlparse(net.gateway_url)
+
+    def run() -> None:
+        # webuiapi is synchronous and its constructor already asks the server (for its scripts):
+        # every call of it runs off the event loop the in-process gateway answers on
         api = webuiapi.WebUIApi(host=url.hostname, port=url.port, sampler="Euler a", steps=4)
+        assert "tiny-sd" in [model["model_name"] for model in api.get_sd_models()]
+        assert "DPM++ 2M Karras" in [sampler["name"] for sampler in api.get_samplers()]
+        assert {s["name"] for s in api.get_schedulers()} == {"automatic", "karras"}
+        api.util_set_model("tiny-sd")
+        assert api.get_options()["sd_model_checkpoint"] == "tiny-sd"
 
-        def run() -> None:
-            assert "tiny-sd" in [model["model_name"] for model in api.get_sd_models()]
-            assert "DPM++ 2M Karras" in [sampler["name"] for sampler in api.get_samplers()]
-            assert {s["name"] for s in api.get_schedulers()} == {"automatic", "karras"}
-            api.util_set_model("tiny-sd")
-            assert api.get_options()["sd_model_checkpoint"] == "tiny-sd"
+        made = api.txt2img(prompt="a red fox", seed=7, width=64, height=64, batch_size=2)
+        assert len(made.images) == 2
+        assert all(image.size == (64, 64) for image in made.images)
+        assert made.info["all_seeds"] == [7, 8]
+        assert made.info["sd_model_name"] == "tiny-sd"
+        assert made.parameters["prompt"] == "a red fox"
 
-            made = api.txt2img(prompt="a red fox", seed=7, width=64, height=64, batch_size=2)
-            assert len(made.images) == 2
-            assert all(image.size == (64, 64) for image in made.images)
-            assert made.info["all_seeds"] == [7, 8]
-            assert made.info["sd_model_name"] == "tiny-sd"
-            assert made.parameters["prompt"] == "a red fox"
+        init = made.image.convert("RGB")
+        mask = Image.new("L", init.size, 0)
+        mask.paste(255, (16, 16, 48, 48))  # white: repainted
+        painted = api.img2img(
+            images=[init],
+            mask_image=mask,
+            prompt="a blue boat",
+            seed=7,
+            width=64,
+            height=64,
+            denoising_strength=0.8,
+        )
+        assert len(painted.images) == 1
+        assert painted.image.size == (64, 64)
 
-            init = made.image.convert("RGB")
-            mask = Image.new("L", init.size, 0)
-            mask.paste(255, (16, 16, 48, 48))  # white: repainted
-            painted = api.img2img(
-                images=[init],
-                mask_image=mask,
-                prompt="a blue boat",
-                seed=7,
-                width=64,
-                height=64,
-                denoising_strength=0.8,
-            )
-            assert len(painted.images) == 1
-            assert painted.image.size == (64, 64)
+        with pytest.raises(RuntimeError) as tiled:  # webuiapi raises (status, body) on an error
+            api.txt2img(prompt="a red fox", width=64, height=64, tiling=True)
+        status, body = tiled.value.args
+        assert status == 400
+        assert '"field":"tiling"' in body.replace(" ", "")
+        with pytest.raises(RuntimeError) as hires:
+            api.txt2img(prompt="a red fox", width=64, height=64, enable_hr=True)
+        assert '"field":"enable_hr"' in hires.value.args[1].replace(" ", "")
 
-            with pytest.raises(RuntimeError) as tiled:  # webuiapi raises (status, body) on an error
-                api.txt2img(prompt="a red fox", width=64, height=64, tiling=True)
-            status, body = tiled.value.args
-            assert status == 400
-            assert '"field":"tiling"' in body.replace(" ", "")
-            with pytest.raises(RuntimeError) as hires:
-                api.txt2img(prompt="a red fox", width=64, height=64, enable_hr=True)
-            assert '"field":"enable_hr"' in hires.value.args[1].replace(" ", "")
-
-        await asyncio.to_thread(run)
+    await asyncio.to_thread(run)
