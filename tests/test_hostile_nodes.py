@@ -237,7 +237,7 @@ async def outcome_event(net: Network, task_id: str) -> TaskSucceeded | TaskAbort
 
 
 # every event type on every subject a node may use, each one waited for: 22 s alone, and it
-# passed the 60 s default only sometimes beside the other CI worker (66 s seen once)
+# ran past the 60 s default once beside the other CI worker (a clean-clone CI run)
 @pytest.mark.timeout(180)
 async def test_forged_events_of_every_type_on_every_subject_a_node_may_use(net: Network, hostile: NodeHandle) -> None:
     task_id = await submit(net)
