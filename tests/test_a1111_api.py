@@ -4,8 +4,11 @@ gateway, dispatcher, validator and node agents (in one process, the tiny model).
 from __future__ import annotations
 
 import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 import webuiapi
 from PIL import Image
@@ -61,3 +64,43 @@ async def test_webuiapi_generates_paints_lists_and_is_refused_naming_the_field(s
         assert '"field":"enable_hr"' in hires.value.args[1].replace(" ", "")
 
     await asyncio.to_thread(run)
+
+
+async def test_webuiapi_follows_progress_and_interrupts_the_running_job(served: Network) -> None:
+    """`progress` shows the caller's running job at the step of its node furthest along, and
+    `interrupt` cancels it: its txt2img answers 200 with no images, marked interrupted."""
+    url = urlparse(served.gateway_url)
+
+    def run() -> str:
+        api = webuiapi.WebUIApi(host=url.hostname, port=url.port, sampler="Euler", steps=150)
+        idle = api.get_progress()
+        assert (idle["progress"], idle["state"]["job_count"], idle["current_task"]) == (0.0, 0, None)
+
+        with ThreadPoolExecutor(1) as pool:
+            job = pool.submit(api.txt2img, prompt="a slow fox", seed=3, width=256, height=256, batch_size=2)
+            try:
+                seen: dict = {}
+                for _ in range(600):  # until a node reports a step (bounded: 60 s)
+                    seen = api.get_progress()
+                    if seen["state"]["sampling_step"] > 0 or job.done():
+                        break
+                    time.sleep(0.1)
+                assert not job.done(), "the job finished before a step was seen: make it longer"
+                assert seen["state"]["job_count"] == 1
+                assert seen["state"]["sampling_steps"] >= 150  # the node counts the steps of every image
+                assert 0 < seen["progress"] < 1
+                assert seen["current_task"]
+            finally:
+                assert api.interrupt() is None  # also when an assertion failed: the job must end
+            made = job.result(timeout=60)
+        assert made.images == []
+        assert made.info["interrupted"] is True
+        assert made.info["task_id"] == seen["current_task"]
+        assert api.get_progress()["state"]["job_count"] == 0
+        assert api.interrupt() is None  # nothing running: nothing to do
+        return str(seen["current_task"])
+
+    task_id = await asyncio.to_thread(run)
+    async with httpx.AsyncClient(base_url=served.gateway_url) as http:
+        view = (await http.get(f"/v1/tasks/{task_id}")).json()
+    assert view["status"] == "cancelled"

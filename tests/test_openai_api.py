@@ -4,6 +4,7 @@ gateway, dispatcher, validator and node agents (in one process, the tiny model).
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 
 import httpx
@@ -60,3 +61,73 @@ async def test_the_openai_client_generates_lists_models_and_reads_errors_in_its_
     assert no_model.value.status_code == 422
     assert no_model.value.body["param"] == "model"
     assert "no-such-model" in no_model.value.message
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_the_openai_client_edits_an_image_where_the_mask_is_transparent(served: Network) -> None:
+    """``images.edit``: multipart from OpenAI's client; the mask's transparent pixels are
+    painted anew and the rest is kept; bad files and fields are 400s naming them."""
+    client = openai.AsyncOpenAI(base_url=f"{served.gateway_url}/v1", api_key="none", max_retries=0)
+    base = Image.new("RGBA", (64, 64), (200, 30, 30, 255))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent: painted
+
+    edited = await client.images.edit(
+        image=("fox.png", png_bytes(base), "image/png"),
+        mask=("mask.png", png_bytes(mask), "image/png"),
+        prompt="a blue boat",
+        n=2,
+        response_format="b64_json",
+        extra_headers={"Idempotency-Key": "edit-1"},
+    )
+    assert len(edited.data) == 2
+    with Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json or ""))) as png:
+        assert png.size == (64, 64)  # size defaults to the image's own
+
+    # the task it ran: inpainting at strength 1 (its id comes from the Idempotency-Key)
+    task_id = hashlib.sha256(b"edit-1").hexdigest()[:32]
+    async with httpx.AsyncClient(base_url=served.gateway_url) as http:
+        view = (await http.get(f"/v1/tasks/{task_id}")).json()
+    assert view["status"] == "succeeded"
+    assert (view["task"]["kind"], view["task"]["strength"], view["task"]["prompt"]) == ("inpaint", 1.0, "a blue boat")
+
+    # without a mask, the image's own transparent pixels mark the area
+    holed = base.copy()
+    holed.paste((0, 0, 0, 0), (0, 0, 32, 32))
+    own = await client.images.edit(image=("holed.png", png_bytes(holed), "image/png"), prompt="sky", size="64x64")
+    assert len(own.data) == 1
+
+    with pytest.raises(openai.BadRequestError) as opaque:  # nothing transparent: nothing to paint
+        await client.images.edit(image=("fox.png", png_bytes(base), "image/png"), prompt="sky")
+    assert opaque.value.param == "image"
+    with pytest.raises(openai.BadRequestError) as small_mask:
+        await client.images.edit(
+            image=("fox.png", png_bytes(base), "image/png"),
+            mask=("mask.png", png_bytes(mask.resize((32, 32))), "image/png"),
+            prompt="sky",
+        )
+    assert small_mask.value.param == "mask"
+    assert "32x32" in small_mask.value.message
+    with pytest.raises(openai.BadRequestError) as not_png:
+        await client.images.edit(image=("fox.png", b"GIF89a not a png", "image/png"), prompt="sky")
+    assert not_png.value.param == "image"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        await client.images.edit(image=("holed.png", png_bytes(holed), "image/png"), prompt="sky", quality="high")
+    assert unknown.value.param == "quality"
+
+    # a PNG whose header claims a huge picture is refused before its pixels are decoded
+    huge = bytearray(png_bytes(Image.new("RGBA", (8, 8))))
+    huge[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR width and height
+    with pytest.raises(openai.BadRequestError) as bomb:
+        await client.images.edit(image=("bomb.png", bytes(huge), "image/png"), prompt="sky")
+    assert bomb.value.param == "image"
+
+    async with httpx.AsyncClient(base_url=served.gateway_url) as http:
+        as_json = await http.post("/v1/images/edits", json={"prompt": "sky"})
+    assert as_json.status_code == 400
+    assert as_json.json()["error"]["param"] == "content-type"

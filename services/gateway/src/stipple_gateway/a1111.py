@@ -18,6 +18,11 @@ without `enable_hr`, a subseed at strength 0) are accepted as they are.
   `denoising_strength`. Inpainting always repaints on the whole picture (A1111's
   `inpaint_full_res` and `mask_blur` are accepted at any value and have no effect).
 
+`progress` and `interrupt` act on the caller's (its API key's) running txt2img or img2img,
+as A1111's act on its one job: the progress is the step of the node furthest along (no
+preview images), and an interrupted request answers 200 with no images (a node returns no
+partial result).
+
 Answers as A1111 writes them: ``{"images": [base64 PNG], "parameters": {...}, "info": "<JSON
 string>"}``, `info` with `seed`, `all_seeds`, `prompt` and the task id.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from stipple_common.errors import InvalidInput
@@ -222,8 +228,11 @@ def sd_models(names: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-def result(images: list[str], raw: dict[str, Any], spec: TaskSpec, task_id: str, seeds: list[int]) -> dict[str, Any]:
-    """A1111's answer: the images, the request's parameters and `info` as a JSON string."""
+def result(
+    images: list[str], raw: dict[str, Any], spec: TaskSpec, task_id: str, seeds: list[int], *, interrupted: bool = False
+) -> dict[str, Any]:
+    """A1111's answer: the images, the request's parameters and `info` as a JSON string
+    (`interrupted`: ``POST /sdapi/v1/interrupt`` cancelled it, and there are no images)."""
     info = {
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
@@ -236,6 +245,38 @@ def result(images: list[str], raw: dict[str, Any], spec: TaskSpec, task_id: str,
         "sampler_name": spec.sampler,
         "sd_model_name": spec.model_name,
         "task_id": task_id,
+        "interrupted": interrupted,
     }
     parameters = {key: value for key, value in raw.items() if key not in ("init_images", "mask")}
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+def progress(
+    task_id: str | None, started: float, step: int = 0, total: int = 0, eta_s: float | None = None
+) -> dict[str, Any]:
+    """A1111's ``GET /sdapi/v1/progress`` for the caller's running txt2img / img2img
+    (`task_id`), or idle (None): `progress` 0..1 from the step of the node furthest along,
+    `eta_relative` from the dispatcher's estimate while queued, else from the step rate."""
+    fraction = step / total if total > 0 else 0.0
+    if eta_s is None:
+        elapsed = max(0.0, time.time() - started)
+        eta_s = elapsed / fraction - elapsed if fraction > 0 else 0.0
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": f"task {task_id}" if task_id else "",
+        "job_count": 1 if task_id else 0,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(started)) if task_id else "0",
+        "job_no": 0,
+        "sampling_step": step,
+        "sampling_steps": total,
+    }
+    return {
+        "progress": round(fraction, 4),
+        "eta_relative": round(eta_s, 3),
+        "state": state,
+        "current_image": None,  # nodes send no previews
+        "textinfo": None,
+        "current_task": task_id,
+    }

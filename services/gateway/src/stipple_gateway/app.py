@@ -11,6 +11,7 @@ SDCN routes answer ``{"msg": "..."}``; bad input is 4xx and names the field and 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import time
@@ -35,7 +36,8 @@ from stipple_common.errors import InvalidInput, StippleError
 from stipple_common.messages import Validation
 from stipple_common.taskspec import TaskSpec, parse_task
 
-from . import a1111, openai_images, openapi
+from . import a1111, horde, network, openai_images, openapi
+from .auth import ApiKey
 from .errors import ApiError
 from .events import TaskEventStream
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
@@ -51,6 +53,7 @@ Gateway = TaskService
 
 log = structlog.get_logger("stipple.gateway")
 
+INTERRUPT_TRIES, INTERRUPT_PAUSE_S = 40, 0.05  # an interrupt waits up to 2 s for the task it names to be stored
 IMAGE_MAX_AGE_S = 31_536_000  # Cache-Control max-age of an image that is kept for good
 
 
@@ -58,7 +61,7 @@ def json_response(body: msgspec.Struct, status_code: int = 200, headers: dict[st
     return Response(msgspec.json.encode(body), status_code=status_code, headers=headers, media_type="application/json")
 
 
-ErrorShape = Literal["native", "sdcn", "openai", "a1111"]
+ErrorShape = Literal["native", "sdcn", "openai", "a1111", "horde"]
 
 
 def error_response(error: ApiError, *, shape: ErrorShape = "native") -> JSONResponse:
@@ -69,6 +72,8 @@ def error_response(error: ApiError, *, shape: ErrorShape = "native") -> JSONResp
         body = openai_images.error_body(error)
     elif shape == "a1111":
         body = a1111.error_body(error)
+    elif shape == "horde":
+        body = horde.error_body(error)
     else:
         body = error.native_body()
     return JSONResponse(body, status_code=error.status, headers=error.headers)
@@ -135,8 +140,22 @@ class Routes:
         self.tasks = tasks
         self.settings = tasks.settings
         self.a1111_models: dict[str, str] = {}  # API key id -> the model POST /sdapi/v1/options chose
+        # API key id -> its running A1111 txt2img / img2img (task id, started): A1111 runs one
+        # job at a time, and its progress and interrupt endpoints name none
+        self.a1111_running: dict[str, tuple[str, float]] = {}
+        self.a1111_interrupted: set[str] = set()  # task ids POST /sdapi/v1/interrupt cancelled
 
     async def read_json(self, request: Request) -> Any:
+        body = await self.read_body(request)
+        if not body:
+            raise ApiError(422, "invalid_input", "request body is empty; expected a JSON object", field="$")
+        try:
+            return msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}", field="$") from None
+
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, refused with 413 past `max_body_bytes` (before it is all read)."""
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -146,12 +165,7 @@ class Routes:
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, "body_too_large", f"request body is over the limit of {limit} bytes")
-        if not body:
-            raise ApiError(422, "invalid_input", "request body is empty; expected a JSON object", field="$")
-        try:
-            return msgspec.json.decode(bytes(body))
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}", field="$") from None
+        return bytes(body)
 
     async def post_task(self, request: Request) -> Response:
         raw = await self.read_json(request)
@@ -237,6 +251,12 @@ class Routes:
             spec, asked = openai_images.parse_generation(await self.read_json(request), self.settings.default_model)
         except InvalidInput as exc:
             raise ApiError(400, exc.code, exc.message, field=exc.field, value=exc.value) from None
+        return await self.openai_answer(request, spec, asked)
+
+    async def openai_answer(
+        self, request: Request, spec: TaskSpec, asked: openai_images.ImageGenerationRequest
+    ) -> Response:
+        """Run an OpenAI generation or edit and answer as OpenAI does."""
         owner = owner_of(request)
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
         if asked.user:
@@ -251,6 +271,40 @@ class Routes:
         else:
             data = [openai_images.ImageData(b64_json=base64.b64encode(png).decode()) for png in finished.pngs]
         return json_response(openai_images.ImagesResponse(created=int(time.time()), data=data))
+
+    async def openai_edit(self, request: Request) -> Response:
+        """OpenAI's ``POST /v1/images/edits`` (multipart): inpaint, wait, return the images."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(
+                400,
+                "invalid_input",
+                "expected a multipart/form-data body (image, mask, prompt, ...)",
+                field="content-type",
+                value=request.headers.get("content-type", "")[:100],
+            )
+        body = await self.read_body(request)
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=4, max_fields=16)
+        except (HTTPException, ValueError) as exc:
+            detail = getattr(exc, "detail", str(exc))
+            raise ApiError(400, "invalid_input", f"not a readable multipart body: {detail}", field="$") from None
+        fields: dict[str, str] = {}
+        files: dict[str, list[bytes]] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            else:
+                files.setdefault(name, []).append(await value.read())
+        await form.close()
+        try:
+            spec, asked = openai_images.parse_edit(fields, files, self.settings.default_model)
+        except InvalidInput as exc:
+            raise ApiError(400, exc.code, exc.message, field=exc.field, value=exc.value) from None
+        return await self.openai_answer(request, spec, asked)
 
     async def a1111_txt2img(self, request: Request) -> Response:
         return await self.a1111(request, img2img=False)
@@ -270,12 +324,56 @@ class Routes:
                 400 if exc.field != "$" else 422, exc.code, exc.message, field=exc.field, value=exc.value
             ) from None
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
-        finished = await self.tasks.submit_and_wait(
-            spec, "a1111", task_id, owner=owner, model_field="override_settings.sd_model_checkpoint"
-        )
+        self.a1111_running[owner] = (task_id, time.time())
+        try:
+            finished = await self.tasks.submit_and_wait(
+                spec, "a1111", task_id, owner=owner, model_field="override_settings.sd_model_checkpoint"
+            )
+        except ApiError:
+            if task_id not in self.a1111_interrupted:
+                raise
+            # interrupted: A1111 answers with what it has; a Stipple node returns no partial images
+            return JSONResponse(a1111.result([], raw, spec, task_id, [], interrupted=True))
+        finally:
+            self.a1111_interrupted.discard(task_id)
+            if self.a1111_running.get(owner, ("",))[0] == task_id:
+                del self.a1111_running[owner]
         images = [base64.b64encode(png).decode() for png in finished.pngs] if raw.get("send_images", True) else []
         seeds = [image.seed for image in finished.task.images]
         return JSONResponse(a1111.result(images, raw, spec, task_id, seeds))
+
+    async def a1111_progress(self, request: Request) -> Response:
+        """The caller's running txt2img / img2img: the step of its node furthest along."""
+        running = self.a1111_running.get(owner_of(request))
+        if running is None:
+            return JSONResponse(a1111.progress(None, 0.0))
+        task_id, started = running
+        step = self.tasks.progress.furthest(task_id)
+        eta_s = None
+        if step is None:  # not started: queued, or loading the model
+            queued = await self.tasks.queue_status((await self.tasks.load_task(task_id, owner_of(request))).task)
+            eta_s = queued.eta_s if queued is not None else None
+        return JSONResponse(
+            a1111.progress(task_id, started, step.step if step else 0, step.total if step else 0, eta_s)
+        )
+
+    async def a1111_interrupt(self, request: Request) -> Response:
+        """Cancel the caller's running txt2img / img2img (nothing to do when none runs); the
+        request that started it answers 200 with no images."""
+        running = self.a1111_running.get(owner_of(request))
+        if running is not None:
+            self.a1111_interrupted.add(running[0])
+            for _ in range(INTERRUPT_TRIES):
+                try:
+                    await self.tasks.cancel(running[0], owner_of(request))
+                except ApiError as exc:
+                    if exc.status == 404:  # its submission is not stored yet
+                        await asyncio.sleep(INTERRUPT_PAUSE_S)
+                        continue
+                    if exc.status != 409:  # 409: it finished first, and its request answers with the images
+                        raise
+                break
+        return JSONResponse(None)
 
     async def a1111_sd_models(self, request: Request) -> Response:
         return JSONResponse(a1111.sd_models(sorted(self.tasks.model_names())))
@@ -350,6 +448,9 @@ def create_app(tasks: TaskService) -> Starlette:
     """The gateway's Starlette app over `tasks` (started and stopped by its owner)."""
     tracer = trace.get_tracer("stipple.gateway")
     routes = Routes(tasks)
+    web = network.NetworkRoutes(tasks)  # GET /v1/network, /v1/nodes/{node_id} and the web pages
+    hordes = horde.HordeRoutes(tasks, routes.read_json)  # the AI Horde API under /api/v2
+    apikey = hordes.authenticate  # the Horde's `apikey` header instead of Authorization (submitting only)
 
     def route(
         path: str,
@@ -358,12 +459,16 @@ def create_app(tasks: TaskService) -> Starlette:
         *,
         shape: ErrorShape = "native",
         public: bool = False,
+        authenticate: Callable[[Request], ApiKey] | None = None,  # default: Authorization: Bearer
     ) -> Route:
         async def wrapped(request: Request) -> Response:
             started = time.perf_counter()
             try:
                 if not public and tasks.keys.enabled:
-                    key = tasks.keys.authenticate(request.headers.get("authorization"))
+                    if authenticate is not None:
+                        key = authenticate(request)
+                    else:
+                        key = tasks.keys.authenticate(request.headers.get("authorization"))
                     tasks.keys.admit(key, time.monotonic())
                     request.state.key_id = key.key_id
                 response = await endpoint(request)
@@ -416,6 +521,7 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/txt2img", routes.sdcn_txt2img, ["POST"], shape="sdcn"),
             route("/img2img", routes.sdcn_img2img, ["POST"], shape="sdcn"),
             route("/v1/images/generations", routes.openai_generate, ["POST"], shape="openai"),
+            route("/v1/images/edits", routes.openai_edit, ["POST"], shape="openai"),
             route("/v1/models", routes.openai_models, ["GET"], shape="openai"),
             route("/sdapi/v1/txt2img", routes.a1111_txt2img, ["POST"], shape="a1111"),
             route("/sdapi/v1/img2img", routes.a1111_img2img, ["POST"], shape="a1111"),
@@ -423,10 +529,24 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/sdapi/v1/samplers", routes.a1111_samplers, ["GET"], shape="a1111"),
             route("/sdapi/v1/schedulers", routes.a1111_schedulers, ["GET"], shape="a1111"),
             route("/sdapi/v1/options", routes.a1111_options, ["GET", "POST"], shape="a1111"),
+            route("/sdapi/v1/progress", routes.a1111_progress, ["GET"], shape="a1111"),
+            route("/sdapi/v1/interrupt", routes.a1111_interrupt, ["POST"], shape="a1111"),
+            route("/api/v2/generate/async", hordes.generate_async, ["POST"], shape="horde", authenticate=apikey),
+            # as on the Horde: a request's random id is its key, and the status routes are open
+            route("/api/v2/generate/check/{id}", hordes.check, ["GET"], shape="horde", public=True),
+            route("/api/v2/generate/status/{id}", hordes.status, ["GET", "DELETE"], shape="horde", public=True),
+            route("/api/v2/status/models", hordes.models, ["GET"], shape="horde", public=True),
+            route("/api/v2/status/heartbeat", hordes.heartbeat, ["GET"], shape="horde", public=True),
             route("/healthz", routes.healthz, ["GET"], public=True),
             route("/metrics", routes.metrics_endpoint, ["GET"], public=True),
             route("/openapi.json", routes.openapi_json, ["GET"], public=True),
             route("/docs", routes.docs_page, ["GET"], public=True),
             route("/docs/assets/{name}", routes.docs_asset, ["GET"], public=True),
+            route("/v1/network", web.network, ["GET"]),
+            route("/v1/nodes/{node_id}", web.node, ["GET"]),
+            route("/", web.generator_page, ["GET"], public=True),
+            route("/network", web.network_page, ["GET"], public=True),
+            route("/nodes/{node_id}", web.node_page, ["GET"], public=True),
+            route("/web/{path:path}", web.asset, ["GET"], public=True),
         ],
     )

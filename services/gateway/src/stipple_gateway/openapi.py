@@ -35,7 +35,7 @@ from stipple_common.messages import (
     TaskSucceeded,
 )
 
-from . import openai_images
+from . import horde, network, openai_images
 from .sdcn import SdcnImg2Img, SdcnTxt2Img
 from .views import ErrorBody, Health, NodesView, SdcnError, SdcnResult, TaskAccepted, TaskRequest, TaskView
 
@@ -193,6 +193,22 @@ def _a1111_paths() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": anything},
                 "responses": answer({"application/json": {"schema": {"type": "null"}}}, [400, 422]),
             },
+        },
+        "/sdapi/v1/progress": {
+            "get": {
+                "summary": "AUTOMATIC1111: the step of this API key's running txt2img / img2img (idle: 0)",
+                "operationId": "a1111Progress",
+                "security": KEYED,
+                "responses": answer(anything, []),
+            }
+        },
+        "/sdapi/v1/interrupt": {
+            "post": {
+                "summary": "AUTOMATIC1111: cancel this API key's running txt2img / img2img (it answers with no images)",
+                "operationId": "a1111Interrupt",
+                "security": KEYED,
+                "responses": answer({"application/json": {"schema": {"type": "null"}}}, []),
+            }
         },
     }
 
@@ -352,6 +368,44 @@ def build() -> dict[str, Any]:
                 ),
             }
         },
+        "/v1/images/edits": {
+            "post": {
+                "summary": "OpenAI images API: edit (inpaint where the mask is transparent); waits for the outcome",
+                "operationId": "openaiImagesEdit",
+                "security": KEYED,
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["image", "prompt"],
+                                "properties": {
+                                    "image": {"type": "string", "format": "binary", "description": "One PNG."},
+                                    "mask": {
+                                        "type": "string",
+                                        "format": "binary",
+                                        "description": "A PNG of the image's size: its transparent pixels are painted.",
+                                    },
+                                    "prompt": {"type": "string"},
+                                    "model": {"type": "string"},
+                                    "n": {"type": "integer", "minimum": 1, "maximum": 10},
+                                    "size": {"type": "string", "description": "WxH; default: the image's size"},
+                                    "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+                                    "user": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": _responses(
+                    {"200": {"description": "The images.", "content": _json("ImagesResponse")}},
+                    [400, 413, 422, 502, 503, 504],
+                    schema="OpenAIError",
+                ),
+            }
+        },
         "/v1/models": {
             "get": {
                 "summary": "OpenAI API: the models live nodes serve",
@@ -363,6 +417,7 @@ def build() -> dict[str, Any]:
             }
         },
         **_a1111_paths(),
+        **horde.openapi_paths(),
         "/healthz": {
             "get": {
                 "summary": "Liveness: connected to NATS",
@@ -418,6 +473,7 @@ def build() -> dict[str, Any]:
             }
         },
     }
+    network.add_openapi(paths, schemas, KEYED, _responses, _json)  # the network's JSON and the web pages
     return {
         "openapi": "3.1.0",
         "info": {

@@ -89,6 +89,14 @@ class ProgressBoard:
         assigned = set(nodes)
         return {node: p for node, p in self._tasks.get(task_id, {}).items() if node in assigned}
 
+    def furthest(self, task_id: str) -> Progress | None:
+        """The progress of the assigned node furthest along in the task (None before its
+        first step, and once it finished): what a one-job API such as A1111's shows."""
+        nodes = self._tasks.get(task_id)
+        if not nodes:
+            return None
+        return max(nodes.values(), key=lambda p: p.step / p.total if p.total > 0 else 0.0)
+
     async def follow(self, nc: NATS) -> list[Any]:
         """Subscribe to every task's progress, assignments and outcome; returns the subscriptions."""
 

@@ -58,6 +58,7 @@ from .events import (
     read_task_events,
 )
 from .metrics import GatewayMetrics
+from .network import NetworkFold
 from .payment import CustodialWallet
 from .progress import ProgressBoard
 from .settings import GatewaySettings
@@ -127,6 +128,7 @@ class TaskService:
         self.clock = clock
         self.keys = KeyRing(parse_api_keys(settings.api_keys))  # InvalidSettings at start when malformed
         self.progress = ProgressBoard(settings.progress_max_tasks)
+        self.network = NetworkFold()  # recent tasks, QoS points, earnings and slashes for the web pages
         self.wallet = CustodialWallet(nc, js)
         self.closing = asyncio.Event()  # set when the gateway stops: ends the events streams
         self.fatal = asyncio.Event()  # set when a background worker gave up: the service stops
@@ -154,6 +156,7 @@ class TaskService:
     async def start(self) -> None:
         """Follow step progress, and deliver webhooks when a secret is set."""
         self._subs = await self.progress.follow(self.nc)
+        self._subs += await self.network.follow(self.nc, self.js)
         for outcome in OUTCOME_EVENTS:  # end-to-end latency (core NATS: a lost one is one lost sample)
             self._subs.append(await self.nc.subscribe(subjects.all_tasks(outcome), cb=self._on_outcome))
         if self.webhooks is not None:
