@@ -4,6 +4,7 @@ gateway, dispatcher, validator and node agents (in one process, the tiny model).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -104,3 +105,34 @@ async def test_webuiapi_follows_progress_and_interrupts_the_running_job(served: 
     async with httpx.AsyncClient(base_url=served.gateway_url) as http:
         view = (await http.get(f"/v1/tasks/{task_id}")).json()
     assert view["status"] == "cancelled"
+
+
+async def test_webuiapi_lists_loras_and_a_lora_tag_still_becomes_the_tasks_lora(served: Network) -> None:
+    """`get_loras` answers A1111's list: the LoRAs live nodes hold in their model stores. The
+    nodes here run without a store, so the list is empty, and a `<lora:name:weight>` tag is
+    still the task's LoRA, as before: each node asked for it says it does not have it."""
+    url = urlparse(served.gateway_url)
+
+    def run() -> str:
+        api = webuiapi.WebUIApi(host=url.hostname, port=url.port, sampler="Euler a", steps=4)
+        loras = api.get_loras()
+        assert isinstance(loras, list)
+        assert all(set(lora) == {"name", "alias", "path", "metadata"} for lora in loras)
+        assert "acme/fox-lora" not in [lora["name"] for lora in loras]  # no node holds it
+        with pytest.raises(RuntimeError) as refused:  # webuiapi raises (status, body) on an error
+            api.txt2img(prompt="a red fox <lora:acme/fox-lora:0.8>", seed=11, width=64, height=64)
+        status, body = refused.value.args
+        assert status == 502
+        assert isinstance(api.get_loras(), list)
+        found = re.search(r"task ([0-9a-f]{32})", body)
+        assert found, body
+        return found.group(1)
+
+    task_id = await asyncio.to_thread(run)
+    async with httpx.AsyncClient(base_url=served.gateway_url) as http:
+        view = (await http.get(f"/v1/tasks/{task_id}")).json()
+    assert view["task"]["prompt"] == "a red fox"
+    assert view["task"]["loras"] == [{"model": "acme/fox-lora", "weight_file_name": "", "weight": 0.8}]
+    errors = [node["error"]["message"] for node in view["nodes"] if "error" in node]
+    assert errors, view
+    assert all(message.startswith("loras[0].model: ") and "acme/fox-lora" in message for message in errors)

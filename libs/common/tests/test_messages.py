@@ -73,3 +73,15 @@ def test_decoding_a_wrong_type_fails_loudly():
 def test_a_newer_event_with_extra_fields_still_decodes():
     data = msgspec.json.encode({"type": "started", "task_id": "t", "node_id": "a", "gpu_temp": 71})
     assert task_event_decoder.decode(data) == TaskStarted(task_id="t", node_id="a")
+
+
+def test_an_announcement_without_loras_on_disk_reads_as_none_and_one_with_them_round_trips():
+    """Nodes older than `loras_on_disk` leave it out; the gateway must read them as holding none."""
+    older = msgspec.json.decode(encode(joined("n1")), type=dict)
+    del older["loras_on_disk"]
+    assert node_event_decoder.decode(msgspec.json.encode(older)).loras_on_disk == []
+    newer = msgspec.structs.replace(joined("n1"), loras_on_disk=["acme/fox-lora", "https://x.test/cat.safetensors"])
+    assert node_event_decoder.decode(encode(newer)).loras_on_disk == ["acme/fox-lora", "https://x.test/cat.safetensors"]
+    too_many = {**older, "loras_on_disk": [f"acme/lora-{i}" for i in range(257)]}
+    with pytest.raises(msgspec.ValidationError, match="loras_on_disk"):
+        node_event_decoder.decode(msgspec.json.encode(too_many))

@@ -1,8 +1,17 @@
 import msgspec
 import pytest
 
-from stipple_common.errors import InvalidInput
-from stipple_common.taskspec import SAMPLERS, ModelRef, TaskSpec, parse_task, resolve_seed
+from stipple_common.errors import NO_VALUE, InvalidInput
+from stipple_common.taskspec import (
+    SAMPLERS,
+    LoraSpec,
+    ModelRef,
+    SchedulerSpec,
+    TaskConfig,
+    TaskSpec,
+    parse_task,
+    resolve_seed,
+)
 
 BASE = {"base_model": "tiny-sd", "prompt": "a fox"}
 
@@ -221,3 +230,123 @@ def test_img2img_and_inpaint_accept_images():
     assert img.strength == 0.4
     bare = parse_task({**BASE, "kind": "inpaint", "init_image": PNG_1PX, "mask_image": DATA_URL})
     assert bare.kind == "inpaint"
+
+
+# --------------------------------------------------------------------------- Crynux's defaults
+#
+# Crynux's defaults, from crynux-ai/stable-diffusion-task at 17cd393976c9020d5d2a339c0b3452e0e952774b
+# (the task format 2.5.0), sd_task/task_args/inference_task/task_args.py:
+#   TaskConfig: image_width 512, image_height 512, steps 1, seed 0, num_images 6, safety_checker True, cfg 5
+#   InferenceTaskArgs: version "2.5.0", dtype "auto", unet "", negative_prompt "", lora None,
+#     controlnet None, scheduler DPMSolverMultistep() (method "DPMSolverMultistepScheduler", args None),
+#     vae "", refiner None, textual_inversion ""; base_model {"name", "variant": None}
+#   LoraArgs: weight_file_name "", weight 100;  RefinerArgs: variant None, denoising_cutoff 80, steps 20
+# and schema/stable-diffusion-inference-task.json at 1c3cd8c9649287e1efe703462e396b1707c538bb (the same,
+# and ControlnetArgs: variant None, weight 70, preprocess None). Only base_model, prompt and
+# task_config are required there.
+#
+# A task as Crynux's examples write one, cut down to what Crynux requires and the version that makes
+# it a Crynux task: crynux-ai/stable-diffusion-task, examples/sdxl_turbo_lora_hf.py at
+# 3591f976f5d4bc1714e884badf222aabcdc375c2 writes
+#   "version": "2.0.0", "base_model": {"name": "stabilityai/sdxl-turbo"}, ... "prompt": prompt, ...
+#   "task_config": {"num_images": 9, "steps": 1, "cfg": 0}
+CRYNUX_MINIMAL = {
+    "version": "2.0.0",
+    "base_model": {"name": "stabilityai/sdxl-turbo"},
+    "prompt": "toy_face of a hacker with a hoodie, pixel art",
+    "task_config": {},
+}
+CRYNUX_CONFIG = TaskConfig(
+    image_width=512, image_height=512, steps=1, seed=0, num_images=6, safety_checker=True, cfg=5.0
+)
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "2.0.0", "2.1.0", "2.5.0"])
+def test_a_minimal_crynux_task_gets_every_default_crynux_gives_it(version):
+    spec = parse_task({**CRYNUX_MINIMAL, "version": version})
+    assert spec.version == version
+    assert spec.base_model == ModelRef(name="stabilityai/sdxl-turbo", variant=None)
+    assert spec.dtype == "auto"
+    assert spec.unet == ""
+    assert spec.negative_prompt == ""
+    assert spec.lora is None
+    assert spec.loras == []
+    assert spec.controlnet is None
+    assert spec.scheduler == SchedulerSpec(method="DPMSolverMultistepScheduler", args=None)
+    assert spec.sampler is None
+    assert spec.vae == ""
+    assert spec.refiner is None
+    assert spec.textual_inversion == ""
+    assert spec.task_config == CRYNUX_CONFIG
+    assert resolve_seed(spec, 1234).task_config.seed == 0  # Crynux's seed 0 is a seed, not "pick one"
+
+
+def test_crynux_defaults_inside_its_lora_controlnet_and_refiner():
+    spec = parse_task(
+        {
+            **CRYNUX_MINIMAL,
+            "lora": {"model": "CiroN2022/toy-face"},
+            "controlnet": {"model": "diffusers/controlnet-canny-sdxl-1.0", "image_dataurl": DATA_URL},
+            "refiner": {"model": "stabilityai/stable-diffusion-xl-refiner-1.0"},
+        }
+    )
+    assert spec.loras == [LoraSpec(model="CiroN2022/toy-face", weight_file_name="", weight=1.0)]  # 100
+    assert (spec.controlnet.variant, spec.controlnet.weight, spec.controlnet.preprocess) == (None, 0.7, None)  # 70
+    assert (spec.refiner.variant, spec.refiner.denoising_cutoff, spec.refiner.steps) == (None, 0.8, 20)  # 80
+
+
+def test_what_a_crynux_task_gives_wins_over_crynux_defaults():
+    spec = parse_task(
+        {
+            **CRYNUX_MINIMAL,
+            "scheduler": {"method": "EulerAncestralDiscreteScheduler", "args": {"timestep_spacing": "trailing"}},
+            "task_config": {"num_images": 9, "steps": 1, "cfg": 0},  # as examples/sdxl_turbo_lora_hf.py
+        }
+    )
+    assert spec.scheduler.method == "EulerAncestralDiscreteScheduler"
+    assert spec.task_config == msgspec.structs.replace(CRYNUX_CONFIG, num_images=9, cfg=0.0)
+    with_sampler = parse_task({**CRYNUX_MINIMAL, "sampler": "Euler a"})  # Stipple's extension instead
+    assert (with_sampler.sampler, with_sampler.scheduler) == ("Euler a", None)
+    without_config = parse_task({key: value for key, value in CRYNUX_MINIMAL.items() if key != "task_config"})
+    assert without_config.task_config == CRYNUX_CONFIG  # Crynux requires it; here it may be left out
+
+
+def test_native_tasks_keep_their_own_defaults():
+    """No Crynux version, no Crynux defaults: the OpenAI layer, for one, sends no steps or seed.
+    Crynux's own default version is 2.5.0, but a task without `version` is native here: so
+    is the task of crynux-ai/stable-diffusion-task's examples/sd15.py (at
+    09e5fe02fdf1e97d77206168a3329ea88e85bc64), written before Crynux had versions."""
+    native = TaskConfig(
+        image_width=512, image_height=512, steps=25, cfg=7.0, seed=-1, num_images=1, safety_checker=False
+    )
+    for body in (BASE, {**BASE, "version": "1"}, {**BASE, "task_config": {}}):
+        spec = parse_task(body)
+        assert spec.task_config == native
+        assert spec.scheduler is None  # the model's own
+    sd15 = parse_task(
+        {
+            "base_model": "runwayml/stable-diffusion-v1-5",
+            "prompt": "best quality, 1girl",
+            "negative_prompt": "paintings, sketches",
+            "task_config": {"num_images": 9, "safety_checker": False},
+        }
+    )
+    assert sd15.version == "1"
+    assert sd15.task_config == msgspec.structs.replace(native, num_images=9)
+
+
+@pytest.mark.parametrize(
+    ("task_config", "field", "value"),
+    [
+        ("fast", "task_config", "fast"),
+        ({"steps": 0}, "task_config.steps", 0),
+        ({"seed": -2}, "task_config.seed", -2),
+        ({"num_images": 11}, "task_config.num_images", 11),
+        ({"colour": "red"}, "task_config.colour", NO_VALUE),
+    ],
+)
+def test_bad_input_in_a_crynux_task_is_named_as_the_app_sent_it(task_config, field, value):
+    with pytest.raises(InvalidInput) as info:
+        parse_task({**CRYNUX_MINIMAL, "task_config": task_config})
+    assert info.value.field == field
+    assert info.value.value == value

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import httpx
+import msgspec
 import pytest
 
 from stipple_common import bus, subjects
@@ -300,3 +301,39 @@ async def test_an_unknown_validation_is_refused_naming_the_field_and_value(clien
     assert error["field"] == "validation"
     assert error["value"] == (str(value) if isinstance(value, list) else value)  # a list is shown as text
     assert "full" in error["message"]
+
+
+@pytest.mark.parametrize("depth", [33, 900, 5000])
+@pytest.mark.parametrize(
+    "path", ["/v1/tasks", "/txt2img", "/sdapi/v1/txt2img", "/v1/images/generations", "/api/v2/generate/async"]
+)
+async def test_deeply_nested_bodies_are_400_on_every_json_route(gateway, path, depth):
+    """Below msgspec's recursion limit (900) and past it (5,000): a 400 naming the depth,
+    never a 500 from a RecursionError in a parser, an error message's repr or a log line."""
+    gateway.settings = msgspec.structs.replace(gateway.settings, max_body_bytes=100_000)
+    body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+    transport = httpx.ASGITransport(app=create_app(gateway))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        response = await http.post(path, content=body)
+    assert response.status_code == 400
+    assert "nests deeper than 32 levels" in response.text
+
+
+async def test_a_body_at_the_depth_limit_is_read_and_judged_on_its_fields(client):
+    nested: object = 1
+    for _ in range(31):
+        nested = [nested]
+    response = await client.post("/v1/tasks", json={**TASK, "prompt": nested})
+    assert response.status_code == 422  # read, then refused for what it says: prompt is not a string
+    assert response.json()["error"]["field"] == "prompt"
+
+
+def test_json_depth_counts_without_recursion_and_stops_past_the_limit():
+    from stipple_gateway.app import json_depth
+
+    assert json_depth(1, 32) == 0
+    assert json_depth({"a": [1, {"b": []}]}, 32) == 4
+    deep: object = []
+    for _ in range(100_000):  # far past Python's recursion limit
+        deep = [deep]
+    assert json_depth(deep, 32) == 33

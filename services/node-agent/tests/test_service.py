@@ -433,8 +433,73 @@ async def test_a_prefetch_request_downloads_the_model_and_announces_it(
                     break
                 await asyncio.sleep(0.05)
     assert url in again.models_on_disk
+    assert first.loras_on_disk == []
+    assert again.loras_on_disk == [url]  # prefetched as a LoRA: the gateway lists it (GET /sdapi/v1/loras)
     assert again.started_at == first.started_at  # not a restart: a pause would stay
     assert [m.ref for m in store.inventory()] == [url]
+
+
+def stored(root, *held):
+    """A model store whose index holds `held`: (ref, kind, last_used) each, with a file."""
+    from stipple_node.store.index import Entry, save_index
+
+    entries = {}
+    for i, (ref, kind, last_used) in enumerate(held):
+        (root / f"e{i}").mkdir(parents=True)
+        entries[ref] = Entry(
+            key=ref,
+            ref=ref,
+            source="url" if ref.startswith("https://") else "hf",
+            kind=kind,
+            path=f"e{i}",
+            evict_path=f"e{i}",
+            size_bytes=1,
+            last_used=last_used,
+        )
+    save_index(root, entries)
+
+
+def announced(runner, store):
+    from stipple_common.metrics import Metrics
+    from stipple_node.metrics import NodeMetrics
+
+    settings = NodeSettings()
+    metrics = NodeMetrics.of(Metrics("node"), settings.device)
+    agent = NodeAgent(nc=None, js=None, runner=runner, settings=settings, metrics=metrics, store=store, key=KEY)
+    return agent.announcement()
+
+
+def test_the_announcement_names_the_stored_loras_most_recently_used_first(runner, tmp_path):
+    from stipple_node.store import ModelStore
+
+    stored(
+        tmp_path / "store",
+        ("https://civitai.test/api/download/models/1", "lora", 10.0),
+        ("acme/sd15-base", "model", 40.0),
+        ("acme/fox-lora", "lora", 30.0),
+        ("https://x.test/cat.pt", "embedding", 20.0),
+        ("acme/never-used-lora", "lora", 0.0),
+    )
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        joined = announced(runner, store)
+    assert joined.loras_on_disk == [
+        "acme/fox-lora",
+        "https://civitai.test/api/download/models/1",
+        "acme/never-used-lora",
+    ]
+    assert set(joined.loras_on_disk) < set(joined.models_on_disk)  # still there too, as before
+    assert announced(runner, None).loras_on_disk == []  # no store: nothing on disk
+
+
+def test_the_announced_loras_are_bounded_as_the_network_reads_them(runner, tmp_path):
+    """`ModelNames` holds 256: a node with more announces the 256 it used last."""
+    from stipple_node.store import ModelStore
+
+    stored(tmp_path / "store", *((f"acme/lora-{i}", "lora", float(i)) for i in range(300)))
+    with ModelStore(tmp_path / "store", budget_bytes=None) as store:
+        joined = announced(runner, store)
+    assert joined.loras_on_disk == [f"acme/lora-{i}" for i in range(299, 43, -1)]
+    assert node_event_decoder.decode(msgspec.json.encode(joined)).loras_on_disk == joined.loras_on_disk
 
 
 def test_the_node_id_is_the_keys_address_and_a_setting_cannot_change_it():

@@ -305,6 +305,9 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     started_at: float
     models_on_disk: ModelsOnDisk = []  # in the node's model store (the dispatcher prefers nodes that have a model)
     models_loaded: ModelNames = []  # in memory
+    # the LoRAs among models_on_disk (store entries of kind "lora"), most recently used first: what
+    # the gateway lists as A1111's `GET /sdapi/v1/loras`; empty from nodes older than the field
+    loras_on_disk: ModelNames = []
     address: str = ""  # the node's Ethereum address (its id, checksummed): it signs commitments and stakes
     # its determinism class but the dtype (hardware, driver and CUDA, torch, diffusers; threads on a
     # CPU): what it reveals must be this plus the task's dtype, and the dispatcher puts a sampled

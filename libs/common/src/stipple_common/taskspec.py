@@ -1,8 +1,17 @@
 """The task format apps send, its limits, and its validation.
 
 The native task JSON is a superset of Crynux's stable-diffusion-task (versions 1.0.0 to
-2.5.0): a Crynux task is accepted as it is. Beyond it: several LoRAs, img2img and
-inpainting inputs, AUTOMATIC1111 sampler names, and seed -1 for "pick one".
+2.5.0): a Crynux task is accepted as it is, and means what it means on Crynux. Beyond it:
+several LoRAs, img2img and inpainting inputs, AUTOMATIC1111 sampler names, and seed -1 for
+"pick one".
+
+`version` tells the two apart. A task that names one of Crynux's versions gets Crynux's
+defaults for what it leaves out (`CRYNUX_TASK_CONFIG`, `CRYNUX_SCHEDULER`: one step, seed
+0, six images, the safety checker on, cfg 5, DPMSolverMultistepScheduler); any other task
+is native and gets the defaults of the structs below (25 steps, a random seed, one image),
+which the OpenAI layer, for one, relies on. Crynux's own default version is 2.5.0, so a
+Crynux task without a `version` reads here as a native one: the one case the two formats
+cannot be told apart (docs/api.md, "Crynux compatibility").
 
 Parsing has two steps. `parse_task` decodes external JSON strictly (unknown fields
 are refused and named), checks every constraint, and *canonicalizes*: `base_model`
@@ -34,6 +43,22 @@ MAX_IMAGE_BYTES = 8 * 1024 * 1024  # decoded size of one input image
 SEED_MAX = 2**32 - 1
 
 CRYNUX_VERSIONS = ("1.0.0", "2.0.0", "2.1.0", "2.5.0")
+# Crynux's defaults for a task in its format (one naming a Crynux version): its whole task_config
+# (steps, seed, num_images, safety_checker and cfg differ from the native defaults) and its
+# scheduler; every other field's default is the same in both (docs/api.md has the table). From
+# crynux-ai/stable-diffusion-task, sd_task/task_args/inference_task/task_args.py (`TaskConfig`,
+# `InferenceTaskArgs.scheduler`) at 17cd393976c9020d5d2a339c0b3452e0e952774b, where the default
+# version is 2.5.0. Crynux requires `task_config`; here it may be left out as well.
+CRYNUX_TASK_CONFIG: dict[str, Any] = {
+    "image_width": 512,
+    "image_height": 512,
+    "steps": 1,
+    "seed": 0,
+    "num_images": 6,
+    "safety_checker": True,
+    "cfg": 5.0,
+}
+CRYNUX_SCHEDULER: dict[str, Any] = {"method": "DPMSolverMultistepScheduler", "args": None}
 VERSIONS = ("1", *CRYNUX_VERSIONS)
 KINDS = ("txt2img", "img2img", "inpaint")
 
@@ -164,6 +189,9 @@ class RefinerSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TaskConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The defaults here are the native ones: a task that names a Crynux version gets
+    Crynux's instead (1 step, seed 0, 6 images, the safety checker on, cfg 5)."""
+
     image_width: Annotated[int, msgspec.Meta(ge=64, le=MAX_SIDE, multiple_of=8)] = 512
     image_height: Annotated[int, msgspec.Meta(ge=64, le=MAX_SIDE, multiple_of=8)] = 512
     steps: Annotated[int, msgspec.Meta(ge=1, le=MAX_STEPS)] = 25
@@ -379,13 +407,29 @@ def check_spec(spec: TaskSpec) -> TaskSpec:
     return spec
 
 
+def with_crynux_defaults(raw: Any) -> Any:
+    """A task in Crynux's format (it names a Crynux version) with Crynux's defaults written
+    in where it leaves a field out; any other input as it is. The scheduler's default yields
+    to an AUTOMATIC1111 `sampler`, which a task may give instead."""
+    if not isinstance(raw, dict) or raw.get("version") not in CRYNUX_VERSIONS:
+        return raw
+    filled = dict(raw)
+    config = raw.get("task_config", {})
+    if isinstance(config, dict):  # anything else is refused as it is, naming the field
+        filled["task_config"] = {**CRYNUX_TASK_CONFIG, **config}
+    if "scheduler" not in raw and raw.get("sampler") is None:
+        filled["scheduler"] = dict(CRYNUX_SCHEDULER)
+    return filled
+
+
 def parse_task(body: bytes | str | dict[str, Any]) -> TaskSpec:
-    """Decode, validate and canonicalize a task from JSON (or a parsed dict); raise InvalidInput."""
+    """Decode, validate and canonicalize a task from JSON (or a parsed dict); raise InvalidInput.
+    A task in Crynux's format gets Crynux's defaults (`with_crynux_defaults`)."""
     try:
         raw = msgspec.json.decode(body) if isinstance(body, (bytes, str)) else body
     except msgspec.DecodeError as exc:
         raise InvalidInput("$", NO_VALUE, f"body is not valid JSON: {exc}") from None
-    return canonical(check_spec(convert_strict(raw, TaskSpec)))
+    return canonical(check_spec(convert_strict(with_crynux_defaults(raw), TaskSpec)))
 
 
 def resolve_seed(spec: TaskSpec, random_seed: int) -> TaskSpec:

@@ -18,6 +18,11 @@ without `enable_hr`, a subseed at strength 0) are accepted as they are.
   `denoising_strength`. Inpainting always repaints on the whole picture (A1111's
   `inpaint_full_res` and `mask_blur` are accepted at any value and have no effect).
 
+`loras` lists the LoRAs a prompt can name in a tag: those live nodes hold in their model
+stores (their announcements' `loras_on_disk`), each named by its reference (a Hugging Face
+repo id or a URL), which is also what the tag takes. Any other reference works in a tag as
+well: a node fetches it first.
+
 `progress` and `interrupt` act on the caller's (its API key's) running txt2img or img2img,
 as A1111's act on its one job: the progress is the step of the node furthest along (no
 preview images), and an interrupted request answers 200 with no images (a node returns no
@@ -226,6 +231,12 @@ def sd_models(names: list[str]) -> list[dict[str, Any]]:
         {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
         for name in names
     ]
+
+
+def loras(refs: list[str]) -> list[dict[str, Any]]:
+    """A1111's ``GET /sdapi/v1/loras``: name, alias and path are all the reference a tag
+    names (the files are on the nodes, not here), and there is no metadata to show."""
+    return [{"name": ref, "alias": ref, "path": ref, "metadata": {}} for ref in refs]
 
 
 def result(

@@ -194,9 +194,12 @@ class TaskService:
     # ------------------------------------------------------------------ submitting
 
     def model_names(self) -> set[str]:
-        """Every model a registered node serves or holds on disk."""
-        entries = self.directory.entries.values()
-        return {m for entry in entries for m in (*entry.joined.models, *entry.joined.models_on_disk)}
+        """Every model a registered node serves or holds on disk (its LoRAs are not models)."""
+        names: set[str] = set()
+        for entry in self.directory.entries.values():
+            loras = set(entry.joined.loras_on_disk)
+            names.update(m for m in (*entry.joined.models, *entry.joined.models_on_disk) if m not in loras)
+        return names
 
     def check_capacity(self, spec: TaskSpec, model_field: str = "base_model") -> None:
         """Refuse at once what the network cannot run now (never queue it forever); an

@@ -240,6 +240,7 @@ class NodeAgent:
 
     def announcement(self) -> NodeJoined:
         device, memory = device_description(self.settings.device)
+        stored = sorted(self.store.inventory(), key=lambda m: m.last_used, reverse=True) if self.store else []
         return NodeJoined(
             node_id=self.node_id,
             device=device,
@@ -248,12 +249,9 @@ class NodeAgent:
             version=__version__,
             started_at=self.started_at,
             # within what the network reads (messages.ModelsOnDisk, ModelNames): the most recently used
-            models_on_disk=[
-                m.ref for m in sorted(self.store.inventory(), key=lambda m: m.last_used, reverse=True)[:2048]
-            ]
-            if self.store
-            else [],
+            models_on_disk=[m.ref for m in stored[:2048]],
             models_loaded=self.runner.loaded()[:256],
+            loras_on_disk=[m.ref for m in stored if m.kind == "lora"][:256],
             address=self.account.address,
             determinism=platform_class(self.settings.device),
         )
