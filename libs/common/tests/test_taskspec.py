@@ -184,6 +184,10 @@ def test_plain_base_model_string_and_several_loras():
     assert [(lo.model, lo.weight) for lo in spec.loras] == [("c", 1.0), ("a", 0.6), ("b", -1.5)]
 
 
+def ddim(**args):
+    return {"scheduler": {"method": "DDIMScheduler", "args": args}}
+
+
 @pytest.mark.parametrize(
     ("extra", "field", "words"),
     [
@@ -191,6 +195,47 @@ def test_plain_base_model_string_and_several_loras():
         ({"kind": "video"}, "kind", "unknown kind"),
         ({"scheduler": {"method": "MagicScheduler"}}, "scheduler.method", "unknown scheduler"),
         ({"scheduler": {"method": "DDIMScheduler"}, "sampler": "Euler"}, "sampler", "not both"),
+        (  # a node would allocate this many timesteps: about 30 GB
+            {"scheduler": {"method": "DDIMScheduler", "args": {"num_train_timesteps": 10**9}}},
+            "scheduler.args.num_train_timesteps",
+            "must be from 1 to 1000",
+        ),
+        (
+            {"scheduler": {"method": "DDIMScheduler", "args": {"trained_betas": [0.1] * 100_000}}},
+            "scheduler.args.trained_betas",
+            "not a scheduler argument Stipple takes",
+        ),
+        (
+            {"scheduler": {"method": "DDIMScheduler", "args": {"__class__": "os.system"}}},
+            "scheduler.args.__class__",
+            "not a scheduler argument",
+        ),
+        (
+            ddim(solver_order=2.5),
+            "scheduler.args.solver_order",
+            "integer",
+        ),
+        (
+            ddim(solver_order=True),
+            "scheduler.args.solver_order",
+            "integer",
+        ),
+        (
+            ddim(beta_end="0.1"),
+            "scheduler.args.beta_end",
+            "a number",
+        ),
+        (ddim(beta_end=5.0), "scheduler.args.beta_end", "from"),
+        (
+            ddim(clip_sample=1),
+            "scheduler.args.clip_sample",
+            "true or false",
+        ),
+        (
+            {"scheduler": {"method": "DDIMScheduler", "args": {"timestep_spacing": "sideways"}}},
+            "scheduler.args.timestep_spacing",
+            "allowed: linspace",
+        ),
         ({"lora": {"model": "x", "weight": 0}}, "lora.weight", ">= 1 (got 0)"),
         ({"lora": {"model": "x", "weight": 101}}, "lora.weight", "<= 100"),
         ({"loras": [{"model": "x", "weight": 9}]}, "loras[0].weight", "<= 4.0"),
@@ -350,3 +395,59 @@ def test_bad_input_in_a_crynux_task_is_named_as_the_app_sent_it(task_config, fie
         parse_task({**CRYNUX_MINIMAL, "task_config": task_config})
     assert info.value.field == field
     assert info.value.value == value
+
+
+def test_every_allowed_scheduler_argument_is_one_diffusers_schedulers_take():
+    """The allowlist names real config keys (a typo would refuse a valid task forever), and
+    a task may set each at an allowed value."""
+    import inspect
+
+    import diffusers
+
+    from stipple_common.taskspec import SCHEDULER_ARGS, SCHEDULERS
+
+    known = {
+        name for method in SCHEDULERS for name in inspect.signature(getattr(diffusers, method).__init__).parameters
+    }
+    assert set(SCHEDULER_ARGS) <= known, set(SCHEDULER_ARGS) - known
+    args = {"use_karras_sigmas": True, "num_train_timesteps": 1000, "beta_end": 0.012, "algorithm_type": "dpmsolver++"}
+    spec = parse_task({**BASE, "scheduler": {"method": "DPMSolverMultistepScheduler", "args": args}})
+    assert spec.scheduler is not None
+    assert spec.scheduler.args == args
+
+
+def _png_claiming(width: int, height: int) -> str:
+    """A real 8x8 PNG whose header says it is `width` x `height` (a decompression bomb's
+    header: what is checked before any pixel is decoded)."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG")
+    data = bytearray(out.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR's CRC, so only the size is a lie
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+@pytest.mark.parametrize("field", ["init_image", "mask_image"])
+def test_an_input_image_of_too_many_pixels_is_refused_from_its_header(field):
+    body = {**BASE, "kind": "inpaint", "init_image": DATA_URL, "mask_image": DATA_URL}
+    body[field] = _png_claiming(5000, 4000)
+    with pytest.raises(InvalidInput) as refused:
+        parse_task(body)
+    assert refused.value.field == field
+    assert refused.value.value == "5000x4000"
+    assert "at most 4096 pixels" in refused.value.reason
+    body[field] = _png_claiming(100_000, 100_000)  # past Pillow's own bomb limit: it refuses to open it
+    with pytest.raises(InvalidInput) as bomb:
+        parse_task(body)
+    assert bomb.value.field == field
+    assert "at most 4096 pixels" in bomb.value.reason
+    assert "decompression bomb" in bomb.value.reason
+    body[field] = _png_claiming(4096, 4096)  # at the limit: the header passes (the node then decodes it)
+    parse_task(body)

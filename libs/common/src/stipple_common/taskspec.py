@@ -26,11 +26,13 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import io
 import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+from PIL import Image, UnidentifiedImageError
 
 from .errors import NO_VALUE, InvalidInput
 
@@ -40,6 +42,10 @@ MAX_IMAGES = 10
 MAX_LORAS = 8
 MAX_PROMPT_CHARS = 8000
 MAX_IMAGE_BYTES = 8 * 1024 * 1024  # decoded size of one input image
+# pixels of one input image, read from its header before anything decodes it: 8 MB of PNG
+# may hold gigapixels (a decompression bomb); inputs are fitted to the task's size anyway
+MAX_INPUT_SIDE = 4096
+MAX_INPUT_PIXELS = MAX_INPUT_SIDE * MAX_INPUT_SIDE
 SEED_MAX = 2**32 - 1
 
 CRYNUX_VERSIONS = ("1.0.0", "2.0.0", "2.1.0", "2.5.0")
@@ -337,6 +343,15 @@ def decode_data_url(field: str, value: str) -> bytes:
         raise InvalidInput(field, value, "not valid base64") from None
     if not any(data.startswith(magic) for magic in _MAGIC):
         raise InvalidInput(field, value, "not a PNG, JPEG or WebP image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header only: no pixel is decoded here
+            width, height = image.size
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked as it opens
+        raise InvalidInput(field, "<image>", f"each side must be at most {MAX_INPUT_SIDE} pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInput(field, "<image>", f"cannot read the image's header: {exc}") from None
+    if width > MAX_INPUT_SIDE or height > MAX_INPUT_SIDE:
+        raise InvalidInput(field, f"{width}x{height}", f"each side must be at most {MAX_INPUT_SIDE} pixels")
     return data
 
 
@@ -360,6 +375,70 @@ def canonical(spec: TaskSpec) -> TaskSpec:
     )
 
 
+# The scheduler arguments a task may set, each with what it may be: a config value of
+# diffusers' schedulers, never the size of what a node allocates unchecked
+# (`num_train_timesteps` of 10^9 once asked a node for about 30 GB).
+SCHEDULER_BOOL_ARGS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "use_lu_lambdas",
+    "lower_order_final",
+    "euler_at_final",
+    "rescale_betas_zero_snr",
+    "clip_sample",
+    "set_alpha_to_one",
+    "skip_prk_steps",
+    "thresholding",
+)
+SCHEDULER_CHOICE_ARGS: dict[str, tuple[str, ...]] = {
+    "algorithm_type": ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++", "deis"),
+    "solver_type": ("midpoint", "heun", "logrho", "bh1", "bh2"),
+    "timestep_spacing": ("linspace", "leading", "trailing"),
+    "prediction_type": ("epsilon", "v_prediction", "sample"),
+    "final_sigmas_type": ("zero", "sigma_min"),
+    "beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+}
+SCHEDULER_INT_ARGS: dict[str, tuple[int, int]] = {
+    "solver_order": (1, 3),
+    "steps_offset": (0, 1),
+    "num_train_timesteps": (1, 1000),  # what SD models are trained with: the most a node allocates
+    "original_inference_steps": (1, MAX_STEPS),
+}
+SCHEDULER_FLOAT_ARGS: dict[str, tuple[float, float]] = {
+    "beta_start": (1e-6, 0.1),
+    "beta_end": (1e-4, 0.5),
+    "timestep_scaling": (0.0, 100.0),
+    "clip_sample_range": (0.0, 10.0),
+    "sample_max_value": (0.0, 10.0),
+    "dynamic_thresholding_ratio": (0.0, 1.0),
+}
+SCHEDULER_ARGS = (*SCHEDULER_BOOL_ARGS, *SCHEDULER_CHOICE_ARGS, *SCHEDULER_INT_ARGS, *SCHEDULER_FLOAT_ARGS)
+
+
+def check_scheduler_args(args: dict[str, Any]) -> None:
+    """Each of `args` is a scheduler argument Stipple takes, with a value of its kind."""
+    for key, value in args.items():
+        field = f"scheduler.args.{key}"
+        if key in SCHEDULER_BOOL_ARGS:
+            if not isinstance(value, bool):
+                raise InvalidInput(field, value, "expected true or false")
+        elif key in SCHEDULER_CHOICE_ARGS:
+            if value not in SCHEDULER_CHOICE_ARGS[key]:
+                raise InvalidInput(field, value, f"allowed: {', '.join(SCHEDULER_CHOICE_ARGS[key])}")
+        elif key in SCHEDULER_INT_ARGS or key in SCHEDULER_FLOAT_ARGS:
+            integral = key in SCHEDULER_INT_ARGS
+            low, high = SCHEDULER_INT_ARGS[key] if integral else SCHEDULER_FLOAT_ARGS[key]
+            number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+            if number is None or (integral and not isinstance(number, int)) or not math.isfinite(number):
+                raise InvalidInput(field, value, "expected an integer" if integral else "expected a number")
+            if not low <= number <= high:
+                raise InvalidInput(field, value, f"must be from {low} to {high}")
+        else:
+            allowed = ", ".join(SCHEDULER_ARGS)
+            raise InvalidInput(field, value, f"not a scheduler argument Stipple takes; allowed: {allowed}")
+
+
 def check_spec(spec: TaskSpec) -> TaskSpec:
     """Checks that need more than one field, a list of allowed values, or image decoding."""
     if spec.version not in VERSIONS:
@@ -379,6 +458,7 @@ def check_spec(spec: TaskSpec) -> TaskSpec:
             )
         if spec.sampler is not None:
             raise InvalidInput("sampler", spec.sampler, "give either sampler or scheduler, not both")
+        check_scheduler_args(spec.scheduler.args or {})
     if spec.lora is not None and len(spec.loras) >= MAX_LORAS:
         raise InvalidInput("loras", len(spec.loras) + 1, f"at most {MAX_LORAS} LoRAs in all")
     if spec.controlnet is not None:
