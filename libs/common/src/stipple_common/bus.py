@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 import time
 from collections import deque
@@ -119,13 +120,24 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
 
 
 async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
-    """Declare streams idempotently: create, or update when the config changed."""
+    """Declare streams idempotently: create, or update when the config changed.
+
+    Replication is never lowered by an update: a process started without
+    ``STIPPLE_STREAM_REPLICAS=3`` (whose default is 1) must not turn production's R3
+    streams into R1. It keeps the stored replicas and says so; lowering them is an
+    operator's deliberate act (``nats stream edit``)."""
     for config in configs:
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
             if exc.err_code != 10058:  # stream name already in use with a different configuration
                 raise
+            stored = (await js.stream_info(config.name or "")).config.num_replicas or 1
+            if stored > (config.num_replicas or 1):
+                log.warning(
+                    "stream_replicas_kept", stream=config.name, stored=stored, configured=config.num_replicas or 1
+                )
+                config = dataclasses.replace(config, num_replicas=stored)
             await js.update_stream(config)
 
 
