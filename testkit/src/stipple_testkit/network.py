@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
 from eth_account import Account
 
 from stipple_common import bus, subjects
@@ -218,7 +219,12 @@ class Network:
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if found := await outcomes():
+            try:
+                found = await outcomes()
+            except (nats.errors.Error, TimeoutError):  # a cluster electing a stream leader answers 503: ask again
+                await asyncio.sleep(0.2)
+                continue
+            if found:
                 await asyncio.sleep(0.3)  # a second outcome, if any, would show now
                 assert len(await outcomes()) == 1, f"task {task_id} ended twice"
                 return found[0]

@@ -1,6 +1,6 @@
 """NATS and JetStream helpers: connect, declare streams, publish with a message id,
-read a subject's history, and the pull-consumer loop that maps every handler outcome to
-ack / nak / term in one place.
+read a subject's history (by Direct Get, or a short-lived consumer), and the
+pull-consumer loop that maps every handler outcome to ack / nak / term in one place.
 """
 
 from __future__ import annotations
@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -24,7 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from opentelemetry import trace
 
 from . import ids, subjects, tracing
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is 3.13+
 
 log = structlog.get_logger("stipple.bus")
+
+UNAVAILABLE_PAUSE_S = 0.5  # a consumer's wait while JetStream elects a leader
 
 T = TypeVar("T")
 
@@ -86,9 +90,12 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
     async def reconnected_cb() -> None:
         log.info("nats_reconnected", client=name)
 
+    # several servers, comma-separated (a cluster's seeds; the client also learns the
+    # cluster's other servers from each server it reaches)
+    servers: str | list[str] = [part.strip() for part in url.split(",")] if "," in url else url
     connecting = asyncio.ensure_future(
         nats.connect(
-            url,
+            servers,
             name=name,
             error_cb=error_cb,
             disconnected_cb=disconnected_cb,
@@ -229,6 +236,114 @@ async def read_messages(js: JetStreamContext, stream: str, subject: str) -> list
             await js.delete_consumer(stream, info.name)
         except Exception as exc:  # it expires by itself (inactive_threshold)
             log.debug("read_messages_delete_failed", error=str(exc))
+
+
+DIRECT_BATCH = 256  # messages one Direct Get request asks for; a task holds a few dozen
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as the stream stores it: subject, payload, headers, sequence, and the
+    server's timestamp (epoch seconds)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    seq: int
+    time: float
+
+
+class DirectGetUnavailable(Exception):
+    """The stream answers no Direct Get (``allow_direct`` is off, or no such stream)."""
+
+
+def _rfc3339_seconds(stamp: str) -> float:
+    """``2026-12-06T12:13:20.040896926Z`` (nanoseconds, as nats-server writes it) in epoch
+    seconds, rounded as nats-py rounds a consumer's metadata timestamp."""
+    whole, _, rest = stamp.partition(".")
+    digits = "".join(itertools.takewhile(str.isdigit, rest))
+    zone = rest[len(digits) :] or "Z"
+    seconds = int(datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone)).timestamp())
+    nanos = seconds * 1_000_000_000 + int((digits + "000000000")[:9])
+    return datetime.fromtimestamp(nanos / 1_000_000_000.0, UTC).timestamp()
+
+
+async def read_direct(
+    js: JetStreamContext, stream: str, subject: str, *, batch: int = DIRECT_BATCH, timeout: float = 5.0
+) -> list[StoredMessage]:
+    """Every message stored on `subject` (wildcards allowed), in stream order, by batched
+    JetStream Direct Get (nats-server 2.11+, a stream with ``allow_direct``): a request
+    ``{"batch": N, "next_by_subj": subject, "seq": n}`` on ``$JS.API.DIRECT.GET.<stream>``
+    is answered with up to N messages, then an end-of-batch status (204 EOB) that says
+    how many more match (``Nats-Num-Pending``); 404 when none matches. No consumer is
+    made, nothing is left on the server, and any replica may answer.
+
+    Raises DirectGetUnavailable when nobody answers direct gets on `stream` (503), and
+    TimeoutError when an answer stops coming."""
+    nc: NATS = js._nc  # nats-py keeps the connection and the API prefix (a domain's) here
+    api = f"{js._prefix}.DIRECT.GET.{stream}"
+    out: list[StoredMessage] = []
+    seq = 1
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        while True:
+            before = len(out)
+            request = msgspec.json.encode({"batch": batch, "next_by_subj": subject, "seq": seq})
+            await nc.publish(api, request, reply=inbox)
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout)
+                except nats.errors.TimeoutError:
+                    raise TimeoutError(f"Direct Get on {stream} ({subject}): no answer within {timeout:g} s") from None
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status is None:
+                    out.append(
+                        StoredMessage(
+                            subject=headers.get("Nats-Subject", ""),
+                            data=msg.data,
+                            headers={
+                                k: v for k, v in headers.items() if not k.startswith("Nats-") or k == "Nats-Msg-Id"
+                            },
+                            seq=int(headers.get("Nats-Sequence", "0")),
+                            time=_rfc3339_seconds(headers.get("Nats-Time-Stamp", "1970-01-01T00:00:00Z")),
+                        )
+                    )
+                    continue
+                if status == "404":  # nothing (more) matches
+                    return out
+                if status == "503":
+                    raise DirectGetUnavailable(f"stream {stream} answers no Direct Get (allow_direct off?)")
+                if status != "204":
+                    raise nats.errors.Error(f"Direct Get on {stream}: status {status} {headers.get('Description', '')}")
+                break  # end of this batch
+            if int(headers.get("Nats-Num-Pending", "0")) <= 0 or len(out) == before:
+                return out
+            seq = out[-1].seq + 1
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+
+
+async def read_stored(js: JetStreamContext, stream: str, subject: str) -> list[StoredMessage]:
+    """Every message stored on `subject`, in stream order: by Direct Get (`read_direct`),
+    or, on a stream that does not allow it (declared before ``allow_direct``, not updated
+    yet), by a short-lived consumer (`read_messages`)."""
+    try:
+        return await read_direct(js, stream, subject)
+    except DirectGetUnavailable:
+        log.warning("direct_get_unavailable", stream=stream)
+    return [
+        StoredMessage(
+            subject=m.subject,
+            data=m.data,
+            headers=dict(m.headers or {}),
+            seq=m.metadata.sequence.stream,
+            time=m.metadata.timestamp.timestamp(),
+        )
+        for m in await read_messages(js, stream, subject)
+    ]
 
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str, decoder: msgspec.json.Decoder[T]) -> list[T]:
@@ -405,6 +520,12 @@ async def consume(
             try:
                 msgs = await sub.fetch(batch, timeout=fetch_timeout)
             except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+                # a cluster electing the stream's or consumer's leader (a server lost): wait
+                # for it here instead of counting a failure towards the service's end
+                log.warning("consumer_unavailable", stream=stream, durable=durable, error=type(exc).__name__)
+                await asyncio.sleep(UNAVAILABLE_PAUSE_S)
                 continue
             except NotFoundError:
                 log.warning("consumer_missing_recreating", stream=stream, durable=durable)

@@ -166,6 +166,7 @@ async def open_service(
                 s3_secret_key=settings.s3_secret_key,
                 s3_secure=settings.s3_secure,
                 s3_region=settings.s3_region,
+                replicas=settings.stream_replicas,
             )
             stack.push_async_callback(store.close)
         if own_process:

@@ -93,19 +93,21 @@ async def open_blob_store(
     s3_secret_key: str = "",
     s3_secure: bool = False,
     s3_region: str = "us-east-1",
+    replicas: int = 1,
 ) -> BlobStore:
     """Open the blob store the settings ask for, creating its bucket if missing.
 
     Safe to call from several services at once: bucket creation is idempotent.
     ``s3_endpoint`` is ``host:port``; an ``http://`` or ``https://`` URL is accepted too and
-    its scheme then decides ``secure``.
+    its scheme then decides ``secure``. ``replicas``: the JetStream bucket's, as the
+    streams' (``STIPPLE_STREAM_REPLICAS``): an R1 bucket on a cluster is lost with its server.
     """
     if backend == "jetstream":
         if js is None:
             raise StippleError("blob store backend 'jetstream' needs a JetStream context (js)", code="invalid_config")
         from stipple_common.blobstore.jetstream import JetStreamBlobStore
 
-        return await JetStreamBlobStore.open(js, bucket)
+        return await JetStreamBlobStore.open(js, bucket, replicas=replicas)
     if backend == "s3":
         from stipple_common.blobstore.s3 import S3BlobStore
 

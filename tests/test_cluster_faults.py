@@ -1,0 +1,94 @@
+"""The whole network on a real three-server NATS cluster with R3 streams, as production runs
+it: the SIGKILL of the TASKS stream's leader while tasks run, and, once it is back, of
+another server (the meta leader is not targeted: finding it needs the system account).
+Every task still ends exactly once (`Network.outcome` checks that), with the outcome
+honest nodes earn: succeeded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from stipple_common import bus, subjects
+from stipple_node.pipeline import PipelineRunner
+from stipple_node.service import NodeAgent
+from stipple_testkit.cluster import NatsCluster
+from stipple_testkit.network import Network
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    # Known to fail (issue 15, open): on this 2-core machine the leader elections of every R3
+    # stream and consumer after a SIGKILL outlast the node TTL (10 s): heartbeats get "no
+    # response from stream", the dispatcher sees no live node, and a task whose abort could
+    # not be published meanwhile never ends. Passed 2 of 5 runs. Run it with STIPPLE_FAULT_TESTS=1.
+    pytest.mark.skipif(
+        os.environ.get("STIPPLE_FAULT_TESTS") != "1", reason="known failure under leader elections (issue 15)"
+    ),
+]
+
+R3 = {"stream_replicas": 3}
+
+
+async def stream_leader(net: Network, stream: str) -> str:
+    ctx = await net.client()
+    return (await ctx.js.stream_info(stream)).cluster.leader
+
+
+async def every_replica_current(net: Network, timeout: float = 60.0) -> None:
+    """Until every stream (the object store's too) has its replicas caught up: losing a
+    second server before that loses the quorum, in any R3 deployment."""
+    ctx = await net.client()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        behind = []
+        for info in await ctx.js.streams_info():
+            replicas = info.cluster.replicas if info.cluster else None
+            if not replicas or not all(r.current for r in replicas):
+                behind.append(info.config.name)
+        if not behind:
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"streams not caught up: {behind}"
+        await asyncio.sleep(0.5)
+
+
+@pytest.mark.timeout(300)  # a cluster, the network, 12 tasks and two leader elections: about 60 s here
+async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and_then_another_server(
+    runner: PipelineRunner,
+) -> None:
+    with NatsCluster.start(3) as cluster:
+        await cluster.wait_ready()
+        async with Network.plain(cluster.url) as net:
+            first = await net.client()
+            await bus.ensure_streams(first.js, subjects.stream_configs(replicas=3))
+            await net.gatekeeper(**R3)
+            await net.dispatcher(**R3)
+            await net.validator(**R3, phash_threshold=2)
+            for name in ("node-1", "node-2", "node-3"):
+                await net.node(runner, name, NodeAgent)
+            await asyncio.sleep(1.0)  # nodes announce themselves
+
+            async def batch(seeds: range) -> list[str]:
+                outcomes = await asyncio.gather(*(net.run_task(seed=s, timeout=120) for s in seeds))
+                return [type(outcome).__name__ for outcome in outcomes]
+
+            assert await batch(range(0, 2)) == ["TaskSucceeded"] * 2  # the network works on the cluster
+
+            leader = await stream_leader(net, subjects.TASKS_STREAM)
+            running = asyncio.create_task(batch(range(10, 16)))
+            await asyncio.sleep(0.5)  # tasks under way
+            killed = int(leader.removeprefix("n"))
+            cluster.kill(killed)
+            assert await running == ["TaskSucceeded"] * 6
+            assert await stream_leader(net, subjects.TASKS_STREAM) != leader
+
+            cluster.restart(killed)
+            await cluster.wait_ready()
+            await every_replica_current(net)  # as a PodDisruptionBudget waits before the next server goes
+            other = (killed + 1) % 3
+            running = asyncio.create_task(batch(range(20, 24)))
+            await asyncio.sleep(0.5)
+            cluster.kill(other)
+            assert await running == ["TaskSucceeded"] * 4
