@@ -23,7 +23,7 @@ pytestmark = [
     # Known to fail (issue 15, open): on this 2-core machine the leader elections of every R3
     # stream and consumer after a SIGKILL outlast the node TTL (10 s): heartbeats get "no
     # response from stream", the dispatcher sees no live node, and a task whose abort could
-    # not be published meanwhile never ends. Passed 2 of 5 runs. Run it with STIPPLE_FAULT_TESTS=1.
+    # not be published meanwhile never ends. Passed 1 of 4 runs here. Run it with STIPPLE_FAULT_TESTS=1.
     pytest.mark.skipif(
         os.environ.get("STIPPLE_FAULT_TESTS") != "1", reason="known failure under leader elections (issue 15)"
     ),

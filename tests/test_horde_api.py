@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from stipple_common.process import free_port
+from stipple_gateway.horde import task_id_of
 from stipple_testkit.network import Network
 
 HORDE_URL = f"http://127.0.0.1:{free_port()}/api/"
@@ -101,7 +102,7 @@ async def test_the_horde_sdk_generates_queues_cancels_and_reads_errors_in_the_ho
         assert [generation.seed for generation in done.generations] == ["7", "8"]
         images = []
         for generation in done.generations:
-            assert generation.img.startswith(f"{gateway}/v1/tasks/{job.root.hex}/images/")
+            assert generation.img.startswith(f"{gateway}/v1/tasks/{task_id_of(str(job.root))}/images/")
             assert generation.model == "tiny-sd"
             assert generation.state == "ok"
             assert generation.worker_id in node_ids
@@ -110,7 +111,7 @@ async def test_the_horde_sdk_generates_queues_cancels_and_reads_errors_in_the_ho
             assert image.size == (64, 64)
             images.append(image)
         async with httpx.AsyncClient(base_url=gateway) as native:
-            view = (await native.get(f"/v1/tasks/{job.root.hex}")).json()  # the same task, natively
+            view = (await native.get(f"/v1/tasks/{task_id_of(str(job.root))}")).json()  # the same task, natively
         assert view["status"] == "succeeded"
         assert (view["task"]["prompt"], view["task"]["negative_prompt"]) == ("a red fox", "blurry")
         assert view["task"]["sampler"] == "Euler a"
@@ -150,7 +151,7 @@ async def test_the_horde_sdk_generates_queues_cancels_and_reads_errors_in_the_ho
             assert decoded.size == (64, 64)
             assert decoded.tobytes() != images[0].tobytes()
         async with httpx.AsyncClient(base_url=gateway) as native:
-            view = (await native.get(f"/v1/tasks/{repainted_job.root.hex}")).json()
+            view = (await native.get(f"/v1/tasks/{task_id_of(str(repainted_job.root))}")).json()
         assert (view["task"]["kind"], view["task"]["strength"]) == ("inpaint", 0.8)
 
         # a burst: each task needs all three nodes, so the later ones queue
@@ -188,7 +189,7 @@ async def test_the_horde_sdk_generates_queues_cancels_and_reads_errors_in_the_ho
         for other in jobs[:-1]:  # frees the nodes (a running one is cancelled too)
             assert (await manual.delete_pending_image(other)).done
         async with httpx.AsyncClient(base_url=gateway) as native:
-            assert (await native.get(f"/v1/tasks/{jobs[-1].root.hex}")).json()["status"] == "cancelled"
+            assert (await native.get(f"/v1/tasks/{task_id_of(str(jobs[-1].root))}")).json()["status"] == "cancelled"
         # a finished request: DELETE answers its status as it is
         again = await manual.delete_pending_image(job)
         assert again.done
@@ -223,7 +224,7 @@ async def test_the_horde_sdk_generates_queues_cancels_and_reads_errors_in_the_ho
         missing = await manual.submit_request(ImageGenerateStatusRequest(id=nobody), ImageGenerateStatusResponse)
         assert isinstance(missing, RequestErrorResponse)
         assert missing.rc == "RequestNotFound"
-        assert nobody.root.hex in missing.message
+        assert str(nobody.root) in missing.message
         with pytest.raises(AIHordeRequestError):
             await manual.get_generate_check(nobody)
         async with httpx.AsyncClient(base_url=gateway) as raw:
@@ -256,8 +257,10 @@ async def test_the_apikey_header_is_a_stipple_api_key_and_a_request_id_is_its_ow
         with Image.open(io.BytesIO(base64.b64decode(generation.img))) as image:
             assert image.size == (64, 64)
         async with httpx.AsyncClient(base_url=gateway) as native:
-            assert (await native.get(f"/v1/tasks/{job.root.hex}")).status_code == 401
-            owned = await native.get(f"/v1/tasks/{job.root.hex}", headers={"Authorization": f"Bearer {SECRET}"})
+            assert (await native.get(f"/v1/tasks/{task_id_of(str(job.root))}")).status_code == 401
+            owned = await native.get(
+                f"/v1/tasks/{task_id_of(str(job.root))}", headers={"Authorization": f"Bearer {SECRET}"}
+            )
             assert owned.json()["owner"] == "horde-app"
 
         # an image answered as a URL (r2) is the native image route: it needs the key as a bearer token

@@ -33,11 +33,24 @@ before the node starts; the node then stakes with its own key, as elsewhere.
 The chain lives in memory and is new at every start (as the embedded one was), while NATS
 keeps its streams in the data dir: with a data dir reused from an earlier run, `stipple
 chain reconcile` rightly reports that run's paid tasks as never escrowed on this chain.
+
+Its accounts are unlocked (``eth_sendTransaction`` from the deployer, which holds every
+role, slashes and pays), so only this machine may reach it, and no web page: it binds a
+loopback address only (`start` refuses another); it answers only a Host of that loopback
+address or ``localhost`` (a DNS-rebinding page names its own host) and only a JSON body
+(``Content-Type: application/json``: a cross-site form or ``fetch`` cannot send one without
+a preflight, which is not answered); it reads at most `MAX_REQUEST_BYTES` (else 413, unread)
+and `MAX_BATCH` calls a request, nested at most `MAX_DEPTH` deep (checked before parsing:
+`json_depth`), waits at most `REQUEST_TIMEOUT_S` for a slow client (one thread serves, so a
+stalled one must not hold it), and answers garbage with a JSON-RPC error, never a traceback.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +61,32 @@ from stipple_common import chain as ch
 
 TOKEN = 10**18
 GAS_MONEY = 10 * TOKEN  # ether each node gets for its approve and stake
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a JSON-RPC request's body (a contract's deployment is tens of KB)
+MAX_BATCH = 1000  # calls in one batch request
+REQUEST_TIMEOUT_S = 10.0  # for a client's request line, headers and body (one thread serves them all)
+MAX_DEPTH = 32  # how deeply a request's JSON may nest (a JSON-RPC call nests 3 or 4 levels)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)', re.DOTALL)  # a string (or its unclosed rest)
+_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in _STEP)
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply the JSON text `body` nests, from its brackets outside strings, before the
+    parser sees it. web3 imports py_ecc, which raises Python's recursion limit to 100,000, so
+    ``json.loads`` of a body nested ~50,000 deep (100 KB) overflows the C stack and kills
+    `stipple up` (SIGSEGV) instead of raising RecursionError."""
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0)
+
+
+def is_loopback(host: str) -> bool:
+    """`host` (an address or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -123,22 +162,62 @@ class DevChain:
 
     def start(self) -> DevChain:
         """Serve the EVM (created if need be) on a thread of this process."""
+        if not is_loopback(self.host):
+            raise ValueError(f"the dev chain serves on a loopback address only, not {self.host!r}")
         if self.w3 is None:
             self.create()
         chain = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S
+
             def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, refusal = self.refusal()
+                if refusal:
+                    self.close_connection = True  # a body left unread must not be taken for the next request
+                    self.reply(status, _error(None, -32600, refusal))
+                    return
                 try:
+                    body = self.rfile.read(int(self.headers["Content-Length"]))
+                except OSError:  # timed out (REQUEST_TIMEOUT_S) or gone: nobody to answer
+                    self.close_connection = True
+                    return
+                try:
+                    if (depth := json_depth(body)) > MAX_DEPTH:
+                        raise ValueError(f"the body nests {depth} levels deep; the limit is {MAX_DEPTH}")
                     request = json.loads(body)
-                except ValueError as exc:
-                    answer: Any = _error(None, -32700, f"parse error: {exc}")
+                except (ValueError, RecursionError) as exc:
+                    answer: Any = _error(None, -32700, f"parse error: {str(exc)[:200]}")
                 else:
-                    batch = isinstance(request, list)
-                    answer = [chain.answer(r) for r in request] if batch else chain.answer(request)
-                data = json.dumps(answer, default=_hex).encode()
-                self.send_response(200)
+                    if isinstance(request, list) and not 0 < len(request) <= MAX_BATCH:
+                        answer = _error(None, -32600, f"invalid request: a batch holds 1 to {MAX_BATCH} calls")
+                    elif isinstance(request, list):
+                        answer = [chain.answer(r) for r in request]
+                    else:
+                        answer = chain.answer(request)
+                self.reply(200, answer)
+
+            def refusal(self) -> tuple[int, str]:
+                """(HTTP status, why) for a request not to read, or (200, "")."""
+                host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
+                if not is_loopback(host):
+                    return 403, f"Host {self.headers.get('Host')!r}: only a loopback host is served"
+                media = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if media != "application/json":
+                    return 415, f"Content-Type {media!r}: expected application/json"
+                length = self.headers.get("Content-Length") or ""
+                if not length.isdigit():
+                    return 411, f"Content-Length {length[:40]!r}: expected the body's size in bytes"
+                if int(length) > MAX_REQUEST_BYTES:
+                    return 413, f"a body of {length} bytes is over the limit of {MAX_REQUEST_BYTES}"
+                return 200, ""
+
+            def reply(self, status: int, answer: Any) -> None:
+                try:
+                    data = json.dumps(answer, default=_hex).encode()
+                except (TypeError, ValueError) as exc:  # a value eth-tester answered that JSON cannot say
+                    data = json.dumps(_error(None, -32603, f"internal error: {exc}")).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -154,6 +233,9 @@ class DevChain:
                 if time.monotonic() >= self.next_block:
                     self.next_block = time.monotonic() + chain.block_s
                     chain.w3.provider.ethereum_tester.mine_blocks(1)
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client gone mid-answer: the default prints a traceback over `stipple up`'s output
 
         self._server = Server((self.host, self.port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.1,), name="devchain", daemon=True)

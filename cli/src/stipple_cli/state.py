@@ -9,12 +9,21 @@ The file is ``$STIPPLE_STATE``, else ``$XDG_STATE_HOME/stipple/network.json`` (b
 ``~/.local/state/stipple/network.json``): one per user, as `stipple up` binds fixed ports.
 It holds a NATS URL with a control-plane user's password (the embedded server makes new
 ones at every start), so it is written 0600, and atomically (a temporary file renamed over
-it): a reader sees the old file or the new one, never half of one.
+it): a reader sees the old file or the new one, never half of one. The temporary file is
+made with O_EXCL and the rename replaces a link at the path rather than following it, so a
+link planted there (the path may be in a shared folder: ``$STIPPLE_STATE=/tmp/...``) is not
+written through.
+
+What the file says is believed only if this user wrote it: a file (or a link's target) that
+another user owns, or that others may write, is ignored, saying so. Otherwise another local
+user could plant one there that sends this user's prompts, API key and NATS traffic to
+servers of theirs (with a pid that runs, such as 1).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -97,11 +106,23 @@ def read(command: str = "stipple", where: Path | None = None) -> NetworkState | 
     `stipple up` is not running), which is then said on stderr, starting with `command`."""
     where = where or path()
     try:
-        raw = where.read_bytes()
+        # O_NONBLOCK: a FIFO planted there must not hang the command; fstat: of what was opened
+        with os.fdopen(os.open(where, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)), "rb") as file:
+            info = os.fstat(file.fileno())
+            raw = file.read() if stat.S_ISREG(info.st_mode) else b""
     except FileNotFoundError:
         return None
     except OSError as exc:
         _ignore(command, where, exc.strerror or str(exc))
+        return None
+    if not stat.S_ISREG(info.st_mode):
+        _ignore(command, where, "not a regular file")
+        return None
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        _ignore(command, where, f"owned by another user (uid {info.st_uid}); only a file of your own is believed")
+        return None
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        _ignore(command, where, f"others may write it (mode {stat.S_IMODE(info.st_mode):o}); `stipple up` writes 600")
         return None
     try:
         state = _decoder.decode(raw)

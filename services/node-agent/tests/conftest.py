@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 from stipple_node.tinymodel import make_tiny_model
+
+# The tests' files come from a FileServer on 127.0.0.1, which the default source policy (no
+# URL hosts, https only, public addresses only, sha256 required) refuses; the stores the tests
+# make without a policy read this one. Tests of the policy itself pass theirs explicitly.
+LOOPBACK_SOURCES = {
+    "hosts": ["127.0.0.1"],
+    "http_hosts": ["127.0.0.1"],
+    "private_hosts": ["127.0.0.1"],
+    "require_sha256": False,
+}
+os.environ.setdefault("STIPPLE_MODEL_SOURCES", json.dumps(LOOPBACK_SOURCES))
 
 
 @pytest.fixture(scope="session")

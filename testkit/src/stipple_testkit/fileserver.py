@@ -2,7 +2,8 @@
 
 `FileServer` serves byte strings on 127.0.0.1 (a port of its own) with Range support and
 can be told, per path, to fail with a status, drop the connection after N bytes, ignore
-Range, stall, send no Content-Length, or send a Content-Disposition file name. It logs
+Range, stall, trickle, send no Content-Length (closing the connection, or chunked), label
+the body with a Content-Encoding, redirect, or send a Content-Disposition file name. It logs
 every request (with its Range and If-Range headers) so tests can check what was asked.
 """
 
@@ -39,6 +40,12 @@ class Served:
     chunk_bytes: int = 64 * 1024
     chunk_delay_s: float = 0.0
     send_length: bool = True
+    chunked: bool = False
+    """Send the body with Transfer-Encoding: chunked (no Content-Length)."""
+    content_encoding: str | None = None
+    """Sent as Content-Encoding; the body is sent as given (compress it yourself)."""
+    redirect_to: str | None = None
+    """Answer `status` (302 unless set otherwise) with this Location instead of the file."""
     etag: str | None = field(default=None)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,13 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 return self._answer(path, wanted, if_range, 404)
             if served.stall_before_s:
                 time.sleep(served.stall_before_s)
+            if served.redirect_to is not None:
+                server._record(Request(path, wanted, if_range, served.status))
+                self.send_response(served.status if served.status != 200 else 302)
+                self.send_header("Location", served.redirect_to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if served.status != 200:
                 return self._answer(path, wanted, if_range, served.status)
             body, start, status = served.body, 0, 200
@@ -142,7 +156,9 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 status = 206
             server._record(Request(path, wanted, if_range, status))
             self.send_response(status)
-            if served.send_length:
+            if served.chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            elif served.send_length:
                 self.send_header("Content-Length", str(len(body) - start))
             else:
                 self.send_header("Connection", "close")
@@ -153,6 +169,8 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("ETag", served.etag or "")
             if served.filename:
                 self.send_header("Content-Disposition", f'attachment; filename="{served.filename}"')
+            if served.content_encoding:
+                self.send_header("Content-Encoding", served.content_encoding)
             self.end_headers()
             self._send_body(served, body, start)
             return None
@@ -172,13 +190,21 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 if served.stall_after is not None and position >= served.stall_after and served.stall_s:
                     time.sleep(served.stall_s)
                     served.stall_s = 0.0
-                self.wfile.write(chunk)
+                self._write(served, chunk)
                 sent += len(chunk)
                 position += len(chunk)
                 if served.chunk_delay_s:
                     self.wfile.flush()
                     time.sleep(served.chunk_delay_s)
+            if served.chunked:
+                self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
+
+        def _write(self, served: Served, chunk: bytes) -> None:
+            if served.chunked:
+                self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            else:
+                self.wfile.write(chunk)
 
         def _answer(self, path: str, wanted: str | None, if_range: str | None, status: int) -> None:
             server._record(Request(path, wanted, if_range, status))

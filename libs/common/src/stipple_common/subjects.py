@@ -315,6 +315,8 @@ def stream_configs(
             max_msgs_per_subject=MAX_MSGS_PER_TASK_SUBJECT,
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
+            # a task is read by Direct Get (bus.read_direct: no consumer per read); an update turns it on
+            allow_direct=True,
         ),
         StreamConfig(
             name=WORK_STREAM,

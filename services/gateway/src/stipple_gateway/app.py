@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import itertools
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +39,7 @@ from stipple_common.messages import Validation
 from stipple_common.taskspec import TaskSpec, parse_task
 
 from . import a1111, horde, network, openai_images, openapi
-from .auth import ApiKey
+from .auth import ApiKey, client_ip
 from .errors import ApiError
 from .events import TaskEventStream
 from .sdcn import parse_sdcn_img2img, parse_sdcn_txt2img
@@ -98,9 +100,51 @@ class EventStreamResponse(StreamingResponse):
             await self.stream.close()
 
 
+MAX_JSON_DEPTH = 32  # the deepest body of any API here nests 4 levels; deeper is refused before it is read
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """How deeply `value`'s lists and dicts nest (1 for a flat one), counted without
+    recursion (a hostile body must not reach Python's recursion limit anywhere: in a
+    parser, a repr() for an error message, a log line); stops past `limit`."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*\\?(?:"|\Z)', re.DOTALL)  # a string (or its unclosed rest)
+_JSON_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_JSON_NOT_BRACKETS = bytes(b for b in range(256) if b not in _JSON_STEP)
+
+
+def json_text_depth(body: bytes) -> int:
+    """How deeply the JSON text `body` nests, from its brackets outside strings, before any
+    parser sees it (linear, in C loops). Needed because the services import eth_account,
+    whose py_ecc raises Python's recursion limit to 100,000: msgspec then recurses past the C
+    stack on a body nested ~50,000 deep (100 KB) and the process dies (SIGSEGV) instead of
+    raising RecursionError."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _JSON_NOT_BRACKETS)
+    return max(itertools.accumulate(map(_JSON_STEP.__getitem__, brackets)), default=0)
+
+
 def owner_of(request: Request) -> str:
     """The API key id the request came with ("" when keys are off)."""
     return getattr(request.state, "key_id", "")
+
+
+def client_of(request: Request, tasks: TaskService) -> str:
+    """The caller's IP: the socket peer, or what a trusted proxy says (auth.client_ip)."""
+    peer = request.client.host if request.client else None
+    return client_ip(peer, request.headers.get("x-forwarded-for"), tasks.trusted_proxies)
 
 
 MAX_FEE = 10**30  # far above any real price; keeps the number a JSON integer every client reads
@@ -149,10 +193,28 @@ class Routes:
         body = await self.read_body(request)
         if not body:
             raise ApiError(422, "invalid_input", "request body is empty; expected a JSON object", field="$")
+        if (text_depth := json_text_depth(body)) > MAX_JSON_DEPTH:  # before msgspec: see json_text_depth
+            raise ApiError(
+                400,
+                "invalid_json",
+                f"request body nests deeper than {MAX_JSON_DEPTH} levels",
+                field="$",
+                value=text_depth,
+            )
         try:
-            return msgspec.json.decode(body)
+            value = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}", field="$") from None
+        except RecursionError:  # msgspec's own limit (about 1,000 levels)
+            value = None
+            depth = MAX_JSON_DEPTH + 1
+        else:
+            depth = json_depth(value, MAX_JSON_DEPTH)
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(
+                400, "invalid_json", f"request body nests deeper than {MAX_JSON_DEPTH} levels", field="$", value=depth
+            )
+        return value
 
     async def read_body(self, request: Request) -> bytes:
         """The request body, refused with 413 past `max_body_bytes` (before it is all read)."""
@@ -213,7 +275,9 @@ class Routes:
         return json_response(view, status_code=202)
 
     async def task_events(self, request: Request) -> Response:
-        stream, stored = await self.tasks.open_events(request.path_params["task_id"], owner_of(request))
+        owner = owner_of(request)
+        client = f"API key {owner!r}" if owner else f"client {client_of(request, self.tasks)}"
+        stream, stored = await self.tasks.open_events(request.path_params["task_id"], owner, client)
         if request.method == "HEAD":  # the headers only: a stream would last until the task ends
             await stream.close()
             return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
@@ -378,6 +442,11 @@ class Routes:
     async def a1111_sd_models(self, request: Request) -> Response:
         return JSONResponse(a1111.sd_models(sorted(self.tasks.model_names())))
 
+    async def a1111_loras(self, request: Request) -> Response:
+        """The LoRAs live nodes hold on disk (their announcements' `loras_on_disk`)."""
+        refs = sorted({ref for node in self.tasks.directory.live() for ref in node.loras_on_disk})
+        return JSONResponse(a1111.loras(refs))
+
     async def a1111_samplers(self, request: Request) -> Response:
         return JSONResponse(a1111.samplers())
 
@@ -416,6 +485,13 @@ class Routes:
         """OpenAI's ``GET /v1/models``: the models live nodes serve."""
         names = sorted({model for node in self.tasks.directory.live() for model in node.models})
         return json_response(openai_images.ModelList(data=[openai_images.Model(id=name) for name in names]))
+
+    async def webhook_secret(self, request: Request) -> Response:
+        """The calling app's webhook signing secret (webhooks.py: derived per API key)."""
+        if self.tasks.webhooks is None:
+            raise ApiError(404, "webhooks_off", "webhooks are off on this gateway (it has no STIPPLE_WEBHOOK_SECRET)")
+        secret = self.tasks.webhooks.secret_for(owner_of(request))
+        return json_response(secret, headers={"Cache-Control": "no-store"})
 
     async def list_nodes(self, request: Request) -> Response:
         return json_response(self.tasks.nodes())
@@ -471,6 +547,8 @@ def create_app(tasks: TaskService) -> Starlette:
                         key = tasks.keys.authenticate(request.headers.get("authorization"))
                     tasks.keys.admit(key, time.monotonic())
                     request.state.key_id = key.key_id
+                else:  # no key: limited per client IP (auth.ClientLimits)
+                    tasks.anon.admit(client_of(request, tasks), time.monotonic())
                 response = await endpoint(request)
             except ApiError as exc:
                 response = error_response(exc, shape=shape)
@@ -518,6 +596,7 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/v1/tasks/{task_id}/events", routes.task_events, ["GET"]),
             route("/v1/tasks/{task_id}/images/{index:int}", routes.get_image, ["GET"]),
             route("/v1/nodes", routes.list_nodes, ["GET"]),
+            route("/v1/webhook-secret", routes.webhook_secret, ["GET"]),
             route("/txt2img", routes.sdcn_txt2img, ["POST"], shape="sdcn"),
             route("/img2img", routes.sdcn_img2img, ["POST"], shape="sdcn"),
             route("/v1/images/generations", routes.openai_generate, ["POST"], shape="openai"),
@@ -526,6 +605,7 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/sdapi/v1/txt2img", routes.a1111_txt2img, ["POST"], shape="a1111"),
             route("/sdapi/v1/img2img", routes.a1111_img2img, ["POST"], shape="a1111"),
             route("/sdapi/v1/sd-models", routes.a1111_sd_models, ["GET"], shape="a1111"),
+            route("/sdapi/v1/loras", routes.a1111_loras, ["GET"], shape="a1111"),
             route("/sdapi/v1/samplers", routes.a1111_samplers, ["GET"], shape="a1111"),
             route("/sdapi/v1/schedulers", routes.a1111_schedulers, ["GET"], shape="a1111"),
             route("/sdapi/v1/options", routes.a1111_options, ["GET", "POST"], shape="a1111"),

@@ -7,20 +7,32 @@ Secrets are compared in constant time (SHA-256 digests, every key compared). Eac
 a token bucket of `burst` tokens (default: `rate_per_minute`) refilled at
 `rate_per_minute`; the buckets live in this gateway's memory, so with N gateways behind
 a load balancer a key gets up to N times its rate.
+
+Callers without a key (every caller while keys are off, and the public routes always)
+are limited per client IP (`ClientLimits`): a token bucket of ``STIPPLE_ANON_BURST``
+tokens refilled at ``STIPPLE_ANON_RATE_PER_MINUTE`` (0: no limit), kept for the
+``MAX_TRACKED_CLIENTS`` most recent IPs (least recently seen dropped first: a dropped IP
+starts again with a full bucket). The client IP is the socket peer; ``X-Forwarded-For``
+is believed only when the peer is in ``STIPPLE_TRUSTED_PROXIES`` (CIDRs), and then the
+client is the rightmost address in it that is not itself a trusted proxy: a caller can
+prepend anything to the header, but not what its own proxy appends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stipple_common.settings import InvalidSettings, env_name
 
 from .errors import ApiError
+from .metrics import GatewayMetrics
 
 KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_SECRET_CHARS = 16
@@ -187,4 +199,105 @@ class KeyRing:
             f"(burst {key.burst}); retry in {retry_after} s",
             headers={"Retry-After": str(retry_after)},
             extra={"limit": {"key_id": key.key_id, "rate_per_minute": key.rate_per_minute, "burst": key.burst}},
+        )
+
+
+MAX_TRACKED_CLIENTS = 100_000  # client IPs whose buckets are kept (least recently seen dropped first)
+TRUSTED_PROXIES = env_name("trusted_proxies")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_trusted_proxies(value: str) -> list[Network]:
+    """``STIPPLE_TRUSTED_PROXIES``: comma-separated CIDRs (or single addresses); InvalidSettings
+    naming the entry otherwise."""
+    networks: list[Network] = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise InvalidSettings(
+                f"{TRUSTED_PROXIES}: {entry[:60]!r} is not an IP network (expected CIDRs such as 10.0.0.0/8, "
+                "separated by commas)"
+            ) from None
+    return networks
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted: list[Network]) -> str:
+    """Who is calling: the socket peer, or, when the peer is a trusted proxy, the rightmost
+    address of ``X-Forwarded-For`` that is not a trusted proxy (an entry that is no address
+    ends the walk: the last trusted hop is the client then)."""
+    client = peer or "unknown"
+    address = _ip(client)
+    if not trusted or address is None or not forwarded_for:
+        return client
+    for hop in reversed(forwarded_for.split(",")):
+        if not any(address in net for net in trusted):
+            break
+        found = _ip(hop)
+        if found is None:
+            break
+        address, client = found, str(found)
+    return client
+
+
+class ClientLimits:
+    """Token buckets per client IP, for the callers without an API key (see the module
+    docstring); `rate_per_minute` 0 turns them off."""
+
+    def __init__(
+        self,
+        rate_per_minute: int,
+        burst: int,
+        max_clients: int = MAX_TRACKED_CLIENTS,
+        gateway_metrics: GatewayMetrics | None = None,
+    ) -> None:
+        if rate_per_minute < 0 or burst < 0:
+            raise InvalidSettings(
+                f"STIPPLE_ANON_RATE_PER_MINUTE={rate_per_minute}, STIPPLE_ANON_BURST={burst}: must be 0 or more"
+            )
+        self.rate_per_minute = rate_per_minute
+        self.burst = burst or rate_per_minute
+        self.max_clients = max_clients
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.metrics = gateway_metrics
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate_per_minute > 0
+
+    def admit(self, client: str, now: float) -> None:
+        """Take one token from `client`'s bucket; ApiError 429 with Retry-After when it is empty."""
+        if not self.enabled:
+            return
+        bucket = self.buckets.get(client)
+        if bucket is None:
+            bucket = TokenBucket(per_second=self.rate_per_minute / 60.0, capacity=float(self.burst))
+            self.buckets[client] = bucket
+            while len(self.buckets) > self.max_clients:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(client)
+        wait = bucket.take(now)
+        if wait <= 0:
+            return
+        retry_after = max(1, math.ceil(wait))
+        if self.metrics is not None:
+            self.metrics.refused.labels("anon_rate").inc()
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"client {client} is over the limit for callers without an API key: STIPPLE_ANON_RATE_PER_MINUTE="
+            f"{self.rate_per_minute} requests per minute (STIPPLE_ANON_BURST={self.burst}); retry in {retry_after} s",
+            headers={"Retry-After": str(retry_after)},
+            extra={"limit": {"client": client, "rate_per_minute": self.rate_per_minute, "burst": self.burst}},
         )

@@ -1,8 +1,30 @@
 """A task's events: read back from the TASKS stream, and streamed live as Server-Sent Events.
 
-`read_task_events` is `bus.read_subject` keeping what the gateway needs besides the
-event: its ``Nats-Msg-Id`` (to tell a stored event from the same one seen live) and the
-server's timestamp (when the outcome was stored, for result expiry).
+`read_task_events` reads the task's stored events (`bus.read_stored`) keeping what the
+gateway needs besides the event: its ``Nats-Msg-Id`` (to tell a stored event from the
+same one seen live) and the server's timestamp (when the outcome was stored, for result
+expiry).
+
+Reads cost nothing but the read. A task's status (``GET /v1/tasks/<id>``, the Horde's
+status routes, images, cancels) and an events stream's stored phase are read by batched
+JetStream Direct Get (TASKS has ``allow_direct``; `bus.read_direct`): one request,
+answered with the task's messages and an end-of-batch status, and no consumer. They used
+to be read by an ephemeral consumer per call, created and deleted on the stream's leader:
+an unauthenticated caller could make the cluster's metadata layer churn with every GET of
+a made-up id. We chose Direct Get over an in-memory fold fed by one consumer per gateway
+because it keeps the gateway stateless: every replica of the gateway (and every replica
+of the stream, all of which answer direct gets) reads the same thing, there is no cache to
+size, warm or evict, no fallback for tasks not cached, and an unknown id is one 404 answer
+from the server. The cost is one round trip per read, which a fold would save; the reads
+are already bounded (per-IP and per-key rate limits, `StreamSlots`). A stream declared
+before ``allow_direct`` is updated at the next start (`bus.ensure_streams`); until then
+`bus.read_stored` falls back to the short-lived consumer.
+
+Open streams are bounded (`StreamSlots`): a cap per gateway (``STIPPLE_MAX_SSE_STREAMS``)
+and per caller, an API key or, with keys off, a client IP (``STIPPLE_MAX_SSE_PER_CLIENT``):
+past either, 429 with Retry-After. A stream lasts at most ``STIPPLE_SSE_MAX_S``; the
+client reconnects with ``Last-Event-ID`` and gets what it has not seen. A slot is released
+when the stream is closed, however it ended (`TaskEventStream.close`).
 
 The stream (``GET /v1/tasks/{id}/events``) has no gap and no duplicate: it subscribes
 with core NATS to ``tasks.<id>.>`` and ``progress.<id>`` first, then reads what is stored
@@ -44,11 +66,14 @@ from stipple_common.messages import (
     event_name,
 )
 
+from .errors import ApiError
+from .metrics import GatewayMetrics
 from .views import event_data
 
 log = structlog.get_logger("stipple.gateway")
 
 KEEPALIVE = b": keep-alive\n\n"
+MAX_DURATION = b": max duration reached; reconnect with Last-Event-ID\n\n"
 MAX_QUEUED_PROGRESS = 1000  # progress is lossy anyway; task events are never dropped
 # A core subscriber can get an outcome a moment before the stream has stored it (the server
 # hands a publish to both at once): readers woken by one read again, this often, this long.
@@ -68,19 +93,74 @@ def _msg_id(headers: dict[str, str] | None, data: bytes, fallback: str = "") -> 
 
 
 async def read_task_events(js: JetStreamContext, task_id: str) -> list[StoredEvent]:
-    """Every stored event of the task, in stream order. An event this gateway cannot
-    decode (a newer service's) is left out and logged, not an error."""
+    """Every stored event of the task, in stream order (by Direct Get: no consumer). An
+    event this gateway cannot decode (a newer service's) is left out and logged, not an
+    error."""
     out: list[StoredEvent] = []
-    for m in await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id)):
-        meta = m.metadata
+    for m in await bus.read_stored(js, subjects.TASKS_STREAM, subjects.task_events(task_id)):
         try:
             event = decode_task_event(m.subject, m.data)
         except Rejected as exc:
             log.warning("task_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
             continue
-        msg_id = _msg_id(m.headers, m.data, f"seq:{meta.sequence.stream}")
-        out.append(StoredEvent(msg_id, event, meta.timestamp.timestamp()))
+        out.append(StoredEvent(_msg_id(m.headers, m.data, f"seq:{m.seq}"), event, m.time))
     return out
+
+
+class StreamSlots:
+    """How many events streams are open, on this gateway and per caller (an API key id or
+    a client IP), refusing past `max_total` or `max_per_client` (0: no cap) with 429.
+    `acquire` before opening, `release` exactly once after (`TaskEventStream.close`)."""
+
+    RETRY_AFTER_S = 10
+
+    def __init__(self, max_total: int, max_per_client: int, gateway_metrics: GatewayMetrics | None = None) -> None:
+        self.max_total, self.max_per_client = max_total, max_per_client
+        self.total = 0
+        self.per_client: dict[str, int] = {}
+        self.metrics = gateway_metrics
+
+    def _refuse(self, limit: str, setting: str, cap: int, message: str) -> ApiError:
+        if self.metrics is not None:
+            self.metrics.refused.labels(limit).inc()
+        return ApiError(
+            429,
+            "too_many_streams",
+            f"{message} ({setting}={cap}); close one, or retry in {self.RETRY_AFTER_S} s",
+            field="events",
+            value=cap,
+            headers={"Retry-After": str(self.RETRY_AFTER_S)},
+            extra={"limit": {"name": setting, "max": cap}},
+        )
+
+    def acquire(self, client: str) -> None:
+        if self.max_total and self.total >= self.max_total:
+            raise self._refuse(
+                "sse_streams",
+                "STIPPLE_MAX_SSE_STREAMS",
+                self.max_total,
+                "this gateway has its most events streams open",
+            )
+        held = self.per_client.get(client, 0)
+        if self.max_per_client and held >= self.max_per_client:
+            raise self._refuse(
+                "sse_per_client",
+                "STIPPLE_MAX_SSE_PER_CLIENT",
+                self.max_per_client,
+                f"{client} has {held} events streams open, the most one caller may",
+            )
+        self.total += 1
+        self.per_client[client] = held + 1
+        if self.metrics is not None:
+            self.metrics.sse_streams.inc()
+
+    def release(self, client: str) -> None:
+        self.total -= 1
+        held = self.per_client.pop(client, 1) - 1
+        if held > 0:
+            self.per_client[client] = held
+        if self.metrics is not None:
+            self.metrics.sse_streams.dec()
 
 
 def frame(event: str, data: Any, event_id: str | None = None) -> bytes:
@@ -91,10 +171,24 @@ def frame(event: str, data: Any, event_id: str | None = None) -> bytes:
 class TaskEventStream:
     """One client's stream of one task: `open` (subscribe, then read), then `frames`."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, task_id: str, *, keepalive_s: float, closing: asyncio.Event):
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        task_id: str,
+        *,
+        keepalive_s: float,
+        closing: asyncio.Event,
+        max_s: float = 0.0,
+        slots: StreamSlots | None = None,
+        client: str = "",
+    ):
         self.nc, self.js, self.task_id = nc, js, task_id
         self.keepalive_s = keepalive_s
         self.closing = closing
+        self.max_s = max_s  # the stream ends after this long (0: with the task); the client resumes
+        self.slots, self.client = slots, client  # the slot it holds, given back by close()
+        self.opened_at = 0.0
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.subs: list[Any] = []
         self.seen: set[str] = set()
@@ -107,7 +201,11 @@ class TaskEventStream:
 
     async def open(self) -> list[StoredEvent]:
         """Subscribe to the live subjects, then read the stored events (in this order, so
-        that nothing published in between is missed)."""
+        that nothing published in between is missed). ApiError 429 when `slots` is full
+        (nothing was opened then)."""
+        if self.slots is not None:
+            self.slots.acquire(self.client)  # held from here: close() gives it back
+        self.opened_at = asyncio.get_running_loop().time()
         try:
             self.subs.append(await self.nc.subscribe(subjects.task_events(self.task_id), cb=self._on_message))
             self.subs.append(await self.nc.subscribe(subjects.progress_subject(self.task_id), cb=self._on_message))
@@ -117,6 +215,10 @@ class TaskEventStream:
             raise
 
     async def close(self) -> None:
+        """Unsubscribe and give the slot back; a second call does nothing."""
+        slots, self.slots = self.slots, None
+        if slots is not None and self.opened_at:
+            slots.release(self.client)
         subs, self.subs = self.subs, []
         for sub in subs:
             try:
@@ -134,7 +236,9 @@ class TaskEventStream:
 
     async def frames(self, stored: list[StoredEvent], last_event_id: str | None = None) -> AsyncIterator[bytes]:
         """The stored events (after `last_event_id`, if it is one of them), then the live ones,
-        until an outcome; a comment every `keepalive_s` while nothing else is sent."""
+        until an outcome, or until `max_s` after opening (then a comment says so, and the
+        client reconnects with the last id it got); a comment every `keepalive_s` while
+        nothing else is sent."""
         ids = [s.msg_id for s in stored]
         if last_event_id and last_event_id in ids:
             self.seen.update(ids[: ids.index(last_event_id) + 1])
@@ -145,17 +249,25 @@ class TaskEventStream:
                 return
         closing = asyncio.ensure_future(self.closing.wait())
         getter: asyncio.Future[Any] | None = None
+        loop = asyncio.get_running_loop()
+        ends_at = self.opened_at + self.max_s if self.max_s > 0 else None
         try:
             while True:
+                timeout = self.keepalive_s
+                if ends_at is not None:
+                    left = ends_at - loop.time()
+                    if left <= 0:
+                        yield MAX_DURATION
+                        return
+                    timeout = min(timeout, left)
                 getter = asyncio.ensure_future(self.queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, closing}, timeout=self.keepalive_s, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait({getter, closing}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     getter.cancel()  # an item it was woken for stays in the queue
                     if closing in done:
                         return
-                    yield KEEPALIVE
+                    if ends_at is None or loop.time() < ends_at:
+                        yield KEEPALIVE
                     continue
                 msg = getter.result()
                 if msg.subject.startswith("progress."):

@@ -6,8 +6,11 @@ Routes: ``POST generate/async`` (202 ``RequestAsync``: `id`, `kudos`, `message`)
 generate/check/{id}`` (``RequestStatusCheck``), ``GET generate/status/{id}``
 (``RequestStatusStable``: the same and the `generations`), ``DELETE generate/status/{id}``
 (cancels, answers the status with `cancelled`), ``GET status/models``, ``GET
-status/heartbeat``. Request ids are the task ids written as UUIDs (the SDK parses them as
-version-4 UUIDs): ``GET /v1/tasks/<id without dashes>`` is the same task.
+status/heartbeat``. A request id is a fresh version-4 UUID (the SDK parses them as such);
+its task's id is derived from it one way (`task_id_of`: SHA-256), and the 202's `message`
+names it (``GET /v1/tasks/<task id>`` is the same task). The two differ because the task id
+is not a secret: the nodes that run the task are given it, and the pages show it to its
+app, while the request id is what lets its holder check, read and cancel the request.
 
 The request (Horde's ``GenerationInputStable``):
 
@@ -70,11 +73,13 @@ Auth, as on the Horde: ``generate/async`` takes the ``apikey`` header, a Stipple
 secret. With keys off any key (the anonymous ``0000000000`` included) is no key; with keys on
 a missing, anonymous or unknown key is 401. Check, status and delete take the request id
 alone, as the Horde's do (and the SDK sends no key with them): the id is random (a fresh
-version-4 UUID, 122 random bits) and whoever holds it may check, read and cancel the
-request. (A task submitted through another API keeps that API's rule: with keys on, these
-routes do not show it.) ``status/models`` and ``status/heartbeat`` are open too. Images answered as URLs
-(`r2`) are the native image route, which with keys on needs ``Authorization: Bearer``: with
-keys on, clients that cannot send it ask for base64 (`r2` false).
+version-4 UUID, 122 random bits), never given to a node nor shown anywhere but in the 202,
+and whoever holds it may check, read and cancel the request. A task submitted through
+another API is never reachable here: no request id leads to its id (a preimage of SHA-256),
+and a task not submitted here is 404 even so. ``status/models`` and ``status/heartbeat``
+are open too. Images answered as URLs (`r2`) are the native image route, which with keys
+on needs ``Authorization: Bearer``: with keys on, clients that cannot send it ask for
+base64 (`r2` false).
 
 Errors in the Horde's shape: ``{"message", "rc"}``, and ``"errors": {field: message}`` for
 a 400 about a field; `rc` is the Horde's return code where one fits (``InvalidAPIKey``,
@@ -499,14 +504,13 @@ def error_body(error: ApiError) -> dict[str, Any]:
     return body
 
 
-def horde_id(task_id: str) -> str:
-    """A task id as the Horde writes request ids."""
-    return str(uuid.UUID(task_id))
-
-
 def task_id_of(request_id: str) -> str:
-    """The task id of a Horde request id (with or without dashes)."""
-    return request_id.replace("-", "").lower()
+    """The task id of a Horde request id (a UUID in any of the forms Python reads: with or
+    without dashes, any case; ValueError for anything else): 32 hex digits of SHA-256 over
+    the UUID's bytes, so that the task id, which nodes and pages see, does not give the
+    request id away."""
+    raw = uuid.UUID(request_id).bytes
+    return hashlib.sha256(b"stipple-horde-request\n" + raw).hexdigest()[:32]
 
 
 def image_id(task_id: str, index: int) -> str:
@@ -580,14 +584,15 @@ class HordeRoutes:
                 self.tasks.check_capacity(parsed.spec, model_field="models")
                 return _json(DryRun(kudos=0.0))
             owner = _owner(request)
-            task_id = uuid.uuid4().hex  # random: the id is what lets its holder check, read and delete it
+            request_id = str(uuid.uuid4())  # random: what lets its holder check, read and delete it
+            task_id = task_id_of(request_id)  # what the nodes are told: the request id cannot be found from it
             await self.tasks.submit(parsed.spec, parsed.source, task_id, owner=owner, model_field="models")
         except ApiError as exc:
             if exc.status != 422:  # unknown_model: a node left between our check and the submit
                 raise
             raise ApiError(400, exc.code, exc.message, field=exc.field, value=exc.value) from None
         message = f"Stipple task {task_id}: GET /v1/tasks/{task_id} is its native view"
-        return _json(RequestAsync(id=horde_id(task_id), kudos=0.0, message=message), status_code=202)
+        return _json(RequestAsync(id=request_id, kudos=0.0, message=message), status_code=202)
 
     async def check(self, request: Request) -> Response:
         task = await self._task(request)
@@ -612,15 +617,21 @@ class HordeRoutes:
 
     async def _task(self, request: Request) -> Task:
         """The request's task, whichever API key submitted it: as on the Horde, its random id
-        is what lets its holder check, read and delete it. A task the other APIs submitted
-        (whose id may be derived from an Idempotency-Key) keeps their rule: with keys on,
-        only its key sees it, so here it is 404 as when there is none."""
-        task_id = task_id_of(request.path_params["id"])
-        self.tasks.check_task_id(task_id)
+        is what lets its holder check, read and delete it. A task the other APIs submitted is
+        404 as when there is none, keys on or off (no request id leads to its id anyway)."""
+        request_id = request.path_params["id"]
+        shown = request_id[:100]
+        try:
+            task_id = task_id_of(request_id)
+        except ValueError:
+            raise ApiError(
+                404, "not_found", f"no request with id {shown!r} (ids are UUIDs)", field="id", value=shown
+            ) from None
         stored = await read_task_events(self.tasks.js, task_id)
         task, _rejected = replay(s.event for s in stored)
-        owner = task.owner if task is not None and task.source in (SOURCE_URLS, SOURCE_BASE64) else ""
-        return self.tasks.fold(task_id, stored, owner).task
+        if task is None or task.source not in (SOURCE_URLS, SOURCE_BASE64):
+            raise ApiError(404, "not_found", f"no request with id {shown!r}", field="id", value=shown)
+        return self.tasks.fold(task_id, stored, task.owner).task
 
     async def _progress(self, task: Task) -> RequestStatusCheck:
         n = task.spec.task_config.num_images
@@ -744,7 +755,8 @@ def openapi_paths() -> dict[str, Any]:
         "in": "path",
         "required": True,
         "schema": {"type": "string"},
-        "description": "The request id: the task id as a UUID (with or without dashes).",
+        "description": "The request id the 202 answered (a UUID, with or without dashes): the capability to "
+        "check, read and cancel the request. Its task's id, which nodes are given, is derived from it one way.",
     }
     reasons = {
         400: "A field is invalid, unknown or not supported here; `errors` names it.",

@@ -12,7 +12,7 @@ the HTTP layer; a task service given none builds its own from its `Metrics` regi
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TASK_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -60,6 +60,16 @@ class GatewayMetrics:
             ["outcome"],
             registry=registry,
             buckets=TASK_BUCKETS,
+        )
+        # events.py, auth.py: what apps may hold open and how fast anonymous callers may call
+        self.sse_streams = Gauge(
+            "stipple_gateway_sse_streams", "Events streams (SSE) open on this gateway", registry=registry
+        )
+        self.refused = Counter(
+            "stipple_gateway_refused_total",
+            "Requests refused with 429 by a gateway cap, by limit: sse_streams, sse_per_client, anon_rate",
+            ["limit"],
+            registry=registry,
         )
         self.integrity_failures = Counter(
             "stipple_gateway_image_integrity_failures_total",

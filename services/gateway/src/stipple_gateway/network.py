@@ -34,6 +34,8 @@ from that folder at import, so no request path can reach outside it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import inspect
 import json
 import mimetypes
@@ -101,6 +103,13 @@ WEB_DIR = Path(__file__).parent / "static" / "web"
 
 NodeState = Literal["live", "busy", "paused", "banned", "offline", "quit"]
 TaskState = Literal["pending", "assigned", "succeeded", "aborted", "cancelled"]
+ENDED: frozenset[str] = frozenset({"succeeded", "aborted", "cancelled"})
+
+
+def task_key(task_id: str) -> str:
+    """The bytes32 the chain knows a task by (keccak-256 of its id), in 0x hex: public (every
+    contract event names it) and taken by no route, so it stands in for an id not to show."""
+    return "0x" + keccak(text=task_id).hex()
 
 
 class NetworkNode(msgspec.Struct, kw_only=True):
@@ -121,14 +130,17 @@ class NetworkNode(msgspec.Struct, kw_only=True):
 
 
 class TaskSummary(msgspec.Struct, kw_only=True):
-    """A task as the network pages show it (no prompt, no owner: the pages are for anyone)."""
+    """A task as the network pages show it (no prompt, no owner: the pages are for anyone).
+    With API keys on, a task another key submitted is shown by its task key (0x..., what the
+    chain calls it), not its id. The nodes of a task are shown once it ended: a node that saw
+    who else runs its task would know, before it commits, whether the secret sample drew it."""
 
-    task_id: str
+    task_id: str  # the id, or (another key's task) its task key
     status: TaskState
     model: str  # "" when this gateway missed its `submitted` event
     source: str
     submitted_at: float | None
-    nodes: list[str]
+    nodes: list[str]  # [] until the task ended
     verdicts: dict[str, Verdict]  # once finished (succeeded, aborted)
     qos: dict[str, int]  # the task's QoS score per node (10/5/2 by commit order when agreeing)
     reason: str  # the outcome's reason: unanimous, majority, no_agreement, ...
@@ -215,6 +227,7 @@ class _SubmittedLite(msgspec.Struct):
     spec: _SpecLite
     submitted_at: float
     source: str = "native"
+    owner: str = ""  # the API key id: who may see the task's id (`NetworkRoutes.shown_task`)
 
 
 _submitted_decoder = msgspec.json.Decoder(_SubmittedLite)
@@ -237,6 +250,7 @@ class NetworkFold:
     def __init__(self) -> None:
         self.tasks: OrderedDict[str, TaskSummary] = OrderedDict()
         self.keys: dict[str, str] = {}  # task key (0x hex) -> task id, for the tasks in `tasks`
+        self.owners: dict[str, str] = {}  # task id -> the API key id that submitted it, for the tasks in `tasks`
         self.nodes: OrderedDict[str, _NodeRecord] = OrderedDict()
         self.since = time.time()
         self.chain = False  # a contract event was seen (NetworkRoutes.has_chain asks the `chain` bucket too)
@@ -269,15 +283,17 @@ class NetworkFold:
                 reason="",
                 finished_at=None,
             )
-            self.keys["0x" + keccak(text=task_id).hex()] = task_id
+            self.keys[task_key(task_id)] = task_id
             while len(self.tasks) > RECENT_TASKS:
                 old, _ = self.tasks.popitem(last=False)
-                self.keys.pop("0x" + keccak(text=old).hex(), None)
+                self.keys.pop(task_key(old), None)
+                self.owners.pop(old, None)
         return summary
 
-    def submitted(self, task_id: str, model: str, source: str, at: float) -> None:
+    def submitted(self, task_id: str, model: str, source: str, at: float, owner: str = "") -> None:
         summary = self.task(task_id)
         summary.model, summary.source, summary.submitted_at = model, source, at
+        self.owners[task_id] = owner
 
     def assigned(self, task_id: str, nodes: list[str]) -> None:
         summary = self.task(task_id)
@@ -382,7 +398,7 @@ class NetworkFold:
                         raise msgspec.ValidationError(f"an event of task {lite.task_id!r} on {msg.subject!r}")
                     model = lite.spec.base_model
                     name_of = model if isinstance(model, str) else str(model.get("name", ""))
-                    self.submitted(task_id, name_of, lite.source, lite.submitted_at)
+                    self.submitted(task_id, name_of, lite.source, lite.submitted_at, lite.owner)
                     return
                 event = decode_task_event(msg.subject, msg.data)
             except (Rejected, subjects.SubjectError, msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -523,7 +539,7 @@ def page_html(page: str) -> str:
 <title>{PAGES[page]}</title>
 <link rel="icon" href="data:,">
 <link rel="stylesheet" href="/web/style.css">
-<script type="importmap">{json.dumps(IMPORT_MAP)}</script>
+<script type="importmap">{IMPORT_MAP_JSON}</script>
 <script type="application/json" id="stipple-config">{json.dumps(PAGE_CONFIG)}</script>
 <script type="module" src="/web/{page}.js"></script>
 </head>
@@ -537,16 +553,50 @@ def page_html(page: str) -> str:
 # --------------------------------------------------------------------------- handlers
 
 
+# The pages' security headers: scripts, styles, fetches and everything else from this
+# origin only (images also from blob: and data:, which the pages make of fetched PNGs and of
+# a chosen source image). The import map is the one inline script, allowed by its hash; the
+# JSON config block is data, which no browser runs. Node-announced strings (device, models)
+# and task fields are rendered as text by Preact; this is the second line behind that.
+IMPORT_MAP_JSON = json.dumps(IMPORT_MAP)
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'self'",
+        "script-src 'self' 'sha256-"
+        + base64.b64encode(hashlib.sha256(IMPORT_MAP_JSON.encode()).digest()).decode()
+        + "'",
+        "img-src 'self' blob: data:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+def _caller(request: Request) -> str:
+    """The API key id the request came with ("" with keys off)."""
+    return getattr(request.state, "key_id", "")
+
+
 def _json(body: msgspec.Struct) -> Response:
     from starlette.responses import Response  # here, not at the top: see TYPE_CHECKING above
 
-    return Response(msgspec.json.encode(body), media_type="application/json")
+    return Response(
+        msgspec.json.encode(body), media_type="application/json", headers={"X-Content-Type-Options": "nosniff"}
+    )
 
 
 def _html(page: str) -> Response:
     from starlette.responses import HTMLResponse
 
-    return HTMLResponse(page_html(page))
+    return HTMLResponse(page_html(page), headers=SECURITY_HEADERS)
 
 
 class NetworkRoutes:
@@ -559,6 +609,22 @@ class NetworkRoutes:
     @property
     def fold(self) -> NetworkFold:
         return self.tasks.network
+
+    def shown_id(self, task_id: str, caller: str) -> str:
+        """`task_id` if `caller` (an API key id, "" with keys off) may see it, else its task key:
+        with keys on, only the key that submitted a task learns its id from these answers."""
+        if not self.tasks.keys.enabled or self.fold.owners.get(task_id) == caller:
+            return task_id
+        return task_key(task_id)
+
+    def shown_task(self, summary: TaskSummary, caller: str) -> TaskSummary:
+        """`summary` as `caller` may see it (TaskSummary's docstring says why)."""
+        task_id = self.shown_id(summary.task_id, caller)
+        if summary.status in ENDED and task_id == summary.task_id:
+            return summary
+        if summary.status in ENDED:
+            return msgspec.structs.replace(summary, task_id=task_id)
+        return msgspec.structs.replace(summary, task_id=task_id, nodes=[], verdicts={}, qos={})
 
     def _nodes(self, now: float) -> list[NetworkNode]:
         directory = self.tasks.directory
@@ -594,11 +660,12 @@ class NetworkRoutes:
     async def network(self, request: Request) -> Response:
         now = time.time()
         nodes = self._nodes(now)
+        caller = _caller(request)
         return _json(
             NetworkView(
                 nodes=nodes,
                 live=sum(1 for n in nodes if n.live),
-                recent_tasks=self.fold.recent(),
+                recent_tasks=[self.shown_task(t, caller) for t in self.fold.recent()],
                 queue=await self.queue_length(),
                 chain=await self.has_chain(),
                 since=self.fold.since,
@@ -632,15 +699,27 @@ class NetworkRoutes:
         if entry is None and record is None:
             raise ApiError(404, "not_found", f"node_id: no node {node_id!r} is known", field="node_id", value=node_id)
         record = record or _NodeRecord()
-        window = await self.qos_window(node_id)
+        caller = _caller(request)
+        shown = self.shown_id
+        window = [msgspec.structs.replace(s, task_id=shown(s.task_id, caller)) for s in await self.qos_window(node_id)]
+        # a payment or slash names its task key always, and its id only to whom shown_id shows it
+        payments = [
+            msgspec.structs.replace(p, task_id="" if shown(p.task_id, caller) != p.task_id else p.task_id)
+            for _, p in reversed(record.payments)
+        ]
+        slashes = [
+            msgspec.structs.replace(s, task_id="" if shown(s.task_id, caller) != s.task_id else s.task_id)
+            for _, s in reversed(record.slashes)
+        ]
         detail = NodeDetail(
             node=network_node(self.tasks.directory, entry, time.time()) if entry is not None else None,
             node_id=node_id,
-            recent_tasks=list(reversed(record.tasks)),
+            # ended tasks only: one running would tell who else runs it (TaskSummary)
+            recent_tasks=[self.shown_task(t, caller) for t in reversed(record.tasks) if t.status in ENDED],
             qos_window=window,
-            qos_history=list(record.qos),
-            earnings=Earnings(total=record.earned, recent=[p for _, p in reversed(record.payments)]),
-            slashes=Slashes(total=record.slashed, recent=[s for _, s in reversed(record.slashes)]),
+            qos_history=[msgspec.structs.replace(p, task_id=shown(p.task_id, caller)) for p in record.qos],
+            earnings=Earnings(total=record.earned, recent=payments),
+            slashes=Slashes(total=record.slashed, recent=slashes),
             chain=await self.has_chain(),
         )
         return _json(detail)
@@ -663,7 +742,9 @@ class NetworkRoutes:
         from starlette.responses import FileResponse
 
         # no-cache: revalidated (ETag) on every load, so a new release is never mixed with an old file
-        return FileResponse(WEB_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"})
+        return FileResponse(
+            WEB_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache", **SECURITY_HEADERS}
+        )
 
 
 # --------------------------------------------------------------------------- OpenAPI

@@ -38,6 +38,7 @@ from stipple_common.messages import (
 from . import horde, network, openai_images
 from .sdcn import SdcnImg2Img, SdcnTxt2Img
 from .views import ErrorBody, Health, NodesView, SdcnError, SdcnResult, TaskAccepted, TaskRequest, TaskView
+from .webhooks import WebhookSecret
 
 REGENERATE = "just openapi   (or: python -m stipple_gateway.openapi docs/openapi.json)"
 SWAGGER_UI = "/docs/assets"  # swagger-ui-dist 5.35.0 (npm pack), vendored: static/swagger-ui/
@@ -132,6 +133,17 @@ IDEMPOTENCY_KEY = {
 }
 
 
+SSE_EVENT = {  # one event of the stream (the schema of a text/event-stream is an event's, as Open API 3.2 reads it)
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": list(EVENTS)},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "description": "A task event's message id (`Last-Event-ID`); progress has none."},
+    },
+}
+
+
 def _events_description() -> str:
     names = ", ".join(f"`{name}`" for name in EVENTS)
     return (
@@ -177,6 +189,7 @@ def _a1111_paths() -> dict[str, Any]:
         "/sdapi/v1/txt2img": generate("AUTOMATIC1111 txt2img; waits for the outcome (docs/api.md)", "a1111Txt2Img"),
         "/sdapi/v1/img2img": generate("AUTOMATIC1111 img2img and inpainting; waits for the outcome", "a1111Img2Img"),
         "/sdapi/v1/sd-models": listed("AUTOMATIC1111: the models registered nodes serve", "a1111SdModels"),
+        "/sdapi/v1/loras": listed("AUTOMATIC1111: the LoRAs live nodes hold on disk", "a1111Loras"),
         "/sdapi/v1/samplers": listed("AUTOMATIC1111: the sampler names a task may use", "a1111Samplers"),
         "/sdapi/v1/schedulers": listed("AUTOMATIC1111: the schedulers (automatic, karras)", "a1111Schedulers"),
         "/sdapi/v1/options": {
@@ -230,6 +243,7 @@ def build() -> dict[str, Any]:
         openai_images.ImagesResponse,
         openai_images.ModelList,
         openai_images.OpenAIError,
+        WebhookSecret,
         *EVENTS.values(),
     ]
     _, schemas = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
@@ -243,7 +257,24 @@ def build() -> dict[str, Any]:
                 "operationId": "submitTask",
                 "security": KEYED,
                 "parameters": [IDEMPOTENCY_KEY],
-                "requestBody": {"required": True, "content": _json("TaskRequest")},
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("TaskRequest"),
+                            "examples": {
+                                "txt2img": {
+                                    "summary": "Two 512x512 images, 25 steps",
+                                    "value": {
+                                        "base_model": "tiny-sd",
+                                        "prompt": "a red fox in the snow",
+                                        "task_config": {"image_width": 512, "image_height": 512, "num_images": 2},
+                                    },
+                                }
+                            },
+                        }
+                    },
+                },
                 "responses": _responses(
                     {"202": {"description": "Accepted: the task is pending.", "content": _json("TaskAccepted")}},
                     [400, 402, 413, 422, 503],
@@ -290,7 +321,7 @@ def build() -> dict[str, Any]:
                     {
                         "200": {
                             "description": _events_description(),
-                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                            "content": {"text/event-stream": {"schema": SSE_EVENT}},
                             "x-stipple-events": {name: _ref(t.__name__) for name, t in EVENTS.items()},
                         }
                     },
@@ -324,6 +355,25 @@ def build() -> dict[str, Any]:
                 "operationId": "listNodes",
                 "security": KEYED,
                 "responses": _responses({"200": {"description": "The nodes.", "content": _json("NodesView")}}, []),
+            }
+        },
+        "/v1/webhook-secret": {
+            "get": {
+                "summary": "The calling app's webhook signing secret (Standard Webhooks; docs/api.md, Webhooks)",
+                "description": "Derived from the gateway's STIPPLE_WEBHOOK_SECRET and the caller's API key id: "
+                "each API key has its own. With API keys off there is one app, and anyone may read its secret.",
+                "operationId": "getWebhookSecret",
+                "security": KEYED,
+                "responses": _responses(
+                    {
+                        "200": {"description": "The secret.", "content": _json("WebhookSecret")},
+                        "404": {
+                            "description": "The gateway has no STIPPLE_WEBHOOK_SECRET (`webhooks_off`).",
+                            "content": _json("ErrorBody"),
+                        },
+                    },
+                    [],
+                ),
             }
         },
         "/txt2img": {

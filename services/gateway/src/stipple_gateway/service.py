@@ -77,6 +77,7 @@ async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
         log_config=None,
         access_log=False,
         lifespan="off",
+        proxy_headers=False,  # the client IP is the socket peer; STIPPLE_TRUSTED_PROXIES decides (auth.client_ip)
     )
     server = Server(config, on_exit=tasks.closing.set)
 

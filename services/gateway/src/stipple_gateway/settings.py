@@ -16,13 +16,22 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     default_model: str = "tiny-sd"  # for SDCN requests that name no model
     # "" = keys off (anyone may call); "id:secret:rate_per_minute[:burst],..." or "@/path/to/file"
     api_keys: str = ""
-    webhook_secret: str = ""  # HMAC-SHA256 key of X-Stipple-Signature; "" = webhooks off
+    # master secret every app's webhook secret is derived from (webhooks.app_secret); "" = webhooks off
+    webhook_secret: str = ""
+    webhook_secret_previous: str = ""  # while rotating webhook_secret: deliveries are signed with both
     webhook_timeout_s: float = 10.0  # one POST
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 1.0  # the first retry's delay; it doubles up to webhook_backoff_max_s
     webhook_backoff_max_s: float = 300.0
     webhook_concurrency: int = 4  # POSTs in flight per gateway
-    webhook_allow_private: bool = False  # accept webhook URLs on loopback / private addresses
+    webhook_allow_private: bool = False  # accept webhook URLs (and names resolving) to loopback / private addresses
     result_ttl_s: float = 7 * 24 * 3600.0  # images expire this long after the outcome; 0 = never
     sse_keepalive_s: float = 15.0  # comment line on an idle events stream
+    max_sse_streams: int = 2000  # events streams open on this gateway at once; 0 = no cap
+    max_sse_per_client: int = 20  # per API key, or per client IP with keys off; 0 = no cap
+    sse_max_s: float = 3600.0  # an events stream ends after this long (the client resumes); 0 = with the task
+    # callers without an API key (all of them with keys off, public routes always), per client IP; 0 = no limit
+    anon_rate_per_minute: int = 6000
+    anon_burst: int = 1000
+    trusted_proxies: str = ""  # CIDRs whose X-Forwarded-For is believed (comma-separated); "" = the socket peer
     progress_max_tasks: int = 10_000  # tasks whose step progress is kept in memory

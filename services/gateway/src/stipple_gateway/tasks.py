@@ -48,12 +48,13 @@ from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.taskspec import SEED_MAX, TaskSpec, resolve_seed
 
-from .auth import KeyRing, parse_api_keys
+from .auth import ClientLimits, KeyRing, parse_api_keys, parse_trusted_proxies
 from .errors import ApiError
 from .events import (
     OUTCOME_CONFIRM_PAUSE_S,
     OUTCOME_CONFIRM_TRIES,
     StoredEvent,
+    StreamSlots,
     TaskEventStream,
     read_task_events,
 )
@@ -137,6 +138,10 @@ class TaskService:
         if gateway_metrics is None:
             gateway_metrics = GatewayMetrics(metrics.registry, webhooks=bool(settings.webhook_secret))
         self.gateway_metrics = gateway_metrics
+        # open events streams, per gateway and per caller; callers without a key, per client IP (auth.py)
+        self.sse_slots = StreamSlots(settings.max_sse_streams, settings.max_sse_per_client, gateway_metrics)
+        self.anon = ClientLimits(settings.anon_rate_per_minute, settings.anon_burst, gateway_metrics=gateway_metrics)
+        self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)  # InvalidSettings at start
         self.webhooks: Webhooks | None = None
         if settings.webhook_secret:
             self.webhooks = Webhooks(
@@ -148,6 +153,8 @@ class TaskService:
                 backoff_s=settings.webhook_backoff_s,
                 backoff_max_s=settings.webhook_backoff_max_s,
                 gateway_metrics=gateway_metrics,
+                previous_secret=settings.webhook_secret_previous,
+                allow_private=settings.webhook_allow_private,
             )
         self._accepted: OrderedDict[str, float] = OrderedDict()  # task -> submitted_at, until its outcome
 
@@ -282,7 +289,8 @@ class TaskService:
         try:
             await submit()
             try:
-                await asyncio.wait_for(done, self.settings.sync_timeout_s)
+                # shielded: a timeout must leave `done` pending (not cancelled, which is "done": woken)
+                await asyncio.wait_for(asyncio.shield(done), self.settings.sync_timeout_s)
             except TimeoutError:
                 pass
         finally:
@@ -362,12 +370,22 @@ class TaskService:
             return None
         return status if status.queued else None
 
-    async def open_events(self, task_id: str, owner: str = "") -> tuple[TaskEventStream, list[StoredEvent]]:
+    async def open_events(
+        self, task_id: str, owner: str = "", client: str = ""
+    ) -> tuple[TaskEventStream, list[StoredEvent]]:
         """A live stream of the task's events, subscribed before its stored events were
-        read (returned with it); 404 as `load_task`. The caller closes the stream."""
+        read (returned with it); 404 as `load_task`, 429 past the caps on open streams
+        (`client`: the caller they count, its API key or IP). The caller closes the stream."""
         self.check_task_id(task_id)
         stream = TaskEventStream(
-            self.nc, self.js, task_id, keepalive_s=self.settings.sse_keepalive_s, closing=self.closing
+            self.nc,
+            self.js,
+            task_id,
+            keepalive_s=self.settings.sse_keepalive_s,
+            closing=self.closing,
+            max_s=self.settings.sse_max_s,
+            slots=self.sse_slots,
+            client=client or (f"key {owner}" if owner else "anonymous"),
         )
         stored = await stream.open()
         try:
@@ -458,6 +476,11 @@ class TaskService:
         event = TaskCancelled(task_id=task_id, detail=detail)
         await bus.publish_event(self.js, event)
         loaded = await self.load_task(task_id, owner)  # the first outcome stored wins: was it ours?
+        for _ in range(OUTCOME_CONFIRM_TRIES):  # a stream replica a moment behind may answer the read
+            if loaded.task.finished:
+                break
+            await asyncio.sleep(OUTCOME_CONFIRM_PAUSE_S)
+            loaded = await self.load_task(task_id, owner)
         if loaded.task.status != "cancelled":
             raise self._finished_error(loaded.task)
         self.gateway_metrics.cancelled.inc()

@@ -15,6 +15,10 @@ Loaded pipelines stay in memory in an LRU keyed by what was loaded (model, varia
 dtype, VAE, UNet); img2img, inpainting and ControlNet pipelines are made from a loaded one
 with `from_pipe`, sharing its weights, and a refiner shares the base's VAE and second
 text encoder.
+
+A task's models are fetched (downloaded into the store, and pinned there) before the
+runner's lock is taken: a slow download never holds the pipelines, and a cancelled task
+stops its download (`run`'s `cancelled`).
 """
 
 from __future__ import annotations
@@ -61,7 +65,9 @@ _tracer = trace.get_tracer("stipple.node")  # the stage spans of a task (docs/ob
 class ModelResolver(Protocol):
     """Turns a model reference (repo id, URL, path) into a local path: the model store."""
 
-    def resolve(self, ref: str, *, variant: str | None = None, kind: str = "model") -> Path: ...
+    def resolve(
+        self, ref: str, *, variant: str | None = None, kind: str = "model", cancelled: Callable[[], bool] | None = None
+    ) -> Path: ...
 
 
 class ModelNotFound(StippleError):
@@ -246,6 +252,7 @@ class PipelineRunner:
         self._safety_checker_path = safety_checker
         self._safety: tuple[Any, Any] | None = None
         self._lock = threading.RLock()
+        self._fetched: dict[tuple[str, str | None, str], Path] = {}  # this run's prefetched models (under the lock)
         resolve = (lambda ref: self._resolve(ref, None, "controlnet.preprocess", kind="annotator")) if store else None
         self._annotators = Annotators(resolve, annotator_weights)
         self.metrics = RunnerMetrics(loaded=lambda: len(self._cache))
@@ -269,12 +276,23 @@ class PipelineRunner:
         """The cached base pipeline of a model, loaded on first use (tasks never change it)."""
         return self._base(ModelRef(name=model), vae="", unet="", dtype=self._dtype).pipe
 
-    def _resolve(self, ref: str, variant: str | None, field: str, kind: str = "model") -> Path:
+    def _resolve(
+        self,
+        ref: str,
+        variant: str | None,
+        field: str,
+        kind: str = "model",
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Path:
         if ref in self._paths:
             return self._paths[ref]
+        if (ref, variant, kind) in self._fetched:
+            return self._fetched[(ref, variant, kind)]
         if self._store is None:
             raise ModelNotFound(ref, self.model_names, field)
         try:
+            if cancelled is not None:
+                return self._store.resolve(ref, variant=variant, kind=kind, cancelled=cancelled)
             return self._store.resolve(ref, variant=variant, kind=kind)
         except StippleError as exc:  # name the task field the reference came from
             if not exc.message.startswith(f"{field}:"):
@@ -420,19 +438,54 @@ class PipelineRunner:
             raise validation_error_to_invalid(exc, raw) from None
         return self.run(canonical(spec), progress)
 
-    def run(self, spec: TaskSpec, progress: Progress | None = None) -> list[GeneratedImage]:
+    def run(
+        self, spec: TaskSpec, progress: Progress | None = None, cancelled: Callable[[], bool] | None = None
+    ) -> list[GeneratedImage]:
         """Run a task; image i uses seed + i. Raises InvalidInput (naming the field and
         value), ModelNotFound, ModelLoadFailed, OutOfMemory, or the store's errors, before
-        or instead of producing images; never leaves LoRAs or embeddings behind."""
+        or instead of producing images; never leaves LoRAs or embeddings behind.
+
+        The task's models are fetched first, without the lock (`_fetch`); a download stops
+        with DownloadCancelled once `cancelled()` is true."""
         spec = check_spec(spec)
         _check_node_side(spec)
-        with self._lock:
-            try:
-                return self._run(spec, progress)
-            except torch.cuda.OutOfMemoryError as exc:
-                self._cache.clear()
-                torch.cuda.empty_cache()
-                raise OutOfMemory(f"out of GPU memory: {exc}") from exc
+        with contextlib.ExitStack() as pins:
+            fetched = self._fetch(spec, cancelled, pins)
+            with self._lock:
+                self._fetched = fetched
+                try:
+                    return self._run(spec, progress)
+                except torch.cuda.OutOfMemoryError as exc:
+                    self._cache.clear()
+                    torch.cuda.empty_cache()
+                    raise OutOfMemory(f"out of GPU memory: {exc}") from exc
+                finally:
+                    self._fetched = {}
+
+    def _fetch(
+        self, spec: TaskSpec, cancelled: Callable[[], bool] | None, pins: contextlib.ExitStack
+    ) -> dict[tuple[str, str | None, str], Path]:
+        """Resolve (download) every model the task names through the store, before the lock,
+        pinning each until `pins` closes; the run then finds them here. What this node serves
+        by name needs no store."""
+        wanted: list[tuple[str, str | None, str, str]] = [(spec.model_name, spec.model.variant, "base_model", "model")]
+        wanted += [(spec.vae, None, "vae", "model"), (spec.unet, None, "unet", "model")]
+        if spec.controlnet is not None:
+            wanted.append((spec.controlnet.model, spec.controlnet.variant, "controlnet.model", "controlnet"))
+        if spec.refiner is not None:
+            wanted.append((spec.refiner.model, spec.refiner.variant, "refiner.model", "model"))
+        wanted += [(lora.model, None, f"loras[{i}].model", "lora") for i, lora in enumerate(spec.loras)]
+        wanted.append((spec.textual_inversion, None, "textual_inversion", "embedding"))
+        fetched: dict[tuple[str, str | None, str], Path] = {}
+        for ref, variant, name, kind in wanted:
+            if not ref or ref in self._paths or self._store is None or (ref, variant, kind) in fetched:
+                continue
+            path = self._resolve(ref, variant, name, kind, cancelled)
+            pin, unpin = getattr(self._store, "pin", None), getattr(self._store, "unpin", None)
+            if pin is not None and unpin is not None and pin(path):
+                pins.callback(unpin, path)
+            fetched[(ref, variant, kind)] = path
+        return fetched
 
     def _run(self, spec: TaskSpec, progress: Progress | None) -> list[GeneratedImage]:
         config = spec.task_config

@@ -70,13 +70,15 @@ from stipple_common.messages import (
 from stipple_common.metrics import Metrics
 from stipple_common.service import ServiceContext, freeze_startup_heap, install_stop_signals, open_service
 from stipple_common.settings import CommonSettings, InvalidSettings
+from stipple_common.sources import ENV_NAME as SOURCES_ENV
+from stipple_common.sources import load_policy
 from stipple_common.taskspec import canonical
 
 from .annotators import parse_weights
 from .metrics import NodeMetrics, RunnerMetrics, StoreMetrics
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism, platform_class
 from .staking import ensure_stake
-from .store import ModelStore, ProgressEvent
+from .store import DownloadCancelled, ModelStore, ProgressEvent
 from .tinymodel import TINY_MODEL_NAME, make_tiny_model
 from .unrevealed import Unrevealed, UnrevealedStore
 
@@ -90,6 +92,9 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
     models: str = f"{TINY_MODEL_NAME}=builtin"  # name=folder[,name=folder...]; "builtin" builds the tiny model
     model_cache: str = ""  # the model store (downloads, builtin models); empty: ~/.cache/stipple/models
     disk_budget_gb: float = 0.0  # how much the store may download; 0: no limit
+    model_sources: str = ""  # JSON source policy: what apps may name as models (docs/security.md, "Model sources")
+    download_timeout_s: float = 3600.0  # one model download in all (redirects, retries, body): slower ones are cut
+    download_max_gb: float = 0.0  # the largest file one download may be; 0: only the disk budget limits it
     hf_offline: bool = False  # never contact the Hugging Face hub (HF_HUB_OFFLINE=1 does the same)
     safety_checker: str = ""  # folder of a StableDiffusionSafetyChecker + CLIPImageProcessor
     pipeline_cache: int = 2  # loaded pipelines kept in memory
@@ -321,7 +326,7 @@ class NodeAgent:
         try:
             with tracing.task_span("node.generate", task_id=work.task_id, node_id=self.node_id):
                 images = await self._generate(work)
-        except TaskCancelledError:
+        except (TaskCancelledError, DownloadCancelled):
             self.metrics.tasks.labels("cancelled").inc()
             log.info("task_cancelled")
             return None
@@ -515,7 +520,8 @@ class NodeAgent:
     async def _generate(self, work: Assignment) -> list[GeneratedImage]:
         """Run the task in a worker thread (the runner validates it again: a node trusts nobody)."""
         report = self._progress_callback(asyncio.get_running_loop(), work.task_id)
-        return await asyncio.to_thread(self.runner.run, canonical(work.spec), report)
+        cancelled = lambda: work.task_id in self.cancelled  # noqa: E731 (polled by a download's watchdog)
+        return await asyncio.to_thread(self.runner.run, canonical(work.spec), report, cancelled)
 
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
         event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
@@ -534,7 +540,16 @@ async def run(settings: NodeSettings) -> None:
     node_id = check_node_id(settings, account.address)
     downloads = DownloadReporter()
     budget = int(settings.disk_budget_gb * 1024**3) or None
-    with ModelStore(cache / "store", budget_bytes=budget, hf_offline=settings.hf_offline, progress=downloads) as store:
+    sources = load_policy({SOURCES_ENV: settings.model_sources})
+    with ModelStore(
+        cache / "store",
+        budget_bytes=budget,
+        hf_offline=settings.hf_offline,
+        progress=downloads,
+        sources=sources,
+        download_timeout_s=settings.download_timeout_s,
+        max_download_bytes=int(settings.download_max_gb * 1024**3) or None,
+    ) as store:
         runner = PipelineRunner(
             models,
             store=store,

@@ -9,8 +9,12 @@ from .download import ProgressEvent
 from .errors import (
     ChecksumMismatch,
     DiskBudgetExceeded,
+    DownloadCancelled,
     DownloadFailed,
+    DownloadTooLarge,
+    DownloadTooSlow,
     ModelNotAvailable,
+    SourceRefused,
     StoreError,
     StoreLocked,
 )
@@ -20,11 +24,15 @@ from .store import ModelStore, StoredModel
 __all__ = [
     "ChecksumMismatch",
     "DiskBudgetExceeded",
+    "DownloadCancelled",
     "DownloadFailed",
+    "DownloadTooLarge",
+    "DownloadTooSlow",
     "ModelNotAvailable",
     "ModelStore",
     "ProgressEvent",
     "RefKind",
+    "SourceRefused",
     "StoreError",
     "StoreLocked",
     "StoredModel",

@@ -54,6 +54,49 @@ class DownloadFailed(StoreError):
         self.status = status
 
 
+class SourceRefused(DownloadFailed):
+    """The operator's source policy (STIPPLE_MODEL_SOURCES) refuses the URL, a redirect of it,
+    or an address its host resolves to (private, loopback, link-local, ...). Never retried."""
+
+    code = "source_refused"
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(url, cause, retryable=False)
+
+
+class DownloadTooLarge(DownloadFailed):
+    """The file is larger than the node may download (its size limit or its disk budget
+    while streaming). Never retried."""
+
+    code = "download_too_large"
+
+    def __init__(self, url: str, cause: str) -> None:
+        super().__init__(url, f"too large: {cause}", retryable=False)
+
+
+class DownloadTooSlow(DownloadFailed):
+    """The whole download did not finish within STIPPLE_DOWNLOAD_TIMEOUT_S (a slow or
+    trickling server). Never retried: the next try would be as slow."""
+
+    code = "download_too_slow"
+
+    def __init__(self, url: str, limit_s: float) -> None:
+        super().__init__(
+            url, f"too slow: not finished within {limit_s:g} s (STIPPLE_DOWNLOAD_TIMEOUT_S)", retryable=False
+        )
+        self.limit_s = limit_s
+
+
+class DownloadCancelled(DownloadFailed):
+    """The task that needed the file was cancelled while it downloaded (the part file is
+    kept: a later download resumes it)."""
+
+    code = "download_cancelled"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, "cancelled", retryable=False)
+
+
 class ChecksumMismatch(StoreError):
     """The downloaded (or local) file does not have the sha256 the task asked for."""
 

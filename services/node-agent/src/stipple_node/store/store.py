@@ -11,6 +11,10 @@ One ModelStore owns its root (a lock file refuses a second one, in this process 
 another): the index in memory is then the truth, and is written through on every change.
 `resolve` is synchronous and thread-safe (the node calls it from a worker thread); two
 threads resolving the same URL or repo download it once.
+
+What may be fetched is the operator's `SourcePolicy` (STIPPLE_MODEL_SOURCES): every URL and
+repo id is checked against it before anything else, cached or not (a node trusts no
+gateway), and `download` checks every redirect and address again.
 """
 
 from __future__ import annotations
@@ -33,11 +37,20 @@ import httpx
 import structlog
 
 from stipple_common.errors import InvalidInput, StippleError
+from stipple_common.sources import Resolver, SourcePolicy, check_reference, default_policy, url_sha256
 
 from ..metrics import StoreMetrics
 from . import hf
-from .download import ProgressCallback, download, make_client
-from .errors import ChecksumMismatch, DiskBudgetExceeded, DownloadFailed, ModelNotAvailable, StoreError, StoreLocked
+from .download import DEFAULT_TOTAL_TIMEOUT_S, Cancelled, ProgressCallback, download, make_client
+from .errors import (
+    ChecksumMismatch,
+    DiskBudgetExceeded,
+    DownloadFailed,
+    ModelNotAvailable,
+    SourceRefused,
+    StoreError,
+    StoreLocked,
+)
 from .index import Entry, load_index, save_index
 from .refs import check_sha256, check_variant, classify, hf_key, local_path, public_url, url_key
 
@@ -69,6 +82,11 @@ class ModelStore:
     ``<root>/hf``. `progress` receives download progress (URLs). `http_timeout_s` bounds
     connecting and each read; `retries` is how many more times a retryable download failure
     is tried (resuming) before resolve raises.
+
+    `sources` says what may be fetched (default: STIPPLE_MODEL_SOURCES, whose own default
+    allows Hugging Face ids and no URL; `resolver` replaces DNS in tests). A URL download
+    may take `download_timeout_s` in all and be at most `max_download_bytes` (None: only the
+    budget limits it, also while a body of unknown size streams in).
     """
 
     def __init__(
@@ -81,7 +99,15 @@ class ModelStore:
         http_timeout_s: float = 30,
         retries: int = 2,
         backoff_s: float = 0.5,
+        sources: SourcePolicy | None = None,
+        resolver: Resolver | None = None,
+        download_timeout_s: float = DEFAULT_TOTAL_TIMEOUT_S,
+        max_download_bytes: int | None = None,
     ) -> None:
+        if download_timeout_s <= 0:
+            raise InvalidInput("download_timeout_s", download_timeout_s, "must be > 0")
+        if max_download_bytes is not None and max_download_bytes < 0:
+            raise InvalidInput("max_download_bytes", max_download_bytes, "must be >= 0, or None for no limit")
         if budget_bytes is not None and (isinstance(budget_bytes, bool) or budget_bytes < 0):
             raise InvalidInput("budget_bytes", budget_bytes, "must be a number of bytes >= 0, or None for no limit")
         if http_timeout_s <= 0:
@@ -93,6 +119,10 @@ class ModelStore:
         self._progress = progress
         self._retries = retries
         self._backoff_s = backoff_s
+        self.sources = sources or default_policy()
+        self._resolver = resolver
+        self.download_timeout_s = float(download_timeout_s)
+        self.max_download_bytes = max_download_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self._owner = filelock.FileLock(self.root / ".owner.lock", timeout=0)
         try:
@@ -130,23 +160,39 @@ class ModelStore:
 
     # -- public API ------------------------------------------------------------------
 
-    def resolve(self, ref: str, *, variant: str | None = None, kind: str = "model", sha256: str | None = None) -> Path:
+    def resolve(
+        self,
+        ref: str,
+        *,
+        variant: str | None = None,
+        kind: str = "model",
+        sha256: str | None = None,
+        cancelled: Cancelled | None = None,
+    ) -> Path:
         """The local path of `ref`, downloading it if needed; marks it used (LRU).
 
         Local folders and files are returned as given (a file is checked against `sha256`
-        when one is given). `variant` applies to Hugging Face repos only ("fp16" fetches
-        ``*.fp16.safetensors``). Raises InvalidInput for a bad reference and a StoreError
+        when one is given; a URL may carry it as ``#sha256=<hex>``). `variant` applies to
+        Hugging Face repos only ("fp16" fetches ``*.fp16.safetensors``). A URL download stops
+        with DownloadCancelled once `cancelled()` is true. Raises InvalidInput for a bad
+        reference, SourceRefused for one the source policy refuses, and a StoreError
         otherwise. The path may be evicted once this returns; use `use` (or `using`) to keep
         it while a task runs.
         """
-        return self._resolve(ref, variant=variant, kind=kind, sha256=sha256, pin=False)
+        return self._resolve(ref, variant=variant, kind=kind, sha256=sha256, pin=False, cancelled=cancelled)
 
     @contextlib.contextmanager
     def use(
-        self, ref: str, *, variant: str | None = None, kind: str = "model", sha256: str | None = None
+        self,
+        ref: str,
+        *,
+        variant: str | None = None,
+        kind: str = "model",
+        sha256: str | None = None,
+        cancelled: Cancelled | None = None,
     ) -> Iterator[Path]:
         """Resolve `ref` and pin it until the block ends (no window where it can be evicted)."""
-        path = self._resolve(ref, variant=variant, kind=kind, sha256=sha256, pin=True)
+        path = self._resolve(ref, variant=variant, kind=kind, sha256=sha256, pin=True, cancelled=cancelled)
         try:
             yield path
         finally:
@@ -196,20 +242,24 @@ class ModelStore:
 
     # -- resolution ------------------------------------------------------------------
 
-    def _resolve(self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool) -> Path:
+    def _resolve(
+        self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool, cancelled: Cancelled | None
+    ) -> Path:
         """`_lookup`, counted in the store's metrics (hit, download, local, error)."""
         source = "url"
         self.metrics.begin()
         try:
             source = {"local_dir": "local", "local_file": "local", "hf": "hf"}.get(classify(ref), "url")
-            path = self._lookup(ref, variant=variant, kind=kind, sha256=sha256, pin=pin)
+            path = self._lookup(ref, variant=variant, kind=kind, sha256=sha256, pin=pin, cancelled=cancelled)
         except BaseException:
             self.metrics.finish(source, error=True)
             raise
         self.metrics.finish(source)
         return path
 
-    def _lookup(self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool) -> Path:
+    def _lookup(
+        self, ref: str, *, variant: str | None, kind: str, sha256: str | None, pin: bool, cancelled: Cancelled | None
+    ) -> Path:
         if self._closed:
             raise StoreError(f"model store {self.root} is closed (resolving {ref!r})")
         ref_kind = classify(ref)
@@ -222,8 +272,18 @@ class ModelStore:
         if ref_kind == "hf":
             if sha256 is not None:
                 raise InvalidInput("sha256", sha256, "applies to single files (URLs, local files), not to repos")
+            self._check_source(ref, None, f"hf://{ref}")
             return self._resolve_hf(ref, kind=kind, variant=variant, pin=pin)
-        return self._resolve_url(ref, kind=kind, sha256=sha256, pin=pin)
+        self._check_source(ref, sha256, public_url(ref))
+        sha256 = sha256 or check_sha256(url_sha256(ref))
+        return self._resolve_url(ref, kind=kind, sha256=sha256, pin=pin, cancelled=cancelled)
+
+    def _check_source(self, ref: str, sha256: str | None, shown: str) -> None:
+        """SourceRefused unless the operator's policy allows `ref` (before any cache lookup)."""
+        try:
+            check_reference(ref, sha256, self.sources, field="model")
+        except InvalidInput as exc:
+            raise SourceRefused(shown, exc.reason) from None
 
     def _resolve_local(self, ref: str, *, is_file: bool, sha256: str | None) -> Path:
         """An operator's path: checked to exist, returned as is, never counted or evicted."""
@@ -252,7 +312,7 @@ class ModelStore:
             self._local_sums[key] = hasher.hexdigest()
         return self._local_sums[key]
 
-    def _resolve_url(self, url: str, *, kind: str, sha256: str | None, pin: bool) -> Path:
+    def _resolve_url(self, url: str, *, kind: str, sha256: str | None, pin: bool, cancelled: Cancelled | None) -> Path:
         """A stored download of `url`, or a new one (resuming a partial one)."""
         key, shown = url_key(url), public_url(url)
         with self._ref_lock(key):
@@ -278,6 +338,11 @@ class ModelStore:
                     backoff_s=self._backoff_s,
                     progress=self._progress,
                     reserve=lambda size: self._reserve(key, shown, size),
+                    hold=lambda size: self._hold(key, shown, size),
+                    sources=self.sources,
+                    max_bytes=self.max_download_bytes,
+                    total_timeout_s=self.download_timeout_s,
+                    cancelled=cancelled,
                 )
                 self.metrics.downloaded("url", done.size_bytes)
                 with self._lock:
@@ -400,6 +465,18 @@ class ModelStore:
                 self._make_room(key, ref, size)
             self._reserved[key] = size
 
+    def _hold(self, key: str, ref: str, size: int) -> None:
+        """Count `size` bytes of a download of unknown size against the budget, evicting
+        nothing; DiskBudgetExceeded once they could not fit even after evicting all it may."""
+        with self._lock:
+            if self.budget_bytes is not None:
+                used = sum(e.size_bytes for e in self._entries.values())
+                used += sum(held for k, held in self._reserved.items() if k != key)
+                freeable = sum(e.size_bytes for e in self._entries.values() if self._evictable(e, key))
+                if used - freeable + size > self.budget_bytes:
+                    raise DiskBudgetExceeded(ref, needed=size, budget=self.budget_bytes, unevictable=used - freeable)
+            self._reserved[key] = size
+
     def _make_room(self, key: str, ref: str, needed: int) -> None:
         """Evict least recently used entries until `needed` fits; evict nothing if it cannot."""
         assert self.budget_bytes is not None
@@ -464,7 +541,7 @@ class ModelStore:
     def _http(self) -> httpx.Client:
         with self._lock:
             if self._client is None:
-                self._client = make_client(self.http_timeout_s)
+                self._client = make_client(self.http_timeout_s, sources=self.sources, resolver=self._resolver)
             return self._client
 
     def _relative(self, path: Path) -> str:
