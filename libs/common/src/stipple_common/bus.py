@@ -603,7 +603,7 @@ async def _handle_one(
                 metrics.rejected.labels(stream, exc.reason).inc()
             if on_rejected is not None:
                 await on_rejected(exc, msg)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # nested past the limit too
             outcome = "term"
             log.error("poison_message", error=str(exc))
             await msg.term()

@@ -566,7 +566,7 @@ def decode_task_event(subject: str, data: bytes) -> TaskEvent:
         raise _reject(subject, "bad_subject", str(exc)) from None
     try:
         event = task_event_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # nested past the limit
         raise _reject(subject, "undecodable", f"undecodable {name} event: {exc}") from None
     if event_name(event) != name:
         raise _reject(subject, "type_mismatch", f"a {event_name(event)!r} payload on a {name!r} subject")
@@ -586,7 +586,7 @@ def decode_node_event(subject: str, data: bytes) -> NodeEvent:
         raise _reject(subject, "bad_subject", str(exc)) from None
     try:
         event = node_event_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # nested past the limit
         raise _reject(subject, "undecodable", f"undecodable {name} event: {exc}") from None
     if type(event).__struct_config__.tag != name:
         raise _reject(subject, "type_mismatch", f"a {type(event).__struct_config__.tag!r} payload")
@@ -604,7 +604,7 @@ def decode_progress(subject: str, data: bytes) -> Progress:
         raise _reject(subject, "bad_subject", "not a progress subject")
     try:
         progress = progress_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # nested past the limit
         raise _reject(subject, "undecodable", f"undecodable progress: {exc}") from None
     if progress.task_id != parts[1] or progress.node_id != parts[2]:
         raise _reject(subject, "node_mismatch", f"progress of {progress.node_id!r} in {progress.task_id!r}")
