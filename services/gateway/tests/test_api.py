@@ -337,3 +337,23 @@ def test_json_depth_counts_without_recursion_and_stops_past_the_limit():
     for _ in range(100_000):  # far past Python's recursion limit
         deep = [deep]
     assert json_depth(deep, 32) == 33
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"loras": [{"model": "https://evil.example/x.safetensors"}]}, "loras[0].model"),
+        ({"vae": "http://127.0.0.1:9/vae.safetensors"}, "vae"),
+        ({"base_model": "https://example.com/model.safetensors"}, "base_model"),
+    ],
+)
+async def test_a_model_source_outside_the_operators_policy_is_422_at_submit(client, gateway, extra, field):
+    """The default policy (no STIPPLE_MODEL_SOURCES) allows Hugging Face ids and no URL;
+    the gateway refuses at submit, naming the field, before any node would fetch it."""
+    make_live(gateway, "a", "b", "c")
+    response = await client.post("/v1/tasks", json={**TASK, **extra})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field
+    expected = extra["loras"][0]["model"] if "loras" in extra else next(iter(extra.values()))
+    assert error["value"] == expected

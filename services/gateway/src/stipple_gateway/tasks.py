@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import Task, replay
 from stipple_common.blobstore import BlobNotFound, BlobStore
+from stipple_common.errors import InvalidInput
 from stipple_common.messages import (
     OUTCOME_EVENTS,
     ImageResult,
@@ -46,6 +47,7 @@ from stipple_common.messages import (
 )
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
+from stipple_common.sources import check_task_sources
 from stipple_common.taskspec import SEED_MAX, TaskSpec, resolve_seed
 
 from .auth import ClientLimits, KeyRing, parse_api_keys, parse_trusted_proxies
@@ -248,6 +250,10 @@ class TaskService:
         then ``tasks.<id>.submitted`` published (deduplicated by the task id). A `full`
         validation runs on `replication` nodes always, and pays `fee` for each."""
         tracing.bind_task(task_id)  # the request's span and log lines are about this task
+        try:  # the operator's model-source policy (STIPPLE_MODEL_SOURCES), which nodes apply again
+            check_task_sources(spec)
+        except InvalidInput as exc:
+            raise ApiError.invalid(exc) from None
         self.check_capacity(spec, model_field)
         if validation == "full":
             fee *= self.settings.replication
