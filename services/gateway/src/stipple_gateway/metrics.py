@@ -31,7 +31,7 @@ class GatewayMetrics:
         if webhooks:
             self.webhooks = Counter(
                 "stipple_gateway_webhooks_total",
-                "Webhook POSTs by result: delivered, retry, gave_up",
+                "Webhook POSTs by result: delivered, retry, gave_up, refused (a private address)",
                 ["result"],
                 registry=registry,
             )

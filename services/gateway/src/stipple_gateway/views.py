@@ -22,8 +22,9 @@ class TaskRequest(TaskSpec, frozen=True, kw_only=True):
         str,
         msgspec.Meta(
             max_length=2000,
-            description="An http(s) URL the gateway POSTs the task view to when the task ends, signed with "
-            "X-Stipple-Signature (needs STIPPLE_WEBHOOK_SECRET on the gateway).",
+            description="An http(s) URL the gateway POSTs the task view to when the task ends, signed by the "
+            "Standard Webhooks scheme with the app's own secret (GET /v1/webhook-secret; needs "
+            "STIPPLE_WEBHOOK_SECRET on the gateway).",
         ),
     ] = ""
     validation: Annotated[
