@@ -83,7 +83,8 @@ ERRORS = {
     410: "The result expired (`expired`).",
     413: "The body is larger than STIPPLE_MAX_BODY_BYTES (`body_too_large`).",
     422: "A field is invalid, unknown or missing; `field` and `value` name it (`invalid_input`, `unknown_model`).",
-    429: "The API key is over its rate limit (`rate_limited`); `Retry-After` says when to try again.",
+    429: "The API key (without one: the client IP) is over its rate limit (`rate_limited`), or has too many open "
+    "event streams (`too_many_streams`); `Retry-After` says when to try again.",
     502: "The network aborted or cancelled the task.",
     503: "Not enough live nodes for the model (`no_nodes`), the message bus is unavailable (`unavailable`), "
     "or the chain-indexer did not answer for a paid task (`chain_unavailable`).",
