@@ -160,8 +160,14 @@ def histories(draw: st.DrawFn) -> list[TaskEvent]:
 
 
 def hostile(history: list[TaskEvent]) -> st.SearchStrategy[list[TaskEvent]]:
-    """The history's events in any order, any of them repeated or missing."""
-    return st.lists(st.sampled_from(history), max_size=2 * len(history))
+    """The history's events in any order, any of them repeated or missing: shuffled; in order
+    with gaps and repeats; or anything."""
+    indices = st.lists(st.integers(0, len(history) - 1), max_size=2 * len(history))
+    return st.one_of(
+        st.permutations(history),
+        indices.map(lambda chosen: [history[i] for i in sorted(chosen)]),
+        indices.map(lambda chosen: [history[i] for i in chosen]),
+    )
 
 
 def applied_indices(events: list[TaskEvent]) -> list[int]:

@@ -343,7 +343,7 @@ def test_json_depth_counts_without_recursion_and_stops_past_the_limit():
     ("extra", "field"),
     [
         ({"loras": [{"model": "https://evil.example/x.safetensors"}]}, "loras[0].model"),
-        ({"vae": "http://127.0.0.1:9/vae.safetensors"}, "vae"),
+        ({"vae": "http://evil.example/vae.safetensors"}, "vae"),
         ({"base_model": "https://example.com/model.safetensors"}, "base_model"),
     ],
 )

@@ -19,7 +19,14 @@ LOOPBACK_SOURCES = {
     "private_hosts": ["127.0.0.1"],
     "require_sha256": False,
 }
-os.environ.setdefault("STIPPLE_MODEL_SOURCES", json.dumps(LOOPBACK_SOURCES))
+
+
+@pytest.fixture(autouse=True)
+def loopback_model_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests' file servers are on loopback: the policy allows it, for these tests only
+    (set in the environment of the whole process, it leaked into other packages' tests)."""
+    if "STIPPLE_MODEL_SOURCES" not in os.environ:
+        monkeypatch.setenv("STIPPLE_MODEL_SOURCES", json.dumps(LOOPBACK_SOURCES))
 
 
 @pytest.fixture(scope="session")

@@ -525,13 +525,26 @@ def build() -> dict[str, Any]:
         },
     }
     network.add_openapi(paths, schemas, KEYED, _responses, _json)  # the network's JSON and the web pages
+    for operations in paths.values():  # any caller without a key has a per-IP limit, on every route
+        for method, operation in operations.items():
+            if method not in ("get", "post", "put", "delete", "head", "patch"):
+                continue  # a path's shared `parameters`
+            operation["responses"].setdefault(
+                "429",
+                {
+                    "description": "The client IP (a caller without an API key) is over its rate limit "
+                    "(`rate_limited`, STIPPLE_ANON_RATE_PER_MINUTE); `Retry-After` says when to try again.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+            )
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "Stipple gateway",
             "version": "1",
-            "description": "The REST API of the Stipple network: the native asynchronous /v1 API and the "
-            "synchronous SDCN endpoints. The prose contract is docs/api.md.",
+            "description": "The REST API of the Stipple network: the native asynchronous /v1 API, and the "
+            "SDCN, AUTOMATIC1111 (/sdapi/v1), OpenAI images (/v1/images) and AI Horde (/api/v2) APIs over the "
+            "same tasks; the web pages and their JSON. The prose contract is docs/api.md.",
         },
         "servers": [{"url": "http://127.0.0.1:8080"}],
         "paths": paths,

@@ -15,13 +15,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stipple_common.errors import InvalidInput
-from stipple_common.taskspec import ANNOTATOR_PREPROCESSORS, MAX_INPUT_PIXELS, Preprocess, decode_data_url
+from stipple_common.taskspec import ANNOTATOR_PREPROCESSORS, Preprocess, decode_data_url
 
 from .annotators import BY_METHOD, Annotators, PreprocessorUnavailable
-
-# Pillow refuses to open an image of more pixels than this (its default, 89 million, warns
-# only; twice that raises): the task spec's own limit, checked from the header first
-Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
 
 
 def load_image(field: str, data_url: str, size: tuple[int, int], *, mode: str = "RGB") -> Image.Image:
