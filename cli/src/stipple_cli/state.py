@@ -144,31 +144,26 @@ def _ignore(command: str, where: Path, why: str) -> None:
         print(line, file=sys.stderr)
 
 
-def gateway_url(flag: str | None, command: str) -> str:
-    """The gateway to use: `flag`, else $STIPPLE_GATEWAY_URL, else the running network's, else the default."""
+def _resolve(flag: str | None, env: str, command: str, field: str, default: str) -> str:
+    """`flag`, else the environment variable `env`, else the running network's `field`, else `default`."""
     if flag:
         return flag
-    if env := os.environ.get("STIPPLE_GATEWAY_URL"):
-        return env
+    if value := os.environ.get(env):
+        return value
     state = read(command)
-    return state.gateway_url if state is not None else DEFAULT_GATEWAY_URL
+    return str(getattr(state, field)) if state is not None else default
+
+
+def gateway_url(flag: str | None, command: str) -> str:
+    """The gateway to use: `flag`, else $STIPPLE_GATEWAY_URL, else the running network's, else the default."""
+    return _resolve(flag, "STIPPLE_GATEWAY_URL", command, "gateway_url", DEFAULT_GATEWAY_URL)
 
 
 def nats_url(flag: str | None, command: str) -> str:
     """The NATS URL to use: `flag`, else $STIPPLE_NATS_URL, else the running network's, else the default."""
-    if flag:
-        return flag
-    if env := os.environ.get("STIPPLE_NATS_URL"):
-        return env
-    state = read(command)
-    return state.nats_url if state is not None else DEFAULT_NATS_URL
+    return _resolve(flag, "STIPPLE_NATS_URL", command, "nats_url", DEFAULT_NATS_URL)
 
 
 def chain_url(flag: str | None, command: str) -> str:
     """The chain's JSON-RPC URL: `flag`, else $STIPPLE_CHAIN_URL, else the running network's, else ""."""
-    if flag:
-        return flag
-    if env := os.environ.get("STIPPLE_CHAIN_URL"):
-        return env
-    state = read(command)
-    return state.chain_url if state is not None else ""
+    return _resolve(flag, "STIPPLE_CHAIN_URL", command, "chain_url", "")

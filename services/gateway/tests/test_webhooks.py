@@ -537,7 +537,7 @@ async def test_https_to_the_pinned_address_checks_the_certificate_against_the_na
         ("http://localhost/hook", "points to a loopback address"),
         ("http://169.254.169.254/latest/meta-data", "points to a link-local address"),
         ("http://10.0.0.1/hook", "points to a private address"),
-        ("http://[::ffff:127.0.0.1]/hook", "points to a loopback (in ::ffff:7f00:1) address"),
+        ("http://[::ffff:127.0.0.1]/hook", "points to a loopback (inside ::ffff:7f00:1) address"),
         ("http://0x7f.1/hook", "points to a loopback address"),
         (42, "expected a string: an http or https URL"),
     ],
@@ -588,10 +588,10 @@ def test_private_hosts():
         ("172.16.0.1", "private"),
         ("192.168.1.1", "private"),
         ("fc00::1", "private"),
-        ("100.64.0.1", "non-global"),  # carrier-grade NAT
-        ("::ffff:127.0.0.1", "loopback (in ::ffff:7f00:1)"),
-        ("::ffff:10.0.0.1", "private (in ::ffff:a00:1)"),
-        ("2002:7f00:1::", "loopback (in 2002:7f00:1::)"),  # 6to4 of 127.0.0.1
+        ("100.64.0.1", "not globally routable"),  # carrier-grade NAT
+        ("::ffff:127.0.0.1", "loopback (inside ::ffff:7f00:1)"),
+        ("::ffff:10.0.0.1", "private (inside ::ffff:a00:1)"),
+        ("2002:7f00:1::", "loopback (inside 2002:7f00:1::)"),  # 6to4 of 127.0.0.1
         ("93.184.216.34", ""),
         ("8.8.8.8", ""),
         ("2606:2800:220:1::", ""),

@@ -63,6 +63,7 @@ from stipple_common import bus, subjects, tracing
 from stipple_common.errors import InvalidInput
 from stipple_common.metrics import Metrics
 from stipple_common.settings import InvalidSettings, env_name
+from stipple_common.sources import address_problem
 
 from .metrics import GatewayMetrics
 from .views import TaskView
@@ -203,23 +204,9 @@ def _literal_address(host: str) -> Address | None:
 
 
 def refusal(address: Address) -> str:
-    """Why the gateway does not POST to `address` ("" when it may): the kind of address."""
-    if isinstance(address, ipaddress.IPv6Address):  # IPv4 inside IPv6: judge the IPv4 address
-        teredo = address.teredo
-        for embedded in (address.ipv4_mapped, address.sixtofour, teredo[1] if teredo else None):
-            if embedded is not None and (why := refusal(embedded)):
-                return f"{why} (in {address})"
-    for kind, flag in (
-        ("unspecified", address.is_unspecified),
-        ("loopback", address.is_loopback),
-        ("link-local", address.is_link_local),
-        ("multicast", address.is_multicast),
-        ("reserved", address.is_reserved),
-        ("private", address.is_private),
-    ):
-        if flag:
-            return kind
-    return "" if address.is_global else "non-global"
+    """Why the gateway does not POST to `address` ("" when it may): the kind of address, as
+    the model-source policy judges it (IPv4 inside IPv6 judged as the IPv4 address)."""
+    return address_problem(address) or ""
 
 
 def is_private_host(host: str) -> bool:
