@@ -4,6 +4,7 @@ giving up (never hanging) when no node can take a task; and, with the in-process
 (stipple_testkit.network), a node lost mid-task replaced and the task still succeeding."""
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
@@ -545,3 +546,41 @@ async def test_a_node_killed_after_it_started_is_replaced_and_the_task_succeeds(
     assert outcome.qos[spare.node_id] > 0
     assert node_lost == 1
     assert decided_in < commit_timeout_s  # not at the commit deadline: the replacement's commitment completed it
+
+
+async def test_an_abort_that_could_not_be_published_is_decided_again_and_the_task_ends(fresh_nats_url):
+    """While the stream cannot store `aborted` (as during a leader election), the abort
+    fails; the task's `submitted` comes back and the abort is published once the stream
+    takes it again. Before, the clock's task died with the failed publish, and the held
+    message was kept alive forever: the task never ended."""
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, dispatch_timeout_s=1.0, node_ttl_s=0.5)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        for i in range(3):
+            await announce(ctx.js, f"n{i}", f"op{i}")
+        runner = asyncio.create_task(serve(ctx, settings))
+        await asyncio.sleep(0.6)  # the heartbeats go stale: registered, not live
+        event = submitted()
+        attempts: list[bytes] = []
+        aborted_subject = subjects.task_subject(event.task_id, "aborted")
+
+        async def seen(msg):
+            attempts.append(msg.data)
+
+        sub = await ctx.nc.subscribe(aborted_subject, cb=seen)
+        config = (await ctx.js.stream_info(subjects.TASKS_STREAM)).config
+        await ctx.js.update_stream(dataclasses.replace(config, subjects=["tasks.*.submitted", "tasks.*.cancelled"]))
+        await submit(ctx.js, event)
+        for _ in range(200):  # until the dispatcher tried to publish the abort (it went out, unstored)
+            if attempts:
+                break
+            await asyncio.sleep(0.05)
+        assert attempts, "the dispatcher never tried to abort"
+        assert not [e for e in await events_of(ctx.js, event.task_id) if isinstance(e, TaskAborted)]
+        await ctx.js.update_stream(config)  # the stream takes every task subject again
+        (aborted,) = await wait_for_event(ctx.js, event.task_id, TaskAborted, timeout=30)
+        await sub.unsubscribe()
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+    assert aborted.reason == "no_nodes"
+    assert len(attempts) >= 2  # the failed attempt, then the stored one

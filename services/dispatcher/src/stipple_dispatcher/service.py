@@ -159,10 +159,13 @@ class Dispatcher:
                     await asyncio.wait_for(stop.wait(), every_s)
                 except TimeoutError:
                     pass
-                async with self.lock:
-                    for decision in self.tasks.replace_overdue(time.time()):
-                        await self.carry_out_one(decision)
-                    await self.pump()
+                try:
+                    async with self.lock:
+                        for decision in self.tasks.replace_overdue(time.time()):
+                            await self.carry_out_one(decision)
+                        await self.pump()
+                except Exception:  # a publish failed: each decision undid itself; the next tick tries again
+                    log.exception("clock_tick_failed")
         finally:
             touching.cancel()
             await asyncio.gather(touching, return_exceptions=True)
@@ -235,7 +238,15 @@ class Dispatcher:
             else tracing.task_span("dispatch.abort", task_id=aborted.task_id, parent=decision.trace)
         )
         with span:
-            await bus.publish_event(self.js, aborted)
+            try:
+                await bus.publish_event(self.js, aborted)
+            except Exception as exc:
+                # not published (the stream electing a leader, say): the task's `submitted`
+                # comes back, is queued again, and a later pump decides it again. Kept as it
+                # was, the held message would be kept alive forever and the task never end.
+                if decision.held is not None:
+                    await self.held.settle(decision.held, exc)
+                raise
             log.warning("task_aborted", reason=aborted.reason, detail=aborted.detail)
             await self._settle(decision.held)
         self.metrics.tasks_total.labels(aborted.reason).inc()
