@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import nats
 import structlog
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
@@ -96,6 +97,10 @@ class ChainFollower:
             except ChainError as exc:  # the node is away, or a reorg too deep: say so, try again
                 self.metrics.step_errors.labels(exc.code).inc()
                 log.warning("chain_step_failed", code=exc.code, error=exc.message)
+                done = 0
+            except (nats.errors.Error, TimeoutError) as exc:  # NATS away (a leader election): try again
+                self.metrics.step_errors.labels("nats").inc()
+                log.warning("chain_step_failed", code="nats", error=repr(exc))
                 done = 0
             if not done:
                 try:

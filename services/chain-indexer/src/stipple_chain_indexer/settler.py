@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import nats
 import structlog
 from eth_utils import to_checksum_address
 from nats.aio.msg import Msg
@@ -119,6 +120,10 @@ class Settler:
                 await self._settle(batch)
         except ChainUnavailable as exc:  # the chain node is away: everything again, later
             log.warning("settlement_postponed", error=exc.message, tasks=len(batch))
+            await self._nak(batch, 5.0)
+            return
+        except (nats.errors.Error, TimeoutError) as exc:  # NATS away (a leader election): the same
+            log.warning("settlement_postponed", error=repr(exc), tasks=len(batch))
             await self._nak(batch, 5.0)
             return
         except ContractReverted as exc:  # a refusal nobody expected (a missing role, say): loud, and later
