@@ -584,3 +584,34 @@ async def test_an_abort_that_could_not_be_published_is_decided_again_and_the_tas
         await asyncio.wait_for(runner, 10)
     assert aborted.reason == "no_nodes"
     assert len(attempts) >= 2  # the failed attempt, then the stored one
+
+
+async def test_heartbeats_the_nodes_stream_cannot_store_still_keep_nodes_live(fresh_nats_url):
+    """While the NODES stream stores nothing (its leader being elected), the nodes' beats
+    still reach the dispatcher on core NATS: a task is assigned to them, not aborted with
+    `no_nodes` after the node TTL as before."""
+    settings = DispatcherSettings(nats_url=fresh_nats_url, validation_rate=1.0, dispatch_timeout_s=2.0, node_ttl_s=0.5)
+    stop = asyncio.Event()
+    async with open_service("dispatcher", settings, stop=stop) as ctx:
+        for i in range(3):
+            await announce(ctx.js, f"n{i}", f"op{i}")
+        config = (await ctx.js.stream_info(subjects.NODES_STREAM)).config
+        await ctx.js.update_stream(dataclasses.replace(config, subjects=["nodes.*.joined", "nodes.*.quit"]))
+        runner = asyncio.create_task(serve(ctx, settings))
+
+        async def beat() -> None:  # published as a node does; the stream keeps none of them
+            while not stop.is_set():
+                for i in range(3):
+                    node_id = dev_node_id(f"n{i}")
+                    data = encode(NodeHeartbeat(node_id=node_id, at=time.time()))
+                    await ctx.nc.publish(subjects.node_subject(node_id, "heartbeat"), data)
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(beat())
+        await asyncio.sleep(1.0)  # twice the node TTL: only the core beats can keep them live
+        event = submitted()
+        await submit(ctx.js, event)
+        (assigned,) = await wait_for_event(ctx.js, event.task_id, TaskAssigned)
+        stop.set()
+        await asyncio.gather(beating, asyncio.wait_for(runner, 10))
+    assert set(assigned.nodes) == ids("n0", "n1", "n2")

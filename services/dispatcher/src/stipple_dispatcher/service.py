@@ -35,7 +35,9 @@ from collections.abc import Iterable
 
 import msgspec
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, KeyValueConfig
 from nats.js.errors import NotFoundError
@@ -407,6 +409,25 @@ async def follow_nodes(
     return sub
 
 
+async def follow_heartbeats(nc: NATS, index: NodeIndex) -> Subscription:
+    """Heartbeats also as they are sent, on core NATS: a node publishes each to the NODES
+    stream, and while the cluster elects that stream's leader (a server lost) nothing is
+    stored and the fold above hears nothing, so every node went stale after the node TTL
+    and tasks were aborted for want of nodes that were there all along. Who may publish on
+    ``nodes.<id>.heartbeat`` is the same either way (NATS permissions), and the subject
+    names the node (`decode_node_event`)."""
+
+    async def on_beat(msg: Msg) -> None:
+        try:
+            event = decode_node_event(msg.subject, msg.data)
+        except Rejected:
+            return  # the stream's copy is judged (and logged) by follow_nodes
+        if isinstance(event, NodeHeartbeat):
+            index.heartbeat(event.node_id, time.time(), event.models_loaded)
+
+    return await nc.subscribe(subjects.node_subject("*", "heartbeat"), cb=on_beat)
+
+
 async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: DispatcherSettings) -> asyncio.Task[None]:
     """Fold the chain-indexer's `stakes` bucket into `index` (what is there now, then changes)."""
     kv = await ctx.js.create_key_value(
@@ -473,6 +494,7 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
     index = NodeIndex()
     stakes_watch = await follow_stakes(ctx, index, settings)
     nodes_sub = await follow_nodes(ctx.js, index)
+    beats_sub = await follow_heartbeats(ctx.nc, index)
     tasks: TaskQueue[Msg] = TaskQueue(index, settings, key=key)
     dispatcher = Dispatcher(ctx.js, tasks, DispatcherMetrics(ctx.metrics.registry, tasks))
 
@@ -495,4 +517,5 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
         await clock
         await status_sub.unsubscribe()
         await nodes_sub.unsubscribe()
+        await beats_sub.unsubscribe()
         stakes_watch.cancel()
