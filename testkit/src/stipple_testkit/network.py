@@ -212,18 +212,22 @@ class Network:
             self._app = await self.client("gateway")
         js = self._app.js
 
+        deadline = time.monotonic() + timeout
+
         async def outcomes() -> list[TaskSucceeded | TaskAborted]:
-            msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+            while True:
+                try:
+                    msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+                    break
+                except (nats.errors.Error, TimeoutError):  # a cluster electing a stream leader: ask again
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
             events = [decode_task_event(m.subject, m.data) for m in msgs]
             return [e for e in events if isinstance(e, TaskSucceeded | TaskAborted)]
 
-        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                found = await outcomes()
-            except (nats.errors.Error, TimeoutError):  # a cluster electing a stream leader answers 503: ask again
-                await asyncio.sleep(0.2)
-                continue
+            found = await outcomes()
             if found:
                 await asyncio.sleep(0.3)  # a second outcome, if any, would show now
                 assert len(await outcomes()) == 1, f"task {task_id} ended twice"
