@@ -222,12 +222,19 @@ class Validator:
         try:
             task = apply(cached.task if cached else None, event)
         except InvalidTransition as why:
-            log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
             if cached is None:
+                log.warning("event_rejected", event_type=type(event).__name__, why=why.message)
                 return None
-            task = cached.task
+            # The fold may be behind the stream rather than the event wrong: a message given
+            # back (its handler failed while the cluster elected a leader) comes again after
+            # later ones, which then do not fit. The stream, folded in order, judges (and
+            # logs what it sets aside); a node's bogus event costs one read, and a node has
+            # few events per task (MAX_MSGS_PER_TASK_SUBJECT).
+            verified = await self.verified(task_id)
+            task = verified if verified is not None else cached.task
             if sender and sender not in task.nodes:
                 await self._strike(sender, "not_assigned", why.message)
+            return task
         self._remember(task_id, task, seq)
         return task
 
