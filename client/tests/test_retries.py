@@ -285,3 +285,28 @@ def test_params_land_where_the_task_format_has_them() -> None:
     }
     assert task["task_config"]["steps"] == 3  # the caller's dict is left alone
     assert task_body("p", {}, default_model="tiny-sd")["base_model"] == "tiny-sd"
+
+
+def test_the_event_parser_is_bounded_against_a_hostile_stream() -> None:
+    """A gateway (or whatever answers in its place) cannot grow the client without end: an
+    event over MAX_EVENT_CHARS, or data nested past MAX_EVENT_NESTING brackets, is a typed
+    error; a long line fed in many chunks is appended, not split again at each one."""
+    from stipple_client._core import MAX_EVENT_CHARS, MAX_EVENT_NESTING
+
+    parser = EventParser()
+    piece = "x" * 65536
+    for _ in range(MAX_EVENT_CHARS // len(piece)):  # one line that never ends, up to the bound
+        assert parser.feed(piece) == []
+    with pytest.raises(StippleError) as too_long:
+        parser.feed(piece)
+    assert too_long.value.code == "bad_stream"
+
+    deep = "data: " + "[" * (MAX_EVENT_NESTING + 1) + "]" * (MAX_EVENT_NESTING + 1) + "\n\n"
+    with pytest.raises(StippleError) as nested:
+        EventParser().feed(deep)
+    assert nested.value.code == "bad_stream"
+
+    steady = EventParser()  # many events, each small: the bound is per event, not per stream
+    for i in range(2000):
+        (event,) = steady.feed(f'id: {i}\nevent: progress\ndata: {{"step": {i}, "pad": "{"y" * 3000}"}}\n\n')
+        assert event.data["step"] == i

@@ -112,17 +112,29 @@ def task_body(
 # --------------------------------------------------------------------------- Server-Sent Events
 
 
+MAX_EVENT_CHARS = 4 * 1024 * 1024  # one event (a task view is a few KB): a gateway's stream must not grow us
+MAX_EVENT_NESTING = 2048  # brackets in one event's data: json.loads recurses, and C's stack is not Python's limit
+
+
 class EventParser:
-    """The text/event-stream format (the WHATWG HTML standard's parser, § 9.2.6), fed in chunks."""
+    """The text/event-stream format (the WHATWG HTML standard's parser, § 9.2.6), fed in
+    chunks. Bounded: an event (its lines so far) over MAX_EVENT_CHARS is a StippleError
+    (``bad_stream``), and a chunk without a line end is only appended, not split again."""
 
     def __init__(self) -> None:
         self.buffer = ""
         self.data: list[str] = []
         self.type = ""
         self.id: str | None = None
+        self.size = 0  # characters of the event being read
 
     def feed(self, chunk: str) -> list[Event]:
+        self.size += len(chunk)
+        if self.size > MAX_EVENT_CHARS:
+            raise StippleError(f"an event of the stream is over {MAX_EVENT_CHARS} characters", code="bad_stream")
         self.buffer += chunk
+        if "\n" not in chunk and "\r" not in chunk:
+            return []  # no line ended: nothing to split (splitting the whole buffer each time is quadratic)
         *lines, self.buffer = self.buffer.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         events = []
         for line in lines:
@@ -132,6 +144,7 @@ class EventParser:
                         Event(id=self.id, type=self.type or "message", data=decode_data("\n".join(self.data)))
                     )
                 self.data, self.type, self.id = [], "", None
+                self.size = len(self.buffer)
                 continue
             if line.startswith(":"):  # a comment: the gateway's keep-alive
                 continue
@@ -147,6 +160,8 @@ class EventParser:
 
 
 def decode_data(text: str) -> Any:
+    if text.count("[") + text.count("{") > MAX_EVENT_NESTING:  # at most that deep, without parsing it
+        raise StippleError(f"an event's data holds over {MAX_EVENT_NESTING} brackets", code="bad_stream")
     try:
         return json.loads(text)
     except ValueError:
