@@ -14,7 +14,6 @@ network fold), as no hostile node could otherwise be made to announce them here.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 import uuid
@@ -35,12 +34,11 @@ from stipple_common.nodes import NodeDirectory
 from stipple_gateway.app import create_app
 from stipple_gateway.settings import GatewaySettings
 from stipple_gateway.tasks import TaskService
+from stipple_testkit.browser import local_chromium
 from stipple_testkit.nodes import joined
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 HOSTILE = dev_node_id("hostile")
 HONEST = dev_node_id("honest")
 DEVICE = "<img src=x onerror=\"window.__pwned='device'\">"
@@ -105,28 +103,9 @@ async def hostile_gateway(nc: Any) -> AsyncIterator[tuple[TaskService, str]]:
 @pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[Any]:
     """A fresh chromium that may reach nothing but 127.0.0.1, recording dialogs and script errors."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (./dev installs it)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        context.set_default_timeout(30_000)
-
-        async def only_local(route: Any) -> None:
-            if re.match(r"^(http://127\.0\.0\.1:\d+/|data:|blob:)", route.request.url):
-                await route.continue_()
-            else:
-                await route.abort()
-
-        await context.route("**/*", only_local)
+    async with local_chromium(tmp_path / "chromium") as context:
         await context.add_init_script(WATCH)
-        try:
-            yield context
-        finally:
-            await context.close()
+        yield context
 
 
 async def assert_inert(page: Any, dialogs: list[str]) -> None:

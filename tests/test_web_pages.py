@@ -25,22 +25,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from stipple_testkit.browser import local_chromium, require_chromium
 from stipple_testkit.network import Network
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-needs_chromium = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium (./dev installs it)"
-)
+needs_chromium = pytest.mark.usefixtures("chromium_installed")
 TASK = {
     "base_model": "tiny-sd",
     "prompt": "a red fox in the snow",
@@ -49,34 +37,19 @@ TASK = {
 
 
 @pytest.fixture
+def chromium_installed() -> None:
+    require_chromium()
+
+
+@pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[Any]:
-    """A fresh chromium (its own user-data dir) that may reach nothing but 127.0.0.1: a
-    request anywhere else fails the test (`offsite`)."""
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (./dev installs it)")
-    from playwright.async_api import async_playwright
-
+    """A fresh chromium that may reach nothing but 127.0.0.1: a request anywhere else fails
+    the test (`offsite`), and so does a script error."""
     offsite: list[str] = []
-    async with async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        context.set_default_timeout(30_000)
-
-        async def only_local(route: Any) -> None:
-            if re.match(r"^(http://127\.0\.0\.1:\d+/|data:|blob:)", route.request.url):
-                await route.continue_()
-            else:
-                offsite.append(route.request.url)
-                await route.abort()
-
-        await context.route("**/*", only_local)
+    async with local_chromium(tmp_path / "chromium", offsite) as context:
         script_errors: list[str] = []
         context.on("weberror", lambda error: script_errors.append(str(error.error)))
-        try:
-            yield context
-        finally:
-            await context.close()
+        yield context
     assert not offsite, f"the pages asked for something not served by the gateway: {offsite}"
     assert not script_errors, f"the pages' scripts failed: {script_errors}"
 
