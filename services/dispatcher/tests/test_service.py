@@ -39,7 +39,7 @@ from stipple_common.taskspec import parse_task
 from stipple_dispatcher.metrics import DispatcherMetrics
 from stipple_dispatcher.queue import Assign, TaskQueue
 from stipple_dispatcher.selection import NodeIndex
-from stipple_dispatcher.service import Dispatcher, DispatcherSettings, serve
+from stipple_dispatcher.service import BeatGate, Dispatcher, DispatcherSettings, follow_heartbeats, serve
 from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
@@ -615,3 +615,50 @@ async def test_heartbeats_the_nodes_stream_cannot_store_still_keep_nodes_live(fr
         stop.set()
         await asyncio.gather(beating, asyncio.wait_for(runner, 10))
     assert set(assigned.nodes) == ids("n0", "n1", "n2")
+
+
+async def test_a_node_flooding_its_heartbeat_subject_costs_one_decode_per_interval(nc):
+    """A node may publish on its own heartbeat subject as often as it likes: the dispatcher
+    decodes at most one beat per node per interval, and none of a node it does not hold or
+    one over the size bound; the beats it lets through still keep the node live."""
+    index = NodeIndex()
+    node_id = dev_node_id("flooder")
+    index.join(joined(node_id), seen_at=0.0)
+    registry = CollectorRegistry()
+    metrics = DispatcherMetrics(registry, TaskQueue(index, DispatcherSettings()))
+    gate = BeatGate(index, interval_s=0.2, counted=metrics.heartbeats)
+    sub = await follow_heartbeats(nc, gate)
+    started = time.monotonic()
+    stranger = dev_node_id("stranger")  # never joined
+    flood = 3_000  # both nodes' floods stay under the subscription's pending limit: every beat reaches the gate
+    for i in range(flood):
+        await nc.publish(subjects.node_subject(node_id, "heartbeat"), encode(NodeHeartbeat(node_id=node_id, at=i)))
+        await nc.publish(subjects.node_subject(stranger, "heartbeat"), encode(NodeHeartbeat(node_id=stranger, at=i)))
+    huge = b'{"type":"heartbeat","node_id":"' + node_id.encode() + b'","at":1,"x":"' + b"a" * (300 * 1024) + b'"}'
+    await nc.publish(subjects.node_subject(node_id, "heartbeat"), huge)
+    await nc.flush()
+    seen = 2 * flood + 1
+    for _ in range(600):
+        if gate.admitted + gate.dropped >= seen:
+            break
+        await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - started
+    await sub.unsubscribe()
+    assert gate.admitted + gate.dropped == seen
+    assert 1 <= gate.admitted <= 1 + elapsed / 0.2  # one per interval, however many were sent
+    assert set(gate.last) == {node_id}  # the stranger never got a row in the table
+    assert index.last_seen[index.row[node_id]] > 0  # the admitted beats kept the node live
+    decoded = registry.get_sample_value("stipple_dispatcher_heartbeats_total", {"result": "decoded"})
+    assert decoded == gate.admitted
+
+
+def test_the_beat_gate_refuses_oversized_and_malformed_subjects():
+    index = NodeIndex()
+    node_id = dev_node_id("n0")
+    index.join(joined(node_id), seen_at=0.0)
+    gate = BeatGate(index, interval_s=1.0)
+    assert not gate.admit(subjects.node_subject(node_id, "heartbeat"), 300 * 1024, now=10.0)
+    assert not gate.admit("nodes.heartbeat", 10, now=10.0)
+    assert gate.admit(subjects.node_subject(node_id, "heartbeat"), 100, now=10.0)
+    assert not gate.admit(subjects.node_subject(node_id, "heartbeat"), 100, now=10.5)
+    assert gate.admit(subjects.node_subject(node_id, "heartbeat"), 100, now=11.0)

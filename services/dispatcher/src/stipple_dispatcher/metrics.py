@@ -44,6 +44,13 @@ class DispatcherMetrics:
             ["result"],
             registry=registry,
         )
+        self.heartbeats = Counter(
+            "stipple_dispatcher_heartbeats_total",
+            "Heartbeats heard on core NATS, by result: decoded, or dropped before decoding (more than one per node "
+            "per interval, an unknown node, oversized)",
+            ["result"],
+            registry=registry,
+        )
         self.queue_depth = Gauge("stipple_dispatcher_queue_depth", "Tasks waiting for free nodes", registry=registry)
         self.decision_seconds = Histogram(
             "stipple_dispatcher_decision_seconds",

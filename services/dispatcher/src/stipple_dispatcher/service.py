@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Iterable
 
@@ -41,6 +42,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, KeyValueConfig
 from nats.js.errors import NotFoundError
+from prometheus_client import Counter
 
 from stipple_common import __version__, bus, records, subjects, tracing
 from stipple_common.errors import Rejected
@@ -71,7 +73,16 @@ from .queue import Abort, Assign, Cancel, Decision, Extend, NoReplacement, Prefe
 from .selection import NodeIndex
 from .settings import DispatcherSettings, sampling_key
 
-__all__ = ["Dispatcher", "DispatcherSettings", "follow_nodes", "follow_stakes", "run", "serve"]
+__all__ = [
+    "BeatGate",
+    "Dispatcher",
+    "DispatcherSettings",
+    "follow_heartbeats",
+    "follow_nodes",
+    "follow_stakes",
+    "run",
+    "serve",
+]
 
 log = structlog.get_logger("stipple.dispatcher")
 
@@ -409,23 +420,76 @@ async def follow_nodes(
     return sub
 
 
-async def follow_heartbeats(nc: NATS, index: NodeIndex) -> Subscription:
+MAX_BEAT_BYTES = 256 * 1024
+"""A heartbeat is a node id, a time and the models it holds: far below this. Larger is not
+decoded (a node with hundreds of models sends a few KiB)."""
+
+
+class BeatGate:
+    """At most one core-NATS heartbeat per node per `interval_s` is decoded.
+
+    NATS permissions let a node publish only on its own ``nodes.<id>.heartbeat``, but as
+    often as it likes: without this a node flooding that subject costs the dispatcher a
+    decode and a fold for every message. The gate looks only at the subject's node id and
+    the clock, before any decoding; a node the index does not hold (not joined, or not yet
+    folded: its stored beats still count) is dropped at once, so the table is bounded by
+    the nodes that joined. The stored copy of every beat (the NODES stream, whose per-subject
+    limit keeps one) is still folded by `follow_nodes`."""
+
+    def __init__(self, index: NodeIndex, interval_s: float, counted: Counter | None = None) -> None:
+        self.index = index
+        self.interval_s = interval_s
+        self.last: dict[str, float] = {}
+        self.admitted = 0
+        self.dropped = 0
+        self.counted = counted  # stipple_dispatcher_heartbeats_total{result}
+
+    def admit(self, subject: str, size: int, now: float) -> bool:
+        parts = subject.split(".")
+        node_id = parts[1] if len(parts) == 3 else ""
+        known = size <= MAX_BEAT_BYTES and node_id in self.index.row
+        ok = known and now - self.last.get(node_id, -math.inf) >= self.interval_s
+        if ok:
+            self.last[node_id] = now
+            self.admitted += 1
+        else:
+            self.dropped += 1
+        if self.counted is not None:
+            self.counted.labels("decoded" if ok else "dropped").inc()
+        return ok
+
+
+async def follow_heartbeats(nc: NATS, gate: BeatGate) -> Subscription:
     """Heartbeats also as they are sent, on core NATS: a node publishes each to the NODES
     stream, and while the cluster elects that stream's leader (a server lost) nothing is
     stored and the fold above hears nothing, so every node went stale after the node TTL
     and tasks were aborted for want of nodes that were there all along. Who may publish on
     ``nodes.<id>.heartbeat`` is the same either way (NATS permissions), and the subject
-    names the node (`decode_node_event`)."""
+    names the node (`decode_node_event`). `BeatGate` lets through one beat per node per
+    `interval_s` (keep it well under the node TTL); the subscription's pending limits drop
+    a flood at the client rather than queueing it in memory."""
+    index = gate.index
 
     async def on_beat(msg: Msg) -> None:
+        now = time.time()
+        if not gate.admit(msg.subject, len(msg.data), time.monotonic()):
+            return
         try:
             event = decode_node_event(msg.subject, msg.data)
         except Rejected:
             return  # the stream's copy is judged (and logged) by follow_nodes
         if isinstance(event, NodeHeartbeat):
-            index.heartbeat(event.node_id, time.time(), event.models_loaded)
+            index.heartbeat(event.node_id, now, event.models_loaded)
 
-    return await nc.subscribe(subjects.node_subject("*", "heartbeat"), cb=on_beat)
+    return await nc.subscribe(
+        subjects.node_subject("*", "heartbeat"),
+        cb=on_beat,
+        pending_msgs_limit=BEAT_PENDING_MSGS,
+        pending_bytes_limit=BEAT_PENDING_MSGS * 1024,
+    )
+
+
+BEAT_PENDING_MSGS = 10_000
 
 
 async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: DispatcherSettings) -> asyncio.Task[None]:
@@ -494,9 +558,11 @@ async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:
     index = NodeIndex()
     stakes_watch = await follow_stakes(ctx, index, settings)
     nodes_sub = await follow_nodes(ctx.js, index)
-    beats_sub = await follow_heartbeats(ctx.nc, index)
     tasks: TaskQueue[Msg] = TaskQueue(index, settings, key=key)
-    dispatcher = Dispatcher(ctx.js, tasks, DispatcherMetrics(ctx.metrics.registry, tasks))
+    metrics = DispatcherMetrics(ctx.metrics.registry, tasks)
+    dispatcher = Dispatcher(ctx.js, tasks, metrics)
+    gate = BeatGate(index, interval_s=min(1.0, settings.node_ttl_s / 4), counted=metrics.heartbeats)
+    beats_sub = await follow_heartbeats(ctx.nc, gate)
 
     async def on_status(msg: Msg) -> None:
         task_id = msg.data.decode(errors="replace")
