@@ -1,6 +1,7 @@
 """JetStream helpers against a real nats-server (one per session, unique streams per test)."""
 
 import asyncio
+import time
 import uuid
 
 import msgspec
@@ -296,3 +297,59 @@ async def test_supervise_restarts_a_failing_consumer_then_gives_up():
 
     with pytest.raises(RuntimeError, match="a bug"):
         await bus.supervise(broken, asyncio.Event(), name="broken", max_failures=2)
+
+
+async def test_a_handler_waits_in_place_for_a_stream_being_elected_and_spends_no_delivery(stream, nc):
+    """While a stream cannot store (its leader being elected: here its subjects narrowed, so
+    a publish gets no answer), a handler's publish waits in place: the message is handled
+    once, on its first delivery, and stored once when the stream is back. The time away is
+    in `bus.weather`."""
+    js, name, prefix = stream
+    target = f"E{uuid.uuid4().hex[:12]}"
+    await js.add_stream(StreamConfig(name=target, subjects=[f"{target.lower()}.other"], duplicate_window=60))
+    deliveries: list[int] = []
+    done = asyncio.Event()
+
+    async def handler(msg):
+        deliveries.append(msg.metadata.num_delivered)
+        await bus.publish(js, f"{target.lower()}.out", TaskStarted(task_id="t1", node_id="n1"), msg_id="t1:started")
+        done.set()
+
+    await js.publish(f"{prefix}.m.go", b"{}")
+    stop = asyncio.Event()
+    config = ConsumerConfig(durable_name="w", ack_policy=AckPolicy.EXPLICIT, ack_wait=3, max_deliver=2)
+    started = time.time()
+    runner = asyncio.create_task(bus.consume(js, stream=name, config=config, handler=handler, stop=stop))
+    await asyncio.sleep(4.0)  # past the ack wait: the message is kept alive, not redelivered
+    assert not done.is_set() and bus.weather.is_away
+    await js.update_stream(StreamConfig(name=target, subjects=[f"{target.lower()}.>"], duplicate_window=60))
+    await asyncio.wait_for(done.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(runner, 5)
+    try:
+        assert deliveries == [1]
+        assert (await js.stream_info(target)).state.messages == 1
+        assert (await js.consumer_info(name, "w")).num_ack_pending == 0
+        assert not bus.weather.is_away
+        assert bus.weather.away_seconds(started) >= 3.5
+    finally:
+        await js.delete_stream(target)
+
+
+async def test_outside_a_handler_a_publish_to_an_away_stream_fails_at_once(stream):
+    """A request path (the gateway's) is not patient: it answers 503 and the app retries."""
+    js, name, prefix = stream
+    with pytest.raises(bus.BUS_AWAY):
+        await bus.publish(js, "nowhere.at.all", TaskStarted(task_id="t1", node_id="n1"), msg_id="x", timeout=1.0)
+
+
+def test_bus_weather_adds_up_the_time_away_within_a_window():
+    weather = bus.BusWeather()
+    weather.away(now=10.0)
+    weather.fair(now=14.0)
+    weather.away(now=20.0)
+    assert weather.away_seconds(0.0, 12.0) == 2.0
+    assert weather.away_seconds(12.0, 30.0) == 2.0 + 10.0  # the spell going on counts up to `end`
+    assert weather.away_seconds(15.0, 19.0) == 0.0
+    weather.fair(now=25.0)
+    assert weather.away_seconds(0.0, 100.0) == 4.0 + 5.0

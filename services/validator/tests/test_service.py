@@ -79,6 +79,7 @@ async def net(fresh_nats_url):
         probe_timeout_s=5.0,
         max_blob_bytes=MAX_BLOB_BYTES,
         escalation_timeout_s=1.0,  # no dispatcher here: an escalation waits 1 s, then decides with what is in
+        bus_recovery_s=0.5,
     )
     stop = asyncio.Event()
     async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
@@ -123,7 +124,7 @@ def honest(pictures, task_id, node, picture=0) -> Stored:
     return Stored(png, image)
 
 
-async def reveal(net, task_id, node, stored: Stored, *, answer=True):
+async def reveal(net, task_id, node, stored: Stored, *, answer=True, delay=0.0):
     """Act as a node: store the image (the blob intake's write), commit to the result,
     wait for the validator's request, reveal (unless `answer` is False). Returns once
     committed; the reveal runs on."""
@@ -145,6 +146,7 @@ async def reveal(net, task_id, node, stored: Stored, *, answer=True):
                 await msg.ack()
                 request = control_decoder.decode(msg.data)
                 if isinstance(request, RevealRequest) and request.task_id == task_id:
+                    await asyncio.sleep(delay)
                     if answer:
                         event = ResultRevealed(
                             task_id=task_id, node_id=node, images=[image], nonce=nonce, determinism=CLASS
@@ -221,6 +223,45 @@ async def test_a_committed_node_that_never_reveals_is_judged_withheld_at_the_rev
     assert "withheld" in SLASHABLE
     assert "did not reveal" in result.verdict_details[c]
     assert result.qos[c] == 0
+
+
+async def _bus_away_once_the_reveal_opens(js, task_id, away_s):
+    """Act as an election inside the reveal window: once the reveal is open, the validator's
+    `bus.weather` records a spell of `away_s` (what its probe and its failed calls record
+    when a stream has no leader; the cluster test, tests/test_cluster_faults.py, makes a real one)."""
+    for _ in range(200):
+        if await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_subject(task_id, "reveal")):
+            break
+        await asyncio.sleep(0.02)
+    bus.weather.away()
+    await asyncio.sleep(away_s)
+    bus.weather.fair()
+
+
+async def test_the_reveal_deadline_moves_by_the_time_the_bus_was_away_and_a_late_reveal_counts(net, pictures):
+    """An election inside the reveal window: an honest node's reveal, stored after the
+    deadline but within the time the bus took away (and bus_recovery_s), is judged with the
+    others, not `withheld`."""
+    task_id = await start_task(net.js)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
+    await reveal(net, task_id, c, honest(pictures, task_id, c), delay=1.6)  # the deadline is 1 s
+    await _bus_away_once_the_reveal_opens(net.js, task_id, 1.5)
+    result = await outcome(net.js, task_id)
+    assert isinstance(result, TaskSucceeded)
+    assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
+
+
+async def test_a_node_that_does_not_reveal_while_the_bus_was_away_is_timed_out_not_slashed(net, pictures):
+    task_id = await start_task(net.js)
+    await reveal(net, task_id, a, honest(pictures, task_id, a))
+    await reveal(net, task_id, b, honest(pictures, task_id, b))
+    await reveal(net, task_id, c, honest(pictures, task_id, c), answer=False)
+    await _bus_away_once_the_reveal_opens(net.js, task_id, 0.3)
+    result = await outcome(net.js, task_id)
+    assert isinstance(result, TaskSucceeded)
+    assert result.verdicts == {a: "agree", b: "agree", c: "timeout"}
+    assert "the bus was away" in result.verdict_details[c]
 
 
 # --------------------------------------------------------------------------- checked against the blobs

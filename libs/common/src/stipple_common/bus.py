@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import itertools
 import ssl
@@ -26,7 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry import trace
 
 from . import ids, subjects, tracing
@@ -42,6 +43,127 @@ if TYPE_CHECKING:
 log = structlog.get_logger("stipple.bus")
 
 UNAVAILABLE_PAUSE_S = 0.5  # a consumer's wait while JetStream elects a leader
+
+BUS_AWAY: tuple[type[Exception], ...] = (
+    ServiceUnavailableError,  # 503 from the JetStream API: no leader (an election) or no quorum
+    NoStreamResponseError,  # a publish no stream answered (its leader is being elected)
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,  # a request the cluster did not answer in time (reconnecting, electing)
+)
+"""What a NATS call raises while the bus is away for a while (a server lost, a leader
+being elected, a connection being re-established), as opposed to an answer."""
+BUS_AWAY_OR_SLOW: tuple[type[Exception], ...] = (*BUS_AWAY, TimeoutError)  # a probe's own wait_for too
+
+BUS_PATIENCE_S = 60.0
+"""How long a message handler waits in place for the bus to come back (`consume`, and
+`publish` inside a handler): longer than the elections seen on a loaded three-server
+cluster (over 10 s on two cores), shorter than the duplicate window (2 min), so a publish
+retried after a lost acknowledgement is still deduplicated."""
+
+
+class BusWeather:
+    """When this process found the bus away: the intervals between the first call that
+    failed with a `BUS_AWAY` error (or a probe that found a stream without a leader) and
+    the next that succeeded. The validator reads it to give nodes the time the bus took
+    from them (a deadline is not the nodes' to miss while nothing could be stored)."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.since: float | None = None  # away now, since then (time.time())
+        self.spells: deque[tuple[float, float]] = deque(maxlen=keep)
+
+    def away(self, now: float | None = None) -> None:
+        if self.since is None:
+            self.since = time.time() if now is None else now
+            log.warning("bus_away")
+
+    def fair(self, now: float | None = None) -> None:
+        if self.since is not None:
+            end = time.time() if now is None else now
+            self.spells.append((self.since, end))
+            log.info("bus_back", away_s=round(end - self.since, 3))
+            self.since = None
+
+    @property
+    def is_away(self) -> bool:
+        return self.since is not None
+
+    def away_seconds(self, start: float, end: float | None = None) -> float:
+        """Seconds of [start, end] (end: now) during which the bus was away."""
+        end = time.time() if end is None else end
+        spells = [*self.spells, *([(self.since, end)] if self.since is not None else [])]
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in spells)
+
+
+weather = BusWeather()
+"""This process's (one bus connection per process)."""
+
+_patience: contextvars.ContextVar[float] = contextvars.ContextVar("bus_patience", default=0.0)
+"""Until when (time.monotonic()) a call may wait in place for the bus: set by `consume`
+for the time of one message's handler; 0 elsewhere, so a request path (the gateway's)
+fails fast with 503 and the app retries."""
+_handled: contextvars.ContextVar[Msg | None] = contextvars.ContextVar("bus_handled", default=None)
+
+
+async def _touch_handled() -> None:
+    """Tell JetStream the message being handled is still being worked on (best effort)."""
+    msg = _handled.get()
+    if msg is not None and msg.reply:
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+
+async def watch_bus(
+    js: JetStreamContext, streams: list[str], stop: asyncio.Event, *, every_s: float = 1.0, timeout_s: float = 1.0
+) -> None:
+    """Probe `streams` every `every_s` until `stop`, into `weather`: the bus is away while a
+    stream does not answer or has no leader (an election), fair when every one answers with
+    a leader. What a process's own calls find says only when it made calls; this says it
+    between them too, for the streams whose absence costs nodes their deadlines."""
+    while not stop.is_set():
+        away = False
+        for name in streams:
+            try:
+                info = await asyncio.wait_for(js.stream_info(name), timeout_s)
+            except NotFoundError:
+                continue  # not made yet: not an outage
+            except BUS_AWAY_OR_SLOW:
+                away = True
+                break
+            if info.cluster is not None and not info.cluster.leader:
+                away = True
+                break
+        if away:
+            weather.away()
+        else:
+            weather.fair()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every_s)
+
+
+def _bus_pause(attempt: int) -> float:
+    """The wait before trying the bus again: 0.25 s, doubling to 1 s (each try also keeps
+    the handled message alive, so the wait stays well within the shortest ack wait, 10 s)."""
+    return float(min(1.0, 0.25 * 2 ** min(attempt - 1, 4)))
+
+
+async def patiently(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again and again while it fails with a `BUS_AWAY` error and the patience
+    this context has left lasts (none outside a handler: the error is raised at once)."""
+    attempt = 0
+    while True:
+        try:
+            result = await call()
+        except BUS_AWAY:
+            weather.away()
+            attempt += 1
+            if time.monotonic() >= _patience.get():
+                raise
+            await _touch_handled()
+            await asyncio.sleep(min(_bus_pause(attempt), max(0.0, _patience.get() - time.monotonic())))
+            continue
+        weather.fair()
+        return result
+
 
 T = TypeVar("T")
 
@@ -158,10 +280,13 @@ async def publish(
     timeout: float = 5.0,
 ) -> int:
     """Publish to a stream with ``Nats-Msg-Id`` so a retry is deduplicated; carries the
-    trace context. Returns the stream sequence."""
+    trace context. Inside a message handler, a bus that is away is waited for in place
+    (`patiently`; the same message id, so a publish whose acknowledgement was lost is not
+    stored twice). Returns the stream sequence."""
     hdrs = tracing.inject(dict(headers or {}))
     hdrs["Nats-Msg-Id"] = msg_id
-    ack = await js.publish(subject, msgspec.json.encode(message), headers=hdrs, timeout=timeout)
+    data = msgspec.json.encode(message)
+    ack = await patiently(lambda: js.publish(subject, data, headers=hdrs, timeout=timeout))
     return ack.seq
 
 
@@ -524,6 +649,7 @@ async def consume(
             except (ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
                 # a cluster electing the stream's or consumer's leader (a server lost): wait
                 # for it here instead of counting a failure towards the service's end
+                weather.away()
                 log.warning("consumer_unavailable", stream=stream, durable=durable, error=type(exc).__name__)
                 await asyncio.sleep(UNAVAILABLE_PAUSE_S)
                 continue
@@ -535,6 +661,7 @@ async def consume(
                     await asyncio.sleep(1.0)
                     await ensure_consumer(js, stream, config)
                 continue
+            weather.fair()
             try:
                 for msg in msgs:
                     await _handle_one(msg, handler, stream, metrics, tracer, on_rejected)
@@ -554,6 +681,33 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
         await js.consumer_info(stream, config.durable_name or "", timeout=2.0)
     except NotFoundError:
         await js.add_consumer(stream, config, timeout=2.0)
+
+
+async def _patient_handler(handler: Handler, msg: Msg) -> Redeliver | Hold | None:
+    """Run `handler` on `msg`; while the bus is away (a `BUS_AWAY` error from a call the
+    handler made), wait and run it again, keeping the message alive, for `BUS_PATIENCE_S`:
+    a delivery spent on an election is not a failure of the message (a node's assignment
+    has three), and a handler is idempotent (a redelivery runs it again anyway). The
+    handler's own publishes wait in place first (`publish`), so one that got far does not
+    start over. Past the patience the error is the handler's, naked with back-off."""
+    patience = _patience.set(time.monotonic() + BUS_PATIENCE_S)
+    handled = _handled.set(msg)
+    try:
+        attempt = 0
+        while True:
+            try:
+                return await handler(msg)
+            except BUS_AWAY as exc:
+                weather.away()
+                attempt += 1
+                if time.monotonic() >= _patience.get():
+                    raise
+                log.warning("handler_waits_for_bus", error=type(exc).__name__, attempt=attempt)
+                await _touch_handled()
+                await asyncio.sleep(_bus_pause(attempt))
+    finally:
+        _patience.reset(patience)
+        _handled.reset(handled)
 
 
 async def _handle_one(
@@ -587,7 +741,7 @@ async def _handle_one(
         else:
             tracing.bind_task()
         try:
-            result = await handler(msg)
+            result = await _patient_handler(handler, msg)
             if isinstance(result, Redeliver):  # a timer the handler set, not a failure
                 outcome = "redeliver"
                 await msg.nak(delay=result.delay)

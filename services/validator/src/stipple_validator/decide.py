@@ -297,8 +297,13 @@ def decide(
     checked: Checked,
     classes: Mapping[str, str] | None = None,
     tolerance: Tolerance = None,
+    bus_away_s: float = 0.0,
 ) -> TaskSucceeded | TaskAborted:
     """Decide a task from what is in; nodes with no result in time are `timeout`.
+    `bus_away_s`: how long the validator found the bus away while the reveal was open; a
+    committed node that did not reveal is then `timeout`, not `withheld` (slashable): the
+    deadline was not its to meet while nothing could be stored (the validator's own
+    observation: a node cannot claim it).
     `addresses` maps node ids to their registered Ethereum addresses; `checked` is what
     the blob checks found for the `candidates` (a candidate missing from it is not
     trusted and judged `undecided`, which costs it nothing); `classes` the class each node
@@ -328,6 +333,9 @@ def decide(
             details[node_id] = f"committed, then reported an error ({run.error_code}) instead of revealing"
         elif run.status == "errored":
             verdicts[node_id] = "error"
+        elif run.status == "committed" and task.reveal_deadline is not None and bus_away_s > 0:
+            verdicts[node_id] = "timeout"
+            details[node_id] = f"committed and did not reveal in time; the bus was away {bus_away_s:.1f} s meanwhile"
         elif run.status == "committed" and task.reveal_deadline is not None:
             verdicts[node_id] = "withheld"
             details[node_id] = "committed, was asked to reveal, and did not reveal in time"

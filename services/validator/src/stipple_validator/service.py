@@ -49,6 +49,7 @@ from stipple_common import bus, checkpoints, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.blobstore import BlobStore
 from stipple_common.blobstore.intake import MAX_BLOB_BYTES
+from stipple_common.blobstore.jetstream import JetStreamBlobStore
 from stipple_common.errors import Rejected
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
@@ -98,6 +99,10 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     latent_tolerance: str = "0.0085,0.06,0.06"
     max_task_nodes: int = 7  # no majority draws two more nodes while a task has had fewer than this (decide.py)
     escalation_timeout_s: float = 10.0  # from `escalated` to the dispatcher's `extended`; then decide with what is in
+    # the reveal deadline moves by the time the bus was away while it was open (bus.weather),
+    # plus this for nodes to reconnect and publish, up to max_reveal_extension_s in all
+    bus_recovery_s: float = 5.0
+    max_reveal_extension_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -159,10 +164,11 @@ class Validator:
                 await self.request_reveals(task)
             if task.reveals_in:  # the fold holds every event so far: nothing can be missing
                 return await self.publish_outcome(task)
-            if event_name == "reveal" and now >= (task.reveal_deadline or 0):  # events may still be queued
+            due = self.reveal_due(task, now)
+            if event_name == "reveal" and now >= due:  # events may still be queued
                 return await self.publish_outcome(await self.verified(task_id))
             if event_name == "reveal":
-                return bus.Redeliver(delay=(task.reveal_deadline or 0) - now + self.settings.deadline_grace_s)
+                return bus.Redeliver(delay=due - now + self.settings.deadline_grace_s)
             return None
         assigning = event_name in ("assigned", "extended")  # an event whose deadline is the commitments'
         if task.commitments_in or (assigning and now >= (task.deadline or 0)):
@@ -183,6 +189,18 @@ class Validator:
         elif assigning:
             return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
         return None
+
+    def reveal_due(self, task: Task, now: float) -> float:
+        """When the reveal stage is decided: its deadline, moved by the time this process
+        found the bus away since the reveal opened (`bus.weather`: its own calls and the
+        probe of the streams a reveal needs) and `bus_recovery_s` more, at most
+        `max_reveal_extension_s` later. An election inside the window would otherwise turn
+        honest nodes' reveals, stored late or not at all, into `withheld`, which is slashed."""
+        deadline = task.reveal_deadline or 0.0
+        away = bus.weather.away_seconds(deadline - self.settings.reveal_timeout_s, now)
+        if away <= 0:
+            return deadline
+        return deadline + min(away + self.settings.bus_recovery_s, self.settings.max_reveal_extension_s)
 
     async def escalating(self, task: Task, event_name: str, now: float) -> bus.Redeliver | None:
         """The task waits for the dispatcher's `extended`: one without nodes (none could be
@@ -286,7 +304,12 @@ class Validator:
         with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
             checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
-            outcome = decide(task, self.settings.phash_threshold, addresses, checked, classes, self.tolerance)
+            away = 0.0
+            if task.reveal_deadline is not None:
+                away = bus.weather.away_seconds(task.reveal_deadline - self.settings.reveal_timeout_s)
+            outcome = decide(
+                task, self.settings.phash_threshold, addresses, checked, classes, self.tolerance, bus_away_s=away
+            )
             more = 0 if final else more_nodes(task, outcome, self.settings.max_task_nodes)
             if more:
                 span.set_attributes({"stipple.outcome": "escalated", "stipple.reason": outcome.reason})
@@ -429,6 +452,11 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     validator = Validator(ctx.js, directory, windows, prober, settings, metrics, ctx.blobs, sentinel)
     log.info("validator_started", threshold=settings.phash_threshold)
     probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
+    # the streams a reveal needs stored: the request (WORK), the reveal (TASKS), the images
+    watched = [subjects.TASKS_STREAM, subjects.WORK_STREAM]
+    if isinstance(ctx.blobs, JetStreamBlobStore):
+        watched.append(f"OBJ_{ctx.blobs.bucket}")
+    watching = asyncio.create_task(bus.watch_bus(ctx.js, watched, ctx.stop))
     try:
         await ctx.consume(
             subjects.TASKS_STREAM, subjects.validator_consumer(), validator.handle, on_rejected=validator.on_rejected
@@ -436,4 +464,5 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     finally:
         ctx.stop.set()
         await probing
+        await watching
         await sub.unsubscribe()  # type: ignore[attr-defined]
