@@ -8,7 +8,8 @@
 - follower.py: contract events from confirmed blocks to ``chain.<contract>.<event>``,
   reorgs survived; the `stakes` KV bucket (node id -> `IndexedStake`: stake, leaving,
   owner) is kept from the staking events as they pass.
-- settler.py: escrow, settle, refund and slash transactions from the task events.
+- settler.py: escrow, settle, refund and slash transactions from the task events; the
+  fees the gateway reserved before escrow, in the `reservations` KV bucket (reservations.py).
 - relay.py: nodes reach the chain through the indexer (``rpc.chain.<node_id>``): what
   they need to sign their own transactions, the transactions they signed, and on the
   embedded chain a faucet; each node only for itself, and rate-limited.
@@ -50,7 +51,8 @@ from stipple_common.settings import CommonSettings, InvalidSettings
 from .follower import ChainFollower
 from .metrics import FollowerMetrics, RelayMetrics, SettlerMetrics
 from .relay import Relay, RelayLimits
-from .settler import Settler
+from .reservations import ReservationBook
+from .settler import RESERVATION_TTL_S, Settler
 
 log = structlog.get_logger("stipple.chain")
 
@@ -99,7 +101,11 @@ class ChainThread:
     (`await call(fn)`: the settler, the follower, block mining) always before the relay's
     (`await call.relay(fn)`: nodes' requests), each in the order asked. A settlement waits
     at most for the one relay call running, never behind a queue of nodes' requests; relay
-    calls must therefore be short (no waiting for receipts inside them)."""
+    calls must therefore be short (no waiting for receipts inside them).
+
+    An OSError (a JSON-RPC node that refuses or times out: web3 lets requests' errors through
+    its views, where transactions raise `ChainUnavailable`) comes back as `ChainUnavailable`,
+    which the settler and the follower wait out; before, it ended the settler's loop."""
 
     def __init__(self) -> None:
         self._queues: tuple[deque[tuple[Callable[[], Any], Future[Any]]], ...] = (deque(), deque())
@@ -137,6 +143,8 @@ class ChainThread:
                 continue  # its caller gave up waiting
             try:
                 result = fn()
+            except OSError as exc:  # web3's views raise requests' errors (OSErrors) when the node is away
+                future.set_exception(ch.ChainUnavailable(f"the chain node did not answer: {exc}"))
             except BaseException as exc:  # handed to the caller, as an executor does
                 future.set_exception(exc)
             else:
@@ -260,6 +268,12 @@ async def serve(
             on_log=StakeProjection(stakes).apply,
         )
         await follower.load()
+        reservations = await ctx.js.create_key_value(
+            KeyValueConfig(bucket=subjects.RESERVATIONS_BUCKET, history=1, replicas=settings.stream_replicas)
+        )
+        book = ReservationBook(reservations, key=custodial.lower(), ttl_s=RESERVATION_TTL_S)
+        await book.load()  # what was reserved before a restart still counts against the deposit
+        log.info("reservations_loaded", account=custodial, tasks=len(book.reserved), fees=book.total())
         settler = Settler(
             chain=chain,
             call=call,
@@ -267,6 +281,7 @@ async def serve(
             sender=sender,
             app=custodial,
             metrics=SettlerMetrics(ctx.metrics.registry),
+            book=book,
             batch_max=settings.settle_batch,
             slash_amount=settings.slash_amount,
         )

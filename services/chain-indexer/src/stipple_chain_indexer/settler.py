@@ -20,6 +20,12 @@ of its tasks was settled meanwhile is read again and sent without it. Messages a
 only after the receipt; a chain that does not answer gets them redelivered later.
 Transactions go out one at a time from one account, in order, on one thread: the nonce
 is the account's pending count, which no one else moves.
+
+Before that, the gateway reserved each paid task's fee here (`reserve`, asked through the
+relay), so that the deposit is never promised twice. The reservations live in NATS KV
+(reservations.py: one entry per custodial account, changed by compare-and-set), so a
+restart between a reservation and its escrow forgets none; a reservation ends when its
+escrow is seen on chain, or after RESERVATION_TTL_S.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from nats.js.errors import NotFoundError
 
 from stipple_common import bus, settlement, subjects, tracing
 from stipple_common.chain import ChainUnavailable, ContractReverted, Sender, Settlement, StippleChain, TaskState
+from stipple_common.errors import StippleError
 from stipple_common.identity import is_node_id
 from stipple_common.messages import (
     SLASHABLE,
@@ -49,6 +56,8 @@ from stipple_common.messages import (
     decode_task_event,
     task_event_decoder,
 )
+
+from .reservations import Reservation, ReservationBook
 
 if TYPE_CHECKING:
     from .metrics import SettlerMetrics
@@ -74,13 +83,13 @@ class Settler:
     sender: Sender  # GATEWAY_ROLE (escrow), SETTLER_ROLE (settle, refund), VALIDATOR_ROLE (slash)
     app: str  # the custodial account apps' fees are escrowed from
     metrics: SettlerMetrics
+    book: ReservationBook  # the app's fees reserved and not yet escrowed, in KV (reservations.py)
     batch_max: int = 50
     slash_amount: int = 0  # 0: the minimum stake
     held: list[_Held] = field(default_factory=list)
     # their messages, unacknowledged until the batch is on chain (kept alive within the 120 s ack wait)
     messages: bus.HeldMessages = field(default_factory=lambda: bus.HeldMessages(keepalive_s=30.0, name="settler"))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    reserved: dict[str, tuple[int, float]] = field(default_factory=dict)  # task -> (fee, when), not yet escrowed
     ledger: asyncio.Lock = field(default_factory=asyncio.Lock)  # reservations and escrows, one at a time
 
     async def handle(self, msg: Msg) -> bus.Hold | None:
@@ -149,6 +158,9 @@ class Settler:
                 if found is not None and found.fee > 0:
                     submitted[outcome.task_id] = found
         states = {task_id: await self._state(task_id) for task_id in submitted}
+        # escrowed by an earlier attempt whose end was not seen (a receipt that timed out, a restart)
+        async with self.ledger:
+            await self._release([t for t, state in states.items() if state != TaskState.NONE])
         for task_id in await self._escrow([e for t, e in submitted.items() if states[t] == TaskState.NONE]):
             states[task_id] = TaskState.ESCROWED
         pay = [o for o in outcomes if isinstance(o, TaskSucceeded) and states.get(o.task_id) == TaskState.ESCROWED]
@@ -195,20 +207,39 @@ class Settler:
     async def reserve(self, task_id: str, fee: int) -> tuple[bool, int]:
         """Custodial mode: hold `fee` of the apps' deposit for a task about to be accepted.
         Returns whether it fits and what the deposit has left beside the held fees. The
-        reservation ends when the settler escrows the task (the chain has it then)."""
+        reservation is stored (`book`, in KV) before the answer, so a restart keeps it; it
+        ends when the settler escrows the task (the chain has it then), or after
+        RESERVATION_TTL_S (the task was accepted and never submitted)."""
         async with self.ledger:
-            now = time.monotonic()
-            for task, (_, at) in list(self.reserved.items()):
-                if now - at > RESERVATION_TTL_S:  # accepted and never submitted (the gateway failed to publish)
-                    del self.reserved[task]
-            balance = await self.call(lambda: self.chain.balance_of(self.app))
-            available = balance - sum(fee for task, (fee, _) in self.reserved.items() if task != task_id)
-            if task_id not in self.reserved and (await self.call(lambda: self.chain.task(task_id))).state:
-                return True, available  # escrowed already: a retried request for the same task
-            if task_id in self.reserved or fee <= available:
-                self.reserved[task_id] = (fee, now)
-                return True, available - fee
-            return False, available
+            balance = 0
+
+            async def read_balance() -> None:  # after the reservations it is weighed against (another writer's escrow)
+                nonlocal balance
+                balance = await self.call(lambda: self.chain.balance_of(self.app))
+
+            def decide(entries: dict[str, Reservation]) -> tuple[bool, int]:
+                available = balance - sum(r.fee for task, r in entries.items() if task != task_id)
+                if task_id in entries or fee <= available:
+                    entries[task_id] = Reservation(fee=fee, at=time.time())
+                    return True, available - fee
+                return False, available
+
+            await read_balance()
+            if task_id not in self.book.reserved and (await self.call(lambda: self.chain.task(task_id))).state:
+                return True, balance - self.book.total()  # escrowed already: a retried request for the same task
+            try:
+                fits, left = await self.book.change(decide, refresh=read_balance)
+                if not fits:  # refused by this copy of the book: another indexer may have released fees since
+                    await self.book.load()
+                    await read_balance()
+                    fits, left = await self.book.change(decide, refresh=read_balance)
+            except (nats.errors.Error, TimeoutError) as exc:  # not stored: not reserved (the gateway answers 503)
+                raise StippleError(
+                    f"the reservation could not be stored ({exc!r}); try again",
+                    code="reservations_unavailable",
+                    retryable=True,
+                ) from None
+            return fits, left
 
     async def _escrow(self, events: list[TaskSubmitted]) -> list[str]:
         """Escrow the fees of `events`, `batch_max` to a transaction; a batch that one task
@@ -225,10 +256,18 @@ class Settler:
                     done += [e.task_id for e in chunk]
                 except ContractReverted:
                     done += [e.task_id for e in chunk if await self._escrow_one(e)]
-                finally:
-                    for e in chunk:
-                        self.reserved.pop(e.task_id, None)
+                # escrowed, or refused for good: the reservation ends. A chain that did not answer
+                # raised past this: the reservations stay until the escrow is seen on chain.
+                await self._release([e.task_id for e in chunk])
         return done
+
+    async def _release(self, tasks: list[str]) -> None:
+        """End the reservations of `tasks` (under `ledger`). A write NATS refused now goes
+        with the next one (the book keeps it): settlement does not wait for it."""
+        try:
+            await self.book.release(tasks)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("reservations_release_postponed", error=repr(exc), tasks=len(tasks))
 
     async def _escrow_one(self, event: TaskSubmitted) -> bool:
         try:
