@@ -51,10 +51,12 @@ def registries() -> dict[str, CollectorRegistry]:
     out = {}
 
     # gateway (with webhooks on, as production runs it)
+    from stipple_gateway.limits import LimitMetrics
     from stipple_gateway.metrics import GatewayMetrics
 
     metrics = Metrics("gateway")
     GatewayMetrics(metrics.registry, webhooks=True)
+    LimitMetrics(metrics.registry)  # the shared rate limits' (STIPPLE_SHARED_LIMITS, on by default)
     out["gateway"] = metrics.registry
 
     from stipple_dispatcher.metrics import DispatcherMetrics

@@ -321,7 +321,8 @@ async def test_a_handler_waits_in_place_for_a_stream_being_elected_and_spends_no
     started = time.time()
     runner = asyncio.create_task(bus.consume(js, stream=name, config=config, handler=handler, stop=stop))
     await asyncio.sleep(4.0)  # past the ack wait: the message is kept alive, not redelivered
-    assert not done.is_set() and bus.weather.is_away
+    assert not done.is_set()
+    assert bus.weather.is_away
     await js.update_stream(StreamConfig(name=target, subjects=[f"{target.lower()}.>"], duplicate_window=60))
     await asyncio.wait_for(done.wait(), 10)
     stop.set()
@@ -338,7 +339,7 @@ async def test_a_handler_waits_in_place_for_a_stream_being_elected_and_spends_no
 
 async def test_outside_a_handler_a_publish_to_an_away_stream_fails_at_once(stream):
     """A request path (the gateway's) is not patient: it answers 503 and the app retries."""
-    js, name, prefix = stream
+    js, _name, _prefix = stream
     with pytest.raises(bus.BUS_AWAY):
         await bus.publish(js, "nowhere.at.all", TaskStarted(task_id="t1", node_id="n1"), msg_id="x", timeout=1.0)
 

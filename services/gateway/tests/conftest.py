@@ -5,6 +5,7 @@ socket for the streaming tests)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import nats.errors
 import pytest
 import uvicorn
 
@@ -32,15 +34,20 @@ MakeGateway = Callable[..., Awaitable[TaskService]]
 async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
     """Builds started gateways with three live nodes (`dev_node_id("node-a")`, ...: three
     operators, each staked for itself as far as the directory knows); `client=` another
-    NATS connection, other keywords are GatewaySettings. Stopped at the end of the test."""
+    NATS connection, other keywords are GatewaySettings. Stopped at the end of the test.
+    The gateways of one test share a rate-limits bucket of their own (replicas of one
+    deployment), deleted at the end: no test sees another's buckets."""
     made: list[TaskService] = []
+    limits_bucket = f"test-limits-{uuid.uuid4().hex[:8]}"
 
     async def make(client: Any = None, **overrides: Any) -> TaskService:
         client = client or nc
         js = client.jetstream()
         await bus.ensure_streams(js, subjects.stream_configs())
         blobs = await open_blob_store(backend="jetstream", js=js, bucket=f"test-{uuid.uuid4().hex[:8]}")
-        settings = GatewaySettings(**{"max_body_bytes": 4000, "sync_timeout_s": 0.5, **overrides})
+        settings = GatewaySettings(
+            **{"max_body_bytes": 4000, "sync_timeout_s": 0.5, "limits_bucket": limits_bucket, **overrides}
+        )
         gw = TaskService(client, js, blobs, NodeDirectory(ttl_s=60), settings, Metrics("gateway"))
         for name in ("node-a", "node-b", "node-c"):
             gw.directory.apply(joined(dev_node_id(name)), seen_at=time.time())
@@ -52,6 +59,9 @@ async def make_gateway(nc: Any) -> AsyncIterator[MakeGateway]:
     for gw in made:
         await gw.stop()
         await gw.blobs.close()
+    if made:
+        with contextlib.suppress(nats.errors.Error):  # not made (shared limits off), or its server gone
+            await made[0].js.delete_key_value(limits_bucket)
 
 
 @pytest.fixture

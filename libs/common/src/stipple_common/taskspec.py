@@ -328,9 +328,78 @@ def convert_strict(raw: Any, struct_type: type[S]) -> S:
 _DATA_URL = re.compile(r"^data:(image/(?:png|jpeg|jpg|webp));base64,(.*)$", re.DOTALL)
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg", b"RIFF": "webp"}
 
+# An input image the gateway put in the blob store because the task would not fit a NATS
+# message: the field holds this reference instead of the data URL, and the node fetches the
+# bytes (`blob_key`) and checks them against the digest (docs/protocol.md, "Large inputs").
+# Only the gateway writes one: an app's is refused (`decode_data_url`), so an app can never
+# point a task at an input another app stored.
+BLOB_REF_PREFIX = "blob:sha256:"
+_BLOB_REF = re.compile(r"blob:sha256:([0-9a-f]{64})")
+INPUT_BLOB_PREFIX = "inputs/"
+# the fields that hold an input image, as errors name them
+INPUT_IMAGE_FIELDS = ("init_image", "mask_image", "controlnet.image_dataurl")
+
+
+def blob_ref(digest: str) -> str:
+    """The reference to the input whose bytes have SHA-256 `digest` (64 lowercase hex digits)."""
+    if not _BLOB_REF.fullmatch(BLOB_REF_PREFIX + digest):
+        raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
+    return BLOB_REF_PREFIX + digest
+
+
+def is_blob_ref(value: str) -> bool:
+    """Whether `value` claims to be a blob reference (well formed or not)."""
+    return value.startswith("blob:")
+
+
+def parse_blob_ref(field: str, value: str) -> str:
+    """The digest of a blob reference, exactly ``blob:sha256:<64 lowercase hex>`` and nothing
+    else (no spaces, no other algorithm, no upper case); else InvalidInput naming `field`."""
+    match = _BLOB_REF.fullmatch(value)
+    if match is None:
+        raise InvalidInput(field, value, f"not a blob reference: expected {BLOB_REF_PREFIX}<64 lowercase hex digits>")
+    return match.group(1)
+
+
+def blob_key(digest: str) -> str:
+    """Where the blob store keeps the input with this digest (content-addressed)."""
+    return INPUT_BLOB_PREFIX + digest
+
+
+def input_images(spec: TaskSpec) -> dict[str, str]:
+    """The task's input images that are set, by field (`INPUT_IMAGE_FIELDS`): data URLs or references."""
+    found = {"init_image": spec.init_image, "mask_image": spec.mask_image}
+    if spec.controlnet is not None:
+        found["controlnet.image_dataurl"] = spec.controlnet.image_dataurl
+    return {field: value for field, value in found.items() if value}
+
+
+def with_input_images(spec: TaskSpec, images: dict[str, str]) -> TaskSpec:
+    """The same task with the input images in `images` (by field) replaced."""
+    changes: dict[str, Any] = {k: v for k, v in images.items() if k in ("init_image", "mask_image")}
+    if "controlnet.image_dataurl" in images and spec.controlnet is not None:
+        changes["controlnet"] = msgspec.structs.replace(
+            spec.controlnet, image_dataurl=images["controlnet.image_dataurl"]
+        )
+    return msgspec.structs.replace(spec, **changes)
+
+
+def image_media_type(data: bytes) -> str:
+    """The media type of PNG, JPEG or WebP bytes (by their magic), else application/octet-stream."""
+    for magic, kind in _MAGIC.items():
+        if data.startswith(magic):
+            return f"image/{kind}"
+    return "application/octet-stream"
+
 
 def decode_data_url(field: str, value: str) -> bytes:
     """The bytes of an image data URL (or bare base64), checked to be PNG, JPEG or WebP."""
+    if is_blob_ref(value.strip()):
+        raise InvalidInput(
+            field,
+            value,
+            "blob references are written by the gateway for inputs it stored itself; send the image as a data URL",
+        )
     match = _DATA_URL.match(value.strip())
     payload = match.group(2) if match else value.strip()
     if not match and value.strip().startswith("data:"):
@@ -341,8 +410,16 @@ def decode_data_url(field: str, value: str) -> bytes:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput(field, value, "not valid base64") from None
+    return check_image_bytes(field, data)
+
+
+def check_image_bytes(field: str, data: bytes) -> bytes:
+    """`data` if it is a PNG, JPEG or WebP of at most `MAX_IMAGE_BYTES` and `MAX_INPUT_SIDE`
+    a side, read from its header only; else InvalidInput naming `field`."""
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidInput(field, len(data), f"image is larger than {MAX_IMAGE_BYTES} bytes")
     if not any(data.startswith(magic) for magic in _MAGIC):
-        raise InvalidInput(field, value, "not a PNG, JPEG or WebP image")
+        raise InvalidInput(field, "<image>", "not a PNG, JPEG or WebP image")
     try:
         with Image.open(io.BytesIO(data)) as image:  # the header only: no pixel is decoded here
             width, height = image.size

@@ -101,6 +101,7 @@ class EventStreamResponse(StreamingResponse):
 
 
 MAX_JSON_DEPTH = 32  # the deepest body of any API here nests 4 levels; deeper is refused before it is read
+DEPTH_IN_THREAD_BYTES = 256 * 1024  # a body larger than this is measured in a worker thread
 
 
 def json_depth(value: Any, limit: int) -> int:
@@ -177,6 +178,12 @@ def new_task_id(idempotency_key: str | None, owner: str = "") -> str:
     return uuid.uuid4().hex
 
 
+def idempotent(request: Request) -> bool:
+    """Whether the request's task id derives from its Idempotency-Key (`new_task_id`): the
+    task service then returns a task stored under it instead of running it again."""
+    return bool(request.headers.get("idempotency-key"))
+
+
 class Routes:
     """The handlers: one per route, each a thin translation to and from the task service."""
 
@@ -193,7 +200,11 @@ class Routes:
         body = await self.read_body(request)
         if not body:
             raise ApiError(422, "invalid_input", "request body is empty; expected a JSON object", field="$")
-        if (text_depth := json_text_depth(body)) > MAX_JSON_DEPTH:  # before msgspec: see json_text_depth
+        # before msgspec (see json_text_depth); a large body is measured off the event loop
+        # (12 MB of brackets and short strings take about 0.7 s on these cores)
+        measure = asyncio.to_thread(json_text_depth, body) if len(body) > DEPTH_IN_THREAD_BYTES else None
+        text_depth = await measure if measure is not None else json_text_depth(body)
+        if text_depth > MAX_JSON_DEPTH:
             raise ApiError(
                 400,
                 "invalid_json",
@@ -254,7 +265,14 @@ class Routes:
         owner = owner_of(request)
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
         event = await self.tasks.submit(
-            spec, "native", task_id, owner=owner, webhook_url=webhook_url, fee=fee, validation=validation
+            spec,
+            "native",
+            task_id,
+            owner=owner,
+            webhook_url=webhook_url,
+            fee=fee,
+            validation=validation,
+            idempotent=idempotent(request),
         )
         accepted = TaskAccepted(
             task_id=event.task_id,
@@ -303,7 +321,7 @@ class Routes:
             raise ApiError.invalid(exc) from None
         owner = owner_of(request)
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
-        finished = await self.tasks.submit_and_wait(spec, "sdcn", task_id, owner=owner)
+        finished = await self.tasks.submit_and_wait(spec, "sdcn", task_id, owner=owner, idempotent=idempotent(request))
         images = [base64.b64encode(png).decode() for png in finished.pngs]
         seeds = [image.seed for image in finished.task.images]
         return json_response(SdcnResult(images=images, task_id=task_id, seeds=seeds))
@@ -325,7 +343,9 @@ class Routes:
         task_id = new_task_id(request.headers.get("idempotency-key"), owner)
         if asked.user:
             log.info("openai_user", task_id=task_id, user=asked.user[:256])
-        finished = await self.tasks.submit_and_wait(spec, "openai", task_id, owner=owner, model_field="model")
+        finished = await self.tasks.submit_and_wait(
+            spec, "openai", task_id, owner=owner, model_field="model", idempotent=idempotent(request)
+        )
         if asked.response_format == "url":
             base = str(request.base_url).rstrip("/")
             data = [
@@ -391,7 +411,12 @@ class Routes:
         self.a1111_running[owner] = (task_id, time.time())
         try:
             finished = await self.tasks.submit_and_wait(
-                spec, "a1111", task_id, owner=owner, model_field="override_settings.sd_model_checkpoint"
+                spec,
+                "a1111",
+                task_id,
+                owner=owner,
+                model_field="override_settings.sd_model_checkpoint",
+                idempotent=idempotent(request),
             )
         except ApiError:
             if task_id not in self.a1111_interrupted:
@@ -545,19 +570,28 @@ def create_app(tasks: TaskService) -> Starlette:
                         key = authenticate(request)
                     else:
                         key = tasks.keys.authenticate(request.headers.get("authorization"))
-                    tasks.keys.admit(key, time.monotonic())
+                    await tasks.keys.acquire(key, time.monotonic())  # shared by every gateway (limits.py)
                     request.state.key_id = key.key_id
                 else:  # no key: limited per client IP (auth.ClientLimits)
-                    tasks.anon.admit(client_of(request, tasks), time.monotonic())
+                    await tasks.anon.acquire(client_of(request, tasks), time.monotonic())
                 response = await endpoint(request)
             except ApiError as exc:
                 response = error_response(exc, shape=shape)
             except StippleError as exc:
                 log.warning("request_failed", path=path, code=exc.code, error=exc.message)
-                response = error_response(ApiError(503 if exc.retryable else 500, exc.code, exc.message), shape=shape)
+                retry = {"Retry-After": "1"} if exc.retryable else None
+                error = ApiError(503 if exc.retryable else 500, exc.code, exc.message, headers=retry)
+                response = error_response(error, shape=shape)
             except (nats.errors.Error, TimeoutError) as exc:
+                # a NATS server lost, a leader being elected (seconds): the app retries, with
+                # its Idempotency-Key, and gets the same task (docs/reliability.md)
                 log.warning("request_failed_nats", path=path, error=repr(exc))
-                error = ApiError(503, "unavailable", f"the message bus is unavailable ({type(exc).__name__}); retry")
+                error = ApiError(
+                    503,
+                    "unavailable",
+                    f"the message bus is unavailable ({type(exc).__name__}); retry",
+                    headers={"Retry-After": "1"},
+                )
                 response = error_response(error, shape=shape)
             tasks.gateway_metrics.requests.labels(path, str(response.status_code)).inc()
             tasks.gateway_metrics.request_seconds.labels(path).observe(time.perf_counter() - started)

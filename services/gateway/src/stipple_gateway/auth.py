@@ -5,17 +5,21 @@
 one per line (``#`` starts a comment). Apps send ``Authorization: Bearer <secret>``.
 Secrets are compared in constant time (SHA-256 digests, every key compared). Each key has
 a token bucket of `burst` tokens (default: `rate_per_minute`) refilled at
-`rate_per_minute`; the buckets live in this gateway's memory, so with N gateways behind
-a load balancer a key gets up to N times its rate.
+`rate_per_minute`. With ``STIPPLE_SHARED_LIMITS`` on (the default) the bucket is shared by
+every gateway through NATS KV (limits.py: each gateway leases a few tokens at a time), so
+N gateways behind a load balancer still give a key its rate once; when the KV bucket cannot
+be reached, each gateway falls back to its own bucket (`ApiKey.bucket`), as with the
+setting off, and a key then gets up to N times its rate.
 
 Callers without a key (every caller while keys are off, and the public routes always)
 are limited per client IP (`ClientLimits`): a token bucket of ``STIPPLE_ANON_BURST``
 tokens refilled at ``STIPPLE_ANON_RATE_PER_MINUTE`` (0: no limit), kept for the
 ``MAX_TRACKED_CLIENTS`` most recent IPs (least recently seen dropped first: a dropped IP
-starts again with a full bucket). The client IP is the socket peer; ``X-Forwarded-For``
-is believed only when the peer is in ``STIPPLE_TRUSTED_PROXIES`` (CIDRs), and then the
-client is the rightmost address in it that is not itself a trusted proxy: a caller can
-prepend anything to the header, but not what its own proxy appends.
+starts again with a full bucket), shared across gateways in the same way. The client IP
+is the socket peer; ``X-Forwarded-For`` is believed only when the peer is in
+``STIPPLE_TRUSTED_PROXIES`` (CIDRs), and then the client is the rightmost address in it
+that is not itself a trusted proxy: a caller can prepend anything to the header, but not
+what its own proxy appends.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stipple_common.settings import InvalidSettings, env_name
 
 from .errors import ApiError
 from .metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from .limits import SharedLimits
 
 KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MIN_SECRET_CHARS = 16
@@ -146,8 +154,9 @@ def parse_api_keys(value: str) -> list[ApiKey]:
 class KeyRing:
     """Who is calling, and whether they may call now."""
 
-    def __init__(self, keys: list[ApiKey]) -> None:
+    def __init__(self, keys: list[ApiKey], shared: SharedLimits | None = None) -> None:
         self.keys = keys
+        self.shared = shared  # the buckets every gateway shares (None: this gateway's own)
 
     @property
     def enabled(self) -> bool:
@@ -187,8 +196,17 @@ class KeyRing:
         return found
 
     def admit(self, key: ApiKey, now: float) -> None:
-        """Take one token from the key's bucket; ApiError 429 with Retry-After when it is empty."""
-        wait = key.bucket.take(now)
+        """Take one token from the key's bucket in this gateway; ApiError 429 with Retry-After
+        when it is empty."""
+        self._verdict(key, key.bucket.take(now))
+
+    async def acquire(self, key: ApiKey, now: float) -> None:
+        """`admit`, from the bucket every gateway shares when there is one (limits.py)."""
+        if self.shared is None:
+            return self.admit(key, now)
+        self._verdict(key, await self.shared.take_for_key(key.key_id, key.bucket))
+
+    def _verdict(self, key: ApiKey, wait: float) -> None:
         if wait <= 0:
             return
         retry_after = max(1, math.ceil(wait))
@@ -260,6 +278,7 @@ class ClientLimits:
         burst: int,
         max_clients: int = MAX_TRACKED_CLIENTS,
         gateway_metrics: GatewayMetrics | None = None,
+        shared: SharedLimits | None = None,
     ) -> None:
         if rate_per_minute < 0 or burst < 0:
             raise InvalidSettings(
@@ -270,15 +289,25 @@ class ClientLimits:
         self.max_clients = max_clients
         self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self.metrics = gateway_metrics
+        self.shared = shared  # the buckets every gateway shares (None: this gateway's own)
 
     @property
     def enabled(self) -> bool:
         return self.rate_per_minute > 0
 
     def admit(self, client: str, now: float) -> None:
-        """Take one token from `client`'s bucket; ApiError 429 with Retry-After when it is empty."""
-        if not self.enabled:
-            return
+        """Take one token from `client`'s bucket in this gateway; ApiError 429 with
+        Retry-After when it is empty."""
+        if self.enabled:
+            self._verdict(client, self._bucket(client).take(now))
+
+    async def acquire(self, client: str, now: float) -> None:
+        """`admit`, from the bucket every gateway shares when there is one (limits.py)."""
+        if not self.enabled or self.shared is None:
+            return self.admit(client, now)
+        self._verdict(client, await self.shared.take_for_client(client, self._bucket(client)))
+
+    def _bucket(self, client: str) -> TokenBucket:
         bucket = self.buckets.get(client)
         if bucket is None:
             bucket = TokenBucket(per_second=self.rate_per_minute / 60.0, capacity=float(self.burst))
@@ -287,7 +316,9 @@ class ClientLimits:
                 self.buckets.popitem(last=False)
         else:
             self.buckets.move_to_end(client)
-        wait = bucket.take(now)
+        return bucket
+
+    def _verdict(self, client: str, wait: float) -> None:
         if wait <= 0:
             return
         retry_after = max(1, math.ceil(wait))

@@ -79,21 +79,25 @@ ERRORS = {
     401: "API keys are on and the `Authorization: Bearer <secret>` header is missing or wrong (`unauthorized`).",
     402: "The deposit that pays for tasks cannot pay the `fee` (`insufficient_deposit`, with `balance` and `price`).",
     404: "No such task, or another API key's task, or image index out of range (`not_found`).",
-    409: "The task is not in a state that allows this (`not_ready`, `already_finished`).",
+    409: "The task is not in a state that allows this (`not_ready`, `already_finished`), or the "
+    "`Idempotency-Key` was used before with a different body (`idempotency_conflict`, `field`: Idempotency-Key).",
     410: "The result expired (`expired`).",
-    413: "The body is larger than STIPPLE_MAX_BODY_BYTES (`body_too_large`).",
+    413: "The body is larger than STIPPLE_MAX_BODY_BYTES (`body_too_large`), or the task without its input images "
+    "does not fit a NATS message (`task_too_large`).",
     422: "A field is invalid, unknown or missing; `field` and `value` name it (`invalid_input`, `unknown_model`).",
     429: "The API key (without one: the client IP) is over its rate limit (`rate_limited`), or has too many open "
     "event streams (`too_many_streams`); `Retry-After` says when to try again.",
     502: "The network aborted or cancelled the task.",
-    503: "Not enough live nodes for the model (`no_nodes`), the message bus is unavailable (`unavailable`), "
-    "or the chain-indexer did not answer for a paid task (`chain_unavailable`).",
+    503: "Not enough live nodes for the model (`no_nodes`), the message bus is unavailable (`unavailable`: a "
+    "NATS server lost, a leader being elected; retry after `Retry-After`, with the same `Idempotency-Key` it is the "
+    "same task), or the chain-indexer did not answer for a paid task (`chain_unavailable`).",
     504: "The synchronous wait ran out; the task goes on (`timeout`).",
 }
 
 HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": 'Bearer realm="stipple"'}},
     429: {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}},
+    503: {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds (not on every 503)"}},
 }
 
 KEYED: list[dict[str, list[str]]] = [{"apiKey": []}, {}]  # a bearer key when STIPPLE_API_KEYS is set, nothing otherwise
@@ -130,7 +134,9 @@ IDEMPOTENCY_KEY = {
     "in": "header",
     "required": False,
     "schema": {"type": "string"},
-    "description": "A retried request with the same key (and the same API key) is the same task.",
+    "description": "A retried request with the same key (and the same API key) is the same task, however long "
+    "after (while the task is stored): it is not run again. The same key with a different body is 409 "
+    "`idempotency_conflict`.",
 }
 
 
@@ -177,7 +183,7 @@ def _a1111_paths() -> dict[str, Any]:
                 "security": KEYED,
                 "parameters": [IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, "content": anything},
-                "responses": answer(anything, [400, 413, 422, 502, 503, 504]),
+                "responses": answer(anything, [400, 409, 413, 422, 502, 503, 504]),
             }
         }
 
@@ -278,7 +284,7 @@ def build() -> dict[str, Any]:
                 },
                 "responses": _responses(
                     {"202": {"description": "Accepted: the task is pending.", "content": _json("TaskAccepted")}},
-                    [400, 402, 413, 422, 503],
+                    [400, 402, 409, 413, 422, 503],
                 ),
             }
         },
@@ -386,7 +392,7 @@ def build() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _json("SdcnTxt2Img")},
                 "responses": _responses(
                     {"200": {"description": "The images.", "content": _json("SdcnResult")}},
-                    [400, 413, 422, 502, 503, 504],
+                    [400, 409, 413, 422, 502, 503, 504],
                     sdcn=True,
                 ),
             }
@@ -400,7 +406,7 @@ def build() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _json("SdcnImg2Img")},
                 "responses": _responses(
                     {"200": {"description": "The images.", "content": _json("SdcnResult")}},
-                    [400, 413, 422, 502, 503, 504],
+                    [400, 409, 413, 422, 502, 503, 504],
                     sdcn=True,
                 ),
             }
@@ -414,7 +420,7 @@ def build() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": _json("ImageGenerationRequest")},
                 "responses": _responses(
                     {"200": {"description": "The images.", "content": _json("ImagesResponse")}},
-                    [400, 413, 422, 502, 503, 504],
+                    [400, 409, 413, 422, 502, 503, 504],
                     schema="OpenAIError",
                 ),
             }
@@ -452,7 +458,7 @@ def build() -> dict[str, Any]:
                 },
                 "responses": _responses(
                     {"200": {"description": "The images.", "content": _json("ImagesResponse")}},
-                    [400, 413, 422, 502, 503, 504],
+                    [400, 409, 413, 422, 502, 503, 504],
                     schema="OpenAIError",
                 ),
             }

@@ -6,12 +6,13 @@ Also importable as ``stipple_gateway.app.GatewaySettings`` and
 from __future__ import annotations
 
 from stipple_common.settings import CommonSettings
+from stipple_common.subjects import LIMITS_BUCKET
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8080
-    max_body_bytes: int = 2_000_000
+    max_body_bytes: int = 12_000_000  # one input image of 8 MiB (taskspec.MAX_IMAGE_BYTES) in base64, and the rest
     sync_timeout_s: float = 120.0  # how long the synchronous SDCN endpoints wait for an outcome
     default_model: str = "tiny-sd"  # for SDCN requests that name no model
     # "" = keys off (anyone may call); "id:secret:rate_per_minute[:burst],..." or "@/path/to/file"
@@ -34,4 +35,7 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     anon_rate_per_minute: int = 6000
     anon_burst: int = 1000
     trusted_proxies: str = ""  # CIDRs whose X-Forwarded-For is believed (comma-separated); "" = the socket peer
+    # rate limits (API keys, anonymous per IP) shared by every gateway through NATS KV (limits.py); off: per gateway
+    shared_limits: bool = True
+    limits_bucket: str = LIMITS_BUCKET  # the KV bucket of the shared limits (one per deployment of gateways)
     progress_max_tasks: int = 10_000  # tasks whose step progress is kept in memory

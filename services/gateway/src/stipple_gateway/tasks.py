@@ -7,7 +7,12 @@ the queue, waits for outcomes, cancels, lists nodes, and runs the gateway's back
 work (step progress, end-to-end latency, webhook delivery). It knows no web framework:
 refusals are `ApiError` (a status and a stable code), which the HTTP layer renders.
 
-What it keeps in memory (step progress, the tasks it is timing, rate-limit buckets) is a
+A task whose id derives from an Idempotency-Key is looked up before it is published: a
+retry gets the stored task however long after (JetStream's duplicate window is two
+minutes), and a retry with another body is 409 (`request_digest`, kept in a header of the
+stored `submitted`). Rate limits are shared by every gateway through NATS KV (limits.py).
+
+What it keeps in memory (step progress, the tasks it is timing, rate-limit leases) is a
 cache of this gateway's own, so any number of gateways can serve the same network.
 """
 
@@ -34,7 +39,7 @@ from nats.js import JetStreamContext
 from stipple_common import bus, subjects, tracing
 from stipple_common.aggregate import Task, replay
 from stipple_common.blobstore import BlobNotFound, BlobStore
-from stipple_common.errors import InvalidInput
+from stipple_common.errors import InvalidInput, Rejected
 from stipple_common.messages import (
     OUTCOME_EVENTS,
     ImageResult,
@@ -42,6 +47,7 @@ from stipple_common.messages import (
     TaskCancelled,
     TaskSubmitted,
     Validation,
+    decode_task_event,
     event_name,
     queue_status_decoder,
 )
@@ -60,6 +66,8 @@ from .events import (
     TaskEventStream,
     read_task_events,
 )
+from .inputs import InputStore
+from .limits import LimitMetrics, SharedLimits
 from .metrics import GatewayMetrics
 from .network import NetworkFold
 from .payment import CustodialWallet
@@ -74,6 +82,16 @@ log = structlog.get_logger("stipple.gateway")
 
 TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_TIMED_TASKS = 100_000  # accepted tasks whose outcome the gateway waits for, to time them (oldest dropped)
+DIGEST_HEADER = "Stipple-Request-Digest"  # on a `submitted` whose id derives from an Idempotency-Key
+_canonical = msgspec.json.Encoder(order="deterministic")
+
+
+def request_digest(spec: TaskSpec, source: str, owner: str, webhook_url: str, fee: int, validation: Validation) -> str:
+    """SHA-256 of the request as the gateway understood it (the parsed spec, seed -1 not yet
+    drawn, and what else the task carries), in a canonical encoding: the same request
+    however its JSON was spelled (key order, spacing, 7 or 7.0), and a different one for
+    any other body or route."""
+    return hashlib.sha256(_canonical.encode((source, owner, webhook_url, fee, validation, spec))).hexdigest()
 
 
 @dataclass
@@ -98,6 +116,14 @@ class Finished:
 
     task: Task
     pngs: list[bytes]
+
+
+@dataclass
+class Submission:
+    """A submitted task, and whether an earlier request (same Idempotency-Key) stored it."""
+
+    event: TaskSubmitted
+    existing: bool
 
 
 class TaskService:
@@ -133,6 +159,7 @@ class TaskService:
         self.progress = ProgressBoard(settings.progress_max_tasks)
         self.network = NetworkFold()  # recent tasks, QoS points, earnings and slashes for the web pages
         self.wallet = CustodialWallet(nc, js)
+        self.inputs = InputStore(nc, js, blobs)  # input images too big for a NATS message
         self.closing = asyncio.Event()  # set when the gateway stops: ends the events streams
         self.fatal = asyncio.Event()  # set when a background worker gave up: the service stops
         self._subs: list[Subscription] = []
@@ -142,7 +169,18 @@ class TaskService:
         self.gateway_metrics = gateway_metrics
         # open events streams, per gateway and per caller; callers without a key, per client IP (auth.py)
         self.sse_slots = StreamSlots(settings.max_sse_streams, settings.max_sse_per_client, gateway_metrics)
-        self.anon = ClientLimits(settings.anon_rate_per_minute, settings.anon_burst, gateway_metrics=gateway_metrics)
+        self.limits: SharedLimits | None = None  # API keys' and client IPs' buckets, shared by every gateway
+        if settings.shared_limits:
+            self.limits = SharedLimits(
+                nc,
+                bucket=settings.limits_bucket,
+                replicas=settings.stream_replicas,
+                metrics=LimitMetrics(gateway_metrics.registry),
+            )
+        self.keys.shared = self.limits
+        self.anon = ClientLimits(
+            settings.anon_rate_per_minute, settings.anon_burst, gateway_metrics=gateway_metrics, shared=self.limits
+        )
         self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)  # InvalidSettings at start
         self.webhooks: Webhooks | None = None
         if settings.webhook_secret:
@@ -164,8 +202,11 @@ class TaskService:
 
     async def start(self) -> None:
         """Follow step progress, and deliver webhooks when a secret is set."""
+        if self.limits is not None:
+            await self.limits.open()  # when it cannot, logged: each gateway's own buckets decide meanwhile
         self._subs = await self.progress.follow(self.nc)
         self._subs += await self.network.follow(self.nc, self.js)
+        self._subs += await self.inputs.serve()  # nodes read the large inputs this gateway stored
         for outcome in OUTCOME_EVENTS:  # end-to-end latency (core NATS: a lost one is one lost sample)
             self._subs.append(await self.nc.subscribe(subjects.all_tasks(outcome), cb=self._on_outcome))
         if self.webhooks is not None:
@@ -195,6 +236,7 @@ class TaskService:
             except nats.errors.Error as exc:
                 log.debug("unsubscribe_failed", error=str(exc))
         self._subs = []
+        await self.inputs.stop()
 
     @property
     def webhooks_enabled(self) -> bool:
@@ -245,11 +287,48 @@ class TaskService:
         fee: int = 0,
         validation: Validation = "sampled",
         model_field: str = "base_model",
+        idempotent: bool = False,
     ) -> TaskSubmitted:
         """Accept a task: capacity, then the fee reserved (402 when the deposit cannot pay),
         then ``tasks.<id>.submitted`` published (deduplicated by the task id). A `full`
-        validation runs on `replication` nodes always, and pays `fee` for each."""
+        validation runs on `replication` nodes always, and pays `fee` for each.
+
+        `idempotent`: `task_id` derives from the request's Idempotency-Key; a task stored
+        under it already is returned as it is (nothing checked, charged or published), or
+        refused with 409 when it was submitted with another request."""
+        submission = await self._submit(
+            spec,
+            source,
+            task_id,
+            owner=owner,
+            webhook_url=webhook_url,
+            fee=fee,
+            validation=validation,
+            model_field=model_field,
+            idempotent=idempotent,
+        )
+        return submission.event
+
+    async def _submit(
+        self,
+        spec: TaskSpec,
+        source: str,
+        task_id: str,
+        *,
+        owner: str = "",
+        webhook_url: str = "",
+        fee: int = 0,
+        validation: Validation = "sampled",
+        model_field: str = "base_model",
+        idempotent: bool = False,
+    ) -> Submission:
         tracing.bind_task(task_id)  # the request's span and log lines are about this task
+        digest = ""
+        if idempotent:
+            digest = request_digest(spec, source, owner, webhook_url, fee, validation)
+            stored = await self.stored_submission(task_id, digest)
+            if stored is not None:
+                return Submission(stored, existing=True)
         try:  # the operator's model-source policy (STIPPLE_MODEL_SOURCES), which nodes apply again
             check_task_sources(spec)
         except InvalidInput as exc:
@@ -257,6 +336,7 @@ class TaskService:
         self.check_capacity(spec, model_field)
         if validation == "full":
             fee *= self.settings.replication
+        spec = await self.inputs.fit(spec)  # large input images into the blob store (413 when still too big)
         await self.wallet.charge(task_id, fee)  # 402 when the deposit cannot pay
         event = TaskSubmitted(
             task_id=task_id,
@@ -268,13 +348,40 @@ class TaskService:
             fee=fee,
             validation=validation,
         )
-        await bus.publish_event(self.js, event)
+        await bus.publish_event(self.js, event, headers={DIGEST_HEADER: digest} if digest else None)
         self.gateway_metrics.submitted.labels(source).inc()
         self._accepted[task_id] = event.submitted_at
         while len(self._accepted) > MAX_TIMED_TASKS:
             self._accepted.popitem(last=False)
         log.info("task_submitted", task_id=task_id, source=source, model=spec.model_name, owner=owner)
-        return event
+        return Submission(event, existing=False)
+
+    async def stored_submission(self, task_id: str, digest: str) -> TaskSubmitted | None:
+        """The task's stored `submitted` (by Direct Get of its subject), None when there is
+        none; 409 `idempotency_conflict` when it was submitted with a request whose digest is
+        not `digest` (one stored before digests were kept is taken as the same request)."""
+        stored = await bus.read_stored(self.js, subjects.TASKS_STREAM, subjects.task_subject(task_id, "submitted"))
+        for message in stored:  # the first one is the task (the fold ignores any later one)
+            try:
+                event = decode_task_event(message.subject, message.data)
+            except Rejected as exc:
+                log.warning("task_event_rejected", reason=exc.reason, sender=exc.sender, error=exc.message)
+                continue
+            if not isinstance(event, TaskSubmitted):
+                continue
+            if message.headers.get(DIGEST_HEADER, digest) != digest:
+                raise ApiError(
+                    409,
+                    "idempotency_conflict",
+                    f"Idempotency-Key: this key was used for task {task_id} with a different request (the body "
+                    "differs, or it went to another route); retry with the same body to get that task, or use a "
+                    "new Idempotency-Key for a new task",
+                    field="Idempotency-Key",
+                    extra={"task_id": task_id},
+                )
+            log.info("task_resubmitted", task_id=task_id, source=event.source, owner=event.owner)
+            return event
+        return None
 
     async def _on_outcome(self, msg: Msg) -> None:
         """Observe the end-to-end latency of a task this gateway accepted."""
@@ -293,7 +400,11 @@ class TaskService:
 
         subs = [await self.nc.subscribe(subjects.task_subject(task_id, e), cb=on_outcome) for e in OUTCOME_EVENTS]
         try:
-            await submit()
+            submitted = await submit()
+            existing = isinstance(submitted, Submission) and submitted.existing
+            # an earlier request's task (Idempotency-Key): its outcome may be long stored
+            if existing and not done.done() and (await self.load_task(task_id, owner)).task.finished:
+                done.set_result("stored")
             try:
                 # shielded: a timeout must leave `done` pending (not cancelled, which is "done": woken)
                 await asyncio.wait_for(asyncio.shield(done), self.settings.sync_timeout_s)
@@ -318,12 +429,22 @@ class TaskService:
         return task
 
     async def submit_and_wait(
-        self, spec: TaskSpec, source: str, task_id: str, *, owner: str = "", model_field: str = "base_model"
+        self,
+        spec: TaskSpec,
+        source: str,
+        task_id: str,
+        *,
+        owner: str = "",
+        model_field: str = "base_model",
+        idempotent: bool = False,
     ) -> Finished:
         """Submit, wait for the outcome (504 after `sync_timeout_s`), and read the images;
-        a task that did not succeed is 502 with its reason as the code."""
+        a task that did not succeed is 502 with its reason as the code. `idempotent`: as
+        `submit` (a retry of a finished task answers at once)."""
         task = await self.wait_for_outcome(
-            task_id, owner, lambda: self.submit(spec, source, task_id, owner=owner, model_field=model_field)
+            task_id,
+            owner,
+            lambda: self._submit(spec, source, task_id, owner=owner, model_field=model_field, idempotent=idempotent),
         )
         if task.status != "succeeded":
             detail = f"task {task_id} was {task.status}: {task.reason} {task.detail}".strip()
