@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -230,6 +231,20 @@ class LocalNetwork:
         process = self.service(name).process
         if process is not None:
             process.kill()
+
+    def freeze(self, name: str) -> None:
+        """SIGSTOP one service (fault tests): it holds its connections and state but runs
+        nothing (no heartbeats, no acks) until `thaw`, as a machine that stalls."""
+        self._signal(name, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        """SIGCONT a frozen service: it carries on where it stopped."""
+        self._signal(name, signal.SIGCONT)
+
+    def _signal(self, name: str, signum: signal.Signals) -> None:
+        process = self.service(name).process
+        if process is not None and process.process is not None and process.running:
+            process.process.send_signal(signum)
 
     def restart(self, name: str) -> None:
         """Start a killed (or stopped) service again with the same settings."""

@@ -9,6 +9,8 @@
 - `stipple_testkit.tinyzoo`: tiny SDXL, ControlNets, LoRAs, embeddings, VAE, inpainting
   models around the built-in tiny model (`stipple_node.tinymodel`).
 - `stipple_testkit.fileserver`: a local HTTP server that misbehaves on request (downloads).
+- `stipple_testkit.faults`: the fault tests' batches and outcome checks, a TCP proxy that
+  can be cut (a store unreachable for a while) and a webhook receiver, all on loopback.
 - `stipple_testkit.standin`: a stand-in for an annotator's network.
 - `ManagedProcess`, `stop_all`, `free_port` (from `stipple_common.process`): child
   processes started, waited for and stopped one way (nats-server, anvil, the services).

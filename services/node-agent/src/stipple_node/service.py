@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import os
 import platform
 import secrets
@@ -40,7 +41,7 @@ from nats.js import JetStreamContext
 
 from stipple_common import __version__, bus, commitment, subjects, tracing
 from stipple_common.blobstore.intake import IntakeClient
-from stipple_common.errors import StippleError
+from stipple_common.errors import StippleError, Transient
 from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
@@ -75,6 +76,7 @@ from stipple_common.sources import load_policy
 from stipple_common.taskspec import canonical
 
 from .annotators import parse_weights
+from .inputs import resolve_inputs
 from .metrics import NodeMetrics, RunnerMetrics, StoreMetrics
 from .pipeline import GeneratedImage, PipelineRunner, configure_determinism, platform_class
 from .staking import ensure_stake
@@ -85,6 +87,7 @@ from .unrevealed import Unrevealed, UnrevealedStore
 log = structlog.get_logger("stipple.node")
 
 MAX_UNREVEALED = 1_000  # committed results kept for a reveal; the oldest go first
+UPLOAD_RETRY_MAX_S = 5.0  # the longest pause between two uploads of a result while the store is away
 
 
 class NodeSettings(CommonSettings, frozen=True, kw_only=True):
@@ -222,6 +225,7 @@ class NodeAgent:
             restored.uploaded.set()  # kept only once stored
             self.committed[kept.task_id] = restored
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recent cancellations (bounded)
+        self.delivered: OrderedDict[str, None] = OrderedDict()  # tasks this process committed to (bounded)
         self.prefetching: dict[str, asyncio.Task[None]] = {}
         self.probing: dict[str, asyncio.Task[None]] = {}
         self.started_at = time.time()  # a new one only on a restart (the dispatcher lifts a pause then)
@@ -300,15 +304,29 @@ class NodeAgent:
         if work.task_id in self.cancelled:
             log.info("task_skipped_cancelled")
             return None
-        if time.time() > work.deadline:
+        pending = self.committed.get(work.task_id)
+        if pending is None and work.task_id in self.delivered:
+            # redelivered after this process committed and revealed (a stall past the ack wait,
+            # a SIGSTOP): nothing to do; an `errored` now would be judged against its result
+            log.info("task_redelivered_after_reveal")
+            return None
+        if pending is None and time.time() > work.deadline:
+            # (a redelivery of a task this process committed to goes on below: an `errored`
+            # after a commitment is `withheld`, which is slashed)
             await self._fail(work, "deadline_passed", "the assignment arrived after its deadline")
             return None
-        pending = self.committed.get(work.task_id)
         if pending is None:  # (else a redelivery after this process committed: finish that)
             pending = await self._run(work, msg)
             if pending is None:
                 return None
+        if msg.metadata.num_delivered > 1 and not pending.uploaded.is_set():
+            why = await self._upload_in_time(work, pending, msg)
+            if why is not None:
+                return None
         await self._deliver(work.task_id, pending)
+        self.delivered[work.task_id] = None
+        while len(self.delivered) > 10_000:
+            self.delivered.popitem(last=False)
         self.metrics.tasks.labels("committed").inc()
         self.metrics.task_seconds.observe(pending.elapsed_s)
         log.info("task_committed", images=len(pending.images), elapsed_s=round(pending.elapsed_s, 3))
@@ -395,7 +413,8 @@ class NodeAgent:
         node must reveal (the validator judges a committed node that does not, or that reports
         an error instead, `withheld`, which is slashed), so an upload that fails must fail
         before the commitment, where it is an honest error. The order costs one publish."""
-        await self._upload(pending)
+        if not pending.uploaded.is_set():  # (stored already on a redelivery: _upload_in_time)
+            await self._upload(pending)
         if self.unrevealed:  # a restart from here on can still reveal
             kept = Unrevealed(
                 task_id=task_id,
@@ -407,6 +426,36 @@ class NodeAgent:
             )
             await asyncio.to_thread(self.unrevealed.save, kept)
         await self._commit(task_id, pending)
+
+    async def _upload_in_time(self, work: Assignment, pending: _Committed, msg: Msg) -> str | None:
+        """Upload on a redelivered assignment, waiting out a blob store (or intake) that is
+        away: tried again in place with back-off while the deadline allows, the message kept
+        alive, instead of spending the consumer's last deliveries (`max_deliver` 3) within
+        seconds and then falling silent (`timeout`, which counts towards a pause). A first
+        failure was handed back to the consumer as any transient one. None once stored;
+        else why not, after an `errored` (store_unavailable: an honest error, before any
+        commitment) or a cancellation."""
+        why = ""
+        keep_alive = asyncio.create_task(self._keep_alive(msg))
+        try:
+            for attempt in itertools.count(1):
+                try:
+                    await self._upload(pending)
+                    return None
+                except Transient as exc:
+                    why = exc.message
+                delay = bus.backoff(attempt, base=0.5, cap=UPLOAD_RETRY_MAX_S)
+                if work.task_id in self.cancelled:
+                    return "cancelled"
+                if time.time() + delay >= work.deadline:
+                    break
+                log.warning("upload_retry", attempt=attempt, retry_in_s=delay, error=why)
+                await asyncio.sleep(delay)
+        finally:
+            keep_alive.cancel()
+        self.committed.pop(work.task_id, None)
+        await self._fail(work, "store_unavailable", f"the images could not be stored before the deadline: {why}")
+        return why
 
     async def _commit(self, task_id: str, pending: _Committed) -> None:
         with tracing.task_span("node.commit", task_id=task_id, node_id=self.node_id):
@@ -474,7 +523,6 @@ class NodeAgent:
             except TimeoutError:
                 log.warning("reveal_upload_unfinished")  # the validator judges this node withheld
                 return None
-        self.committed.pop(message.task_id, None)
         revealed = ResultRevealed(
             task_id=message.task_id,
             node_id=self.node_id,
@@ -485,6 +533,9 @@ class NodeAgent:
         )
         with tracing.task_span("node.reveal", task_id=message.task_id, node_id=self.node_id):
             await self._publish_event(revealed)
+        # forgotten only once stored: a publish that failed (the bus away past the handler's
+        # patience) leaves the request to be redelivered, and the commitment to answer it
+        self.committed.pop(message.task_id, None)
         if self.unrevealed:
             self.unrevealed.drop(message.task_id)
         self.metrics.tasks.labels("revealed").inc()
@@ -518,10 +569,12 @@ class NodeAgent:
             self.probing.pop(request.probe_id, None)
 
     async def _generate(self, work: Assignment) -> list[GeneratedImage]:
-        """Run the task in a worker thread (the runner validates it again: a node trusts nobody)."""
+        """Run the task in a worker thread (the runner validates it again: a node trusts nobody),
+        after reading the input images the gateway stored apart (inputs.py: typed errors)."""
+        spec = await resolve_inputs(self.nc, self.node_id, work.task_id, canonical(work.spec))
         report = self._progress_callback(asyncio.get_running_loop(), work.task_id)
         cancelled = lambda: work.task_id in self.cancelled  # noqa: E731 (polled by a download's watchdog)
-        return await asyncio.to_thread(self.runner.run, canonical(work.spec), report, cancelled)
+        return await asyncio.to_thread(self.runner.run, spec, report, cancelled)
 
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
         event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
