@@ -12,10 +12,13 @@ a server back on its old ports with its store, as a restarted pod comes back.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.errors import APIError
@@ -23,6 +26,12 @@ from nats.js.errors import APIError
 from stipple_common.natsserver import NatsServer, NatsServerError
 
 CLUSTER_NAME = "stipple-test"
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        body: dict[str, Any] = json.load(response)
+    return body
 
 
 def _free_ports(count: int) -> list[int]:
@@ -36,10 +45,11 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _config(index: int, cluster_ports: list[int]) -> str:
+def _config(index: int, cluster_ports: list[int], monitor_ports: list[int]) -> str:
     routes = ", ".join(f"nats://127.0.0.1:{port}" for i, port in enumerate(cluster_ports) if i != index)
     return (
         f"server_name: n{index}\n"
+        f"http: 127.0.0.1:{monitor_ports[index]}\n"
         f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{cluster_ports[index]}\n  routes: [{routes}]\n}}\n"
     )
 
@@ -50,6 +60,7 @@ class NatsCluster:
 
     root: Path
     cluster_ports: list[int]
+    monitor_ports: list[int]  # each server's monitoring endpoint (/jsz: who leads the meta group)
     servers: list[NatsServer | None]
     client_ports: list[int] = field(default_factory=list)
     _own_dir: tempfile.TemporaryDirectory[str] | None = field(default=None, repr=False)
@@ -71,11 +82,12 @@ class NatsCluster:
             own = tempfile.TemporaryDirectory(prefix="stipple-cluster-")
             root = Path(own.name)
         for attempt in range(tries):
-            ports = _free_ports(size)
+            free = _free_ports(2 * size)
+            ports, monitors = free[:size], free[size:]
             started: list[NatsServer | None] = []
             try:
                 for index in range(size):
-                    started.append(NatsServer.start(root / f"n{index}", config=_config(index, ports)))
+                    started.append(NatsServer.start(root / f"n{index}", config=_config(index, ports, monitors)))
             except NatsServerError:
                 for server in started:
                     if server is not None:
@@ -84,7 +96,14 @@ class NatsCluster:
                     raise
                 continue
             client_ports = [server.port for server in started if server is not None]
-            return cls(root=root, cluster_ports=ports, servers=started, client_ports=client_ports, _own_dir=own)
+            return cls(
+                root=root,
+                cluster_ports=ports,
+                monitor_ports=monitors,
+                servers=started,
+                client_ports=client_ports,
+                _own_dir=own,
+            )
         raise AssertionError("unreachable")
 
     def kill(self, index: int) -> None:
@@ -99,8 +118,26 @@ class NatsCluster:
         if self.servers[index] is not None:
             raise RuntimeError(f"server {index} is running")
         self.servers[index] = NatsServer.start(
-            self.root / f"n{index}", port=self.client_ports[index], config=_config(index, self.cluster_ports)
+            self.root / f"n{index}",
+            port=self.client_ports[index],
+            config=_config(index, self.cluster_ports, self.monitor_ports),
         )
+
+    async def meta_leader(self) -> int:
+        """The index of the server leading the JetStream meta group (the one that places
+        streams and consumers), as a live server's monitoring endpoint reports it."""
+        for index, server in enumerate(self.servers):
+            if server is None:
+                continue
+            url = f"http://127.0.0.1:{self.monitor_ports[index]}/jsz"
+            try:
+                body = await asyncio.to_thread(_get_json, url)
+            except OSError:
+                continue
+            leader = (body.get("meta_cluster") or {}).get("leader", "")
+            if leader:
+                return int(str(leader).removeprefix("n"))
+        raise RuntimeError("no server reports a meta leader")
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Until JetStream answers through the cluster (a meta leader is elected)."""
