@@ -107,6 +107,32 @@ async def read_task_events(js: JetStreamContext, task_id: str) -> list[StoredEve
     return out
 
 
+_reading: dict[tuple[int, str], asyncio.Future[list[StoredEvent]]] = {}
+
+
+async def read_task_events_shared(js: JetStreamContext, task_id: str) -> list[StoredEvent]:
+    """`read_task_events`, one read for every caller that asks while it is in flight. An
+    outcome reaches all of a task's watchers at the same moment, and each confirms it from
+    the stream: with 72 watchers that was 72 reads of one task at once (bench/gateway_load.py).
+    A read that starts after a caller asked is as fresh as its own would be (each caller
+    re-reads while the outcome is not stored yet); a caller that goes away does not cancel
+    the read the others wait for."""
+    key = (id(js), task_id)
+    pending = _reading.get(key)
+    if pending is None:
+        pending = asyncio.ensure_future(read_task_events(js, task_id))
+        _reading[key] = pending
+
+        def forget(done: asyncio.Future[list[StoredEvent]]) -> None:
+            if _reading.get(key) is done:
+                del _reading[key]
+            if not done.cancelled():
+                done.exception()  # retrieved: a failure is each caller's to handle, not the loop's to log
+
+        pending.add_done_callback(forget)
+    return await asyncio.shield(pending)
+
+
 class StreamSlots:
     """How many events streams are open, on this gateway and per caller (an API key id or
     a client IP), refusing past `max_total` or `max_per_client` (0: no cap) with 429.
@@ -301,7 +327,7 @@ class TaskEventStream:
         """Send the outcome the stream stored (and anything stored not sent yet)."""
         for _ in range(OUTCOME_CONFIRM_TRIES):
             try:
-                stored = await read_task_events(self.js, self.task_id)
+                stored = await read_task_events_shared(self.js, self.task_id)
             except (nats.errors.Error, TimeoutError) as exc:  # the bus is down: the live event is all there is
                 log.warning("outcome_not_confirmed", task_id=self.task_id, error=repr(exc))
                 break
