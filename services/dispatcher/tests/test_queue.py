@@ -550,8 +550,10 @@ def test_status_gives_the_position_among_the_same_models_tasks_and_an_eta():
         submitted("xl", model="sdxl"),
     )
     dear, cheap, xl = (queue.status(t, NOW) for t in ("dear", "cheap", "xl"))
-    assert (dear.queued, dear.position, dear.queue_length, dear.eta_s) == (True, 0, 3, 1.0)
-    assert (cheap.position, cheap.eta_s) == (1, 1.0 / 2 + 3.0)  # the one ahead, shared by two lanes
+    assert (dear.queued, dear.position, dear.queue_length) == (True, 0, 3)
+    # every node busy with a task this queue did not assign: half a run (of the first task) left, then its own
+    assert dear.eta_s == pytest.approx(0.5 * 1.0 + 1.0)
+    assert (cheap.position, cheap.eta_s) == (1, pytest.approx(0.5 * 1.0 + 3.0))  # the one ahead takes another node
     assert xl.position == 0  # other nodes: its own line
     assert not queue.status("unknown", NOW).queued
     index.last_seen[:] = NOW - 100  # no live node: one lane
@@ -640,10 +642,12 @@ def test_the_queue_eta_counts_the_expected_copies_not_three_per_task():
     queue.index.assigned(["a", "b", "c"], 1000)  # every slot taken: tasks wait
     submit(queue, submitted("first"), submitted("second"))
     status = queue.status("second", NOW)
-    # three live nodes, one copy per task at rate 0: three lanes share the one task ahead
+    # three busy nodes, one copy per task at rate 0: the one ahead takes one node, this one the
+    # next (half a run left on its unknown task, then its own); with three copies it would wait
+    # for the first task's end
     assert queue.expected_copies == 1.0
     assert status.position == 1
-    assert status.eta_s == pytest.approx(estimate_seconds(submitted("second").spec, 0.05) * (1 + 1 / 3), abs=1e-3)
+    assert status.eta_s == pytest.approx(estimate_seconds(submitted("second").spec, 0.05) * 1.5, abs=1e-3)
 
 
 # ---------------------------------------------------------------------- escalation

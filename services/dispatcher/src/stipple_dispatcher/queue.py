@@ -23,6 +23,10 @@ settle and what to count. They never publish, await or read a clock other than
   operators (`Assign`). A model with no free nodes is blocked for the rest of
   the pass: the tasks behind it for that model are not tried (`Wait`), unless they waited
   `dispatch_timeout_s`, which aborts them with `no_nodes` (`Abort`): no task hangs.
+  Nodes with every model of the task loaded are drawn first (`warm_first`), and for its
+  first `warm_wait_s` a task takes only those while enough live nodes have them loaded:
+  it waits for one to free up rather than have a node spend as long loading them
+  (bench/warm_models.py).
 - `replace_overdue`: a node that has not `started` within `accept_timeout_s` of its
   assignment (`not_accepted`), or that started and was lost before it committed or erred
   (`node_lost`: no longer live by the node index, no heartbeat within `node_ttl_s` or
@@ -39,7 +43,11 @@ settle and what to count. They never publish, await or read a clock other than
   never replaced), an outcome forgets the task; `cancelled` drops a queued task or
   cancels an assigned one's nodes (`Cancel`).
 - `status`: a queued task's position among the tasks that compete for its nodes (same
-  base model) and an ETA from the estimates ahead of it.
+  base model) and an ETA from each node's measured speed (speed.py): when enough of its
+  eligible nodes are free, counting what their running tasks have left, after the tasks
+  ahead of it, plus its own run; a running task's ETA is its predicted run less what it
+  has run. The times `apply` is given (`at`: when the stream stored the event) teach
+  the speed model: from a node's assignment to its `committed`.
 
 `pump` and `replace_overdue` decide lazily: each decision is applied to the state just
 before it is yielded, and the next one is made only when the caller asks for it. A
@@ -49,6 +57,8 @@ and hands the decision it could not carry out to `undo`.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -81,6 +91,7 @@ from stipple_common.vrf import SamplingProof, VrfKey
 
 from .selection import NodeIndex, NotEnoughNodes, Requirements, task_models
 from .settings import DispatcherSettings, parse_memory
+from .speed import Forecast, Job, SpeedModel, work_of
 
 H = TypeVar("H")
 """The I/O layer's handle on a task's held `submitted` message (a nats Msg): kept here
@@ -88,6 +99,10 @@ while the task is queued and handed back in the decision that ends its wait."""
 
 Carrier = Mapping[str, str]
 """A task's trace context (tracing.carrier()): what is done for it later continues its trace."""
+
+Forecasted: TypeAlias = tuple[float, tuple[int, ...], float, tuple[float, float, int], dict[str, float]]
+"""A model's last ETA pass: when, `_fingerprint`, its cost (s), the nodes' mean (overhead,
+per_work) and slot count, and each queued task's predicted end."""
 
 ReplaceReason: TypeAlias = Literal["not_accepted", "node_lost"]
 """Why a node is replaced (`TaskReassigned.reason`): it did not start in time, or it
@@ -113,6 +128,8 @@ class Task(Generic[H]):
     holding: set[str] = field(default_factory=set)  # nodes still holding a slot for it (not committed or errored)
     accepting: dict[str, float] = field(default_factory=dict)  # node -> when it was assigned, until it starts
     working: set[str] = field(default_factory=set)  # started, neither committed nor errored: watched for loss
+    began: dict[str, float] = field(default_factory=dict)  # node -> when it was assigned, kept once it started (ETAs)
+    last_commit: float = 0.0  # when its latest `committed` was stored (the validator's time is timed from it)
     sampling: SamplingProof | None = None  # the VRF's draw for this task (None: no key)
     copies: int = 1  # nodes it runs on: 1, or `replication` when sampled or `full`
     extended: int = 0  # nodes added by escalations (not reassignments)
@@ -244,6 +261,8 @@ class TaskQueue(Generic[H]):
         self.running: dict[str, Task[H]] = {}  # assigned, until its outcome
         self.demand: dict[str, deque[float]] = {}  # model ref -> when tasks asked for it
         self.prefetched: dict[str, float] = {}  # model ref -> its last pre-fetch round
+        self.speed = SpeedModel(settings.seconds_per_step, settings.eta_alpha, max_s=settings.task_timeout_s)
+        self._forecasts: dict[str, Forecasted] = {}  # model -> its last pass (`_forecast`)
 
     def requirements(self, spec: TaskSpec) -> Requirements:
         return Requirements(
@@ -252,6 +271,8 @@ class TaskQueue(Generic[H]):
             slots=self.settings.node_slots,
             version=__version__,
             class_operators=self.settings.class_operators,
+            warm_first=self.settings.warm_first,
+            warm_max_loaded=self.settings.warm_max_loaded,
         )
 
     # ------------------------------------------------------------------ events
@@ -292,8 +313,9 @@ class TaskQueue(Generic[H]):
         previous, task.held = task.held, held
         return previous
 
-    def apply(self, event: TaskEvent) -> list[Decision[H]]:
-        """Any task event but `submitted`: accept timers, slots, the end of a task."""
+    def apply(self, event: TaskEvent, at: float | None = None) -> list[Decision[H]]:
+        """Any task event but `submitted`: accept timers, slots, the end of a task; and, given
+        `at` (when the stream stored it), the node's speed (`_timed`)."""
         task_id = event.task_id
         out: list[Decision[H]] = []
         if isinstance(event, TaskCancelled):
@@ -302,7 +324,11 @@ class TaskQueue(Generic[H]):
         if task is None:
             return out
         if isinstance(event, (TaskStarted, TaskCommitted, NodeErrored)):
-            task.accepting.pop(event.node_id, None)
+            assigned_at = task.accepting.pop(event.node_id, None)
+            if assigned_at is not None:
+                task.began.setdefault(event.node_id, assigned_at)
+        if isinstance(event, (TaskCommitted, TaskSucceeded)) and at is not None:
+            self._timed(task, event, at)
         if isinstance(event, TaskStarted) and event.node_id in task.holding:  # not one replaced, committed or errored
             task.working.add(event.node_id)
         if isinstance(event, (TaskCommitted, NodeErrored)):
@@ -328,6 +354,21 @@ class TaskQueue(Generic[H]):
         freed = task.holding & set(nodes)
         self.index.assigned(freed, -1)
         task.holding -= freed
+
+    def _timed(self, task: Task[H], event: TaskCommitted | TaskSucceeded, at: float) -> None:
+        """Teach the speed model what this dispatcher saw: a node's run from its assignment
+        to its `committed` (not the `elapsed_s` the node claims), or the validator's time
+        from the last commitment to `succeeded`. Only a node that still held its slot (not
+        replaced, not one that erred) and whose assignment this process made is timed."""
+        if isinstance(event, TaskSucceeded):
+            if task.last_commit:
+                self.speed.observe_finish(at - task.last_commit)
+            return
+        since = task.began.get(event.node_id)
+        if since is None or event.node_id not in task.holding:
+            return
+        task.last_commit = max(task.last_commit, at)
+        self.speed.observe(event.node_id, task.event.spec, at - since)
 
     # ------------------------------------------------------------------ pre-fetch
 
@@ -373,13 +414,18 @@ class TaskQueue(Generic[H]):
         """Decide for the queued tasks, best first, while nodes are free (lazily: see the module)."""
         settings = self.settings
         blocked: set[str] = set()  # models with no free nodes in this pass
+        warm_blocked: set[str] = set()  # models with no free node that has them loaded, in this pass
         for task in sorted(self.queued.values(), key=lambda queued: queued.rank):
             event = task.event
             model = event.spec.model_name
             waited = now - event.submitted_at
             if model in blocked and waited < settings.dispatch_timeout_s:
                 continue
+            warm_only = self._warm_wait(task, waited, now)
+            if warm_only and model in warm_blocked:
+                continue
             started = time.perf_counter()
+            req = self.requirements(event.spec)
             try:
                 nodes = self.index.pick(
                     event.spec,
@@ -387,11 +433,11 @@ class TaskQueue(Generic[H]):
                     self.rng,
                     now=now,
                     ttl_s=settings.node_ttl_s,
-                    req=self.requirements(event.spec),
+                    req=dataclasses.replace(req, warm_only=True) if warm_only else req,
                 )
             except NotEnoughNodes as exc:
                 decision_s = time.perf_counter() - started
-                blocked.add(model)
+                (warm_blocked if warm_only else blocked).add(model)
                 if waited < settings.dispatch_timeout_s:
                     yield Wait(task_id=task.task_id, decision_s=decision_s)
                     continue
@@ -400,6 +446,16 @@ class TaskQueue(Generic[H]):
                 yield Abort(aborted=aborted, held=task.held, trace=task.trace, decision_s=decision_s)
                 continue
             yield self._assign(task, nodes, now, time.perf_counter() - started)
+
+    def _warm_wait(self, task: Task[H], waited: float, now: float) -> bool:
+        """Whether `task` waits for nodes that have its models loaded (`warm_wait_s`): it has
+        not waited that long yet, and enough live nodes, free or not, have them loaded. Loading
+        costs a node about as long, and delays the task as much: the wait is cheaper."""
+        settings = self.settings
+        if not settings.warm_first or waited >= settings.warm_wait_s:
+            return False
+        models = list(task_models(task.event.spec))
+        return self.index.warm_live(models, now, settings.node_ttl_s, settings.warm_max_loaded) >= task.copies
 
     def _assign(self, task: Task[H], nodes: list[str], now: float, decision_s: float) -> Assign[H]:
         deadline = now + self.settings.task_timeout_s
@@ -556,23 +612,138 @@ class TaskQueue(Generic[H]):
     # ------------------------------------------------------------------ questions
 
     def status(self, task_id: str, now: float) -> QueueStatus:
-        """Where a task stands in the queue: position among the tasks that compete for
-        the same nodes (same base model), and an ETA from the estimates ahead of it
-        (shared by the lanes: a task takes `expected_copies` live nodes serving the model
-        on average; what the sample drew for this task is not told)."""
+        """Where a task stands: a queued one's position among the tasks that compete for the
+        same nodes (same base model) and its ETA (`_forecast`); a running one's ETA alone
+        (`queued` False). The tasks ahead take `expected_copies` nodes on average, spread
+        over them by position; what the sample drew for any task is not told."""
         task = self.queued.get(task_id)
         if task is None:
-            return QueueStatus(task_id=task_id, queued=False)
+            running = self.running.get(task_id)
+            eta = self._remaining(running, now) if running is not None else 0.0
+            return QueueStatus(task_id=task_id, queued=False, eta_s=round(eta, 3))
         model = task.event.spec.model_name
         ahead = [q for q in sorted(self.queued.values(), key=lambda q: q.rank) if q.event.spec.model_name == model]
         position = ahead.index(task)
-        serving = self.index.serving_live(model, now, self.settings.node_ttl_s)
-        lanes = max(1.0, serving / self.expected_copies)
-        wait = sum(q.estimate_s for q in ahead[:position]) / lanes
+        end = self._forecast(model, ahead, position, now)
+        # no eligible live node (or too few for its copies): the estimates, one after another
+        queued_eta = end - now if end is not None else sum(q.estimate_s for q in ahead[: position + 1])
         return QueueStatus(
             task_id=task_id,
             queued=True,
             position=position,
             queue_length=len(self.queued),
-            eta_s=round(wait + task.estimate_s, 3),
+            eta_s=round(max(0.0, queued_eta), 3),
         )
+
+    SIMULATED = 1_000
+    """Queued tasks of a model placed one by one (`Forecast`); those behind them count as
+    their share of every node's time (a status answer stays cheap behind a long queue)."""
+
+    ETA_REUSE_S = 1.0
+    ETA_CHEAP_S = 0.005
+    """One pass gives every queued task of a model its ETA, and apps poll: a pass is reused
+    until something it depends on changes (`_fingerprint`), or, when it took longer than
+    `ETA_CHEAP_S` (thousands of nodes, where something changes all the time), for
+    `ETA_REUSE_S`; a task queued since is placed behind the last one ahead of it that the
+    pass placed, at the nodes' mean speed."""
+
+    def _copies(self, task: Task[H], position: int) -> int:
+        """Nodes a task is counted on at `position`: `replication` for `full` (the app's own
+        choice), else `expected_copies` spread over positions (1, 1, 1, 1, 2, ... at 1.2),
+        which tells nothing about what the VRF drew."""
+        if task.event.validation == "full":
+            return task.copies
+        expected = self.expected_copies
+        return max(1, math.floor((position + 1) * expected + 1e-9) - math.floor(position * expected + 1e-9))
+
+    def _fingerprint(self, model: str, now: float) -> tuple[int, ...]:
+        """What a model's forecast depends on, cheaply: the queue's and the nodes' state."""
+        live = self.index.serving_live(model, now, self.settings.node_ttl_s)
+        busy = int(self.index.inflight[: self.index.size].sum())
+        return (len(self.queued), len(self.running), busy, live, self.index.size, self.speed.observations)
+
+    def _forecast(self, model: str, tasks: list[Task[H]], position: int, now: float) -> float | None:
+        """When `tasks[position]` is predicted to end (absolute time), from a pass over a
+        model's queued tasks (`tasks`, in queue order: `_place`), made now or reused (see
+        `ETA_REUSE_S`); None when no eligible node is live."""
+        fingerprint = self._fingerprint(model, now)
+        cached = self._forecasts.get(model)
+        if cached is not None:
+            at, held, cost_s, tail, ends = cached
+            age = now - at
+            if 0 <= age <= self.ETA_REUSE_S and (held == fingerprint or cost_s > self.ETA_CHEAP_S):
+                end = ends.get(tasks[position].task_id)
+                if end is not None:
+                    return end
+                if ends:  # queued since (the fingerprint changed: an expensive pass is reused)
+                    before = next((ends[q.task_id] for q in reversed(tasks[:position]) if q.task_id in ends), now)
+                    overhead, per_work, slots = tail
+                    own = overhead + per_work * work_of(tasks[position].event.spec)
+                    return max(before, now + own) + own * self._copies(tasks[position], position) / slots
+        started = time.perf_counter()
+        ends, tail = self._place(tasks, now)
+        if len(self._forecasts) > 1_000:
+            self._forecasts.clear()
+        self._forecasts[model] = (now, fingerprint, time.perf_counter() - started, tail, ends)
+        return ends.get(tasks[position].task_id)
+
+    def _place(self, tasks: list[Task[H]], now: float) -> tuple[dict[str, float], tuple[float, float, int]]:
+        """When each of `tasks` (a model's queued tasks, in queue order) is predicted to end:
+        each on the earliest free eligible nodes (a node running tasks is free when their
+        predicted remainder ends), at each node's measured speed, plus the validator's usual
+        time; and the nodes' mean (overhead, per_work) and slot count. Empty when no eligible
+        node is live; a task that needs more nodes than there are, and those behind it, are
+        left out."""
+        spec = tasks[0].event.spec
+        req = dataclasses.replace(self.requirements(spec), slots=2**62)  # busy ones too: when do they free up?
+        rows = self.index.eligible(spec, now, self.settings.node_ttl_s, req)
+        if not len(rows):
+            return {}, (0.0, 0.0, 1)
+        ids = [self.index.ids[row] for row in rows]
+        where = {node: i for i, node in enumerate(ids)}
+        lines = np.array([self.speed.line(node, spec.model_name) for node in ids], dtype=np.float64)
+        ends: dict[int, list[float]] = {}
+        for running in self.running.values():
+            for node in running.holding:
+                i = where.get(node)
+                if i is not None:
+                    ends.setdefault(i, []).append(now + self._left(running, node, now))
+        # busy with tasks this process did not assign (a restart): half the first task's run left
+        halves = (now + 0.5 * (lines[:, 0] + lines[:, 1] * work_of(spec))).tolist()
+        inflight = self.index.inflight[rows].tolist()
+        per_node = self.settings.node_slots
+        slots: list[tuple[float, int]] = []
+        for i in range(len(ids)):
+            known = sorted(ends[i]) if i in ends else []
+            count = max(per_node, len(known))
+            known += [halves[i]] * max(0, min(inflight[i], count) - len(known))
+            slots += [(known[k] if k < len(known) else now, i) for k in range(count)]
+        forecast = Forecast(slots, lines, self.index.weights(rows, list(task_models(spec))), now)
+        finish_s = self.speed.finish_s
+        out: dict[str, float] = {}
+        end = now
+        overhead, per_work = lines.mean(axis=0)
+        for position, queued in enumerate(tasks):
+            work, copies = work_of(queued.event.spec), self._copies(queued, position)
+            if position < self.SIMULATED:
+                placed = forecast.place(Job(work, copies))
+                if placed is None:  # fewer eligible nodes than copies: it waits for nodes that are not there
+                    break
+                end = placed
+            else:  # the far ones: their work over every slot, at the mean speed
+                end += float(overhead + per_work * work) * copies / len(slots)
+            out[queued.task_id] = end + finish_s
+        return out, (float(overhead), float(per_work), len(slots))
+
+    def _left(self, task: Task[H], node: str, now: float) -> float:
+        """Seconds `node` is predicted to need yet for `task`: its predicted run less what
+        it has run; one overdue is given a tenth of its prediction more."""
+        since = task.began.get(node, task.accepting.get(node, now))
+        predicted = self.speed.predict(node, task.event.spec)
+        return max(predicted - (now - since), 0.1 * predicted)
+
+    def _remaining(self, task: Task[H], now: float) -> float:
+        """A running task's ETA: its slowest node still working, then the validator."""
+        if task.holding:
+            return max(self._left(task, node, now) for node in task.holding) + self.speed.finish_s
+        return max(0.0, self.speed.finish_s - (now - task.last_commit)) if task.last_commit else self.speed.finish_s

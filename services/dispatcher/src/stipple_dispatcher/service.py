@@ -21,7 +21,9 @@ the queued tasks' `submitted` messages through `bus.HeldMessages`.
   validator's commit deadline instead.
 
 Apps see a queued task's position and ETA through the gateway, which asks here by
-request-reply on ``dispatch.queue`` (answered from memory). The node index (selection.py)
+request-reply on ``dispatch.queue`` (answered from memory; the ETAs come from each node's
+speed as timed here: from its assignment to its `committed` as the stream stored it,
+queue.py and speed.py). The node index (selection.py)
 folds the NODES stream and the chain-indexer's `stakes` bucket (`follow_nodes`,
 `follow_stakes`); the metrics are declared in metrics.py.
 """
@@ -35,6 +37,7 @@ import time
 from collections.abc import Iterable
 
 import msgspec
+import nats.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -87,6 +90,17 @@ __all__ = [
 log = structlog.get_logger("stipple.dispatcher")
 
 
+def stored_at(msg: Msg) -> float:
+    """When the TASKS stream stored `msg` (the server's clock: a node cannot date its own
+    events), never later than this process's now; now for a message without JetStream
+    metadata. The ETAs' speed model is timed by it (queue.py `_timed`)."""
+    now = time.time()
+    try:
+        return min(now, msg.metadata.timestamp.timestamp())
+    except (nats.errors.NotJSMessageError, AttributeError, IndexError, ValueError):
+        return now
+
+
 class Dispatcher:
     """Carries out what `tasks` decides; every change to it happens under `lock`."""
 
@@ -112,7 +126,7 @@ class Dispatcher:
                 result = await self.escalated(event)
             else:
                 result = None
-                await self.carry_out(self.tasks.apply(event))
+                await self.carry_out(self.tasks.apply(event, at=stored_at(msg)))
             await self.pump()
         return result
 
