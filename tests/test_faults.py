@@ -10,14 +10,11 @@ no honest node judged wrong.
 from __future__ import annotations
 
 import asyncio
-import time
 
-import httpx
 import pytest
 
 from stipple_cli.network import LocalNetwork
-from stipple_common import bus, subjects
-from stipple_common.messages import TaskAborted, TaskCancelled, TaskSucceeded, decode_task_event
+from stipple_testkit.faults import check_all_succeeded_once, computing, outcomes, submit_batch, wait_live
 
 # The network runs as processes (eight interpreters importing torch and the services): its
 # start takes up to a minute and more on a cold machine, so these modules have five, and
@@ -49,65 +46,9 @@ def network(tmp_path_factory):
     net.stop()
 
 
-def submit_batch(network: LocalNetwork, steps: int = 6) -> list[str]:
-    task_ids = []
-    with httpx.Client(base_url=network.gateway_url, timeout=30) as http:
-        for i in range(BATCH):
-            body = {
-                "base_model": "tiny-sd",
-                "prompt": f"a lighthouse, take {i}",
-                "task_config": {"image_width": 128, "image_height": 128, "steps": steps, "seed": 100 + i},
-            }
-            response = http.post("/v1/tasks", json=body)
-            assert response.status_code == 202, response.text
-            task_ids.append(response.json()["task_id"])
-    return task_ids
-
-
-async def outcomes(nats_url: str, task_ids: list[str], timeout: float = 150.0) -> dict[str, list]:
-    """Every outcome event of every task, once all have one (or the time is up)."""
-    nc = await bus.connect(nats_url, "fault-test")
-    js = nc.jetstream()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            found = {}
-            for task_id in task_ids:
-                msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
-                events = [decode_task_event(m.subject, m.data) for m in msgs]
-                found[task_id] = [e for e in events if isinstance(e, (TaskSucceeded, TaskAborted, TaskCancelled))]
-            if all(found.values()) or time.monotonic() > deadline:
-                return found
-            await asyncio.sleep(0.5)
-    finally:
-        await nc.drain()
-
-
-def check_all_succeeded_once(found: dict[str, list], honest: set[str]) -> None:
-    missing = [task_id for task_id, events in found.items() if not events]
-    assert not missing, f"tasks that never ended: {missing}"
-    for task_id, events in found.items():
-        assert len(events) == 1, f"task {task_id} ended {len(events)} times: {events}"
-        (outcome,) = events
-        assert isinstance(outcome, TaskSucceeded), f"task {task_id}: {outcome}"
-        for node, verdict in outcome.verdicts.items():
-            if node in honest:
-                assert verdict in ("agree", "timeout"), f"task {task_id}: honest {node} judged {verdict}"
-
-
-def wait_live(network: LocalNetwork, count: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = network.health()
-        if health and health.get("live_nodes", 0) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"only {network.health()} after {timeout} s")
-
-
 @pytest.mark.parametrize("victim", ["dispatcher", "validator"])
 async def test_a_control_service_killed_mid_batch_loses_nothing(network: LocalNetwork, victim: str) -> None:
-    task_ids = submit_batch(network)
+    task_ids = submit_batch(network.gateway_url, BATCH)
     await asyncio.sleep(0.5)  # some tasks assigned, some queued, some committed
     network.kill(victim)
     await asyncio.sleep(2.0)
@@ -118,7 +59,7 @@ async def test_a_control_service_killed_mid_batch_loses_nothing(network: LocalNe
 
 async def test_a_node_killed_mid_task_is_timed_out_and_the_tasks_still_end(network: LocalNetwork) -> None:
     wait_live(network, 3)
-    task_ids = submit_batch(network, steps=20)
+    task_ids = submit_batch(network.gateway_url, BATCH, steps=20)
     ids = network.node_ids()
     victim_task = await computing(network.admin_url(), task_ids, ids["node-2"])
     network.kill("node-2")
@@ -130,22 +71,3 @@ async def test_a_node_killed_mid_task_is_timed_out_and_the_tasks_still_end(netwo
     check_all_succeeded_once(found, honest=set(ids.values()))
     assert found[victim_task][0].verdicts == {ids["node-1"]: "agree", ids["node-2"]: "timeout", ids["node-3"]: "agree"}
     assert found[victim_task][0].qos[ids["node-2"]] == 0
-
-
-async def computing(nats_url: str, task_ids: list[str], node: str, timeout: float = 60.0) -> str:
-    """A task `node` has started and not yet committed (the moment to kill it)."""
-    nc = await bus.connect(nats_url, "fault-test-watch")
-    js = nc.jetstream()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            for task_id in task_ids:
-                msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
-                events = [decode_task_event(m.subject, m.data) for m in msgs]
-                mine = {type(e).__name__ for e in events if getattr(e, "node_id", None) == node}
-                if mine == {"TaskStarted"}:
-                    return task_id
-            await asyncio.sleep(0.02)
-    finally:
-        await nc.drain()
-    raise AssertionError(f"{node} never started a task")

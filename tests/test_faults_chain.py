@@ -36,7 +36,8 @@ from stipple_cli.devchain import DevChain
 from stipple_cli.network import LocalNetwork
 from stipple_common import bus, subjects
 from stipple_common import chain as ch
-from stipple_common.messages import TaskAborted, TaskCancelled, TaskSucceeded, decode_task_event
+from stipple_common.messages import TaskAborted
+from stipple_testkit.faults import check_ended_once, outcomes, wait_live
 
 # The network runs as processes (eight interpreters importing torch and the services): its
 # start takes up to a minute and more on a cold machine, and each test waits for tasks to
@@ -126,32 +127,6 @@ def refused_while_away(network: LocalNetwork) -> None:
     assert response.json()["error"]["code"] == "chain_unavailable"
 
 
-async def outcomes(nats_url: str, task_ids: list[str], timeout: float = 150.0) -> dict[str, list[Any]]:
-    """Every outcome event of every task, once all have one (or the time is up)."""
-    nc = await bus.connect(nats_url, "fault-test")
-    js = nc.jetstream()
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            found = {}
-            for task_id in task_ids:
-                msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
-                events = [decode_task_event(m.subject, m.data) for m in msgs]
-                found[task_id] = [e for e in events if isinstance(e, TaskSucceeded | TaskAborted | TaskCancelled)]
-            if all(found.values()) or time.monotonic() > deadline:
-                return found
-            await asyncio.sleep(0.5)
-    finally:
-        await nc.drain()
-
-
-def check_ended_once(found: dict[str, list[Any]]) -> None:
-    missing = [task_id for task_id, events in found.items() if not events]
-    assert not missing, f"tasks that never ended: {missing}"
-    for task_id, events in found.items():
-        assert len(events) == 1, f"task {task_id} ended {len(events)} times: {events}"
-
-
 async def settled_on_chain(view: ChainView, task_ids: list[str], timeout: float = 150.0) -> dict[str, ch.TaskState]:
     """Each task's state once every one is settled or refunded (or the time is up)."""
     deadline = time.monotonic() + timeout
@@ -230,16 +205,6 @@ async def until_chain_errors(network: LocalNetwork, more_than: float, timeout: f
     while await chain_errors(network) <= more_than:
         assert time.monotonic() < deadline, "the chain-indexer never found the chain away"
         await asyncio.sleep(0.5)
-
-
-def wait_live(network: LocalNetwork, count: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = network.health()
-        if health and health.get("live_nodes", 0) >= count:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"only {network.health()} after {timeout} s")
 
 
 async def test_the_chain_indexer_killed_with_paid_tasks_in_flight_pays_each_once(network: LocalNetwork) -> None:

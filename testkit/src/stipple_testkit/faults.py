@@ -3,7 +3,7 @@
 every task's events are read back from the TASKS stream to check that each ended once,
 with the right outcome, and that no honest node was judged wrong.
 
-Besides the batch helpers (the same as tests/test_faults.py's), two loopback servers a
+Besides the batch helpers (every tests/test_faults*.py uses them), two loopback servers a
 fault test needs:
 
 - `TcpProxy`, a TCP proxy that can be cut (connections dropped, new ones refused) and
