@@ -1,17 +1,19 @@
 """What every service opens at start, in one AsyncExitStack: tracing, the metrics
 server (/metrics, /healthz, /readyz: health.py), NATS and JetStream (streams declared
 idempotently), optionally the blob store, and a stop Event set by SIGTERM/SIGINT.
-Closing marks the service unready, then drains NATS."""
+Closing marks the service unready, then drains NATS. `serve_as_leader` runs a stateful
+service as the active one of its replicas (a lease: lease.py), when STIPPLE_LEASE_S asks."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import signal
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from eth_account.signers.local import LocalAccount
@@ -25,9 +27,10 @@ from .blobstore import BlobStore, open_blob_store
 from .health import Health
 from .health import serve as serve_metrics_port
 from .identity import node_id_of, sign_nonce
+from .lease import UNAVAILABLE, Lease, LeaseLost, open_leases
 from .metrics import Metrics
 from .permissions import node_inbox_prefix
-from .settings import CommonSettings
+from .settings import CommonSettings, InvalidSettings
 
 log = structlog.get_logger("stipple.service")
 
@@ -175,3 +178,67 @@ async def open_service(
         ready.mark_ready()
         log.info("service_ready", service=name, nats=settings.nats_url, metrics_port=port)
         yield ServiceContext(name, nc, js, metrics, tracer, stop, store, port, ready)
+
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+
+async def serve_as_leader(
+    ctx: ServiceContext,
+    name: str,
+    settings: SettingsT,
+    serve: Callable[[ServiceContext, SettingsT], Coroutine[Any, Any, None]],
+) -> None:
+    """`serve(ctx, settings)`, as the active replica of service `name` (lease.py).
+
+    With ``lease_s`` 0 (the default) it serves at once, as a single replica does. With
+    ``lease_s`` > 0 the replica is a standby until it holds the lease (no consumers; the
+    metrics port answers), then serves while it renews the lease. A graceful stop gives
+    the lease back, so a standby takes over at once; a lost lease (taken, or not renewed
+    in time) sets `ctx.stop` and raises `LeaseLost`, so the process exits non-zero and
+    comes back as a standby. Cancelled (as by a SIGKILL), it neither serves nor releases:
+    the lease expires after its ttl."""
+    if settings.lease_s < 0:  # a Struct built in code is not validated as the environment is
+        raise InvalidSettings(f"STIPPLE_LEASE_S={settings.lease_s!r}: Expected `float` >= 0.0")
+    if settings.lease_s == 0:
+        await serve(ctx, settings)
+        return
+    instance = settings.instance or socket.gethostname()
+    log.info("lease_waiting", service=name, instance=instance, ttl_s=settings.lease_s)
+    while True:
+        try:
+            kv = await open_leases(ctx.js, replicas=settings.stream_replicas)
+            break
+        except UNAVAILABLE as exc:
+            log.warning("lease_kv_unavailable", lease=name, error=repr(exc))
+            try:
+                await asyncio.wait_for(ctx.stop.wait(), settings.lease_s / 3)
+                return
+            except TimeoutError:
+                pass
+    lease = Lease(kv, name, instance, ttl_s=settings.lease_s)
+    if not await lease.acquire(ctx.stop):
+        return  # stopped while a standby
+    keeper = asyncio.create_task(lease.keep(), name=f"lease-{name}")
+    server = asyncio.create_task(serve(ctx, settings), name=f"serve-{name}")
+    try:
+        await asyncio.wait({keeper, server}, return_when=asyncio.FIRST_COMPLETED)
+        if server.done():  # stopped (or failed): hand over at once
+            keeper.cancel()
+            await lease.release()
+            server.result()
+            return
+        lost = keeper.exception()
+        log.error("lease_lost", service=name, instance=instance, error=str(lost))
+        ctx.stop.set()
+        try:  # let it stop its consumers; in-flight work is redelivered to the next holder
+            await asyncio.wait_for(asyncio.shield(server), max(1.0, min(10.0, settings.lease_s)))
+        except TimeoutError:
+            log.warning("serve_not_stopped_after_lease_lost", service=name)
+        except Exception as exc:
+            log.warning("serve_failed_after_lease_lost", service=name, error=repr(exc))
+        raise lost if isinstance(lost, LeaseLost) else LeaseLost(f"lease {name!r} lost: {lost!r}")
+    finally:
+        for task in (keeper, server):
+            task.cancel()
+        await asyncio.gather(keeper, server, return_exceptions=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
 
@@ -51,6 +51,9 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     # what every service must agree on about nodes and tasks
     node_ttl_s: float = 10.0  # a node without a heartbeat for this long is not live
     replication: int = 3  # nodes a sampled or `full` task runs on (any task may be: the gateway needs that many live)
+    # active/standby replicas of the stateful services (dispatcher, validator, chain-indexer: lease.py)
+    lease_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0: no lease, serve at once; > 0: its ttl, wait for it
+    instance: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$|^$")] = ""  # "": the host name
 
 
 S = TypeVar("S", bound=msgspec.Struct)

@@ -31,7 +31,8 @@ Core NATS (not stored)
 - ``rpc.join.<node_id>``: "am I admitted, and if not, why?" (the gatekeeper answers).
 KV buckets (their records: records.py)
 - ``qos``, ``chain`` (deployment, cursor), ``stakes``, ``bans``, ``sampling`` (the VRF keys),
-  ``reservations`` (fees not yet escrowed), ``gateway-limits`` (shared rate limits); objects in IMAGES_BUCKET.
+  ``reservations`` (fees not yet escrowed), ``gateway-limits`` (shared rate limits), ``leases`` (which
+  replica is active: lease.py); objects in IMAGES_BUCKET.
 Durable consumers (their configurations are built here, so every instance of a service
 shares one): `dispatcher_consumer`, `validator_consumer`, `settler_consumer` and
 `webhooks_consumer` on TASKS; `node_work_consumer` and `node_control_consumer` on WORK.
@@ -70,6 +71,7 @@ SAMPLING_BUCKET = "sampling"  # KV: VRF public key (hex) -> the rate it sampled 
 BANS_BUCKET = "bans"  # KV: node id -> why and until when it may not join (the validator's sentinel writes it)
 RESERVATIONS_BUCKET = "reservations"  # KV (the chain-indexer's): custodial account -> fees reserved, not yet escrowed
 LIMITS_BUCKET = "gateway-limits"  # KV (the gateways'): API key or client IP -> its shared token bucket (limits.py)
+LEASES_BUCKET = "leases"  # KV: service name -> which instance is its active replica, until when (lease.py)
 GATEKEEPER_QUEUE = "gatekeeper"
 
 # tasks.<task_id>.<event>.<node_id>: published by a node, about its own part in a task

@@ -45,7 +45,7 @@ from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
 from stipple_common.messages import ChainLog
 from stipple_common.records import IndexedStake
-from stipple_common.service import ServiceContext, open_service
+from stipple_common.service import ServiceContext, open_service, serve_as_leader
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .follower import ChainFollower
@@ -209,7 +209,7 @@ def embedded_setup(w3: Any, sender: str, settings: IndexerSettings) -> ch.Deploy
 async def run(settings: IndexerSettings) -> None:
     setup_logging("chain-indexer", level=settings.log_level, fmt=settings.log_format)
     async with open_service("chain-indexer", settings) as ctx:
-        await serve(ctx, settings)
+        await serve_as_leader(ctx, "chain-indexer", settings, serve)  # STIPPLE_LEASE_S > 0: active/standby
 
 
 async def serve(

@@ -67,7 +67,7 @@ from stipple_common.messages import (
     decode_node_event,
     decode_task_event,
 )
-from stipple_common.service import ServiceContext, open_service
+from stipple_common.service import ServiceContext, open_service, serve_as_leader
 from stipple_common.settings import InvalidSettings
 from stipple_common.vrf import VrfKey
 
@@ -558,7 +558,7 @@ async def publish_sampling_key(ctx: ServiceContext, key: VrfKey, settings: Dispa
 async def run(settings: DispatcherSettings) -> None:
     setup_logging("dispatcher", level=settings.log_level, fmt=settings.log_format)
     async with open_service("dispatcher", settings) as ctx:
-        await serve(ctx, settings)
+        await serve_as_leader(ctx, "dispatcher", settings, serve)  # STIPPLE_LEASE_S > 0: active/standby
 
 
 async def serve(ctx: ServiceContext, settings: DispatcherSettings) -> None:

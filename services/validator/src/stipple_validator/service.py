@@ -65,7 +65,7 @@ from stipple_common.messages import (
     decode_task_event,
 )
 from stipple_common.nodes import NodeDirectory
-from stipple_common.service import ServiceContext, open_service
+from stipple_common.service import ServiceContext, open_service, serve_as_leader
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .blobcheck import BlobChecker
@@ -388,7 +388,7 @@ def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
 async def run(settings: ValidatorSettings) -> None:
     setup_logging("validator", level=settings.log_level, fmt=settings.log_format)
     async with open_service("validator", settings, blobs=True) as ctx:
-        await serve(ctx, settings)
+        await serve_as_leader(ctx, "validator", settings, serve)  # STIPPLE_LEASE_S > 0: active/standby
 
 
 def latent_tolerance(settings: ValidatorSettings) -> tuple[float, ...] | None:

@@ -1,0 +1,205 @@
+"""A lease in NATS KV: which replica of a stateful service is the active one.
+
+The dispatcher (its queue and node index), the validator (its fold of each task's events)
+and the chain-indexer (its cursor) keep state in memory that one process must own: two
+consumers sharing one durable would each see part of a task's events. So these services
+run active/standby: every replica opens its service, and only the holder of the lease
+consumes; the others wait for it (docs/architecture.md, "Replicas and leases").
+
+The lease is one key per service name in the ``leases`` bucket (history 1). Its value is
+the holder (the instance name: the pod's host name by default) and when it expires (wall
+clock); nothing else. Every write is a compare-and-set on the key's revision:
+
+- acquire: ``create`` when there is no key (or only a tombstone after a release);
+  ``update(last=revision)`` when the record has expired, or when its holder is this same
+  instance name (a process restarted under the same name takes its own lease back at
+  once, without waiting out the ttl: its previous life is gone);
+- renew: every ttl/3, ``update(last=revision)`` with a new expiry;
+- lost: a renewal whose CAS fails (another instance took the key), or no renewal that
+  succeeded before the local expiry (the KV unavailable, an election: `bus.BUS_AWAY`
+  errors are retried until then). The holder then stops serving.
+
+The revision of the holder's last write is a fencing token (`Lease.revision`): it only
+grows, and a write it guards by ``last=revision`` fails once another instance has taken
+the key.
+
+Clocks: expiry is compared on wall clocks (``time.time()``) of different hosts, so they
+must agree (NTP keeps them within milliseconds). A taker waits `skew_s` (ttl/10 by
+default: 1 s of a 10 s lease) past the recorded expiry before it takes an expired lease,
+and a holder gives up at its own expiry measured on its monotonic clock from the moment
+it sent its last successful renewal, which is never later than the recorded expiry. So
+two holders cannot overlap unless the clocks disagree by more than `skew_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats.errors
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from . import bus
+from .errors import StippleError
+from .subjects import LEASES_BUCKET
+
+log = structlog.get_logger("stipple.lease")
+
+DEFAULT_TTL_S = 10.0
+
+# a KV call that did not get an answer: retried until the lease's own expiry
+UNAVAILABLE: tuple[type[Exception], ...] = (*bus.BUS_AWAY_OR_SLOW, nats.errors.ConnectionReconnectingError)
+
+
+class LeaseLost(StippleError):
+    """This instance no longer holds its service's lease: it must stop serving (and its
+    process exit non-zero, so that it comes back as a standby)."""
+
+    code = "lease_lost"
+
+
+class LeaseRecord(msgspec.Struct, frozen=True):
+    holder: str  # the instance name
+    expires_at: float  # wall clock (time.time())
+
+
+_decoder = msgspec.json.Decoder(LeaseRecord)
+
+
+async def open_leases(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
+    """The ``leases`` bucket (created when missing; history 1)."""
+    return await js.create_key_value(KeyValueConfig(bucket=LEASES_BUCKET, history=1, replicas=replicas))
+
+
+class Lease:
+    """The lease of service `name` as instance `instance` sees it (see the module docstring)."""
+
+    def __init__(
+        self, kv: KeyValue, name: str, instance: str, *, ttl_s: float = DEFAULT_TTL_S, skew_s: float | None = None
+    ) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s={ttl_s!r}: must be above 0")
+        if not instance:
+            raise ValueError("instance: must not be empty")
+        self.kv = kv
+        self.name = name
+        self.instance = instance
+        self.ttl_s = ttl_s
+        self.skew_s = ttl_s / 10 if skew_s is None else skew_s
+        self.revision = 0  # the fencing token: the revision of this instance's last write; 0 while not held
+        self._deadline = 0.0  # monotonic: when this instance's hold ends unless renewed
+        self.lost = asyncio.Event()  # set when a held lease is lost
+
+    @property
+    def held(self) -> bool:
+        return self.revision > 0 and not self.lost.is_set() and time.monotonic() < self._deadline
+
+    def _record(self) -> bytes:
+        return msgspec.json.encode(LeaseRecord(holder=self.instance, expires_at=time.time() + self.ttl_s))
+
+    def _took(self, revision: int, sent: float) -> None:
+        self.revision = revision
+        self._deadline = sent + self.ttl_s
+        self.lost.clear()
+
+    async def try_acquire(self) -> float:
+        """One attempt: 0.0 when this instance holds the lease now, otherwise how long to
+        wait before the current holder's lease may be taken (seconds, above 0). KV errors
+        are raised."""
+        sent = time.monotonic()
+        try:
+            entry = await self.kv.get(self.name)
+        except (KeyNotFoundError, KeyDeletedError):  # nobody holds it (or its holder released it)
+            try:
+                revision = await self.kv.create(self.name, self._record())
+            except KeyWrongLastSequenceError:  # another instance created it first
+                return self.ttl_s / 3
+            self._took(revision, sent)
+            return 0.0
+        try:
+            record = _decoder.decode(entry.value or b"")
+        except msgspec.DecodeError:  # not ours to read: take it as expired
+            record = LeaseRecord(holder="", expires_at=0.0)
+        wait = record.expires_at + self.skew_s - time.time()
+        if record.holder != self.instance and wait > 0:
+            return min(wait, self.ttl_s / 3)
+        try:
+            assert entry.revision is not None
+            revision = await self.kv.update(self.name, self._record(), last=entry.revision)
+        except KeyWrongLastSequenceError:  # another instance took it (or its holder renewed) meanwhile
+            return self.ttl_s / 3
+        self._took(revision, sent)
+        if record.holder == self.instance:
+            log.info("lease_taken_back", lease=self.name, instance=self.instance, revision=revision)
+        return 0.0
+
+    async def acquire(self, stop: asyncio.Event | None = None) -> bool:
+        """Wait until this instance holds the lease (True), or `stop` is set first (False).
+        A KV that does not answer is tried again (a standby waits anyway)."""
+        while stop is None or not stop.is_set():
+            try:
+                wait = await self.try_acquire()
+            except UNAVAILABLE as exc:
+                log.warning("lease_kv_unavailable", lease=self.name, error=repr(exc))
+                wait = self.ttl_s / 3
+            if wait == 0.0:
+                log.info("lease_acquired", lease=self.name, instance=self.instance, revision=self.revision)
+                return True
+            if stop is None:
+                await asyncio.sleep(wait)
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), wait)
+            except TimeoutError:
+                pass
+        return False
+
+    async def renew(self) -> None:
+        """One renewal (CAS on the last revision). Raises `LeaseLost` when another instance
+        took the key, or the hold already ended; KV errors are raised."""
+        if not self.held:
+            raise self._lose("expired")
+        sent = time.monotonic()
+        try:
+            revision = await self.kv.update(self.name, self._record(), last=self.revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError, KeyDeletedError):
+            raise self._lose("taken") from None
+        self._took(revision, sent)
+
+    async def keep(self) -> None:
+        """Renew every ttl/3 while held; returns only by raising `LeaseLost` (or when
+        cancelled). A KV that does not answer is tried again until the local expiry."""
+        while True:
+            pause = self.ttl_s / 3
+            try:  # never waits past the hold's end (a reconnecting client would wait its request timeout)
+                await asyncio.wait_for(self.renew(), max(0.01, self._deadline - time.monotonic()))
+            except UNAVAILABLE as exc:
+                log.warning("lease_kv_unavailable", lease=self.name, error=repr(exc))
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise self._lose("kv_unavailable") from None
+                pause = min(pause / 3, left)
+            await asyncio.sleep(pause)
+
+    async def release(self) -> None:
+        """Give the lease up (a graceful stop): the key is deleted if this instance still
+        holds it, so a standby takes it at once. Errors are logged, never raised: at worst
+        the lease expires."""
+        if self.revision == 0:
+            return
+        revision, self.revision = self.revision, 0
+        try:
+            await self.kv.delete(self.name, last=revision)
+            log.info("lease_released", lease=self.name, instance=self.instance)
+        except Exception as exc:  # taken meanwhile, or the KV away: it expires on its own
+            log.warning("lease_release_failed", lease=self.name, error=repr(exc))
+
+    def _lose(self, why: str) -> LeaseLost:
+        self.lost.set()
+        self.revision = 0
+        return LeaseLost(f"lease {self.name!r} of instance {self.instance!r} lost: {why}")
