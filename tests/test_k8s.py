@@ -816,3 +816,24 @@ def test_every_stipple_image_has_a_dockerfile_and_a_tag_in_each_overlay(
             assert (ROOT / "services" / name / "Dockerfile").is_file(), name
         tagged = yaml.safe_load((K8S / target / "kustomization.yaml").read_text())["images"]
         assert {i["name"].removeprefix(k8s_check.STIPPLE_IMAGE) for i in tagged} == names, target
+
+
+@pytest.mark.slow
+def test_production_runs_the_stateful_services_active_and_standby_and_two_gateways(
+    renders: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Losing one replica loses nothing: two gateways (stateless), and two of each service
+    whose state is in memory, one of them holding the KV lease (STIPPLE_LEASE_S), each
+    named by its pod (STIPPLE_INSTANCE: a lease holder's name must be its own)."""
+    objects = renders["overlays/production"]
+    assert int(_get(objects, "ConfigMap", "stipple-config")["data"]["STIPPLE_LEASE_S"]) > 0
+    assert _get(objects, "Deployment", "gateway")["spec"]["replicas"] == 2
+    for name in ("dispatcher", "validator", "chain-indexer"):
+        deployment = _get(objects, "Deployment", name)
+        assert deployment["spec"]["replicas"] == 2, name
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, name
+        env = {e["name"]: e for e in _containers(deployment)[0]["env"]}
+        assert env["STIPPLE_INSTANCE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", name
+    dev = renders["overlays/dev"]
+    assert "STIPPLE_LEASE_S" not in _get(dev, "ConfigMap", "stipple-config")["data"]
+    assert _get(dev, "Deployment", "dispatcher")["spec"]["replicas"] == 1
