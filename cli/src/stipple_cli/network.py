@@ -66,6 +66,7 @@ class LocalNetwork:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8080  # gateway; 0 picks a free one
+    gateways: int = 1  # replicas of the stateless gateway (the first on `port`, the others on free ports)
     nodes: int = 3
     nats_url: str | None = None  # None: start an embedded nats-server
     verbose: bool = False  # service logs to this terminal instead of files
@@ -75,6 +76,7 @@ class LocalNetwork:
     nats: NatsServer | None = None
     credentials: NetworkCredentials | None = None  # the embedded server's (None with an external NATS)
     devchain: DevChain | None = None  # once started, with the chain
+    gateway_ports: list[int] = field(default_factory=list)  # every gateway's, the first is `port` (once started)
 
     @property
     def chain_url(self) -> str:
@@ -86,6 +88,16 @@ class LocalNetwork:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def gateway_urls(self) -> list[str]:
+        """Every gateway replica's URL: "gateway" first, then "gateway-2", ..."""
+        return [f"http://{self.host}:{port}" for port in self.gateway_ports or [self.port]]
+
+    @staticmethod
+    def gateway_name(i: int) -> str:
+        """The service name of the `i`-th gateway (from 1): "gateway", "gateway-2", ..."""
+        return "gateway" if i == 1 else f"gateway-{i}"
+
+    @property
     def model_dir(self) -> Path:
         return self.data_dir / "models" / TINY_MODEL
 
@@ -95,6 +107,7 @@ class LocalNetwork:
         (self.data_dir / "logs").mkdir(exist_ok=True)
         if self.port == 0:
             self.port = free_port(self.host)
+        self.gateway_ports = [self.port] + [free_port(self.host) for _ in range(self.gateways - 1)]
         try:
             if self.nats_url is None:
                 self.nats, self.credentials = start_secured(self.data_dir / "nats")
@@ -112,9 +125,13 @@ class LocalNetwork:
             # with the chain: nodes stake the minimum with their own keys at start; the
             # gatekeeper admits, and the dispatcher picks, only nodes whose stake is indexed
             staked = {"STIPPLE_MIN_STAKE": str(MIN_STAKE)} if self.chain else {}
-            gateway_env = {**self._as("gateway", common), "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
+            gateway_env = {**self._as("gateway", common), "STIPPLE_HOST": self.host}
+            # replicas share nothing but the bus: limits in KV, idempotency in the TASKS stream
             self.services = [
-                Service("gateway", "stipple_gateway", gateway_env, metrics_port=self.port),
+                Service(self.gateway_name(i), "stipple_gateway", {**gateway_env, "STIPPLE_PORT": str(port)}, port)
+                for i, port in enumerate(self.gateway_ports, start=1)
+            ]
+            self.services += [
                 self._with_metrics(
                     Service("dispatcher", "stipple_dispatcher", {**self._as("dispatcher", common), **staked})
                 ),
@@ -256,9 +273,9 @@ class LocalNetwork:
     def dead(self) -> list[Service]:
         return [s for s in self.services if s.process is not None and s.process.returncode is not None]
 
-    def health(self) -> dict[str, Any] | None:
+    def health(self, gateway_url: str | None = None) -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=2) as response:
+            with urllib.request.urlopen(f"{gateway_url or self.gateway_url}/healthz", timeout=2) as response:
                 return json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError):
             return None
@@ -270,8 +287,8 @@ class LocalNetwork:
                 service = dead[0]
                 code = service.process.returncode if service.process else "?"
                 raise NetworkError(f"{service.name} exited with code {code}:\n{service.tail()}")
-            health = self.health()
-            if health and health.get("live_nodes", 0) >= self.nodes:
+            healths = [self.health(url) for url in self.gateway_urls]
+            if all(health and health.get("live_nodes", 0) >= self.nodes for health in healths):
                 return
             time.sleep(0.2)
         raise NetworkError(f"the network was not ready within {timeout:g} s (last health: {self.health()})")

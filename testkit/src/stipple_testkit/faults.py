@@ -84,6 +84,17 @@ async def events_of(nats_url: str, task_id: str) -> list[TaskEvent]:
         await nc.drain()
 
 
+async def submitted_ids(nats_url: str) -> list[str]:
+    """The task id of every `submitted` event in the TASKS stream, in stream order (a task
+    submitted twice would be there twice, if the stream's deduplication ever let it)."""
+    nc = await bus.connect(nats_url, "fault-test-submitted")
+    try:
+        msgs = await bus.read_messages(nc.jetstream(), subjects.TASKS_STREAM, "tasks.*.submitted")
+        return [decode_task_event(m.subject, m.data).task_id for m in msgs]
+    finally:
+        await nc.drain()
+
+
 async def outcomes(nats_url: str, task_ids: Iterable[str], timeout: float = 150.0) -> dict[str, list[Outcome]]:
     """Every outcome event of every task, once all have one (or the time is up)."""
     ids = list(task_ids)
