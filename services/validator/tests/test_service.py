@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import msgspec
+import nats.errors
 import pytest
 
 from stipple_common import bus, checkpoints, subjects
@@ -124,7 +125,7 @@ def honest(pictures, task_id, node, picture=0) -> Stored:
     return Stored(png, image)
 
 
-async def reveal(net, task_id, node, stored: Stored, *, answer=True, delay=0.0):
+async def reveal(net, task_id, node, stored: Stored, *, answer=True, delay=0.0, patience=10.0):
     """Act as a node: store the image (the blob intake's write), commit to the result,
     wait for the validator's request, reveal (unless `answer` is False). Returns once
     committed; the reveal runs on."""
@@ -141,8 +142,15 @@ async def reveal(net, task_id, node, stored: Stored, *, answer=True, delay=0.0):
     await bus.publish(js, subjects.task_subject(task_id, "committed", node), commit, msg_id=f"{task_id}:{node}:c")
 
     async def on_request():
+        give_up = time.monotonic() + patience
         while True:
-            for msg in await requests.fetch(1, timeout=10):
+            try:
+                msgs = await requests.fetch(1, timeout=min(10.0, max(0.1, give_up - time.monotonic())))
+            except nats.errors.TimeoutError:
+                if time.monotonic() < give_up:
+                    continue
+                raise
+            for msg in msgs:
                 await msg.ack()
                 request = control_decoder.decode(msg.data)
                 if isinstance(request, RevealRequest) and request.task_id == task_id:
@@ -512,3 +520,66 @@ async def test_an_escalation_no_node_answers_decides_with_what_is_in_and_slashes
     assert isinstance(result, TaskAborted)
     assert result.reason == "no_agreement"
     assert result.verdicts == {a: "undecided", b: "undecided", c: "timeout"}
+
+
+@pytest.mark.timeout(120)  # a lease ttl, then up to the consumer's 30 s ack wait for what the dead one held
+async def test_the_standby_validator_takes_over_a_killed_active_one_and_decides_its_tasks(fresh_nats_url, pictures):
+    """Two validators, active/standby by the lease (STIPPLE_LEASE_S): the active one is
+    killed (its connection closed, its lease not released: as a SIGKILL) while a task waits
+    for its reveals; the standby takes the lease after its ttl, rebuilds the task from the
+    stream, asks for the reveals again if need be, and decides it."""
+    from stipple_common.service import serve_as_leader
+
+    served: list[str] = []
+
+    def recorded(instance):
+        async def serving(ctx, settings):
+            served.append(instance)
+            await serve(ctx, settings)
+
+        return serving
+
+    def settings_of(instance):
+        return ValidatorSettings(
+            nats_url=fresh_nats_url,
+            phash_threshold=4,
+            deadline_grace_s=0.1,
+            reveal_timeout_s=60.0,  # the reveals outwait the takeover
+            max_blob_bytes=MAX_BLOB_BYTES,
+            lease_s=2.0,
+            instance=instance,
+        )
+
+    stop_a, stop_b = asyncio.Event(), asyncio.Event()
+    a_service = open_service("validator", settings_of("v0"), blobs=True, stop=stop_a)
+    first = await a_service.__aenter__()
+    now = time.time()
+    await publish_joined(first.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
+    a_runs = asyncio.create_task(serve_as_leader(first, "validator", settings_of("v0"), recorded("v0")))
+    async with open_service("validator", settings_of("v1"), blobs=True, stop=stop_b) as second:
+        b_runs = asyncio.create_task(serve_as_leader(second, "validator", settings_of("v1"), recorded("v1")))
+        try:
+            before = await start_task(second.js)
+            for node in (a, b, c):
+                await reveal(second, before, node, honest(pictures, before, node))
+            assert isinstance(await outcome(second.js, before, timeout=20), TaskSucceeded)
+            assert served == ["v0"]  # the standby consumed nothing
+
+            during = await start_task(second.js)
+            for node in (a, b, c):  # committed; each reveals when asked, by whichever validator
+                await reveal(second, during, node, honest(pictures, during, node), patience=60.0)
+            await first.nc.close()  # as a SIGKILL
+            a_runs.cancel()
+            stop_a.set()
+            await asyncio.gather(a_runs, return_exceptions=True)
+            await a_service.__aexit__(None, None, None)
+
+            # the standby holds the lease after its ttl; what the dead one held unacknowledged
+            # comes back after the consumer's ack wait (30 s): the takeover's worst case
+            result = await outcome(second.js, during, timeout=60)
+            assert isinstance(result, TaskSucceeded)
+            assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
+            assert served == ["v0", "v1"]
+        finally:
+            stop_b.set()
+            await asyncio.wait_for(b_runs, 10)
