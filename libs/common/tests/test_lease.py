@@ -8,7 +8,7 @@ import uuid
 
 import msgspec
 import pytest
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError
 
 from stipple_common.lease import Lease, LeaseLost, LeaseRecord, open_leases
 from stipple_common.natsserver import NatsServer
@@ -104,9 +104,16 @@ async def test_a_holder_whose_key_another_instance_took_sees_it_lost(kv):
     a = Lease(kv, name, "a", ttl_s=TTL)
     assert await a.acquire()
     keeper = asyncio.create_task(a.keep())
-    _, revision = await record_of(kv, name)
     stolen = msgspec.json.encode(LeaseRecord(holder="b", expires_at=1e12))
-    await kv.update(name, stolen, last=revision)  # a CAS of another instance (say its clock ran ahead)
+    for _ in range(50):  # a CAS of another instance (say its clock ran ahead), between two renewals
+        _, revision = await record_of(kv, name)
+        try:
+            await kv.update(name, stolen, last=revision)
+            break
+        except BadRequestError:  # the holder renewed since the read: read again
+            continue
+    else:
+        raise AssertionError("the key could not be taken between renewals")
     with pytest.raises(LeaseLost, match="taken"):
         await asyncio.wait_for(keeper, 10)
     assert a.lost.is_set()
