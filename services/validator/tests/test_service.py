@@ -583,3 +583,48 @@ async def test_the_standby_validator_takes_over_a_killed_active_one_and_decides_
         finally:
             stop_b.set()
             await asyncio.wait_for(b_runs, 10)
+
+
+async def test_a_task_whose_commitments_the_consumer_lost_is_found_by_the_sweep_and_decided(
+    fresh_nats_url, pictures, monkeypatch
+):
+    """Every `committed` of a task is lost on the way to the validator (acknowledged and
+    dropped, as a message lost while the cluster elected a leader): the task's fold goes
+    quiet, the sweep checks it against the stream, finds every commitment in, opens the
+    reveal and decides, long before the commit deadline (30 s) would have."""
+    from stipple_validator.service import Validator
+
+    lost: set[str] = set()
+    original = Validator.handle
+
+    async def losing(self, msg):
+        if subjects.subject_token(msg.subject, 2) == "committed" and subjects.subject_token(msg.subject, 1) in lost:
+            return None  # acknowledged, never folded
+        return await original(self, msg)
+
+    monkeypatch.setattr(Validator, "handle", losing)
+    settings = ValidatorSettings(
+        nats_url=fresh_nats_url,
+        phash_threshold=4,
+        deadline_grace_s=0.1,
+        reveal_timeout_s=5.0,
+        max_blob_bytes=MAX_BLOB_BYTES,
+        sweep_quiet_s=1.0,
+        sweep_every_s=0.2,
+    )
+    stop = asyncio.Event()
+    async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
+        now = time.time()
+        await publish_joined(ctx.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
+        runner = asyncio.create_task(serve(ctx, settings))
+        try:
+            task_id = await start_task(ctx.js, deadline_in=30)
+            lost.add(task_id)
+            for node in (a, b, c):
+                await reveal(ctx, task_id, node, honest(pictures, task_id, node))
+            result = await outcome(ctx.js, task_id, timeout=15)  # the commit deadline is 30 s away
+            assert isinstance(result, TaskSucceeded)
+            assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
+        finally:
+            stop.set()
+            await asyncio.wait_for(runner, 10)

@@ -34,6 +34,7 @@ decision to the deadlines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -103,12 +104,17 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     # plus this for nodes to reconnect and publish, up to max_reveal_extension_s in all
     bus_recovery_s: float = 5.0
     max_reveal_extension_s: float = 120.0
+    # an open task quiet this long is checked against the stream and taken as far as its
+    # timer would take it (a lost event or timer); 0: never
+    sweep_quiet_s: float = 20.0
+    sweep_every_s: float = 5.0
 
 
 @dataclass(frozen=True)
 class _Folded:
     task: Task
     seq: int  # the last stream sequence folded in
+    at: float = 0.0  # when (time.monotonic()) the fold last changed or was checked against the stream
 
 
 class Validator:
@@ -156,6 +162,11 @@ class Validator:
             return None
         if not task.nodes:
             return None
+        return await self.advance(task_id, task, event_name)
+
+    async def advance(self, task_id: str, task: Task, event_name: str) -> bus.Redeliver | None:
+        """Take an open task (with nodes) as far as `event_name` lets it go now: open the
+        reveal, decide, escalate, or say when to look again (a timer)."""
         now = time.time()
         if task.status == "escalating":
             return await self.escalating(task, event_name, now)
@@ -189,6 +200,44 @@ class Validator:
         elif assigning:
             return bus.Redeliver(delay=(task.deadline or 0) - now + self.settings.deadline_grace_s)
         return None
+
+    async def sweep(self, stop: asyncio.Event) -> None:
+        """Every `sweep_every_s`, `sweep_once` (until `stop`); `sweep_quiet_s` 0 turns it off."""
+        if self.settings.sweep_quiet_s <= 0:
+            return
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.sweep_every_s)
+            if stop.is_set():
+                return
+            try:
+                await self.sweep_once()
+            except Exception:  # the bus away (an election): the next sweep tries again
+                log.exception("sweep_failed")
+
+    async def sweep_once(self) -> int:
+        """Check every open task that has been quiet for `sweep_quiet_s` (no event folded,
+        not checked) against the stream, and take it as far as its timer would: a task whose
+        events or timer the consumer lost (a message dropped while the cluster elected a
+        leader) still opens its reveal and ends at its deadline. Costs one stream read per
+        quiet task per `sweep_quiet_s`. Returns how many were checked."""
+        quiet_since = time.monotonic() - self.settings.sweep_quiet_s
+        checked = 0
+        for task_id, folded in list(self.tasks.items()):
+            if folded.task.finished or not folded.task.nodes or folded.at > quiet_since:
+                continue  # (a task without nodes waits in the dispatcher's queue: its clock's)
+            checked += 1
+            task = await self.verified(task_id)  # refreshes the fold's time too
+            if task is None:
+                self.tasks.pop(task_id, None)  # nothing stored (purged): nothing to decide
+                continue
+            if task.finished or not task.nodes:
+                continue
+            timer = {"revealing": "reveal", "escalating": "escalated"}.get(task.status, "assigned")
+            await self.advance(task_id, task, timer)
+        if checked:
+            log.info("sweep_checked", tasks=checked)
+        return checked
 
     def reveal_due(self, task: Task, now: float) -> float:
         """When the reveal stage is decided: its deadline, moved by the time this process
@@ -282,7 +331,7 @@ class Validator:
         return task
 
     def _remember(self, task_id: str, task: Task, seq: int) -> None:
-        self.tasks[task_id] = _Folded(task, seq)
+        self.tasks[task_id] = _Folded(task, seq, time.monotonic())
         self.tasks.move_to_end(task_id)
         while len(self.tasks) > self.settings.fold_cache:
             self.tasks.popitem(last=False)
@@ -457,6 +506,7 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     if isinstance(ctx.blobs, JetStreamBlobStore):
         watched.append(f"OBJ_{ctx.blobs.bucket}")
     watching = asyncio.create_task(bus.watch_bus(ctx.js, watched, ctx.stop))
+    sweeping = asyncio.create_task(validator.sweep(ctx.stop))
     try:
         await ctx.consume(
             subjects.TASKS_STREAM, subjects.validator_consumer(), validator.handle, on_rejected=validator.on_rejected
@@ -465,4 +515,5 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
         ctx.stop.set()
         await probing
         await watching
+        await sweeping
         await sub.unsubscribe()  # type: ignore[attr-defined]
