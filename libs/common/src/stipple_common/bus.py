@@ -140,28 +140,29 @@ async def watch_bus(
             await asyncio.wait_for(stop.wait(), every_s)
 
 
-def _bus_pause(attempt: int) -> float:
-    """The wait before trying the bus again: 0.25 s, doubling to 1 s (each try also keeps
-    the handled message alive, so the wait stays well within the shortest ack wait, 10 s)."""
-    return float(min(1.0, 0.25 * 2 ** min(attempt - 1, 4)))
-
-
-async def patiently(call: Callable[[], Awaitable[T]]) -> T:
+async def patiently(call: Callable[[], Awaitable[T]], *, whole_handler: bool = False) -> T:
     """`call()`, again and again while it fails with a `BUS_AWAY` error and the patience
-    this context has left lasts (none outside a handler: the error is raised at once)."""
+    this context has left lasts (none outside a handler: the error is raised at once).
+    Each try keeps the handled message alive; the pause (0.25 s doubling to 1 s) stays well
+    within the shortest ack wait, 10 s. A publish that succeeds shows the bus is back
+    (`weather.fair`); a whole handler that succeeds shows nothing (it may not have used it)."""
     attempt = 0
     while True:
         try:
             result = await call()
-        except BUS_AWAY:
+        except BUS_AWAY as exc:
             weather.away()
             attempt += 1
-            if time.monotonic() >= _patience.get():
+            left = _patience.get() - time.monotonic()
+            if left <= 0:
                 raise
+            if whole_handler:
+                log.warning("handler_waits_for_bus", error=type(exc).__name__, attempt=attempt)
             await _touch_handled()
-            await asyncio.sleep(min(_bus_pause(attempt), max(0.0, _patience.get() - time.monotonic())))
+            await asyncio.sleep(min(backoff(attempt, base=0.25, cap=1.0), left))
             continue
-        weather.fair()
+        if not whole_handler:
+            weather.fair()
         return result
 
 
@@ -693,18 +694,7 @@ async def _patient_handler(handler: Handler, msg: Msg) -> Redeliver | Hold | Non
     patience = _patience.set(time.monotonic() + BUS_PATIENCE_S)
     handled = _handled.set(msg)
     try:
-        attempt = 0
-        while True:
-            try:
-                return await handler(msg)
-            except BUS_AWAY as exc:
-                weather.away()
-                attempt += 1
-                if time.monotonic() >= _patience.get():
-                    raise
-                log.warning("handler_waits_for_bus", error=type(exc).__name__, attempt=attempt)
-                await _touch_handled()
-                await asyncio.sleep(_bus_pause(attempt))
+        return await patiently(lambda: handler(msg), whole_handler=True)
     finally:
         _patience.reset(patience)
         _handled.reset(handled)
