@@ -17,11 +17,13 @@ import uuid
 from typing import Any
 from urllib.parse import unquote
 
+import httpx
 import pytest
 
 from stipple_common.identity import dev_node_id
 from stipple_common.messages import ChainLog, NodeQos, TaskSucceeded
 from stipple_gateway import network
+from stipple_gateway.app import create_app
 from stipple_gateway.horde import task_id_of
 from stipple_gateway.network import RECENT_TASKS, NetworkFold, task_key
 
@@ -369,6 +371,21 @@ async def test_a1111_interrupt_and_progress_are_the_callers_own(make_gateway, as
         assert answer.status_code == 200, answer.text
         assert answer.json()["images"] == []
         assert (await http.get(f"/v1/tasks/{task_id}", headers=bearer(ALICE))).json()["status"] == "cancelled"
+
+
+async def test_a1111_progress_of_a_job_whose_submission_is_not_stored_yet(make_gateway):
+    """Between a txt2img's start and its stored submission, `progress` shows the job as
+    queued (no estimate), not a 404 an A1111 client cannot read (it found no `state`)."""
+    app = create_app(await make_gateway(api_keys=KEYS))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        alice = (await http.get("/sdapi/v1/progress", headers=bearer(ALICE))).json()
+        assert alice["current_task"] is None
+        unstored = uuid.uuid4().hex  # as `a1111` records it before the submission is stored
+        app.state.routes.a1111_running["alice"] = (unstored, time.time())
+        answer = await http.get("/sdapi/v1/progress", headers=bearer(ALICE))
+        assert answer.status_code == 200, answer.text
+        seen = answer.json()
+        assert (seen["current_task"], seen["progress"], seen["state"]["job_count"]) == (unstored, 0.0, 1)
 
 
 # --------------------------------------------------------------------------- deeply nested bodies

@@ -440,7 +440,13 @@ class Routes:
         step = self.tasks.progress.furthest(task_id)
         eta_s = None
         if step is None:  # not started: queued, or loading the model
-            queued = await self.tasks.queue_status((await self.tasks.load_task(task_id, owner_of(request))).task)
+            try:
+                loaded = await self.tasks.load_task(task_id, owner_of(request))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                loaded = None  # its submission is not stored yet: queued, with no estimate
+            queued = await self.tasks.queue_status(loaded.task) if loaded is not None else None
             eta_s = queued.eta_s if queued is not None else None
         return JSONResponse(
             a1111.progress(task_id, started, step.step if step else 0, step.total if step else 0, eta_s)
@@ -622,7 +628,7 @@ def create_app(tasks: TaskService) -> Starlette:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(ApiError(exc.status_code, code, message, headers=dict(exc.headers or {})))
 
-    return Starlette(
+    app = Starlette(
         exception_handlers={HTTPException: no_route},
         routes=[
             route("/v1/tasks", routes.post_task, ["POST"]),
@@ -664,3 +670,5 @@ def create_app(tasks: TaskService) -> Starlette:
             route("/web/{path:path}", web.asset, ["GET"], public=True),
         ],
     )
+    app.state.routes = routes  # the handlers' state (A1111's running jobs), for whoever holds the app
+    return app
