@@ -628,3 +628,32 @@ async def test_a_task_whose_commitments_the_consumer_lost_is_found_by_the_sweep_
         finally:
             stop.set()
             await asyncio.wait_for(runner, 10)
+
+
+async def test_the_timers_of_a_task_that_ended_come_back_without_a_read_of_the_stream(net, pictures):
+    """The `assigned` and `reveal` events are nak'ed until their deadlines, so they come
+    back after a task decided early: the validator knows it ended and reads nothing (each
+    such read was a consumer made, every event of the task delivered, the consumer deleted)."""
+    task_id = await start_task(net.js, deadline_in=1.5)
+    reads: list[str] = []
+
+    async def on_create(msg) -> None:
+        if task_id in msg.subject or task_id.encode() in msg.data:
+            reads.append(msg.subject)
+
+    tap = await net.nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=on_create)
+    try:
+        for node in (a, b, c):
+            await reveal(net, task_id, node, honest(pictures, task_id, node))
+        assert isinstance(await outcome(net.js, task_id), TaskSucceeded)
+        await net.nc.flush()
+        decided = len(reads)  # the test's own reads of the outcome
+        before = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
+        await asyncio.sleep(2.5)  # the nak'ed timers come back at 1.5 s + 0.1 s grace
+        after = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
+        comeback = after.delivered.consumer_seq - before.delivered.consumer_seq
+        assert comeback >= 2, "the timers did not come back: the test proves nothing"
+        assert after.delivered.stream_seq == before.delivered.stream_seq  # nothing new: only the timers
+        assert reads[decided:] == [], "the validator read a task that had ended"
+    finally:
+        await tap.unsubscribe()

@@ -137,6 +137,9 @@ class Validator:
         self.settings = settings
         self.tasks: OrderedDict[str, _Folded] = OrderedDict()  # the in-memory fold (LRU)
         self.requested: set[str] = set()  # tasks whose reveal requests this process sent
+        # tasks that ended here, with their outcome's stream sequence: the nak'ed timers
+        # (`assigned`, `reveal`) of a task come back after it ended, and need no re-read
+        self.ended: OrderedDict[str, int] = OrderedDict()
         self.checker = BlobChecker(
             blobs,
             max_blob_bytes=settings.max_blob_bytes,
@@ -159,6 +162,7 @@ class Validator:
                 await self.update_qos(task)
                 self.tasks.pop(task_id, None)
                 self.requested.discard(task_id)
+                self._ended(task_id, msg.metadata.sequence.stream)
             return None
         if not task.nodes:
             return None
@@ -272,6 +276,8 @@ class Validator:
         (a deadline timer, a retry) is already in it. A task not in memory (a restart, an
         eviction) is rebuilt from the stream."""
         seq = msg.metadata.sequence.stream
+        if seq <= self.ended.get(task_id, 0):
+            return None  # a timer (or a retry) of a task that ended: its outcome is folded
         cached = self.tasks.get(task_id)
         if cached is not None and seq <= cached.seq:
             self.tasks.move_to_end(task_id)
@@ -329,6 +335,12 @@ class Validator:
         if task is not None and msgs:
             self._remember(task_id, task, msgs[-1].metadata.sequence.stream)
         return task
+
+    def _ended(self, task_id: str, seq: int) -> None:
+        self.ended[task_id] = seq
+        self.ended.move_to_end(task_id)
+        while len(self.ended) > self.settings.fold_cache:
+            self.ended.popitem(last=False)
 
     def _remember(self, task_id: str, task: Task, seq: int) -> None:
         self.tasks[task_id] = _Folded(task, seq, time.monotonic())
