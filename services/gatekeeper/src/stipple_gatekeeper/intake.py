@@ -188,6 +188,9 @@ class Intake:
                 nodes.update(event.nodes)
         except NotFoundError:
             pass
+        if node_id in nodes:  # the common case: one read, and the task's other nodes known too
+            self._remember_assigned(task_id, nodes)
+            return True
         for name in ("reassigned", "extended"):  # the nodes that joined the task later
             seq, subject = 0, subjects.task_subject(task_id, name)
             for _ in range(subjects.MAX_MSGS_PER_TASK_SUBJECT):
@@ -203,10 +206,14 @@ class Intake:
                     nodes.update(event.nodes)
         if node_id not in nodes:
             return False
-        self._assigned[(task_id, node_id)] = None
+        self._remember_assigned(task_id, nodes)
+        return True
+
+    def _remember_assigned(self, task_id: str, nodes: set[str]) -> None:
+        for node in nodes:
+            self._assigned[(task_id, node)] = None
         while len(self._assigned) > 100_000:
             self._assigned.popitem(last=False)
-        return True
 
     def _drop(self, slot: tuple[str, str]) -> None:
         upload = self.uploads.pop(slot, None)
