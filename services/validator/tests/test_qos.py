@@ -56,3 +56,45 @@ async def test_windows_add_once_keep_fifty_and_list_the_paused(fresh_nats_url):
         assert await windows.paused() == ["slow"]  # what a restarted validator probes
     finally:
         await nc.close()
+
+
+@pytest.mark.integration
+async def test_a_window_this_process_wrote_is_one_write_and_another_writer_is_never_lost(fresh_nats_url):
+    """After its first write, a node's next sample is one compare-and-set (no read): and
+    when another validator (one that held the lease before) wrote in between, the stale
+    write is refused, the window read again, and both writers' samples kept."""
+    import nats
+
+    nc = await nats.connect(fresh_nats_url)
+    try:
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=f"qos{uuid.uuid4().hex[:8]}"))
+        reads: list[str] = []
+
+        async def on_read(msg) -> None:
+            reads.append(msg.subject)
+
+        stream = f"KV_{kv._name}"  # a get is a Direct Get, or a STREAM.MSG.GET without allow_direct
+        taps = [
+            await nc.subscribe(f"$JS.API.DIRECT.GET.{stream}.>", cb=on_read),
+            await nc.subscribe(f"$JS.API.DIRECT.GET.{stream}", cb=on_read),
+            await nc.subscribe(f"$JS.API.STREAM.MSG.GET.{stream}", cb=on_read),
+        ]
+        ours, theirs = QosWindows(kv), QosWindows(kv)
+        await ours.add("n", Sample(task_id="t1", score=10, verdict="agree"))
+        await nc.flush()
+        first = len(reads)
+        assert first >= 1  # the tap sees reads: the first add read the (missing) window
+        for i in range(2, 6):
+            await ours.add("n", Sample(task_id=f"t{i}", score=10, verdict="agree"))
+        await nc.flush()
+        assert len(reads) == first, "a window this process wrote was read again"
+        await theirs.add("n", Sample(task_id="other", score=0, verdict="timeout"))
+        assert await ours.add("n", Sample(task_id="t3", score=10, verdict="agree")) is None  # counted once
+        window = await ours.add("n", Sample(task_id="t6", score=10, verdict="agree"))
+        assert [s.task_id for s in window or []] == ["t1", "t2", "t3", "t4", "t5", "other", "t6"]
+        stored, _ = await QosWindows(kv)._read("n")
+        assert stored == window
+        for tap in taps:
+            await tap.unsubscribe()
+    finally:
+        await nc.close()

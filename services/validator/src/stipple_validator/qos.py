@@ -10,6 +10,8 @@ does not pause it again.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -44,27 +46,44 @@ def summary(node_id: str, window: list[Sample], changed_by: str) -> NodeQos:
     )
 
 
+KNOWN_WINDOWS = 100_000  # windows remembered with their revision, so the next add needs no read
+
+
 class QosWindows:
-    """The `qos` bucket: add a sample once per task (a redelivery adds nothing)."""
+    """The `qos` bucket: add a sample once per task (a redelivery adds nothing).
+
+    Each window this process wrote is remembered with its revision, so the next sample of
+    that node is one compare-and-set, not a read and a write. The compare-and-set keeps
+    it exact: when another writer (a validator that held the lease before) changed the
+    window since, the write is refused and the window is read again."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
+        self.known: OrderedDict[str, tuple[list[Sample], int]] = OrderedDict()
 
     async def add(self, node_id: str, sample: Sample) -> list[Sample] | None:
         """The window with `sample` added, or None when it holds that task already."""
+        cached = self.known.pop(node_id, None)
         while True:
-            window, revision = await self._read(node_id)
+            window, revision = cached if cached is not None else await self._read(node_id)
             if any(s.task_id == sample.task_id for s in window):
-                return None
+                if cached is None:
+                    return None
+                cached = None  # (from memory: read what is stored, and judge again)
+                continue
             window = [*window, sample][-QOS_WINDOW:]
             data = records.encode(window)
             try:
                 if revision is None:
-                    await self.kv.create(node_id, data)
+                    revision = await self.kv.create(node_id, data)
                 else:
-                    await self.kv.update(node_id, data, last=revision)
+                    revision = await self.kv.update(node_id, data, last=revision)
             except KeyWrongLastSequenceError:
-                continue  # another writer came first: read again
+                cached = None  # another writer came first: read again
+                continue
+            self.known[node_id] = (window, revision)
+            while len(self.known) > KNOWN_WINDOWS:
+                self.known.popitem(last=False)
             return window
 
     async def paused(self) -> list[str]:
