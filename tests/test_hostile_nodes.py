@@ -60,6 +60,7 @@ from stipple_common.messages import (
     encode,
     join_status_decoder,
 )
+from stipple_common.pngfacts import METADATA_KEY, PngFacts
 from stipple_node.pipeline import GeneratedImage, PipelineRunner
 from stipple_node.service import NodeAgent, NodeSettings, NotAdmitted, join_network
 from stipple_testkit.network import Network, NodeHandle
@@ -384,7 +385,19 @@ async def test_the_blob_intake_takes_a_node_s_own_uploads_only(net: Network, hos
     done = await finished(net, task_id)
     assert done["status"] == "succeeded"
     intake = IntakeClient(hostile.ctx.nc, hostile.node_id)
-    honest_key = (await outcome_event(net, task_id)).images[0].key
+    honest = (await outcome_event(net, task_id)).images[0]
+    honest_key = honest.key
+    # stored with the facts the intake computed from the bytes: what the validator judged
+    stored = await net.contexts["validator"].blobs.stat(honest_key)
+    assert stored is not None
+    facts = PngFacts.decode(stored.metadata.get(METADATA_KEY))
+    assert facts is not None
+    assert (facts.sha256, facts.width, facts.height, facts.phash) == (
+        honest.sha256,
+        honest.width,
+        honest.height,
+        honest.phash,
+    )
     for key, reason in (
         (honest_key, "bad_key"),  # overwrite an honest node's accepted image
         (f"tasks/{task_id}/{HONEST[1]}/x/0.png", "bad_key"),  # another node's prefix

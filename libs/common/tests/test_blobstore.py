@@ -116,6 +116,22 @@ class BlobStoreContract:
         await c.put(key, b"from c")
         assert await a.get(key) == b"from c"
 
+    async def test_stat_gives_the_size_and_the_metadata_it_was_put_with(self, store: BlobStore) -> None:
+        key, bare = _key(), _key()
+        facts = "1;" + "a" * 64 + ";64;64;c3c3c3c3c3c3c3c3;"
+        await store.put(key, b"x" * 1000, content_type="image/png", metadata={"Stipple-Png": facts})
+        await store.put(bare, b"y" * 10)
+        info = await store.stat(key)
+        assert info is not None
+        assert (info.size, dict(info.metadata)) == (1000, {"stipple-png": facts})  # keys come back lowercase
+        assert await store.size(key) == 1000
+        bare_info = await store.stat(bare)
+        assert bare_info is not None
+        assert (bare_info.size, dict(bare_info.metadata)) == (10, {})
+        assert await store.stat(_key()) is None
+        await store.delete(key)
+        assert await store.stat(key) is None
+
     async def test_empty_key_is_rejected(self, store: BlobStore) -> None:
         with pytest.raises(StippleError) as info:
             await store.put("", b"x")

@@ -1,5 +1,7 @@
 """The blob checks on their own, over an in-memory store: every outcome, the size bound
-before any read, the PNG header read before any pixel, and a store that is away."""
+before any read, the PNG header read before any pixel, and a store that is away. Each
+runs twice: with blobs stored as the blob intake stores them (with their facts: judged
+without a read) and with bare blobs (read back and judged from their bytes)."""
 
 import hashlib
 import io
@@ -11,10 +13,11 @@ from msgspec.structs import replace
 from prometheus_client import CollectorRegistry
 
 from stipple_common.aggregate import NodeRun, Task
-from stipple_common.blobstore import BlobNotFound
+from stipple_common.blobstore import BlobInfo, BlobNotFound
 from stipple_common.errors import StippleError, Transient
 from stipple_common.messages import ImageResult
-from stipple_common.taskspec import parse_task
+from stipple_common.pngfacts import METADATA_KEY, png_facts
+from stipple_common.taskspec import MAX_SIDE, parse_task
 from stipple_validator.blobcheck import BlobChecker, inspect_png
 from stipple_validator.metrics import BlobCheckMetrics
 
@@ -22,15 +25,21 @@ SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"imag
 
 
 class MemoryStore:
-    """A BlobStore in a dict, recording reads; `fail` makes every call raise it."""
+    """A BlobStore in a dict, recording reads; `fail` makes every call raise it. With
+    `intake`, a put stores the blob's facts with it, as the blob intake does."""
 
-    def __init__(self):
+    def __init__(self, *, intake: bool = False):
         self.blobs: dict[str, bytes] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
         self.reads: list[str] = []
         self.fail: Exception | None = None
+        self.intake = intake
 
-    async def put(self, key, data, *, content_type="application/octet-stream"):
+    async def put(self, key, data, *, content_type="application/octet-stream", metadata=None):
+        if self.intake and metadata is None:
+            metadata = {METADATA_KEY: png_facts(data, max_pixels=MAX_SIDE * MAX_SIDE).encode()}
         self.blobs[key] = data
+        self.metadata[key] = dict(metadata or {})
 
     async def get(self, key):
         if self.fail:
@@ -41,9 +50,13 @@ class MemoryStore:
         return self.blobs[key]
 
     async def size(self, key):
+        info = await self.stat(key)
+        return None if info is None else info.size
+
+    async def stat(self, key):
         if self.fail:
             raise self.fail
-        return len(self.blobs[key]) if key in self.blobs else None
+        return BlobInfo(len(self.blobs[key]), self.metadata[key]) if key in self.blobs else None
 
     async def delete(self, key):
         self.blobs.pop(key, None)
@@ -69,9 +82,9 @@ def task_of(**images: list[ImageResult]) -> Task:
     return Task(task_id="t", status="revealing", spec=SPEC, submitted_at=0.0, nodes=nodes)
 
 
-@pytest.fixture
-def store():
-    return MemoryStore()
+@pytest.fixture(params=["intake", "bare"])
+def store(request):
+    return MemoryStore(intake=request.param == "intake")
 
 
 @pytest.fixture
@@ -91,7 +104,10 @@ def counted(registry, outcome):
 async def check_one(checker, store, blob: bytes | None, image: ImageResult):
     if blob is not None:
         await store.put(image.key, blob)
-    return (await checker.check(task_of(n=[image]), ["n"]))["n"]
+    why = (await checker.check(task_of(n=[image]), ["n"]))["n"]
+    if store.intake:
+        assert store.reads == [], "a blob stored with its facts was read back"
+    return why
 
 
 async def test_an_honest_image_passes(checker, store, registry, pictures):
@@ -179,6 +195,7 @@ async def test_per_node_the_first_failing_image_is_the_reason(checker, store, pi
     await store.put("tasks/t/a/2.png", pictures.png(8))  # a's images 1 and 2 are not what it revealed
     await store.put("tasks/t/a/1.png", pictures.png(9))
     checked = await checker.check(task_of(**revealed), ["a", "b"])
+    assert len(store.reads) == (0 if store.intake else 6)
     assert checked["b"] is None
     assert checked["a"].startswith("image 1 (tasks/t/a/1.png): sha256_mismatch: the stored bytes hash to ")
 

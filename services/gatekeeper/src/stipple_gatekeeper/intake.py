@@ -10,6 +10,10 @@ checked:
 - nothing is stored under the key yet: a blob is written once, so what the validator
   checked cannot be swapped afterwards.
 
+With each blob it stores the blob's facts (stipple_common.pngfacts: SHA-256, PNG size,
+pHash, or why it is no PNG), computed from the bytes it writes, so that the validator
+judges a reveal without reading the image back.
+
 The size is checked as parts arrive (`max_blob_bytes`); an upload left unfinished is
 dropped after `upload_timeout_s`; each node may have `max_uploads_per_node` uploads open
 and all of them together at most `max_buffered_bytes` in memory. Parts after the first go
@@ -20,7 +24,6 @@ can share the queue group.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import time
 from collections import OrderedDict
@@ -44,6 +47,8 @@ from stipple_common.messages import (
     encode,
     task_event_decoder,
 )
+from stipple_common.pngfacts import METADATA_KEY, png_facts
+from stipple_common.taskspec import MAX_SIDE
 
 from .metrics import IntakeMetrics
 
@@ -160,8 +165,10 @@ class Intake:
     async def _store(self, node_id: str, upload: _Upload, blob: bytes) -> UploadReply:
         if await self.blobs.size(upload.key) is not None:  # write once
             raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists")
-        await self.blobs.put(upload.key, blob, content_type=upload.content_type)
-        digest = hashlib.sha256(blob).hexdigest()
+        facts = await asyncio.to_thread(png_facts, blob, max_pixels=MAX_SIDE * MAX_SIDE)  # what the validator judges
+        metadata = {METADATA_KEY: facts.encode()}
+        await self.blobs.put(upload.key, blob, content_type=upload.content_type, metadata=metadata)
+        digest = facts.sha256
         self.metrics.results.labels("stored").inc()
         self.metrics.stored_bytes.inc(len(blob))
         log.info("upload_stored", node_id=node_id, key=upload.key, size=len(blob))

@@ -14,6 +14,12 @@ decide.candidates), concurrently, and for each one:
 4. recomputes the pHash with the node's own function (`stipple_common.phash.image_phash`)
    and requires it to equal the revealed one exactly: `phash_mismatch`.
 
+The blob intake computes these facts once, as it stores a node's image, and stores them
+with the blob (stipple_common.pngfacts): a blob with facts is judged from its metadata
+(`stat`, one small read) and its bytes are not read at all; one without (written by
+something else than the intake) is read and judged from its bytes, with the same
+outcomes in the same order.
+
 The result is one entry per node: None when every image passed, else the first failure
 (decide.py turns it into `bad_result`). Each image's outcome is counted in
 ``stipple_validator_blob_checks_total{outcome}``. A store that cannot be reached raises
@@ -23,19 +29,15 @@ The result is one entry per node: None when every image passed, else the first f
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
-
-from PIL import Image
 
 from stipple_common.aggregate import Task
 from stipple_common.blobstore import BlobNotFound, BlobStore
 from stipple_common.errors import StippleError, Transient
 from stipple_common.messages import ImageResult
-from stipple_common.phash import image_phash
+from stipple_common.pngfacts import METADATA_KEY, PngFacts, judge, png_facts
 
 if TYPE_CHECKING:
     from .metrics import BlobCheckMetrics
@@ -52,24 +54,17 @@ class ImageCheck:
 OK = ImageCheck("ok")
 
 
+def judge_facts(facts: PngFacts, image: ImageResult) -> ImageCheck:
+    """Whether the blob `facts` describe is the PNG `image` describes."""
+    outcome, detail = judge(facts, image.sha256, image.width, image.height, image.phash)
+    return OK if outcome == "ok" else ImageCheck(outcome, detail)
+
+
 def inspect_png(data: bytes, image: ImageResult) -> ImageCheck:
     """Whether `data` is the PNG `image` describes: its SHA-256, a PNG of its width and
-    height, and its pHash. CPU work (hashing, decoding): run it in a worker thread."""
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != image.sha256:
-        return ImageCheck("sha256_mismatch", f"the stored bytes hash to {digest}, the node revealed {image.sha256}")
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as png:
-            if png.size != (image.width, image.height):  # read from the header: nothing decoded yet
-                width, height = png.size
-                return ImageCheck("size_mismatch", f"the PNG is {width}x{height}, not {image.width}x{image.height}")
-            png.load()
-            phash = image_phash(png)
-    except Exception as exc:  # Pillow raises many types for bad input (OSError, SyntaxError, ValueError, ...)
-        return ImageCheck("not_png", f"not a decodable PNG: {type(exc).__name__}: {str(exc)[:200]}")
-    if phash != image.phash:
-        return ImageCheck("phash_mismatch", f"the stored PNG's pHash is {phash}, the node revealed {image.phash}")
-    return OK
+    height, and its pHash. No more pixels than the revealed size are decoded. CPU work
+    (hashing, decoding): run it in a worker thread."""
+    return judge_facts(png_facts(data, max_pixels=image.width * image.height), image)
 
 
 class BlobChecker:
@@ -108,11 +103,14 @@ class BlobChecker:
 
     async def _read_and_inspect(self, image: ImageResult, slots: asyncio.Semaphore) -> ImageCheck:
         async with slots:
-            size = await self.blobs.size(image.key)
-            if size is None:
+            info = await self.blobs.stat(image.key)
+            if info is None:
                 return ImageCheck("missing", "no blob under the key")
-            if size > self.max_blob_bytes:
-                return ImageCheck("too_large", f"{size} bytes, over the limit of {self.max_blob_bytes}")
+            if info.size > self.max_blob_bytes:
+                return ImageCheck("too_large", f"{info.size} bytes, over the limit of {self.max_blob_bytes}")
+            facts = PngFacts.decode(info.metadata.get(METADATA_KEY))
+            if facts is not None:  # the intake's, from the bytes it stored: nothing to read
+                return judge_facts(facts, image)
             try:
                 data = await self.blobs.get(image.key)
             except BlobNotFound:

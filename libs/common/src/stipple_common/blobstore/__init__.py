@@ -13,6 +13,8 @@ both backends use them as-is.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from stipple_common.errors import StippleError
@@ -20,7 +22,7 @@ from stipple_common.errors import StippleError
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-__all__ = ["BACKENDS", "BlobNotFound", "BlobStore", "check_key", "open_blob_store", "set_ttl"]
+__all__ = ["BACKENDS", "BlobInfo", "BlobNotFound", "BlobStore", "check_key", "open_blob_store", "set_ttl"]
 
 BACKENDS = ("jetstream", "s3")
 """The values ``open_blob_store(backend=...)`` accepts."""
@@ -38,6 +40,14 @@ class BlobNotFound(StippleError):
         self.bucket = bucket
 
 
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob's size and the metadata it was put with (keys lowercase)."""
+
+    size: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
 @runtime_checkable
 class BlobStore(Protocol):
     """What services need from a blob store: put, get, delete whole blobs by key.
@@ -46,8 +56,16 @@ class BlobStore(Protocol):
     `stipple_common.errors.Transient`; everything else raises a `StippleError`.
     """
 
-    async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
-        """Store ``data`` under ``key``, replacing any previous blob there."""
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store ``data`` under ``key``, replacing any previous blob there, with
+        ``metadata`` (lowercase keys of letters, digits and ``-``; printable ASCII values)."""
         ...
 
     async def get(self, key: str) -> bytes:
@@ -56,6 +74,10 @@ class BlobStore(Protocol):
 
     async def size(self, key: str) -> int | None:
         """The size of the blob under ``key`` without reading it; None when there is none."""
+        ...
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        """The size and metadata of the blob under ``key`` without reading it; None when there is none."""
         ...
 
     async def delete(self, key: str) -> None:

@@ -7,7 +7,7 @@ keys like ``tasks/<task_id>/<node_id>/0.png`` are stored as-is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -15,7 +15,7 @@ import nats.errors
 import nats.js.errors as js_errors
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
 
-from stipple_common.blobstore import BlobNotFound, check_key
+from stipple_common.blobstore import BlobInfo, BlobNotFound, check_key
 from stipple_common.errors import StippleError, Transient
 
 if TYPE_CHECKING:
@@ -126,14 +126,20 @@ class JetStreamBlobStore:
                     config.duplicate_window = max_age  # the server wants it within max_age
                 await self._js.update_stream(config)
 
-    async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
-        """Store ``data`` under ``key``; nats-py purges the previous chunks of that key."""
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Store ``data`` under ``key``; nats-py purges the previous chunks of that key.
+        ``metadata`` goes into the object's meta message, as headers."""
         check_key(key)
-        meta = ObjectMeta(
-            name=key,
-            headers={"Content-Type": [content_type]},
-            options=ObjectMetaOptions(max_chunk_size=self._chunk_size),
-        )
+        headers = {"Content-Type": [content_type]}
+        headers.update({name.lower(): [value] for name, value in (metadata or {}).items()})
+        meta = ObjectMeta(name=key, headers=headers, options=ObjectMetaOptions(max_chunk_size=self._chunk_size))
         with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
             async with asyncio.timeout(self._timeout_s):
                 await self._obs.put(key, data, meta=meta)
@@ -151,6 +157,11 @@ class JetStreamBlobStore:
 
     async def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when there is none (its meta message only)."""
+        info = await self.stat(key)
+        return None if info is None else info.size
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        """The object's size and metadata, or None when there is none (its meta message only)."""
         check_key(key)
         with _nats_errors(f"stat {key!r} in object store {self.bucket!r}"):
             try:
@@ -158,7 +169,14 @@ class JetStreamBlobStore:
                     info = await self._obs.get_info(key)
             except js_errors.ObjectNotFoundError:
                 return None
-        return None if info.deleted else int(info.size or 0)
+        if info.deleted:
+            return None
+        metadata = {}
+        for name, values in (info.headers or {}).items():  # a header's values are a list
+            value = values[0] if isinstance(values, list) and values else values
+            if name.lower() != "content-type" and isinstance(value, str):
+                metadata[name.lower()] = value
+        return BlobInfo(size=int(info.size or 0), metadata=metadata)
 
     async def delete(self, key: str) -> None:
         """Delete the object (leaves a small tombstone meta message); missing keys are ignored."""

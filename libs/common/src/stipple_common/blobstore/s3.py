@@ -12,7 +12,7 @@ import asyncio
 import io
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -21,10 +21,11 @@ import urllib3
 from minio import Minio
 from minio.commonconfig import ENABLED, Filter
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import DictType
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from urllib3.util import Retry, Timeout
 
-from stipple_common.blobstore import BlobNotFound, check_key
+from stipple_common.blobstore import BlobInfo, BlobNotFound, check_key
 from stipple_common.errors import StippleError, Transient
 
 T = TypeVar("T")
@@ -108,13 +109,27 @@ class S3BlobStore:
             if err.code not in _BUCKET_ALREADY_OURS:
                 raise
 
-    async def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:
-        """Upload ``data`` in one PUT (images are far below minio's 5 MiB multipart threshold)."""
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """Upload ``data`` in one PUT (images are far below minio's 5 MiB multipart
+        threshold); ``metadata`` as user metadata (``x-amz-meta-*``)."""
         check_key(key)
+        user: DictType = {name.lower(): value for name, value in (metadata or {}).items()}
         await self._call(
             f"put {key!r}",
             lambda: self._client.put_object(
-                self.bucket, key, io.BytesIO(data), length=len(data), content_type=content_type
+                self.bucket,
+                key,
+                io.BytesIO(data),
+                length=len(data),
+                content_type=content_type,
+                metadata=user or None,
             ),
         )
 
@@ -133,12 +148,23 @@ class S3BlobStore:
 
     async def size(self, key: str) -> int | None:
         """The object's size in bytes, or None when there is none (HEAD, no download)."""
+        info = await self.stat(key)
+        return None if info is None else info.size
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        """The object's size and user metadata, or None when there is none (HEAD, no download)."""
         check_key(key)
         try:
             stat = await self._call(f"stat {key!r}", lambda: self._client.stat_object(self.bucket, key), key=key)
         except BlobNotFound:
             return None
-        return int(stat.size or 0)
+        prefix = "x-amz-meta-"
+        metadata = {
+            name.lower().removeprefix(prefix): value
+            for name, value in (stat.metadata or {}).items()
+            if name.lower().startswith(prefix)
+        }
+        return BlobInfo(size=int(stat.size or 0), metadata=metadata)
 
     async def delete(self, key: str) -> None:
         """Delete the object; S3 answers 204 for missing keys too, so this is idempotent."""
