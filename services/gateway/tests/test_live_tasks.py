@@ -300,6 +300,9 @@ async def test_task_view_shows_each_nodes_latest_progress_until_the_task_ends(ma
             if by_node[B]:
                 break
             await asyncio.sleep(0.02)
+        eta = by_node[A].pop("eta_s", None)  # A went from step 1 to 3 (test_progress_board_estimates_...)
+        assert eta is None or eta >= 0
+        assert "eta_s" not in by_node[B]  # one step seen: no rate yet
         assert by_node == {A: {"step": 3, "total": 8}, B: {"step": 1, "total": 8}, C: None}
 
         await publish(
@@ -338,6 +341,28 @@ def test_progress_board_is_bounded():
     for node in nodes:
         board.update(Progress(task_id="t5", node_id=node, step=1, total=2))
     assert len(board.of("t5", nodes)) == MAX_NODES_PER_TASK
+
+
+def test_progress_board_estimates_a_nodes_last_step_from_its_rate_so_far():
+    """Unknown until two messages with steps between them; then the steps left at the
+    rate seen, less the time since the latest message; never below 0; strangers none."""
+    now = [100.0]
+    board = ProgressBoard(clock=lambda: now[0])
+    board.assign("t", ["a", "b"])
+    board.update(Progress(task_id="t", node_id="a", step=5, total=25))  # first seen at step 5
+    board.update(Progress(task_id="t", node_id="stranger", step=1, total=25))
+    assert board.etas("t", ["a", "b"]) == {}
+    now[0] = 102.0
+    board.update(Progress(task_id="t", node_id="a", step=10, total=25))  # 5 steps in 2 s
+    board.update(Progress(task_id="t", node_id="b", step=3, total=25))
+    assert board.etas("t", ["a", "b"]) == {"a": 6.0}  # 15 steps left at 2.5 steps/s
+    now[0] = 103.5
+    assert board.etas("t", ["a", "b"]) == {"a": 4.5}
+    assert board.etas("t", ["b"]) == {}  # only the nodes asked for
+    now[0] = 200.0
+    assert board.etas("t", ["a"]) == {"a": 0.0}
+    board.finish("t")
+    assert board.etas("t", ["a"]) == {}
 
 
 def test_strangers_take_no_room_on_the_progress_board():

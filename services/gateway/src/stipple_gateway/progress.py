@@ -10,12 +10,19 @@ Any node may publish on its own progress subject for any task id (permissions ca
 name its tasks), so progress is kept only from a node the task is assigned to, as the
 ``assigned`` and ``reassigned`` events this gateway saw say: made-up task ids and
 strangers take no room, and cannot push real tasks' progress out.
+
+It also estimates when each node's last step comes (`etas`): from the node's step rate
+as this gateway saw its progress arrive (steps since its first message here, over the
+time between), so a gateway that starts late still estimates after two messages. It is
+the node's own account of its pace, shown as such, like the steps themselves.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -38,10 +45,21 @@ log = structlog.get_logger("stipple.gateway")
 MAX_NODES_PER_TASK = 16  # a task has `replication` nodes, more when escalated; this only bounds a misbehaving publisher
 
 
+@dataclass
+class _Seen:
+    """A node's latest progress in a task, and when this gateway saw its first and latest."""
+
+    progress: Progress
+    first_step: int
+    first_at: float
+    last_at: float
+
+
 class ProgressBoard:
-    def __init__(self, max_tasks: int = 10_000) -> None:
+    def __init__(self, max_tasks: int = 10_000, clock: Any = time.monotonic) -> None:
         self.max_tasks = max(1, max_tasks)
-        self._tasks: OrderedDict[str, dict[str, Progress]] = OrderedDict()
+        self.clock = clock
+        self._tasks: OrderedDict[str, dict[str, _Seen]] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()  # late progress of these is ignored
         self._assigned: OrderedDict[str, set[str]] = OrderedDict()  # task -> the nodes it was given to
         self.refused = 0  # progress from a node not assigned to the task (or for an unknown task)
@@ -71,8 +89,12 @@ class ProgressBoard:
                 self._tasks.popitem(last=False)
         else:
             self._tasks.move_to_end(progress.task_id)
-        if progress.node_id in nodes or len(nodes) < MAX_NODES_PER_TASK:
-            nodes[progress.node_id] = progress
+        now = self.clock()
+        seen = nodes.get(progress.node_id)
+        if seen is not None:
+            seen.progress, seen.last_at = progress, now
+        elif len(nodes) < MAX_NODES_PER_TASK:
+            nodes[progress.node_id] = _Seen(progress, progress.step, now, now)
 
     def finish(self, task_id: str) -> None:
         self._tasks.pop(task_id, None)
@@ -87,7 +109,19 @@ class ProgressBoard:
         node may publish progress on its own subject for any task: only an assigned
         node's is shown)."""
         assigned = set(nodes)
-        return {node: p for node, p in self._tasks.get(task_id, {}).items() if node in assigned}
+        return {node: seen.progress for node, seen in self._tasks.get(task_id, {}).items() if node in assigned}
+
+    def etas(self, task_id: str, nodes: Iterable[str]) -> dict[str, float]:
+        """node id -> estimated seconds until its last step, for the task's `nodes` whose
+        rate is known (two progress messages with steps between them, seen here)."""
+        assigned, now, out = set(nodes), self.clock(), {}
+        for node, seen in self._tasks.get(task_id, {}).items():
+            done, took = seen.progress.step - seen.first_step, seen.last_at - seen.first_at
+            if node not in assigned or done <= 0 or took <= 0:
+                continue
+            left = max(0, seen.progress.total - seen.progress.step) * took / done
+            out[node] = round(max(0.0, left - (now - seen.last_at)), 3)
+        return out
 
     def furthest(self, task_id: str) -> Progress | None:
         """The progress of the assigned node furthest along in the task (None before its
@@ -95,7 +129,7 @@ class ProgressBoard:
         nodes = self._tasks.get(task_id)
         if not nodes:
             return None
-        return max(nodes.values(), key=lambda p: p.step / p.total if p.total > 0 else 0.0)
+        return max((seen.progress for seen in nodes.values()), key=lambda p: p.step / p.total if p.total > 0 else 0.0)
 
     async def follow(self, nc: NATS) -> list[Any]:
         """Subscribe to every task's progress, assignments and outcome; returns the subscriptions."""

@@ -475,6 +475,7 @@ class TaskService:
         return task_view(
             loaded.task,
             progress=self.progress.of(loaded.task.task_id, loaded.task.nodes),
+            etas=self.progress.etas(loaded.task.task_id, loaded.task.nodes),
             finished_at=loaded.finished_at,
             result_ttl_s=self.settings.result_ttl_s,
             queue=queue,

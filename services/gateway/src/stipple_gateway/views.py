@@ -39,9 +39,10 @@ class TaskRequest(TaskSpec, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------- task view
 
 
-class StepProgress(msgspec.Struct, kw_only=True):
+class StepProgress(msgspec.Struct, kw_only=True, omit_defaults=True):
     step: int
     total: int
+    eta_s: float | None = None  # seconds until its last step, from its step rate so far (once known)
 
 
 class NodeImageView(msgspec.Struct, kw_only=True):
@@ -190,12 +191,13 @@ def task_view(
     task: Task,
     *,
     progress: dict[str, Progress] | None = None,
+    etas: dict[str, float] | None = None,
     finished_at: float | None = None,
     result_ttl_s: float = 0.0,
     queue: QueueStatus | None = None,
 ) -> TaskView:
     """The app's view of a task."""
-    progress = progress or {}
+    progress, etas = progress or {}, etas or {}
     nodes = []
     for run in task.nodes.values():
         step = progress.get(run.node_id)
@@ -205,7 +207,7 @@ def task_view(
                 status=run.status,
                 images=[NodeImageView(index=i.index, phash=i.phash, seed=i.seed) for i in run.images],
                 error=NodeErrorView(code=run.error_code, message=run.error_message) if run.error_code else None,
-                progress=StepProgress(step=step.step, total=step.total) if step else None,
+                progress=StepProgress(step=step.step, total=step.total, eta_s=etas.get(run.node_id)) if step else None,
                 commit_order=run.commit_order,
             )
         )
