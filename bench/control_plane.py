@@ -89,18 +89,23 @@ class BenchNetwork:
     data_dir: Path
     nodes: int = 3
     service_env: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1  # of each control-plane service: gateways share the load, the rest stand by
     host: str = "127.0.0.1"
-    port: int = 0
+    ports: list[int] = field(default_factory=list)
     nats: NatsServer | None = None
     procs: list[ManagedProcess] = field(default_factory=list)
 
     @property
+    def gateway_urls(self) -> list[str]:
+        return [f"http://{self.host}:{port}" for port in self.ports]
+
+    @property
     def gateway_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return self.gateway_urls[0]
 
     def start(self, timeout: float = 120.0) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.port = free_port(self.host)
+        self.ports = [free_port(self.host) for _ in range(self.replicas)]
         self.nats = NatsServer.start(self.data_dir / "nats")
         common = {
             **os.environ,
@@ -111,18 +116,41 @@ class BenchNetwork:
         }
         py = sys.executable
         logs = self.data_dir / "logs"
-        gateway_env = {**common, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.port)}
-        self.procs = [
-            ManagedProcess("gateway", [py, "-m", "stipple_gateway"], gateway_env, logs / "gateway.log"),
-            ManagedProcess("dispatcher", [py, "-m", "stipple_dispatcher"], common, logs / "dispatcher.log"),
-            ManagedProcess("validator", [py, "-m", "stipple_validator"], common, logs / "validator.log"),
-            ManagedProcess(
-                "gatekeeper",
-                [py, "-m", "stipple_gatekeeper"],
-                {**common, "STIPPLE_CALLOUT": "false"},
-                logs / "gatekeeper.log",
-            ),
-        ]
+        self.procs = []
+        for i in range(self.replicas):
+            # with replicas, as the production manifests run them: the dispatcher and the
+            # validator active and standby through a KV lease, gateways and gatekeepers all serving
+            suffix = "" if self.replicas == 1 else f"-{i + 1}"
+
+            def name(service: str, suffix: str = suffix) -> str:
+                return service + suffix
+
+            leased = {"STIPPLE_LEASE_S": "10"} if self.replicas > 1 else {}
+            env = {**common, "STIPPLE_INSTANCE": f"bench-{i + 1}"}
+            gateway_env = {**env, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.ports[i])}
+            self.procs += [
+                ManagedProcess(
+                    name("gateway"), [py, "-m", "stipple_gateway"], gateway_env, logs / f"{name('gateway')}.log"
+                ),
+                ManagedProcess(
+                    name("dispatcher"),
+                    [py, "-m", "stipple_dispatcher"],
+                    {**env, **leased},
+                    logs / f"{name('dispatcher')}.log",
+                ),
+                ManagedProcess(
+                    name("validator"),
+                    [py, "-m", "stipple_validator"],
+                    {**env, **leased},
+                    logs / f"{name('validator')}.log",
+                ),
+                ManagedProcess(
+                    name("gatekeeper"),
+                    [py, "-m", "stipple_gatekeeper"],
+                    {**env, "STIPPLE_CALLOUT": "false"},
+                    logs / f"{name('gatekeeper')}.log",
+                ),
+            ]
         nodes = []
         for i in range(1, self.nodes + 1):
             env = {
@@ -153,11 +181,15 @@ class BenchNetwork:
             raise
 
     def health(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"{self.gateway_url}/healthz", timeout=2) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
+        """The first gateway's /healthz, once every gateway answers (None until then)."""
+        answers = []
+        for url in self.gateway_urls:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                    answers.append(json.loads(response.read()))
+            except (urllib.error.URLError, OSError, ValueError):
+                return None
+        return answers[0]
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -227,7 +259,27 @@ class Sample:
     outcome: str
 
 
-async def submit_one(client: httpx.AsyncClient, outcomes: Outcomes, seed: int) -> Sample:
+class Gateways:
+    """One HTTP client per gateway replica; each POST goes to the next (round robin), as a
+    load balancer in front of the replicas would send it."""
+
+    def __init__(self, urls: list[str], connections: int) -> None:
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self.clients = [httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) for url in urls]
+        self.turn = 0
+
+    async def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        self.turn = (self.turn + 1) % len(self.clients)
+        return await self.clients[self.turn].post(path, **kwargs)
+
+    async def __aenter__(self) -> Gateways:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(*(client.aclose() for client in self.clients))
+
+
+async def submit_one(client: Gateways | httpx.AsyncClient, outcomes: Outcomes, seed: int) -> Sample:
     sent_wall = time.time()
     started = time.perf_counter()
     response = await client.post("/v1/tasks", json=task_body(seed))
@@ -239,7 +291,7 @@ async def submit_one(client: httpx.AsyncClient, outcomes: Outcomes, seed: int) -
     return Sample(task_id, sent_wall, accepted - started, arrived - started, event)
 
 
-async def latency_phase(client: httpx.AsyncClient, outcomes: Outcomes, tasks: int, warmup: int) -> list[Sample]:
+async def latency_phase(client: Gateways, outcomes: Outcomes, tasks: int, warmup: int) -> list[Sample]:
     samples = []
     for i in range(warmup + tasks):
         sample = await submit_one(client, outcomes, seed=i)
@@ -288,7 +340,7 @@ async def consumer_backlog(js: Any) -> dict[str, dict[str, int]]:
 
 
 async def throughput_phase(
-    client: httpx.AsyncClient,
+    client: Gateways,
     outcomes: Outcomes,
     js: Any,
     pids: dict[str, int],
@@ -593,10 +645,10 @@ async def run(args: argparse.Namespace) -> int:
     size = submitted_size()
     data_dir = Path(tempfile.mkdtemp(prefix="stipple-control-plane-"))
     service_env = dict(item.split("=", 1) for item in args.service_env)
-    network = BenchNetwork(data_dir, nodes=args.nodes, service_env=service_env)
+    network = BenchNetwork(data_dir, nodes=args.nodes, service_env=service_env, replicas=args.replicas)
     print(
-        f"starting nats-server, gateway, dispatcher, validator, gatekeeper and {args.nodes} fixed-image nodes "
-        f"({data_dir}) ..."
+        f"starting nats-server, {args.replicas} of each of gateway, dispatcher, validator and gatekeeper, and "
+        f"{args.nodes} fixed-image nodes ({data_dir}) ..."
     )
     started = time.perf_counter()
     network.start()
@@ -609,9 +661,7 @@ async def run(args: argparse.Namespace) -> int:
         js = nc.jetstream()
         outcomes = Outcomes()
         subs = await outcomes.subscribe(nc)
-        connections = max(args.concurrency) + 4
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        async with httpx.AsyncClient(base_url=network.gateway_url, timeout=60.0, limits=limits) as client:
+        async with Gateways(network.gateway_urls, max(args.concurrency) + 4) as client:
             # a. latency
             print(f"\n[a] latency: {args.tasks} sequential tasks (after {args.warmup_tasks} warm-up) ...")
             samples = await latency_phase(client, outcomes, args.tasks, args.warmup_tasks)
@@ -739,6 +789,12 @@ def main() -> None:
     parser.add_argument("--raw-sync-messages", type=int, default=2_000)
     parser.add_argument(
         "--service-env", action="append", default=[], metavar="STIPPLE_X=V", help="extra setting for every service"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="of each control-plane service (dispatcher and validator active/standby through a lease)",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few tasks, short phases")
     parser.add_argument("--keep", action="store_true", help="keep the logs and data directory")
