@@ -8,11 +8,16 @@ checked:
   server's word, not the node's), and has no ``..`` or empty segment;
 - the node is assigned to that task (the task's ``assigned``, ``reassigned`` and ``extended`` events);
 - nothing is stored under the key yet: a blob is written once, so what the validator
-  checked cannot be swapped afterwards.
+  checked cannot be swapped afterwards;
+- the node has stored fewer than `MAX_BLOBS_PER_TASK` blobs in the task through this
+  intake (an honest node stores one per image, at most `MAX_IMAGES`, and again after a
+  restart): each blob costs a decode here, so the count bounds what a node can make the
+  intake decode and store for one task.
 
 With each blob it stores the blob's facts (stipple_common.pngfacts: SHA-256, PNG size,
 pHash, or why it is no PNG), computed from the bytes it writes, so that the validator
-judges a reveal without reading the image back.
+judges a reveal without reading the image back. The stored content type comes from the
+facts too (image/png, or application/octet-stream), never from the node.
 
 The size is checked as parts arrive (`max_blob_bytes`); an upload left unfinished is
 dropped after `upload_timeout_s`; each node may have `max_uploads_per_node` uploads open
@@ -37,7 +42,7 @@ from nats.js.errors import NotFoundError
 
 from stipple_common import subjects
 from stipple_common.blobstore import BlobStore
-from stipple_common.blobstore.intake import CONTENT_TYPE, KEY, LAST, PART, UPLOAD, blob_prefix
+from stipple_common.blobstore.intake import KEY, LAST, PART, UPLOAD, blob_prefix
 from stipple_common.errors import StippleError
 from stipple_common.messages import (
     TaskAssigned,
@@ -48,17 +53,18 @@ from stipple_common.messages import (
     task_event_decoder,
 )
 from stipple_common.pngfacts import METADATA_KEY, png_facts
-from stipple_common.taskspec import MAX_SIDE
+from stipple_common.taskspec import MAX_IMAGES, MAX_SIDE
 
 from .metrics import IntakeMetrics
 
 log = structlog.get_logger("stipple.gatekeeper.intake")
 
+MAX_BLOBS_PER_TASK = 2 * MAX_IMAGES  # per node and task, per intake instance
+
 
 @dataclass
 class _Upload:
     key: str
-    content_type: str
     started: float
     parts: list[bytes] = field(default_factory=list)
     size: int = 0
@@ -95,6 +101,7 @@ class Intake:
         self.uploads: dict[tuple[str, str], _Upload] = {}
         self.buffered = 0
         self._assigned: OrderedDict[tuple[str, str], None] = OrderedDict()  # (task, node) known assigned
+        self._stored: OrderedDict[tuple[str, str], int] = OrderedDict()  # (task, node) -> blobs stored here
         self.metrics = metrics
 
     async def serve(self) -> list[object]:
@@ -134,11 +141,7 @@ class Intake:
                 raise Refused(f"upload {upload_id!r} was started already", code="bad_part")
             key = headers.get(KEY, "")
             await self._check_key(node_id, key)
-            upload = _Upload(
-                key=key,
-                content_type=headers.get(CONTENT_TYPE, "application/octet-stream")[:100],
-                started=time.monotonic(),
-            )
+            upload = _Upload(key=key, started=time.monotonic())
         else:
             upload = self.uploads.get(slot)  # type: ignore[assignment]
             if upload is None or part != upload.next_part:
@@ -167,7 +170,13 @@ class Intake:
             raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists")
         facts = await asyncio.to_thread(png_facts, blob, max_pixels=MAX_SIDE * MAX_SIDE)  # what the validator judges
         metadata = {METADATA_KEY: facts.encode()}
-        await self.blobs.put(upload.key, blob, content_type=upload.content_type, metadata=metadata)
+        content_type = "application/octet-stream" if facts.error else "image/png"
+        await self.blobs.put(upload.key, blob, content_type=content_type, metadata=metadata)
+        counted = (upload.key.split("/")[1], node_id)
+        self._stored[counted] = self._stored.get(counted, 0) + 1
+        self._stored.move_to_end(counted)
+        while len(self._stored) > 100_000:
+            self._stored.popitem(last=False)
         digest = facts.sha256
         self.metrics.results.labels("stored").inc()
         self.metrics.stored_bytes.inc(len(blob))
@@ -183,6 +192,10 @@ class Intake:
             raise Refused(f"key {key[:200]!r}: a node writes only under tasks/<task_id>/{node_id}/", code="bad_key")
         if self.check_assignment and not await self._assigned_to(task_id, node_id):
             raise Refused(f"node {node_id} is not assigned to task {task_id!r}", code="not_assigned")
+        if self._stored.get((task_id, node_id), 0) >= MAX_BLOBS_PER_TASK:
+            raise Refused(
+                f"node {node_id} stored {MAX_BLOBS_PER_TASK} blobs in task {task_id!r} already", code="too_many"
+            )
 
     async def _assigned_to(self, task_id: str, node_id: str) -> bool:
         if (task_id, node_id) in self._assigned:
