@@ -281,3 +281,23 @@ def test_a_malformed_sampling_proof_fails() -> None:
     assert not msgspec.structs.replace(proof, proof="zz" + proof.proof[2:]).check(task_id)
     assert not msgspec.structs.replace(proof, proof=proof.proof[:-2]).check(task_id)
     assert not msgspec.structs.replace(proof, public_key="").check(task_id)
+
+
+def test_the_fast_point_check_is_the_rfcs_on_random_strings_and_every_edge() -> None:
+    """`_is_point` (libsodium's decoding plus the canonical checks) against the RFC 8032
+    decoding computed in Python: about half of random strings are points, and the edges
+    (y = 1 and -1 with either sign, y = p and above, non-canonical y + p) agree too."""
+    from stipple_common.vrf import _P, _is_point, _is_point_slow
+
+    rng = random.Random(9381)
+    strings = [rng.randbytes(32) for _ in range(4000)]
+    edges = []
+    for y in (0, 1, 2, _P - 2, _P - 1, _P, _P + 1, _P + 2, 2**255 - 1):
+        for sign in (0, 1):
+            edges.append((y | (sign << 255)).to_bytes(32, "little"))
+    points = 0
+    for s in strings + edges:
+        assert _is_point(s) == _is_point_slow(s), s.hex()
+        points += _is_point(s)
+    assert 1500 < points < 2500  # both outcomes are exercised
+    assert _is_point(b"\x01" * 31) is False

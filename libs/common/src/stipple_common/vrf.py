@@ -80,7 +80,30 @@ _IDENTITY = (1).to_bytes(32, "little")  # (0, 1)
 
 
 def _is_point(s: bytes) -> bool:
-    """string_to_point succeeds: RFC 8032 §5.1.3 decoding, non-canonical encodings refused."""
+    """string_to_point succeeds: RFC 8032 §5.1.3 decoding, non-canonical encodings refused.
+
+    The canonical checks are here (y < p; x = 0, which is y = 1 or -1, with the sign bit
+    set is INVALID); whether the point lies on the curve is libsodium's decoding (its
+    point addition decodes both points and checks them on the curve, and nothing more),
+    about ten times faster than the square root in Python (`_is_point_slow`, which the
+    tests compare it with)."""
+    if len(s) != 32:
+        return False
+    n = int.from_bytes(s, "little")
+    y = n & ((1 << 255) - 1)
+    if y >= _P:
+        return False
+    if y in (1, _P - 1):  # x = 0: valid only with the sign bit clear
+        return n >> 255 == 0
+    try:
+        sodium.crypto_core_ed25519_add(s, _IDENTITY)
+    except CryptoError:
+        return False
+    return True
+
+
+def _is_point_slow(s: bytes) -> bool:
+    """string_to_point succeeds, computed as RFC 8032 §5.1.3 says (the reference for `_is_point`)."""
     if len(s) != 32:
         return False
     n = int.from_bytes(s, "little")
