@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import nats.errors
+import nats.js.errors
 import pytest
 
 from stipple_common import bus, subjects
@@ -32,7 +34,13 @@ R3 = {"stream_replicas": 3}
 
 async def stream_leader(net: Network, stream: str) -> str:
     ctx = await net.client()
-    return (await ctx.js.stream_info(stream)).cluster.leader
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # a server just killed or restarted: the answer may wait for an election
+        try:
+            return (await ctx.js.stream_info(stream)).cluster.leader
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+            assert asyncio.get_running_loop().time() < deadline, f"no leader of {stream} answered in 30 s"
+            await asyncio.sleep(0.5)
 
 
 async def every_replica_current(net: Network, timeout: float = 60.0) -> None:
@@ -42,7 +50,12 @@ async def every_replica_current(net: Network, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         behind = []
-        for info in await ctx.js.streams_info():
+        try:
+            streams = await ctx.js.streams_info()
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            # a server just restarted: the meta layer may not answer the list yet (not caught up either)
+            streams, behind = [], [f"the stream list ({type(exc).__name__})"]
+        for info in streams:
             replicas = info.cluster.replicas if info.cluster else None
             if not replicas or not all(r.current for r in replicas):
                 behind.append(info.config.name)
