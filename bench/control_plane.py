@@ -116,41 +116,22 @@ class BenchNetwork:
         }
         py = sys.executable
         logs = self.data_dir / "logs"
+        # with replicas, as the production manifests run them: the dispatcher and the
+        # validator active and standby through a KV lease, gateways and gatekeepers all serving
+        leased = {"STIPPLE_LEASE_S": "10"} if self.replicas > 1 else {}
         self.procs = []
         for i in range(self.replicas):
-            # with replicas, as the production manifests run them: the dispatcher and the
-            # validator active and standby through a KV lease, gateways and gatekeepers all serving
-            suffix = "" if self.replicas == 1 else f"-{i + 1}"
-
-            def name(service: str, suffix: str = suffix) -> str:
-                return service + suffix
-
-            leased = {"STIPPLE_LEASE_S": "10"} if self.replicas > 1 else {}
             env = {**common, "STIPPLE_INSTANCE": f"bench-{i + 1}"}
-            gateway_env = {**env, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.ports[i])}
-            self.procs += [
-                ManagedProcess(
-                    name("gateway"), [py, "-m", "stipple_gateway"], gateway_env, logs / f"{name('gateway')}.log"
-                ),
-                ManagedProcess(
-                    name("dispatcher"),
-                    [py, "-m", "stipple_dispatcher"],
-                    {**env, **leased},
-                    logs / f"{name('dispatcher')}.log",
-                ),
-                ManagedProcess(
-                    name("validator"),
-                    [py, "-m", "stipple_validator"],
-                    {**env, **leased},
-                    logs / f"{name('validator')}.log",
-                ),
-                ManagedProcess(
-                    name("gatekeeper"),
-                    [py, "-m", "stipple_gatekeeper"],
-                    {**env, "STIPPLE_CALLOUT": "false"},
-                    logs / f"{name('gatekeeper')}.log",
-                ),
-            ]
+            services = {
+                "gateway": {**env, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.ports[i])},
+                "dispatcher": {**env, **leased},
+                "validator": {**env, **leased},
+                "gatekeeper": {**env, "STIPPLE_CALLOUT": "false"},
+            }
+            for service, service_env in services.items():
+                name = service if self.replicas == 1 else f"{service}-{i + 1}"
+                command = [py, "-m", f"stipple_{service}"]
+                self.procs.append(ManagedProcess(name, command, service_env, logs / f"{name}.log"))
         nodes = []
         for i in range(1, self.nodes + 1):
             env = {
