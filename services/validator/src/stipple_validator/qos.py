@@ -63,14 +63,11 @@ class QosWindows:
 
     async def add(self, node_id: str, sample: Sample) -> list[Sample] | None:
         """The window with `sample` added, or None when it holds that task already."""
-        cached = self.known.pop(node_id, None)
+        cached = self.known.get(node_id)  # a stale one fails the compare-and-set below
         while True:
             window, revision = cached if cached is not None else await self._read(node_id)
-            if any(s.task_id == sample.task_id for s in window):
-                if cached is None:
-                    return None
-                cached = None  # (from memory: read what is stored, and judge again)
-                continue
+            if any(s.task_id == sample.task_id for s in window):  # stored already (a remembered window was)
+                return None
             window = [*window, sample][-QOS_WINDOW:]
             data = records.encode(window)
             try:
@@ -82,6 +79,7 @@ class QosWindows:
                 cached = None  # another writer came first: read again
                 continue
             self.known[node_id] = (window, revision)
+            self.known.move_to_end(node_id)
             while len(self.known) > KNOWN_WINDOWS:
                 self.known.popitem(last=False)
             return window
