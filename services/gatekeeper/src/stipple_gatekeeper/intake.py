@@ -12,7 +12,8 @@ checked:
 - the node has stored fewer than `MAX_BLOBS_PER_TASK` blobs in the task through this
   intake (an honest node stores one per image, at most `MAX_IMAGES`, and again after a
   restart): each blob costs a decode here, so the count bounds what a node can make the
-  intake decode and store for one task.
+  intake decode and store for one task (counted when an upload begins, so uploads begun
+  together may pass it by the `max_uploads_per_node` a node may have open).
 
 With each blob it stores the blob's facts (stipple_common.pngfacts: SHA-256, PNG size,
 pHash, or why it is no PNG), computed from the bytes it writes, so that the validator
@@ -65,6 +66,7 @@ MAX_BLOBS_PER_TASK = 2 * MAX_IMAGES  # per node and task, per intake instance
 @dataclass
 class _Upload:
     key: str
+    task_id: str
     started: float
     parts: list[bytes] = field(default_factory=list)
     size: int = 0
@@ -140,8 +142,8 @@ class Intake:
             if slot in self.uploads:
                 raise Refused(f"upload {upload_id!r} was started already", code="bad_part")
             key = headers.get(KEY, "")
-            await self._check_key(node_id, key)
-            upload = _Upload(key=key, started=time.monotonic())
+            task_id = await self._check_key(node_id, key)
+            upload = _Upload(key=key, task_id=task_id, started=time.monotonic())
         else:
             upload = self.uploads.get(slot)  # type: ignore[assignment]
             if upload is None or part != upload.next_part:
@@ -168,11 +170,12 @@ class Intake:
     async def _store(self, node_id: str, upload: _Upload, blob: bytes) -> UploadReply:
         if await self.blobs.size(upload.key) is not None:  # write once
             raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists")
-        facts = await asyncio.to_thread(png_facts, blob, max_pixels=MAX_SIDE * MAX_SIDE)  # what the validator judges
+        # what the validator judges, from the bytes written here
+        facts = await asyncio.to_thread(png_facts, blob, max_pixels=MAX_SIDE * MAX_SIDE)
         metadata = {METADATA_KEY: facts.encode()}
         content_type = "application/octet-stream" if facts.error else "image/png"
         await self.blobs.put(upload.key, blob, content_type=content_type, metadata=metadata)
-        counted = (upload.key.split("/")[1], node_id)
+        counted = (upload.task_id, node_id)
         self._stored[counted] = self._stored.get(counted, 0) + 1
         self._stored.move_to_end(counted)
         while len(self._stored) > 100_000:
@@ -183,7 +186,8 @@ class Intake:
         log.info("upload_stored", node_id=node_id, key=upload.key, size=len(blob))
         return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=digest)
 
-    async def _check_key(self, node_id: str, key: str) -> None:
+    async def _check_key(self, node_id: str, key: str) -> str:
+        """The key's task, once the key and the node's right to write it are checked."""
         segments = key.split("/")
         if len(segments) < 4 or segments[0] != "tasks" or any(s in ("", ".", "..") for s in segments):
             raise Refused(f"key {key[:200]!r}: expected tasks/<task_id>/<node_id>/...", code="bad_key")
@@ -192,10 +196,11 @@ class Intake:
             raise Refused(f"key {key[:200]!r}: a node writes only under tasks/<task_id>/{node_id}/", code="bad_key")
         if self.check_assignment and not await self._assigned_to(task_id, node_id):
             raise Refused(f"node {node_id} is not assigned to task {task_id!r}", code="not_assigned")
-        if self._stored.get((task_id, node_id), 0) >= MAX_BLOBS_PER_TASK:
+        if self._stored.get((task_id, node_id), 0) >= MAX_BLOBS_PER_TASK:  # before any part is buffered
             raise Refused(
                 f"node {node_id} stored {MAX_BLOBS_PER_TASK} blobs in task {task_id!r} already", code="too_many"
             )
+        return task_id
 
     async def _assigned_to(self, task_id: str, node_id: str) -> bool:
         if (task_id, node_id) in self._assigned:
