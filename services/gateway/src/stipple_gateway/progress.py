@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ class _Seen:
 
 
 class ProgressBoard:
-    def __init__(self, max_tasks: int = 10_000, clock: Any = time.monotonic) -> None:
+    def __init__(self, max_tasks: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_tasks = max(1, max_tasks)
         self.clock = clock
         self._tasks: OrderedDict[str, dict[str, _Seen]] = OrderedDict()
