@@ -5,6 +5,7 @@ decides: as soon as every node has answered, and at the deadlines when some neve
 task hangs). Outcomes update each node's QoS."""
 
 import asyncio
+import contextlib
 import secrets
 import time
 import uuid
@@ -68,28 +69,40 @@ class _Checkpoints(dict):
 CHECKPOINTS = _Checkpoints()
 
 
-@pytest.fixture
-async def net(fresh_nats_url):
-    """The validator, serving; its ServiceContext (js, blobs, metrics) for the test."""
-    settings = ValidatorSettings(
-        nats_url=fresh_nats_url,
-        phash_threshold=4,
-        deadline_grace_s=0.1,
-        reveal_timeout_s=1.0,
-        probe_every_s=0.2,
-        probe_timeout_s=5.0,
-        max_blob_bytes=MAX_BLOB_BYTES,
-        escalation_timeout_s=1.0,  # no dispatcher here: an escalation waits 1 s, then decides with what is in
-        bus_recovery_s=0.5,
-    )
+SETTINGS = {
+    "phash_threshold": 4,
+    "deadline_grace_s": 0.1,
+    "reveal_timeout_s": 1.0,
+    "probe_every_s": 0.2,
+    "probe_timeout_s": 5.0,
+    "max_blob_bytes": MAX_BLOB_BYTES,
+    "escalation_timeout_s": 1.0,  # no dispatcher here: an escalation waits 1 s, then decides with what is in
+    "bus_recovery_s": 0.5,
+}
+
+
+@contextlib.asynccontextmanager
+async def serving(nats_url, **overrides):
+    """The validator (SETTINGS, then `overrides`), serving, with every node of ACCOUNTS
+    joined; its ServiceContext (js, blobs, metrics) for the test."""
+    settings = ValidatorSettings(nats_url=nats_url, **{**SETTINGS, **overrides})
     stop = asyncio.Event()
     async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
         now = time.time()
         await publish_joined(ctx.js, *(joined(n, address=a.address, started_at=now) for n, a in ACCOUNTS.items()))
         runner = asyncio.create_task(serve(ctx, settings))
+        try:
+            yield ctx
+        finally:
+            stop.set()
+            await asyncio.wait_for(runner, 10)
+
+
+@pytest.fixture
+async def net(fresh_nats_url):
+    """The validator, serving; its ServiceContext (js, blobs, metrics) for the test."""
+    async with serving(fresh_nats_url) as ctx:
         yield ctx
-        stop.set()
-        await asyncio.wait_for(runner, 10)
 
 
 async def start_task(js, nodes=(a, b, c), deadline_in=30.0):
@@ -603,31 +616,14 @@ async def test_a_task_whose_commitments_the_consumer_lost_is_found_by_the_sweep_
         return await original(self, msg)
 
     monkeypatch.setattr(Validator, "handle", losing)
-    settings = ValidatorSettings(
-        nats_url=fresh_nats_url,
-        phash_threshold=4,
-        deadline_grace_s=0.1,
-        reveal_timeout_s=5.0,
-        max_blob_bytes=MAX_BLOB_BYTES,
-        sweep_quiet_s=1.0,
-        sweep_every_s=0.2,
-    )
-    stop = asyncio.Event()
-    async with open_service("validator", settings, blobs=True, stop=stop) as ctx:
-        now = time.time()
-        await publish_joined(ctx.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
-        runner = asyncio.create_task(serve(ctx, settings))
-        try:
-            task_id = await start_task(ctx.js, deadline_in=30)
-            lost.add(task_id)
-            for node in (a, b, c):
-                await reveal(ctx, task_id, node, honest(pictures, task_id, node))
-            result = await outcome(ctx.js, task_id, timeout=15)  # the commit deadline is 30 s away
-            assert isinstance(result, TaskSucceeded)
-            assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
-        finally:
-            stop.set()
-            await asyncio.wait_for(runner, 10)
+    async with serving(fresh_nats_url, reveal_timeout_s=5.0, sweep_quiet_s=1.0, sweep_every_s=0.2) as ctx:
+        task_id = await start_task(ctx.js, deadline_in=30)
+        lost.add(task_id)
+        for node in (a, b, c):
+            await reveal(ctx, task_id, node, honest(pictures, task_id, node))
+        result = await outcome(ctx.js, task_id, timeout=15)  # the commit deadline is 30 s away
+        assert isinstance(result, TaskSucceeded)
+        assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
 
 
 async def test_the_timers_of_a_task_that_ended_come_back_without_a_read_of_the_stream(net, pictures):
