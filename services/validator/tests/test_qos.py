@@ -6,7 +6,7 @@ import uuid
 import pytest
 from nats.js.api import KeyValueConfig
 
-from stipple_validator.qos import CLEARED, QOS_WINDOW, QosWindows, Sample, recent_timeouts, summary
+from stipple_validator.qos import CLEARED, QOS_WINDOW, QosWindows, Sample, recent_timeouts, summary, unchanged
 
 
 def window(*verdicts: str) -> list[Sample]:
@@ -35,6 +35,22 @@ def test_the_check_marker_is_no_sample():
     assert summary("n", window(CLEARED), "probe:2").qos == 0.0
 
 
+def test_a_summary_is_unchanged_only_when_mean_count_and_timeouts_all_are():
+    full = [Sample(task_id=f"t{i}", score=10, verdict="agree") for i in range(QOS_WINDOW)]
+    steady = [*full[1:], Sample(task_id="new", score=10, verdict="agree")]
+    assert unchanged("n", full, steady)  # a full window of equal scores: one in, one out
+    assert not unchanged("n", full[:-1], full)  # the count grows
+    assert not unchanged("n", full, [*full[1:], Sample(task_id="new", score=5, verdict="agree")])  # the mean moves
+    timeout = [Sample(task_id=t, score=0, verdict="timeout") for t in ("a", "b")]
+    slow = [*full[:-2], *timeout]
+    assert not unchanged("n", slow, [*slow[1:], Sample(task_id="probe:1", score=0, verdict=CLEARED)])  # cleared
+    # the mean and the count stay while the recent timeouts move: a timeout leaves the front, one comes in
+    timed = [Sample(task_id="x", score=0, verdict="timeout"), *full[1:]]
+    later = [*timed[1:], Sample(task_id="y", score=0, verdict="timeout")]
+    assert summary("n", timed, "").qos == summary("n", later, "").qos
+    assert not unchanged("n", timed, later)
+
+
 @pytest.mark.integration
 async def test_windows_add_once_keep_fifty_and_list_the_paused(fresh_nats_url):
     import nats
@@ -47,7 +63,11 @@ async def test_windows_add_once_keep_fifty_and_list_the_paused(fresh_nats_url):
         for i in range(QOS_WINDOW + 5):
             assert await windows.add("ok", Sample(task_id=f"t{i}", score=10, verdict="agree")) is not None
         assert await windows.add("ok", Sample(task_id="t54", score=10, verdict="agree")) is None  # counted once
-        assert len((await windows.add("ok", Sample(task_id="x", score=5, verdict="agree"))) or []) == QOS_WINDOW
+        added = await windows.add("ok", Sample(task_id="x", score=5, verdict="agree"))
+        assert added is not None
+        assert len(added.window) == QOS_WINDOW
+        assert added.before[-1].task_id == f"t{QOS_WINDOW + 4}"
+        assert added.window[-1].task_id == "x"
         for i in range(2):
             await windows.add("slow", Sample(task_id=f"t{i}", score=0, verdict="timeout"))
         await windows.add("back", Sample(task_id="t0", score=0, verdict="timeout"))
@@ -90,10 +110,12 @@ async def test_a_window_this_process_wrote_is_one_write_and_another_writer_is_ne
         assert len(reads) == first, "a window this process wrote was read again"
         await theirs.add("n", Sample(task_id="other", score=0, verdict="timeout"))
         assert await ours.add("n", Sample(task_id="t3", score=10, verdict="agree")) is None  # counted once
-        window = await ours.add("n", Sample(task_id="t6", score=10, verdict="agree"))
-        assert [s.task_id for s in window or []] == ["t1", "t2", "t3", "t4", "t5", "other", "t6"]
+        added = await ours.add("n", Sample(task_id="t6", score=10, verdict="agree"))
+        assert added is not None
+        assert [s.task_id for s in added.before] == ["t1", "t2", "t3", "t4", "t5", "other"]  # as read again
+        assert [s.task_id for s in added.window] == ["t1", "t2", "t3", "t4", "t5", "other", "t6"]
         stored, _ = await QosWindows(kv)._read("n")
-        assert stored == window
+        assert stored == added.window
         for tap in taps:
             await tap.unsubscribe()
     finally:

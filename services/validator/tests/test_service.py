@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 
-from stipple_common import bus, checkpoints, subjects
+from stipple_common import bus, checkpoints, records, subjects
 from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import account_from_key, make_commitment, new_nonce, sign
 from stipple_common.identity import dev_node_id, key_for
@@ -43,6 +44,7 @@ from stipple_common.messages import (
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
 from stipple_testkit.nodes import joined, publish_joined
+from stipple_validator.qos import QOS_WINDOW, Sample
 from stipple_validator.service import ValidatorSettings, serve
 
 pytestmark = pytest.mark.integration
@@ -412,6 +414,39 @@ async def test_outcomes_update_each_nodes_qos_window_and_two_timeouts_pause(net,
     assert scores[c].qos == 0.0
     assert scores[c].recent_timeouts == 2  # the dispatcher pauses c
     assert scores[a].recent_timeouts == 0
+
+
+async def test_a_steady_nodes_unchanged_qos_is_not_published_again_but_its_window_counts_the_task(net, pictures):
+    """A full window of equal scores stays the same summary after one more such task: the
+    window is rewritten (the task counted once) and `nodes.<id>.qos` keeps what it holds;
+    a node whose summary moves gets its message."""
+    deadline = time.monotonic() + 10
+    while True:  # made when the validator starts serving
+        try:
+            kv = await net.js.key_value(subjects.QOS_BUCKET)
+            break
+        except nats.js.errors.BucketNotFoundError:
+            assert time.monotonic() < deadline, "the validator made no qos bucket"
+            await asyncio.sleep(0.05)
+    full = [Sample(task_id=f"old{i}", score=10, verdict="agree") for i in range(QOS_WINDOW)]
+    await kv.put(a, records.encode(full))
+    await kv.put(b, records.encode(full[1:]))  # 49: one more task changes its count
+    unchanged = net.metrics.registry.get_sample_value("stipple_validator_qos_unchanged_total")
+    for node in (a, b):
+        task_id = await start_task(net.js, nodes=(node,))
+        await reveal(net, task_id, node, honest(pictures, task_id, node))
+        result = await outcome(net.js, task_id)
+        assert isinstance(result, TaskSucceeded)
+        assert result.qos == {node: 10}
+        deadline = time.monotonic() + 10
+        while (window := records.qos_window_decoder.decode((await kv.get(node)).value or b"[]"))[-1].task_id != task_id:
+            assert time.monotonic() < deadline, f"{task_id} never reached {node}'s window"
+            await asyncio.sleep(0.05)
+        assert len(window) == QOS_WINDOW
+    assert (await node_qos(net.js, b, task_id)).samples == QOS_WINDOW  # b's count moved: published
+    with pytest.raises(Exception, match="not found|no message"):  # a's did not: nothing since
+        await net.js.get_last_msg(subjects.NODES_STREAM, subjects.node_subject(a, "qos"))
+    assert net.metrics.registry.get_sample_value("stipple_validator_qos_unchanged_total") == unchanged + 1
 
 
 async def next_probe(sub, timeout=10.0) -> ProbeRequest:

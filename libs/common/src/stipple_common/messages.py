@@ -332,7 +332,8 @@ class NodeQuit(msgspec.Struct, frozen=True, kw_only=True, tag="quit", tag_field=
 
 
 class NodeQos(msgspec.Struct, frozen=True, kw_only=True, tag="qos", tag_field="type"):
-    """The validator's view of a node after each task it took part in."""
+    """The validator's view of a node after a task it took part in, when the view changed
+    (a full window of equal scores stays the same: the last message still holds)."""
 
     node_id: str
     qos: float  # mean score (0..10) over the last `samples` tasks (at most 50)

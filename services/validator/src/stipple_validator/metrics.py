@@ -96,6 +96,11 @@ class ValidatorMetrics:
             registry=registry,
             buckets=TASK_BUCKETS,
         )
+        self.qos_unchanged = Counter(
+            "stipple_validator_qos_unchanged_total",
+            "Scored samples that left a node's QoS summary as it was (no nodes.<id>.qos published)",
+            registry=registry,
+        )
         self.paused_nodes = Gauge(
             "stipple_validator_paused_nodes",
             "Nodes paused for timeouts, waiting to pass a probe",

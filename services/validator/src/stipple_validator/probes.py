@@ -120,9 +120,9 @@ class Prober:
             self.sent.pop(event.node_id, None)  # the next round sends a new one
             return False
         changed_by = f"probe:{event.probe_id}"
-        window = await self.windows.add(event.node_id, Sample(task_id=changed_by, score=0, verdict=CLEARED))
-        if window is not None:
-            qos = summary(event.node_id, window, changed_by)
+        added = await self.windows.add(event.node_id, Sample(task_id=changed_by, score=0, verdict=CLEARED))
+        if added is not None:  # (published even when unchanged: the dispatcher's unpause)
+            qos = summary(event.node_id, added.window, changed_by)
             await bus.publish_event(self.js, qos)
         self.pause_changed(event.node_id, False)
         log.info("node_cleared", node_id=event.node_id, probe_id=event.probe_id, elapsed_s=event.elapsed_s)

@@ -11,6 +11,7 @@ does not pause it again.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -46,6 +47,18 @@ def summary(node_id: str, window: list[Sample], changed_by: str) -> NodeQos:
     )
 
 
+def unchanged(node_id: str, before: list[Sample], after: list[Sample]) -> bool:
+    """Whether what the dispatcher reads of a node (its mean, its sample count, its recent
+    timeouts) is the same after a sample as before it: a full window of equal scores."""
+    old, new = summary(node_id, before, ""), summary(node_id, after, "")
+    return (old.qos, old.samples, old.recent_timeouts) == (new.qos, new.samples, new.recent_timeouts)
+
+
+class Added(NamedTuple):
+    window: list[Sample]  # with the sample
+    before: list[Sample]  # as it was stored before it
+
+
 KNOWN_WINDOWS = 100_000  # windows remembered with their revision, so the next add needs no read
 
 
@@ -61,14 +74,15 @@ class QosWindows:
         self.kv = kv
         self.known: OrderedDict[str, tuple[list[Sample], int]] = OrderedDict()
 
-    async def add(self, node_id: str, sample: Sample) -> list[Sample] | None:
-        """The window with `sample` added, or None when it holds that task already."""
+    async def add(self, node_id: str, sample: Sample) -> Added | None:
+        """The window with `sample` added (and as it was before), or None when it holds
+        that task already."""
         cached = self.known.get(node_id)  # a stale one fails the compare-and-set below
         while True:
             window, revision = cached if cached is not None else await self._read(node_id)
             if any(s.task_id == sample.task_id for s in window):  # stored already (a remembered window was)
                 return None
-            window = [*window, sample][-QOS_WINDOW:]
+            before, window = window, [*window, sample][-QOS_WINDOW:]
             data = records.encode(window)
             try:
                 if revision is None:
@@ -82,7 +96,7 @@ class QosWindows:
             self.known.move_to_end(node_id)
             while len(self.known) > KNOWN_WINDOWS:
                 self.known.popitem(last=False)
-            return window
+            return Added(window, before)
 
     async def paused(self) -> list[str]:
         """The nodes whose window pauses them now (to rebuild the prober at start)."""

@@ -73,7 +73,7 @@ from .blobcheck import BlobChecker
 from .decide import candidates, decide, more_nodes
 from .metrics import ValidatorMetrics
 from .probes import Prober
-from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary
+from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary, unchanged
 from .sentinel import Sentinel
 
 log = structlog.get_logger("stipple.validator")
@@ -425,11 +425,16 @@ class Validator:
             await self._score_node(task_id, node_id, verdict, score)
 
     async def _score_node(self, task_id: str, node_id: str, verdict: str, score: int) -> None:
-        window = await self.windows.add(node_id, Sample(task_id=task_id, score=score, verdict=verdict))
-        if window is None:
+        added = await self.windows.add(node_id, Sample(task_id=task_id, score=score, verdict=verdict))
+        if added is None:
             return  # already counted
-        event = summary(node_id, window, task_id)
-        await bus.publish_event(self.js, event)
+        event = summary(node_id, added.window, task_id)
+        if unchanged(node_id, added.before, added.window):
+            # a full window of equal scores (a steady node): what `nodes.<id>.qos` holds
+            # is still true, so the message and its three deliveries are saved
+            self.metrics.qos_unchanged.inc()
+        else:
+            await bus.publish_event(self.js, event)
         paused = event.recent_timeouts >= PAUSE_TIMEOUTS
         self.prober.pause_changed(node_id, paused)
         if paused:
