@@ -201,6 +201,34 @@ async def test_runs_a_task_and_uploads_its_images(node):
     assert mine[-1][1] >= 2 * 2  # counts the steps of both images
 
 
+@pytest.mark.parametrize(("interval", "every_step"), [(0.0, True), (3600.0, False)])
+async def test_step_progress_is_the_first_step_the_last_and_one_per_interval_between(
+    fresh_nats_url, runner, control, interval, every_step
+):
+    """Each report is a message to every watching gateway: a GPU's 20 to 50 steps a second
+    are thinned to one per `progress_interval_s`, and the first and the last always go."""
+    seen = []
+
+    async def on_progress(msg):
+        seen.append(msgspec.json.decode(msg.data))
+
+    sub = await control.nc.subscribe(subjects.progress_subject("*", N1), cb=on_progress)
+    async with running_node(fresh_nats_url, runner, progress_interval_s=interval):
+        task_id = await assign(control.js, spec(steps=12))
+        await final_event(control.js, task_id)
+        await control.nc.flush()
+        await asyncio.sleep(0.2)  # core NATS: the last report may trail the reveal
+    await sub.unsubscribe()
+    steps = [(p["step"], p["total"]) for p in seen if p["task_id"] == task_id]
+    total = steps[-1][1]
+    assert total >= 12  # (the scheduler's timesteps: 12 asked)
+    assert steps[-1][0] == total
+    if every_step:
+        assert [step for step, _ in steps] == list(range(1, total + 1))
+    else:
+        assert [step for step, _ in steps] == [1, total]
+
+
 @pytest.mark.parametrize(
     ("bad", "code", "words"),
     [

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import math
 import os
 import platform
 import secrets
@@ -112,6 +113,9 @@ class NodeSettings(CommonSettings, frozen=True, kw_only=True):
     torch_threads: int = 1  # fixed, so that the same task gives the same bits on the same machine
     heartbeat_s: float = 2.0
     in_progress_s: float = 5.0  # how often a running task tells JetStream it is still alive
+    # step progress is published at the first step, the last, and at most once per this between
+    # (a GPU makes 20 to 50 steps a second: each report is a message to every watching gateway)
+    progress_interval_s: float = 0.2
     declare_streams: bool = False  # a node has no right to (the control plane declares them)
 
 
@@ -285,9 +289,17 @@ class NodeAgent:
     def _progress_callback(self, loop: asyncio.AbstractEventLoop, task_id: str) -> Callable[[int, int], None]:
         subject = subjects.progress_subject(task_id, self.node_id)
 
+        interval = self.settings.progress_interval_s
+        last_sent = -math.inf
+
         def report(step: int, total: int) -> None:  # called from the diffusion thread
-            if task_id in self.cancelled:
+            nonlocal last_sent
+            if task_id in self.cancelled:  # checked at every step, reported or not
                 raise TaskCancelledError(f"task {task_id} was cancelled")
+            now = time.monotonic()
+            if step < total and now - last_sent < interval:
+                return  # the first step, the last, and one per interval between
+            last_sent = now
             data = encode(Progress(task_id=task_id, node_id=self.node_id, step=step, total=total))
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.nc.publish(subject, data)))
 
