@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError
 
-from stipple_common.lease import Lease, LeaseLost, LeaseRecord, open_leases
+from stipple_common.lease import Lease, LeaseLost, LeaseRecord, PartitionLeases, open_leases
 from stipple_common.natsserver import NatsServer
 from stipple_common.service import open_service, serve_as_leader
 from stipple_common.settings import CommonSettings, InvalidSettings, load_settings
@@ -229,3 +229,83 @@ async def test_without_a_lease_the_service_serves_at_once_and_no_bucket_is_made(
         assert stop.is_set()
         with pytest.raises(BucketNotFoundError):
             await ctx.js.key_value(LEASES_BUCKET)
+
+
+class Owners:
+    """Who works on which partition, from the handover callbacks: a partition is never
+    worked on by two replicas at once (on_lose runs before another may take it)."""
+
+    def __init__(self) -> None:
+        self.working: dict[int, str] = {}
+        self.overlaps: list[int] = []
+
+    def callbacks(self, instance):
+        async def gain(k):
+            if k in self.working:
+                self.overlaps.append(k)
+            self.working[k] = instance
+
+        async def lose(k):
+            assert self.working.get(k) == instance
+            del self.working[k]
+
+        return gain, lose
+
+
+async def rounds(replicas, owners, n=3):
+    for _ in range(n):
+        for r in replicas:
+            await r.round(*owners.callbacks(r.instance))
+
+
+async def test_partitions_are_shared_fairly_and_a_joining_replica_gets_its_share(kv):
+    name, owners = service_name(), Owners()
+    a = PartitionLeases(kv, name, "a", 8, ttl_s=5.0)
+    await rounds([a], owners)
+    assert a.held == set(range(8))  # alone: every partition
+    b = PartitionLeases(kv, name, "b", 8, ttl_s=5.0)
+    await rounds([a, b], owners)
+    assert (len(a.held), len(b.held)) == (4, 4)
+    assert a.held | b.held == set(range(8))
+    assert owners.overlaps == []
+    assert owners.working == {k: "a" for k in a.held} | {k: "b" for k in b.held}
+
+
+async def test_three_replicas_on_four_partitions_leave_none_idle_and_none_unheld(kv):
+    name, owners = service_name(), Owners()
+    replicas = [PartitionLeases(kv, name, i, 4, ttl_s=5.0) for i in ("a", "b", "c")]
+    await rounds(replicas[:2], owners)
+    await rounds(replicas, owners, n=4)
+    assert sorted(len(r.held) for r in replicas) == [1, 1, 2]
+    assert set().union(*(r.held for r in replicas)) == set(range(4))
+    held_before = [set(r.held) for r in replicas]
+    await rounds(replicas, owners, n=3)  # stable: nothing moves any more
+    assert [r.held for r in replicas] == held_before
+    assert owners.overlaps == []
+
+
+async def test_a_killed_replicas_partitions_are_taken_after_its_ttl_and_a_stopped_ones_at_once(kv):
+    name, owners = service_name(), Owners()
+    a = PartitionLeases(kv, name, "a", 6, ttl_s=TTL)
+    b = PartitionLeases(kv, name, "b", 6, ttl_s=TTL)
+    await rounds([a, b], owners)
+    assert (len(a.held), len(b.held)) == (3, 3)
+    # b is killed: no more rounds, nothing given back; a holds its own meanwhile
+    for k in list(b.held):
+        del owners.working[k]  # (its process is gone)
+    started = asyncio.get_running_loop().time()
+    while len(a.held) < 6:
+        await a.round(*owners.callbacks("a"))
+        await asyncio.sleep(TTL / 3)
+        assert asyncio.get_running_loop().time() - started < TTL * 5, f"a holds only {sorted(a.held)}"
+    assert asyncio.get_running_loop().time() - started >= TTL  # not before b's keys expired
+    # a graceful stop gives every partition back at once, and its member key
+    stop = asyncio.Event()
+    stop.set()
+    await a.run(stop, *owners.callbacks("a"))
+    assert a.held == set()
+    assert owners.working == {}
+    c = PartitionLeases(kv, name, "c", 6, ttl_s=TTL)
+    await c.round(*owners.callbacks("c"))
+    assert c.held == set(range(6))
+    assert owners.overlaps == []

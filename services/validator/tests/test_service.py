@@ -107,8 +107,8 @@ async def net(fresh_nats_url):
         yield ctx
 
 
-async def start_task(js, nodes=(a, b, c), deadline_in=30.0):
-    task_id = uuid.uuid4().hex
+async def start_task(js, nodes=(a, b, c), deadline_in=30.0, task_id=None):
+    task_id = task_id or uuid.uuid4().hex
     await bus.publish(
         js,
         subjects.task_subject(task_id, "submitted"),
@@ -631,6 +631,93 @@ async def test_the_standby_validator_takes_over_a_killed_active_one_and_decides_
         finally:
             stop_b.set()
             await asyncio.wait_for(b_runs, 10)
+
+
+def decided(ctx) -> float:
+    """How many tasks this validator decided (its outcomes counter, every label)."""
+    return sum(
+        sample.value
+        for family in ctx.metrics.registry.collect()
+        if family.name == "stipple_validator_outcomes"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def partition_holders(js, partitions) -> dict[int, str]:
+    try:
+        kv = await js.key_value(subjects.LEASES_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        return {}  # (made when a validator starts serving)
+    holders = {}
+    for k in range(partitions):
+        with contextlib.suppress(Exception):
+            holders[k] = msgspec.json.decode((await kv.get(f"validator.p{k}")).value)["holder"]
+    return holders
+
+
+@pytest.mark.timeout(150)  # a lease ttl, then up to the consumer's 30 s ack wait for what the dead one held
+async def test_partitioned_validators_both_decide_and_one_killed_loses_no_task(fresh_nats_url, pictures):
+    """STIPPLE_PARTITIONS=4 on two validators: both are active, each on two partitions, and
+    every task is decided once by the one that holds its partition. Then one dies without a
+    word (its connection closed, nothing given back: as a SIGKILL) while a task of its
+    partitions waits for its reveals: the other takes its partitions after the lease ttl,
+    rebuilds the task from TASKS and decides it."""
+    partitions = 4
+
+    def settings_of(instance):
+        return ValidatorSettings(
+            nats_url=fresh_nats_url,
+            **{**SETTINGS, "reveal_timeout_s": 60.0},  # the reveals outwait the takeover
+            partitions=partitions,
+            lease_s=1.0,
+            instance=instance,
+        )
+
+    stop_0, stop_1 = asyncio.Event(), asyncio.Event()
+    zero_service = open_service("validator", settings_of("v0"), blobs=True, stop=stop_0)
+    zero = await zero_service.__aenter__()
+    now = time.time()
+    await publish_joined(zero.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
+    zero_runs = asyncio.create_task(serve(zero, settings_of("v0")))
+    async with open_service("validator", settings_of("v1"), blobs=True, stop=stop_1) as one:
+        one_runs = asyncio.create_task(serve(one, settings_of("v1")))
+        try:
+            deadline = time.monotonic() + 20
+            while sorted((await partition_holders(one.js, partitions)).values()) != ["v0", "v0", "v1", "v1"]:
+                assert time.monotonic() < deadline, await partition_holders(one.js, partitions)
+                await asyncio.sleep(0.1)
+            for _ in range(12):
+                task_id = await start_task(one.js)
+                for node in (a, b, c):
+                    await reveal(one, task_id, node, honest(pictures, task_id, node))
+                assert isinstance(await outcome(one.js, task_id, timeout=20), TaskSucceeded)  # exactly one outcome
+            assert decided(zero) + decided(one) == 12
+            assert decided(zero) > 0
+            assert decided(one) > 0  # (all 12 in one replica's half: 1 in 2,048)
+
+            holders = await partition_holders(one.js, partitions)
+            theirs = uuid.uuid4().hex
+            while holders[subjects.partition_for(theirs, partitions)] != "v0":
+                theirs = uuid.uuid4().hex
+            during = await start_task(one.js, task_id=theirs)
+            for node in (a, b, c):  # committed; each reveals when asked, by whichever validator
+                await reveal(one, during, node, honest(pictures, during, node), patience=90.0)
+            await zero.nc.close()  # as a SIGKILL
+            zero_runs.cancel()
+            stop_0.set()
+            await asyncio.gather(zero_runs, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await zero_service.__aexit__(None, None, None)
+
+            result = await outcome(one.js, during, timeout=90)
+            assert isinstance(result, TaskSucceeded)
+            assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
+            assert set((await partition_holders(one.js, partitions)).values()) == {"v1"}
+            assert one.metrics.registry.get_sample_value("stipple_validator_partitions_held") == partitions
+        finally:
+            stop_1.set()
+            await asyncio.wait_for(one_runs, 20)
 
 
 async def test_a_task_whose_commitments_the_consumer_lost_is_found_by_the_sweep_and_decided(

@@ -713,7 +713,7 @@ async def _handle_one(
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(subject=msg.subject, delivered=delivered)
     outcome = "ack"
-    tokens = msg.subject.split(".")
+    tokens = subjects.unpartitioned(msg.subject).split(".")  # (a VALIDATION copy: as its TASKS subject)
     with tracer.start_as_current_span(
         f"handle {stream} {tokens[2] if len(tokens) > 2 else tokens[-1]}",
         context=tracing.extract(msg.headers),

@@ -34,7 +34,10 @@ two holders cannot overlap unless the clocks disagree by more than `skew_s`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -203,3 +206,154 @@ class Lease:
         self.lost.set()
         self.revision = 0
         return LeaseLost(f"lease {self.name!r} of instance {self.instance!r} lost: {why}")
+
+
+Handover = Callable[[int], Awaitable[None]]
+
+
+class PartitionLeases:
+    """Leases on the `partitions` partitions of service `name`, shared among its live
+    replicas: each replica holds about as many as the others (docs/architecture.md,
+    "Partitions").
+
+    Every replica keeps a member key (``<name>.m.<instance>``, a `Lease` only its own
+    instance name takes) and takes partition keys (``<name>.p<k>``, plain `Lease`s) up to
+    its fair share, ceil(partitions / live members). Each round (every ttl/3) it renews
+    what it holds, reads every key of the service once, and then gives back the partitions
+    over its share (a replica joined) or takes free and expired ones up to it (a replica
+    left, or died: its keys expire after the ttl). `on_gain(k)` runs after partition `k`
+    is taken; `on_lose(k)` runs before a held partition is given back, and when one is
+    lost (renewal refused, or not renewed before its expiry), so the caller stops its
+    work on `k` before another replica may start it. Ownership is exclusive as a `Lease`
+    is, under the same clock assumption."""
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        name: str,
+        instance: str,
+        partitions: int,
+        *,
+        ttl_s: float = DEFAULT_TTL_S,
+        skew_s: float | None = None,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions={partitions!r}: at least 1")
+        self.kv = kv
+        self.name = name
+        self.instance = instance
+        self.ttl_s = ttl_s
+        self.member = Lease(kv, f"{name}.m.{instance}", instance, ttl_s=ttl_s, skew_s=skew_s)
+        self.leases = [
+            Lease(kv, partition_key(name, k), instance, ttl_s=ttl_s, skew_s=skew_s) for k in range(partitions)
+        ]
+        self.held: set[int] = set()
+        # where this replica starts looking for free partitions: replicas that start together
+        # try different ones first, so most first attempts succeed
+        self._offset = int.from_bytes(instance.encode()[-4:].rjust(4, b"\0"), "big") % partitions
+
+    async def run(self, stop: asyncio.Event, on_gain: Handover, on_lose: Handover) -> None:
+        """Hold a fair share until `stop`, then give everything back."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self.round(on_gain, on_lose)
+                except UNAVAILABLE as exc:  # the KV away: what is held stays held until its expiry
+                    log.warning("partition_leases_kv_unavailable", lease=self.name, error=repr(exc))
+                    await self._drop_expired(on_lose)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
+        finally:
+            for k in sorted(self.held):
+                await self._give_back(k, on_lose)
+            await self.member.release()
+
+    async def round(self, on_gain: Handover, on_lose: Handover) -> None:
+        """One round: renew, count the live members, give back or take up to the fair share."""
+        if self.member.held:
+            try:
+                await self.member.renew()
+            except LeaseLost:
+                await self.member.try_acquire()
+        else:
+            await self.member.try_acquire()  # its own name: taken back at once
+        for k in sorted(self.held):
+            try:
+                await self.leases[k].renew()
+            except LeaseLost as lost:
+                log.warning("partition_lost", lease=self.name, partition=k, error=str(lost))
+                self.held.discard(k)
+                await on_lose(k)
+        members, holdings, free = await self._survey()
+        count = len(self.leases)
+        most, least = -(-count // len(members)), count // len(members)
+        keep = most
+        if most > least and any(holdings.get(m, 0) < least for m in members if m != self.instance):
+            keep = least  # a replica below its share (one that joined) while the rest hold the most
+        for k in sorted(self.held, reverse=True)[: max(0, len(self.held) - keep)]:
+            await self._give_back(k, on_lose)
+        fair = keep  # (not more while a replica is short: what was given back is for it)
+        order = [(self._offset + i) % len(self.leases) for i in range(len(self.leases))]
+        for k in order:
+            if len(self.held) >= fair:
+                break
+            if k in self.held or k not in free:
+                continue
+            if await self.leases[k].try_acquire() == 0.0:
+                self.held.add(k)
+                log.info("partition_taken", lease=self.name, partition=k, instance=self.instance, fair=fair)
+                await on_gain(k)
+
+    async def _survey(self) -> tuple[set[str], dict[str, int], set[int]]:
+        """(the live members, this one included; how many partitions each holder holds;
+        the partitions nobody holds now, or whose holder's lease expired past the skew),
+        from one read of the service's keys."""
+        now = time.time()
+        members = {self.instance}
+        holdings: dict[str, int] = {}
+        taken: set[int] = set()
+        watcher: Any = await self.kv.watch(f"{self.name}.>", ignore_deletes=True)  # (its stop() is untyped)
+        try:
+            async with asyncio.timeout(self.ttl_s / 3):
+                entries = [entry async for entry in _until_current(watcher)]
+        finally:
+            await watcher.stop()
+        for entry in entries:
+            try:
+                record = _decoder.decode(entry.value or b"")
+            except msgspec.DecodeError:
+                continue
+            if record.expires_at + self.member.skew_s < now:
+                continue
+            rest = entry.key[len(self.name) + 1 :]
+            if rest.startswith("m."):
+                members.add(record.holder)
+            elif rest.startswith("p") and rest[1:].isdigit():
+                taken.add(int(rest[1:]))
+                holdings[record.holder] = holdings.get(record.holder, 0) + 1
+        return members, holdings, set(range(len(self.leases))) - taken
+
+    async def _give_back(self, k: int, on_lose: Handover) -> None:
+        self.held.discard(k)
+        await on_lose(k)  # its work stopped first: then another replica may take it
+        await self.leases[k].release()
+        log.info("partition_given_back", lease=self.name, partition=k, instance=self.instance)
+
+    async def _drop_expired(self, on_lose: Handover) -> None:
+        for k in sorted(self.held):
+            if not self.leases[k].held:
+                log.warning("partition_lost", lease=self.name, partition=k, error="not renewed in time")
+                self.held.discard(k)
+                await on_lose(k)
+
+
+async def _until_current(watcher: Any) -> AsyncIterator[Any]:
+    """A KV watcher's entries up to the end of what is stored (its None marker)."""
+    async for entry in watcher:
+        if entry is None:
+            return
+        yield entry
+
+
+def partition_key(name: str, partition: int) -> str:
+    return f"{name}.p{partition}"

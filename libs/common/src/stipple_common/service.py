@@ -56,10 +56,12 @@ class ServiceContext:
         batch: int = 16,
         on_rejected: bus.OnRejected | None = None,
         create: bool = True,
+        stop: asyncio.Event | None = None,
     ) -> None:
-        """Run `handler` on a durable consumer until the service is asked to stop, under
-        the one supervision policy (`bus.supervise`: restarted after a failure, the
-        service ended after repeated ones)."""
+        """Run `handler` on a durable consumer until the service is asked to stop (or
+        `stop` is set: one consumer of several), under the one supervision policy
+        (`bus.supervise`: restarted after a failure, the service ended after repeated ones)."""
+        until = stop or self.stop
 
         async def run() -> None:
             await bus.consume(
@@ -67,7 +69,7 @@ class ServiceContext:
                 stream=stream,
                 config=config,
                 handler=handler,
-                stop=self.stop,
+                stop=until,
                 metrics=self.metrics,
                 tracer=self.tracer,
                 batch=batch,
@@ -75,7 +77,7 @@ class ServiceContext:
                 create=create,
             )
 
-        await bus.supervise(run, self.stop, name=config.durable_name or stream, metrics=self.metrics)
+        await bus.supervise(run, until, name=config.durable_name or stream, metrics=self.metrics)
 
 
 async def drain(nc: NATS, timeout_s: float = 10.0) -> None:

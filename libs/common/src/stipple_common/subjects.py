@@ -21,6 +21,11 @@ Streams
   (NODE_CONTROL_EVENTS: QoS, bans); the last message per subject is kept.
 - CHAIN  ``chain.<contract>.<event>``: contract events from confirmed blocks, and
   ``chain.reorg`` (CHAIN_REORG) when published blocks left the chain (the chain-indexer's).
+- VALIDATION ``vp.<partition>.<task_id>.<event>[.<node_id>]``: with the validator partitioned
+  (STIPPLE_PARTITIONS > 1) only, a copy of every TASKS message that the server makes
+  (a source with a subject transform: the partition is a hash of the task id), so all of a
+  task's events reach the one replica that holds its partition (`validation_stream`). No
+  client publishes here.
 Core NATS (not stored)
 - ``progress.<task_id>.<node_id>``: per-step progress from nodes; lossy by design.
 - ``downloads.<node_id>``: model-download progress from a node's store.
@@ -48,6 +53,8 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
+    SubjectTransform,
 )
 
 TASKS_STREAM = "TASKS"
@@ -56,6 +63,9 @@ NODES_STREAM = "NODES"
 
 DISPATCHER_DURABLE = "dispatcher"
 VALIDATOR_DURABLE = "validator"
+VALIDATION_STREAM = "VALIDATION"
+PARTITION_PREFIX = "vp"
+MAX_PARTITIONS = 1024
 
 IMAGES_BUCKET = "stipple-images"
 QUEUE_STATUS = "dispatch.queue"
@@ -256,6 +266,100 @@ def validator_consumer() -> ConsumerConfig:
         max_deliver=50,
         max_ack_pending=20_000,
     )
+
+
+def validator_partition_consumer(partition: int) -> ConsumerConfig:
+    """A partitioned validator's, one per partition on VALIDATION: every event of the tasks
+    whose id hashes to `partition`, in order (shared, in turn, by whichever replica holds
+    the partition's lease: lease.PartitionLeases)."""
+    config = validator_consumer()
+    config.durable_name = f"{VALIDATOR_DURABLE}-p{partition}"
+    config.filter_subject = f"{PARTITION_PREFIX}.{partition}.>"
+    return config
+
+
+def validation_stream(
+    partitions: int, *, replicas: int = 1, task_max_age_s: float = 7 * 24 * 3600, start_seq: int | None = None
+) -> StreamConfig:
+    """VALIDATION: TASKS as the partitioned validator reads it. The server copies each TASKS
+    message (a source; nothing else writes here) to ``vp.<partition>.<task id>...``, the
+    partition being nats-server's hash of the task id token (``partition(n, 1)``), so a
+    task's events stay in one partition, in TASKS order. Work-queue retention: what every
+    partition's consumer acknowledged is gone. `start_seq`: the first TASKS message copied
+    (None: all of them)."""
+    if not 2 <= partitions <= MAX_PARTITIONS:
+        raise ValueError(f"partitions={partitions!r}: from 2 to {MAX_PARTITIONS}")
+    source = StreamSource(
+        name=TASKS_STREAM,
+        opt_start_seq=start_seq,
+        subject_transforms=[
+            SubjectTransform(
+                src="tasks.*.>",
+                dest=f"{PARTITION_PREFIX}.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}.>",
+            )
+        ],
+    )
+    return StreamConfig(
+        name=VALIDATION_STREAM,
+        subjects=[],
+        sources=[source],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_age=task_max_age_s,
+        num_replicas=replicas,
+    )
+
+
+def partitions_of(config: StreamConfig) -> int:
+    """How many partitions a VALIDATION stream was made with (0: not one of ours)."""
+    for source in config.sources or []:
+        for transform in source.subject_transforms or []:
+            dest = transform.dest or ""
+            start = dest.find("{{partition(")
+            if start >= 0:
+                count = dest[start + len("{{partition(") :].split(",", 1)[0]
+                return int(count) if count.strip().isdigit() else 0
+    return 0
+
+
+def unpartitioned(subject: str) -> str:
+    """The TASKS subject of a VALIDATION message (``vp.<k>.<rest>`` -> ``tasks.<rest>``);
+    any other subject as it is."""
+    if subject.startswith(PARTITION_PREFIX + "."):
+        parts = subject.split(".", 2)
+        if len(parts) == 3:
+            return "tasks." + parts[2]
+    return subject
+
+
+def partition_for(task_id: str, partitions: int) -> int:
+    """The partition nats-server's ``partition(n, 1)`` transform puts a task in: FNV-1a
+    (32 bits) of the task id token, modulo the count (which replica holds a task: its
+    partition's lease, ``validator.p<k>`` in KV `leases`)."""
+    h = 2166136261
+    for byte in task_id.encode():
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return h % partitions
+
+
+def partition_of(subject: str) -> int:
+    """The partition of a VALIDATION subject; -1 for any other."""
+    parts = subject.split(".", 2)
+    if parts[0] == PARTITION_PREFIX and len(parts) == 3 and parts[1].isdigit():
+        return int(parts[1])
+    return -1
+
+
+def source_sequence(headers: dict[str, str] | None) -> int:
+    """The TASKS sequence of a message the server copied into VALIDATION, from the
+    ``Nats-Stream-Source`` header it wrote (``TASKS <seq> ...``; the server refuses a
+    client's publish that carries this header, so it is the server's own). 0 when absent
+    or not from TASKS."""
+    value = (headers or {}).get("Nats-Stream-Source", "")
+    fields = value.split(" ")
+    if len(fields) >= 2 and fields[0] == TASKS_STREAM and fields[1].isdigit():
+        return int(fields[1])
+    return 0
 
 
 def settler_consumer() -> ConsumerConfig:

@@ -15,6 +15,7 @@ bucket (the gatekeeper refuses it at connect and closes its connections) and a
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -64,10 +65,16 @@ class Sentinel:
         self.banned_until: dict[str, float] = {}
         self.metrics = metrics
 
-    async def strike(self, node_id: str, reason: str, detail: str) -> bool:
-        """Count a strike against `node_id`; returns True when it banned the node."""
+    async def strike(self, node_id: str, reason: str, detail: str, *, share: float = 1.0) -> bool:
+        """Count a strike against `node_id`; returns True when it banned the node.
+
+        `share`: the part of the node's messages this replica sees (a partitioned validator
+        sees only its partitions' task events). The ban comes after ceil(strikes * share) of
+        them here, so that spread over the replicas a node still gets at most about
+        `strikes` refused messages in all before some replica bans it."""
         if not is_node_id(node_id):  # a control-plane subject: nobody to blame
             return False
+        limit = max(1, math.ceil(self.limit * min(1.0, max(0.0, share))))
         now = time.time()
         self.metrics.strikes.labels(reason).inc()
         window = self.recent.setdefault(node_id, deque())
@@ -76,7 +83,7 @@ class Sentinel:
             window.popleft()
         if len(self.recent) > 100_000:  # forget the quiet ones
             self.recent = {node: w for node, w in self.recent.items() if w and now - w[-1] <= self.window_s}
-        if len(window) < self.limit or self.banned_until.get(node_id, 0.0) > now:
+        if len(window) < limit or self.banned_until.get(node_id, 0.0) > now:
             return False
         until = now + self.ban_s
         text = f"{len(window)} refused messages within {self.window_s:g} s; the last: {reason}: {detail[:300]}"

@@ -36,15 +36,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Annotated
 
+import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from stipple_common import bus, checkpoints, subjects, tracing
 from stipple_common.aggregate import InvalidTransition, Task, apply, replay
@@ -52,6 +55,7 @@ from stipple_common.blobstore import BlobStore
 from stipple_common.blobstore.intake import MAX_BLOB_BYTES
 from stipple_common.blobstore.jetstream import JetStreamBlobStore
 from stipple_common.errors import Rejected
+from stipple_common.lease import DEFAULT_TTL_S, PartitionLeases, open_leases
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
     OUTCOME_EVENTS,
@@ -98,6 +102,11 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     # distance measured (float16 against float32, threads, attention: bench/RESULTS.md, "Across
     # classes: latent summaries"); the nearest cheat (10 % fewer steps) is 3.8x over at 1/4
     latent_tolerance: str = "0.0085,0.06,0.06"
+    # 1: one active validator (active/standby with STIPPLE_LEASE_S); 2 or more: task events
+    # are split by task id into this many partitions (the VALIDATION stream), and every
+    # replica is active, holding a fair share of the partitions' leases (lease.PartitionLeases,
+    # ttl STIPPLE_LEASE_S or 10 s). Fixed for a network: the stream is made with it
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=subjects.MAX_PARTITIONS)] = 1
     max_task_nodes: int = 7  # no majority draws two more nodes while a task has had fewer than this (decide.py)
     escalation_timeout_s: float = 10.0  # from `escalated` to the dispatcher's `extended`; then decide with what is in
     # the reveal deadline moves by the time the bus was away while it was open (bus.weather),
@@ -140,6 +149,10 @@ class Validator:
         # tasks that ended here, with their outcome's stream sequence: the nak'ed timers
         # (`assigned`, `reveal`) of a task come back after it ended, and need no re-read
         self.ended: OrderedDict[str, int] = OrderedDict()
+        # partitioned (STIPPLE_PARTITIONS > 1): the partition each folded task came from, so
+        # that a partition given to another replica leaves no stale fold behind here
+        self.partition: OrderedDict[str, int] = OrderedDict()
+        self.share = 1.0  # the part of all task events this replica sees: its partitions / all of them
         self.checker = BlobChecker(
             blobs,
             max_blob_bytes=settings.max_blob_bytes,
@@ -151,10 +164,23 @@ class Validator:
         metrics.paused_nodes.set_function(lambda: len(prober.paused))
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
+        seq = msg.metadata.sequence.stream
+        partition = subjects.partition_of(msg.subject)
+        if partition >= 0:  # a VALIDATION copy (partitioned): judged as the TASKS message it is
+            seq = subjects.source_sequence(msg.headers)
+            if not seq:  # only the server writes VALIDATION, and always with the header
+                log.error("partition_message_without_source", subject=msg.subject)
+                return None
+            msg.subject = subjects.unpartitioned(msg.subject)
         task_id = subjects.subject_token(msg.subject, 1)
         event_name = subjects.subject_token(msg.subject, 2)
         tracing.bind_task(task_id)
-        task = await self.fold(task_id, msg)
+        if partition >= 0:
+            self.partition[task_id] = partition
+            self.partition.move_to_end(task_id)
+            while len(self.partition) > self.settings.fold_cache:
+                self.partition.popitem(last=False)
+        task = await self.fold(task_id, msg, seq)
         if task is None:
             return None
         if task.finished:
@@ -162,7 +188,7 @@ class Validator:
                 await self.update_qos(task)
                 self.tasks.pop(task_id, None)
                 self.requested.discard(task_id)
-                self._ended(task_id, msg.metadata.sequence.stream)
+                self._ended(task_id, seq)
             return None
         if not task.nodes:
             return None
@@ -270,12 +296,12 @@ class Validator:
             return bus.Redeliver(delay=due - now + self.settings.deadline_grace_s)
         return None
 
-    async def fold(self, task_id: str, msg: Msg) -> Task | None:
-        """The task after this message, from the in-memory fold. The consumer delivers every
-        task event in stream order, so each first delivery extends the fold; a redelivery
-        (a deadline timer, a retry) is already in it. A task not in memory (a restart, an
-        eviction) is rebuilt from the stream."""
-        seq = msg.metadata.sequence.stream
+    async def fold(self, task_id: str, msg: Msg, seq: int) -> Task | None:
+        """The task after this message (`seq`: its TASKS sequence), from the in-memory fold.
+        The consumer delivers every task event in stream order, so each first delivery
+        extends the fold; a redelivery (a deadline timer, a retry) is already in it. A task
+        not in memory (a restart, an eviction, a partition taken over) is rebuilt from the
+        stream."""
         if seq <= self.ended.get(task_id, 0):
             return None  # a timer (or a retry) of a task that ended: its outcome is folded
         cached = self.tasks.get(task_id)
@@ -319,8 +345,8 @@ class Validator:
         return True
 
     async def _strike(self, node_id: str, reason: str, detail: str) -> None:
-        if self.sentinel is not None:
-            await self.sentinel.strike(node_id, reason, detail)
+        if self.sentinel is not None:  # (seen here only for the partitions held: `share`)
+            await self.sentinel.strike(node_id, reason, detail, share=self.share)
 
     async def on_rejected(self, exc: Rejected, msg: Msg) -> None:
         """A message the subject check refused (bus.consume): a strike against its sender."""
@@ -335,6 +361,16 @@ class Validator:
         if task is not None and msgs:
             self._remember(task_id, task, msgs[-1].metadata.sequence.stream)
         return task
+
+    def forget_partition(self, partition: int) -> int:
+        """Drop the folds of the tasks of `partition` (given to another replica, which
+        goes on with them: a fold kept here would miss its events). Returns how many."""
+        gone = [task_id for task_id, k in self.partition.items() if k == partition]
+        for task_id in gone:
+            del self.partition[task_id]
+            self.tasks.pop(task_id, None)
+            self.requested.discard(task_id)
+        return len(gone)
 
     def _ended(self, task_id: str, seq: int) -> None:
         self.ended[task_id] = seq
@@ -454,7 +490,10 @@ def _decoded(msgs: list[Msg]) -> list[TaskEvent]:
 async def run(settings: ValidatorSettings) -> None:
     setup_logging("validator", level=settings.log_level, fmt=settings.log_format)
     async with open_service("validator", settings, blobs=True) as ctx:
-        await serve_as_leader(ctx, "validator", settings, serve)  # STIPPLE_LEASE_S > 0: active/standby
+        if settings.partitions > 1:  # every replica active, on its share of the partitions
+            await serve(ctx, settings)
+        else:
+            await serve_as_leader(ctx, "validator", settings, serve)  # STIPPLE_LEASE_S > 0: active/standby
 
 
 def latent_tolerance(settings: ValidatorSettings) -> tuple[float, ...] | None:
@@ -525,12 +564,97 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     watching = asyncio.create_task(bus.watch_bus(ctx.js, watched, ctx.stop))
     sweeping = asyncio.create_task(validator.sweep(ctx.stop))
     try:
-        await ctx.consume(
-            subjects.TASKS_STREAM, subjects.validator_consumer(), validator.handle, on_rejected=validator.on_rejected
-        )
+        if settings.partitions > 1:
+            await serve_partitions(ctx, settings, validator)
+        else:
+            consumer = subjects.validator_consumer()
+            await ctx.consume(subjects.TASKS_STREAM, consumer, validator.handle, on_rejected=validator.on_rejected)
     finally:
         ctx.stop.set()
         await probing
         await watching
         await sweeping
         await sub.unsubscribe()  # type: ignore[attr-defined]
+
+
+async def ensure_validation_stream(js: JetStreamContext, settings: ValidatorSettings) -> None:
+    """The VALIDATION stream with `settings.partitions` partitions, made when missing. A
+    network whose single validator ran before starts the copy after what that validator
+    acknowledged (its consumer's ack floor), so no task is judged twice or skipped; a new
+    network copies TASKS from its start. A stream made with another partition count is
+    refused: the count is fixed for a network (docs/operations.md)."""
+    try:
+        info = await js.stream_info(subjects.VALIDATION_STREAM)
+    except NotFoundError:
+        start = None
+        with contextlib.suppress(NotFoundError):
+            single = await js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
+            start = single.ack_floor.stream_seq + 1 if single.ack_floor is not None else None
+        config = subjects.validation_stream(settings.partitions, replicas=settings.stream_replicas, start_seq=start)
+        try:
+            await js.add_stream(config)
+            log.info("validation_stream_made", partitions=settings.partitions, start_seq=start)
+            return
+        except BadRequestError:  # another replica made it meanwhile (with its own start): check it
+            info = await js.stream_info(subjects.VALIDATION_STREAM)
+    made_with = subjects.partitions_of(info.config)
+    if made_with != settings.partitions:
+        raise InvalidSettings(
+            f"STIPPLE_PARTITIONS={settings.partitions}: the VALIDATION stream was made with {made_with} partitions; "
+            "the count is fixed for a network (docs/operations.md, 'Partitioned validator')"
+        )
+
+
+async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, validator: Validator) -> None:
+    """Consume the partitions this replica holds the leases of, each with its own
+    consumer, until the service stops; a partition given back (or lost) is stopped before
+    its lease is released, and its tasks' folds are dropped."""
+    await ensure_validation_stream(ctx.js, settings)
+    kv = await open_leases(ctx.js, replicas=settings.stream_replicas)
+    instance = settings.instance or socket.gethostname()
+    leases = PartitionLeases(
+        kv, subjects.VALIDATOR_DURABLE, instance, settings.partitions, ttl_s=settings.lease_s or DEFAULT_TTL_S
+    )
+    running: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+    share = validator.metrics.partitions_held
+
+    async def gain(k: int) -> None:
+        stop = asyncio.Event()
+        config = subjects.validator_partition_consumer(k)
+        consume = ctx.consume(
+            subjects.VALIDATION_STREAM, config, validator.handle, on_rejected=validator.on_rejected, stop=stop
+        )
+        running[k] = (stop, asyncio.create_task(consume, name=f"partition-{k}"))
+        share.set(len(running))
+        validator.share = len(running) / settings.partitions
+
+    async def lose(k: int) -> None:
+        stop, consuming = running.pop(k)
+        stop.set()
+        try:  # (bus.consume finishes the batch in hand, then returns within its fetch timeout)
+            await asyncio.wait_for(consuming, 30.0)
+        except Exception as exc:
+            log.warning("partition_consumer_stopped_badly", partition=k, error=repr(exc))
+        dropped = validator.forget_partition(k)
+        share.set(len(running))
+        validator.share = len(running) / settings.partitions
+        log.info("partition_stopped", partition=k, folds_dropped=dropped)
+
+    keeping = asyncio.create_task(leases.run(ctx.stop, gain, lose), name="partition-leases")
+    try:
+        while not keeping.done():
+            failed = [consuming for _, consuming in running.values() if consuming.done() and consuming.exception()]
+            if failed:  # a consumer that failed past its supervision: the service ends (and restarts)
+                ctx.stop.set()
+                await keeping
+                failed[0].result()
+            watched = [keeping, *(consuming for _, consuming in running.values())]
+            await asyncio.wait(watched, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        keeping.result()
+    finally:
+        ctx.stop.set()
+        if not keeping.done():  # (cancelled: as a SIGKILL, nothing given back)
+            keeping.cancel()
+        for _, consuming in running.values():
+            consuming.cancel()
+        await asyncio.gather(keeping, *(consuming for _, consuming in running.values()), return_exceptions=True)
