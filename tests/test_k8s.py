@@ -823,7 +823,8 @@ def test_production_runs_the_stateful_services_active_and_standby_and_two_gatewa
     renders: dict[str, list[dict[str, Any]]],
 ) -> None:
     """Losing one replica loses nothing: two gateways (stateless), and two of each service
-    whose state is in memory, one of them holding the KV lease (STIPPLE_LEASE_S), each
+    whose state is in memory, one of them holding the KV lease (STIPPLE_LEASE_S), or, the
+    validator, each holding the leases of half its partitions (STIPPLE_PARTITIONS), each
     named by its pod (STIPPLE_INSTANCE: a lease holder's name must be its own)."""
     objects = renders["overlays/production"]
     assert int(_get(objects, "ConfigMap", "stipple-config")["data"]["STIPPLE_LEASE_S"]) > 0
@@ -834,6 +835,8 @@ def test_production_runs_the_stateful_services_active_and_standby_and_two_gatewa
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, name
         env = {e["name"]: e for e in _containers(deployment)[0]["env"]}
         assert env["STIPPLE_INSTANCE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", name
+    validator = {e["name"]: e for e in _containers(_get(objects, "Deployment", "validator"))[0]["env"]}
+    assert int(validator["STIPPLE_PARTITIONS"]["value"]) >= 2 * 2  # partitioned: both replicas active
     dev = renders["overlays/dev"]
     assert "STIPPLE_LEASE_S" not in _get(dev, "ConfigMap", "stipple-config")["data"]
     assert _get(dev, "Deployment", "dispatcher")["spec"]["replicas"] == 1
