@@ -90,6 +90,7 @@ class BenchNetwork:
     nodes: int = 3
     service_env: dict[str, str] = field(default_factory=dict)
     replicas: int = 1  # of each control-plane service: gateways share the load, the rest stand by
+    partitions: int = 1  # of the validator (STIPPLE_PARTITIONS): above 1, every validator replica is active
     host: str = "127.0.0.1"
     ports: list[int] = field(default_factory=list)
     nats: NatsServer | None = None
@@ -119,13 +120,14 @@ class BenchNetwork:
         # with replicas, as the production manifests run them: the dispatcher and the
         # validator active and standby through a KV lease, gateways and gatekeepers all serving
         leased = {"STIPPLE_LEASE_S": "10"} if self.replicas > 1 else {}
+        partitioned = {"STIPPLE_PARTITIONS": str(self.partitions)} if self.partitions > 1 else {}
         self.procs = []
         for i in range(self.replicas):
             env = {**common, "STIPPLE_INSTANCE": f"bench-{i + 1}"}
             services = {
                 "gateway": {**env, "STIPPLE_HOST": self.host, "STIPPLE_PORT": str(self.ports[i])},
                 "dispatcher": {**env, **leased},
-                "validator": {**env, **leased},
+                "validator": {**env, **leased, **partitioned},
                 "gatekeeper": {**env, "STIPPLE_CALLOUT": "false"},
             }
             for service, service_env in services.items():
@@ -626,10 +628,12 @@ async def run(args: argparse.Namespace) -> int:
     size = submitted_size()
     data_dir = Path(tempfile.mkdtemp(prefix="stipple-control-plane-"))
     service_env = dict(item.split("=", 1) for item in args.service_env)
-    network = BenchNetwork(data_dir, nodes=args.nodes, service_env=service_env, replicas=args.replicas)
+    network = BenchNetwork(
+        data_dir, nodes=args.nodes, service_env=service_env, replicas=args.replicas, partitions=args.partitions
+    )
     print(
-        f"starting nats-server, {args.replicas} of each of gateway, dispatcher, validator and gatekeeper, and "
-        f"{args.nodes} fixed-image nodes ({data_dir}) ..."
+        f"starting nats-server, {args.replicas} of each of gateway, dispatcher, validator and gatekeeper "
+        f"(validator partitions: {args.partitions}), and {args.nodes} fixed-image nodes ({data_dir}) ..."
     )
     started = time.perf_counter()
     network.start()
@@ -776,6 +780,12 @@ def main() -> None:
         type=int,
         default=1,
         help="of each control-plane service (dispatcher and validator active/standby through a lease)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=1,
+        help="of the validator (STIPPLE_PARTITIONS); above 1 every validator replica is active on its share",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few tasks, short phases")
     parser.add_argument("--keep", action="store_true", help="keep the logs and data directory")

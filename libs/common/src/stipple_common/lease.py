@@ -253,8 +253,14 @@ class PartitionLeases:
         self._offset = int.from_bytes(instance.encode()[-4:].rjust(4, b"\0"), "big") % partitions
 
     async def run(self, stop: asyncio.Event, on_gain: Handover, on_lose: Handover) -> None:
-        """Hold a fair share until `stop`, then give everything back."""
+        """Hold a fair share until `stop`, then give everything back. The first round only
+        says this replica is there, so that replicas started together count each other
+        before they take anything (no partition taken, then given back at once)."""
         try:
+            with contextlib.suppress(*UNAVAILABLE):
+                await self.member.try_acquire()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(1.0, self.ttl_s / 3))
             while not stop.is_set():
                 try:
                     await self.round(on_gain, on_lose)
