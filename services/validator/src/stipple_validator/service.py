@@ -1,4 +1,5 @@
-"""Validator wiring: one durable consumer on every task event (``tasks.>``), in order.
+"""Validator wiring: one durable consumer on every task event (``tasks.>``, or its
+partition of them), in order.
 
 The validator folds each task in memory as its events arrive (an LRU; a task it does not
 hold, after a restart or an eviction, is rebuilt from the TASKS stream). The consumer
@@ -26,9 +27,12 @@ assigned to, is a strike for the sentinel (sentinel.py), which bans a node that 
 sending them.
 
 Deadlines need no timer: the `assigned` and `reveal` events are nak'ed with a delay until
-their deadline, and their redelivery decides with whatever is in. One validator runs at
-a time: two sharing the consumer would each see part of a task's events and leave the
-decision to the deadlines.
+their deadline, and their redelivery decides with whatever is in. Two validators sharing
+the consumer would each see part of a task's events and leave the decision to the
+deadlines, so either one runs at a time (active/standby: STIPPLE_LEASE_S), or the task
+events are partitioned by task id (STIPPLE_PARTITIONS > 1: the server copies TASKS into
+VALIDATION, one consumer per partition) and every replica consumes the partitions whose
+leases it holds (`serve_partitions`; docs/architecture.md, "Partitioned validator").
 """
 
 from __future__ import annotations

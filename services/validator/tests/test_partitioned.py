@@ -1,0 +1,69 @@
+"""The partitioned validator's stream (ensure_validation_stream): made once with its
+partition count, which a validator started with another count refuses; a network whose
+single validator ran before copies TASKS from after what that validator acknowledged."""
+
+import asyncio
+import uuid
+
+import nats
+import pytest
+
+from stipple_common import bus, subjects
+from stipple_common.settings import InvalidSettings
+from stipple_validator.service import ValidatorSettings, ensure_validation_stream
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def js(fresh_nats_url):
+    nc = await nats.connect(fresh_nats_url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js, subjects.stream_configs())
+    yield js
+    await nc.close()
+
+
+def settings(url, partitions):
+    return ValidatorSettings(nats_url=url, partitions=partitions)
+
+
+async def test_the_partition_count_is_fixed_once_the_stream_is_made(js, fresh_nats_url):
+    await ensure_validation_stream(js, settings(fresh_nats_url, 4))
+    await ensure_validation_stream(js, settings(fresh_nats_url, 4))  # the same count: fine, again
+    with pytest.raises(InvalidSettings, match=r"STIPPLE_PARTITIONS=3: the VALIDATION stream was made with 4"):
+        await ensure_validation_stream(js, settings(fresh_nats_url, 3))
+
+
+async def test_a_network_the_single_validator_served_is_copied_from_after_what_it_acknowledged(js, fresh_nats_url):
+    tasks = [uuid.uuid4().hex for _ in range(6)]
+    for task_id in tasks:
+        await js.publish(subjects.task_subject(task_id, "submitted"), b"{}")
+    single = subjects.validator_consumer()
+    await js.add_consumer(subjects.TASKS_STREAM, single)
+    sub = await js.pull_subscribe_bind(durable=single.durable_name, stream=subjects.TASKS_STREAM)
+    for msg in await sub.fetch(4, timeout=5):  # it judged the first four
+        await msg.ack_sync()
+    await ensure_validation_stream(js, settings(fresh_nats_url, 2))
+    copied = []
+    for _ in range(100):
+        state = (await js.stream_info(subjects.VALIDATION_STREAM)).state
+        if state.messages >= 2:
+            break
+        await asyncio.sleep(0.05)
+    for seq in range(state.first_seq, state.last_seq + 1):
+        msg = await js.get_msg(subjects.VALIDATION_STREAM, seq)
+        copied.append(subjects.unpartitioned(msg.subject).split(".")[1])
+    assert copied == tasks[4:]
+
+
+async def test_a_new_network_is_copied_from_its_first_task(js, fresh_nats_url):
+    first = uuid.uuid4().hex
+    await js.publish(subjects.task_subject(first, "submitted"), b"{}")
+    await ensure_validation_stream(js, settings(fresh_nats_url, 2))
+    for _ in range(100):
+        if (await js.stream_info(subjects.VALIDATION_STREAM)).state.messages:
+            break
+        await asyncio.sleep(0.05)
+    msg = await js.get_msg(subjects.VALIDATION_STREAM, 1)
+    assert subjects.unpartitioned(msg.subject) == subjects.task_subject(first, "submitted")
