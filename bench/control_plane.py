@@ -604,6 +604,32 @@ def machine() -> list[str]:
     ]
 
 
+async def partitions_settled(url: str, partitions: int, replicas: int, timeout: float = 60.0) -> dict[str, int]:
+    """Wait until every validator replica holds its share of the partitions (KV `leases`),
+    so that no measurement catches a hand-over; how many each holds."""
+    nc = await nats.connect(url)
+    try:
+        deadline = time.monotonic() + timeout
+        held: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            held = {}
+            try:
+                kv = await nc.jetstream().key_value(subjects.LEASES_BUCKET)
+                for k in range(partitions):
+                    entry = await kv.get(f"{subjects.VALIDATOR_DURABLE}.p{k}")
+                    holder = msgspec.json.decode(entry.value or b"{}").get("holder", "")
+                    held[holder] = held.get(holder, 0) + 1
+            except Exception:  # the bucket or a key not there yet
+                held = {}
+            share = partitions // replicas
+            if sum(held.values()) == partitions and len(held) == replicas and min(held.values()) >= share:
+                return held
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the validator's partitions did not settle within {timeout:g} s: {held}")
+    finally:
+        await nc.close()
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f}"
 
@@ -637,6 +663,9 @@ async def run(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     network.start()
+    if args.partitions > 1:
+        assert network.nats is not None
+        print(f"partitions held: {await partitions_settled(network.nats.url, args.partitions, args.replicas)}")
     print(f"network ready in {time.perf_counter() - started:.1f} s; service env: {service_env or 'defaults'}")
     report: dict[str, Any] = {"machine": lines, "args": vars(args)}
     failed = False

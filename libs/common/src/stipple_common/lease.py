@@ -248,6 +248,7 @@ class PartitionLeases:
             Lease(kv, partition_key(name, k), instance, ttl_s=ttl_s, skew_s=skew_s) for k in range(partitions)
         ]
         self.held: set[int] = set()
+        self.short = False  # below its share at the last round
         # where this replica starts looking for free partitions: replicas that start together
         # try different ones first, so most first attempts succeed
         self._offset = int.from_bytes(instance.encode()[-4:].rjust(4, b"\0"), "big") % partitions
@@ -267,8 +268,11 @@ class PartitionLeases:
                 except UNAVAILABLE as exc:  # the KV away: what is held stays held until its expiry
                     log.warning("partition_leases_kv_unavailable", lease=self.name, error=repr(exc))
                     await self._drop_expired(on_lose)
+                # a replica below its share looks again soon: the others give theirs back
+                # within their own round, and a partition nobody consumes holds its tasks
+                pause = self.ttl_s / 3 if not self.short else min(self.ttl_s / 3, 0.25)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.ttl_s / 3)
+                    await asyncio.wait_for(stop.wait(), pause)
         finally:
             for k in sorted(self.held):
                 await self._give_back(k, on_lose)
@@ -294,6 +298,7 @@ class PartitionLeases:
         count = len(self.leases)
         most, least = -(-count // len(members)), count // len(members)
         keep = most
+        self.short = len(self.held) < least  # (until it has its share: `run` looks again sooner)
         if most > least and any(holdings.get(m, 0) < least for m in members if m != self.instance):
             keep = least  # a replica below its share (one that joined) while the rest hold the most
         for k in sorted(self.held, reverse=True)[: max(0, len(self.held) - keep)]:
