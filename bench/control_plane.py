@@ -311,11 +311,16 @@ def cpu_times(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-async def consumer_backlog(js: Any) -> dict[str, dict[str, int]]:
+async def consumer_backlog(js: Any, partitions: int = 1) -> dict[str, dict[str, int]]:
     out = {}
-    for durable in (subjects.DISPATCHER_DURABLE, subjects.VALIDATOR_DURABLE):
+    consumers = [(subjects.TASKS_STREAM, subjects.DISPATCHER_DURABLE)]
+    if partitions > 1:
+        consumers += [(subjects.VALIDATION_STREAM, f"{subjects.VALIDATOR_DURABLE}-p{k}") for k in range(partitions)]
+    else:
+        consumers.append((subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE))
+    for stream, durable in consumers:
         try:
-            info = await js.consumer_info(subjects.TASKS_STREAM, durable)
+            info = await js.consumer_info(stream, durable)
             out[durable] = {"num_pending": info.num_pending, "num_ack_pending": info.num_ack_pending}
         except Exception as exc:  # a report, not a failure
             out[durable] = {"error": str(exc)}  # type: ignore[dict-item]
@@ -333,6 +338,7 @@ async def throughput_phase(
     warmup: float,
     seed0: int,
     profile_dir: Path | None = None,
+    partitions: int = 1,
 ) -> Throughput:
     stop = asyncio.Event()
     done: list[Sample] = []
@@ -359,7 +365,7 @@ async def throughput_phase(
     for profiler in profilers:
         await asyncio.to_thread(profiler.wait, 60)
     cpu_after = cpu_times(pids)
-    backlog = await consumer_backlog(js)
+    backlog = await consumer_backlog(js, partitions)
     stop.set()
     in_flight = sum(1 for w in workers if not w.done())
     await asyncio.wait_for(asyncio.gather(*workers), 180)  # each finishes the task it is waiting on
@@ -709,6 +715,7 @@ async def run(args: argparse.Namespace) -> int:
                     warmup=args.warmup_s,
                     seed0=10**6 * (len(results) + 1),
                     profile_dir=Path(args.profile) / f"c{concurrency}" if args.profile else None,
+                    partitions=args.partitions,
                 )
                 network.check_alive()
                 tp_lines = [
