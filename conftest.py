@@ -80,6 +80,21 @@ def fresh_nats_url(tmp_path: object) -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture
+async def fresh_js(fresh_nats_url: str) -> AsyncIterator[Any]:
+    """A JetStream context on a nats-server of this test's own, the network's streams
+    declared (as a service declares them at start)."""
+    import nats
+
+    from stipple_common import bus, subjects
+
+    nc = await nats.connect(fresh_nats_url)
+    js = nc.jetstream()
+    await bus.ensure_streams(js, subjects.stream_configs())
+    yield js
+    await nc.close()
+
+
 @pytest.fixture(scope="session")
 def anvil() -> Iterator[Any]:
     """anvil from contracts/node_modules (npm ci when missing), on a port it picked."""

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats
 import pytest
 from nats.js.api import KeyValueConfig
 
@@ -58,12 +57,8 @@ def anvil() -> Iterator[Env]:
 
 
 @pytest.fixture
-async def js(fresh_nats_url):
-    nc = await nats.connect(fresh_nats_url)
-    js = nc.jetstream()
-    await bus.ensure_streams(js, subjects.stream_configs())
-    yield js
-    await nc.close()
+def js(fresh_js):
+    return fresh_js
 
 
 async def follower(js, env: Env, confirmations: int) -> tuple[ChainFollower, ChainThread]:

@@ -5,10 +5,9 @@ single validator ran before copies TASKS from after what that validator acknowle
 import asyncio
 import uuid
 
-import nats
 import pytest
 
-from stipple_common import bus, subjects
+from stipple_common import subjects
 from stipple_common.settings import InvalidSettings
 from stipple_validator.service import ValidatorSettings, ensure_validation_stream
 
@@ -16,12 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def js(fresh_nats_url):
-    nc = await nats.connect(fresh_nats_url)
-    js = nc.jetstream()
-    await bus.ensure_streams(js, subjects.stream_configs())
-    yield js
-    await nc.close()
+def js(fresh_js):
+    return fresh_js
 
 
 def settings(url, partitions):

@@ -2,12 +2,11 @@
 partitions' share of a node's task events, so it bans after that share of the strikes, and
 a node spreading junk over the replicas is still banned within about `strikes` in all."""
 
-import nats
 import pytest
 from nats.js.api import KeyValueConfig
 from prometheus_client import CollectorRegistry
 
-from stipple_common import bus, subjects
+from stipple_common import subjects
 from stipple_common.identity import dev_node_id
 from stipple_validator.metrics import SentinelMetrics
 from stipple_validator.sentinel import Sentinel
@@ -18,12 +17,8 @@ STRIKES = 10
 
 
 @pytest.fixture
-async def js(fresh_nats_url):
-    nc = await nats.connect(fresh_nats_url)
-    js = nc.jetstream()
-    await bus.ensure_streams(js, subjects.stream_configs())
-    yield js
-    await nc.close()
+def js(fresh_js):
+    return fresh_js
 
 
 async def sentinel(js):

@@ -570,6 +570,35 @@ async def test_an_escalation_no_node_answers_decides_with_what_is_in_and_slashes
     assert result.verdicts == {a: "undecided", b: "undecided", c: "timeout"}
 
 
+@dataclass
+class Killable:
+    """A validator serving on a connection of its own until `kill`: its connection closed
+    and its task cancelled, nothing given back (as a SIGKILL)."""
+
+    ctx: object
+    runs: asyncio.Task
+    stop: asyncio.Event
+    service: contextlib.AbstractAsyncContextManager
+
+    async def kill(self) -> None:
+        await self.ctx.nc.close()
+        self.runs.cancel()
+        self.stop.set()
+        await asyncio.gather(self.runs, return_exceptions=True)
+        with contextlib.suppress(Exception):  # (its connection is gone already)
+            await self.service.__aexit__(None, None, None)
+
+
+async def killable(settings, serving) -> Killable:
+    """`serving(ctx)` as a Killable validator, with every node of ACCOUNTS joined."""
+    stop = asyncio.Event()
+    service = open_service("validator", settings, blobs=True, stop=stop)
+    ctx = await service.__aenter__()
+    now = time.time()
+    await publish_joined(ctx.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
+    return Killable(ctx, asyncio.create_task(serving(ctx)), stop, service)
+
+
 @pytest.mark.timeout(120)  # a lease ttl, then up to the consumer's 30 s ack wait for what the dead one held
 async def test_the_standby_validator_takes_over_a_killed_active_one_and_decides_its_tasks(fresh_nats_url, pictures):
     """Two validators, active/standby by the lease (STIPPLE_LEASE_S): the active one is
@@ -598,12 +627,9 @@ async def test_the_standby_validator_takes_over_a_killed_active_one_and_decides_
             instance=instance,
         )
 
-    stop_a, stop_b = asyncio.Event(), asyncio.Event()
-    a_service = open_service("validator", settings_of("v0"), blobs=True, stop=stop_a)
-    first = await a_service.__aenter__()
-    now = time.time()
-    await publish_joined(first.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
-    a_runs = asyncio.create_task(serve_as_leader(first, "validator", settings_of("v0"), recorded("v0")))
+    leading = recorded("v0")
+    first = await killable(settings_of("v0"), lambda ctx: serve_as_leader(ctx, "validator", settings_of("v0"), leading))
+    stop_b = asyncio.Event()
     async with open_service("validator", settings_of("v1"), blobs=True, stop=stop_b) as second:
         b_runs = asyncio.create_task(serve_as_leader(second, "validator", settings_of("v1"), recorded("v1")))
         try:
@@ -616,11 +642,7 @@ async def test_the_standby_validator_takes_over_a_killed_active_one_and_decides_
             during = await start_task(second.js)
             for node in (a, b, c):  # committed; each reveals when asked, by whichever validator
                 await reveal(second, during, node, honest(pictures, during, node), patience=60.0)
-            await first.nc.close()  # as a SIGKILL
-            a_runs.cancel()
-            stop_a.set()
-            await asyncio.gather(a_runs, return_exceptions=True)
-            await a_service.__aexit__(None, None, None)
+            await first.kill()
 
             # the standby holds the lease after its ttl; what the dead one held unacknowledged
             # comes back after the consumer's ack wait (30 s): the takeover's worst case
@@ -674,12 +696,8 @@ async def test_partitioned_validators_both_decide_and_one_killed_loses_no_task(f
             instance=instance,
         )
 
-    stop_0, stop_1 = asyncio.Event(), asyncio.Event()
-    zero_service = open_service("validator", settings_of("v0"), blobs=True, stop=stop_0)
-    zero = await zero_service.__aenter__()
-    now = time.time()
-    await publish_joined(zero.js, *(joined(n, address=acct.address, started_at=now) for n, acct in ACCOUNTS.items()))
-    zero_runs = asyncio.create_task(serve(zero, settings_of("v0")))
+    zero = await killable(settings_of("v0"), lambda ctx: serve(ctx, settings_of("v0")))
+    stop_1 = asyncio.Event()
     async with open_service("validator", settings_of("v1"), blobs=True, stop=stop_1) as one:
         one_runs = asyncio.create_task(serve(one, settings_of("v1")))
         try:
@@ -692,8 +710,8 @@ async def test_partitioned_validators_both_decide_and_one_killed_loses_no_task(f
                 for node in (a, b, c):
                     await reveal(one, task_id, node, honest(pictures, task_id, node))
                 assert isinstance(await outcome(one.js, task_id, timeout=20), TaskSucceeded)  # exactly one outcome
-            assert decided(zero) + decided(one) == 12
-            assert decided(zero) > 0
+            assert decided(zero.ctx) + decided(one) == 12
+            assert decided(zero.ctx) > 0
             assert decided(one) > 0  # (all 12 in one replica's half: 1 in 2,048)
 
             holders = await partition_holders(one.js, partitions)
@@ -703,12 +721,7 @@ async def test_partitioned_validators_both_decide_and_one_killed_loses_no_task(f
             during = await start_task(one.js, task_id=theirs)
             for node in (a, b, c):  # committed; each reveals when asked, by whichever validator
                 await reveal(one, during, node, honest(pictures, during, node), patience=90.0)
-            await zero.nc.close()  # as a SIGKILL
-            zero_runs.cancel()
-            stop_0.set()
-            await asyncio.gather(zero_runs, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await zero_service.__aexit__(None, None, None)
+            await zero.kill()
 
             result = await outcome(one.js, during, timeout=90)
             assert isinstance(result, TaskSucceeded)
