@@ -101,6 +101,11 @@ class ValidatorMetrics:
             "Scored samples that left a node's QoS summary as it was (no nodes.<id>.qos published)",
             registry=registry,
         )
+        self.partitions = Gauge(
+            "stipple_validator_partitions",
+            "The partitions the task events are split into (STIPPLE_PARTITIONS; 1: not partitioned)",
+            registry=registry,
+        )
         self.partitions_held = Gauge(
             "stipple_validator_partitions_held",
             "Partitions of the task events this replica consumes (STIPPLE_PARTITIONS > 1; 0 otherwise)",

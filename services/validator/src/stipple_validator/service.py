@@ -559,6 +559,7 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     await prober.rebuild()
     assert ctx.blobs is not None, "the validator reads the stored images: open_service(..., blobs=True)"
     validator = Validator(ctx.js, directory, windows, prober, settings, metrics, ctx.blobs, sentinel)
+    metrics.partitions.set(settings.partitions)
     log.info("validator_started", threshold=settings.phash_threshold)
     probing = asyncio.create_task(prober.run(ctx.nc, ctx.stop))
     # the streams a reveal needs stored: the request (WORK), the reveal (TASKS), the images
