@@ -369,7 +369,9 @@ def settler_consumer() -> ConsumerConfig:
         durable_name=SETTLER_DURABLE,
         filter_subjects=[all_tasks(name) for name in ("submitted", *OUTCOME_EVENTS)],
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=120.0,  # held until the batch's receipt; kept alive meanwhile
+        # held until the batch's receipt, kept alive every 10 s meanwhile; what a killed
+        # settler held comes back to the next lease holder after this
+        ack_wait=30.0,
         max_deliver=-1,
         max_ack_pending=20_000,
     )

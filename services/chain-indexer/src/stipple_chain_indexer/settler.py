@@ -87,8 +87,8 @@ class Settler:
     batch_max: int = 50
     slash_amount: int = 0  # 0: the minimum stake
     held: list[_Held] = field(default_factory=list)
-    # their messages, unacknowledged until the batch is on chain (kept alive within the 120 s ack wait)
-    messages: bus.HeldMessages = field(default_factory=lambda: bus.HeldMessages(keepalive_s=30.0, name="settler"))
+    # their messages, unacknowledged until the batch is on chain (kept alive within the 30 s ack wait)
+    messages: bus.HeldMessages = field(default_factory=lambda: bus.HeldMessages(keepalive_s=10.0, name="settler"))
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     ledger: asyncio.Lock = field(default_factory=asyncio.Lock)  # reservations and escrows, one at a time
 
