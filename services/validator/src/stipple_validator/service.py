@@ -648,7 +648,11 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
     keeping = asyncio.create_task(leases.run(ctx.stop, gain, lose), name="partition-leases")
     try:
         while not keeping.done():
-            failed = [consuming for _, consuming in running.values() if consuming.done() and consuming.exception()]
+            failed = [
+                consuming
+                for _, consuming in running.values()
+                if consuming.done() and not consuming.cancelled() and consuming.exception() is not None
+            ]
             if failed:  # a consumer that failed past its supervision: the service ends (and restarts)
                 ctx.stop.set()
                 await keeping
