@@ -1,10 +1,12 @@
 """The partitioned validator's stream (ensure_validation_stream): made once with its
 partition count, which a validator started with another count refuses; a network whose
-single validator ran before copies TASKS from after what that validator acknowledged."""
+single validator ran before copies TASKS from after what that validator acknowledged; a
+partition consumer that fails for good ends the service, its partitions given back."""
 
 import asyncio
 import uuid
 
+import nats.js.errors
 import pytest
 
 from stipple_common import subjects
@@ -62,3 +64,23 @@ async def test_a_new_network_is_copied_from_its_first_task(js, fresh_nats_url):
         await asyncio.sleep(0.05)
     msg = await js.get_msg(subjects.VALIDATION_STREAM, 1)
     assert subjects.unpartitioned(msg.subject) == subjects.task_subject(first, "submitted")
+
+
+async def test_a_partition_consumer_that_fails_past_its_supervision_ends_the_service(fresh_nats_url, monkeypatch):
+    """As a single validator's consumer does: the service ends (and its pod restarts),
+    giving its partitions back, rather than run on without them."""
+    from stipple_common.service import ServiceContext, open_service
+    from stipple_validator.service import serve
+
+    async def failing(self, *args, **kwargs):
+        raise RuntimeError("the consumer gave up")
+
+    monkeypatch.setattr(ServiceContext, "consume", failing)
+    config = ValidatorSettings(nats_url=fresh_nats_url, partitions=2, lease_s=1.0, instance="v0")
+    async with open_service("validator", config, blobs=True) as ctx:
+        with pytest.raises(RuntimeError, match="the consumer gave up"):
+            await asyncio.wait_for(serve(ctx, config), 30)
+        kv = await ctx.js.key_value(subjects.LEASES_BUCKET)
+        for k in range(2):  # given back on the way out: another replica takes them at once
+            with pytest.raises(nats.js.errors.KeyNotFoundError):
+                await kv.get(f"validator.p{k}")
