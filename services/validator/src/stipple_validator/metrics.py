@@ -101,6 +101,11 @@ class ValidatorMetrics:
             "Scored samples that left a node's QoS summary as it was (no nodes.<id>.qos published)",
             registry=registry,
         )
+        self.qos_conflicts = Counter(
+            "stipple_validator_qos_conflicts_total",
+            "QoS window writes another validator's write beat (each costs a read and a second write)",
+            registry=registry,
+        )
         self.partitions = Gauge(
             "stipple_validator_partitions",
             "The partitions the task events are split into (STIPPLE_PARTITIONS; 1: not partitioned)",

@@ -11,6 +11,7 @@ does not pause it again.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -70,9 +71,11 @@ class QosWindows:
     it exact: when another writer (a validator that held the lease before) changed the
     window since, the write is refused and the window is read again."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, on_conflict: Callable[[], None] | None = None) -> None:
         self.kv = kv
         self.known: OrderedDict[str, tuple[list[Sample], int]] = OrderedDict()
+        self.conflicts = 0  # compare-and-sets another writer beat (a read and a second write each)
+        self.on_conflict = on_conflict
 
     async def add(self, node_id: str, sample: Sample) -> Added | None:
         """The window with `sample` added (and as it was before), or None when it holds
@@ -90,6 +93,9 @@ class QosWindows:
                 else:
                     revision = await self.kv.update(node_id, data, last=revision)
             except KeyWrongLastSequenceError:
+                self.conflicts += 1
+                if self.on_conflict is not None:
+                    self.on_conflict()
                 cached = None  # another writer came first: read again
                 continue
             self.known[node_id] = (window, revision)

@@ -554,7 +554,7 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     qos = await ctx.js.create_key_value(
         KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
-    windows = QosWindows(qos)
+    windows = QosWindows(qos, on_conflict=metrics.qos_conflicts.inc)
     prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
     await prober.rebuild()
     assert ctx.blobs is not None, "the validator reads the stored images: open_service(..., blobs=True)"
