@@ -2,7 +2,9 @@
 it: the SIGKILL of the TASKS stream's leader while tasks run, and, once it is back, of
 another server, and then of the JetStream meta leader (found through a server's /jsz).
 Every task still ends exactly once (`Network.outcome` checks that), with the outcome
-honest nodes earn: succeeded, and no node judged slashable."""
+honest nodes earn: succeeded, and no node judged slashable. Once with one validator, once
+with two partitioned ones (STIPPLE_PARTITIONS: the VALIDATION copy and the partition
+leases through the same elections)."""
 
 from __future__ import annotations
 
@@ -66,8 +68,9 @@ async def every_replica_current(net: Network, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.timeout(400)  # a cluster, the network, 16 tasks and three leader elections: 40 to 85 s here
+@pytest.mark.parametrize("partitions", [1, 4], ids=["one-validator", "two-partitioned-validators"])
 async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and_then_another_server(
-    runner: PipelineRunner,
+    runner: PipelineRunner, partitions: int
 ) -> None:
     with NatsCluster.start(3) as cluster:
         await cluster.wait_ready()
@@ -76,7 +79,11 @@ async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and
             await bus.ensure_streams(first.js, subjects.stream_configs(replicas=3))
             await net.gatekeeper(**R3)
             await net.dispatcher(**R3)
-            await net.validator(**R3, phash_threshold=2)
+            if partitions == 1:
+                await net.validator(**R3, phash_threshold=2)
+            else:  # both active, each on half of the task events (VALIDATION, R3 as well)
+                for instance in ("v0", "v1"):
+                    await net.validator(**R3, phash_threshold=2, partitions=partitions, lease_s=2.0, instance=instance)
             for name in ("node-1", "node-2", "node-3"):
                 await net.node(runner, name, NodeAgent)
             await asyncio.sleep(1.0)  # nodes announce themselves
