@@ -48,11 +48,12 @@ def summary(node_id: str, window: list[Sample], changed_by: str) -> NodeQos:
     )
 
 
-def unchanged(node_id: str, before: list[Sample], after: list[Sample]) -> bool:
+def unchanged(before: list[Sample], now: NodeQos) -> bool:
     """Whether what the dispatcher reads of a node (its mean, its sample count, its recent
-    timeouts) is the same after a sample as before it: a full window of equal scores."""
-    old, new = summary(node_id, before, ""), summary(node_id, after, "")
-    return (old.qos, old.samples, old.recent_timeouts) == (new.qos, new.samples, new.recent_timeouts)
+    timeouts) is in `now` as it was with the window `before` the sample: a full window of
+    equal scores."""
+    old = summary(now.node_id, before, "")
+    return (old.qos, old.samples, old.recent_timeouts) == (now.qos, now.samples, now.recent_timeouts)
 
 
 class Added(NamedTuple):

@@ -153,9 +153,6 @@ class Validator:
         # tasks that ended here, with their outcome's stream sequence: the nak'ed timers
         # (`assigned`, `reveal`) of a task come back after it ended, and need no re-read
         self.ended: OrderedDict[str, int] = OrderedDict()
-        # partitioned (STIPPLE_PARTITIONS > 1): the partition each folded task came from, so
-        # that a partition given to another replica leaves no stale fold behind here
-        self.partition: OrderedDict[str, int] = OrderedDict()
         self.share = 1.0  # the part of all task events this replica sees: its partitions / all of them
         self.checker = BlobChecker(
             blobs,
@@ -179,11 +176,6 @@ class Validator:
         task_id = subjects.subject_token(msg.subject, 1)
         event_name = subjects.subject_token(msg.subject, 2)
         tracing.bind_task(task_id)
-        if partition >= 0:
-            self.partition[task_id] = partition
-            self.partition.move_to_end(task_id)
-            while len(self.partition) > self.settings.fold_cache:
-                self.partition.popitem(last=False)
         task = await self.fold(task_id, msg, seq)
         if task is None:
             return None
@@ -369,11 +361,11 @@ class Validator:
     def forget_partition(self, partition: int) -> int:
         """Drop the folds of the tasks of `partition` (given to another replica, which
         goes on with them: a fold kept here would miss its events). Returns how many."""
-        gone = [task_id for task_id, k in self.partition.items() if k == partition]
+        count = self.settings.partitions
+        gone = [task_id for task_id in self.tasks if subjects.partition_for(task_id, count) == partition]
         for task_id in gone:
-            del self.partition[task_id]
-            self.tasks.pop(task_id, None)
-            self.requested.discard(task_id)
+            del self.tasks[task_id]
+        self.requested = {t for t in self.requested if subjects.partition_for(t, count) != partition}
         return len(gone)
 
     def _ended(self, task_id: str, seq: int) -> None:
@@ -469,7 +461,7 @@ class Validator:
         if added is None:
             return  # already counted
         event = summary(node_id, added.window, task_id)
-        if unchanged(node_id, added.before, added.window):
+        if unchanged(added.before, event):
             # a full window of equal scores (a steady node): what `nodes.<id>.qos` holds
             # is still true, so the message and its three deliveries are saved
             self.metrics.qos_unchanged.inc()
@@ -621,7 +613,10 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
         kv, subjects.VALIDATOR_DURABLE, instance, settings.partitions, ttl_s=settings.lease_s or DEFAULT_TTL_S
     )
     running: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
-    share = validator.metrics.partitions_held
+
+    def held_changed() -> None:
+        validator.metrics.partitions_held.set(len(running))
+        validator.share = len(running) / settings.partitions
 
     async def gain(k: int) -> None:
         stop = asyncio.Event()
@@ -630,8 +625,7 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
             subjects.VALIDATION_STREAM, config, validator.handle, on_rejected=validator.on_rejected, stop=stop
         )
         running[k] = (stop, asyncio.create_task(consume, name=f"partition-{k}"))
-        share.set(len(running))
-        validator.share = len(running) / settings.partitions
+        held_changed()
 
     async def lose(k: int) -> None:
         stop, consuming = running.pop(k)
@@ -641,8 +635,7 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
         except Exception as exc:
             log.warning("partition_consumer_stopped_badly", partition=k, error=repr(exc))
         dropped = validator.forget_partition(k)
-        share.set(len(running))
-        validator.share = len(running) / settings.partitions
+        held_changed()
         log.info("partition_stopped", partition=k, folds_dropped=dropped)
 
     keeping = asyncio.create_task(leases.run(ctx.stop, gain, lose), name="partition-leases")
