@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -214,7 +215,7 @@ Handover = Callable[[int], Awaitable[None]]
 class PartitionLeases:
     """Leases on the `partitions` partitions of service `name`, shared among its live
     replicas: each replica holds about as many as the others (docs/architecture.md,
-    "Partitions").
+    "Partitioned validator").
 
     Every replica keeps a member key (``<name>.m.<instance>``, a `Lease` only its own
     instance name takes) and takes partition keys (``<name>.p<k>``, plain `Lease`s) up to
@@ -251,7 +252,7 @@ class PartitionLeases:
         self.short = False  # below its share at the last round
         # where this replica starts looking for free partitions: replicas that start together
         # try different ones first, so most first attempts succeed
-        self._offset = int.from_bytes(instance.encode()[-4:].rjust(4, b"\0"), "big") % partitions
+        self._offset = zlib.crc32(instance.encode()) % partitions
 
     async def run(self, stop: asyncio.Event, on_gain: Handover, on_lose: Handover) -> None:
         """Hold a fair share until `stop`, then give everything back. The first round only
