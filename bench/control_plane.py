@@ -60,6 +60,7 @@ import psutil
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from stipple_common import subjects
+from stipple_common.lease import partition_key
 from stipple_common.messages import OUTCOME_EVENTS, TaskSubmitted
 from stipple_common.natsserver import NatsServer, nats_server_binary
 from stipple_common.process import ManagedProcess, free_port, stop_all
@@ -315,7 +316,8 @@ async def consumer_backlog(js: Any, partitions: int = 1) -> dict[str, dict[str, 
     out = {}
     consumers = [(subjects.TASKS_STREAM, subjects.DISPATCHER_DURABLE)]
     if partitions > 1:
-        consumers += [(subjects.VALIDATION_STREAM, f"{subjects.VALIDATOR_DURABLE}-p{k}") for k in range(partitions)]
+        durables = [subjects.validator_partition_consumer(k).durable_name or "" for k in range(partitions)]
+        consumers += [(subjects.VALIDATION_STREAM, durable) for durable in durables]
     else:
         consumers.append((subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE))
     for stream, durable in consumers:
@@ -622,7 +624,7 @@ async def partitions_settled(url: str, partitions: int, replicas: int, timeout: 
             try:
                 kv = await nc.jetstream().key_value(subjects.LEASES_BUCKET)
                 for k in range(partitions):
-                    entry = await kv.get(f"{subjects.VALIDATOR_DURABLE}.p{k}")
+                    entry = await kv.get(partition_key(subjects.VALIDATOR_DURABLE, k))
                     holder = msgspec.json.decode(entry.value or b"{}").get("holder", "")
                     held[holder] = held.get(holder, 0) + 1
             except Exception:  # the bucket or a key not there yet

@@ -10,6 +10,7 @@ import nats.js.errors
 import pytest
 
 from stipple_common import subjects
+from stipple_common.lease import partition_key
 from stipple_common.settings import InvalidSettings
 from stipple_validator.service import ValidatorSettings, ensure_validation_stream
 
@@ -83,4 +84,4 @@ async def test_a_partition_consumer_that_fails_past_its_supervision_ends_the_ser
         kv = await ctx.js.key_value(subjects.LEASES_BUCKET)
         for k in range(2):  # given back on the way out: another replica takes them at once
             with pytest.raises(nats.js.errors.KeyNotFoundError):
-                await kv.get(f"validator.p{k}")
+                await kv.get(partition_key(subjects.VALIDATOR_DURABLE, k))

@@ -20,6 +20,7 @@ from stipple_common import bus, checkpoints, records, subjects
 from stipple_common.blobstore.intake import blob_prefix
 from stipple_common.commitment import account_from_key, make_commitment, new_nonce, sign
 from stipple_common.identity import dev_node_id, key_for
+from stipple_common.lease import partition_key
 from stipple_common.messages import (
     SLASHABLE,
     ImageResult,
@@ -674,7 +675,8 @@ async def partition_holders(js, partitions) -> dict[int, str]:
     holders = {}
     for k in range(partitions):
         with contextlib.suppress(Exception):
-            holders[k] = msgspec.json.decode((await kv.get(f"validator.p{k}")).value)["holder"]
+            entry = await kv.get(partition_key(subjects.VALIDATOR_DURABLE, k))
+            holders[k] = msgspec.json.decode(entry.value)["holder"]
     return holders
 
 
