@@ -165,9 +165,9 @@ class Validator:
         metrics.paused_nodes.set_function(lambda: len(prober.paused))
 
     async def handle(self, msg: Msg) -> bus.Redeliver | None:
-        seq = msg.metadata.sequence.stream
-        partition = subjects.partition_of(msg.subject)
-        if partition >= 0:  # a VALIDATION copy (partitioned): judged as the TASKS message it is
+        if subjects.partition_of(msg.subject) < 0:
+            seq = msg.metadata.sequence.stream
+        else:  # a VALIDATION copy (partitioned): judged as the TASKS message it is
             seq = subjects.source_sequence(msg.headers)
             if not seq:  # only the server writes VALIDATION, and always with the header
                 log.error("partition_message_without_source", subject=msg.subject)
