@@ -16,10 +16,8 @@ from stipple_common import tracing
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
     tracing.setup_tracing("test")
-    provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
     exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.export_to(SimpleSpanProcessor(exporter))
     return exporter
 
 
@@ -76,3 +74,35 @@ def test_a_batch_span_is_a_root_linked_to_each_task(spans: InMemorySpanExporter)
     assert batch_trace not in {tracing.trace_id_of(c) for c in carriers}
     assert [format(link.context.trace_id, "032x") for link in batch.links] == [tracing.trace_id_of(c) for c in carriers]
     assert batch.attributes == {"stipple.events": 3}
+
+
+def test_a_process_that_does_not_export_records_no_span_but_carries_the_ids() -> None:
+    """Unrecorded spans cost a third less and still carry the trace: the task's trace id
+    reaches the logs and the next message's headers. Once the process exports, every span
+    is recorded, also under a parent that says "not sampled" (a peer that does not export,
+    or a node hiding its work)."""
+    sampler = tracing.RecordWhileExporting()
+    provider = TracerProvider(sampler=sampler)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for flags in ("01", "00"):
+        parent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{flags}"}
+        with tracing.task_span("quiet", task_id="t1", parent=parent, tracer=tracer) as span:
+            assert not span.is_recording()
+            assert tracing.current_trace_id() == trace_id
+            assert structlog.contextvars.get_contextvars()["trace_id"] == trace_id
+            assert tracing.trace_id_of(tracing.carrier()) == trace_id
+            assert span.get_span_context().span_id != 0x00F067AA0BA902B7  # a span of its own
+    assert exporter.get_finished_spans() == ()
+    sampler.exporting = True
+    for flags in ("01", "00"):
+        parent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{flags}"}
+        with tracing.task_span(f"recorded {flags}", task_id="t1", parent=parent, tracer=tracer) as span:
+            assert span.is_recording()
+    finished = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(finished) == {"recorded 01", "recorded 00"}
+    assert all(format(s.context.trace_id, "032x") == trace_id for s in finished.values())
+    assert all(s.parent.span_id == 0x00F067AA0BA902B7 for s in finished.values())
+    assert finished["recorded 00"].attributes == {"stipple.task_id": "t1"}
