@@ -352,7 +352,17 @@ async def test_forged_progress_is_never_shown(net: Network, hostile: NodeHandle)
 async def test_a_node_reads_nothing_and_takes_nothing_of_another(net: Network, hostile: NodeHandle) -> None:
     honest = HONEST[0]
     bucket = subjects.IMAGES_BUCKET
-    subscriptions = ("tasks.>", "work.>", "nodes.>", "_INBOX.>", f"$O.{bucket}.>", "progress.*.*", "rpc.>", "$SYS.>")
+    subscriptions = (
+        "tasks.>",
+        "work.>",
+        "nodes.>",
+        "_INBOX.>",
+        f"$O.{bucket}.>",
+        "progress.*.*",
+        "rpc.>",
+        "$SYS.>",
+        "$KV.>",
+    )
     requests = (
         f"$JS.API.STREAM.MSG.GET.OBJ_{bucket}",
         f"$JS.API.DIRECT.GET.OBJ_{bucket}",
@@ -366,6 +376,8 @@ async def test_a_node_reads_nothing_and_takes_nothing_of_another(net: Network, h
         f"$JS.API.CONSUMER.DELETE.{subjects.WORK_STREAM}.{subjects.node_durable(honest)}",
         f"$JS.API.DIRECT.GET.KV_{subjects.STAKES_BUCKET}",
         f"$JS.API.DIRECT.GET.KV_{subjects.BANS_BUCKET}",
+        f"$JS.API.DIRECT.GET.KV_{subjects.GATEWAY_BUCKET}",  # the task-id secret (stipple_gateway.taskids)
+        f"$JS.API.STREAM.MSG.GET.KV_{subjects.GATEWAY_BUCKET}",
         subjects.chain_rpc_subject(honest),
         subjects.blob_rpc_subject(honest),
         subjects.join_rpc_subject(honest),

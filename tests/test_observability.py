@@ -30,7 +30,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 
 from stipple_cli.network import LocalNetwork
-from stipple_gateway.app import new_task_id
+from stipple_gateway.taskids import new_task_id
 
 # The network runs as processes (eight interpreters importing torch and the services): its
 # start takes up to a minute and more on a cold machine, so these modules have five, and
@@ -43,6 +43,8 @@ pytestmark = [
 ]
 
 NODES = ("node-1", "node-2", "node-3")
+
+TASK_ID_SECRET = bytes(range(32))
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,11 @@ def ran(tmp_path_factory: pytest.TempPathFactory, receiver: tuple[Receiver, str]
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100000",
         "OTEL_BSP_MAX_QUEUE_SIZE": "100000",
         "STIPPLE_VALIDATION_RATE": "1",  # the trace of a task through three nodes
+        "STIPPLE_TASK_ID_SECRET": TASK_ID_SECRET.hex(),  # so that this test knows the task id before its POST
     }
     net = LocalNetwork(data_dir=data, port=0, nodes=len(NODES), chain=False, extra_env=env)
     key = uuid.uuid4().hex
-    task_id = new_task_id(key)
+    task_id = new_task_id(key, "", TASK_ID_SECRET)
     net.start(timeout=240)
     try:
         node_ids = net.node_ids()

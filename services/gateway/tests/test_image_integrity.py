@@ -18,7 +18,6 @@ from stipple_common.messages import ImageResult, TaskAssigned, TaskSubmitted, Ta
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
 from stipple_common.taskspec import parse_task
-from stipple_gateway.app import new_task_id
 from stipple_gateway.settings import GatewaySettings
 from stipple_gateway.tasks import TaskService
 
@@ -125,17 +124,17 @@ async def test_sdcn_answers_embed_only_checked_images(gateway, asgi_client, monk
     monkeypatch.setattr(gateway, "wait_for_outcome", outcome_is_in)
     body = {"prompt": "a fox", "width": 64, "height": 64, "steps": 2}
     async with asgi_client(gateway) as http:
-        await succeeded(gateway, new_task_id("fine"))
+        await succeeded(gateway, gateway.new_task_id("fine"))
         fine = await http.post("/txt2img", json=body, headers={"Idempotency-Key": "fine"})
         assert fine.status_code == 200
         assert base64.b64decode(fine.json()["images"][0]) == PNG
 
-        key = await succeeded(gateway, new_task_id("swapped"))
+        key = await succeeded(gateway, gateway.new_task_id("swapped"))
         await gateway.blobs.put(key, OTHER, content_type="image/png")
         swapped = await http.post("/txt2img", json=body, headers={"Idempotency-Key": "swapped"})
     assert swapped.status_code == 502
     assert swapped.json() == {
-        "msg": f"image 0 of task {new_task_id('swapped')}: the stored bytes are not the validated image "
+        "msg": f"image 0 of task {gateway.new_task_id('swapped')}: the stored bytes are not the validated image "
         "(SHA-256 mismatch); it is not served"
     }
     assert base64.b64encode(OTHER).decode() not in swapped.text

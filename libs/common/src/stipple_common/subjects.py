@@ -81,6 +81,7 @@ SAMPLING_BUCKET = "sampling"  # KV: VRF public key (hex) -> the rate it sampled 
 BANS_BUCKET = "bans"  # KV: node id -> why and until when it may not join (the validator's sentinel writes it)
 RESERVATIONS_BUCKET = "reservations"  # KV (the chain-indexer's): custodial account -> fees reserved, not yet escrowed
 LIMITS_BUCKET = "gateway-limits"  # KV (the gateways'): API key or client IP -> its shared token bucket (limits.py)
+GATEWAY_BUCKET = "gateway"  # KV (the gateways'): secrets every gateway replica shares (the task-id secret)
 LEASES_BUCKET = "leases"  # KV: service name -> which instance is its active replica, until when (lease.py)
 GATEKEEPER_QUEUE = "gatekeeper"
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import itertools
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, cast
 
@@ -48,7 +46,7 @@ from .tasks import TaskService
 from .views import SdcnResult, TaskAccepted, TaskLinks
 from .webhooks import check_webhook_url
 
-__all__ = ["ApiError", "Gateway", "GatewaySettings", "Routes", "TaskService", "create_app", "new_task_id"]
+__all__ = ["ApiError", "Gateway", "GatewaySettings", "Routes", "TaskService", "create_app"]
 
 Gateway = TaskService
 """The task service's former name (it was the handlers too), kept for code that imports it."""
@@ -168,18 +166,8 @@ def check_validation(value: Any) -> Validation:
     return cast(Validation, value)
 
 
-def new_task_id(idempotency_key: str | None, owner: str = "") -> str:
-    """A fresh task id, or one derived from the app's Idempotency-Key (and its API key, so
-    two apps' keys never meet) so that a retried request is the same task (the publish is
-    deduplicated by its message id)."""
-    if idempotency_key:
-        scoped = f"{owner}\n{idempotency_key}" if owner else idempotency_key
-        return hashlib.sha256(scoped.encode()).hexdigest()[:32]
-    return uuid.uuid4().hex
-
-
 def idempotent(request: Request) -> bool:
-    """Whether the request's task id derives from its Idempotency-Key (`new_task_id`): the
+    """Whether the request's task id derives from its Idempotency-Key (`TaskService.new_task_id`): the
     task service then returns a task stored under it instead of running it again."""
     return bool(request.headers.get("idempotency-key"))
 
@@ -263,7 +251,7 @@ class Routes:
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
         owner = owner_of(request)
-        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        task_id = self.tasks.new_task_id(request.headers.get("idempotency-key"), owner)
         event = await self.tasks.submit(
             spec,
             "native",
@@ -320,7 +308,7 @@ class Routes:
         except InvalidInput as exc:
             raise ApiError.invalid(exc) from None
         owner = owner_of(request)
-        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        task_id = self.tasks.new_task_id(request.headers.get("idempotency-key"), owner)
         finished = await self.tasks.submit_and_wait(spec, "sdcn", task_id, owner=owner, idempotent=idempotent(request))
         images = [base64.b64encode(png).decode() for png in finished.pngs]
         seeds = [image.seed for image in finished.task.images]
@@ -340,7 +328,7 @@ class Routes:
     ) -> Response:
         """Run an OpenAI generation or edit and answer as OpenAI does."""
         owner = owner_of(request)
-        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        task_id = self.tasks.new_task_id(request.headers.get("idempotency-key"), owner)
         if asked.user:
             log.info("openai_user", task_id=task_id, user=asked.user[:256])
         finished = await self.tasks.submit_and_wait(
@@ -407,7 +395,7 @@ class Routes:
             raise ApiError(
                 400 if exc.field != "$" else 422, exc.code, exc.message, field=exc.field, value=exc.value
             ) from None
-        task_id = new_task_id(request.headers.get("idempotency-key"), owner)
+        task_id = self.tasks.new_task_id(request.headers.get("idempotency-key"), owner)
         self.a1111_running[owner] = (task_id, time.time())
         try:
             finished = await self.tasks.submit_and_wait(

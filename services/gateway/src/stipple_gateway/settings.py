@@ -37,5 +37,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     trusted_proxies: str = ""  # CIDRs whose X-Forwarded-For is believed (comma-separated); "" = the socket peer
     # rate limits (API keys, anonymous per IP) shared by every gateway through NATS KV (limits.py); off: per gateway
     shared_limits: bool = True
+    # 64 hex digits: the secret task ids derive from Idempotency-Keys under (taskids.py); empty:
+    # the network's own, made by the first gateway and kept in KV (subjects.GATEWAY_BUCKET)
+    task_id_secret: str = ""
     limits_bucket: str = LIMITS_BUCKET  # the KV bucket of the shared limits (one per deployment of gateways)
     progress_max_tasks: int = 10_000  # tasks whose step progress is kept in memory

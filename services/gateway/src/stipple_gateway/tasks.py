@@ -73,6 +73,7 @@ from .network import NetworkFold
 from .payment import CustodialWallet
 from .progress import ProgressBoard
 from .settings import GatewaySettings
+from .taskids import network_secret, new_task_id, parse_secret
 from .views import Health, NodeInfo, NodesView, TaskView, task_view
 from .webhooks import Webhooks
 
@@ -182,6 +183,9 @@ class TaskService:
             settings.anon_rate_per_minute, settings.anon_burst, gateway_metrics=gateway_metrics, shared=self.limits
         )
         self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)  # InvalidSettings at start
+        # the secret Idempotency-Keys become task ids under (taskids.py): the operator's, or
+        # the network's from KV at `start`
+        self._task_id_secret = parse_secret(settings.task_id_secret)
         self.webhooks: Webhooks | None = None
         if settings.webhook_secret:
             self.webhooks = Webhooks(
@@ -201,7 +205,10 @@ class TaskService:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Follow step progress, and deliver webhooks when a secret is set."""
+        """Take the network's task-id secret, follow step progress, and deliver webhooks
+        when a secret is set."""
+        if self._task_id_secret is None:
+            self._task_id_secret = await network_secret(self.js, self.settings.stream_replicas)
         if self.limits is not None:
             await self.limits.open()  # when it cannot, logged: each gateway's own buckets decide meanwhile
         self._subs = await self.progress.follow(self.nc)
@@ -214,6 +221,13 @@ class TaskService:
             worker = asyncio.create_task(run, name="webhooks")
             worker.add_done_callback(self._worker_ended)
             self._workers.append(worker)
+
+    def new_task_id(self, idempotency_key: str | None, owner: str = "") -> str:
+        """The id of a task submitted now: random, or derived from the Idempotency-Key (and
+        the API key id) under the network's secret, the same at every gateway (taskids.py)."""
+        if self._task_id_secret is None:
+            raise RuntimeError("TaskService.start() takes the task-id secret first")
+        return new_task_id(idempotency_key, owner, self._task_id_secret)
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
         """A background consumer that gave up (bus.supervise) ends the gateway, as any
