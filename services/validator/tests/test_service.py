@@ -763,10 +763,23 @@ async def test_a_task_whose_commitments_the_consumer_lost_is_found_by_the_sweep_
         assert result.verdicts == {a: "agree", b: "agree", c: "agree"}
 
 
-async def test_the_timers_of_a_task_that_ended_come_back_without_a_read_of_the_stream(net, pictures):
-    """The `assigned` and `reveal` events are nak'ed until their deadlines, so they come
-    back after a task decided early: the validator knows it ended and reads nothing (each
-    such read was a consumer made, every event of the task delivered, the consumer deleted)."""
+def timers(ctx) -> float:
+    """The deadlines the validator holds (stipple_validator_timers)."""
+    return ctx.metrics.registry.get_sample_value("stipple_validator_timers") or 0.0
+
+
+async def until(check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "not within the timeout"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_task_that_ends_before_its_deadlines_leaves_nothing_to_come_back(net, pictures):
+    """The `assigned` and `reveal` events set the task's deadlines; the validator holds
+    the message of the later one and acks it when the task ends. Nothing is redelivered
+    at the deadlines (until stop 25 both were nak'ed until then: two deliveries, two naks
+    and two advisories per task, for a task long decided), and the stream is not read."""
     task_id = await start_task(net.js, deadline_in=1.5)
     reads: list[str] = []
 
@@ -776,17 +789,49 @@ async def test_the_timers_of_a_task_that_ended_come_back_without_a_read_of_the_s
 
     tap = await net.nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=on_create)
     try:
-        for node in (a, b, c):
+
+        async def one_timer() -> bool:
+            return timers(net) == 1
+
+        await until(one_timer)  # the `assigned` event's deadline, held
+        for node in (b, c):
             await reveal(net, task_id, node, honest(pictures, task_id, node))
         assert isinstance(await outcome(net.js, task_id), TaskSucceeded)
+
+        async def settled() -> bool:
+            info = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
+            return info.num_ack_pending == 0 and timers(net) == 0
+
+        await until(settled)  # the outcome acked the held message
         await net.nc.flush()
         decided = len(reads)  # the test's own reads of the outcome
         before = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
-        await asyncio.sleep(2.5)  # the nak'ed timers come back at 1.5 s + 0.1 s grace
+        await asyncio.sleep(2.5)  # past both deadlines (1.5 s, and the reveal's 1 s) and the grace
         after = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
-        comeback = after.delivered.consumer_seq - before.delivered.consumer_seq
-        assert comeback >= 2, "the timers did not come back: the test proves nothing"
-        assert after.delivered.stream_seq == before.delivered.stream_seq  # nothing new: only the timers
+        assert after.delivered.consumer_seq == before.delivered.consumer_seq  # nothing came back
+        # (a fresh server: every TASKS message is this task's, each delivered once)
+        assert after.delivered.consumer_seq == after.delivered.stream_seq
+        assert after.num_redelivered == 0
+        assert after.num_ack_pending == 0
         assert reads[decided:] == [], "the validator read a task that had ended"
     finally:
         await tap.unsubscribe()
+
+
+async def test_a_stopped_validator_gives_its_deadlines_back_and_the_next_decides_on_time(fresh_nats_url):
+    """A validator that stops hands each held deadline back with its time left (a nak
+    with that delay): the next validator decides the task at its deadline, not after the
+    consumer's 30 s ack wait, which is what a killed one leaves it to."""
+    async with serving(fresh_nats_url) as first:
+        task_id = await start_task(first.js, deadline_in=4.0)  # no node ever commits
+
+        async def held() -> bool:
+            return timers(first) == 1
+
+        await until(held)
+    stopped = time.monotonic()
+    async with serving(fresh_nats_url) as second:
+        result = await outcome(second.js, task_id, timeout=20)  # < the 30 s ack wait
+        assert isinstance(result, TaskAborted)
+        assert result.verdicts == {a: "timeout", b: "timeout", c: "timeout"}
+        assert time.monotonic() - stopped < 20

@@ -121,4 +121,9 @@ class ValidatorMetrics:
             "Nodes paused for timeouts, waiting to pass a probe",
             registry=registry,
         )
+        self.timers = Gauge(
+            "stipple_validator_timers",
+            "Open tasks' deadlines this replica holds (one held message each)",
+            registry=registry,
+        )
         self.sentinel = SentinelMetrics(registry)

@@ -26,8 +26,17 @@ a refused message, or an event for a task that does not exist or that the sender
 assigned to, is a strike for the sentinel (sentinel.py), which bans a node that keeps
 sending them.
 
-Deadlines need no timer: the `assigned` and `reveal` events are nak'ed with a delay until
-their deadline, and their redelivery decides with whatever is in. Two validators sharing
+Deadlines are timers on the event that set them (`assigned`, `extended`, `reveal`,
+`escalated`): the validator holds that message unacknowledged (kept alive with
+``+WPI``) and, at its deadline, takes the task as far as it can with whatever is in
+(`Validator.timers`, at most one per task: a later deadline replaces an earlier one). A task
+that ends first acks its held message; nothing comes back. Until stop 25 the message was
+nak'ed with the delay instead, and came back from the server after the task had usually
+ended: two redeliveries, two naks and two advisories per task, for nothing. The held
+message is still the durable record of the timer: a validator that stops gives each back
+with its remaining delay (a nak), one that is killed leaves it to come back after the
+consumer's ack wait, and a partition given away gives its tasks' timers back the same way,
+so the next holder decides at the deadline. Two validators sharing
 the consumer would each see part of a task's events and leave the decision to the
 deadlines, so either one runs at a time (active/standby: STIPPLE_LEASE_S), or the task
 events are partitioned by task id (STIPPLE_PARTITIONS > 1: the server copies TASKS into
@@ -86,6 +95,8 @@ from .sentinel import Sentinel
 
 log = structlog.get_logger("stipple.validator")
 
+TIMER_KEEPALIVE_S = 10.0  # a held timer message is kept alive this often (the consumer's ack wait: 30 s)
+
 NO_SAMPLE = ("undecided", "cancelled")  # verdicts that say nothing about the node
 
 
@@ -123,6 +134,17 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     sweep_every_s: float = 5.0
 
 
+@dataclass
+class _Timer:
+    """A task's deadline: the message that set it, held until the task ends or it fires."""
+
+    msg: Msg
+    event_name: str
+    seq: int  # the message's TASKS sequence
+    due: float  # wall clock
+    handle: asyncio.TimerHandle
+
+
 @dataclass(frozen=True)
 class _Folded:
     task: Task
@@ -150,10 +172,14 @@ class Validator:
         self.settings = settings
         self.tasks: OrderedDict[str, _Folded] = OrderedDict()  # the in-memory fold (LRU)
         self.requested: set[str] = set()  # tasks whose reveal requests this process sent
-        # tasks that ended here, with their outcome's stream sequence: the nak'ed timers
-        # (`assigned`, `reveal`) of a task come back after it ended, and need no re-read
+        # tasks that ended here, with their outcome's stream sequence: an event of a task that
+        # ended (a deadline another replica gave back, a redelivery) needs no re-read
         self.ended: OrderedDict[str, int] = OrderedDict()
         self.share = 1.0  # the part of all task events this replica sees: its partitions / all of them
+        self.timers: dict[str, _Timer] = {}  # task id -> its deadline (the held message that set it)
+        self.held = bus.HeldMessages(keepalive_s=TIMER_KEEPALIVE_S, name="validator-timers")
+        self._firing: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()  # one message or timer at a time: timers fire outside the consumer
         self.checker = BlobChecker(
             blobs,
             max_blob_bytes=settings.max_blob_bytes,
@@ -163,8 +189,9 @@ class Validator:
         self.metrics = metrics
         self.tolerance = latent_tolerance(settings)
         metrics.paused_nodes.set_function(lambda: len(prober.paused))
+        metrics.timers.set_function(lambda: len(self.timers))
 
-    async def handle(self, msg: Msg) -> bus.Redeliver | None:
+    async def handle(self, msg: Msg) -> bus.Hold | None:
         if subjects.partition_of(msg.subject) < 0:
             seq = msg.metadata.sequence.stream
         else:  # a VALIDATION copy (partitioned): judged as the TASKS message it is
@@ -176,6 +203,13 @@ class Validator:
         task_id = subjects.subject_token(msg.subject, 1)
         event_name = subjects.subject_token(msg.subject, 2)
         tracing.bind_task(task_id)
+        async with self._lock:
+            result = await self.judge(task_id, event_name, msg, seq)
+            return await self._arm(task_id, event_name, msg, seq, result)
+
+    async def judge(self, task_id: str, event_name: str, msg: Msg, seq: int) -> bus.Redeliver | None:
+        """Fold `msg` into its task and take the task as far as it goes now; a Redeliver
+        says when to look at it again (its deadline)."""
         task = await self.fold(task_id, msg, seq)
         if task is None:
             return None
@@ -185,10 +219,74 @@ class Validator:
                 self.tasks.pop(task_id, None)
                 self.requested.discard(task_id)
                 self._ended(task_id, seq)
+                await self._disarm(task_id)
             return None
         if not task.nodes:
             return None
         return await self.advance(task_id, task, event_name)
+
+    # ------------------------------------------------------------------ deadlines
+
+    async def _arm(
+        self, task_id: str, event_name: str, msg: Msg, seq: int, result: bus.Redeliver | None
+    ) -> bus.Hold | None:
+        """A Redeliver becomes the task's timer, holding `msg`. It replaces the task's
+        earlier timer, if any, whose message is acked: judged at its own deadline, it would
+        have found the later stage and been acked then."""
+        if result is None:
+            return None
+        earlier = self.timers.pop(task_id, None)
+        if earlier is not None:
+            earlier.handle.cancel()
+            if earlier.msg is not msg:
+                await self.held.settle(earlier.msg)
+        delay = max(result.delay, 0.0)
+        handle = asyncio.get_running_loop().call_later(delay, self._fire_soon, task_id)
+        self.timers[task_id] = _Timer(msg, event_name, seq, time.time() + delay, handle)
+        return self.held.hold(msg)
+
+    async def _disarm(self, task_id: str) -> None:
+        """The task ended: its timer's message is done with."""
+        timer = self.timers.pop(task_id, None)
+        if timer is not None:
+            timer.handle.cancel()
+            await self.held.settle(timer.msg)
+
+    def _fire_soon(self, task_id: str) -> None:
+        firing = asyncio.create_task(self.fire(task_id), name=f"timer-{task_id}")
+        self._firing.add(firing)
+        firing.add_done_callback(self._firing.discard)
+
+    async def fire(self, task_id: str) -> None:
+        """A deadline: judge the task again by the message that set it, as its redelivery
+        would have been judged; then ack that message, or hold it for the next deadline."""
+        async with self._lock:
+            timer = self.timers.pop(task_id, None)
+            if timer is None:
+                return  # ended or given back meanwhile
+            with tracing.task_span("validator.deadline", task_id=task_id, event=timer.event_name):
+                try:
+                    result = await self.judge(task_id, timer.event_name, timer.msg, timer.seq)
+                    held = await self._arm(task_id, timer.event_name, timer.msg, timer.seq, result)
+                except Exception as exc:  # given back to JetStream, which delivers it again (bus.consume's table)
+                    log.exception("deadline_failed", event=timer.event_name)
+                    await self.held.settle(timer.msg, exc)
+                    return
+            if held is None:
+                await self.held.settle(timer.msg)
+
+    async def give_back_timers(self, partition: int | None = None) -> int:
+        """Hand the held messages of the tasks' timers (of `partition`, or all) back to
+        JetStream, each to come again at its deadline (a nak with the time left): what a
+        replica does when it stops or gives a partition away. Returns how many."""
+        async with self._lock:
+            count = self.settings.partitions
+            mine = [t for t in self.timers if partition is None or subjects.partition_for(t, count) == partition]
+            for task_id in mine:
+                timer = self.timers.pop(task_id)
+                timer.handle.cancel()
+                await self.held.redeliver(timer.msg, max(timer.due - time.time(), 0.0))
+            return len(mine)
 
     async def advance(self, task_id: str, task: Task, event_name: str) -> bus.Redeliver | None:
         """Take an open task (with nodes) as far as `event_name` lets it go now: open the
@@ -253,14 +351,15 @@ class Validator:
             if folded.task.finished or not folded.task.nodes or folded.at > quiet_since:
                 continue  # (a task without nodes waits in the dispatcher's queue: its clock's)
             checked += 1
-            task = await self.verified(task_id)  # refreshes the fold's time too
-            if task is None:
-                self.tasks.pop(task_id, None)  # nothing stored (purged): nothing to decide
-                continue
-            if task.finished or not task.nodes:
-                continue
-            timer = {"revealing": "reveal", "escalating": "escalated"}.get(task.status, "assigned")
-            await self.advance(task_id, task, timer)
+            async with self._lock:  # (as a message or a timer would: one at a time)
+                task = await self.verified(task_id)  # refreshes the fold's time too
+                if task is None:
+                    self.tasks.pop(task_id, None)  # nothing stored (purged): nothing to decide
+                    continue
+                if task.finished or not task.nodes:
+                    continue
+                timer = {"revealing": "reveal", "escalating": "escalated"}.get(task.status, "assigned")
+                await self.advance(task_id, task, timer)
         if checked:
             log.info("sweep_checked", tasks=checked)
         return checked
@@ -560,6 +659,7 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
         watched.append(f"OBJ_{ctx.blobs.bucket}")
     watching = asyncio.create_task(bus.watch_bus(ctx.js, watched, ctx.stop))
     sweeping = asyncio.create_task(validator.sweep(ctx.stop))
+    keeping_alive = asyncio.create_task(validator.held.keep_alive(ctx.stop))  # the timers' held messages
     try:
         if settings.partitions > 1:
             await serve_partitions(ctx, settings, validator)
@@ -568,9 +668,13 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
             await ctx.consume(subjects.TASKS_STREAM, consumer, validator.handle, on_rejected=validator.on_rejected)
     finally:
         ctx.stop.set()
+        with contextlib.suppress(Exception):  # (the bus gone: each comes back after the ack wait)
+            given = await asyncio.wait_for(validator.give_back_timers(), 10.0)
+            log.info("timers_given_back", timers=given)
         await probing
         await watching
         await sweeping
+        await keeping_alive
         await sub.unsubscribe()  # type: ignore[attr-defined]
 
 
@@ -634,9 +738,10 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
             await asyncio.wait_for(consuming, 30.0)
         except Exception as exc:
             log.warning("partition_consumer_stopped_badly", partition=k, error=repr(exc))
+        timers = await validator.give_back_timers(k)  # before the lease goes: the next holder gets them
         dropped = validator.forget_partition(k)
         held_changed()
-        log.info("partition_stopped", partition=k, folds_dropped=dropped)
+        log.info("partition_stopped", partition=k, folds_dropped=dropped, timers_given_back=timers)
 
     keeping = asyncio.create_task(leases.run(ctx.stop, gain, lose), name="partition-leases")
     try:
