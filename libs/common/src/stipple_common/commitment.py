@@ -69,7 +69,7 @@ def signer(commitment: str, signature: str) -> str | None:
         public = coincurve.PublicKey.from_signature_and_message(
             raw[:64] + bytes([_RECOVERY_IDS[raw[64]]]), digest, hasher=None
         )
-    except (ValueError, TypeError):  # r or s zero or not below the order, or no point recovers
+    except Exception:  # r or s zero or not below the order, no point recovers: all mean "not signed"
         return None
     return to_checksum_address(keccak(public.format(compressed=False)[1:])[-20:])
 

@@ -238,7 +238,9 @@ class Validator:
         earlier = self.timers.pop(task_id, None)
         if earlier is not None:
             earlier.handle.cancel()
-            if earlier.msg is not msg:
+            if earlier.seq == seq:  # the same message again (redelivered): acking the old delivery would ack it
+                self.held.forget(earlier.msg)
+            else:
                 await self.held.settle(earlier.msg)
         delay = max(result.delay, 0.0)
         handle = asyncio.get_running_loop().call_later(delay, self._fire_soon, task_id)

@@ -1,0 +1,100 @@
+"""The validator's deadlines (`Validator.timers`), without a server: one timer per task,
+held on the message that set it; a later deadline acks the earlier message, a redelivery
+of the same message replaces the delivery held without acking it; giving timers back
+naks each with its time left."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import CollectorRegistry
+
+from stipple_common import bus, subjects
+from stipple_validator.metrics import ValidatorMetrics
+from stipple_validator.service import Validator, ValidatorSettings
+
+
+class FakeMsg:
+    """What HeldMessages does to a message, recorded."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[str, float | None]] = []
+
+    async def ack(self) -> None:
+        self.calls.append(("ack", None))
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.calls.append(("nak", delay))
+
+    async def in_progress(self) -> None:
+        self.calls.append(("in_progress", None))
+
+
+def validator(partitions: int = 1) -> Validator:
+    return Validator(
+        js=None,
+        directory=None,
+        windows=None,
+        prober=None,
+        settings=ValidatorSettings(partitions=partitions),
+        metrics=ValidatorMetrics(CollectorRegistry()),
+        blobs=None,
+    )
+
+
+async def test_a_later_deadline_acks_the_earlier_message_and_a_redelivery_does_not() -> None:
+    v = validator()
+    assigned, reveal, again = FakeMsg("assigned"), FakeMsg("reveal"), FakeMsg("reveal, redelivered")
+    assert isinstance(await v._arm("t", "assigned", assigned, 2, bus.Redeliver(delay=60)), bus.Hold)
+    assert isinstance(await v._arm("t", "reveal", reveal, 5, bus.Redeliver(delay=30)), bus.Hold)
+    assert assigned.calls == [("ack", None)]  # judged at its deadline it would have been acked
+    assert isinstance(await v._arm("t", "reveal", again, 5, bus.Redeliver(delay=30)), bus.Hold)
+    assert reveal.calls == []  # the same stream message: acking its old delivery would ack the new one
+    assert v.timers["t"].msg is again
+    assert v.held.holds(again)
+    assert not v.held.holds(reveal)
+    assert await v._arm("u", "assigned", FakeMsg("nothing to wait for"), 9, None) is None
+    assert set(v.timers) == {"t"}
+    await v._disarm("t")  # the task ended
+    assert again.calls == [("ack", None)]
+    assert v.timers == {}
+    assert len(v.held) == 0
+
+
+async def test_a_timer_fires_at_its_deadline() -> None:
+    v = validator()
+    fired: list[str] = []
+
+    async def fire(task_id: str) -> None:
+        fired.append(task_id)
+
+    v.fire = fire  # type: ignore[method-assign]
+    await v._arm("t", "assigned", FakeMsg("assigned"), 2, bus.Redeliver(delay=0.05))
+    await v._arm("u", "assigned", FakeMsg("assigned"), 3, bus.Redeliver(delay=60))
+    await asyncio.sleep(0.3)
+    assert fired == ["t"]
+
+
+async def test_timers_given_back_are_naked_with_their_time_left_by_partition() -> None:
+    v = validator(partitions=4)
+    ids = [f"task-{i}" for i in range(12)]
+    msgs = {task_id: FakeMsg(task_id) for task_id in ids}
+    for seq, task_id in enumerate(ids):
+        await v._arm(task_id, "assigned", msgs[task_id], seq, bus.Redeliver(delay=20.0))
+    mine = [t for t in ids if subjects.partition_for(t, 4) == 1]
+    assert mine
+    started = time.time()
+    assert await v.give_back_timers(1) == len(mine)
+    for task_id in ids:
+        if task_id in mine:
+            ((call, delay),) = msgs[task_id].calls
+            assert call == "nak"
+            assert 19.0 < delay <= 20.0 + (time.time() - started)
+            assert task_id not in v.timers
+        else:
+            assert msgs[task_id].calls == []
+            assert task_id in v.timers
+    assert await v.give_back_timers() == len(ids) - len(mine)
+    assert v.timers == {}
