@@ -71,7 +71,7 @@ import imagehash
 import structlog
 from PIL import Image
 
-from stipple_common import checkpoints, commitment
+from stipple_common import checkpoints, commitment, eventloop
 from stipple_common.errors import StippleError
 from stipple_common.logs import setup_logging
 from stipple_common.messages import Assignment
@@ -228,7 +228,8 @@ async def run(settings: NodeSettings) -> None:
 
 def main() -> None:
     try:
-        asyncio.run(run(load_settings(NodeSettings)))
+        settings = load_settings(NodeSettings)
+        eventloop.run(run(settings), settings.event_loop)  # as stipple-node runs
     except StippleError as exc:
         print(f"fixed_image_node: {exc.message}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
@@ -44,6 +44,7 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     s3_secure: bool = False
     s3_region: str = "us-east-1"
     otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint; empty: traces stay in process
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"  # the process's event loop (eventloop.py)
     # the economics every service must agree on (economics.py: cheating must not pay)
     max_fee: int = 10 * 10**18  # the largest fee a task may carry (smallest token unit; 10 tokens)
     validation_rate: float = 0.1  # r: the share of tasks the VRF selects to run on `replication` nodes and compare

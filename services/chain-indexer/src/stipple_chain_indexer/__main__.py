@@ -1,14 +1,14 @@
 """`python -m stipple_chain_indexer`: settings from STIPPLE_* variables, then run."""
 
-import asyncio
-
+from stipple_common import eventloop
 from stipple_common.settings import load_settings
 
 from .service import IndexerSettings, run
 
 
 def main() -> None:
-    asyncio.run(run(load_settings(IndexerSettings)))
+    settings = load_settings(IndexerSettings)
+    eventloop.run(run(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """`python -m stipple_gatekeeper`: read settings from STIPPLE_* variables and run;
 `python -m stipple_gatekeeper keys` prints a new issuer and callout key pair."""
 
-import asyncio
 import sys
 
+from stipple_common import eventloop
 from stipple_common.settings import load_settings
 
 from .service import GatekeeperSettings, run
@@ -16,7 +16,8 @@ def main() -> None:
         for name, value in new_keys().items():
             print(f"{name}={value}")
         return
-    asyncio.run(run(load_settings(GatekeeperSettings)))
+    settings = load_settings(GatekeeperSettings)
+    eventloop.run(run(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

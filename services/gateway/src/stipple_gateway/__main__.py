@@ -1,7 +1,6 @@
 """`python -m stipple_gateway`: read settings from STIPPLE_* variables and run."""
 
-import asyncio
-
+from stipple_common import eventloop
 from stipple_common.settings import load_settings
 
 from .service import run
@@ -9,7 +8,8 @@ from .settings import GatewaySettings
 
 
 def main() -> None:
-    asyncio.run(run(load_settings(GatewaySettings)))
+    settings = load_settings(GatewaySettings)
+    eventloop.run(run(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

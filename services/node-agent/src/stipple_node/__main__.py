@@ -7,10 +7,10 @@ stipple-node make-tiny-model DIR     # build the tiny SD model into DIR
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
+from stipple_common import eventloop
 from stipple_common.errors import StippleError
 from stipple_common.settings import load_settings
 
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         from .service import NodeSettings, run
 
-        asyncio.run(run(load_settings(NodeSettings)))
+        settings = load_settings(NodeSettings)
+        eventloop.run(run(settings), settings.event_loop)
     except StippleError as exc:
         print(f"stipple-node: {exc.message}", file=sys.stderr)
         sys.exit(2)
