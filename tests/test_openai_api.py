@@ -4,7 +4,6 @@ gateway, dispatcher, validator and node agents (in one process, the tiny model).
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 
 import httpx
@@ -12,6 +11,7 @@ import openai
 import pytest
 from PIL import Image
 
+from stipple_gateway.taskids import network_secret, new_task_id
 from stipple_testkit.network import Network
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -89,8 +89,10 @@ async def test_the_openai_client_edits_an_image_where_the_mask_is_transparent(se
     with Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json or ""))) as png:
         assert png.size == (64, 64)  # size defaults to the image's own
 
-    # the task it ran: inpainting at strength 1 (its id comes from the Idempotency-Key)
-    task_id = hashlib.sha256(b"edit-1").hexdigest()[:32]
+    # the task it ran: inpainting at strength 1 (its id comes from the Idempotency-Key, under
+    # the network's task-id secret, which a service reads from KV as the gateways do)
+    ctx = await served.client()
+    task_id = new_task_id("edit-1", "", await network_secret(ctx.js, replicas=1))
     async with httpx.AsyncClient(base_url=served.gateway_url) as http:
         view = (await http.get(f"/v1/tasks/{task_id}")).json()
     assert view["status"] == "succeeded"
