@@ -26,8 +26,9 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
 from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from . import ids, subjects, tracing
@@ -249,6 +250,21 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
     )
 
 
+STREAM_CONFIG_MISMATCH = 10058  # JetStream's "stream name already in use with a different configuration"
+
+
+async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    """The KV bucket `config` names: made when missing, or the one there bound as it is when
+    it was made with another configuration (another description, replicas or ttl: one
+    replica's settings must not fail another's start, nor rewrite the bucket)."""
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError as exc:
+        if exc.err_code != STREAM_CONFIG_MISMATCH:
+            raise
+        return await js.key_value(config.bucket)
+
+
 async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
     """Declare streams idempotently: create, or update when the config changed.
 
@@ -260,7 +276,7 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> N
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
-            if exc.err_code != 10058:  # stream name already in use with a different configuration
+            if exc.err_code != STREAM_CONFIG_MISMATCH:
                 raise
             stored = (await js.stream_info(config.name or "")).config.num_replicas or 1
             if stored > (config.num_replicas or 1):

@@ -60,6 +60,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Counter
 
+from stipple_common import bus
+
 from .auth import MAX_TRACKED_CLIENTS, TokenBucket
 
 __all__ = ["LEASE_MAX", "LimitMetrics", "SharedLimits", "client_limit_name", "key_limit_name", "lease_size"]
@@ -176,12 +178,7 @@ class SharedLimits:
                 storage=StorageType.MEMORY,  # lost with every server: the buckets are full again, no more
                 replicas=self.replicas,
             )
-            try:
-                self._kv = await self.js.create_key_value(config)
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # stream name already in use with a different configuration
-                    raise
-                self._kv = await self.js.key_value(self.bucket)
+            self._kv = await bus.key_value(self.js, config)
         except (nats.errors.Error, TimeoutError) as exc:
             self._failed(exc)
             return False

@@ -28,7 +28,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
-from stipple_common import subjects
+from stipple_common import bus, subjects
 from stipple_common.settings import InvalidSettings
 
 SECRET_KEY = "task-id-secret"  # the key in subjects.GATEWAY_BUCKET
@@ -56,12 +56,7 @@ async def network_secret(js: JetStreamContext, replicas: int) -> bytes:
         history=1,
         replicas=replicas,
     )
-    try:
-        kv = await js.create_key_value(config)
-    except nats.js.errors.BadRequestError as exc:
-        if exc.err_code != 10058:  # the bucket is there (with another configuration)
-            raise
-        kv = await js.key_value(subjects.GATEWAY_BUCKET)
+    kv = await bus.key_value(js, config)
     try:
         await kv.create(SECRET_KEY, secrets.token_bytes(SECRET_BYTES))
     except nats.js.errors.KeyWrongLastSequenceError:
