@@ -75,8 +75,7 @@ class QosWindows:
     def __init__(self, kv: KeyValue, on_conflict: Callable[[], None] | None = None) -> None:
         self.kv = kv
         self.known: OrderedDict[str, tuple[list[Sample], int]] = OrderedDict()
-        self.conflicts = 0  # compare-and-sets another writer beat (a read and a second write each)
-        self.on_conflict = on_conflict
+        self.on_conflict = on_conflict  # told of each compare-and-set another writer beat (a read and a write more)
 
     async def add(self, node_id: str, sample: Sample) -> Added | None:
         """The window with `sample` added (and as it was before), or None when it holds
@@ -94,7 +93,6 @@ class QosWindows:
                 else:
                     revision = await self.kv.update(node_id, data, last=revision)
             except KeyWrongLastSequenceError:
-                self.conflicts += 1
                 if self.on_conflict is not None:
                     self.on_conflict()
                 cached = None  # another writer came first: read again
