@@ -670,9 +670,11 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
             await ctx.consume(subjects.TASKS_STREAM, consumer, validator.handle, on_rejected=validator.on_rejected)
     finally:
         ctx.stop.set()
-        with contextlib.suppress(Exception):  # (the bus gone: each comes back after the ack wait)
+        try:
             given = await asyncio.wait_for(validator.give_back_timers(), 10.0)
             log.info("timers_given_back", timers=given)
+        except Exception as exc:  # the bus gone: each held deadline comes back after the ack wait instead
+            log.warning("timers_not_given_back", timers=len(validator.timers), error=repr(exc))
         await probing
         await watching
         await sweeping
