@@ -35,6 +35,7 @@ from stipple_common.messages import (
 )
 from stipple_common.taskspec import parse_task
 from stipple_common.vrf import SamplingProof, VrfKey
+from stipple_testkit.waits import until
 
 SPEC = parse_task({"base_model": "tiny-sd", "prompt": "p", "task_config": {"seed": 1}})
 RATE = 0.5
@@ -368,15 +369,6 @@ async def assigned_count(js) -> int:
     return len(await bus.read_messages(js, subjects.TASKS_STREAM, subjects.all_tasks("assigned")))
 
 
-async def until(what: str, check, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 async def cli(*argv: str) -> tuple[int, str]:
     out = io.StringIO()
     status = await au.run(au.parser().parse_args(list(argv)), out=out)
@@ -402,7 +394,7 @@ async def test_the_dispatchers_draws_pass_and_forged_assignments_are_reported(fr
             ids = [uuid.uuid4().hex for _ in range(20)]
             for n, task_id in enumerate(ids):
                 await bus.publish_event(js, submitted(task_id, "full" if n == 0 else "sampled"))
-            await until("20 tasks assigned", lambda: _at_least(js, 20))
+            await until("20 tasks assigned", lambda: _at_least(js, 20), timeout=30.0)
 
             status, text = await cli("--nats-url", fresh_nats_url, "--json")
             report = json.loads(text)

@@ -11,7 +11,6 @@ dispatched until the check lifts the pause, and the third task then runs on all 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 from nats.aio.msg import Msg
@@ -22,6 +21,7 @@ from stipple_common.messages import NodeQos, TaskSucceeded, decode_node_event
 from stipple_node.pipeline import PipelineRunner
 from stipple_node.service import NodeAgent
 from stipple_testkit.network import Network
+from stipple_testkit.waits import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,7 +46,6 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
     fresh_nats_url: str, runner: PipelineRunner
 ) -> None:
     qos_events: list[NodeQos] = []
-    arrived = asyncio.Event()  # a QoS event of the suspect came
     suspect, honest = dev_node_id(SUSPECT), [dev_node_id(name) for name in HONEST]
     async with Network.plain(fresh_nats_url) as net:
         agents = [(HONEST[0], NodeAgent), (SUSPECT, StuckTwice), (HONEST[1], NodeAgent)]
@@ -62,7 +61,6 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
             event = decode_node_event(msg.subject, msg.data)
             if isinstance(event, NodeQos) and event.node_id == suspect:
                 qos_events.append(event)
-                arrived.set()
 
         await app.nc.subscribe(subjects.node_subject(suspect, "qos"), cb=on_qos)
         await asyncio.sleep(1.0)  # nodes announce themselves
@@ -75,13 +73,10 @@ async def test_a_paused_node_works_again_only_after_passing_the_check(
 
         # the validator scores the third task when it folds the outcome, after the outcome is
         # out: wait for that QoS update before the network stops (a loaded machine lost it)
-        async def third_scored() -> None:
-            while not any(e.task_id == third.task_id for e in qos_events):
-                arrived.clear()
-                await arrived.wait()
+        async def third_scored() -> bool:
+            return any(e.task_id == third.task_id for e in qos_events)
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(third_scored(), 15)
+        await until("the third task's QoS update", third_scored, timeout=15)
 
     assert isinstance(third, TaskSucceeded), third
     assert third.verdicts == {honest[0]: "agree", suspect: "agree", honest[1]: "agree"}

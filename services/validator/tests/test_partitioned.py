@@ -85,35 +85,3 @@ async def test_a_partition_consumer_that_fails_past_its_supervision_ends_the_ser
         for k in range(2):  # given back on the way out: another replica takes them at once
             with pytest.raises(nats.js.errors.KeyNotFoundError):
                 await kv.get(partition_key(subjects.VALIDATOR_DURABLE, k))
-
-
-def test_a_partition_given_away_takes_its_folds_and_reveal_requests_with_it():
-    """`forget_partition(k)` drops exactly the folds (and sent-reveal marks) of the tasks
-    whose id the server maps to partition k, the ones the next holder goes on with; the
-    other partitions' folds stay, and the ended tasks are still known as ended."""
-    from prometheus_client import CollectorRegistry
-
-    from stipple_validator.metrics import ValidatorMetrics
-    from stipple_validator.service import Validator, _Folded
-
-    validator = Validator(
-        js=None,
-        directory=None,
-        windows=None,
-        prober=None,
-        settings=ValidatorSettings(partitions=4),
-        metrics=ValidatorMetrics(CollectorRegistry()),
-        blobs=None,
-    )
-    ids = [uuid.uuid4().hex for _ in range(64)]
-    by_partition = {k: [t for t in ids if subjects.partition_for(t, 4) == k] for k in range(4)}
-    assert all(by_partition.values())  # 64 ids reach every partition
-    for seq, task_id in enumerate(ids):
-        validator.tasks[task_id] = _Folded(task=None, seq=seq)
-    validator.requested = set(ids[::2])
-    validator.ended = {"done": 7}
-    assert validator.forget_partition(2) == len(by_partition[2])
-    assert set(validator.tasks) == set(ids) - set(by_partition[2])
-    assert validator.requested == set(ids[::2]) - set(by_partition[2])
-    assert validator.forget_partition(2) == 0  # nothing of it is left
-    assert validator.ended == {"done": 7}

@@ -45,6 +45,7 @@ from stipple_common.messages import (
 from stipple_common.service import open_service
 from stipple_common.taskspec import parse_task
 from stipple_testkit.nodes import joined, publish_joined
+from stipple_testkit.waits import until
 from stipple_validator.qos import QOS_WINDOW, Sample
 from stipple_validator.service import ValidatorSettings, serve
 
@@ -780,13 +781,6 @@ def timers(ctx) -> float:
     return ctx.metrics.registry.get_sample_value("stipple_validator_timers") or 0.0
 
 
-async def until(check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not await check():
-        assert time.monotonic() < deadline, "not within the timeout"
-        await asyncio.sleep(0.05)
-
-
 async def test_a_task_that_ends_before_its_deadlines_leaves_nothing_to_come_back(net, pictures):
     """The `assigned` and `reveal` events set the task's deadlines; the validator holds
     the message of the later one and acks it when the task ends. Nothing is redelivered
@@ -805,7 +799,7 @@ async def test_a_task_that_ends_before_its_deadlines_leaves_nothing_to_come_back
         async def one_timer() -> bool:
             return timers(net) == 1
 
-        await until(one_timer)  # the `assigned` event's deadline, held
+        await until("the assigned event held", one_timer)  # the `assigned` event's deadline, held
         for node in (b, c):
             await reveal(net, task_id, node, honest(pictures, task_id, node))
         assert isinstance(await outcome(net.js, task_id), TaskSucceeded)
@@ -814,7 +808,7 @@ async def test_a_task_that_ends_before_its_deadlines_leaves_nothing_to_come_back
             info = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
             return info.num_ack_pending == 0 and timers(net) == 0
 
-        await until(settled)  # the outcome acked the held message
+        await until("the held message acked", settled)  # the outcome acked the held message
         await net.nc.flush()
         decided = len(reads)  # the test's own reads of the outcome
         before = await net.js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
@@ -840,7 +834,7 @@ async def test_a_stopped_validator_gives_its_deadlines_back_and_the_next_decides
         async def held() -> bool:
             return timers(first) == 1
 
-        await until(held)
+        await until("the deadline held", held)
     stopped = time.monotonic()
     async with serving(fresh_nats_url) as second:
         result = await outcome(second.js, task_id, timeout=20)  # < the 30 s ack wait

@@ -1,18 +1,20 @@
-"""The validator's deadlines (`Validator.timers`), without a server: one timer per task,
-held on the message that set it; a later deadline acks the earlier message, a redelivery
-of the same message replaces the delivery held without acking it; giving timers back
-naks each with its time left."""
+"""The validator's own state, without a server. Its deadlines (`Validator.timers`): one
+timer per task, held on the message that set it; a later deadline acks the earlier
+message, a redelivery of the same message replaces the delivery held without acking it;
+giving timers back naks each with its time left. And a partition given away takes its
+folds with it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 from prometheus_client import CollectorRegistry
 
 from stipple_common import bus, subjects
 from stipple_validator.metrics import ValidatorMetrics
-from stipple_validator.service import Validator, ValidatorSettings
+from stipple_validator.service import Validator, ValidatorSettings, _Folded
 
 
 class FakeMsg:
@@ -32,7 +34,7 @@ class FakeMsg:
         self.calls.append(("in_progress", None))
 
 
-def validator(partitions: int = 1) -> Validator:
+def make_validator(partitions: int = 1) -> Validator:
     return Validator(
         js=None,
         directory=None,
@@ -45,7 +47,7 @@ def validator(partitions: int = 1) -> Validator:
 
 
 async def test_a_later_deadline_acks_the_earlier_message_and_a_redelivery_does_not() -> None:
-    v = validator()
+    v = make_validator()
     assigned, reveal, again = FakeMsg("assigned"), FakeMsg("reveal"), FakeMsg("reveal, redelivered")
     assert isinstance(await v._arm("t", "assigned", assigned, 2, bus.Redeliver(delay=60)), bus.Hold)
     assert isinstance(await v._arm("t", "reveal", reveal, 5, bus.Redeliver(delay=30)), bus.Hold)
@@ -64,7 +66,7 @@ async def test_a_later_deadline_acks_the_earlier_message_and_a_redelivery_does_n
 
 
 async def test_a_timer_fires_at_its_deadline() -> None:
-    v = validator()
+    v = make_validator()
     fired: list[str] = []
 
     async def fire(task_id: str) -> None:
@@ -78,7 +80,7 @@ async def test_a_timer_fires_at_its_deadline() -> None:
 
 
 async def test_timers_given_back_are_naked_with_their_time_left_by_partition() -> None:
-    v = validator(partitions=4)
+    v = make_validator(partitions=4)
     ids = [f"task-{i}" for i in range(12)]
     msgs = {task_id: FakeMsg(task_id) for task_id in ids}
     for seq, task_id in enumerate(ids):
@@ -98,3 +100,22 @@ async def test_timers_given_back_are_naked_with_their_time_left_by_partition() -
             assert task_id in v.timers
     assert await v.give_back_timers() == len(ids) - len(mine)
     assert v.timers == {}
+
+
+def test_a_partition_given_away_takes_its_folds_and_reveal_requests_with_it():
+    """`forget_partition(k)` drops exactly the folds (and sent-reveal marks) of the tasks
+    whose id the server maps to partition k, the ones the next holder goes on with; the
+    other partitions' folds stay, and the ended tasks are still known as ended."""
+    validator = make_validator(partitions=4)
+    ids = [uuid.uuid4().hex for _ in range(64)]
+    by_partition = {k: [t for t in ids if subjects.partition_for(t, 4) == k] for k in range(4)}
+    assert all(by_partition.values())  # 64 ids reach every partition
+    for seq, task_id in enumerate(ids):
+        validator.tasks[task_id] = _Folded(task=None, seq=seq)
+    validator.requested = set(ids[::2])
+    validator.ended = {"done": 7}
+    assert validator.forget_partition(2) == len(by_partition[2])
+    assert set(validator.tasks) == set(ids) - set(by_partition[2])
+    assert validator.requested == set(ids[::2]) - set(by_partition[2])
+    assert validator.forget_partition(2) == 0  # nothing of it is left
+    assert validator.ended == {"done": 7}

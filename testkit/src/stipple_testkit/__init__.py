@@ -12,6 +12,7 @@
 - `stipple_testkit.faults`: the fault tests' batches and outcome checks, a TCP proxy that
   can be cut (a store unreachable for a while) and a webhook receiver, all on loopback.
 - `stipple_testkit.standin`: a stand-in for an annotator's network.
+- `stipple_testkit.waits`: `until(what, check)`, waiting for what the services do on their own time.
 - `ManagedProcess`, `stop_all`, `free_port` (from `stipple_common.process`): child
   processes started, waited for and stopped one way (nats-server, anvil, the services).
 
