@@ -96,7 +96,8 @@ async def test_a_retry_at_another_gateway_is_the_same_task(fresh_nats_url: str) 
 
 @pytest.mark.parametrize("value", ["12", "zz" * 32, "ab" * 31, "ab" * 33])
 def test_a_malformed_secret_is_refused_at_start(value: str) -> None:
-    with pytest.raises(InvalidSettings, match="STIPPLE_TASK_ID_SECRET"):
+    with pytest.raises(InvalidSettings, match="STIPPLE_TASK_ID_SECRET") as refused:
         taskids.parse_secret(value)
+    assert value.removeprefix("0x")[:8] not in str(refused.value)  # a secret's characters are not echoed
     assert taskids.parse_secret("") is None
     assert taskids.parse_secret("0x" + "cd" * 32) == bytes.fromhex("cd" * 32)

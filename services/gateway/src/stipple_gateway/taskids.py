@@ -36,15 +36,16 @@ SECRET_BYTES = 32
 
 
 def parse_secret(value: str) -> bytes | None:
-    """``STIPPLE_TASK_ID_SECRET``: 64 hex digits, or empty (the network's, from KV)."""
+    """``STIPPLE_TASK_ID_SECRET``: 64 hex digits, or empty (the network's, from KV). A bad
+    one is refused saying what is wrong with it, never its characters (it is a secret)."""
     if not value:
         return None
     try:
         secret = bytes.fromhex(value.removeprefix("0x"))
     except ValueError:
-        secret = b""
+        raise InvalidSettings("STIPPLE_TASK_ID_SECRET: not hex; expected 64 hex digits") from None
     if len(secret) != SECRET_BYTES:
-        raise InvalidSettings(f"STIPPLE_TASK_ID_SECRET: {SECRET_BYTES * 2} hex digits, not {value[:8]!r}... ")
+        raise InvalidSettings(f"STIPPLE_TASK_ID_SECRET: {len(secret)} bytes; expected {SECRET_BYTES} (64 hex digits)")
     return secret
 
 
