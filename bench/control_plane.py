@@ -292,6 +292,8 @@ class Throughput:
     samples: list[Sample]  # tasks whose outcome fell inside the window
     in_flight_end: int
     cpu_s: dict[str, float]
+    kernel_s: dict[str, float]  # of cpu_s, in the kernel (system time)
+    writes: dict[str, int]  # write(2)/writev(2) calls in the window (libuv and Go write through these)
     consumers: dict[str, dict[str, int]]
 
     @property
@@ -299,16 +301,29 @@ class Throughput:
         return self.completed / self.duration_s
 
 
-def cpu_times(pids: dict[str, int]) -> dict[str, float]:
+def cpu_times(pids: dict[str, int], kernel_only: bool = False) -> dict[str, float]:
+    """Each process's CPU seconds so far (user and system, or system alone)."""
+    out = {}
+    procs = {name: psutil.Process(pid) for name, pid in pids.items() if psutil.pid_exists(pid)}
+    for name, proc in [*procs.items(), ("bench client", psutil.Process())]:
+        try:
+            times = proc.cpu_times()
+            out[name] = times.system if kernel_only else times.user + times.system
+        except psutil.Error:
+            out[name] = float("nan")
+    return out
+
+
+def write_calls(pids: dict[str, int]) -> dict[str, int]:
+    """Each process's write(2) and writev(2) calls so far (Linux's syscw). The services write
+    their sockets through libuv (uvloop) and nats-server through Go, both with these; a
+    process on asyncio's own loop sends with send(2), which syscw does not count."""
     out = {}
     for name, pid in pids.items():
         try:
-            times = psutil.Process(pid).cpu_times()
-            out[name] = times.user + times.system
-        except psutil.Error:
-            out[name] = float("nan")
-    times = psutil.Process().cpu_times()
-    out["bench client"] = times.user + times.system
+            out[name] = psutil.Process(pid).io_counters().write_count
+        except (psutil.Error, AttributeError):
+            continue
     return out
 
 
@@ -360,13 +375,15 @@ async def throughput_phase(
     workers = [asyncio.create_task(submitter()) for _ in range(concurrency)]
     await asyncio.sleep(warmup)
     profilers = start_profilers(pids, duration, profile_dir) if profile_dir else []
-    cpu_before = cpu_times(pids)
+    cpu_before, writes_before = cpu_times(pids), write_calls(pids)
+    kernel_before = cpu_times(pids, kernel_only=True)
     window_start = time.perf_counter()
     await asyncio.sleep(duration)
     window_end = time.perf_counter()
     for profiler in profilers:
         await asyncio.to_thread(profiler.wait, 60)
-    cpu_after = cpu_times(pids)
+    cpu_after, writes_after = cpu_times(pids), write_calls(pids)
+    kernel_after = cpu_times(pids, kernel_only=True)
     backlog = await consumer_backlog(js, partitions)
     stop.set()
     in_flight = sum(1 for w in workers if not w.done())
@@ -381,6 +398,8 @@ async def throughput_phase(
         samples=inside,
         in_flight_end=in_flight,
         cpu_s={k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after},
+        kernel_s={k: kernel_after[k] - kernel_before.get(k, 0.0) for k in kernel_after},
+        writes={k: writes_after[k] - writes_before[k] for k in writes_after if k in writes_before},
         consumers=backlog,
     )
 
@@ -731,8 +750,16 @@ async def run(args: argparse.Namespace) -> int:
                 tp_lines.append(
                     "CPU seconds used in the window: "
                     + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busy)
-                    + f" (of {tp.duration_s * len(os.sched_getaffinity(0)):.1f} available)"
+                    + f" (of {tp.duration_s * len(os.sched_getaffinity(0)):.1f} available); of it in the kernel: "
+                    + ", ".join(f"{name} {tp.kernel_s.get(name, 0.0):.2f}" for name, _ in busy)
                 )
+                if tp.completed and tp.writes:
+                    per_task = sorted(tp.writes.items(), key=lambda kv: -kv[1])
+                    tp_lines.append(
+                        "write(2) calls per task in the window: "
+                        + ", ".join(f"{name} {count / tp.completed:.1f}" for name, count in per_task)
+                        + f" (all {sum(tp.writes.values()) / tp.completed:.1f})"
+                    )
                 if tp.samples:
                     stamps = await read_task_times(js, {s.task_id for s in tp.samples})
                     tp_lines += ["", *stage_table(tp.samples, stamps, outcomes)]

@@ -208,6 +208,29 @@ def test_slots_free_up_as_nodes_commit_or_err():
     assert set(queue.running) == {"two"}
 
 
+def test_slots_freed_counts_only_the_events_that_give_a_slot_back():
+    """The dispatcher pumps its queue only after an event that freed a slot (`slots_freed`
+    moved): `started`, a second word from a node, or an outcome after every commitment free none."""
+    index = index_of("a", "b", "c")
+    queue = queue_of(index)
+    submit(queue, submitted("one"))
+    (first,) = queue.pump(NOW)
+    assert isinstance(first, Assign)
+    a, b, _ = first.assigned.nodes
+    queue.apply(TaskStarted(task_id="one", node_id=a))
+    assert queue.slots_freed == 0
+    queue.apply(TaskCommitted(task_id="one", node_id=a, commitment="0x", signature="0x"))
+    assert queue.slots_freed == 1
+    queue.apply(TaskCommitted(task_id="one", node_id=a, commitment="0x", signature="0x"))  # said twice
+    queue.apply(NodeErrored(task_id="one", node_id=b, code="oom", message="out of memory"))
+    assert queue.slots_freed == 2
+    queue.apply(TaskSucceeded(task_id="one", reason="unanimous", images=[], verdicts={}, qos={}))
+    assert queue.slots_freed == 3  # c never answered: the outcome gives its slot back
+    queue.apply(TaskSucceeded(task_id="one", reason="unanimous", images=[], verdicts={}, qos={}))
+    assert queue.slots_freed == 3
+    assert index.inflight[: index.size].sum() == 0
+
+
 def test_an_outcome_frees_the_slots_still_held_and_forgets_the_task():
     index = index_of("a", "b", "c")
     queue = queue_of(index)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is 3.13+
 
 log = structlog.get_logger("stipple.bus")
+_bus_tracer = trace.get_tracer("stipple.bus")  # (a proxy until the provider is set: see tracing._tracer)
 
 UNAVAILABLE_PAUSE_S = 0.5  # a consumer's wait while JetStream elects a leader
 
@@ -654,7 +655,7 @@ async def consume(
     else:
         await ensure_consumer(js, stream, config)
     sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
-    tracer = tracer or trace.get_tracer("stipple.bus")
+    tracer = tracer or _bus_tracer
     outside = structlog.contextvars.get_contextvars()
     lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop)) if metrics is not None else None
     try:

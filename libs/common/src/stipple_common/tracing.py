@@ -84,6 +84,10 @@ class RecordWhileExporting(Sampler):
 
 
 _sampler = RecordWhileExporting()
+# One tracer for the spans made without one. `get_tracer` builds a new tracer at every call
+# (a tenth of a small span's cost); made before `setup_tracing`, this is OpenTelemetry's
+# proxy, which binds to the provider once one is set.
+_tracer = trace.get_tracer("stipple")
 
 
 def setup_tracing(service: str, otlp_endpoint: str = "") -> trace.Tracer:
@@ -173,7 +177,7 @@ def task_span(
     carrier when given (work started outside the task's message handler); tagged with
     stipple.task_id / stipple.node_id, and with task_id, node_id and trace_id bound into
     the log context for its duration (restored after)."""
-    tracer = tracer or trace.get_tracer("stipple")
+    tracer = tracer or _tracer
     context = extract(parent) if parent is not None else None
     with tracer.start_as_current_span(name, context=context) as span:
         for key, value in attributes.items():
@@ -188,7 +192,7 @@ def batch_span(
 ) -> Iterator[trace.Span]:
     """A span for work on many tasks at once (the chain-indexer's settlement batches): a
     root of its own, with a span link to each task's trace (the carriers of its messages)."""
-    tracer = tracer or trace.get_tracer("stipple")
+    tracer = tracer or _tracer
     links = []
     for headers in carriers:
         context = trace.get_current_span(extract(headers)).get_span_context()

@@ -263,6 +263,7 @@ class TaskQueue(Generic[H]):
         self.prefetched: dict[str, float] = {}  # model ref -> its last pre-fetch round
         self.speed = SpeedModel(settings.seconds_per_step, settings.eta_alpha, max_s=settings.task_timeout_s)
         self._forecasts: dict[str, Forecasted] = {}  # model -> its last pass (`_forecast`)
+        self.slots_freed = 0  # slots given back so far: an event that frees none leaves `pump` nothing new
 
     def requirements(self, spec: TaskSpec) -> Requirements:
         return Requirements(
@@ -354,6 +355,7 @@ class TaskQueue(Generic[H]):
         freed = task.holding & set(nodes)
         self.index.assigned(freed, -1)
         task.holding -= freed
+        self.slots_freed += len(freed)
 
     def _timed(self, task: Task[H], event: TaskCommitted | TaskSucceeded, at: float) -> None:
         """Teach the speed model what this dispatcher saw: a node's run from its assignment

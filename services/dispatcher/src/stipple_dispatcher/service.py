@@ -126,7 +126,10 @@ class Dispatcher:
                 result = await self.escalated(event)
             else:
                 result = None
+                freed = self.tasks.slots_freed
                 await self.carry_out(self.tasks.apply(event, at=stored_at(msg)))
+                if self.tasks.slots_freed == freed:
+                    return result  # (`started`, or an outcome after every commitment): no node freed up
             await self.pump()
         return result
 

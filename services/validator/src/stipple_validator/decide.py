@@ -219,15 +219,27 @@ def screen(task: Task, run: NodeRun, address: str | None, joined_class: str = ""
     return ("bad_result", why) if why is not None else None
 
 
-def candidates(task: Task, addresses: Mapping[str, str], classes: Mapping[str, str] | None = None) -> list[str]:
+Screens = dict[str, tuple[Verdict, str] | None]
+
+
+def screen_all(task: Task, addresses: Mapping[str, str], classes: Mapping[str, str] | None = None) -> Screens:
+    """`screen` of every revealed node: each signature is recovered once per decision,
+    for `candidates` and `decide` both (a recovery is most of a screen's cost)."""
+    joined = classes or {}
+    return {
+        node_id: screen(task, run, addresses.get(node_id), joined.get(node_id, ""))
+        for node_id, run in task.nodes.items()
+        if run.status == "revealed"
+    }
+
+
+def candidates(
+    task: Task, addresses: Mapping[str, str], classes: Mapping[str, str] | None = None, screens: Screens | None = None
+) -> list[str]:
     """The revealed nodes whose reveal opens its signed commitment and is well-formed:
     the results whose stored blobs the service checks before deciding."""
-    joined = classes or {}
-    return [
-        node_id
-        for node_id, run in task.nodes.items()
-        if run.status == "revealed" and screen(task, run, addresses.get(node_id), joined.get(node_id, "")) is None
-    ]
+    screens = screen_all(task, addresses, classes) if screens is None else screens
+    return [node_id for node_id, screened in screens.items() if screened is None]
 
 
 def mismatch_evidence(
@@ -298,6 +310,7 @@ def decide(
     classes: Mapping[str, str] | None = None,
     tolerance: Tolerance = None,
     bus_away_s: float = 0.0,
+    screens: Screens | None = None,
 ) -> TaskSucceeded | TaskAborted:
     """Decide a task from what is in; nodes with no result in time are `timeout`.
     `bus_away_s`: how long the validator found the bus away while the reveal was open; a
@@ -307,13 +320,19 @@ def decide(
     `addresses` maps node ids to their registered Ethereum addresses; `checked` is what
     the blob checks found for the `candidates` (a candidate missing from it is not
     trusted and judged `undecided`, which costs it nothing); `classes` the class each node
-    joined with (NodeJoined.determinism; a node missing from it is not checked)."""
+    joined with (NodeJoined.determinism; a node missing from it is not checked); `screens`
+    the `screen_all` of this task made for `candidates`, when the caller has it."""
+    screens = screen_all(task, addresses, classes) if screens is None else screens
     results: dict[str, Result] = {}
     verdicts: dict[str, Verdict] = {}
     details: dict[str, str] = {}
     for node_id, run in task.nodes.items():
         if run.status == "revealed":
-            screened = screen(task, run, addresses.get(node_id), (classes or {}).get(node_id, ""))
+            screened = (
+                screens[node_id]
+                if node_id in screens
+                else screen(task, run, addresses.get(node_id), (classes or {}).get(node_id, ""))
+            )
             if screened is not None:
                 verdicts[node_id], details[node_id] = screened
             elif node_id not in checked:

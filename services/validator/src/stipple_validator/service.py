@@ -87,7 +87,7 @@ from stipple_common.service import ServiceContext, open_service, serve_as_leader
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .blobcheck import BlobChecker
-from .decide import candidates, decide, more_nodes
+from .decide import candidates, decide, more_nodes, screen_all
 from .metrics import ValidatorMetrics
 from .probes import Prober
 from .qos import PAUSE_TIMEOUTS, QosWindows, Sample, summary, unchanged
@@ -494,7 +494,8 @@ class Validator:
             return None  # an escalated task is decided by its new nodes, or at the escalation's deadline
         addresses = {node: node for node in task.nodes}  # a node's id is its address (identity.py)
         classes = {node: entry.joined.determinism for node in task.nodes if (entry := self.directory.entries.get(node))}
-        results = candidates(task, addresses, classes)
+        screens = screen_all(task, addresses, classes)
+        results = candidates(task, addresses, classes, screens)
         with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
             checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
@@ -502,7 +503,14 @@ class Validator:
             if task.reveal_deadline is not None:
                 away = bus.weather.away_seconds(task.reveal_deadline - self.settings.reveal_timeout_s)
             outcome = decide(
-                task, self.settings.phash_threshold, addresses, checked, classes, self.tolerance, bus_away_s=away
+                task,
+                self.settings.phash_threshold,
+                addresses,
+                checked,
+                classes,
+                self.tolerance,
+                bus_away_s=away,
+                screens=screens,
             )
             more = 0 if final else more_nodes(task, outcome, self.settings.max_task_nodes)
             if more:
