@@ -13,7 +13,8 @@ the queued tasks' `submitted` messages through `bus.HeldMessages`.
   stream here (the queue knows only this process): one already assigned gets the same
   assignments again (message ids deduplicate them); one that ended is dropped. What the
   queue decides for a new task (unservable, queued, pre-fetches) is in queue.py.
-- The queue is pumped after every event and every half second (`keep_alive`), when
+- The queue is pumped after every event that adds a task or frees a slot (a `started`
+  frees none) and every half second (`keep_alive`), when
   silent nodes (not started in time) and lost ones (started, then no longer live before
   they committed) are replaced too; a cancelled task's nodes get CancelWork (for a task
   this process did not assign, the nodes its `assigned` event names).
