@@ -22,7 +22,7 @@ import pytest
 from minio import Minio
 from nats.js.errors import BucketNotFoundError
 
-from stipple_common.blobstore import BlobNotFound, BlobStore, open_blob_store
+from stipple_common.blobstore import BlobExists, BlobNotFound, BlobStore, open_blob_store
 from stipple_common.blobstore.jetstream import JetStreamBlobStore
 from stipple_common.errors import StippleError, Transient
 
@@ -132,6 +132,26 @@ class BlobStoreContract:
         await store.delete(key)
         assert await store.stat(key) is None
 
+    @pytest.mark.parametrize("size", [0, 1_000, 700_000], ids=["empty", "1KB", "700KB"])
+    async def test_put_new_writes_a_key_once(self, store: BlobStore, size: int) -> None:
+        key = _key()
+        data = os.urandom(size)
+        facts = "1;" + "b" * 64 + ";64;64;c3c3c3c3c3c3c3c3;"
+        await store.put_new(key, data, content_type="image/png", metadata={"Stipple-Png": facts})
+        assert await store.get(key) == data
+        info = await store.stat(key)
+        assert info is not None
+        assert (info.size, dict(info.metadata)) == (size, {"stipple-png": facts})
+        with pytest.raises(BlobExists) as refused:
+            await store.put_new(key, b"second", metadata={"Stipple-Png": "forged"})
+        assert key in str(refused.value)
+        assert refused.value.code == "blob_exists"
+        assert not refused.value.retryable
+        assert await store.get(key) == data  # the first blob, whole, with its metadata
+        again = await store.stat(key)
+        assert again is not None
+        assert dict(again.metadata) == {"stipple-png": facts}
+
     async def test_empty_key_is_rejected(self, store: BlobStore) -> None:
         with pytest.raises(StippleError) as info:
             await store.put("", b"x")
@@ -171,6 +191,43 @@ class TestJetStreamBlobStore(BlobStoreContract):
         info = await obs.get_info(key)
         assert info.name == key
         assert info.headers == {"Content-Type": ["image/png"]}
+
+    async def test_put_new_racers_for_one_key_leave_one_blob_and_no_stray_chunks(self, nc: nats.NATS) -> None:
+        """Atomic on JetStream: the meta message is published only if its subject is empty.
+        Each racer's chunks go to its own subject; the losers' are purged, so the bucket
+        holds exactly the winner's chunks and meta. Small chunks: each blob is several."""
+        js = nc.jetstream()
+        bucket = f"test-{uuid.uuid4().hex}"
+        store = await JetStreamBlobStore.open(js, bucket, chunk_size=1_000)
+        try:
+            key = _key()
+            blobs = [os.urandom(3_500) for _ in range(8)]
+            results = await asyncio.gather(*(store.put_new(key, blob) for blob in blobs), return_exceptions=True)
+            won = [i for i, result in enumerate(results) if result is None]
+            assert len(won) == 1, results
+            assert all(isinstance(result, BlobExists) for i, result in enumerate(results) if i != won[0])
+            assert await store.get(key) == blobs[won[0]]
+            state = (await js.stream_info(f"OBJ_{bucket}", subjects_filter=">")).state
+            assert state.messages == 4 + 1  # 3,500 bytes in chunks of 1,000, and one meta message
+            assert len(state.subjects or {}) == 2  # one chunk subject, one meta subject
+        finally:
+            await js.delete_object_store(bucket)
+
+    async def test_put_new_blobs_read_back_through_nats_py_and_a_deleted_key_stays_written(
+        self, store: BlobStore, nc: nats.NATS
+    ) -> None:
+        """The meta put_new writes is nats-py's own object layout (size, chunks, digest are
+        checked by its get), and a delete's tombstone keeps the key written."""
+        key = _key()
+        data = os.urandom(300_000)
+        await store.put_new(key, data, content_type="image/png")
+        obs = await nc.jetstream().object_store(store.bucket)  # type: ignore[attr-defined]
+        info = await obs.get_info(key)
+        assert (info.name, info.size, info.headers["Content-Type"]) == (key, len(data), ["image/png"])
+        assert (await obs.get(key)).data == data
+        await store.delete(key)
+        with pytest.raises(BlobExists):
+            await store.put_new(key, b"again")
 
     async def test_create_race_with_other_config_binds(self, nc: nats.NATS) -> None:
         # Another service created the bucket (with another config) between our lookup and our create.

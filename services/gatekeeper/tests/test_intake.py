@@ -80,3 +80,26 @@ async def test_a_node_stores_a_bounded_number_of_blobs_per_task(intake):
         await client.put(f"{blob_prefix(task, NODE)}more/0.png", png(99))
     await client.put(f"{blob_prefix(other, NODE)}k/0.png", png(0))
     assert registry.get_sample_value("stipple_gatekeeper_uploads_total", {"outcome": "too_many"}) == 1
+
+
+async def test_a_key_is_written_once_and_each_refused_rewrite_counts_against_the_node(intake):
+    """A second upload to a stored key is refused (`exists`) and the first blob and its facts
+    stay. The intake decoded the second one before the store refused it, so it counts
+    against the node's MAX_BLOBS_PER_TASK like a stored blob: rewriting one key over and
+    over costs the intake no more decodes than new keys would."""
+    served, client, registry = intake
+    task = uuid.uuid4().hex
+    key = f"{blob_prefix(task, NODE)}k/0.png"
+    first = png(1)
+    await client.put(key, first)
+    facts = (await served.blobs.stat(key)).metadata[METADATA_KEY]
+    for attempt in range(MAX_BLOBS_PER_TASK - 1):
+        with pytest.raises(UploadRefused, match="exists"):
+            await client.put(key, png(100 + attempt))
+    assert await served.blobs.get(key) == first
+    assert (await served.blobs.stat(key)).metadata[METADATA_KEY] == facts
+    with pytest.raises(UploadRefused, match="too_many"):  # refused before any decode now
+        await client.put(key, png(99))
+    assert registry.get_sample_value("stipple_gatekeeper_uploads_total", {"outcome": "exists"}) == (
+        MAX_BLOBS_PER_TASK - 1
+    )

@@ -42,7 +42,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from stipple_common import subjects
-from stipple_common.blobstore import BlobStore
+from stipple_common.blobstore import BlobExists, BlobStore
 from stipple_common.blobstore.intake import KEY, LAST, PART, UPLOAD, blob_prefix
 from stipple_common.errors import StippleError
 from stipple_common.messages import (
@@ -103,7 +103,7 @@ class Intake:
         self.uploads: dict[tuple[str, str], _Upload] = {}
         self.buffered = 0
         self._assigned: OrderedDict[tuple[str, str], None] = OrderedDict()  # (task, node) known assigned
-        self._stored: OrderedDict[tuple[str, str], int] = OrderedDict()  # (task, node) -> blobs stored here
+        self._stored: OrderedDict[tuple[str, str], int] = OrderedDict()  # (task, node) -> blobs decoded here
         self.metrics = metrics
 
     async def serve(self) -> list[object]:
@@ -168,23 +168,29 @@ class Intake:
         return UploadReply(ok=True, key=upload.key, size=upload.size, continue_on=continue_on)
 
     async def _store(self, node_id: str, upload: _Upload, blob: bytes) -> UploadReply:
-        if await self.blobs.size(upload.key) is not None:  # write once
-            raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists")
         # what the validator judges, from the bytes written here
         facts = await asyncio.to_thread(png_facts, blob, max_pixels=MAX_SIDE * MAX_SIDE)
         metadata = {METADATA_KEY: facts.encode()}
         content_type = "application/octet-stream" if facts.error else "image/png"
-        await self.blobs.put(upload.key, blob, content_type=content_type, metadata=metadata)
         counted = (upload.task_id, node_id)
-        self._stored[counted] = self._stored.get(counted, 0) + 1
-        self._stored.move_to_end(counted)
-        while len(self._stored) > 100_000:
-            self._stored.popitem(last=False)
+        try:  # write once, atomically on JetStream (no read first)
+            await self.blobs.put_new(upload.key, blob, content_type=content_type, metadata=metadata)
+        except BlobExists:
+            self._count(counted)  # the decode was done: it counts against the node's blobs for the task
+            raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists") from None
+        self._count(counted)
         digest = facts.sha256
         self.metrics.results.labels("stored").inc()
         self.metrics.stored_bytes.inc(len(blob))
         log.info("upload_stored", node_id=node_id, key=upload.key, size=len(blob))
         return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=digest)
+
+    def _count(self, counted: tuple[str, str]) -> None:
+        """One more blob decoded for this node and task (`MAX_BLOBS_PER_TASK`)."""
+        self._stored[counted] = self._stored.get(counted, 0) + 1
+        self._stored.move_to_end(counted)
+        while len(self._stored) > 100_000:
+            self._stored.popitem(last=False)
 
     async def _check_key(self, node_id: str, key: str) -> str:
         """The key's task, once the key and the node's right to write it are checked."""

@@ -22,7 +22,16 @@ from stipple_common.errors import StippleError
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
-__all__ = ["BACKENDS", "BlobInfo", "BlobNotFound", "BlobStore", "check_key", "open_blob_store", "set_ttl"]
+__all__ = [
+    "BACKENDS",
+    "BlobExists",
+    "BlobInfo",
+    "BlobNotFound",
+    "BlobStore",
+    "check_key",
+    "open_blob_store",
+    "set_ttl",
+]
 
 BACKENDS = ("jetstream", "s3")
 """The values ``open_blob_store(backend=...)`` accepts."""
@@ -36,6 +45,18 @@ class BlobNotFound(StippleError):
     def __init__(self, key: str, *, bucket: str | None = None) -> None:
         where = f" in bucket {bucket!r}" if bucket else ""
         super().__init__(f"blob not found: {key!r}{where}")
+        self.key = key
+        self.bucket = bucket
+
+
+class BlobExists(StippleError):
+    """A blob is stored under this key already (`BlobStore.put_new`). Not retryable."""
+
+    code = "blob_exists"
+
+    def __init__(self, key: str, *, bucket: str | None = None) -> None:
+        where = f" in bucket {bucket!r}" if bucket else ""
+        super().__init__(f"a blob is stored under {key!r}{where} already; it is written once")
         self.key = key
         self.bucket = bucket
 
@@ -66,6 +87,19 @@ class BlobStore(Protocol):
     ) -> None:
         """Store ``data`` under ``key``, replacing any previous blob there, with
         ``metadata`` (lowercase keys of letters, digits and ``-``; printable ASCII values)."""
+        ...
+
+    async def put_new(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """`put`, only when nothing was stored under ``key`` before; `BlobExists` otherwise.
+        Atomic on JetStream (of writers racing for one key exactly one wins); on S3 a
+        HEAD and then the PUT."""
         ...
 
     async def get(self, key: str) -> bytes:

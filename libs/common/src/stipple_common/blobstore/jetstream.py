@@ -7,15 +7,21 @@ keys like ``tasks/<task_id>/<node_id>/0.png`` are stored as-is.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors as js_errors
-from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
+from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
+from nats.nuid import NUID
 
-from stipple_common.blobstore import BlobInfo, BlobNotFound, check_key
+from stipple_common.blobstore import BlobExists, BlobInfo, BlobNotFound, check_key
 from stipple_common.errors import StippleError, Transient
 
 if TYPE_CHECKING:
@@ -34,6 +40,9 @@ purges them) it would wait forever."""
 
 _STREAM_CONFIG_MISMATCH = 10058
 """JetStream API error: "stream name already in use with a different configuration"."""
+
+_WRONG_LAST_SEQUENCE = 10071
+"""JetStream API error: the subject's last sequence is not the expected one (`put_new`)."""
 
 _TRANSIENT_NATS_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,  # includes nats.errors.TimeoutError and asyncio's timeout
@@ -143,6 +152,58 @@ class JetStreamBlobStore:
         with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
             async with asyncio.timeout(self._timeout_s):
                 await self._obs.put(key, data, meta=meta)
+
+    async def put_new(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """`put` when nothing was ever stored under ``key``, atomically: the chunks go to a
+        fresh subject, then the object's meta message is published with
+        ``Nats-Expected-Last-Subject-Sequence: 0``, which the server refuses when the meta
+        subject holds a message (an object, or a deleted one's tombstone). The loser of a
+        race gets `BlobExists` and its chunks are purged. Nothing is read first (nats-py's
+        `put` reads the old meta to purge its chunks): one publish per chunk and one for
+        the meta, in the layout nats-py's object store reads (its `put`, nats.js 2.x)."""
+        check_key(key)
+        if self._js is None:  # (opened without the context: not atomic)
+            if await self.stat(key) is not None:
+                raise BlobExists(key, bucket=self.bucket)
+            await self.put(key, data, content_type=content_type, metadata=metadata)
+            return
+        js = self._js
+        headers = {"Content-Type": [content_type]}
+        headers.update({name.lower(): [value] for name, value in (metadata or {}).items()})
+        nuid = NUID().next().decode()
+        chunks = f"$O.{self.bucket}.C.{nuid}"
+        meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
+        info = ObjectInfo(
+            name=key,
+            bucket=self.bucket,
+            nuid=nuid,
+            size=len(data),
+            mtime=datetime.now(UTC).isoformat(),
+            chunks=(len(data) + self._chunk_size - 1) // self._chunk_size,
+            digest="SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode(),
+            headers=headers,
+            options=ObjectMetaOptions(max_chunk_size=self._chunk_size),
+        )
+        expect_none = {"Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": "0"}
+        with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    for start in range(0, len(data), self._chunk_size):
+                        await js.publish(chunks, data[start : start + self._chunk_size])
+                    await js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers=expect_none)
+            except BaseException as err:
+                with contextlib.suppress(Exception):  # the chunks nothing points to (best effort)
+                    await js.purge_stream(f"OBJ_{self.bucket}", subject=chunks)
+                if isinstance(err, js_errors.APIError) and err.err_code == _WRONG_LAST_SEQUENCE:
+                    raise BlobExists(key, bucket=self.bucket) from None
+                raise
 
     async def get(self, key: str) -> bytes:
         """The whole object; `BlobNotFound` if it was never written or was deleted."""

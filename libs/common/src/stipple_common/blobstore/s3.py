@@ -25,7 +25,7 @@ from minio.helpers import DictType
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 from urllib3.util import Retry, Timeout
 
-from stipple_common.blobstore import BlobInfo, BlobNotFound, check_key
+from stipple_common.blobstore import BlobExists, BlobInfo, BlobNotFound, check_key
 from stipple_common.errors import StippleError, Transient
 
 T = TypeVar("T")
@@ -132,6 +132,21 @@ class S3BlobStore:
                 metadata=user or None,
             ),
         )
+
+    async def put_new(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        """`put` when the key holds nothing (a HEAD first): not atomic, as minio's client
+        sends no ``If-None-Match``. The intake's keys hold a node's unguessable secret, so
+        the only writer who could race is the node itself, and the later PUT wins whole."""
+        if await self.stat(key) is not None:
+            raise BlobExists(key, bucket=self.bucket)
+        await self.put(key, data, content_type=content_type, metadata=metadata)
 
     async def get(self, key: str) -> bytes:
         """Download the whole object; `BlobNotFound` on NoSuchKey."""
