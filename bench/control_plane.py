@@ -314,6 +314,22 @@ def cpu_times(pids: dict[str, int], kernel_only: bool = False) -> dict[str, floa
     return out
 
 
+def reference_ms(rounds: int = 5) -> float:
+    """The machine's speed now: the best of `rounds` timings of a fixed pure-Python loop
+    (dict, str and int work, as the services do), in ms. The cores are shared, and the
+    host's speed drifts by half between runs minutes apart; CPU per task divided by this is
+    comparable across runs where CPU seconds are not."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        table: dict[str, int] = {}
+        for i in range(60_000):
+            key = f"tasks.{i:08x}.started"
+            table[key] = table.get(key[:12], 0) + len(key.split("."))
+        best = min(best, time.process_time() - started)
+    return best * 1000
+
+
 def write_calls(pids: dict[str, int]) -> dict[str, int]:
     """Each process's write(2) and writev(2) calls so far (Linux's syscw). The services write
     their sockets through libuv (uvloop) and nats-server through Go, both with these; a
@@ -726,6 +742,7 @@ async def run(args: argparse.Namespace) -> int:
                     f"\n[b] throughput: {concurrency} closed-loop submitters, "
                     f"{args.warmup_s:g} s warm-up, {args.duration:g} s measured ..."
                 )
+                reference = reference_ms()  # before the load: the host's own speed
                 tp = await throughput_phase(
                     client,
                     outcomes,
@@ -747,6 +764,14 @@ async def run(args: argparse.Namespace) -> int:
                     tp_lines += latency_lines(tp.samples)
                 tp_lines.append(f"backlog at the end of the window: {tp.consumers}")
                 busy = sorted(tp.cpu_s.items(), key=lambda kv: -kv[1])
+                if tp.completed:
+                    services_s = sum(seconds for name, seconds in tp.cpu_s.items() if name != "bench client")
+                    per_task_ms = services_s / tp.completed * 1000
+                    tp_lines.append(
+                        f"CPU per task, every service and node: {per_task_ms:.1f} ms; the reference loop took "
+                        f"{reference:.1f} ms just before, so {per_task_ms / reference:.2f} reference loops per task "
+                        "(compare this across runs: the host's speed drifts)"
+                    )
                 tp_lines.append(
                     "CPU seconds used in the window: "
                     + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busy)
