@@ -37,28 +37,30 @@ BACKENDS = ("jetstream", "s3")
 """The values ``open_blob_store(backend=...)`` accepts."""
 
 
-class BlobNotFound(StippleError):
-    """No blob under this key (never written, or deleted). Not retryable."""
+class _KeyError(StippleError):
+    """An error about one key, naming it (and its bucket when known). Not retryable."""
+
+    message = "{key}{where}"
+
+    def __init__(self, key: str, *, bucket: str | None = None) -> None:
+        where = f" in bucket {bucket!r}" if bucket else ""
+        super().__init__(self.message.format(key=repr(key), where=where))
+        self.key = key
+        self.bucket = bucket
+
+
+class BlobNotFound(_KeyError):
+    """No blob under this key (never written, or deleted)."""
 
     code = "blob_not_found"
-
-    def __init__(self, key: str, *, bucket: str | None = None) -> None:
-        where = f" in bucket {bucket!r}" if bucket else ""
-        super().__init__(f"blob not found: {key!r}{where}")
-        self.key = key
-        self.bucket = bucket
+    message = "blob not found: {key}{where}"
 
 
-class BlobExists(StippleError):
-    """A blob is stored under this key already (`BlobStore.put_new`). Not retryable."""
+class BlobExists(_KeyError):
+    """A blob is stored under this key already (`BlobStore.put_new`)."""
 
     code = "blob_exists"
-
-    def __init__(self, key: str, *, bucket: str | None = None) -> None:
-        where = f" in bucket {bucket!r}" if bucket else ""
-        super().__init__(f"a blob is stored under {key!r}{where} already; it is written once")
-        self.key = key
-        self.bucket = bucket
+    message = "a blob is stored under {key}{where} already; it is written once"
 
 
 @dataclass(frozen=True)

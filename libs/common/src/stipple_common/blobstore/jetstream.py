@@ -118,22 +118,27 @@ class JetStreamBlobStore:
                     obs = await js.object_store(bucket)
         return cls(obs, bucket, chunk_size=chunk_size, timeout_s=timeout_s, js=js)
 
-    async def set_ttl(self, ttl_s: float | None) -> None:
-        """Delete objects `ttl_s` seconds after they were written (the bucket stream's
-        ``max_age``), or never with None/0. Applies to an existing bucket too."""
+    def _context(self) -> JetStreamContext:
+        """The JetStream context `open` was given (the bucket's stream, beyond nats-py's object API)."""
         if self._js is None:
             raise StippleError(
                 f"object store {self.bucket!r} was opened without its JetStream context", code="invalid_config"
             )
+        return self._js
+
+    async def set_ttl(self, ttl_s: float | None) -> None:
+        """Delete objects `ttl_s` seconds after they were written (the bucket stream's
+        ``max_age``), or never with None/0. Applies to an existing bucket too."""
+        js = self._context()
         stream = f"OBJ_{self.bucket}"
         with _nats_errors(f"set the TTL of object store {self.bucket!r}"):
-            config = (await self._js.stream_info(stream)).config
+            config = (await js.stream_info(stream)).config
             max_age = float(ttl_s or 0.0)
             if float(config.max_age or 0.0) != max_age:
                 config.max_age = max_age
                 if max_age and (config.duplicate_window or 0.0) > max_age:
                     config.duplicate_window = max_age  # the server wants it within max_age
-                await self._js.update_stream(config)
+                await js.update_stream(config)
 
     async def put(
         self,
@@ -169,12 +174,7 @@ class JetStreamBlobStore:
         `put` reads the old meta to purge its chunks): one publish per chunk and one for
         the meta, in the layout nats-py's object store reads (its `put`, nats.js 2.x)."""
         check_key(key)
-        if self._js is None:  # (opened without the context: not atomic)
-            if await self.stat(key) is not None:
-                raise BlobExists(key, bucket=self.bucket)
-            await self.put(key, data, content_type=content_type, metadata=metadata)
-            return
-        js = self._js
+        js = self._context()
         headers = {"Content-Type": [content_type]}
         headers.update({name.lower(): [value] for name, value in (metadata or {}).items()})
         nuid = NUID().next().decode()
