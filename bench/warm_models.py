@@ -58,6 +58,12 @@ loading or downloading instead of diffusing, and the wall time of the run.
 
     python bench/warm_models.py [--quick] [--load 0.5] [--nodes 1000] [--models 200]
                                 [--policies stock,crynux,warm-first,warm-wait] [--progress]
+                                [--partitions 1,2,4,8]
+
+`--partitions`: what a dispatcher partitioned by node as well as by task would cost in
+locality. Each partition is a dispatcher of its own (its own `NodeIndex` and `TaskQueue`)
+over the nodes whose id hashes to it, taking the tasks whose id hashes to it: exact slots
+without a shared counter, but each task sees only 1/P of the nodes.
 """
 
 from __future__ import annotations
@@ -85,6 +91,7 @@ from stipple_common.messages import (
     TaskSubmitted,
     TaskSucceeded,
 )
+from stipple_common.subjects import partition_for
 from stipple_common.taskspec import TaskSpec, parse_task
 from stipple_common.vrf import SamplingProof
 from stipple_dispatcher.queue import Abort, Assign, Prefetch, TaskQueue
@@ -243,13 +250,18 @@ class Outcome:
         return n / self.runs if self.runs else 0.0
 
 
-def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
+def simulate(cfg: Config, policy: str, progress: bool = False, partitions: int = 1) -> Outcome:
+    """`partitions` > 1: the dispatcher split by node as well as by task, each partition a
+    dispatcher of its own over its own nodes (a node's id hashes to its partition, a task's
+    id to its own: `subjects.partition_for`), as a partitioned dispatcher without shared
+    slots would run. Every partition sees only its share of the nodes and of the tasks."""
     started_wall = time.perf_counter()
     index_cls, queue_cls, overrides = POLICIES[policy]
     rng = np.random.default_rng(cfg.seed)  # the workload: the same for every policy
     settings = DispatcherSettings(**overrides)  # type: ignore[arg-type]
-    index = index_cls()
-    queue = queue_cls(index, settings, np.random.default_rng(cfg.seed + 1))
+    indexes = [index_cls() for _ in range(partitions)]
+    queues = [queue_cls(index, settings, np.random.default_rng(cfg.seed + 1 + k)) for k, index in enumerate(indexes)]
+    queue = queues[0]
 
     refs = [f"sim-org/model-{i:03d}" for i in range(cfg.models)]
     popularity = 1.0 / np.arange(1, cfg.models + 1) ** cfg.zipf
@@ -261,7 +273,7 @@ def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
         held = rng.choice(cfg.models, size=min(cfg.disk, cfg.models), replace=False, p=popularity)
         node = SimNode(node_id=f"0x{i:040x}", disk=OrderedDict((refs[m], None) for m in held))
         nodes[node.node_id] = node
-        index.join(node.announcement(), 0.0, __version__)
+        indexes[partition_for(node.node_id, partitions)].join(node.announcement(), 0.0, __version__)
 
     copies = queue.expected_copies
     rate = cfg.load * cfg.nodes / (cfg.task_s * copies)  # tasks per second
@@ -309,7 +321,7 @@ def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
             setattr(out, where, getattr(out, where) + 1)
         return delay, now + delay + float(durations[next(run_n) % len(durations)])
 
-    def pump(now: float) -> None:
+    def pump(now: float, queue: TaskQueue[None]) -> None:
         for decision in queue.pump(now):
             if isinstance(decision, Assign):
                 task_id = decision.assigned.task_id
@@ -334,6 +346,7 @@ def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
         if kind == "arrive":
             i = int(payload)
             task_id = f"t{i}"
+            queue = queues[partition_for(task_id, partitions)]
             if now >= cfg.warmup_s:
                 measured.add(task_id)
                 out.tasks += 1
@@ -346,17 +359,18 @@ def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
                             node.downloading.add(decision.request.ref)
                             out.downloads += 1
                             at(now + cfg.download_s, "fetched", (node_id, decision.request.ref))
-            pump(now)
+            pump(now, queue)
             if i + 1 < count and now + gaps[i + 1] < end:
                 at(now + float(gaps[i + 1]), "arrive", i + 1)
         elif kind == "commit":
             task_id, node_id = payload
+            queue = queues[partition_for(task_id, partitions)]
             queue.apply(TaskCommitted(task_id=task_id, node_id=node_id, commitment="0x", signature="0x"))
             pending_copies[task_id] -= 1
             if pending_copies[task_id] == 0:  # the validator's outcome
                 del pending_copies[task_id]
                 queue.apply(TaskSucceeded(task_id=task_id, reason="unanimous", images=[], verdicts={}))
-            pump(now)
+            pump(now, queue)
         elif kind == "fetched":
             node_id, ref = payload
             node = nodes[node_id]
@@ -365,12 +379,14 @@ def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
             node.disk.move_to_end(ref)
             while len(node.disk) > cfg.disk:
                 node.disk.popitem(last=False)
-            index.join(node.announcement(), now, __version__)  # `NodeAgent.prefetch` announces again
-            pump(now)
+            k = partition_for(node_id, partitions)
+            indexes[k].join(node.announcement(), now, __version__)  # `NodeAgent.prefetch` announces again
+            pump(now, queues[k])
         elif kind == "beat":
             if progress and int(now) % 60 == 0 and now - int(now) < HEARTBEAT_S / 2:
                 print(
-                    f"  [{policy}] t={now:.0f}s queued={len(queue.queued)} running={len(queue.running)} "
+                    f"  [{policy}] t={now:.0f}s queued={sum(len(q.queued) for q in queues)} "
+                    f"running={sum(len(q.running) for q in queues)} "
                     f"wall={time.perf_counter() - started_wall:.0f}s",
                     file=sys.stderr,
                     flush=True,
@@ -379,11 +395,14 @@ def simulate(cfg: Config, policy: str, progress: bool = False) -> Outcome:
                 loaded = tuple(node.loaded)
                 changed = loaded != node.beat_loaded
                 node.beat_loaded = loaded
-                index.heartbeat(node.node_id, now, sorted(loaded) if changed else None)
+                indexes[partition_for(node.node_id, partitions)].heartbeat(
+                    node.node_id, now, sorted(loaded) if changed else None
+                )
             if now + HEARTBEAT_S < end + 600:
                 at(now + HEARTBEAT_S, "beat", None)
-            pump(now)  # the dispatcher's timer: tasks past dispatch_timeout_s are aborted
-        if now > end and not queue.queued and not pending_copies:
+            for each in queues:
+                pump(now, each)  # the dispatcher's timer: tasks past dispatch_timeout_s are aborted
+        if now > end and not any(q.queued for q in queues) and not pending_copies:
             break
     out.wall_s = time.perf_counter() - started_wall
     return out
@@ -419,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Outcome]:
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--progress", action="store_true", help="the queue every simulated minute, on stderr")
+    parser.add_argument(
+        "--partitions",
+        default="1",
+        help="dispatcher partitions split by node and by task, a comma-separated list run each (e.g. 1,2,4,8)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.nodes, args.models, args.disk, args.warmup_s, args.measure_s = 100, 20, 5, 300.0, 300.0
@@ -443,20 +467,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Outcome]:
         f"warm-up {cfg.warmup_s:g} s + {cfg.measure_s:g} s measured, seed {cfg.seed}"
     )
     print(
-        f"{'policy':12} {'tasks':>7} {'runs':>7} {'warm':>7} {'cool':>7} {'cold':>6} "
+        f"{'policy':12} {'P':>2} {'tasks':>7} {'runs':>7} {'warm':>7} {'cool':>7} {'cold':>6} "
         f"{'wait p50':>9} {'wait p95':>9} {'start p50':>9} {'start p95':>9} {'aborted':>8} {'downloads':>9} "
         f"{'load s/run':>10} {'wall s':>6}"
     )
     results: dict[str, Outcome] = {}
-    for policy in args.policies.split(","):
-        out = simulate(cfg, policy, progress=args.progress)
-        results[policy] = out
+    runs = [(p, policy) for p in (int(x) for x in args.partitions.split(",")) for policy in args.policies.split(",")]
+    for partitions, policy in runs:
+        out = simulate(cfg, policy, progress=args.progress, partitions=partitions)
+        if partitions == 1:
+            results[policy] = out
         waits = np.array(out.waits) if out.waits else np.zeros(1)
         starts = np.array(out.starts) if out.starts else np.zeros(1)
         loading = out.cool * cfg.load_s + out.cold * (cfg.download_s + cfg.load_s)  # GPU time not diffusing
         print(
-            f"{policy:12} {out.tasks:7d} {out.runs:7d} {out.share(out.warm):7.2%} {out.share(out.cool):7.2%} "
-            f"{out.share(out.cold):6.2%} {np.percentile(waits, 50):8.2f}s {np.percentile(waits, 95):8.2f}s "
+            f"{policy:12} {partitions:2d} {out.tasks:7d} {out.runs:7d} {out.share(out.warm):7.2%} "
+            f"{out.share(out.cool):7.2%} {out.share(out.cold):6.2%} "
+            f"{np.percentile(waits, 50):8.2f}s {np.percentile(waits, 95):8.2f}s "
             f"{np.percentile(starts, 50):8.2f}s {np.percentile(starts, 95):8.2f}s {out.aborted:8d} "
             f"{out.downloads:9d} {loading / max(out.runs, 1):10.2f} {out.wall_s:6.1f}",
             flush=True,

@@ -207,3 +207,7 @@ def test_the_warm_models_bench_runs_and_warm_first_beats_the_old_weights(monkeyp
         assert out.tasks == len(out.waits) + out.aborted  # every task measured was placed or gave up
         assert len(out.waits) <= out.runs <= 3 * len(out.waits)  # one node a task, three when sampled
     assert now.share(now.warm) > stock.share(stock.warm)
+    split = bench.simulate(cfg, "warm-wait", partitions=2)  # two dispatchers, each its half of the nodes
+    assert split.tasks == now.tasks  # the same workload, split by task id
+    assert split.tasks == len(split.waits) + split.aborted
+    assert len(split.waits) <= split.runs <= 3 * len(split.waits)
