@@ -198,7 +198,7 @@ class JetStreamBlobStore:
                     for start in range(0, len(data), self._chunk_size):
                         await js.publish(chunks, data[start : start + self._chunk_size])
                     await js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers=expect_none)
-            except BaseException as err:
+            except Exception as err:  # (a cancelled put leaves its chunks, as nats-py's does)
                 with contextlib.suppress(Exception):  # the chunks nothing points to (best effort)
                     await js.purge_stream(f"OBJ_{self.bucket}", subject=chunks)
                 if isinstance(err, js_errors.APIError) and err.err_code == _WRONG_LAST_SEQUENCE:
