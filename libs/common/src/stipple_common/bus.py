@@ -32,7 +32,7 @@ from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from . import ids, subjects, tracing
-from .errors import Rejected, StippleError
+from .errors import JS_STREAM_CONFIG_MISMATCH, Rejected, StippleError
 from .logs import redact
 from .messages import Assignment, ControlMessage, NodeEvent, TaskEvent, event_name
 from .metrics import Metrics
@@ -251,9 +251,6 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
     )
 
 
-STREAM_CONFIG_MISMATCH = 10058  # JetStream's "stream name already in use with a different configuration"
-
-
 async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     """The KV bucket `config` names: made when missing, or the one there bound as it is when
     it was made with another configuration (another description, replicas or ttl: one
@@ -261,7 +258,7 @@ async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
         return await js.create_key_value(config)
     except BadRequestError as exc:
-        if exc.err_code != STREAM_CONFIG_MISMATCH:
+        if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
             raise
         return await js.key_value(config.bucket)
 
@@ -277,7 +274,7 @@ async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> N
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
-            if exc.err_code != STREAM_CONFIG_MISMATCH:
+            if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
                 raise
             stored = (await js.stream_info(config.name or "")).config.num_replicas or 1
             if stored > (config.num_replicas or 1):

@@ -28,6 +28,12 @@ class StippleError(Exception):
         return {"code": self.code, "message": self.message}
 
 
+# JetStream API error codes (nats-server's errors.json) the code branches on; nats-py raises
+# them as a generic APIError (BadRequestError) with `err_code` set.
+JS_STREAM_CONFIG_MISMATCH = 10058  # stream name already in use with a different configuration
+JS_WRONG_LAST_SEQUENCE = 10071  # the subject's last sequence is not the one the publish expected
+
+
 NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "<no value>"})()
 """Stands for "the app sent nothing here" (a missing field), unlike an explicit null."""
 
