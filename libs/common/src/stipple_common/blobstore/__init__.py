@@ -40,11 +40,11 @@ BACKENDS = ("jetstream", "s3")
 class _KeyError(StippleError):
     """An error about one key, naming it (and its bucket when known). Not retryable."""
 
-    message = "{key}{where}"
+    template = "{key}{where}"  # (StippleError's `message` is the text made from it)
 
     def __init__(self, key: str, *, bucket: str | None = None) -> None:
         where = f" in bucket {bucket!r}" if bucket else ""
-        super().__init__(self.message.format(key=repr(key), where=where))
+        super().__init__(self.template.format(key=repr(key), where=where))
         self.key = key
         self.bucket = bucket
 
@@ -53,14 +53,14 @@ class BlobNotFound(_KeyError):
     """No blob under this key (never written, or deleted)."""
 
     code = "blob_not_found"
-    message = "blob not found: {key}{where}"
+    template = "blob not found: {key}{where}"
 
 
 class BlobExists(_KeyError):
     """A blob is stored under this key already (`BlobStore.put_new`)."""
 
     code = "blob_exists"
-    message = "a blob is stored under {key}{where} already; it is written once"
+    template = "a blob is stored under {key}{where} already; it is written once"
 
 
 @dataclass(frozen=True)

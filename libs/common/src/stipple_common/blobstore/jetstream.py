@@ -18,11 +18,18 @@ from typing import TYPE_CHECKING
 
 import nats.errors
 import nats.js.errors as js_errors
-from nats.js.api import ObjectInfo, ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
+from nats.js.api import Header, ObjectInfo, ObjectMeta, ObjectMetaOptions, ObjectStoreConfig
+from nats.js.kv import MSG_ROLLUP_SUBJECT
+from nats.js.object_store import (
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_DIGEST_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+)
 from nats.nuid import NUID
 
 from stipple_common.blobstore import BlobExists, BlobInfo, BlobNotFound, check_key
-from stipple_common.errors import StippleError, Transient
+from stipple_common.errors import JS_STREAM_CONFIG_MISMATCH, JS_WRONG_LAST_SEQUENCE, StippleError, Transient
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -37,12 +44,6 @@ DEFAULT_TIMEOUT_S = 30.0
 """Upper bound on one put/get/delete. nats-py's object get waits on an ordered consumer with
 no timeout of its own: if the chunks vanish under it (a concurrent overwrite or delete
 purges them) it would wait forever."""
-
-_STREAM_CONFIG_MISMATCH = 10058
-"""JetStream API error: "stream name already in use with a different configuration"."""
-
-_WRONG_LAST_SEQUENCE = 10071
-"""JetStream API error: the subject's last sequence is not the expected one (`put_new`)."""
 
 _TRANSIENT_NATS_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,  # includes nats.errors.TimeoutError and asyncio's timeout
@@ -81,6 +82,7 @@ class JetStreamBlobStore:
         self.bucket = bucket
         self._chunk_size = chunk_size
         self._timeout_s = timeout_s
+        self._nuid = NUID()  # `put_new`'s chunk subjects, as nats-py's client names them
 
     @classmethod
     async def open(
@@ -113,7 +115,7 @@ class JetStreamBlobStore:
                 try:
                     obs = await js.create_object_store(bucket, config=config)
                 except js_errors.BadRequestError as err:
-                    if err.err_code != _STREAM_CONFIG_MISMATCH:
+                    if err.err_code != JS_STREAM_CONFIG_MISMATCH:
                         raise
                     obs = await js.object_store(bucket)
         return cls(obs, bucket, chunk_size=chunk_size, timeout_s=timeout_s, js=js)
@@ -172,14 +174,17 @@ class JetStreamBlobStore:
         subject holds a message (an object, or a deleted one's tombstone). The loser of a
         race gets `BlobExists` and its chunks are purged. Nothing is read first (nats-py's
         `put` reads the old meta to purge its chunks): one publish per chunk and one for
-        the meta, in the layout nats-py's object store reads (its `put`, nats.js 2.x)."""
+        the meta, in nats-py's own layout (its subject and digest templates, its ObjectInfo),
+        so its readers read these objects as their own."""
         check_key(key)
         js = self._context()
         headers = {"Content-Type": [content_type]}
         headers.update({name.lower(): [value] for name, value in (metadata or {}).items()})
-        nuid = NUID().next().decode()
-        chunks = f"$O.{self.bucket}.C.{nuid}"
-        meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(key.encode()).decode()}"
+        nuid = self._nuid.next().decode()
+        chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
+        meta_subject = OBJ_META_PRE_TEMPLATE.format(
+            bucket=self.bucket, obj=base64.urlsafe_b64encode(key.encode()).decode()
+        )
         info = ObjectInfo(
             name=key,
             bucket=self.bucket,
@@ -187,11 +192,11 @@ class JetStreamBlobStore:
             size=len(data),
             mtime=datetime.now(UTC).isoformat(),
             chunks=(len(data) + self._chunk_size - 1) // self._chunk_size,
-            digest="SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode(),
+            digest=OBJ_DIGEST_TEMPLATE.format(digest=base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()),
             headers=headers,
             options=ObjectMetaOptions(max_chunk_size=self._chunk_size),
         )
-        expect_none = {"Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": "0"}
+        expect_none = {Header.ROLLUP.value: MSG_ROLLUP_SUBJECT, Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0"}
         with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
             try:
                 async with asyncio.timeout(self._timeout_s):
@@ -200,8 +205,8 @@ class JetStreamBlobStore:
                     await js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers=expect_none)
             except Exception as err:  # (a cancelled put leaves its chunks, as nats-py's does)
                 with contextlib.suppress(Exception):  # the chunks nothing points to (best effort)
-                    await js.purge_stream(f"OBJ_{self.bucket}", subject=chunks)
-                if isinstance(err, js_errors.APIError) and err.err_code == _WRONG_LAST_SEQUENCE:
+                    await js.purge_stream(OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), subject=chunks)
+                if isinstance(err, js_errors.APIError) and err.err_code == JS_WRONG_LAST_SEQUENCE:
                     raise BlobExists(key, bucket=self.bucket) from None
                 raise
 
