@@ -293,9 +293,7 @@ class Throughput:
     succeeded: int
     samples: list[Sample]  # tasks whose outcome fell inside the window
     in_flight_end: int
-    cpu_s: dict[str, float]
-    kernel_s: dict[str, float]  # of cpu_s, in the kernel (system time)
-    writes: dict[str, int]  # write(2)/writev(2) calls in the window (libuv and Go write through these)
+    used: dict[str, Usage]  # each process's, in the window
     consumers: dict[str, dict[str, int]]
 
     @property
@@ -303,16 +301,37 @@ class Throughput:
         return self.completed / self.duration_s
 
 
-def cpu_times(pids: dict[str, int], kernel_only: bool = False) -> dict[str, float]:
-    """Each process's CPU seconds so far (user and system, or system alone)."""
+@dataclass(frozen=True)
+class Usage:
+    """What a process has used so far: CPU seconds (user and system), of them in the kernel,
+    and write(2)/writev(2) calls (Linux's syscw: the services write their sockets through
+    libuv, nats-server through Go, both with these; a process on asyncio's own loop sends
+    with send(2), which syscw does not count; None where it cannot be read)."""
+
+    cpu_s: float
+    kernel_s: float
+    writes: int | None
+
+    def __sub__(self, before: Usage) -> Usage:
+        writes = None if self.writes is None or before.writes is None else self.writes - before.writes
+        return Usage(self.cpu_s - before.cpu_s, self.kernel_s - before.kernel_s, writes)
+
+
+def usage(pids: dict[str, int]) -> dict[str, Usage]:
+    """Each process's `Usage` so far, and this one's as "bench client"."""
     out = {}
-    procs = {name: psutil.Process(pid) for name, pid in pids.items() if psutil.pid_exists(pid)}
-    for name, proc in [*procs.items(), ("bench client", psutil.Process())]:
+    procs = [*pids.items(), ("bench client", os.getpid())]
+    for name, pid in procs:
         try:
+            proc = psutil.Process(pid)
             times = proc.cpu_times()
-            out[name] = times.system if kernel_only else times.user + times.system
+            try:
+                writes: int | None = proc.io_counters().write_count
+            except (psutil.Error, AttributeError):
+                writes = None
+            out[name] = Usage(times.user + times.system, times.system, writes)
         except psutil.Error:
-            out[name] = float("nan")
+            out[name] = Usage(float("nan"), float("nan"), None)
     return out
 
 
@@ -331,19 +350,6 @@ def reference_ms(rounds: int = 25) -> float:
             table[key] = table.get(key[:12], 0) + len(key.split("."))
         best = min(best, time.process_time() - started)
     return best * 4 * 1000
-
-
-def write_calls(pids: dict[str, int]) -> dict[str, int]:
-    """Each process's write(2) and writev(2) calls so far (Linux's syscw). The services write
-    their sockets through libuv (uvloop) and nats-server through Go, both with these; a
-    process on asyncio's own loop sends with send(2), which syscw does not count."""
-    out = {}
-    for name, pid in pids.items():
-        try:
-            out[name] = psutil.Process(pid).io_counters().write_count
-        except (psutil.Error, AttributeError):
-            continue
-    return out
 
 
 async def consumer_backlog(js: Any, partitions: int = 1) -> dict[str, dict[str, int]]:
@@ -394,15 +400,13 @@ async def throughput_phase(
     workers = [asyncio.create_task(submitter()) for _ in range(concurrency)]
     await asyncio.sleep(warmup)
     profilers = start_profilers(pids, duration, profile_dir) if profile_dir else []
-    cpu_before, writes_before = cpu_times(pids), write_calls(pids)
-    kernel_before = cpu_times(pids, kernel_only=True)
+    before = usage(pids)
     window_start = time.perf_counter()
     await asyncio.sleep(duration)
     window_end = time.perf_counter()
     for profiler in profilers:
         await asyncio.to_thread(profiler.wait, 60)
-    cpu_after, writes_after = cpu_times(pids), write_calls(pids)
-    kernel_after = cpu_times(pids, kernel_only=True)
+    after = usage(pids)
     backlog = await consumer_backlog(js, partitions)
     stop.set()
     in_flight = sum(1 for w in workers if not w.done())
@@ -416,9 +420,7 @@ async def throughput_phase(
         succeeded=sum(1 for s in inside if s.outcome == "succeeded"),
         samples=inside,
         in_flight_end=in_flight,
-        cpu_s={k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after},
-        kernel_s={k: kernel_after[k] - kernel_before.get(k, 0.0) for k in kernel_after},
-        writes={k: writes_after[k] - writes_before[k] for k in writes_after if k in writes_before},
+        used={name: after[name] - before[name] for name in after if name in before},
         consumers=backlog,
     )
 
@@ -766,9 +768,9 @@ async def run(args: argparse.Namespace) -> int:
                 if tp.samples:
                     tp_lines += latency_lines(tp.samples)
                 tp_lines.append(f"backlog at the end of the window: {tp.consumers}")
-                busy = sorted(tp.cpu_s.items(), key=lambda kv: -kv[1])
+                busy = sorted(tp.used.items(), key=lambda kv: -kv[1].cpu_s)
                 if tp.completed:
-                    services_s = sum(seconds for name, seconds in tp.cpu_s.items() if name != "bench client")
+                    services_s = sum(used.cpu_s for name, used in busy if name != "bench client")
                     per_task_ms = services_s / tp.completed * 1000
                     tp_lines.append(
                         f"CPU per task, every service and node: {per_task_ms:.1f} ms; the reference loop took "
@@ -777,16 +779,19 @@ async def run(args: argparse.Namespace) -> int:
                     )
                 tp_lines.append(
                     "CPU seconds used in the window: "
-                    + ", ".join(f"{name} {seconds:.2f}" for name, seconds in busy)
+                    + ", ".join(f"{name} {used.cpu_s:.2f}" for name, used in busy)
                     + f" (of {tp.duration_s * len(os.sched_getaffinity(0)):.1f} available); of it in the kernel: "
-                    + ", ".join(f"{name} {tp.kernel_s.get(name, 0.0):.2f}" for name, _ in busy)
+                    + ", ".join(f"{name} {used.kernel_s:.2f}" for name, used in busy)
                 )
-                if tp.completed and tp.writes:
-                    per_task = sorted(tp.writes.items(), key=lambda kv: -kv[1])
+                writes = {name: used.writes for name, used in tp.used.items() if name != "bench client" and used.writes}
+                if tp.completed and writes:
                     tp_lines.append(
                         "write(2) calls per task in the window: "
-                        + ", ".join(f"{name} {count / tp.completed:.1f}" for name, count in per_task)
-                        + f" (all {sum(tp.writes.values()) / tp.completed:.1f})"
+                        + ", ".join(
+                            f"{name} {count / tp.completed:.1f}"
+                            for name, count in sorted(writes.items(), key=lambda kv: -kv[1])
+                        )
+                        + f" (all {sum(writes.values()) / tp.completed:.1f})"
                     )
                 if tp.samples:
                     stamps = await read_task_times(js, {s.task_id for s in tp.samples})

@@ -45,24 +45,24 @@ TASK_ID = "0123456789abcdef0123456789abcdef"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def best_us(call: Callable[[], object], number: int, rounds: int = 5) -> float:
+def best_us(batch: Callable[[int], object], number: int, rounds: int = 5) -> float:
+    """µs per call: the best of `rounds` timings of `batch(number)`, which makes `number` calls."""
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
+        batch(number)
+        best = min(best, (time.perf_counter() - started) / number)
+    return best * 1e6
+
+
+def calls(call: Callable[[], object]) -> Callable[[int], None]:
+    """A batch of `call()`s, for `best_us`."""
+
+    def batch(number: int) -> None:
         for _ in range(number):
             call()
-        best = min(best, (time.perf_counter() - started) / number)
-    return best * 1e6
 
-
-async def best_async_us(make: Callable[[], object], number: int, rounds: int = 5) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(number):
-            await make()  # type: ignore[misc]
-        best = min(best, (time.perf_counter() - started) / number)
-    return best * 1e6
+    return batch
 
 
 class _Client:
@@ -72,24 +72,25 @@ class _Client:
         return None
 
 
-async def wrapper_us() -> float:
+def wrapper_us() -> float:
     client = _Client()
     tracer = trace.get_tracer("stipple.bench")
 
     async def nothing(msg: Msg) -> None:
         return None
 
-    def one() -> object:
-        msg = Msg(
-            _client=client,  # type: ignore[arg-type]
-            subject=f"tasks.{TASK_ID}.started.0x{'ab' * 20}",
-            reply="$JS.ACK.TASKS.dispatcher.1.2.3.1700000000000000000.0",
-            data=b"{}",
-            headers={"traceparent": TRACEPARENT},
-        )
-        return bus._handle_one(msg, nothing, "TASKS", None, tracer)
+    async def deliveries(number: int) -> None:
+        for _ in range(number):
+            msg = Msg(
+                _client=client,  # type: ignore[arg-type]
+                subject=f"tasks.{TASK_ID}.started.0x{'ab' * 20}",
+                reply="$JS.ACK.TASKS.dispatcher.1.2.3.1700000000000000000.0",
+                data=b"{}",
+                headers={"traceparent": TRACEPARENT},
+            )
+            await bus._handle_one(msg, nothing, "TASKS", None, tracer)
 
-    return await best_async_us(one, 5_000)
+    return best_us(lambda number: asyncio.run(deliveries(number)), 5_000)
 
 
 def span_us(per_call_tracer: bool) -> float:
@@ -98,7 +99,7 @@ def span_us(per_call_tracer: bool) -> float:
         with tracing.task_span("bench.span", task_id=TASK_ID, tracer=tracer, parent={"traceparent": TRACEPARENT}):
             pass
 
-    return best_us(one, 5_000)
+    return best_us(calls(one), 5_000)
 
 
 def png_512() -> bytes:
@@ -118,18 +119,21 @@ def main() -> None:
     key = VrfKey.generate()
     image = png_512()
     rows = [
-        ("consumer wrapper, per delivery (bus._handle_one, no-op handler)", asyncio.run(wrapper_us())),
+        ("consumer wrapper, per delivery (bus._handle_one, no-op handler)", wrapper_us()),
         ("task span, the module's tracer", span_us(per_call_tracer=False)),
         ("task span, a tracer built per call (before stop 26)", span_us(per_call_tracer=True)),
-        ("sign a commitment (node, per task)", best_us(lambda: commitment.sign(account, value), 2_000)),
+        ("sign a commitment (node, per task)", best_us(calls(lambda: commitment.sign(account, value)), 2_000)),
         (
             "recover a commitment's signer (validator, per revealed node)",
-            best_us(lambda: commitment.signer(value, signature), 2_000),
+            best_us(calls(lambda: commitment.signer(value, signature)), 2_000),
         ),
-        ("VRF sampling proof (dispatcher, per task)", best_us(lambda: SamplingProof.make(key, TASK_ID, 0.1), 500)),
+        (
+            "VRF sampling proof (dispatcher, per task)",
+            best_us(calls(lambda: SamplingProof.make(key, TASK_ID, 0.1)), 500),
+        ),
         (
             f"PNG facts of a 512x512 image, {len(image) // 1024} KiB (intake, per image)",
-            best_us(lambda: png_facts(image, max_pixels=2**22), 20, rounds=3),
+            best_us(calls(lambda: png_facts(image, max_pixels=2**22)), 20, rounds=3),
         ),
     ]
     print(f"reference loop (bench/control_plane.py reference_ms): {reference:.1f} ms, just before\n")
