@@ -261,7 +261,6 @@ def simulate(cfg: Config, policy: str, progress: bool = False, partitions: int =
     settings = DispatcherSettings(**overrides)  # type: ignore[arg-type]
     indexes = [index_cls() for _ in range(partitions)]
     queues = [queue_cls(index, settings, np.random.default_rng(cfg.seed + 1 + k)) for k, index in enumerate(indexes)]
-    queue = queues[0]
 
     refs = [f"sim-org/model-{i:03d}" for i in range(cfg.models)]
     popularity = 1.0 / np.arange(1, cfg.models + 1) ** cfg.zipf
@@ -275,7 +274,7 @@ def simulate(cfg: Config, policy: str, progress: bool = False, partitions: int =
         nodes[node.node_id] = node
         indexes[partition_for(node.node_id, partitions)].join(node.announcement(), 0.0, __version__)
 
-    copies = queue.expected_copies
+    copies = queues[0].expected_copies  # (the same settings in every partition)
     rate = cfg.load * cfg.nodes / (cfg.task_s * copies)  # tasks per second
     end = cfg.warmup_s + cfg.measure_s
     count = int(rate * end * 1.2) + 100

@@ -28,7 +28,7 @@ from stipple_common.messages import (
 )
 from stipple_common.taskspec import parse_task
 from stipple_common.vrf import SamplingProof, VrfKey
-from stipple_validator.decide import candidates, decide, group_agreeing, more_nodes
+from stipple_validator.decide import candidates, decide, group_agreeing, more_nodes, screen_all
 
 SPEC = parse_task(
     {
@@ -128,7 +128,7 @@ def task_with(results, *, commit_order=None, tamper=None, images=None, classes=N
 
 def decided(task, threshold=THRESHOLD, addresses=ADDRESSES, bad_blobs=None):
     """`decide` after blob checks that found `bad_blobs` (node -> why) and nothing else."""
-    checked = {node: (bad_blobs or {}).get(node) for node in candidates(task, addresses)}
+    checked = {node: (bad_blobs or {}).get(node) for node in candidates(screen_all(task, addresses))}
     return decide(task, threshold, addresses, checked)
 
 
@@ -311,7 +311,7 @@ def test_a_malformed_reveal_is_bad_result_and_never_raises(case):
         return [msgspec.structs.replace(i, key=i.key.replace("{node}", N3)) for i in changed]
 
     task = task_with({N1: A, N2: A, N3: A}, images={N3: malformed})
-    assert N3 not in candidates(task, ADDRESSES)  # its blobs are not even read
+    assert N3 not in candidates(screen_all(task, ADDRESSES))  # its blobs are not even read
     outcome = decided(task)
     assert isinstance(outcome, TaskSucceeded)
     assert outcome.reason == "majority"
@@ -533,7 +533,7 @@ def test_a_reveal_of_another_class_than_the_node_joined_with_is_a_bad_result():
     reveals must be the class it announced at join, plus the dtype."""
     task = task_with({N1: A, N2: A, N3: A}, classes={N3: "NVIDIA H100 sm9.0; torch 2.13.0; float16"})
     joined = dict.fromkeys((N1, N2, N3), CLASS.rsplit("; ", 1)[0])
-    checked = {node: None for node in candidates(task, ADDRESSES, joined)}
+    checked = {node: None for node in candidates(screen_all(task, ADDRESSES, joined))}
     assert N3 not in checked
     outcome = decide(task, THRESHOLD, ADDRESSES, checked, joined)
     assert outcome.verdicts == {N1: "agree", N2: "agree", N3: "bad_result"}
@@ -563,7 +563,7 @@ GPU = "NVIDIA H100 sm9.0 cuda 12.8; torch 2.13.0; diffusers 0.42.1; float16"
 
 
 def decided_with_tolerance(task):
-    checked = {node: None for node in candidates(task, ADDRESSES)}
+    checked = {node: None for node in candidates(screen_all(task, ADDRESSES))}
     return decide(task, THRESHOLD, ADDRESSES, checked, tolerance=TOLERANCE)
 
 

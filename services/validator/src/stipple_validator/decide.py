@@ -233,12 +233,9 @@ def screen_all(task: Task, addresses: Mapping[str, str], classes: Mapping[str, s
     }
 
 
-def candidates(
-    task: Task, addresses: Mapping[str, str], classes: Mapping[str, str] | None = None, screens: Screens | None = None
-) -> list[str]:
-    """The revealed nodes whose reveal opens its signed commitment and is well-formed:
-    the results whose stored blobs the service checks before deciding."""
-    screens = screen_all(task, addresses, classes) if screens is None else screens
+def candidates(screens: Screens) -> list[str]:
+    """The revealed nodes whose reveal opens its signed commitment and is well-formed (of a
+    task's `screen_all`): the results whose stored blobs the service checks before deciding."""
     return [node_id for node_id, screened in screens.items() if screened is None]
 
 

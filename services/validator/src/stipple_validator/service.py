@@ -495,7 +495,7 @@ class Validator:
         addresses = {node: node for node in task.nodes}  # a node's id is its address (identity.py)
         classes = {node: entry.joined.determinism for node in task.nodes if (entry := self.directory.entries.get(node))}
         screens = screen_all(task, addresses, classes)
-        results = candidates(task, addresses, classes, screens)
+        results = candidates(screens)
         with tracing.task_span("validator.check_blobs", task_id=task.task_id, nodes=len(results)):
             checked = await self.checker.check(task, results)
         with tracing.task_span("validator.decide", task_id=task.task_id) as span:
