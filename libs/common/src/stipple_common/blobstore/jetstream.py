@@ -153,8 +153,7 @@ class JetStreamBlobStore:
         """Store ``data`` under ``key``; nats-py purges the previous chunks of that key.
         ``metadata`` goes into the object's meta message, as headers."""
         check_key(key)
-        headers = {"Content-Type": [content_type]}
-        headers.update({name.lower(): [value] for name, value in (metadata or {}).items()})
+        headers = _object_headers(content_type, metadata)
         meta = ObjectMeta(name=key, headers=headers, options=ObjectMetaOptions(max_chunk_size=self._chunk_size))
         with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
             async with asyncio.timeout(self._timeout_s):
@@ -178,8 +177,7 @@ class JetStreamBlobStore:
         so its readers read these objects as their own."""
         check_key(key)
         js = self._context()
-        headers = {"Content-Type": [content_type]}
-        headers.update({name.lower(): [value] for name, value in (metadata or {}).items()})
+        headers = _object_headers(content_type, metadata)
         nuid = self._nuid.next().decode()
         chunks = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=nuid)
         meta_subject = OBJ_META_PRE_TEMPLATE.format(
@@ -256,6 +254,12 @@ class JetStreamBlobStore:
 
     async def close(self) -> None:
         """Nothing to release: the NATS connection belongs to the caller."""
+
+
+def _object_headers(content_type: str, metadata: Mapping[str, str] | None) -> dict[str, list[str]]:
+    """An object's headers: its content type and `metadata` (lowercase keys), each a list as
+    the Go client's ``nats.Header`` expects."""
+    return {"Content-Type": [content_type], **{name.lower(): [value] for name, value in (metadata or {}).items()}}
 
 
 @contextmanager
