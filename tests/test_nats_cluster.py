@@ -83,3 +83,45 @@ async def test_what_was_acknowledged_survives_the_sigkill_of_the_stream_leader(c
         assert all(r.current for r in info.cluster.replicas or []), info.cluster
     finally:
         await nc.close()
+
+
+@pytest.mark.timeout(240)  # as above, and twenty rounds of declarations: about 10 s here
+async def test_replicas_that_start_together_on_a_cluster_all_declare_what_they_share(cluster):
+    """Replicas started at once declare the same R3 streams, KV buckets, object store and
+    partitioned VALIDATION stream at the same moment. On a cluster the loser of a create is
+    answered 10058 (in use) and then, for a moment, 404 to the stream's info: that ended a
+    validator's start in CI (and, the network's stop being shared in the test kit, the whole
+    network's). Every declarer must come through every round (`bus.settling`)."""
+    from nats.js.api import KeyValueConfig
+
+    from stipple_common.blobstore.jetstream import JetStreamBlobStore
+    from stipple_validator.service import ValidatorSettings, ensure_validation_stream
+
+    conns = [await connect(cluster) for _ in range(3)]
+    try:
+        contexts = [nc.jetstream(timeout=5) for nc in conns]
+        settings = ValidatorSettings(nats_url=cluster.url, partitions=4, stream_replicas=3)
+        configs = subjects.stream_configs(replicas=3)
+
+        declarations = (
+            lambda js: bus.ensure_streams(js, configs),
+            lambda js: bus.key_value(js, KeyValueConfig(bucket=subjects.LEASES_BUCKET, history=1, replicas=3)),
+            lambda js: JetStreamBlobStore.open(js, "declared", replicas=3),
+            lambda js: ensure_validation_stream(js, settings),
+        )
+        for _ in range(20):
+            for declaration in declarations:  # every replica at the same moment
+                results = await asyncio.gather(*(declaration(js) for js in contexts), return_exceptions=True)
+                assert [r for r in results if isinstance(r, BaseException)] == []
+            first = contexts[0]
+            for stream in (
+                *(c.name for c in configs),
+                subjects.VALIDATION_STREAM,
+                f"KV_{subjects.LEASES_BUCKET}",
+                "OBJ_declared",
+            ):
+                assert (await first.stream_info(stream)).config.num_replicas == 3, stream
+                await first.delete_stream(stream)
+    finally:
+        for nc in conns:
+            await nc.close()

@@ -16,8 +16,10 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import nats
+import nats.errors
 import pytest
 from minio import Minio
 from nats.js.errors import BucketNotFoundError
@@ -228,6 +230,34 @@ class TestJetStreamBlobStore(BlobStoreContract):
         await store.delete(key)
         with pytest.raises(BlobExists):
             await store.put_new(key, b"again")
+
+    async def test_put_new_whose_meta_answer_is_lost_keeps_the_chunks_it_stored(self, nc: nats.NATS) -> None:
+        """The meta is stored but its acknowledgement never comes (a slow or electing
+        cluster): the put fails as unavailable, and the stored object must stay whole: its
+        chunks are not purged, and a second put_new of the key is refused."""
+        js = nc.jetstream()
+        bucket = f"test-{uuid.uuid4().hex}"
+        store = await JetStreamBlobStore.open(js, bucket, chunk_size=1_000)
+        publish = js.publish
+
+        async def answer_lost(subject: str, payload: bytes = b"", **kwargs: Any) -> Any:
+            ack = await publish(subject, payload, **kwargs)
+            if ".M." in subject:  # the meta message: stored, then its answer lost
+                raise nats.errors.TimeoutError
+            return ack
+
+        try:
+            key, data = _key(), os.urandom(3_500)
+            js.publish = answer_lost  # type: ignore[method-assign]
+            with pytest.raises(Transient):
+                await store.put_new(key, data)
+            js.publish = publish  # type: ignore[method-assign]
+            assert await store.get(key) == data
+            with pytest.raises(BlobExists):
+                await store.put_new(key, b"other")
+        finally:
+            js.publish = publish  # type: ignore[method-assign]
+            await js.delete_object_store(bucket)
 
     async def test_create_race_with_other_config_binds(self, nc: nats.NATS) -> None:
         # Another service created the bucket (with another config) between our lookup and our create.

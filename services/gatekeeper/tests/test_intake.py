@@ -103,3 +103,21 @@ async def test_a_key_is_written_once_and_each_refused_rewrite_counts_against_the
     assert registry.get_sample_value("stipple_gatekeeper_uploads_total", {"outcome": "exists"}) == (
         MAX_BLOBS_PER_TASK - 1
     )
+
+
+async def test_the_same_bytes_again_under_a_stored_key_are_answered_as_stored(intake):
+    """A node whose upload's answer was lost (the store slow or away: `store_unavailable`
+    after the write went through) uploads again: the same bytes are answered as stored,
+    with their digest, and nothing is written; other bytes under the key stay refused.
+    Each counts against the node's blobs for the task, as a refused rewrite does."""
+    served, client, registry = intake
+    key = f"{blob_prefix(uuid.uuid4().hex, NODE)}k/0.png"
+    image = png(7)
+    first = await client.put(key, image)
+    assert await client.put(key, image) == first == png_facts(image, max_pixels=64 * 64).sha256
+    with pytest.raises(UploadRefused, match="exists"):
+        await client.put(key, png(8))
+    assert await served.blobs.get(key) == image
+    repeated = registry.get_sample_value("stipple_gatekeeper_uploads_total", {"outcome": "repeated"})
+    assert (repeated, registry.get_sample_value("stipple_gatekeeper_uploads_total", {"outcome": "exists"})) == (1, 1)
+    assert served._stored[(key.split("/")[1], NODE)] == 3

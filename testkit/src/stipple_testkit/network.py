@@ -73,6 +73,7 @@ class Network:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     stack: AsyncExitStack = field(default_factory=AsyncExitStack)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    services: list[asyncio.Task[None]] = field(default_factory=list)  # the control plane's, of `tasks`
     nodes: dict[str, NodeHandle] = field(default_factory=dict)
     contexts: dict[str, ServiceContext] = field(default_factory=dict)  # service name -> its context (metrics)
     gateway_url: str = ""  # once `gateway()` ran
@@ -107,9 +108,19 @@ class Network:
 
     async def _run(self, name: str, settings: Any, serve: Any, *, blobs: bool = False) -> ServiceContext:
         ctx = await self.stack.enter_async_context(open_service(name, settings, blobs=blobs, stop=self.stop))
-        self.tasks.append(asyncio.create_task(serve(ctx, settings)))
+        served = asyncio.create_task(serve(ctx, settings), name=name)
+        self.tasks.append(served)
+        self.services.append(served)
         self.contexts[name] = ctx
         return ctx
+
+    def check_services(self) -> None:
+        """Raise what ended a control-plane service, if one failed: a failed service sets
+        the stop this network's services share, so a test waiting on a task would
+        otherwise see only that it never ended."""
+        for served in self.services:
+            if served.done() and not served.cancelled() and (exc := served.exception()) is not None:
+                raise AssertionError(f"the {served.get_name()} service failed: {exc!r}") from exc
 
     def metric(self, service: str, name: str, **labels: str) -> float:
         """A metric's current value in a service of this network (0 when not there yet)."""
@@ -227,6 +238,7 @@ class Network:
             return [e for e in events if isinstance(e, TaskSucceeded | TaskAborted)]
 
         while time.monotonic() < deadline:
+            self.check_services()
             found = await outcomes()
             if found:
                 await asyncio.sleep(0.3)  # a second outcome, if any, would show now

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import ssl
 import time
@@ -251,38 +252,73 @@ async def connect(url: str, name: str, *, ca_file: str = "", **options: Any) -> 
     )
 
 
+SETTLING: tuple[type[Exception], ...] = (NotFoundError, *BUS_AWAY_OR_SLOW)
+"""What a declaration meets on a cluster while another process makes the same stream:
+its create is answered 10058 (in use) and the stream's info 404 until the meta layer has
+placed it, or a request times out on a loaded cluster."""
+
+DECLARE_PATIENCE_S = 30.0
+
+
+async def settling(step: Callable[[], Awaitable[T]], *, what: str, patience_s: float = DECLARE_PATIENCE_S) -> T:
+    """`step()` (a whole declaration: made, or found and bound) again while it fails with a
+    `SETTLING` error, for up to `patience_s`: two replicas that start together on a
+    three-server cluster declare the same streams and buckets at once, and the loser of
+    the create must not end its service (as it did: a `stream not found` after the
+    create's 10058). A step that cannot settle raises its last error."""
+    deadline = time.monotonic() + patience_s
+    for attempt in itertools.count(1):
+        try:
+            return await step()
+        except SETTLING as exc:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("declaration_settling", what=what, attempt=attempt, error=repr(exc))
+            await asyncio.sleep(backoff(attempt, base=0.1, cap=2.0))
+    raise AssertionError("unreachable")
+
+
 async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     """The KV bucket `config` names: made when missing, or the one there bound as it is when
     it was made with another configuration (another description, replicas or ttl: one
-    replica's settings must not fail another's start, nor rewrite the bucket)."""
-    try:
-        return await js.create_key_value(config)
-    except BadRequestError as exc:
-        if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
-            raise
-        return await js.key_value(config.bucket)
+    replica's settings must not fail another's start, nor rewrite the bucket); `settling`
+    while another process makes it."""
+
+    async def step() -> KeyValue:
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError as exc:
+            if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
+                raise
+            return await js.key_value(config.bucket)
+
+    return await settling(step, what=f"KV bucket {config.bucket}")
 
 
 async def ensure_streams(js: JetStreamContext, configs: list[StreamConfig]) -> None:
-    """Declare streams idempotently: create, or update when the config changed.
+    """Declare streams idempotently: create, or update when the config changed, each
+    `settling` while another process declares it too.
 
     Replication is never lowered by an update: a process started without
     ``STIPPLE_STREAM_REPLICAS=3`` (whose default is 1) must not turn production's R3
     streams into R1. It keeps the stored replicas and says so; lowering them is an
     operator's deliberate act (``nats stream edit``)."""
     for config in configs:
-        try:
-            await js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
-                raise
-            stored = (await js.stream_info(config.name or "")).config.num_replicas or 1
-            if stored > (config.num_replicas or 1):
-                log.warning(
-                    "stream_replicas_kept", stream=config.name, stored=stored, configured=config.num_replicas or 1
-                )
-                config = dataclasses.replace(config, num_replicas=stored)
-            await js.update_stream(config)
+        await settling(functools.partial(_declare_stream, js, config), what=f"stream {config.name}")
+
+
+async def _declare_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+        return
+    except BadRequestError as exc:
+        if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
+            raise
+    stored = (await js.stream_info(config.name or "")).config.num_replicas or 1
+    if stored > (config.num_replicas or 1):
+        log.warning("stream_replicas_kept", stream=config.name, stored=stored, configured=config.num_replicas or 1)
+        config = dataclasses.replace(config, num_replicas=stored)
+    await js.update_stream(config)
 
 
 async def publish(

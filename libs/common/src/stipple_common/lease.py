@@ -77,7 +77,7 @@ _decoder = msgspec.json.Decoder(LeaseRecord)
 
 async def open_leases(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
     """The ``leases`` bucket (created when missing; history 1)."""
-    return await js.create_key_value(KeyValueConfig(bucket=LEASES_BUCKET, history=1, replicas=replicas))
+    return await bus.key_value(js, KeyValueConfig(bucket=LEASES_BUCKET, history=1, replicas=replicas))
 
 
 class Lease:

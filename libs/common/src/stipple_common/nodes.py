@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, KeyValueConfig
 
+from . import bus
 from .errors import Rejected
 from .messages import (
     NodeBanned,
@@ -126,7 +127,7 @@ class NodeDirectory:
 
     async def follow_stakes(self, js: JetStreamContext, replicas: int = 1) -> asyncio.Task[None]:
         """Keep `stakes` from the chain-indexer's `stakes` bucket (created if missing)."""
-        kv = await js.create_key_value(KeyValueConfig(bucket=STAKES_BUCKET, history=1, replicas=replicas))
+        kv = await bus.key_value(js, KeyValueConfig(bucket=STAKES_BUCKET, history=1, replicas=replicas))
         watcher = await kv.watchall()
 
         async def fold() -> None:

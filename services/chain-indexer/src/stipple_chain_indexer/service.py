@@ -37,8 +37,8 @@ from eth_account import Account
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from stipple_common import bus, records, subjects
 from stipple_common import chain as ch
-from stipple_common import records, subjects
 from stipple_common.economics import Economics
 from stipple_common.economics import check as check_economics
 from stipple_common.identity import node_id_of
@@ -241,11 +241,11 @@ async def serve(
             )
         )
         chain_id = await call(lambda: int(w3.eth.chain_id))
-        kv = await ctx.js.create_key_value(
-            KeyValueConfig(bucket=subjects.CHAIN_BUCKET, history=1, replicas=settings.stream_replicas)
+        kv = await bus.key_value(
+            ctx.js, KeyValueConfig(bucket=subjects.CHAIN_BUCKET, history=1, replicas=settings.stream_replicas)
         )
-        stakes = await ctx.js.create_key_value(
-            KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
+        stakes = await bus.key_value(
+            ctx.js, KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
         )
         custodial = settings.custodial_account or address
         min_stake = await call(chain.minimum_stake)
@@ -268,8 +268,8 @@ async def serve(
             on_log=StakeProjection(stakes).apply,
         )
         await follower.load()
-        reservations = await ctx.js.create_key_value(
-            KeyValueConfig(bucket=subjects.RESERVATIONS_BUCKET, history=1, replicas=settings.stream_replicas)
+        reservations = await bus.key_value(
+            ctx.js, KeyValueConfig(bucket=subjects.RESERVATIONS_BUCKET, history=1, replicas=settings.stream_replicas)
         )
         book = ReservationBook(reservations, key=custodial.lower(), ttl_s=RESERVATION_TTL_S)
         await book.load()  # what was reserved before a restart still counts against the deposit

@@ -512,8 +512,8 @@ BEAT_PENDING_MSGS = 10_000
 
 async def follow_stakes(ctx: ServiceContext, index: NodeIndex, settings: DispatcherSettings) -> asyncio.Task[None]:
     """Fold the chain-indexer's `stakes` bucket into `index` (what is there now, then changes)."""
-    kv = await ctx.js.create_key_value(
-        KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
+    kv = await bus.key_value(
+        ctx.js, KeyValueConfig(bucket=subjects.STAKES_BUCKET, history=1, replicas=settings.stream_replicas)
     )
     watcher = await kv.watchall()
     caught_up = asyncio.Event()
@@ -547,8 +547,8 @@ async def publish_sampling_key(ctx: ServiceContext, key: VrfKey, settings: Dispa
     there keeps its record: `since` says when it was first used."""
     if not settings.sampling_key:
         log.warning("sampling_key_generated", public_key=key.public.hex(), hint="set STIPPLE_SAMPLING_KEY")
-    kv = await ctx.js.create_key_value(
-        KeyValueConfig(bucket=subjects.SAMPLING_BUCKET, history=1, replicas=settings.stream_replicas)
+    kv = await bus.key_value(
+        ctx.js, KeyValueConfig(bucket=subjects.SAMPLING_BUCKET, history=1, replicas=settings.stream_replicas)
     )
     public = key.public.hex()
     known = await records.get(kv, public, records.sampling_key_decoder)

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from stipple_common import records, subjects
+from stipple_common import bus, records, subjects
 from stipple_common.messages import JoinStatus
 from stipple_common.records import Ban, IndexedStake
 
@@ -80,7 +80,7 @@ class Registry:
         """Watch the buckets (created if missing); returns once their current values are in."""
         buckets = {}
         for name in (subjects.STAKES_BUCKET, subjects.BANS_BUCKET, subjects.CHAIN_BUCKET):
-            buckets[name] = await js.create_key_value(KeyValueConfig(bucket=name, history=1, replicas=replicas))
+            buckets[name] = await bus.key_value(js, KeyValueConfig(bucket=name, history=1, replicas=replicas))
         ready = [asyncio.Event() for _ in buckets]
         for (name, kv), event in zip(buckets.items(), ready, strict=True):
             self._tasks.append(asyncio.create_task(self._watch(name, kv, event)))

@@ -53,7 +53,7 @@ from stipple_common.messages import (
     encode,
     task_event_decoder,
 )
-from stipple_common.pngfacts import METADATA_KEY, png_facts
+from stipple_common.pngfacts import METADATA_KEY, PngFacts, png_facts
 from stipple_common.taskspec import MAX_IMAGES, MAX_SIDE
 
 from .metrics import IntakeMetrics
@@ -177,13 +177,21 @@ class Intake:
             await self.blobs.put_new(upload.key, blob, content_type=content_type, metadata=metadata)
         except BlobExists:
             self._count(counted)  # the decode was done: it counts against the node's blobs for the task
-            raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists") from None
+            stored = await self.blobs.stat(upload.key)
+            if (
+                stored is None
+                or getattr(PngFacts.decode(stored.metadata.get(METADATA_KEY)), "sha256", "") != facts.sha256
+            ):
+                raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists") from None
+            # the same bytes again: a retry whose first answer was lost (the store was slow or away)
+            self.metrics.results.labels("repeated").inc()
+            log.info("upload_repeated", node_id=node_id, key=upload.key, size=len(blob))
+            return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=facts.sha256)
         self._count(counted)
-        digest = facts.sha256
         self.metrics.results.labels("stored").inc()
         self.metrics.stored_bytes.inc(len(blob))
         log.info("upload_stored", node_id=node_id, key=upload.key, size=len(blob))
-        return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=digest)
+        return UploadReply(ok=True, key=upload.key, size=len(blob), sha256=facts.sha256)
 
     def _count(self, counted: tuple[str, str]) -> None:
         """One more blob decoded for this node and task (`MAX_BLOBS_PER_TASK`)."""

@@ -45,12 +45,22 @@ class IntakeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.results = Counter(
             "stipple_gatekeeper_uploads_total",
-            "Uploads finished or refused, by outcome (stored, bad_key, not_assigned, too_large, exists, too_many, "
-            "bad_part, busy, store_unavailable)",
+            "Uploads finished or refused, by outcome (stored, repeated, bad_key, not_assigned, too_large, exists, "
+            "too_many, bad_part, busy, store_unavailable)",
             ["outcome"],
             registry=registry,
         )
-        for outcome in ("stored", "bad_key", "not_assigned", "too_large", "exists", "too_many", "bad_part", "busy"):
+        for outcome in (
+            "stored",
+            "repeated",
+            "bad_key",
+            "not_assigned",
+            "too_large",
+            "exists",
+            "too_many",
+            "bad_part",
+            "busy",
+        ):
             self.results.labels(outcome)
         self.stored_bytes = Counter(
             "stipple_gatekeeper_upload_bytes_total", "Bytes stored for nodes", registry=registry

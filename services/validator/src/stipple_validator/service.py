@@ -59,7 +59,7 @@ import msgspec
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig
+from nats.js.api import KeyValueConfig, StreamInfo
 from nats.js.errors import BadRequestError, NotFoundError
 
 from stipple_common import bus, checkpoints, subjects, tracing
@@ -67,7 +67,7 @@ from stipple_common.aggregate import InvalidTransition, Task, apply, replay
 from stipple_common.blobstore import BlobStore
 from stipple_common.blobstore.intake import MAX_BLOB_BYTES
 from stipple_common.blobstore.jetstream import JetStreamBlobStore
-from stipple_common.errors import Rejected
+from stipple_common.errors import JS_STREAM_CONFIG_MISMATCH, Rejected
 from stipple_common.lease import DEFAULT_TTL_S, PartitionLeases, open_leases
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
@@ -633,8 +633,8 @@ def check_settings(settings: ValidatorSettings) -> None:
 
 async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
     check_settings(settings)
-    bans = await ctx.js.create_key_value(
-        KeyValueConfig(bucket=subjects.BANS_BUCKET, history=1, replicas=settings.stream_replicas)
+    bans = await bus.key_value(
+        ctx.js, KeyValueConfig(bucket=subjects.BANS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
     metrics = ValidatorMetrics(ctx.metrics.registry)
     sentinel = Sentinel(
@@ -652,8 +652,8 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
 
     directory = NodeDirectory(ttl_s=settings.node_ttl_s)
     sub = await directory.follow(ctx.js, on_rejected=node_event_rejected)
-    qos = await ctx.js.create_key_value(
-        KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
+    qos = await bus.key_value(
+        ctx.js, KeyValueConfig(bucket=subjects.QOS_BUCKET, history=1, replicas=settings.stream_replicas)
     )
     windows = QosWindows(qos, on_conflict=metrics.qos_conflicts.inc)
     prober = Prober(ctx.js, directory, windows, every_s=settings.probe_every_s, timeout_s=settings.probe_timeout_s)
@@ -696,9 +696,12 @@ async def ensure_validation_stream(js: JetStreamContext, settings: ValidatorSett
     acknowledged (its consumer's ack floor), so no task is judged twice or skipped; a new
     network copies TASKS from its start. A stream made with another partition count is
     refused: the count is fixed for a network (docs/operations.md)."""
-    try:
-        info = await js.stream_info(subjects.VALIDATION_STREAM)
-    except NotFoundError:
+
+    async def step() -> StreamInfo | None:  # (`bus.settling`: replicas that start together make it at once)
+        try:
+            return await js.stream_info(subjects.VALIDATION_STREAM)
+        except NotFoundError:
+            pass
         start = None
         with contextlib.suppress(NotFoundError):
             single = await js.consumer_info(subjects.TASKS_STREAM, subjects.VALIDATOR_DURABLE)
@@ -706,10 +709,16 @@ async def ensure_validation_stream(js: JetStreamContext, settings: ValidatorSett
         config = subjects.validation_stream(settings.partitions, replicas=settings.stream_replicas, start_seq=start)
         try:
             await js.add_stream(config)
-            log.info("validation_stream_made", partitions=settings.partitions, start_seq=start)
-            return
-        except BadRequestError:  # another replica made it meanwhile (with its own start): check it
-            info = await js.stream_info(subjects.VALIDATION_STREAM)
+        except BadRequestError as exc:  # another replica made it meanwhile (with its own start): check it
+            if exc.err_code != JS_STREAM_CONFIG_MISMATCH:
+                raise
+            return await js.stream_info(subjects.VALIDATION_STREAM)
+        log.info("validation_stream_made", partitions=settings.partitions, start_seq=start)
+        return None
+
+    info = await bus.settling(step, what=f"stream {subjects.VALIDATION_STREAM}")
+    if info is None:
+        return
     made_with = subjects.partitions_of(info.config)
     if made_with != settings.partitions:
         raise InvalidSettings(

@@ -25,15 +25,16 @@ from nats.js.object_store import (
     OBJ_DIGEST_TEMPLATE,
     OBJ_META_PRE_TEMPLATE,
     OBJ_STREAM_TEMPLATE,
+    ObjectStore,
 )
 from nats.nuid import NUID
 
+from stipple_common import bus
 from stipple_common.blobstore import BlobExists, BlobInfo, BlobNotFound, check_key
 from stipple_common.errors import JS_STREAM_CONFIG_MISMATCH, JS_WRONG_LAST_SEQUENCE, StippleError, Transient
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
-    from nats.js.object_store import ObjectStore
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 """Chunk (one JetStream message) size. nats-py's default is 128 KiB; 256 KiB halves the
@@ -102,22 +103,27 @@ class JetStreamBlobStore:
         config) or refuses with "different configuration", and we then bind to theirs.
         ``replicas`` and ``ttl_s`` apply only when this call creates the bucket.
         """
-        with _nats_errors(f"open object store {bucket!r}"):
+
+        async def step() -> ObjectStore:  # (`bus.settling`: replicas that start together make it at once)
             try:
-                obs = await js.object_store(bucket)
+                return await js.object_store(bucket)
             except js_errors.InvalidBucketNameError:
                 raise StippleError(
                     f"invalid JetStream object-store bucket name {bucket!r}: use letters, digits, '-' and '_'",
                     code="invalid_config",
                 ) from None
             except js_errors.BucketNotFoundError:
-                config = ObjectStoreConfig(description="Stipple blobs", replicas=replicas, ttl=ttl_s)
-                try:
-                    obs = await js.create_object_store(bucket, config=config)
-                except js_errors.BadRequestError as err:
-                    if err.err_code != JS_STREAM_CONFIG_MISMATCH:
-                        raise
-                    obs = await js.object_store(bucket)
+                pass
+            config = ObjectStoreConfig(description="Stipple blobs", replicas=replicas, ttl=ttl_s)
+            try:
+                return await js.create_object_store(bucket, config=config)
+            except js_errors.BadRequestError as err:
+                if err.err_code != JS_STREAM_CONFIG_MISMATCH:
+                    raise
+                return await js.object_store(bucket)
+
+        with _nats_errors(f"open object store {bucket!r}"):
+            obs = await bus.settling(step, what=f"object store {bucket}")
         return cls(obs, bucket, chunk_size=chunk_size, timeout_s=timeout_s, js=js)
 
     def _context(self) -> JetStreamContext:
@@ -171,7 +177,9 @@ class JetStreamBlobStore:
         fresh subject, then the object's meta message is published with
         ``Nats-Expected-Last-Subject-Sequence: 0``, which the server refuses when the meta
         subject holds a message (an object, or a deleted one's tombstone). The loser of a
-        race gets `BlobExists` and its chunks are purged. Nothing is read first (nats-py's
+        race gets `BlobExists` and its chunks are purged (as a put's that failed before its meta
+        went out; one whose meta went out unanswered keeps them: the meta may be stored and
+        point to them). Nothing is read first (nats-py's
         `put` reads the old meta to purge its chunks): one publish per chunk and one for
         the meta, in nats-py's own layout (its subject and digest templates, its ObjectInfo),
         so its readers read these objects as their own."""
@@ -195,15 +203,19 @@ class JetStreamBlobStore:
             options=ObjectMetaOptions(max_chunk_size=self._chunk_size),
         )
         expect_none = {Header.ROLLUP.value: MSG_ROLLUP_SUBJECT, Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0"}
+        meta_sent = False
         with _nats_errors(f"put {key!r} in object store {self.bucket!r}"):
             try:
                 async with asyncio.timeout(self._timeout_s):
                     for start in range(0, len(data), self._chunk_size):
                         await js.publish(chunks, data[start : start + self._chunk_size])
+                    meta_sent = True
                     await js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers=expect_none)
             except Exception as err:  # (a cancelled put leaves its chunks, as nats-py's does)
-                with contextlib.suppress(Exception):  # the chunks nothing points to (best effort)
-                    await js.purge_stream(OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), subject=chunks)
+                refused = isinstance(err, js_errors.APIError)  # the server's answer: the meta was not stored
+                if refused or not meta_sent:  # else the meta may be stored without its answer: keep what it points to
+                    with contextlib.suppress(Exception):  # the chunks nothing points to (best effort)
+                        await js.purge_stream(OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), subject=chunks)
                 if isinstance(err, js_errors.APIError) and err.err_code == JS_WRONG_LAST_SEQUENCE:
                     raise BlobExists(key, bucket=self.bucket) from None
                 raise
