@@ -41,7 +41,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from stipple_common import __version__, bus, commitment, subjects, tracing
-from stipple_common.blobstore.intake import IntakeClient
+from stipple_common.blobstore.intake import IntakeClient, UploadRefused
 from stipple_common.errors import StippleError, Transient
 from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
@@ -331,11 +331,17 @@ class NodeAgent:
             pending = await self._run(work, msg)
             if pending is None:
                 return None
-        if msg.metadata.num_delivered > 1 and not pending.uploaded.is_set():
-            why = await self._upload_in_time(work, pending, msg)
-            if why is not None:
-                return None
-        await self._deliver(work.task_id, pending)
+        try:
+            if msg.metadata.num_delivered > 1 and not pending.uploaded.is_set():
+                why = await self._upload_in_time(work, pending, msg)
+                if why is not None:
+                    return None
+            await self._deliver(work.task_id, pending)
+        except UploadRefused as exc:  # for good, and before the commitment: an honest error, said
+            # (given up in silence, the node would hold its slot and the task its nodes until the deadline)
+            self.committed.pop(work.task_id, None)
+            await self._fail(work, exc.code, exc.message)
+            return None
         self.delivered[work.task_id] = None
         while len(self.delivered) > 10_000:
             self.delivered.popitem(last=False)
