@@ -267,15 +267,16 @@ async def settling(step: Callable[[], Awaitable[T]], *, what: str, patience_s: f
     the create must not end its service (as it did: a `stream not found` after the
     create's 10058). A step that cannot settle raises its last error."""
     deadline = time.monotonic() + patience_s
-    for attempt in itertools.count(1):
+    attempt = 0
+    while True:
         try:
             return await step()
         except SETTLING as exc:
             if time.monotonic() >= deadline:
                 raise
+            attempt += 1
             log.info("declaration_settling", what=what, attempt=attempt, error=repr(exc))
             await asyncio.sleep(backoff(attempt, base=0.1, cap=2.0))
-    raise AssertionError("unreachable")
 
 
 async def key_value(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:

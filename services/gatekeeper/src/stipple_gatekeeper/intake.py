@@ -178,10 +178,8 @@ class Intake:
         except BlobExists:
             self._count(counted)  # the decode was done: it counts against the node's blobs for the task
             stored = await self.blobs.stat(upload.key)
-            if (
-                stored is None
-                or getattr(PngFacts.decode(stored.metadata.get(METADATA_KEY)), "sha256", "") != facts.sha256
-            ):
+            known = PngFacts.decode(stored.metadata.get(METADATA_KEY)) if stored is not None else None
+            if known is None or known.sha256 != facts.sha256:  # (the facts this intake stored with it)
                 raise Refused(f"{upload.key!r} is stored already; a blob is written once", code="exists") from None
             # the same bytes again: a retry whose first answer was lost (the store was slow or away)
             self.metrics.results.labels("repeated").inc()

@@ -212,11 +212,11 @@ class JetStreamBlobStore:
                     meta_sent = True
                     await js.publish(meta_subject, json.dumps(info.as_dict()).encode(), headers=expect_none)
             except Exception as err:  # (a cancelled put leaves its chunks, as nats-py's does)
-                refused = isinstance(err, js_errors.APIError)  # the server's answer: the meta was not stored
+                refused = err if isinstance(err, js_errors.APIError) else None  # the server's answer: not stored
                 if refused or not meta_sent:  # else the meta may be stored without its answer: keep what it points to
                     with contextlib.suppress(Exception):  # the chunks nothing points to (best effort)
                         await js.purge_stream(OBJ_STREAM_TEMPLATE.format(bucket=self.bucket), subject=chunks)
-                if isinstance(err, js_errors.APIError) and err.err_code == JS_WRONG_LAST_SEQUENCE:
+                if refused is not None and refused.err_code == JS_WRONG_LAST_SEQUENCE:
                     raise BlobExists(key, bucket=self.bucket) from None
                 raise
 
