@@ -23,6 +23,7 @@ from stipple_common.messages import (
 )
 from stipple_common.metrics import Metrics
 from stipple_common.nodes import NodeDirectory
+from stipple_common.pullfeed import LeaderAway, PullFeed
 from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
@@ -354,3 +355,144 @@ def test_bus_weather_adds_up_the_time_away_within_a_window():
     assert weather.away_seconds(15.0, 19.0) == 0.0
     weather.fair(now=25.0)
     assert weather.away_seconds(0.0, 100.0) == 4.0 + 5.0
+
+
+async def _feed_of(js, name, durable, *, batch, expires_s=5.0, ack_wait=30.0):
+    await js.add_consumer(name, ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait))
+    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=name, durable=durable, batch=batch, expires_s=expires_s)
+    await feed.start()
+    return feed
+
+
+async def _take(feed, n, timeout=5.0):
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        msg = await feed.next(timeout=0.2)
+        if msg is not None:
+            got.append(msg)
+            await msg.ack()
+            await feed.top_up()
+    return got
+
+
+async def test_a_pull_feed_asks_once_per_half_batch_not_once_per_message(stream):
+    """The standing pull: 60 messages through a feed of batch 8 cost about 60 / 4 pull
+    requests (each top-up asks for at least half a batch), where `fetch` asked at least
+    once per batch and, at one message per batch, once per message."""
+    js, name, prefix = stream
+    feed = await _feed_of(js, name, "standing", batch=8)
+    try:
+        for i in range(60):
+            await js.publish(f"{prefix}.m.{i}", str(i).encode())
+        got = await _take(feed, 60)
+        assert [m.data for m in got] == [str(i).encode() for i in range(60)]
+        assert feed.requests <= 60 // 4 + 2
+        assert feed.credit == 8  # asked for a whole batch again, owed
+        info = await js.consumer_info(name, "standing")
+        assert (info.num_pending, info.num_ack_pending) == (0, 0)
+    finally:
+        await feed.close()
+
+
+async def test_an_idle_pull_feed_asks_once_per_expiry_and_still_gets_the_next_message_at_once(stream):
+    """Idle, the feed's request expires (a 408 with what it still owed) and is asked
+    again: one request per expiry, not per second; a message published while it waits
+    arrives within the wait, not at the next ask."""
+    js, name, prefix = stream
+    feed = await _feed_of(js, name, "idle", batch=4, expires_s=0.5)
+    try:
+        assert await feed.next(timeout=2.2) is None
+        assert 4 <= feed.requests <= 6  # the first ask and one per expiry
+        assert feed.credit == 4  # each expiry's owed messages subtracted and asked again
+        await asyncio.sleep(0.2)
+        published = time.monotonic()
+        await js.publish(f"{prefix}.m.late", b"late")
+        msg = await feed.next(timeout=2.0)
+        assert msg is not None
+        assert msg.data == b"late"
+        assert time.monotonic() - published < 0.4
+        await msg.ack()
+    finally:
+        await feed.close()
+
+
+async def test_a_pull_feed_on_a_missing_consumer_says_nobody_answers(stream):
+    js, name, _prefix = stream
+    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=name, durable="nobody", batch=4)
+    await feed.start()
+    try:
+        with pytest.raises(LeaderAway):
+            await feed.next(timeout=3.0)
+        assert feed.credit == 0
+    finally:
+        await feed.close()
+
+
+async def test_consume_makes_its_consumer_again_when_it_is_deleted_under_it(stream):
+    """A consumer deleted while the feed's request waits on it (the server says so, or
+    nobody answers the next ask): made again, and the messages after it handled."""
+    js, name, prefix = stream
+    seen: list[bytes] = []
+    config = ConsumerConfig(durable_name="again", ack_policy=AckPolicy.EXPLICIT, ack_wait=5)
+
+    async def handler(msg):
+        seen.append(msg.data)
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(
+        bus.consume(js, stream=name, config=config, handler=handler, stop=stop, fetch_timeout=0.2)
+    )
+    try:
+        await js.publish(f"{prefix}.m.1", b"1")
+        for _ in range(50):
+            if seen:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == [b"1"]
+        await js.delete_consumer(name, "again")
+        await asyncio.sleep(0.5)
+        await js.publish(f"{prefix}.m.2", b"2")
+        for _ in range(100):
+            if b"2" in seen:
+                break
+            await asyncio.sleep(0.1)
+        assert seen in ([b"1", b"2"], [b"1", b"1", b"2"])  # made again, it starts from the stream's first
+        assert (await js.consumer_info(name, "again")).num_ack_pending == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+
+
+async def test_a_consumer_that_stops_gives_back_at_once_what_it_received_and_did_not_handle(stream):
+    """A stopping service hands the messages its standing pull had already received back to
+    the consumer (nak, no delay): the next replica gets them at once, not after the ack
+    wait (30 s here)."""
+    js, name, prefix = stream
+    for i in range(6):
+        await js.publish(f"{prefix}.m.{i}", str(i).encode())
+    config = ConsumerConfig(durable_name="handover", ack_policy=AckPolicy.EXPLICIT, ack_wait=30)
+    stop = asyncio.Event()
+    first: list[bytes] = []
+
+    async def handler(msg):
+        first.append(msg.data)
+        stop.set()  # stop after the first: the rest of the batch was received, not handled
+        await asyncio.sleep(0.3)
+
+    await asyncio.wait_for(
+        bus.consume(js, stream=name, config=config, handler=handler, stop=stop, batch=16, fetch_timeout=0.2), 10
+    )
+    assert first == [b"0"]
+    # the stopped one's request still owed 10 messages; its inbox is gone, so the server
+    # must not spend the next message on it
+    await js.publish(f"{prefix}.m.6", b"6")
+    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=name, durable="handover", batch=16)
+    await feed.start()
+    try:
+        started = time.monotonic()
+        rest = await _take(feed, 6, timeout=5.0)
+        assert sorted(m.data for m in rest) == [str(i).encode() for i in range(1, 7)]
+        assert time.monotonic() - started < 3.0
+    finally:
+        await feed.close()

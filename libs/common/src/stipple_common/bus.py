@@ -37,6 +37,7 @@ from .errors import JS_STREAM_CONFIG_MISMATCH, Rejected, StippleError
 from .logs import redact
 from .messages import Assignment, ControlMessage, NodeEvent, TaskEvent, event_name
 from .metrics import Metrics
+from .pullfeed import ConsumerGone, LeaderAway, PullFeed
 from .settings import InvalidSettings
 
 if TYPE_CHECKING:
@@ -688,43 +689,71 @@ async def consume(
         await js.add_consumer(stream, config)
     else:
         await ensure_consumer(js, stream, config)
-    sub = await js.pull_subscribe_bind(durable=durable, stream=stream)
     tracer = tracer or _bus_tracer
     outside = structlog.contextvars.get_contextvars()
     lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop)) if metrics is not None else None
+    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=stream, durable=durable, batch=batch)
     try:
+        await feed.start()
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(batch, timeout=fetch_timeout)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
-                # a cluster electing the stream's or consumer's leader (a server lost): wait
-                # for it here instead of counting a failure towards the service's end
-                weather.away()
-                log.warning("consumer_unavailable", stream=stream, durable=durable, error=type(exc).__name__)
-                await asyncio.sleep(UNAVAILABLE_PAUSE_S)
-                continue
-            except NotFoundError:
+                msg = await feed.next(timeout=fetch_timeout)
+            except LeaderAway:
+                # nobody answers for the consumer: a cluster electing its leader (a server
+                # lost; wait for it here instead of counting a failure towards the service's
+                # end), or no such consumer any more (made again below)
+                if await _consumer_exists(js, stream, durable):
+                    weather.away()
+                    log.warning("consumer_unavailable", stream=stream, durable=durable)
+                    await asyncio.sleep(UNAVAILABLE_PAUSE_S)
+                    await feed.top_up()
+                    continue
                 log.warning("consumer_missing_recreating", stream=stream, durable=durable)
-                if create:
-                    await js.add_consumer(stream, config)
-                else:
-                    await asyncio.sleep(1.0)
-                    await ensure_consumer(js, stream, config)
+                await _make_again(js, stream, config, create=create)
+                await feed.top_up()
+                continue
+            except ConsumerGone:
+                log.warning("consumer_missing_recreating", stream=stream, durable=durable)
+                await _make_again(js, stream, config, create=create)
+                await feed.top_up()
+                continue
+            if msg is None:
                 continue
             weather.fair()
             try:
-                for msg in msgs:
-                    await _handle_one(msg, handler, stream, metrics, tracer, on_rejected)
+                await _handle_one(msg, handler, stream, metrics, tracer, on_rejected)
             finally:  # what a message bound (task_id, trace_id, ...) is not left on the lines after it
                 structlog.contextvars.clear_contextvars()
                 structlog.contextvars.bind_contextvars(**outside)
+            await feed.top_up()
     finally:
         if lag is not None:
             lag.cancel()
             await asyncio.gather(lag, return_exceptions=True)
-    await sub.unsubscribe()
+        for left in await feed.close():  # received, not handled: back to the consumer at once
+            with contextlib.suppress(Exception):
+                await left.nak()
+
+
+async def _consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:
+    """Whether the consumer exists; True while the bus cannot say (an election)."""
+    try:
+        await js.consumer_info(stream, durable, timeout=2.0)
+    except NotFoundError:
+        return False
+    except BUS_AWAY_OR_SLOW:
+        return True
+    return True
+
+
+async def _make_again(js: JetStreamContext, stream: str, config: ConsumerConfig, *, create: bool) -> None:
+    """Make a consumer that went missing again: a service's own at once; a node's (the
+    gatekeeper makes those) after a pause, and only where the server lets it."""
+    if create:
+        await js.add_consumer(stream, config)
+    else:
+        await asyncio.sleep(1.0)
+        await ensure_consumer(js, stream, config)
 
 
 async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:

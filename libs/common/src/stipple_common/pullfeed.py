@@ -1,0 +1,151 @@
+"""A standing pull on one durable JetStream consumer: credit kept outstanding, topped up.
+
+nats-py's `fetch` asks anew for every batch. Each ask is a pull request that the server
+answers with the messages there are and then a status ("no messages", "request timeout"),
+and an empty consumer is asked twice (a no-wait probe, then a waiting request). At the
+control plane's pace most batches are one message, so each delivery cost two to four more
+core messages, and an idle consumer asked once a second: a request and its timeout, two
+messages a second per consumer, four per node (two consumers each).
+
+`PullFeed` keeps credit outstanding instead, as the Go and Java clients' `consume` do: it
+asks for `batch` messages with an expiry of `PULL_EXPIRES_S`, and asks again for the
+difference when half of it has been handled, or when a request ends (expired, or cut by
+the server) with messages still owed. A request the server lost (its consumer's leader
+moved to another server) is noticed by its silence: nothing at all, not even its expiry's
+status, for `STALL_S`.
+
+What the caller sees: messages, one at a time, and `ConsumerGone` (the consumer was
+deleted) or `LeaderAway` (no server answers for it: an election). Heartbeats and request
+ends are handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+PULL_EXPIRES_S = 5.0
+"""How long one pull request waits on the server. An idle consumer costs one request and
+its timeout status per this many seconds."""
+STALL_S = PULL_EXPIRES_S + 2.0
+"""Silence after which an outstanding request is taken as lost (a request's end always
+answers within its expiry; the margin is for a slow server)."""
+
+_STATUS = "Status"
+_DESCRIPTION = "Description"
+_PENDING = "Nats-Pending-Messages"
+
+
+class ConsumerGone(Exception):
+    """The server says the consumer was deleted."""
+
+
+class LeaderAway(Exception):
+    """No server answers pull requests for the consumer (503: its leader is being elected)."""
+
+
+class PullFeed:
+    """Messages of one durable pull consumer, through a subscription of its own inbox."""
+
+    def __init__(
+        self, nc: NATS, *, api_prefix: str, stream: str, durable: str, batch: int, expires_s: float = PULL_EXPIRES_S
+    ) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, not {batch}")
+        self._nc = nc
+        self._subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._batch = batch
+        self._low = batch // 2  # ask again when the credit left falls to this
+        self._expires_ns = int(expires_s * 1e9)
+        self._stall_s = expires_s + (STALL_S - PULL_EXPIRES_S)
+        self._inbox = nc.new_inbox()
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._sub: Subscription | None = None
+        self.credit = 0
+        """Messages asked for and not yet taken by `next` (in flight, or buffered here)."""
+        self._heard = time.monotonic()  # the last message or status from the server
+        self.requests = 0  # pull requests sent (for tests and benches)
+
+    async def start(self) -> None:
+        async def on_msg(msg: Msg) -> None:
+            self._queue.put_nowait(msg)
+
+        self._sub = await self._nc.subscribe(self._inbox, cb=on_msg)
+        await self.top_up()
+
+    async def top_up(self) -> None:
+        """Ask for the difference to `batch` when the credit left is at most half of it."""
+        if self.credit > self._low:
+            return
+        want = self._batch - self.credit
+        request = {"batch": want, "expires": self._expires_ns}
+        await self._nc.publish(self._subject, msgspec.json.encode(request), reply=self._inbox)
+        if self.credit == 0:
+            self._heard = time.monotonic()  # the silence counts from the first request owed
+        self.credit += want
+        self.requests += 1
+
+    async def next(self, timeout: float) -> Msg | None:
+        """The next message, or None when none came within `timeout` (asking again first
+        when a request ended, or went silent long enough to be lost)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    msg = await asyncio.wait_for(self._queue.get(), left)
+                except TimeoutError:
+                    if self.credit > 0 and time.monotonic() - self._heard > self._stall_s:
+                        self.credit = 0  # lost with a server or a leader: ask anew
+                        await self.top_up()
+                    return None
+            else:
+                msg = self._queue.get_nowait()
+            self._heard = time.monotonic()
+            status = msg.headers.get(_STATUS) if msg.headers else None
+            if not status:
+                self.credit = max(0, self.credit - 1)
+                return msg
+            await self._on_status(status, msg)
+
+    async def _on_status(self, status: str, msg: Msg) -> None:
+        headers = msg.headers or {}
+        if status == "100":  # an idle heartbeat
+            return
+        if status == "503":  # no responders: nobody holds the consumer now
+            self.credit = 0
+            raise LeaderAway(headers.get(_DESCRIPTION, "no responders"))
+        description = headers.get(_DESCRIPTION, "")
+        if status == "409" and "consumer deleted" in description.lower():
+            self.credit = 0
+            raise ConsumerGone(description)
+        # 408 (the request expired) and the other 409s (the server cut the request: a
+        # leader change, a shutdown, a limit): the request is over, with what it still owed
+        pending = headers.get(_PENDING)
+        if pending is not None and pending.isdigit():
+            self.credit = max(0, self.credit - int(pending))
+        else:
+            self.credit = 0  # unknown: ask anew (at worst more than batch is owed for a while)
+        await self.top_up()
+
+    async def close(self) -> list[Msg]:
+        """Stop listening; the messages received and not yet taken, for the caller to give back."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception:  # a closed connection: nothing to undo
+                pass
+        left: list[Msg] = []
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            if not (msg.headers and msg.headers.get(_STATUS)):
+                left.append(msg)
+        return left
