@@ -5,6 +5,7 @@ import time
 import uuid
 
 import msgspec
+import nats
 import pytest
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
@@ -22,6 +23,7 @@ from stipple_common.messages import (
     task_event_decoder,
 )
 from stipple_common.metrics import Metrics
+from stipple_common.natsserver import NatsServer
 from stipple_common.nodes import NodeDirectory
 from stipple_common.pullfeed import LeaderAway, PullFeed
 from stipple_testkit.nodes import joined
@@ -496,3 +498,77 @@ async def test_a_consumer_that_stops_gives_back_at_once_what_it_received_and_did
         assert time.monotonic() - started < 3.0
     finally:
         await feed.close()
+
+
+async def test_a_pull_feed_asks_again_at_once_when_its_server_came_back(tmp_path):
+    """A server killed and started again holds none of the requests it held, and said
+    nothing: the feed asks again as soon as its connection is back, not after the silence
+    it waits out for a lost request (32 s at this expiry)."""
+    server = NatsServer.start(tmp_path / "nats")
+    restarted = None
+    nc = await bus.connect(server.url, "feed-test")
+    try:
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="BACK", subjects=["back.>"]))
+        feed = await _feed_of(js, "BACK", "back", batch=4, expires_s=30.0)
+        assert await feed.next(timeout=0.5) is None
+        assert server.process is not None
+        server.process.kill()  # lost without a word: no "server shutdown" status to its requests
+        restarted = NatsServer.start(server.store_dir, host=server.host, port=server.port)
+        for _ in range(100):
+            if nc.is_connected and nc.stats["reconnects"] >= 1:
+                break
+            await asyncio.sleep(0.1)
+        assert nc.is_connected
+        publisher = await nats.connect(restarted.url)
+        try:
+            await publisher.jetstream().publish("back.m", b"after")
+        finally:
+            await publisher.close()
+        published = time.monotonic()
+        got = await _take(feed, 1, timeout=10.0)
+        assert [m.data for m in got] == [b"after"]
+        assert time.monotonic() - published < 3.0  # not the stall's 7 s
+        await feed.close()
+    finally:
+        await nc.close()
+        server.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+async def test_a_pull_feed_with_heartbeats_notices_a_lost_request_by_their_silence(stream):
+    """The control plane's consumers ask for idle heartbeats: while they come, a waiting
+    request is alive; when they stop (the server forgot the request: here its inbox lost
+    interest for a moment, as when a consumer's leader dies with its server), the feed asks
+    again after two heartbeats and the margin, not at the request's expiry (30 s here)."""
+    js, name, prefix = stream
+    await js.add_consumer(name, ConsumerConfig(durable_name="beats", ack_policy=AckPolicy.EXPLICIT))
+    feed = PullFeed(
+        js._nc, api_prefix=js._prefix, stream=name, durable="beats", batch=4, expires_s=30.0, heartbeat_s=0.2
+    )
+    await feed.start()
+    try:
+        assert await feed.next(timeout=1.1) is None
+        assert feed.heartbeats >= 3
+        assert feed.requests == 1
+        # the server forgets the request: no interest on its reply subject for a moment
+        await feed._sub.unsubscribe()
+        await js._nc.flush()
+        await js.publish(f"{prefix}.m.gap", b"gap")  # nobody may take this one yet
+        feed._sub = await js._nc.subscribe(feed._inbox, cb=feed._queue.put)
+        await js._nc.flush()
+        started = time.monotonic()
+        got = await _take(feed, 1, timeout=8.0)
+        assert [m.data for m in got] == [b"gap"]
+        assert feed.requests == 2  # asked again, after the silence
+        assert 0.4 <= time.monotonic() - started < 4.5
+    finally:
+        await feed.close()
+
+
+def test_a_pull_feed_refuses_a_heartbeat_that_could_not_arrive_before_its_expiry(nc):
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        PullFeed(nc, api_prefix="$JS.API", stream="S", durable="d", batch=1, expires_s=5.0, heartbeat_s=3.0)
+    with pytest.raises(ValueError, match="batch"):
+        PullFeed(nc, api_prefix="$JS.API", stream="S", durable="d", batch=0)

@@ -37,7 +37,7 @@ from .errors import JS_STREAM_CONFIG_MISMATCH, Rejected, StippleError
 from .logs import redact
 from .messages import Assignment, ControlMessage, NodeEvent, TaskEvent, event_name
 from .metrics import Metrics
-from .pullfeed import ConsumerGone, LeaderAway, PullFeed
+from .pullfeed import SERVICE_HEARTBEAT_S, ConsumerGone, LeaderAway, PullFeed
 from .settings import InvalidSettings
 
 if TYPE_CHECKING:
@@ -665,6 +665,7 @@ async def consume(
     fetch_timeout: float = 1.0,
     on_rejected: OnRejected | None = None,
     create: bool = True,
+    heartbeat_s: float | None = SERVICE_HEARTBEAT_S,
 ) -> None:
     """Run `handler` on every message of a durable pull consumer until `stop` is set.
 
@@ -682,6 +683,8 @@ async def consume(
     seconds into ``<prefix>_consumer_*_messages`` while the loop runs. Without `create`
     (a node: the gatekeeper makes its consumers), the consumer is only bound to, and made
     here only when it is missing and the server allows it (one without authentication).
+    It waits on a standing pull (`PullFeed`), with an idle heartbeat every `heartbeat_s`
+    (None: none, for the thousands of nodes' consumers).
     """
     durable = config.durable_name
     assert durable, "consume() needs a durable consumer"
@@ -692,7 +695,7 @@ async def consume(
     tracer = tracer or _bus_tracer
     outside = structlog.contextvars.get_contextvars()
     lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop)) if metrics is not None else None
-    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=stream, durable=durable, batch=batch)
+    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=stream, durable=durable, batch=batch, heartbeat_s=heartbeat_s)
     try:
         await feed.start()
         while not stop.is_set():

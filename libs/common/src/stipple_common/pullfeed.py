@@ -10,9 +10,10 @@ messages a second per consumer, four per node (two consumers each).
 `PullFeed` keeps credit outstanding instead, as the Go and Java clients' `consume` do: it
 asks for `batch` messages with an expiry of `PULL_EXPIRES_S`, and asks again for the
 difference when half of it has been handled, or when a request ends (expired, or cut by
-the server) with messages still owed. A request the server lost (its consumer's leader
-moved to another server) is noticed by its silence: nothing at all, not even its expiry's
-status, for `STALL_S`.
+the server) with messages still owed. Requests the server lost are asked again: at once
+after a reconnection, and otherwise after a silence longer than the server may keep (its
+expiry's status, or two idle heartbeats where asked for, plus `STALL_MARGIN_S`): a
+consumer's leader lost with its server.
 
 What the caller sees: messages, one at a time, and `ConsumerGone` (the consumer was
 deleted) or `LeaderAway` (no server answers for it: an election). Heartbeats and request
@@ -32,9 +33,14 @@ from nats.aio.subscription import Subscription
 PULL_EXPIRES_S = 5.0
 """How long one pull request waits on the server. An idle consumer costs one request and
 its timeout status per this many seconds."""
-STALL_S = PULL_EXPIRES_S + 2.0
-"""Silence after which an outstanding request is taken as lost (a request's end always
-answers within its expiry; the margin is for a slow server)."""
+STALL_MARGIN_S = 2.0
+"""Silence, past the longest the server may be silent (the expiry; with heartbeats, two of
+them), after which an outstanding request is taken as lost."""
+SERVICE_HEARTBEAT_S = 1.0
+"""The control plane's consumers ask for an idle heartbeat this often (a status message a
+second each, a dozen consumers in all), so that a request lost with a consumer's leader is
+noticed within about 4 s. Nodes ask for none: there are thousands, and they wait out an
+expiry's silence instead (7 s)."""
 
 _STATUS = "Status"
 _DESCRIPTION = "Description"
@@ -53,23 +59,37 @@ class PullFeed:
     """Messages of one durable pull consumer, through a subscription of its own inbox."""
 
     def __init__(
-        self, nc: NATS, *, api_prefix: str, stream: str, durable: str, batch: int, expires_s: float = PULL_EXPIRES_S
+        self,
+        nc: NATS,
+        *,
+        api_prefix: str,
+        stream: str,
+        durable: str,
+        batch: int,
+        expires_s: float = PULL_EXPIRES_S,
+        heartbeat_s: float | None = None,
     ) -> None:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, not {batch}")
+        if heartbeat_s is not None and not 0 < heartbeat_s <= expires_s / 2:
+            raise ValueError(f"heartbeat_s must be within (0, expires_s / 2], not {heartbeat_s}")
         self._nc = nc
         self._subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._batch = batch
         self._low = batch // 2  # ask again when the credit left falls to this
-        self._expires_ns = int(expires_s * 1e9)
-        self._stall_s = expires_s + (STALL_S - PULL_EXPIRES_S)
+        self._request = {"expires": int(expires_s * 1e9)}
+        if heartbeat_s is not None:
+            self._request["idle_heartbeat"] = int(heartbeat_s * 1e9)
+        self._stall_s = (2 * heartbeat_s if heartbeat_s is not None else expires_s) + STALL_MARGIN_S
         self._inbox = nc.new_inbox()
         self._queue: asyncio.Queue[Msg] = asyncio.Queue()
         self._sub: Subscription | None = None
         self.credit = 0
         """Messages asked for and not yet taken by `next` (in flight, or buffered here)."""
         self._heard = time.monotonic()  # the last message or status from the server
+        self._reconnects = nc.stats["reconnects"]
         self.requests = 0  # pull requests sent (for tests and benches)
+        self.heartbeats = 0  # idle heartbeats received
 
     async def start(self) -> None:
         async def on_msg(msg: Msg) -> None:
@@ -83,7 +103,7 @@ class PullFeed:
         if self.credit > self._low:
             return
         want = self._batch - self.credit
-        request = {"batch": want, "expires": self._expires_ns}
+        request = {"batch": want, **self._request}
         await self._nc.publish(self._subject, msgspec.json.encode(request), reply=self._inbox)
         if self.credit == 0:
             self._heard = time.monotonic()  # the silence counts from the first request owed
@@ -102,9 +122,7 @@ class PullFeed:
                 try:
                     msg = await asyncio.wait_for(self._queue.get(), left)
                 except TimeoutError:
-                    if self.credit > 0 and time.monotonic() - self._heard > self._stall_s:
-                        self.credit = 0  # lost with a server or a leader: ask anew
-                        await self.top_up()
+                    await self._ask_again_if_lost()
                     return None
             else:
                 msg = self._queue.get_nowait()
@@ -115,9 +133,22 @@ class PullFeed:
                 return msg
             await self._on_status(status, msg)
 
+    async def _ask_again_if_lost(self) -> None:
+        """Ask anew when what is owed was lost: the connection came back (a server that
+        restarted, or another one, holds none of this client's requests), or a request
+        went silent for too long (its consumer's leader was lost with its server)."""
+        reconnects = self._nc.stats["reconnects"]
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self.credit = 0
+        elif self.credit > 0 and time.monotonic() - self._heard > self._stall_s:
+            self.credit = 0
+        await self.top_up()
+
     async def _on_status(self, status: str, msg: Msg) -> None:
         headers = msg.headers or {}
         if status == "100":  # an idle heartbeat
+            self.heartbeats += 1
             return
         if status == "503":  # no responders: nobody holds the consumer now
             self.credit = 0

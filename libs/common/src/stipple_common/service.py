@@ -30,6 +30,7 @@ from .identity import node_id_of, sign_nonce
 from .lease import UNAVAILABLE, Lease, LeaseLost, open_leases
 from .metrics import Metrics
 from .permissions import node_inbox_prefix
+from .pullfeed import SERVICE_HEARTBEAT_S
 from .settings import CommonSettings, InvalidSettings
 
 log = structlog.get_logger("stipple.service")
@@ -57,6 +58,7 @@ class ServiceContext:
         on_rejected: bus.OnRejected | None = None,
         create: bool = True,
         stop: asyncio.Event | None = None,
+        heartbeat_s: float | None = SERVICE_HEARTBEAT_S,
     ) -> None:
         """Run `handler` on a durable consumer until the service is asked to stop (or
         `stop` is set: one consumer of several), under the one supervision policy
@@ -75,6 +77,7 @@ class ServiceContext:
                 batch=batch,
                 on_rejected=on_rejected,
                 create=create,
+                heartbeat_s=heartbeat_s,
             )
 
         await bus.supervise(run, until, name=config.durable_name or stream, metrics=self.metrics)

@@ -845,12 +845,25 @@ async def serve(
     await bus.publish_event(ctx.js, joined)
     log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
     beats = asyncio.create_task(agent.heartbeat(ctx.stop))
+    # no idle heartbeats on a node's two consumers: thousands of nodes would each cost the
+    # bus a message a second; a lost pull request is noticed by its silence instead
     control = asyncio.create_task(
-        ctx.consume(subjects.WORK_STREAM, subjects.node_control_consumer(node_id), agent.handle_control, create=False)
+        ctx.consume(
+            subjects.WORK_STREAM,
+            subjects.node_control_consumer(node_id),
+            agent.handle_control,
+            create=False,
+            heartbeat_s=None,
+        )
     )
     try:
         await ctx.consume(
-            subjects.WORK_STREAM, subjects.node_work_consumer(node_id), agent.handle, batch=1, create=False
+            subjects.WORK_STREAM,
+            subjects.node_work_consumer(node_id),
+            agent.handle,
+            batch=1,
+            create=False,
+            heartbeat_s=None,
         )
     finally:
         ctx.stop.set()
