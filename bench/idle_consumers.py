@@ -2,14 +2,16 @@
 
 Every node holds two durable pull consumers (its work and its control messages) and waits
 on them most of the time; a network of ten thousand nodes holds twenty thousand. This
-bench runs N idle consumers on one nats-server of its own, with each of the two ways of
-waiting, alternating, in the same run:
+bench runs N idle consumers on one nats-server of its own, each way of waiting in turn,
+in the same run:
 
-- `fetch`: nats-py's `fetch(batch, timeout=1.0)` in a loop, as `bus.consume` did until
-  stop 28 (an empty consumer answers each fetch's request with a timeout status, and
-  `fetch` asks again);
-- `feed`: `stipple_common.pullfeed.PullFeed`, the standing pull `bus.consume` uses now
-  (credit kept outstanding, asked again once per expiry, `PULL_EXPIRES_S`).
+- `fetch+info`: what a node's consumer cost until stop 28: nats-py's `fetch(batch,
+  timeout=1.0)` in a loop (an empty consumer answers each fetch's request with a timeout
+  status, and `fetch` asks again), and the lag gauges' `consumer_info` every 5 s;
+- `fetch`: the loop alone;
+- `feed`: what it costs now: `stipple_common.pullfeed.PullFeed`, the standing pull
+  `bus.consume` uses (credit kept outstanding, asked again once per expiry,
+  `PULL_EXPIRES_S`, no heartbeats), with the lag read off the deliveries (no polls).
 
 For each: the core messages in and out of the server per second per consumer (`/varz`),
 the server's and this process's CPU per second, and, once they are idle, the time from a
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import resource
@@ -42,6 +45,7 @@ from stipple_common.process import free_port
 from stipple_common.pullfeed import PullFeed
 
 STREAM = "IDLE"
+LAG_POLL_S = 5.0  # stipple_common.metrics.CONSUMER_LAG_POLL_S
 PER_STREAM = 900  # nats-server 2.15 holds at most 1,000 consumers on a stream
 
 
@@ -83,12 +87,20 @@ async def feed_loop(js: JetStreamContext, durable: str, wakes: Wakes, stop: asyn
     await feed.close()
 
 
+async def info_loop(js: JetStreamContext, durable: str, stop: asyncio.Event) -> None:
+    """A consumer's lag poll, as `bus.consume` made for a node's consumers until stop 28."""
+    while not stop.is_set():
+        await js.consumer_info(stream_of(durable), durable, timeout=5.0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LAG_POLL_S)
+
+
 async def one_way(
     url: str, monitor: str, server: psutil.Process, mode: str, n: int, seconds: float
 ) -> dict[str, float]:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    names = [f"{mode}{i}" for i in range(n)]
+    names = [f"c{i}" for i in range(n)]
     for name in names:
         await js.add_consumer(
             stream_of(name),
@@ -98,8 +110,10 @@ async def one_way(
         )
     stop = asyncio.Event()
     wakes: Wakes = {}
-    loop = fetch_loop if mode == "fetch" else feed_loop
+    loop = feed_loop if mode == "feed" else fetch_loop
     tasks = [asyncio.create_task(loop(js, name, wakes, stop)) for name in names]
+    if mode.endswith("+info"):
+        tasks += [asyncio.create_task(info_loop(js, name, stop)) for name in names]
     await asyncio.sleep(3.0)  # every loop started and waiting
     async with httpx.AsyncClient() as http:
         varz0 = (await http.get(f"{monitor}/varz")).json()
@@ -152,15 +166,15 @@ async def main(args: argparse.Namespace) -> None:
             monitor = f"http://127.0.0.1:{http_port}"
             print(f"{args.consumers} idle consumers, {args.seconds:.0f} s measured each way, {args.rounds} rounds\n")
             print(
-                f"{'way':6s} {'msgs in/s':>10s} {'msgs out/s':>11s} {'server CPU':>11s} {'client CPU':>11s} "
+                f"{'way':10s} {'msgs in/s':>10s} {'msgs out/s':>11s} {'server CPU':>11s} {'client CPU':>11s} "
                 f"{'wake p50':>9s} {'wake max':>9s}"
             )
-            print(f"{'':6s} {'per consumer':>22s} {'s per s':>23s} {'ms':>19s}")
+            print(f"{'':10s} {'per consumer':>22s} {'s per s':>23s} {'ms':>19s}")
             for _ in range(args.rounds):
-                for mode in ("fetch", "feed"):
+                for mode in ("fetch+info", "fetch", "feed"):
                     r = await one_way(server.url, monitor, proc, mode, args.consumers, args.seconds)
                     print(
-                        f"{mode:6s} {r['in']:10.3f} {r['out']:11.3f} {r['server_cpu']:11.3f} {r['client_cpu']:11.3f} "
+                        f"{mode:10s} {r['in']:10.3f} {r['out']:11.3f} {r['server_cpu']:11.3f} {r['client_cpu']:11.3f} "
                         f"{r['wake_p50']:9.2f} {r['wake_max']:9.2f}",
                         flush=True,
                     )

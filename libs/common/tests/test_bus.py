@@ -572,3 +572,48 @@ def test_a_pull_feed_refuses_a_heartbeat_that_could_not_arrive_before_its_expiry
         PullFeed(nc, api_prefix="$JS.API", stream="S", durable="d", batch=1, expires_s=5.0, heartbeat_s=3.0)
     with pytest.raises(ValueError, match="batch"):
         PullFeed(nc, api_prefix="$JS.API", stream="S", durable="d", batch=0)
+
+
+@pytest.mark.parametrize("poll_lag", [True, False])
+async def test_a_consumer_that_does_not_poll_reads_its_lag_off_its_deliveries(stream, poll_lag):
+    """A node's consumers (`poll_lag=False`) never ask the server for their info (ten
+    thousand nodes would ask 4,000 times a second); the lag gauges come from the
+    deliveries: what is pending behind each, and 1 unacknowledged while it is handled."""
+    js, name, prefix = stream
+    for i in range(3):
+        await js.publish(f"{prefix}.m.{i}", str(i).encode())
+    metrics = Metrics("test", lag_poll_s=0.1)
+    asked: list[str] = []
+    real_info = js.consumer_info
+
+    async def counted_info(*args, **kwargs):
+        asked.append(args[1])
+        return await real_info(*args, **kwargs)
+
+    js.consumer_info = counted_info
+
+    def gauge(metric):
+        labels = {"stream": name, "consumer": "lag"}
+        return metrics.registry.get_sample_value(f"stipple_test_consumer_{metric}_messages", labels)
+
+    during: list[tuple[float | None, float | None]] = []
+    stop = asyncio.Event()
+
+    async def handler(msg):
+        during.append((gauge("pending"), gauge("ack_pending")))
+        if len(during) == 3:
+            stop.set()
+
+    config = ConsumerConfig(durable_name="lag", ack_policy=AckPolicy.EXPLICIT)
+    await asyncio.wait_for(
+        bus.consume(
+            js, stream=name, config=config, handler=handler, stop=stop, metrics=metrics, batch=1, poll_lag=poll_lag
+        ),
+        10,
+    )
+    if poll_lag:
+        assert "lag" in asked  # the control plane's consumers poll (the test can tell)
+    else:
+        assert asked == []
+        assert during == [(2.0, 1.0), (1.0, 1.0), (0.0, 1.0)]
+        assert (gauge("pending"), gauge("ack_pending")) == (0.0, 0.0)

@@ -666,6 +666,7 @@ async def consume(
     on_rejected: OnRejected | None = None,
     create: bool = True,
     heartbeat_s: float | None = SERVICE_HEARTBEAT_S,
+    poll_lag: bool = True,
 ) -> None:
     """Run `handler` on every message of a durable pull consumer until `stop` is set.
 
@@ -680,7 +681,9 @@ async def consume(
       (bounded by the consumer's max_deliver)
 
     With `metrics`, the consumer's lag (num_pending, num_ack_pending) is read every few
-    seconds into ``<prefix>_consumer_*_messages`` while the loop runs. Without `create`
+    seconds into ``<prefix>_consumer_*_messages`` while the loop runs; without `poll_lag`
+    (a node: thousands of them would each ask the server every few seconds), they are read
+    off the deliveries instead (`_lag_of_delivery`). Without `create`
     (a node: the gatekeeper makes its consumers), the consumer is only bound to, and made
     here only when it is missing and the server allows it (one without authentication).
     It waits on a standing pull (`PullFeed`), with an idle heartbeat every `heartbeat_s`
@@ -694,7 +697,9 @@ async def consume(
         await ensure_consumer(js, stream, config)
     tracer = tracer or _bus_tracer
     outside = structlog.contextvars.get_contextvars()
-    lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop)) if metrics is not None else None
+    lag: asyncio.Task[None] | None = None
+    if metrics is not None and poll_lag:
+        lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop))
     feed = PullFeed(js._nc, api_prefix=js._prefix, stream=stream, durable=durable, batch=batch, heartbeat_s=heartbeat_s)
     try:
         await feed.start()
@@ -723,11 +728,16 @@ async def consume(
             if msg is None:
                 continue
             weather.fair()
+            unpolled = metrics is not None and not poll_lag and bool(msg.reply)
+            if unpolled:
+                _lag_of_delivery(metrics, stream, durable, msg, handling=True)
             try:
                 await _handle_one(msg, handler, stream, metrics, tracer, on_rejected)
             finally:  # what a message bound (task_id, trace_id, ...) is not left on the lines after it
                 structlog.contextvars.clear_contextvars()
                 structlog.contextvars.bind_contextvars(**outside)
+                if unpolled:
+                    _lag_of_delivery(metrics, stream, durable, msg, handling=False)
             await feed.top_up()
     finally:
         if lag is not None:
@@ -736,6 +746,17 @@ async def consume(
         for left in await feed.close():  # received, not handled: back to the consumer at once
             with contextlib.suppress(Exception):
                 await left.nak()
+
+
+def _lag_of_delivery(metrics: Metrics | None, stream: str, durable: str, msg: Msg, *, handling: bool) -> None:
+    """The lag gauges of a consumer that does not poll its info, read off a delivery: the
+    messages still pending behind it (its metadata says), and 1 unacknowledged while its
+    handler runs (such a consumer's handlers settle each message before the next: a node's)."""
+    if metrics is None:
+        return
+    if handling:
+        metrics.consumer_pending.labels(stream, durable).set(msg.metadata.num_pending or 0)
+    metrics.consumer_ack_pending.labels(stream, durable).set(1 if handling else 0)
 
 
 async def _consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:

@@ -59,6 +59,7 @@ class ServiceContext:
         create: bool = True,
         stop: asyncio.Event | None = None,
         heartbeat_s: float | None = SERVICE_HEARTBEAT_S,
+        poll_lag: bool = True,
     ) -> None:
         """Run `handler` on a durable consumer until the service is asked to stop (or
         `stop` is set: one consumer of several), under the one supervision policy
@@ -78,6 +79,7 @@ class ServiceContext:
                 on_rejected=on_rejected,
                 create=create,
                 heartbeat_s=heartbeat_s,
+                poll_lag=poll_lag,
             )
 
         await bus.supervise(run, until, name=config.durable_name or stream, metrics=self.metrics)

@@ -845,8 +845,9 @@ async def serve(
     await bus.publish_event(ctx.js, joined)
     log.info("node_joined", node_id=node_id, models=joined.models, device=joined.device)
     beats = asyncio.create_task(agent.heartbeat(ctx.stop))
-    # no idle heartbeats on a node's two consumers: thousands of nodes would each cost the
-    # bus a message a second; a lost pull request is noticed by its silence instead
+    # neither idle heartbeats nor lag polls on a node's two consumers: thousands of nodes
+    # would each cost the bus a message a second and a consumer-info request every few
+    # seconds; a lost pull request is noticed by its silence, the lag read off deliveries
     control = asyncio.create_task(
         ctx.consume(
             subjects.WORK_STREAM,
@@ -854,6 +855,7 @@ async def serve(
             agent.handle_control,
             create=False,
             heartbeat_s=None,
+            poll_lag=False,
         )
     )
     try:
@@ -864,6 +866,7 @@ async def serve(
             batch=1,
             create=False,
             heartbeat_s=None,
+            poll_lag=False,
         )
     finally:
         ctx.stop.set()
