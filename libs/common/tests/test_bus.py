@@ -25,7 +25,7 @@ from stipple_common.messages import (
 from stipple_common.metrics import Metrics
 from stipple_common.natsserver import NatsServer
 from stipple_common.nodes import NodeDirectory
-from stipple_common.pullfeed import LeaderAway, PullFeed
+from stipple_common.pullfeed import LeaderAway, PullFeed, PullRefused
 from stipple_testkit.nodes import joined
 
 pytestmark = pytest.mark.integration
@@ -391,7 +391,12 @@ async def test_a_pull_feed_asks_once_per_half_batch_not_once_per_message(stream)
         assert [m.data for m in got] == [str(i).encode() for i in range(60)]
         assert feed.requests <= 60 // 4 + 2
         assert feed.credit == 8  # asked for a whole batch again, owed
-        info = await js.consumer_info(name, "standing")
+        await js._nc.flush()
+        for _ in range(40):  # the last acks may still be on their way into the consumer's state
+            info = await js.consumer_info(name, "standing")
+            if info.num_ack_pending == 0:
+                break
+            await asyncio.sleep(0.05)
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
     finally:
         await feed.close()
@@ -617,3 +622,38 @@ async def test_a_consumer_that_does_not_poll_reads_its_lag_off_its_deliveries(st
         assert asked == []
         assert during == [(2.0, 1.0), (1.0, 1.0), (0.0, 1.0)]
         assert (gauge("pending"), gauge("ack_pending")) == (0.0, 0.0)
+
+
+async def test_a_pull_the_server_refuses_ends_the_loop_instead_of_asking_again_and_again(stream):
+    """A request the server refuses outright (a limit of the consumer's: here its
+    MaxRequestBatch of 2, below the batch asked for) is no request's end: asking the same
+    again would be refused again. The feed raises `PullRefused`, and `consume` ends with it
+    for `supervise` to start it again after a back-off, or to end the service."""
+    js, name, _prefix = stream
+    # nats-py's ConsumerConfig has no max_batch: the server's own API, as any client may call it
+    made = await js._nc.request(
+        f"$JS.API.CONSUMER.CREATE.{name}.limited",
+        msgspec.json.encode(
+            {"stream_name": name, "config": {"durable_name": "limited", "ack_policy": "explicit", "max_batch": 2}}
+        ),
+        timeout=5,
+    )
+    assert b'"max_batch":2' in made.data
+    feed = PullFeed(js._nc, api_prefix=js._prefix, stream=name, durable="limited", batch=8)
+    await feed.start()
+    try:
+        with pytest.raises(PullRefused, match="MaxRequestBatch"):
+            await feed.next(timeout=3.0)
+        assert feed.requests == 1
+    finally:
+        await feed.close()
+    config = ConsumerConfig(durable_name="limited", ack_policy=AckPolicy.EXPLICIT)
+
+    async def handler(msg):
+        return None
+
+    with pytest.raises(PullRefused):  # bound to as it is (as a node binds to the gatekeeper's)
+        await asyncio.wait_for(
+            bus.consume(js, stream=name, config=config, handler=handler, stop=asyncio.Event(), batch=8, create=False),
+            5,
+        )

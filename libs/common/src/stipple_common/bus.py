@@ -687,7 +687,9 @@ async def consume(
     (a node: the gatekeeper makes its consumers), the consumer is only bound to, and made
     here only when it is missing and the server allows it (one without authentication).
     It waits on a standing pull (`PullFeed`), with an idle heartbeat every `heartbeat_s`
-    (None: none, for the thousands of nodes' consumers).
+    (None: none, for the thousands of nodes' consumers). A pull request the server refuses
+    (`PullRefused`: a limit of the consumer's) ends the loop with that error, for
+    `supervise` to start it again after a back-off, or to end the service.
     """
     durable = config.durable_name
     assert durable, "consume() needs a durable consumer"
@@ -700,6 +702,8 @@ async def consume(
     lag: asyncio.Task[None] | None = None
     if metrics is not None and poll_lag:
         lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop))
+    if config.max_ack_pending is not None and config.max_ack_pending > 0:  # a server may refuse a larger ask
+        batch = min(batch, config.max_ack_pending)
     feed = PullFeed(js._nc, api_prefix=js._prefix, stream=stream, durable=durable, batch=batch, heartbeat_s=heartbeat_s)
     try:
         await feed.start()

@@ -16,8 +16,9 @@ expiry's status, or two idle heartbeats where asked for, plus `STALL_MARGIN_S`):
 consumer's leader lost with its server.
 
 What the caller sees: messages, one at a time, and `ConsumerGone` (the consumer was
-deleted) or `LeaderAway` (no server answers for it: an election). Heartbeats and request
-ends are handled here.
+deleted), `LeaderAway` (no server answers for it: an election) or `PullRefused` (the
+server refuses the request itself: a limit of the consumer's). Heartbeats and request ends
+are handled here.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ class ConsumerGone(Exception):
 
 class LeaderAway(Exception):
     """No server answers pull requests for the consumer (503: its leader is being elected)."""
+
+
+class PullRefused(Exception):
+    """The server refused the pull request itself (a `409` such as "Exceeded
+    MaxRequestBatch", or another status this feed does not know): asking the same again
+    would be refused again, so the caller must not simply loop."""
+
+
+_ENDS = ("leadership change", "server shutdown", "batch completed")
+"""`409` descriptions that end a request the server had taken (its credit is over, with
+what it still owed), as opposed to refusing one."""
 
 
 class PullFeed:
@@ -157,8 +169,11 @@ class PullFeed:
         if status == "409" and "consumer deleted" in description.lower():
             self.credit = 0
             raise ConsumerGone(description)
-        # 408 (the request expired) and the other 409s (the server cut the request: a
-        # leader change, a shutdown, a limit): the request is over, with what it still owed
+        if not (status == "408" or (status == "409" and description.lower().startswith(_ENDS))):
+            self.credit = 0
+            raise PullRefused(f"{status} {description}".strip())
+        # the request expired (408) or the server cut it (a leader change, a shutdown):
+        # it is over, with what it still owed
         pending = headers.get(_PENDING)
         if pending is not None and pending.isdigit():
             self.credit = max(0, self.credit - int(pending))
