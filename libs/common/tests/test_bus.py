@@ -9,6 +9,7 @@ import nats
 import pytest
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.errors import NotFoundError, ServerError
 
 from stipple_common import bus
 from stipple_common.errors import StippleError
@@ -469,6 +470,34 @@ async def test_consume_makes_its_consumer_again_when_it_is_deleted_under_it(stre
     finally:
         stop.set()
         await asyncio.wait_for(runner, 5)
+
+
+async def test_a_consumer_made_again_waits_out_the_server_removing_the_old_one(stream, monkeypatch):
+    """Made again at once after a delete, a consumer may meet the server still removing the
+    old one's store (500, err_code 10012, seen in CI): asked again after a pause, a few
+    times, then the error goes to `supervise`."""
+    js, name, _prefix = stream
+    config = ConsumerConfig(durable_name="remade", ack_policy=AckPolicy.EXPLICIT, ack_wait=5)
+    real = js.add_consumer
+    refusals = [bus.REMAKE_ATTEMPTS - 1]
+
+    async def busy_server(stream_name, cfg, **kw):
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise ServerError(code=500, err_code=10012, description="error creating store for consumer")
+        return await real(stream_name, cfg, **kw)
+
+    monkeypatch.setattr(js, "add_consumer", busy_server)
+    await bus._make_again(js, name, config, create=True)
+    assert refusals == [0]
+    assert (await js.consumer_info(name, "remade")).config.durable_name == "remade"
+
+    await js.delete_consumer(name, "remade")
+    refusals[0] = bus.REMAKE_ATTEMPTS
+    with pytest.raises(ServerError):
+        await bus._make_again(js, name, config, create=True)
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(name, "remade")
 
 
 async def test_a_consumer_that_stops_gives_back_at_once_what_it_received_and_did_not_handle(stream):

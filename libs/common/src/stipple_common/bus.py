@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StreamConfig
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError, ServerError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
@@ -47,6 +47,10 @@ log = structlog.get_logger("stipple.bus")
 _bus_tracer = trace.get_tracer("stipple.bus")  # (a proxy until the provider is set: see tracing._tracer)
 
 UNAVAILABLE_PAUSE_S = 0.5  # a consumer's wait while JetStream elects a leader
+# A consumer deleted under consume is made again at once; the server may answer 500 (10012,
+# "error creating store") while it still removes the old one: asked again after a pause.
+REMAKE_ATTEMPTS = 5
+REMAKE_PAUSE_S = 0.2
 
 BUS_AWAY: tuple[type[Exception], ...] = (
     ServiceUnavailableError,  # 503 from the JetStream API: no leader (an election) or no quorum
@@ -778,7 +782,14 @@ async def _make_again(js: JetStreamContext, stream: str, config: ConsumerConfig,
     """Make a consumer that went missing again: a service's own at once; a node's (the
     gatekeeper makes those) after a pause, and only where the server lets it."""
     if create:
-        await js.add_consumer(stream, config)
+        for attempt in range(REMAKE_ATTEMPTS):
+            try:
+                await js.add_consumer(stream, config)
+                return
+            except ServerError:  # 10012: the server still removes the deleted consumer's store
+                if attempt == REMAKE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(REMAKE_PAUSE_S)
     else:
         await asyncio.sleep(1.0)
         await ensure_consumer(js, stream, config)
