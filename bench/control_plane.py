@@ -426,7 +426,10 @@ async def throughput_phase(
 
 
 def start_profilers(pids: dict[str, int], duration: float, out: Path) -> list[subprocess.Popen[bytes]]:
-    """py-spy (collapsed stacks, active threads only) on every Python service for the window."""
+    """py-spy (collapsed stacks) on every Python service for the window, only the samples
+    whose thread holds the GIL (`--gil`): uvloop waits for its sockets in C without it,
+    and without `--gil` py-spy counted that wait as busy (under uvloop a process showed
+    about three times the busy seconds its CPU time said)."""
     spy = shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("--profile needs py-spy on PATH (pip install py-spy)")
@@ -436,6 +439,7 @@ def start_profilers(pids: dict[str, int], duration: float, out: Path) -> list[su
         if name == "nats-server":
             continue
         cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(duration)), "--rate", "250", "--nonblocking"]
+        cmd += ["--gil"]
         cmd += ["--format", "raw", "--output", str(out / f"{name}.txt")]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
