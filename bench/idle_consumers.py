@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
 import resource
 import sys
 import tempfile
@@ -37,6 +35,7 @@ from pathlib import Path
 import httpx
 import nats
 import psutil
+from control_plane import machine  # bench/ is on sys.path
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
@@ -147,11 +146,8 @@ async def one_way(
 
 
 async def main(args: argparse.Namespace) -> None:
-    load = os.getloadavg()
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    machine = platform.processor() or platform.machine()
-    print(f"machine: {machine}, {os.cpu_count()} logical CPUs, {platform.platform()}")
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (the cores are shared)")
+    for line in machine():
+        print(line)
     with tempfile.TemporaryDirectory() as tmp:
         http_port = free_port()
         server = NatsServer.start(Path(tmp) / "nats", config=f'http: "127.0.0.1:{http_port}"\n')

@@ -39,25 +39,18 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
-import platform
 import secrets
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import nats
-import psutil
+from control_plane import machine, raw_publish, reference_ms, submitted_size, usage  # bench/ is on sys.path
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from stipple_common import bus
 from stipple_common.natsserver import NatsServer
 from stipple_common.pullfeed import PullFeed
-
-sys.path.insert(0, str(Path(__file__).parent))
-from control_plane import raw_publish, reference_ms, submitted_size
 
 # About the real messages' sizes (bytes), measured on the bench network's tasks.
 SIZES = {
@@ -262,21 +255,10 @@ def role_process(role: str, url: str, index: int, nodes: int, loop: str) -> None
     uvloop.run(role_main(role, url, index, nodes, loop))
 
 
-def cpu_of(pids: dict[str, int]) -> dict[str, float]:
-    out = {}
-    for name, pid in pids.items():
-        times = psutil.Process(pid).cpu_times()
-        out[name] = times.user + times.system
-    return out
-
-
 async def main(args: argparse.Namespace) -> None:
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.platform()}"
-    )
+    for line in machine():
+        print(line)
     print(f"consumers' loop: {args.loop}")
-    print(f"python {platform.python_version()}; load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     server = NatsServer.start()
     procs: list[multiprocessing.Process] = []
     try:
@@ -319,12 +301,12 @@ async def main(args: argparse.Namespace) -> None:
         for concurrency in args.concurrency:
             await ask({"phase": "load", "seconds": args.warmup_s, "concurrency": concurrency}, 120.0)
             reference = reference_ms()
-            before = cpu_of(pids)
+            before = usage(pids)
             result = await ask({"phase": "load", "seconds": args.seconds, "concurrency": concurrency}, 300.0)
-            after = cpu_of(pids)
+            after = usage(pids)
             rate = result["tasks"] / result["seconds"]
             best = max(best, rate)
-            used = {name: after[name] - before[name] for name in pids}
+            used = {name: after[name].cpu_s - before[name].cpu_s for name in pids}  # not the bench client
             per_task = sum(used.values()) / max(result["tasks"], 1) * 1000
             print(
                 f"[b] {concurrency} submitters: {rate:.1f} tasks/s; CPU per task, every process: {per_task:.2f} ms "

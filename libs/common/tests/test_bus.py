@@ -28,6 +28,7 @@ from stipple_common.natsserver import NatsServer
 from stipple_common.nodes import NodeDirectory
 from stipple_common.pullfeed import LeaderAway, PullFeed, PullRefused
 from stipple_testkit.nodes import joined
+from stipple_testkit.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -393,11 +394,12 @@ async def test_a_pull_feed_asks_once_per_half_batch_not_once_per_message(stream)
         assert feed.requests <= 60 // 4 + 2
         assert feed.credit == 8  # asked for a whole batch again, owed
         await js._nc.flush()
-        for _ in range(40):  # the last acks may still be on their way into the consumer's state
-            info = await js.consumer_info(name, "standing")
-            if info.num_ack_pending == 0:
-                break
-            await asyncio.sleep(0.05)
+
+        async def acked() -> bool:  # the last acks may still be on their way into the consumer's state
+            return (await js.consumer_info(name, "standing")).num_ack_pending == 0
+
+        await until("the acks in the consumer's state", acked, timeout=2.0)
+        info = await js.consumer_info(name, "standing")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
     finally:
         await feed.close()
@@ -452,19 +454,17 @@ async def test_consume_makes_its_consumer_again_when_it_is_deleted_under_it(stre
         bus.consume(js, stream=name, config=config, handler=handler, stop=stop, fetch_timeout=0.2)
     )
     try:
+
+        async def handled(data: bytes) -> bool:
+            return data in seen
+
         await js.publish(f"{prefix}.m.1", b"1")
-        for _ in range(50):
-            if seen:
-                break
-            await asyncio.sleep(0.1)
+        await until("the first message handled", lambda: handled(b"1"), timeout=5.0)
         assert seen == [b"1"]
         await js.delete_consumer(name, "again")
         await asyncio.sleep(0.5)
         await js.publish(f"{prefix}.m.2", b"2")
-        for _ in range(100):
-            if b"2" in seen:
-                break
-            await asyncio.sleep(0.1)
+        await until("the message after the delete handled", lambda: handled(b"2"), timeout=10.0)
         assert seen in ([b"1", b"2"], [b"1", b"1", b"2"])  # made again, it starts from the stream's first
         assert (await js.consumer_info(name, "again")).num_ack_pending == 0
     finally:
@@ -549,10 +549,11 @@ async def test_a_pull_feed_asks_again_at_once_when_its_server_came_back(tmp_path
         assert server.process is not None
         server.process.kill()  # lost without a word: no "server shutdown" status to its requests
         restarted = NatsServer.start(server.store_dir, host=server.host, port=server.port)
-        for _ in range(100):
-            if nc.is_connected and nc.stats["reconnects"] >= 1:
-                break
-            await asyncio.sleep(0.1)
+
+        async def reconnected() -> bool:
+            return nc.is_connected and nc.stats["reconnects"] >= 1
+
+        await until("reconnected", reconnected, timeout=10.0)
         assert nc.is_connected
         publisher = await nats.connect(restarted.url)
         try:

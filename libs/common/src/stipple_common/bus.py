@@ -706,6 +706,7 @@ async def consume(
     lag: asyncio.Task[None] | None = None
     if metrics is not None and poll_lag:
         lag = asyncio.create_task(metrics.watch_consumer(js, stream, durable, stop))
+    lag_off_deliveries = metrics if not poll_lag else None  # the gauges set from each delivery instead
     if config.max_ack_pending is not None and config.max_ack_pending > 0:  # a server may refuse a larger ask
         batch = min(batch, config.max_ack_pending)
     feed = PullFeed(js._nc, api_prefix=js._prefix, stream=stream, durable=durable, batch=batch, heartbeat_s=heartbeat_s)
@@ -714,38 +715,32 @@ async def consume(
         while not stop.is_set():
             try:
                 msg = await feed.next(timeout=fetch_timeout)
-            except LeaderAway:
+            except (LeaderAway, ConsumerGone) as exc:
                 # nobody answers for the consumer: a cluster electing its leader (a server
                 # lost; wait for it here instead of counting a failure towards the service's
-                # end), or no such consumer any more (made again below)
-                if await _consumer_exists(js, stream, durable):
+                # end), or no such consumer any more (deleted: made again)
+                if isinstance(exc, LeaderAway) and await _consumer_exists(js, stream, durable):
                     weather.away()
                     log.warning("consumer_unavailable", stream=stream, durable=durable)
                     await asyncio.sleep(UNAVAILABLE_PAUSE_S)
-                    await feed.top_up()
-                    continue
-                log.warning("consumer_missing_recreating", stream=stream, durable=durable)
-                await _make_again(js, stream, config, create=create)
-                await feed.top_up()
-                continue
-            except ConsumerGone:
-                log.warning("consumer_missing_recreating", stream=stream, durable=durable)
-                await _make_again(js, stream, config, create=create)
+                else:
+                    log.warning("consumer_missing_recreating", stream=stream, durable=durable)
+                    await _make_again(js, stream, config, create=create)
                 await feed.top_up()
                 continue
             if msg is None:
                 continue
             weather.fair()
-            unpolled = metrics is not None and not poll_lag and bool(msg.reply)
-            if unpolled:
-                _lag_of_delivery(metrics, stream, durable, msg, handling=True)
+            delivery_lag = lag_off_deliveries if msg.reply else None
+            if delivery_lag is not None:
+                _lag_of_delivery(delivery_lag, stream, durable, msg, handling=True)
             try:
                 await _handle_one(msg, handler, stream, metrics, tracer, on_rejected)
             finally:  # what a message bound (task_id, trace_id, ...) is not left on the lines after it
                 structlog.contextvars.clear_contextvars()
                 structlog.contextvars.bind_contextvars(**outside)
-                if unpolled:
-                    _lag_of_delivery(metrics, stream, durable, msg, handling=False)
+                if delivery_lag is not None:
+                    _lag_of_delivery(delivery_lag, stream, durable, msg, handling=False)
             await feed.top_up()
     finally:
         if lag is not None:
@@ -756,12 +751,10 @@ async def consume(
                 await left.nak()
 
 
-def _lag_of_delivery(metrics: Metrics | None, stream: str, durable: str, msg: Msg, *, handling: bool) -> None:
+def _lag_of_delivery(metrics: Metrics, stream: str, durable: str, msg: Msg, *, handling: bool) -> None:
     """The lag gauges of a consumer that does not poll its info, read off a delivery: the
     messages still pending behind it (its metadata says), and 1 unacknowledged while its
     handler runs (such a consumer's handlers settle each message before the next: a node's)."""
-    if metrics is None:
-        return
     if handling:
         metrics.consumer_pending.labels(stream, durable).set(msg.metadata.num_pending or 0)
     metrics.consumer_ack_pending.labels(stream, durable).set(1 if handling else 0)

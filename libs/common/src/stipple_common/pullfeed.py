@@ -139,7 +139,7 @@ class PullFeed:
             else:
                 msg = self._queue.get_nowait()
             self._heard = time.monotonic()
-            status = msg.headers.get(_STATUS) if msg.headers else None
+            status = _status(msg)
             if not status:
                 self.credit = max(0, self.credit - 1)
                 return msg
@@ -192,6 +192,12 @@ class PullFeed:
         left: list[Msg] = []
         while not self._queue.empty():
             msg = self._queue.get_nowait()
-            if not (msg.headers and msg.headers.get(_STATUS)):
+            if not _status(msg):
                 left.append(msg)
         return left
+
+
+def _status(msg: Msg) -> str:
+    """The status of a message the server sent about the request ("100", "408", ...), or
+    "" for a delivery."""
+    return msg.headers.get(_STATUS, "") if msg.headers else ""
