@@ -8,7 +8,10 @@ same run: the host's speed drifts by half between runs minutes apart).
 
 - the consumer wrapper (`bus._handle_one`) around a handler that does nothing: the span,
   the log context, the delivery count, the ack; every delivery to a service pays it;
-- a task span made with the module's tracer, and one made with a tracer built per call
+- a task span continuing a stored carrier;
+  these two first in a process that does not export (no span is made: the trace is carried,
+  tracing.py), then with an exporter (every span made and recorded, here handed to a
+  processor that drops it), and a span made with a tracer built per call
   (`trace.get_tracer` at each span, as before stop 26);
 - signing a commitment (a node, per task) and recovering its signer (the validator, per
   revealed node: once per decision since stop 26, twice before);
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from control_plane import reference_ms
 from nats.aio.msg import Msg
 from opentelemetry import trace
+from opentelemetry.sdk.trace import SpanProcessor
 from PIL import Image
 
 from stipple_common import bus, commitment, tracing
@@ -119,9 +123,14 @@ def main() -> None:
     key = VrfKey.generate()
     image = png_512()
     rows = [
-        ("consumer wrapper, per delivery (bus._handle_one, no-op handler)", wrapper_us()),
-        ("task span, the module's tracer", span_us(per_call_tracer=False)),
-        ("task span, a tracer built per call (before stop 26)", span_us(per_call_tracer=True)),
+        ("consumer wrapper, per delivery (bus._handle_one, no-op handler), not exporting", wrapper_us()),
+        ("task span, not exporting (the carrier's trace made current, no span)", span_us(per_call_tracer=False)),
+    ]
+    tracing.export_to(SpanProcessor())  # (a processor that does nothing with what it is handed)
+    rows += [
+        ("consumer wrapper, per delivery, exporting (a recorded span)", wrapper_us()),
+        ("task span, exporting (recorded), the module's tracer", span_us(per_call_tracer=False)),
+        ("task span, exporting, a tracer built per call (before stop 26)", span_us(per_call_tracer=True)),
         ("sign a commitment (node, per task)", best_us(calls(lambda: commitment.sign(account, value)), 2_000)),
         (
             "recover a commitment's signer (validator, per revealed node)",

@@ -76,33 +76,69 @@ def test_a_batch_span_is_a_root_linked_to_each_task(spans: InMemorySpanExporter)
     assert batch.attributes == {"stipple.events": 3}
 
 
-def test_a_process_that_does_not_export_records_no_span_but_carries_the_ids() -> None:
-    """Unrecorded spans cost a third less and still carry the trace: the task's trace id
-    reaches the logs and the next message's headers. Once the process exports, every span
-    is recorded, also under a parent that says "not sampled" (a peer that does not export,
-    or a node hiding its work)."""
+class _NoSpans:
+    """A tracer that must not be asked for a span."""
+
+    def start_as_current_span(self, *args: object, **kwargs: object) -> object:
+        raise AssertionError("a span was made")
+
+
+def test_a_process_that_does_not_export_makes_no_span_where_it_has_a_trace_to_carry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not exporting, the incoming trace is made current as it is: the logs name it and the
+    next message carries it (naming the same parent span), whatever its sampled flag; only
+    where there is none is a span made, for a trace id of its own, and not recorded."""
+    monkeypatch.setattr(tracing._sampler, "exporting", False)
+    assert not tracing.exporting()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    for flags in ("01", "00"):
+        parent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{flags}"}
+        with tracing.task_span("quiet", task_id="t1", parent=parent, tracer=_NoSpans()) as span:  # type: ignore[arg-type]
+            assert not span.is_recording()
+            assert span.get_span_context().span_id == 0x00F067AA0BA902B7  # the parent's: no span of its own
+            assert tracing.current_trace_id() == trace_id
+            assert structlog.contextvars.get_contextvars()["trace_id"] == trace_id
+            assert tracing.carrier()["traceparent"] == parent["traceparent"]
+            with tracing.task_span("inner", node_id="n1", tracer=_NoSpans()):  # type: ignore[arg-type]
+                assert tracing.current_trace_id() == trace_id  # (the current trace, carried on)
+                assert structlog.contextvars.get_contextvars()["node_id"] == "n1"
+        assert tracing.current_trace_id() == ""  # the carried context is let go
+        with tracing.handling("handle TASKS started", parent, _NoSpans(), dict):  # type: ignore[arg-type]
+            assert tracing.carrier()["traceparent"] == parent["traceparent"]
+        assert tracing.current_trace_id() == ""
+    provider = TracerProvider(sampler=tracing.RecordWhileExporting())  # (records nothing: not exporting)
+    for parent_headers in ({}, {"traceparent": "not one"}):  # nothing to carry: a trace of its own
+        with tracing.task_span("fresh", parent=parent_headers, tracer=provider.get_tracer("test")) as span:
+            assert not span.is_recording()
+            assert len(tracing.current_trace_id()) == 32
+        with tracing.handling("handle TASKS submitted", parent_headers, provider.get_tracer("test"), dict):
+            assert len(tracing.current_trace_id()) == 32
+    with tracing.task_span("root", tracer=provider.get_tracer("test")):  # no parent, no current span
+        assert len(tracing.current_trace_id()) == 32
+
+
+def test_a_process_that_exports_records_every_span_whatever_the_parent_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the process exports, every span is made and recorded, also under a parent that
+    says "not sampled" (a peer that does not export, or a node hiding its work)."""
     sampler = tracing.RecordWhileExporting()
     provider = TracerProvider(sampler=sampler)
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    for flags in ("01", "00"):
-        parent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{flags}"}
-        with tracing.task_span("quiet", task_id="t1", parent=parent, tracer=tracer) as span:
-            assert not span.is_recording()
-            assert tracing.current_trace_id() == trace_id
-            assert structlog.contextvars.get_contextvars()["trace_id"] == trace_id
-            assert tracing.trace_id_of(tracing.carrier()) == trace_id
-            assert span.get_span_context().span_id != 0x00F067AA0BA902B7  # a span of its own
-    assert exporter.get_finished_spans() == ()
     sampler.exporting = True
+    monkeypatch.setattr(tracing._sampler, "exporting", True)
     for flags in ("01", "00"):
         parent = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-{flags}"}
         with tracing.task_span(f"recorded {flags}", task_id="t1", parent=parent, tracer=tracer) as span:
             assert span.is_recording()
+        with tracing.handling(f"handle {flags}", parent, tracer, lambda: {"stipple.delivered": 1}):
+            assert trace.get_current_span().is_recording()
     finished = {s.name: s for s in exporter.get_finished_spans()}
-    assert set(finished) == {"recorded 01", "recorded 00"}
+    assert set(finished) == {"recorded 01", "recorded 00", "handle 01", "handle 00"}
     assert all(format(s.context.trace_id, "032x") == trace_id for s in finished.values())
     assert all(s.parent.span_id == 0x00F067AA0BA902B7 for s in finished.values())
     assert finished["recorded 00"].attributes == {"stipple.task_id": "t1"}
+    assert finished["handle 00"].attributes == {"stipple.delivered": 1}
+    assert finished["handle 00"].kind == trace.SpanKind.CONSUMER

@@ -826,15 +826,11 @@ async def _handle_one(
     structlog.contextvars.bind_contextvars(subject=msg.subject, delivered=delivered)
     outcome = "ack"
     tokens = subjects.unpartitioned(msg.subject).split(".")  # (a VALIDATION copy: as its TASKS subject)
-    with tracer.start_as_current_span(
+    with tracing.handling(
         f"handle {stream} {tokens[2] if len(tokens) > 2 else tokens[-1]}",
-        context=tracing.extract(msg.headers),
-        kind=trace.SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "nats",
-            "messaging.destination.name": msg.subject,
-            "stipple.delivered": delivered,
-        },
+        msg.headers,
+        tracer,
+        lambda: {"messaging.system": "nats", "messaging.destination.name": msg.subject, "stipple.delivered": delivered},
     ):
         if tokens[0] == "tasks" and len(tokens) > 2:  # tasks.<id>.<event>[.<node>]
             tracing.bind_task(tokens[1], tokens[3] if len(tokens) > 3 else "")
