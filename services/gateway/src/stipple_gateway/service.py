@@ -80,7 +80,7 @@ async def serve(ctx: ServiceContext, settings: GatewaySettings) -> None:
         # h11, named so that an httptools installed beside it is not picked instead: httptools
         # parses faster (7 % of the gateway's CPU per task, bench/RESULTS.md) but takes a header
         # of any size (20 MB were accepted), where h11 keeps at most 16 KiB past one read of
-        # an unfinished header and answers 400 (tests/test_http_server.py)
+        # an unfinished header and answers 400 (tests/test_http_server.py, beside this package)
         http="h11",
         proxy_headers=False,  # the client IP is the socket peer; STIPPLE_TRUSTED_PROXIES decides (auth.client_ip)
     )
