@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import Token
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -121,6 +122,33 @@ def exporting() -> bool:
     return _sampler.exporting
 
 
+def _to_carry(context: Context | None) -> trace.Span | None:
+    """In a process that does not export, the span of `context` (None: of the current
+    context) when it holds a trace to carry on as is; else None: a span is to be made."""
+    if exporting():
+        return None
+    span = trace.get_current_span(context)
+    return span if span.get_span_context().is_valid else None
+
+
+class _Current:
+    """`context` made the current one for a block (None: the current one stays)."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Context | None) -> None:
+        self._context = context
+        self._token: Token[Context] | None = None
+
+    def __enter__(self) -> None:
+        if self._context is not None:
+            self._token = otel_context.attach(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            otel_context.detach(self._token)
+
+
 def export_to(processor: SpanProcessor) -> None:
     """Hand every span from now on to `processor` (an exporter's), and so record them all."""
     provider = trace.get_tracer_provider()
@@ -194,17 +222,11 @@ def task_span(
     stipple.task_id / stipple.node_id, and with task_id, node_id and trace_id bound into
     the log context for its duration (restored after)."""
     context = extract(parent) if parent is not None else None
-    if not _sampler.exporting:  # no span where there is a trace to continue (the module's docstring)
-        carried = trace.get_current_span(context)
-        if carried.get_span_context().is_valid:
-            token = otel_context.attach(context) if context is not None else None
-            try:
-                with structlog.contextvars.bound_contextvars(**_tag(carried, task_id, node_id)):
-                    yield carried
-            finally:
-                if token is not None:
-                    otel_context.detach(token)
-            return
+    carried = _to_carry(context)
+    if carried is not None:
+        with _Current(context), structlog.contextvars.bound_contextvars(**_tag(carried, task_id, node_id)):
+            yield carried
+        return
     tracer = tracer or _tracer
     with tracer.start_as_current_span(name, context=context) as span:
         for key, value in attributes.items():
@@ -221,12 +243,9 @@ def handling(
     headers; or, in a process that does not export, that trace made current as it is, with
     no span (the module's docstring). `attributes` are asked for only when a span is made."""
     context = extract(headers)
-    if not _sampler.exporting and trace.get_current_span(context).get_span_context().is_valid:
-        token = otel_context.attach(context)
-        try:
+    if _to_carry(context) is not None:
+        with _Current(context):
             yield
-        finally:
-            otel_context.detach(token)
         return
     with tracer.start_as_current_span(name, context=context, kind=SpanKind.CONSUMER, attributes=attributes()):
         yield
