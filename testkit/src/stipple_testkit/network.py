@@ -245,7 +245,35 @@ class Network:
                 assert len(await outcomes()) == 1, f"task {task_id} ended twice"
                 return found[0]
             await asyncio.sleep(0.1)
-        raise AssertionError(f"task {task_id} never ended")
+        raise AssertionError(f"task {task_id} never ended: {await self.where_stuck(task_id)}")
+
+    async def where_stuck(self, task_id: str) -> str:
+        """What the streams hold of a task that did not end: its events in TASKS (and in
+        VALIDATION, and that partition's consumer, when the validator is partitioned), for
+        the failure message of a test that waited for it."""
+        js = (await self.client("gateway")).js
+        found: list[str] = []
+        try:
+            msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
+            events = (f"{m.metadata.sequence.stream}:{m.subject.rsplit('.', 1)[-1]}" for m in msgs)
+            found.append("TASKS " + ", ".join(events))
+            streams = [s.config.name for s in await js.streams_info()]
+            if subjects.VALIDATION_STREAM in streams:
+                info = await js.stream_info(subjects.VALIDATION_STREAM)
+                k = subjects.partition_for(task_id, subjects.partitions_of(info.config))
+                subject = f"{subjects.PARTITION_PREFIX}.{k}.{task_id}.>"
+                held = (await js.stream_info(subjects.VALIDATION_STREAM, subjects_filter=subject)).state.subjects
+                copies = (f"{s.rsplit('.', 1)[-1]} x{n}" for s, n in sorted((held or {}).items()))
+                found.append(f"VALIDATION p{k} (not acked) " + ", ".join(copies))  # (a work queue: no reader)
+                durable = subjects.validator_partition_consumer(k).durable_name
+                c = await js.consumer_info(subjects.VALIDATION_STREAM, durable)
+                found.append(
+                    f"consumer p{k}: delivered {c.delivered.stream_seq}, ack floor {c.ack_floor.stream_seq}, "
+                    f"pending {c.num_pending}, unacked {c.num_ack_pending}, redelivered {c.num_redelivered}"
+                )
+        except Exception as exc:  # (a cluster still electing: say what was read)
+            found.append(repr(exc))
+        return "; ".join(found)
 
     async def client(self, service: str = "validator") -> ServiceContext:
         """A control-plane connection (a service's user) for the test itself."""
