@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
-import nats.errors
-import nats.js.errors
 import pytest
 
 from stipple_common import bus, subjects
 from stipple_common.messages import SLASHABLE
 from stipple_node.pipeline import PipelineRunner
 from stipple_node.service import NodeAgent
-from stipple_testkit.cluster import NatsCluster
+from stipple_testkit.cluster import NatsCluster, every_replica_current, stream_leader
 from stipple_testkit.network import Network
 
 pytestmark = [
@@ -34,39 +32,6 @@ pytestmark = [
 R3 = {"stream_replicas": 3}
 
 
-async def stream_leader(net: Network, stream: str) -> str:
-    ctx = await net.client()
-    deadline = asyncio.get_running_loop().time() + 30
-    while True:  # a server just killed or restarted: the answer may wait for an election
-        try:
-            return (await ctx.js.stream_info(stream)).cluster.leader
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
-            assert asyncio.get_running_loop().time() < deadline, f"no leader of {stream} answered in 30 s"
-            await asyncio.sleep(0.5)
-
-
-async def every_replica_current(net: Network, timeout: float = 60.0) -> None:
-    """Until every stream (the object store's too) has its replicas caught up: losing a
-    second server before that loses the quorum, in any R3 deployment."""
-    ctx = await net.client()
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        behind = []
-        try:
-            streams = await ctx.js.streams_info()
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
-            # a server just restarted: the meta layer may not answer the list yet (not caught up either)
-            streams, behind = [], [f"the stream list ({type(exc).__name__})"]
-        for info in streams:
-            replicas = info.cluster.replicas if info.cluster else None
-            if not replicas or not all(r.current for r in replicas):
-                behind.append(info.config.name)
-        if not behind:
-            return
-        assert asyncio.get_running_loop().time() < deadline, f"streams not caught up: {behind}"
-        await asyncio.sleep(0.5)
-
-
 @pytest.mark.timeout(400)  # a cluster, the network, 16 tasks and three leader elections: 40 to 85 s here
 @pytest.mark.parametrize("partitions", [1, 4], ids=["one-validator", "two-partitioned-validators"])
 async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and_then_another_server(
@@ -75,8 +40,8 @@ async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and
     with NatsCluster.start(3) as cluster:
         await cluster.wait_ready()
         async with Network.plain(cluster.url) as net:
-            first = await net.client()
-            await bus.ensure_streams(first.js, subjects.stream_configs(replicas=3))
+            js = (await net.client()).js
+            await bus.ensure_streams(js, subjects.stream_configs(replicas=3))
             await net.gatekeeper(**R3)
             await net.dispatcher(**R3)
             if partitions == 1:
@@ -97,17 +62,17 @@ async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and
 
             assert await batch(range(0, 2)) == ["TaskSucceeded"] * 2  # the network works on the cluster
 
-            leader = await stream_leader(net, subjects.TASKS_STREAM)
+            leader = await stream_leader(js, subjects.TASKS_STREAM)
             running = asyncio.create_task(batch(range(10, 16)))
             await asyncio.sleep(0.5)  # tasks under way
             killed = int(leader.removeprefix("n"))
             cluster.kill(killed)
             assert await running == ["TaskSucceeded"] * 6
-            assert await stream_leader(net, subjects.TASKS_STREAM) != leader
+            assert await stream_leader(js, subjects.TASKS_STREAM) != leader
 
             cluster.restart(killed)
             await cluster.wait_ready()
-            await every_replica_current(net)  # as a PodDisruptionBudget waits before the next server goes
+            await every_replica_current(js)  # as a PodDisruptionBudget waits before the next server goes
             other = (killed + 1) % 3
             running = asyncio.create_task(batch(range(20, 24)))
             await asyncio.sleep(0.5)
@@ -116,7 +81,7 @@ async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and
 
             cluster.restart(other)
             await cluster.wait_ready()
-            await every_replica_current(net)
+            await every_replica_current(js)
             meta = await cluster.meta_leader()  # the server that places streams and consumers
             running = asyncio.create_task(batch(range(30, 34)))
             await asyncio.sleep(0.5)

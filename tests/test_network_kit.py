@@ -32,6 +32,6 @@ async def test_a_task_that_never_ends_is_reported_with_what_the_streams_hold_of_
         with pytest.raises(AssertionError, match="never ended") as failed:
             await net.run_task(timeout=1.5)
     said = str(failed.value)
-    assert re.search(r"TASKS \d+:submitted", said), said  # its events, with their sequence numbers
+    assert re.search(r"TASKS \d+:submitted@0\.0", said), said  # its events, with their sequence numbers
     assert re.search(r"VALIDATION p[01] \(not acked\) .*submitted", said) is None, said  # acked: it has no nodes
     assert re.search(r"consumer p[01]: delivered \d+, ack floor \d+, pending 0, unacked 0", said), said

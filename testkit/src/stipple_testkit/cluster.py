@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
+from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
 from stipple_common.natsserver import NatsServer, NatsServerError
 
 CLUSTER_NAME = "stipple-test"
+
+# what a stream request gets while a server was just killed or restarted (an election)
+ELECTING = (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError)
 
 
 def _get_json(url: str) -> dict[str, Any]:
@@ -170,3 +175,39 @@ class NatsCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def stream_leader(js: JetStreamContext, stream: str, timeout: float = 30.0) -> str:
+    """The server name leading `stream`, once a leader answers (within `timeout`)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:  # a server just killed or restarted: the answer may wait for an election
+        try:
+            info = await js.stream_info(stream)
+            if info.cluster is not None and info.cluster.leader:
+                return info.cluster.leader
+        except ELECTING:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no leader of {stream} answered in {timeout:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+async def every_replica_current(js: JetStreamContext, timeout: float = 60.0) -> None:
+    """Until every stream (the object store's too) has its replicas caught up: losing a
+    second server before that loses the quorum, in any R3 deployment."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        behind = []
+        try:
+            streams = await js.streams_info()
+        except ELECTING as exc:  # a server just restarted: the meta layer may not answer the list yet
+            streams, behind = [], [f"the stream list ({type(exc).__name__})"]
+        for info in streams:
+            replicas = info.cluster.replicas if info.cluster else None
+            if not replicas or not all(r.current for r in replicas):
+                behind.append(info.config.name)
+        if not behind:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"streams not caught up: {behind}")
+        await asyncio.sleep(0.5)

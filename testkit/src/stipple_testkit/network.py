@@ -208,6 +208,13 @@ class Network:
     ) -> TaskSucceeded | TaskAborted:
         """Submit a tiny-sd task as the gateway would (`submitted` on its subject) and
         return its outcome, checking that it has exactly one."""
+        task_id = await self.submit_task(seed=seed, steps=steps, size=size, prompt=prompt)
+        return await self.outcome(task_id, timeout)
+
+    async def submit_task(
+        self, *, seed: int = 5, steps: int = 4, size: int = 64, prompt: str = "a red fox in the snow"
+    ) -> str:
+        """Publish a tiny-sd task's `submitted` as the gateway would; its task id."""
         if self._app is None:
             self._app = await self.client("gateway")
         task_id = uuid.uuid4().hex
@@ -215,7 +222,7 @@ class Network:
         spec = parse_task({"base_model": "tiny-sd", "prompt": prompt, "task_config": config})
         submitted = TaskSubmitted(task_id=task_id, spec=spec, submitted_at=time.time())
         await bus.publish(self._app.js, subjects.task_subject(task_id, "submitted"), submitted, msg_id=task_id)
-        return await self.outcome(task_id, timeout)
+        return task_id
 
     async def outcome(self, task_id: str, timeout: float = 60) -> TaskSucceeded | TaskAborted:
         """The task's outcome once there is one (and then that there is only one)."""
@@ -255,7 +262,13 @@ class Network:
         found: list[str] = []
         try:
             msgs = await bus.read_messages(js, subjects.TASKS_STREAM, subjects.task_events(task_id))
-            events = (f"{m.metadata.sequence.stream}:{m.subject.rsplit('.', 1)[-1]}" for m in msgs)
+            start = msgs[0].metadata.timestamp if msgs else None
+            events = (  # sequence:event(.node)@seconds after the first event
+                f"{m.metadata.sequence.stream}:{'.'.join(m.subject.split('.')[2:])[:16]}"
+                f"@{(m.metadata.timestamp - start).total_seconds():.1f}"
+                for m in msgs
+                if start is not None
+            )
             found.append("TASKS " + ", ".join(events))
             streams = [s.config.name for s in await js.streams_info()]
             if subjects.VALIDATION_STREAM in streams:
