@@ -116,6 +116,11 @@ class ValidatorMetrics:
             "Partitions of the task events this replica consumes (STIPPLE_PARTITIONS > 1; 0 otherwise)",
             registry=registry,
         )
+        self.copy_restarts = Counter(
+            "stipple_validator_copy_restarts_total",
+            "Times the server's copy of TASKS into VALIDATION stalled and its leader was stepped down to restart it",
+            registry=registry,
+        )
         self.paused_nodes = Gauge(
             "stipple_validator_paused_nodes",
             "Nodes paused for timeouts, waiting to pass a probe",

@@ -87,6 +87,7 @@ from stipple_common.service import ServiceContext, open_service, serve_as_leader
 from stipple_common.settings import CommonSettings, InvalidSettings
 
 from .blobcheck import BlobChecker
+from .copywatch import watch_copy
 from .decide import candidates, decide, more_nodes, screen_all
 from .metrics import ValidatorMetrics
 from .probes import Prober
@@ -132,6 +133,10 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     # timer would take it (a lost event or timer); 0: never
     sweep_quiet_s: float = 20.0
     sweep_every_s: float = 5.0
+    # partitioned: when TASKS holds messages the server has not copied into VALIDATION for
+    # this long (its source lost with TASKS's leader), VALIDATION's leader is asked to step
+    # down, which restarts the copy at once (copywatch.py); 0: never
+    copy_stall_s: float = 5.0
 
 
 @dataclass
@@ -765,6 +770,16 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
         log.info("partition_stopped", partition=k, folds_dropped=dropped, timers_given_back=timers)
 
     keeping = asyncio.create_task(leases.run(ctx.stop, gain, lose), name="partition-leases")
+    copying = asyncio.create_task(
+        watch_copy(
+            ctx.js,
+            ctx.stop,
+            lambda: 0 in running,  # one watcher: the holder of partition 0
+            stall_s=settings.copy_stall_s,
+            on_restart=validator.metrics.copy_restarts.inc,
+        ),
+        name="copy-watch",
+    )
     try:
         while not keeping.done():
             failed = [
@@ -785,4 +800,7 @@ async def serve_partitions(ctx: ServiceContext, settings: ValidatorSettings, val
             keeping.cancel()
         for _, consuming in running.values():
             consuming.cancel()
-        await asyncio.gather(keeping, *(consuming for _, consuming in running.values()), return_exceptions=True)
+        copying.cancel()
+        await asyncio.gather(
+            keeping, copying, *(consuming for _, consuming in running.values()), return_exceptions=True
+        )
