@@ -12,10 +12,9 @@ import asyncio
 
 import pytest
 
-from stipple_common import bus, subjects
+from stipple_common import subjects
 from stipple_common.messages import SLASHABLE
 from stipple_node.pipeline import PipelineRunner
-from stipple_node.service import NodeAgent
 from stipple_testkit.cluster import NatsCluster, every_replica_current, stream_leader
 from stipple_testkit.network import Network
 
@@ -26,10 +25,10 @@ pytestmark = [
     # and the validator's reveal deadline moved by the time the bus was away. One clean-clone
     # CI run then had a task stuck with its commitments stored and no reveal opened; since the
     # validator's sweep (Validator.sweep_once), 10 of 10 runs passed here, 6 of them beside
-    # another test process loading both cores.
+    # another test process loading both cores. A third failed in the partitioned case, a task
+    # not ended in 120 s: the server's copy into VALIDATION stalls after a kill (30 s or
+    # more); the validator now restarts it (copywatch.py; bench/cluster_chaos.py measures it).
 ]
-
-R3 = {"stream_replicas": 3}
 
 
 @pytest.mark.timeout(400)  # a cluster, the network, 16 tasks and three leader elections: 40 to 85 s here
@@ -40,18 +39,7 @@ async def test_every_task_ends_once_through_the_sigkill_of_the_stream_leader_and
     with NatsCluster.start(3) as cluster:
         await cluster.wait_ready()
         async with Network.plain(cluster.url) as net:
-            js = (await net.client()).js
-            await bus.ensure_streams(js, subjects.stream_configs(replicas=3))
-            await net.gatekeeper(**R3)
-            await net.dispatcher(**R3)
-            if partitions == 1:
-                await net.validator(**R3, phash_threshold=2)
-            else:  # both active, each on half of the task events (VALIDATION, R3 as well)
-                for instance in ("v0", "v1"):
-                    await net.validator(**R3, phash_threshold=2, partitions=partitions, lease_s=2.0, instance=instance)
-            for name in ("node-1", "node-2", "node-3"):
-                await net.node(runner, name, NodeAgent)
-            await asyncio.sleep(1.0)  # nodes announce themselves
+            js = await net.replicated(runner, partitions=partitions)
 
             async def batch(seeds: range) -> list[str]:
                 outcomes = await asyncio.gather(*(net.run_task(seed=s, timeout=120) for s in seeds))

@@ -1,8 +1,8 @@
 """The validator's own state, without a server. Its deadlines (`Validator.timers`): one
 timer per task, held on the message that set it; a later deadline acks the earlier
 message, a redelivery of the same message replaces the delivery held without acking it;
-giving timers back naks each with its time left. And a partition given away takes its
-folds with it."""
+giving timers back naks each with its time left (partitioned: within the sweep window).
+And a partition given away takes its folds with it."""
 
 from __future__ import annotations
 
@@ -79,25 +79,48 @@ async def test_a_timer_fires_at_its_deadline() -> None:
     assert fired == ["t"]
 
 
-async def test_timers_given_back_are_naked_with_their_time_left_by_partition() -> None:
-    v = make_validator(partitions=4)
-    ids = [f"task-{i}" for i in range(12)]
-    msgs = {task_id: FakeMsg(task_id) for task_id in ids}
-    for seq, task_id in enumerate(ids):
-        await v._arm(task_id, "assigned", msgs[task_id], seq, bus.Redeliver(delay=20.0))
-    mine = [t for t in ids if subjects.partition_for(t, 4) == 1]
-    assert mine
+async def test_timers_given_back_by_a_single_validator_are_naked_with_their_time_left() -> None:
+    v = make_validator()
+    msgs = {task_id: FakeMsg(task_id) for task_id in ("t", "u")}
+    await v._arm("t", "assigned", msgs["t"], 1, bus.Redeliver(delay=100.0))
+    await v._arm("u", "reveal", msgs["u"], 2, bus.Redeliver(delay=5.0))
     started = time.time()
+    assert await v.give_back_timers() == 2
+    ((call, delay),) = msgs["t"].calls
+    assert call == "nak"
+    assert 99.0 < delay <= 100.0 + (time.time() - started)
+    ((call, delay),) = msgs["u"].calls
+    assert 4.0 < delay <= 5.0
+    assert v.timers == {}
+
+
+async def test_a_partition_given_away_naks_its_timers_spread_within_the_sweep_window_or_sooner_if_due() -> None:
+    """So the next holder folds each of its open tasks within `sweep_quiet_s` and sweeps
+    them, whatever the server's copy loses; the other partitions' timers stay."""
+    v = make_validator(partitions=4)
+    ids = [f"task-{i}" for i in range(40)]
+    msgs = {task_id: FakeMsg(task_id) for task_id in ids}
+    mine = [t for t in ids if subjects.partition_for(t, 4) == 1]
+    assert len(mine) >= 4
+    soon = mine[-1]  # due in 1 s: comes back then, not later
+    for seq, task_id in enumerate(ids):
+        await v._arm(task_id, "assigned", msgs[task_id], seq, bus.Redeliver(delay=1.0 if task_id == soon else 120.0))
     assert await v.give_back_timers(1) == len(mine)
+    delays = []
     for task_id in ids:
         if task_id in mine:
             ((call, delay),) = msgs[task_id].calls
             assert call == "nak"
-            assert 19.0 < delay <= 20.0 + (time.time() - started)
+            delays.append(delay)
             assert task_id not in v.timers
         else:
             assert msgs[task_id].calls == []
             assert task_id in v.timers
+    window = v.settings.sweep_quiet_s
+    assert delays[0] == 0.0
+    assert all(0.0 <= d < window for d in delays)
+    assert delays[:-1] == sorted(delays[:-1])  # spread evenly, not all at once
+    assert delays[-1] <= 1.0  # the one due sooner
     assert await v.give_back_timers() == len(ids) - len(mine)
     assert v.timers == {}
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import nats
 from eth_account import Account
+from nats.js import JetStreamContext
 
 from stipple_common import bus, subjects
 from stipple_common.identity import key_for, node_id_of
@@ -196,6 +197,26 @@ class Network:
         await self.validator(**(validator or {}))
         for name, agent_type in agents:
             await self.node(runner, name, agent_type)
+
+    async def replicated(self, runner: PipelineRunner, *, partitions: int = 1, **validator: Any) -> JetStreamContext:
+        """The network as production runs it on a cluster: every stream at R3, the
+        gatekeeper, the dispatcher, the validator (one, or with `partitions` > 1 two
+        partitioned replicas, each on half of the task events, with 2 s leases) and three
+        node agents; the test's JetStream context."""
+        js = (await self.client()).js
+        await bus.ensure_streams(js, subjects.stream_configs(replicas=3))
+        await self.gatekeeper(stream_replicas=3)
+        await self.dispatcher(stream_replicas=3)
+        if partitions == 1:
+            await self.validator(stream_replicas=3, phash_threshold=2, **validator)
+        else:  # both active (VALIDATION, R3 as well)
+            partitioned = {"partitions": partitions, "lease_s": 2.0, **validator}
+            for instance in ("v0", "v1"):
+                await self.validator(stream_replicas=3, phash_threshold=2, instance=instance, **partitioned)
+        for name in ("node-1", "node-2", "node-3"):
+            await self.node(runner, name, NodeAgent)
+        await asyncio.sleep(1.0)  # nodes announce themselves
+        return js
 
     async def run_task(
         self,

@@ -46,9 +46,10 @@ class CopyProgress:
 
     Stalled: TASKS grew past what it held when VALIDATION last moved, and VALIDATION has
     not moved for `stall_s` since (or for twice as long after each restart that did not
-    help, up to `most_s`). A healthy copy takes milliseconds. (Not seen: messages
-    TASKS stored just before VALIDATION's last move, stuck, with nothing stored after
-    them; the server's own retry still takes those.)"""
+    help, up to `most_s`). A healthy copy takes milliseconds, and takes every TASKS
+    message (all are ``tasks.<id>.<event>...``; the source's filter is ``tasks.*.>``).
+    Not seen: messages TASKS stored just before VALIDATION's last move, stuck, with
+    nothing stored after them; the server's own retry still takes those."""
 
     stall_s: float
     most_s: float = 60.0  # the longest wait between restarts that did not help

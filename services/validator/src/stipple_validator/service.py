@@ -35,8 +35,8 @@ nak'ed with the delay instead, and came back from the server after the task had 
 ended: two redeliveries, two naks and two advisories per task, for nothing. The held
 message is still the durable record of the timer: a validator that stops gives each back
 with its remaining delay (a nak), one that is killed leaves it to come back after the
-consumer's ack wait, and a partition given away gives its tasks' timers back the same way,
-so the next holder decides at the deadline. Two validators sharing
+consumer's ack wait, and a partition given away gives its tasks' timers back within the
+sweep's quiet time (`give_back_timers`), so the next holder folds and sweeps them. Two validators sharing
 the consumer would each see part of a task's events and leave the decision to the
 deadlines, so either one runs at a time (active/standby: STIPPLE_LEASE_S), or the task
 events are partitioned by task id (STIPPLE_PARTITIONS > 1: the server copies TASKS into
@@ -284,15 +284,26 @@ class Validator:
 
     async def give_back_timers(self, partition: int | None = None) -> int:
         """Hand the held messages of the tasks' timers (of `partition`, or all) back to
-        JetStream, each to come again at its deadline (a nak with the time left): what a
-        replica does when it stops or gives a partition away. Returns how many."""
+        JetStream: what a replica does when it stops or gives a partition away. Returns how
+        many.
+
+        Unpartitioned, each comes again at its deadline (a nak with the time left): the next
+        validator reads TASKS itself and misses none of the tasks' later events. Partitioned,
+        they come again within `sweep_quiet_s` (spread evenly over it, or at their deadline
+        if sooner), so that the next holder folds every open task it took over within that
+        and its sweep covers them: the server's copy into VALIDATION is not trusted to carry
+        every later event (measured: a task whose commitments never reached the next holder
+        waited for its timer, 120 s, though its nodes had committed in 6)."""
         async with self._lock:
             count = self.settings.partitions
             mine = [t for t in self.timers if partition is None or subjects.partition_for(t, count) == partition]
-            for task_id in mine:
+            spread = self.settings.sweep_quiet_s if count > 1 and self.settings.sweep_quiet_s > 0 else math.inf
+            now = time.time()
+            for i, task_id in enumerate(mine):
                 timer = self.timers.pop(task_id)
                 timer.handle.cancel()
-                await self.held.redeliver(timer.msg, max(timer.due - time.time(), 0.0))
+                soon = spread * i / len(mine)
+                await self.held.redeliver(timer.msg, max(min(timer.due - now, soon), 0.0))
             return len(mine)
 
     async def advance(self, task_id: str, task: Task, event_name: str) -> bus.Redeliver | None:
