@@ -10,11 +10,12 @@ import asyncio
 import time
 import uuid
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from stipple_common import bus, subjects
 from stipple_validator.metrics import ValidatorMetrics
-from stipple_validator.service import Validator, ValidatorSettings, _Folded
+from stipple_validator.service import GIVEN_BACK_PER_S, Validator, ValidatorSettings, _Folded
 
 
 class FakeMsg:
@@ -123,6 +124,17 @@ async def test_a_partition_given_away_naks_its_timers_spread_within_the_sweep_wi
     assert delays[-1] <= 1.0  # the one due sooner
     assert await v.give_back_timers() == len(ids) - len(mine)
     assert v.timers == {}
+
+
+async def test_many_timers_given_back_come_back_no_faster_than_the_next_holder_can_rebuild_them() -> None:
+    v = make_validator(partitions=4)
+    msgs = [FakeMsg(str(i)) for i in range(6_000)]
+    for i, msg in enumerate(msgs):
+        await v._arm(f"task-{i}", "assigned", msg, i, bus.Redeliver(delay=600.0))
+    assert await v.give_back_timers() == 6_000
+    delays = [msg.calls[0][1] for msg in msgs]
+    assert max(delays) == pytest.approx(6_000 / GIVEN_BACK_PER_S, abs=0.01)  # 30 s, past the 20 s window
+    assert sum(1 for d in delays if d < 1.0) == GIVEN_BACK_PER_S  # 200 in the first second
 
 
 def test_a_partition_given_away_takes_its_folds_and_reveal_requests_with_it():

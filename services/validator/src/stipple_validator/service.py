@@ -96,6 +96,7 @@ from .sentinel import Sentinel
 
 log = structlog.get_logger("stipple.validator")
 
+GIVEN_BACK_PER_S = 200  # timers of a partition given away, back to the next holder per second at most
 TIMER_KEEPALIVE_S = 10.0  # a held timer message is kept alive this often (the consumer's ack wait: 30 s)
 
 NO_SAMPLE = ("undecided", "cancelled")  # verdicts that say nothing about the node
@@ -290,14 +291,17 @@ class Validator:
         Unpartitioned, each comes again at its deadline (a nak with the time left): the next
         validator reads TASKS itself and misses none of the tasks' later events. Partitioned,
         they come again within `sweep_quiet_s` (spread evenly over it, or at their deadline
-        if sooner), so that the next holder folds every open task it took over within that
+        if sooner; at most GIVEN_BACK_PER_S a second, each costing the next holder a read of
+        the task), so that the next holder folds every open task it took over within that
         and its sweep covers them: the server's copy into VALIDATION is not trusted to carry
         every later event (measured: a task whose commitments never reached the next holder
         waited for its timer, 120 s, though its nodes had committed in 6)."""
         async with self._lock:
             count = self.settings.partitions
             mine = [t for t in self.timers if partition is None or subjects.partition_for(t, count) == partition]
-            spread = self.settings.sweep_quiet_s if count > 1 and self.settings.sweep_quiet_s > 0 else math.inf
+            spread = math.inf  # (unpartitioned: at the deadline)
+            if count > 1 and self.settings.sweep_quiet_s > 0:  # and no faster than the next holder rebuilds them
+                spread = max(self.settings.sweep_quiet_s, len(mine) / GIVEN_BACK_PER_S)
             now = time.time()
             for i, task_id in enumerate(mine):
                 timer = self.timers.pop(task_id)
