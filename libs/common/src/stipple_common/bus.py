@@ -508,6 +508,16 @@ async def read_direct(
             await sub.unsubscribe()
 
 
+async def step_down_leader(js: JetStreamContext, stream: str, timeout: float = 5.0) -> str:
+    """Ask `stream`'s leader to step down (``$JS.API.STREAM.LEADER.STEPDOWN.<stream>``),
+    which nats-py does not wrap: "" when it did, else the server's error (a stream of one
+    replica has no one to step down to)."""
+    reply = await js._nc.request(f"{js._prefix}.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=timeout)
+    answer = msgspec.json.decode(reply.data or b"{}")
+    error = answer.get("error") if isinstance(answer, dict) else answer
+    return "" if isinstance(answer, dict) and answer.get("success") and not error else str(error or answer)
+
+
 async def read_stored(js: JetStreamContext, stream: str, subject: str) -> list[StoredMessage]:
     """Every message stored on `subject`, in stream order: by Direct Get (`read_direct`),
     or, on a stream that does not allow it (declared before ``allow_direct``, not updated

@@ -11,7 +11,8 @@ task stalled 30 to 45 s after one SIGKILL of the TASKS leader, and a CI run had 
 wait more than 120 s. The source's own `lag` in STREAM.INFO does not show it (it is
 reported by the consumer that is gone: 0).
 
-So the holder of partition 0 watches the copy (`CopyWatch`): when TASKS has stored
+So every partitioned replica watches the copy (`watch_copy`, `CopyProgress`), and the
+holder of partition 0 acts: when TASKS has stored
 messages that VALIDATION has not taken in for `stall_s`, it asks VALIDATION's leader to
 step down. The new leader sets the source up at once (a fresh source, no backoff), from
 the last TASKS sequence it copied, so nothing is skipped and nothing copied twice.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,15 +80,6 @@ class CopyProgress:
         self.restarts += 1
 
 
-async def step_down(js: JetStreamContext, stream: str, timeout: float = 5.0) -> str:
-    """Ask `stream`'s leader to step down (``$JS.API.STREAM.LEADER.STEPDOWN``); "" when
-    it did, else the server's error (a stream of one replica has no one to step down to)."""
-    reply = await js._nc.request(f"{js._prefix}.STREAM.LEADER.STEPDOWN.{stream}", b"", timeout=timeout)
-    answer = json.loads(reply.data or b"{}")
-    error = answer.get("error")
-    return "" if answer.get("success") and not error else str(error or answer)
-
-
 async def watch_copy(
     js: JetStreamContext,
     stop: asyncio.Event,
@@ -100,8 +91,8 @@ async def watch_copy(
 ) -> None:
     """Until `stop`: read both streams' last sequences every `every_s`, and step
     VALIDATION's leader down when the copy stalled (`CopyProgress`) and `watching()` (this
-    replica holds partition 0: one replica acts). A stream of one replica is left alone: its copy has no leader
-    to lose. Errors (the bus away) are skipped: the next probe tries again. `stall_s` 0:
+    replica holds partition 0: one replica acts). A stream of one replica is left alone:
+    its copy has no leader to lose. Errors (the bus away) are skipped: the next probe tries again. `stall_s` 0:
     returns at once (not watched)."""
     if stall_s <= 0:
         return
@@ -124,7 +115,7 @@ async def watch_copy(
             continue
         behind = tasks.state.last_seq - progress.tasks_seq
         try:
-            error = await step_down(js, subjects.VALIDATION_STREAM)
+            error = await bus.step_down_leader(js, subjects.VALIDATION_STREAM)
         except bus.BUS_AWAY_OR_SLOW as exc:
             error = repr(exc)
         log.warning(

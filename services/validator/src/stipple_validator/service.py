@@ -299,15 +299,17 @@ class Validator:
         async with self._lock:
             count = self.settings.partitions
             mine = [t for t in self.timers if partition is None or subjects.partition_for(t, count) == partition]
-            spread = math.inf  # (unpartitioned: at the deadline)
+            spread = None  # unpartitioned: each at its deadline
             if count > 1 and self.settings.sweep_quiet_s > 0:  # and no faster than the next holder rebuilds them
                 spread = max(self.settings.sweep_quiet_s, len(mine) / GIVEN_BACK_PER_S)
             now = time.time()
             for i, task_id in enumerate(mine):
                 timer = self.timers.pop(task_id)
                 timer.handle.cancel()
-                soon = spread * i / len(mine)
-                await self.held.redeliver(timer.msg, max(min(timer.due - now, soon), 0.0))
+                delay = timer.due - now
+                if spread is not None:
+                    delay = min(delay, spread * i / len(mine))
+                await self.held.redeliver(timer.msg, max(delay, 0.0))
             return len(mine)
 
     async def advance(self, task_id: str, task: Task, event_name: str) -> bus.Redeliver | None:
