@@ -466,7 +466,11 @@ async def test_consume_makes_its_consumer_again_when_it_is_deleted_under_it(stre
         await js.publish(f"{prefix}.m.2", b"2")
         await until("the message after the delete handled", lambda: handled(b"2"), timeout=10.0)
         assert seen in ([b"1", b"2"], [b"1", b"1", b"2"])  # made again, it starts from the stream's first
-        assert (await js.consumer_info(name, "again")).num_ack_pending == 0
+
+        async def acked() -> bool:  # (the ack follows the handler: seen before it is acked)
+            return (await js.consumer_info(name, "again")).num_ack_pending == 0
+
+        await until("the message after the delete acked", acked, timeout=5.0)
     finally:
         stop.set()
         await asyncio.wait_for(runner, 5)

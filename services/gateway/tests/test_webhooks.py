@@ -47,6 +47,7 @@ from stipple_gateway.webhooks import (
     sign,
     verify,
 )
+from stipple_testkit.waits import until
 
 try:  # the Standard Webhooks reference library, when installed: it must accept what the gateway sends
     from standardwebhooks.webhooks import Webhook as ReferenceWebhook
@@ -394,8 +395,11 @@ async def test_names_resolving_to_non_public_addresses_are_refused_at_send_time(
     asked = sorted(host for host, _ in resolver.asked)
     assert asked == sorted([*table, "nxdomain.hooks.test"])  # once each, and again for the retried one
     assert {port for _, port in resolver.asked} == {443}
-    info = await gw.js.consumer_info(subjects.TASKS_STREAM, WEBHOOK_DURABLE)
-    assert info.num_ack_pending == 0
+
+    async def all_acked() -> bool:  # (counted before its ack is sent: read until the ack is in)
+        return (await gw.js.consumer_info(subjects.TASKS_STREAM, WEBHOOK_DURABLE)).num_ack_pending == 0
+
+    await until("every outcome's webhook message acked", all_acked, timeout=5.0)
 
 
 async def test_delivery_gives_up_after_the_configured_attempts(own_nc, make_gateway, asgi_client, receiver_factory):

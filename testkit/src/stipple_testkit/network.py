@@ -303,7 +303,8 @@ class Network:
                 subject = f"{subjects.PARTITION_PREFIX}.{k}.{task_id}.>"
                 held = (await js.stream_info(subjects.VALIDATION_STREAM, subjects_filter=subject)).state.subjects
                 copies = (f"{s.rsplit('.', 1)[-1]} x{n}" for s, n in sorted((held or {}).items()))
-                found.append(f"VALIDATION p{k} (not acked) " + ", ".join(copies))  # (a work queue: no reader)
+                # (a work queue: what it holds is what the partition's reader has not acked)
+                found.append(f"VALIDATION p{k} (not acked) " + (", ".join(copies) or "none"))
                 durable = subjects.validator_partition_consumer(k).durable_name
                 c = await js.consumer_info(subjects.VALIDATION_STREAM, durable)
                 found.append(
