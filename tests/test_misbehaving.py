@@ -105,6 +105,15 @@ class NeverAnswers(NodeAgent):
         return None
 
 
+class CrashesLoudly(NodeAgent):
+    """Fails every task with an exception whose message (about 50,000 characters) is far past
+    what `errored` may carry: an honest failure, so it must reach the network cut to the
+    bound, not be refused as undecodable (which would leave the node a `timeout`)."""
+
+    async def _generate(self, work: Assignment) -> list[GeneratedImage]:
+        raise RuntimeError("shapes " + "(1, 4, 64, 64) " * 3400)
+
+
 class AnswersTwice(NodeAgent):
     """Does the work honestly, then commits and reveals a second, different result."""
 
@@ -185,6 +194,7 @@ async def run_network(nats_url: str, runner: PipelineRunner, suspect: type[NodeA
         pytest.param(OtherSeed, "bad_result", id="uses another seed (and says so: the seed is checked)"),
         pytest.param(Replays, "bad_commitment", id="replays another node's result"),
         pytest.param(NeverAnswers, "timeout", id="never answers"),
+        pytest.param(CrashesLoudly, "error", id="fails with a 50 KB message: cut, an honest error"),
         pytest.param(AnswersTwice, "agree", id="answers twice: the second answer is ignored"),
     ],
 )

@@ -15,9 +15,12 @@ from stipple_common import subjects
 from stipple_common.errors import Rejected
 from stipple_common.identity import dev_node_id
 from stipple_common.messages import (
+    MAX_ERROR_MESSAGE,
+    NODE_WRITTEN,
     ImageResult,
     NodeBanned,
     NodeErrored,
+    NodeEvent,
     NodeHeartbeat,
     NodeProbed,
     NodeQos,
@@ -29,6 +32,7 @@ from stipple_common.messages import (
     TaskCancelled,
     TaskCommitted,
     TaskEscalated,
+    TaskEvent,
     TaskExtended,
     TaskReassigned,
     TaskRevealOpened,
@@ -39,9 +43,12 @@ from stipple_common.messages import (
     decode_progress,
     decode_task_event,
     encode,
+    error_message,
     event_name,
 )
-from stipple_common.taskspec import parse_task
+from stipple_common.subjects import NODE_SELF_EVENTS as NODE_SELF
+from stipple_common.subjects import NODE_TASK_EVENTS as NODE_TASK
+from stipple_common.taskspec import MAX_IMAGES, parse_task
 from stipple_testkit.nodes import joined
 
 A, B = dev_node_id("a"), dev_node_id("b")
@@ -168,6 +175,91 @@ def test_progress_is_believed_only_on_the_nodes_own_subject():
     for subject in (subjects.progress_subject("t", B), subjects.progress_subject("u", A), "progress.t"):
         with pytest.raises(Rejected):
             decode_progress(subject, encode(progress))
+
+
+def _unbounded(t: msgspec.inspect.Type, where: str, seen: set[type]) -> list[str]:
+    """The places under `t` where a string, bytes or a collection has no maximum length."""
+    mi = msgspec.inspect
+    if isinstance(t, mi.StructType):
+        if t.cls in seen:
+            return []
+        seen.add(t.cls)
+        return [u for f in t.fields for u in _unbounded(f.type, f"{t.cls.__name__}.{f.name}", seen)]
+    if isinstance(t, mi.UnionType):
+        return [u for member in t.types for u in _unbounded(member, where, seen)]
+    found = []
+    if isinstance(t, (mi.StrType, mi.BytesType, mi.ByteArrayType, mi.MemoryViewType)) and t.max_length is None:
+        found.append(where)
+    if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType, mi.DictType)):
+        if t.max_length is None:
+            found.append(where)
+        if isinstance(t, mi.DictType):
+            found += _unbounded(t.key_type, f"{where} (key)", seen) + _unbounded(t.value_type, f"{where}[]", seen)
+        else:
+            found += _unbounded(t.item_type, f"{where}[]", seen)
+    if isinstance(t, (mi.AnyType, mi.RawType)):
+        found.append(f"{where} (any)")
+    return found
+
+
+def test_every_string_and_list_a_node_writes_is_bounded():
+    """The class, not one field: whatever a node may publish (its task events, what it says
+    of itself, progress, downloads, chain requests) has a maximum length at every string and
+    list, so no payload a node writes is bigger than an honest one's by more than the bounds."""
+    node_task = {t.cls for t in msgspec.inspect.type_info(TaskEvent).types if t.cls.__struct_config__.tag in NODE_TASK}
+    node_self = {t.cls for t in msgspec.inspect.type_info(NodeEvent).types if t.cls.__struct_config__.tag in NODE_SELF}
+    assert len(node_task) == len(NODE_TASK)
+    assert len(node_self) == len(NODE_SELF)
+    assert node_task | node_self <= set(NODE_WRITTEN)  # every event a node may send is listed
+    unbounded = [u for cls in NODE_WRITTEN for u in _unbounded(msgspec.inspect.type_info(cls), cls.__name__, set())]
+    assert unbounded == []
+    assert _unbounded(msgspec.inspect.type_info(TaskSubmitted), "TaskSubmitted", set())  # (the walk finds one)
+
+
+def _rejected_as_undecodable(event: msgspec.Struct) -> None:
+    subject = (
+        subjects.task_subject("t", event_name(event), A)
+        if hasattr(event, "task_id")
+        else subjects.node_subject(A, type(event).__struct_config__.tag)
+    )
+    decode = decode_task_event if hasattr(event, "task_id") else decode_node_event
+    with pytest.raises(Rejected) as caught:
+        decode(subject, encode(event))
+    assert (caught.value.reason, caught.value.sender) == ("undecodable", A), caught.value
+
+
+def test_a_node_event_past_a_bound_is_rejected_and_one_at_it_is_not():
+    errored = NodeErrored(task_id="t", node_id=A, code="internal", message="m" * MAX_ERROR_MESSAGE)
+    revealed = ResultRevealed(task_id="t", node_id=A, images=[IMG] * MAX_IMAGES, determinism="d" * 256)
+    committed = TaskCommitted(task_id="t", node_id=A, commitment="0x" + "a" * 64, signature="0x" + "b" * 130)
+    for fine in (errored, revealed, committed):
+        assert decode_task_event(subjects.task_subject("t", event_name(fine), A), encode(fine)) == fine
+    replace = msgspec.structs.replace
+    for past in (
+        replace(errored, message="m" * (MAX_ERROR_MESSAGE + 1)),
+        replace(errored, code="c" * 65),
+        replace(revealed, images=[IMG] * (MAX_IMAGES + 1)),
+        replace(revealed, determinism="d" * 257),
+        replace(revealed, nonce="0x" + "0" * 255),
+        replace(revealed, images=[replace(IMG, key="k" * 513)]),
+        replace(revealed, images=[replace(IMG, summaries=["s"] * 9)]),
+        replace(revealed, images=[replace(IMG, checkpoints=["c" * 1025] * 3)]),
+        replace(committed, signature="0x" + "b" * 255),
+        NodeProbed(node_id=A, probe_id="p" * 129, elapsed_s=1.0),
+        NodeQuit(node_id="0x" + "1" * 127, at=1.0),  # (past the bound before it is checked against the subject)
+    ):
+        _rejected_as_undecodable(past)
+
+
+def test_an_honest_node_cuts_a_long_error_message_to_the_bound():
+    long = "RuntimeError: " + "shape mismatch " * 1000
+    cut = error_message(long)
+    assert len(cut) == MAX_ERROR_MESSAGE
+    assert cut.startswith("RuntimeError: ")
+    assert cut.endswith("...")
+    assert error_message("short") == "short"
+    event = NodeErrored(task_id="t", node_id=A, code="internal", message=cut)
+    assert decode_task_event(subjects.task_subject("t", "errored", A), encode(event)).message == cut
 
 
 def test_what_a_node_says_of_itself_is_bounded():

@@ -8,7 +8,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from stipple_common import checkpoints
+from stipple_common import checkpoints, subjects
 from stipple_common.aggregate import apply
 from stipple_common.commitment import account_from_key, make_commitment, new_account, new_nonce, sign
 from stipple_common.identity import dev_node_id, key_for
@@ -25,10 +25,12 @@ from stipple_common.messages import (
     TaskRevealOpened,
     TaskSubmitted,
     TaskSucceeded,
+    decode_task_event,
+    encode,
 )
-from stipple_common.taskspec import parse_task
+from stipple_common.taskspec import MAX_IMAGES, parse_task
 from stipple_common.vrf import SamplingProof, VrfKey
-from stipple_validator.decide import candidates, decide, group_agreeing, more_nodes, screen_all
+from stipple_validator.decide import MAX_KEY_LENGTH, candidates, decide, group_agreeing, more_nodes, screen_all
 
 SPEC = parse_task(
     {
@@ -605,3 +607,25 @@ def test_malformed_summaries_are_a_bad_result(summaries, why):
     outcome = decided_with_tolerance(task_with({N1: A, N2: A, N3: A}, images={N3: garbled}))
     assert outcome.verdicts[N3] == "bad_result"
     assert why in outcome.verdict_details[N3]
+
+
+def test_a_reveal_at_every_limit_the_validator_judges_still_decodes():
+    """The decode bounds every node payload has (messages.NODE_WRITTEN) hold the validator's
+    own limits (a key, a summary, a class): a reveal at them reaches the judgement above,
+    which gives the verdict, never an `undecodable` refusal that would hide why."""
+    image = ImageResult(
+        index=0,
+        key="k" * MAX_KEY_LENGTH,
+        phash="0" * 16,
+        seed=1,
+        width=64,
+        height=64,
+        sha256="0" * 64,
+        checkpoints=work_checkpoints(),
+        summaries=["A" * checkpoints.MAX_SUMMARY_CHARS] * len(checkpoints.FRACTIONS),
+    )
+    determinism = "d" * checkpoints.MAX_CLASS_LENGTH
+    event = ResultRevealed(
+        task_id="t", node_id=N1, images=[image] * MAX_IMAGES, nonce="0x" + "0" * 64, determinism=determinism
+    )
+    assert decode_task_event(subjects.task_subject("t", "revealed", N1), encode(event)) == event

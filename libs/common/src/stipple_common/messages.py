@@ -18,7 +18,7 @@ from .records import Ban as Ban  # KV records, re-exported: they live in records
 from .records import IndexedStake as IndexedStake
 from .records import ban_decoder as ban_decoder
 from .records import indexed_stake_decoder as indexed_stake_decoder
-from .taskspec import TaskSpec
+from .taskspec import MAX_IMAGES, TaskSpec
 from .vrf import SamplingProof as SamplingProof
 
 Validation = Literal["sampled", "full"]
@@ -26,6 +26,30 @@ Validation = Literal["sampled", "full"]
 control plane's VRF selects it (probability `STIPPLE_VALIDATION_RATE`), on three that are
 compared; `full` always runs it on three (the app pays for three). Three is
 `STIPPLE_REPLICATION`."""
+
+# --------------------------------------------------------------------------- bounds
+
+# Every string and list a node writes is bounded (`NODE_WRITTEN`, and a test walks them):
+# an event past a bound does not decode, so it is Rejected as `undecodable` and counted
+# against its node (the sentinel), never stored in a fold, shown to an app or logged whole.
+# The bounds are loose (an honest node's values are far inside them): a value's form and
+# tighter limits (hex digits, a signature that recovers, a key of at most 512 characters,
+# a class of at most 200) are the validator's, which judges a reveal past them a bad result.
+Id = Annotated[str, msgspec.Meta(max_length=128)]  # a task, node or probe id (also checked against its subject)
+Digest = Annotated[str, msgspec.Meta(max_length=256)]  # a hash, commitment, signature, nonce or address
+Determinism = Annotated[str, msgspec.Meta(max_length=256)]  # (the validator's is 200: longer is a bad result)
+ErrorCode = Annotated[str, msgspec.Meta(max_length=64)]
+MAX_ERROR_MESSAGE = 2000  # characters: a node cuts a longer message (`error_message`)
+ErrorMessage = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE)]
+BlobKey = Annotated[str, msgspec.Meta(max_length=512)]
+# a checkpoint digest (32 hex digits) or a latent summary (checkpoints.MAX_SUMMARY_CHARS: 686), one per fraction (3)
+LatentSummaries = Annotated[list[Annotated[str, msgspec.Meta(max_length=1024)]], msgspec.Meta(max_length=8)]
+
+
+def error_message(text: str) -> str:
+    """`text` as a node may send it in `errored` (at most `MAX_ERROR_MESSAGE` characters)."""
+    return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
+
 
 # --------------------------------------------------------------------------- tasks
 
@@ -37,18 +61,18 @@ class ImageResult(msgspec.Struct, frozen=True, kw_only=True):
     SHA-256 again when it serves the image."""
 
     index: int
-    key: str  # blob-store key, under tasks/<task_id>/<node_id>/
-    phash: str  # 64-bit pHash as 16 hex digits
+    key: BlobKey  # blob-store key, under tasks/<task_id>/<node_id>/
+    phash: Digest  # 64-bit pHash as 16 hex digits
     seed: int
     width: int
     height: int
-    sha256: str = ""  # of the PNG bytes, 64 hex digits
+    sha256: Digest = ""  # of the PNG bytes, 64 hex digits
     # digests of this image's latents after 1/4, 1/2 and 3/4 of the steps (checkpoints.py):
     # equal between nodes of one determinism class, so skipped work shows
-    checkpoints: list[str] = []
+    checkpoints: LatentSummaries = []
     # per fraction, a summary of those latents (checkpoints.summary): compared with a measured
     # tolerance between nodes of two classes, where the digests cannot be equal
-    summaries: list[str] = []
+    summaries: LatentSummaries = []
 
 
 class TaskSubmitted(msgspec.Struct, frozen=True, kw_only=True, tag="submitted", tag_field="type"):
@@ -87,8 +111,8 @@ class TaskReassigned(msgspec.Struct, frozen=True, kw_only=True, tag="reassigned"
 
 
 class TaskStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started", tag_field="type"):
-    task_id: str
-    node_id: str
+    task_id: Id
+    node_id: Id
 
 
 class TaskCommitted(msgspec.Struct, frozen=True, kw_only=True, tag="committed", tag_field="type"):
@@ -96,10 +120,10 @@ class TaskCommitted(msgspec.Struct, frozen=True, kw_only=True, tag="committed", 
     `commitment.make_commitment(...)` (keccak-256, 0x hex) and `signature` its EIP-191
     signature by the node's Ethereum key (0x hex, 65 bytes)."""
 
-    task_id: str
-    node_id: str
-    commitment: str
-    signature: str
+    task_id: Id
+    node_id: Id
+    commitment: Digest
+    signature: Digest
     elapsed_s: float = 0.0
 
 
@@ -142,23 +166,23 @@ class TaskExtended(msgspec.Struct, frozen=True, kw_only=True, tag="extended", ta
 
 
 class ResultRevealed(msgspec.Struct, frozen=True, kw_only=True, tag="revealed", tag_field="type"):
-    task_id: str
-    node_id: str
-    images: list[ImageResult]
+    task_id: Id
+    node_id: Id
+    images: Annotated[list[ImageResult], msgspec.Meta(max_length=MAX_IMAGES)]
     elapsed_s: float = 0.0
-    nonce: str = ""  # 0x hex, 32 bytes: opens the commitment
+    nonce: Digest = ""  # 0x hex, 32 bytes: opens the commitment
     # what makes this node's floating point bit-identical to another's (device, driver and
     # CUDA, torch, diffusers, dtype; threads on a CPU): results of one class must match exactly
-    determinism: str = ""
+    determinism: Determinism = ""
 
 
 class NodeErrored(msgspec.Struct, frozen=True, kw_only=True, tag="errored", tag_field="type"):
     """A node could not run the task (bad input that slipped through, model missing, OOM...)."""
 
-    task_id: str
-    node_id: str
-    code: str
-    message: str
+    task_id: Id
+    node_id: Id
+    code: ErrorCode
+    message: ErrorMessage  # shown to the app: a node cuts it with `error_message`
 
 
 # agree: paid by QoS share. mismatch, bad_commitment, bad_result, withheld: slashable. error, timeout: QoS 0.
@@ -297,7 +321,7 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     node id (its address) comes from the subject, the address in it must be that id, and
     its stake and operator (the stake's owner) come from the chain, never from here."""
 
-    node_id: str
+    node_id: Id
     device: Annotated[str, msgspec.Meta(max_length=256)]  # e.g. "NVIDIA H100 80GB HBM3" or "cpu: AMD EPYC ..."
     memory_bytes: int  # VRAM (or RAM for CPU nodes)
     models: ModelNames
@@ -308,7 +332,7 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     # the LoRAs among models_on_disk (store entries of kind "lora"), most recently used first: what
     # the gateway lists as A1111's `GET /sdapi/v1/loras`; empty from nodes older than the field
     loras_on_disk: ModelNames = []
-    address: str = ""  # the node's Ethereum address (its id, checksummed): it signs commitments and stakes
+    address: Digest = ""  # the node's Ethereum address (its id, checksummed): it signs commitments and stakes
     # its determinism class but the dtype (hardware, driver and CUDA, torch, diffusers; threads on a
     # CPU): what it reveals must be this plus the task's dtype, and the dispatcher puts a sampled
     # task's copies in the class of its first node where it can (docs/validation.md)
@@ -320,14 +344,14 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
 
 
 class NodeHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="heartbeat", tag_field="type"):
-    node_id: str
+    node_id: Id
     at: float
     busy: bool = False
     models_loaded: ModelNames = []
 
 
 class NodeQuit(msgspec.Struct, frozen=True, kw_only=True, tag="quit", tag_field="type"):
-    node_id: str
+    node_id: Id
     at: float
 
 
@@ -345,11 +369,11 @@ class NodeQos(msgspec.Struct, frozen=True, kw_only=True, tag="qos", tag_field="t
 class NodeProbed(msgspec.Struct, frozen=True, kw_only=True, tag="probed", tag_field="type"):
     """A node's answer to a ProbeRequest: it ran the probe (`error` empty) or could not."""
 
-    node_id: str
-    probe_id: str
+    node_id: Id
+    probe_id: Id
     elapsed_s: float
-    phash: str = ""
-    error: str = ""  # the error code when the probe failed
+    phash: Digest = ""
+    error: ErrorCode = ""  # the error code when the probe failed
 
 
 class NodeBanned(msgspec.Struct, frozen=True, kw_only=True, tag="banned", tag_field="type"):
@@ -405,17 +429,17 @@ chain_decoder = msgspec.json.Decoder(ChainMessage)
 
 
 class ChainInfoRequest(msgspec.Struct, frozen=True, kw_only=True, tag="info", tag_field="type"):
-    address: str
+    address: Digest
 
 
 class SendRawTransaction(msgspec.Struct, frozen=True, kw_only=True, tag="send", tag_field="type"):
-    raw: str  # the signed transaction, 0x hex
+    raw: Annotated[str, msgspec.Meta(max_length=2 + 2 * 128 * 1024)]  # the signed transaction, 0x hex (geth's 128 KiB)
 
 
 class FaucetRequest(msgspec.Struct, frozen=True, kw_only=True, tag="faucet", tag_field="type"):
     """Development chains only (the embedded one): tokens to stake and ether for gas."""
 
-    address: str
+    address: Digest
     tokens: int
 
 
@@ -512,8 +536,8 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     """Ephemeral step progress on ``progress.<task_id>.<node_id>`` (core NATS, may be lost);
     shown only for a node the task is assigned to."""
 
-    task_id: str
-    node_id: str
+    task_id: Id
+    node_id: Id
     step: int
     total: int
 
@@ -521,12 +545,31 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
 class DownloadProgress(msgspec.Struct, frozen=True, kw_only=True):
     """Ephemeral model-download progress on ``downloads.<node_id>`` (core NATS)."""
 
-    node_id: str
-    ref: str
+    node_id: Id
+    ref: ModelName
     downloaded_bytes: int
     total_bytes: int | None
     done: bool
 
+
+NODE_WRITTEN: tuple[type[msgspec.Struct], ...] = (
+    TaskStarted,
+    TaskCommitted,
+    ResultRevealed,
+    NodeErrored,
+    NodeJoined,
+    NodeHeartbeat,
+    NodeQuit,
+    NodeProbed,
+    Progress,
+    DownloadProgress,
+    ChainInfoRequest,
+    SendRawTransaction,
+    FaucetRequest,
+)
+"""Every payload a node may publish (`permissions.node_permissions`; its blob uploads are
+bytes with headers the intake bounds, and its join question is empty): each of their strings
+and lists has a bound."""
 
 # Encoders and decoders are built once and reused.
 encoder = msgspec.json.Encoder()

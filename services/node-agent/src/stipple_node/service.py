@@ -67,6 +67,7 @@ from stipple_common.messages import (
     assignment_decoder,
     control_decoder,
     encode,
+    error_message,
     join_status_decoder,
 )
 from stipple_common.metrics import Metrics
@@ -595,7 +596,8 @@ class NodeAgent:
         return await asyncio.to_thread(self.runner.run, spec, report, cancelled)
 
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
-        event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
+        # (the network refuses a longer message as undecodable, a strike against this node)
+        event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=error_message(message))
         await self._publish_event(event)
         self.metrics.tasks.labels(code).inc()
         log.warning("task_failed", code=code, error=message)
