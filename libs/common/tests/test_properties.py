@@ -378,6 +378,7 @@ def test_decode_progress_answers_or_rejects(subject, data):
     except Rejected:
         return
     assert subject == f"progress.{progress.task_id}.{progress.node_id}"
+    assert 0 <= progress.step <= progress.total  # shown to apps as a fraction
 
 
 VALID_TASK = {"base_model": "tiny-sd", "prompt": "p", "task_config": {"image_width": 64, "image_height": 64}}

@@ -177,6 +177,17 @@ def test_progress_is_believed_only_on_the_nodes_own_subject():
             decode_progress(subject, encode(progress))
 
 
+@pytest.mark.parametrize(("step", "total"), [(5, 4), (-1, 4), (0, -1), (2, 10**7), (10**7, 10**7)])
+def test_progress_past_its_total_or_out_of_range_is_refused(step, total):
+    """What the app is shown as a fraction (A1111's `progress`, the ETA) stays within 0..1."""
+    progress = Progress(task_id="t", node_id=A, step=step, total=total)
+    with pytest.raises(Rejected) as caught:
+        decode_progress(subjects.progress_subject("t", A), encode(progress))
+    assert (caught.value.reason, caught.value.sender) == ("undecodable", A)
+    done = Progress(task_id="t", node_id=A, step=4, total=4)
+    assert decode_progress(subjects.progress_subject("t", A), encode(done)) == done
+
+
 def _unbounded(t: msgspec.inspect.Type, where: str, seen: set[type]) -> list[str]:
     """The places under `t` where a string, bytes or a collection has no maximum length."""
     mi = msgspec.inspect

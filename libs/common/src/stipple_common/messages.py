@@ -42,6 +42,7 @@ ErrorCode = Annotated[str, msgspec.Meta(max_length=64)]
 MAX_ERROR_MESSAGE = 2000  # characters: a node cuts a longer message (`error_message`)
 ErrorMessage = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE)]
 BlobKey = Annotated[str, msgspec.Meta(max_length=512)]
+MAX_PROGRESS_STEPS = 1_000_000  # a task's steps are at most 150 per image and phase
 # a checkpoint digest (32 hex digits) or a latent summary (checkpoints.MAX_SUMMARY_CHARS: 686), one per fraction (3)
 LatentSummaries = Annotated[list[Annotated[str, msgspec.Meta(max_length=1024)]], msgspec.Meta(max_length=8)]
 
@@ -538,8 +539,8 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
 
     task_id: Id
     node_id: Id
-    step: int
-    total: int
+    step: Annotated[int, msgspec.Meta(ge=0, le=MAX_PROGRESS_STEPS)]  # and at most `total` (decode_progress)
+    total: Annotated[int, msgspec.Meta(ge=0, le=MAX_PROGRESS_STEPS)]
 
 
 class DownloadProgress(msgspec.Struct, frozen=True, kw_only=True):
@@ -652,6 +653,8 @@ def decode_progress(subject: str, data: bytes) -> Progress:
         raise _reject(subject, "undecodable", f"undecodable progress: {exc}") from None
     if progress.task_id != parts[1] or progress.node_id != parts[2]:
         raise _reject(subject, "node_mismatch", f"progress of {progress.node_id!r} in {progress.task_id!r}")
+    if progress.step > progress.total:  # (shown to the app as a fraction: never past 1)
+        raise _reject(subject, "undecodable", f"progress at step {progress.step} of {progress.total}")
     return progress
 
 
