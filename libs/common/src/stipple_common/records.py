@@ -50,6 +50,9 @@ class Ban(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
     until: float
     at: float
+    # the node's bans in a row (each begun within the sentinel's memory of the last one's
+    # end): the n-th lasts 2**(n-1) times the first; 1 in a record from before the field
+    count: int = 1
 
 
 # --------------------------------------------------------------------------- sampling

@@ -11,6 +11,12 @@ to a task it was replaced in, or one decided without it, is not a strike).
 `strikes` strikes within `window_s` ban the node for `ban_s`: a `Ban` in the `bans` KV
 bucket (the gatekeeper refuses it at connect and closes its connections) and a
 ``nodes.<id>.banned`` event (the dispatcher stops picking it). A ban ends by itself.
+
+A ban that begins within `memory_s` of the end of the node's last one lasts twice as long
+as that one, up to `max_ban_s`: a node that floods again as soon as it may (each flood
+stores what it sent, at full speed, until the ban lands) gets one burst an hour, then one
+in two hours, four, ... rather than 24 a day. The count lives in the `Ban` record, so it
+holds across validator restarts and replicas.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ import structlog
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from stipple_common import bus
+from stipple_common import bus, records
 from stipple_common.identity import is_node_id
-from stipple_common.messages import Ban, NodeBanned
+from stipple_common.messages import Ban, NodeBanned, ban_decoder
 
 if TYPE_CHECKING:
     from .metrics import SentinelMetrics
@@ -55,12 +61,16 @@ class Sentinel:
         strikes: int,
         window_s: float,
         ban_s: float,
+        memory_s: float = 7 * 24 * 3600.0,
+        max_ban_s: float = 30 * 24 * 3600.0,
     ) -> None:
         self.js = js
         self.bans = bans
         self.limit = strikes
         self.window_s = window_s
         self.ban_s = ban_s
+        self.memory_s = memory_s
+        self.max_ban_s = max(ban_s, max_ban_s)
         self.recent: dict[str, deque[float]] = {}
         self.banned_until: dict[str, float] = {}
         self.metrics = metrics
@@ -85,13 +95,26 @@ class Sentinel:
             self.recent = {node: w for node, w in self.recent.items() if w and now - w[-1] <= self.window_s}
         if len(window) < limit or self.banned_until.get(node_id, 0.0) > now:
             return False
-        until = now + self.ban_s
+        count = await self._repeats(node_id, now) + 1
+        until = now + min(self.max_ban_s, self.ban_s * 2.0 ** min(count - 1, 64))
         text = f"{len(window)} refused messages within {self.window_s:g} s; the last: {reason}: {detail[:300]}"
-        await self.bans.put(node_id, msgspec.json.encode(Ban(reason=reason, detail=text, until=until, at=now)))
+        if count > 1:
+            text += f" (ban {count} in a row: {until - now:g} s)"
+        ban = Ban(reason=reason, detail=text, until=until, at=now, count=count)
+        await self.bans.put(node_id, msgspec.json.encode(ban))
         event = NodeBanned(node_id=node_id, reason=reason, detail=text, until=until, at=now)
         await bus.publish_event(self.js, event)
         self.banned_until[node_id] = until
         window.clear()
         self.metrics.bans.labels(reason).inc()
-        log.warning("node_banned", node_id=node_id, reason=reason, until=until, detail=text)
+        log.warning("node_banned", node_id=node_id, reason=reason, until=until, count=count, detail=text)
         return True
+
+    async def _repeats(self, node_id: str, now: float) -> int:
+        """The node's bans in a row so far: its last ban's count if that ban ended within
+        `memory_s` (or has not ended: another replica banned it meanwhile), else 0."""
+        try:
+            last = await records.get(self.bans, node_id, ban_decoder)
+        except msgspec.DecodeError:  # not a record this code wrote: start again
+            return 0
+        return last.count if last is not None and now - last.until <= self.memory_s else 0

@@ -111,7 +111,9 @@ class ValidatorSettings(CommonSettings, frozen=True, kw_only=True):
     probe_timeout_s: float = 60.0  # how long a node has to answer it
     sentinel_strikes: int = 10  # refused messages from one node within sentinel_window_s that ban it (sentinel.py)
     sentinel_window_s: float = 60.0
-    ban_s: float = 3600.0  # how long a ban lasts
+    ban_s: float = 3600.0  # how long a first ban lasts
+    ban_memory_s: float = 7 * 24 * 3600.0  # a ban begun within this of the last one's end lasts twice as long
+    max_ban_s: float = 30 * 24 * 3600.0  # the longest a repeated ban grows
     max_blob_bytes: int = MAX_BLOB_BYTES  # a stored image larger than this is a bad result, and is not read
     blob_check_concurrency: int = 8  # stored images read and checked at a time, per decision
     # per checkpoint fraction (1/4, 1/2, 3/4), the largest relative L2 distance between the latent
@@ -666,6 +668,8 @@ async def serve(ctx: ServiceContext, settings: ValidatorSettings) -> None:
         strikes=settings.sentinel_strikes,
         window_s=settings.sentinel_window_s,
         ban_s=settings.ban_s,
+        memory_s=settings.ban_memory_s,
+        max_ban_s=settings.max_ban_s,
     )
 
     async def node_event_rejected(exc: Rejected) -> None:  # what a node said of itself, not believed
