@@ -100,3 +100,18 @@ async def test_a_ban_record_from_before_the_count_reads_as_the_first(js, monkeyp
     now[0] = ban.until + 1.0
     assert await strikes_until_banned(replica, node, 1.0) == STRIKES
     assert ban_decoder.decode((await bans.get(node)).value).count == 1
+
+
+async def test_a_replica_that_finds_the_node_banned_already_keeps_that_ban(js):
+    """Two partitioned replicas both reach their share of a flood: the second finds the
+    first's ban running and adopts it, rather than banning again as a repeat (twice as long)."""
+    first, second = await sentinel(js), await sentinel(js)
+    node = dev_node_id("both")
+    assert await strikes_until_banned(first, node, 0.5) == STRIKES // 2
+    bans = await js.key_value(subjects.BANS_BUCKET)
+    before = ban_decoder.decode((await bans.get(node)).value)
+    assert await strikes_until_banned(second, node, 0.5, most=STRIKES) is None  # never bans it again
+    after = ban_decoder.decode((await bans.get(node)).value)
+    assert after == before
+    assert after.count == 1
+    assert second.banned_until[node] == before.until

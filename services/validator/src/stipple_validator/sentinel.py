@@ -95,7 +95,12 @@ class Sentinel:
             self.recent = {node: w for node, w in self.recent.items() if w and now - w[-1] <= self.window_s}
         if len(window) < limit or self.banned_until.get(node_id, 0.0) > now:
             return False
-        count = await self._repeats(node_id, now) + 1
+        last = await self._last_ban(node_id)
+        if last is not None and last.until > now:  # another replica (or this one before a restart) banned it
+            self.banned_until[node_id] = last.until
+            window.clear()
+            return False
+        count = last.count + 1 if last is not None and now - last.until <= self.memory_s else 1
         until = now + min(self.max_ban_s, self.ban_s * 2.0 ** min(count - 1, 64))
         text = f"{len(window)} refused messages within {self.window_s:g} s; the last: {reason}: {detail[:300]}"
         if count > 1:
@@ -110,11 +115,10 @@ class Sentinel:
         log.warning("node_banned", node_id=node_id, reason=reason, until=until, count=count, detail=text)
         return True
 
-    async def _repeats(self, node_id: str, now: float) -> int:
-        """The node's bans in a row so far: its last ban's count if that ban ended within
-        `memory_s` (or has not ended: another replica banned it meanwhile), else 0."""
+    async def _last_ban(self, node_id: str) -> Ban | None:
+        """The node's last ban, ended or not (None when it has none, or a record this code
+        did not write: its count starts again)."""
         try:
-            last = await records.get(self.bans, node_id, ban_decoder)
-        except msgspec.DecodeError:  # not a record this code wrote: start again
-            return 0
-        return last.count if last is not None and now - last.until <= self.memory_s else 0
+            return await records.get(self.bans, node_id, ban_decoder)
+        except msgspec.DecodeError:
+            return None
