@@ -38,6 +38,11 @@ NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "<no value>"})()
 """Stands for "the app sent nothing here" (a missing field), unlike an explicit null."""
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters: cut, ending in "...", when longer."""
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
 class InvalidInput(StippleError):
     """A task field is wrong. Names the field, the value and what is allowed."""
 
@@ -47,9 +52,7 @@ class InvalidInput(StippleError):
         if value is NO_VALUE:
             text = f"{field}: {reason}"
         else:
-            shown = repr(value)
-            if len(shown) > 120:
-                shown = shown[:117] + "..."
+            shown = shorten(repr(value), 120)
             text = f"{field}: {reason} (got {shown})"
         super().__init__(text)
         self.field = field

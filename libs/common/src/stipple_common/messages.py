@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from . import subjects
-from .errors import Rejected
+from .errors import Rejected, shorten
 from .records import Ban as Ban  # KV records, re-exported: they live in records.py
 from .records import IndexedStake as IndexedStake
 from .records import ban_decoder as ban_decoder
@@ -38,7 +38,8 @@ compared; `full` always runs it on three (the app pays for three). Three is
 Id = Annotated[str, msgspec.Meta(max_length=128)]  # a task, node or probe id (also checked against its subject)
 Digest = Annotated[str, msgspec.Meta(max_length=256)]  # a hash, commitment, signature, nonce or address
 Determinism = Annotated[str, msgspec.Meta(max_length=256)]  # (the validator's is 200: longer is a bad result)
-ErrorCode = Annotated[str, msgspec.Meta(max_length=64)]
+MAX_ERROR_CODE = 64
+ErrorCode = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CODE)]
 MAX_ERROR_MESSAGE = 2000  # characters: a node cuts a longer message (`error_message`)
 ErrorMessage = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_MESSAGE)]
 BlobKey = Annotated[str, msgspec.Meta(max_length=512)]
@@ -49,7 +50,7 @@ LatentSummaries = Annotated[list[Annotated[str, msgspec.Meta(max_length=1024)]],
 
 def error_message(text: str) -> str:
     """`text` as a node may send it in `errored` (at most `MAX_ERROR_MESSAGE` characters)."""
-    return text if len(text) <= MAX_ERROR_MESSAGE else text[: MAX_ERROR_MESSAGE - 3] + "..."
+    return shorten(text, MAX_ERROR_MESSAGE)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -337,7 +338,7 @@ class NodeJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined", tag_fi
     # its determinism class but the dtype (hardware, driver and CUDA, torch, diffusers; threads on a
     # CPU): what it reveals must be this plus the task's dtype, and the dispatcher puts a sampled
     # task's copies in the class of its first node where it can (docs/validation.md)
-    determinism: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    determinism: Determinism = ""
 
     def serves(self, model: str) -> bool:
         """The node can run `model` without a download: it serves it by name or has it on disk."""

@@ -42,10 +42,11 @@ from nats.js import JetStreamContext
 
 from stipple_common import __version__, bus, commitment, subjects, tracing
 from stipple_common.blobstore.intake import IntakeClient, UploadRefused
-from stipple_common.errors import StippleError, Transient
+from stipple_common.errors import StippleError, Transient, shorten
 from stipple_common.identity import node_id_of
 from stipple_common.logs import setup_logging
 from stipple_common.messages import (
+    MAX_ERROR_CODE,
     Assignment,
     CancelWork,
     DownloadProgress,
@@ -597,7 +598,8 @@ class NodeAgent:
 
     async def _fail(self, work: Assignment, code: str, message: str) -> None:
         # (the network refuses a longer message as undecodable, a strike against this node)
-        event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=error_message(message))
+        code, message = shorten(code, MAX_ERROR_CODE), error_message(message)
+        event = NodeErrored(task_id=work.task_id, node_id=self.node_id, code=code, message=message)
         await self._publish_event(event)
         self.metrics.tasks.labels(code).inc()
         log.warning("task_failed", code=code, error=message)
